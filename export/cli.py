@@ -1,0 +1,89 @@
+"""`ortllava-export`: a LLaVA-NeXT checkpoint -> a bundle folder, stage by stage, with progress."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+DEFAULT_HOME = Path("models") / "bundles"
+STAGES = 6
+
+
+@contextmanager
+def stage(index: int, text: str):
+    print(f"[{index}/{STAGES}] {text} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"[{index}/{STAGES}] {text}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def default_output(model: str) -> Path:
+    return DEFAULT_HOME / re.sub(r"[^A-Za-z0-9._-]+", "--", model.rstrip("/").split("/")[-1] if Path(model).exists() else model)
+
+
+def export_bundle(model: str, output: Path, precision: str = "fp32", revision: str | None = None, validate: bool = True) -> Path:
+    """Exports `model` (hub id, folder or "tiny") into the bundle folder `output`; returns it."""
+    from .bundle import build_manifest, write_assets, write_manifest
+    from .checkpoint import load_checkpoint
+    from .convert import export_decoder, export_projector, export_vision_encoder
+    from .validate import validate_decoder, validate_vision
+
+    if precision != "fp32":
+        raise SystemExit(f"--precision {precision}: only fp32 is available in this version")
+    total = time.perf_counter()
+    with stage(1, f"Loading checkpoint {model}"):
+        checkpoint = load_checkpoint(model, revision)
+    # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
+    output = Path(output)
+    work = output.with_name(output.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    graphs = {}
+    with stage(2, "Exporting vision encoder and projector"):
+        graphs["vision_encoder"] = export_vision_encoder(checkpoint.model, work / "vision_encoder.onnx")
+        graphs["projector"] = export_projector(checkpoint.model, work / "projector.onnx")
+    with stage(3, "Exporting decoder"):
+        graphs["decoder"] = export_decoder(checkpoint.model, work / "decoder.onnx")
+    validation = {}
+    if validate:
+        with stage(4, "Validating graphs against PyTorch on untraced shapes"):
+            validation.update(validate_vision(checkpoint.model, work / "vision_encoder.onnx", work / "projector.onnx"))
+            validation.update(validate_decoder(checkpoint.model, work / "decoder.onnx"))
+            print("      max |onnx - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in validation.items()), file=sys.stderr)
+    with stage(5, "Writing embeddings, tokenizer, chat template and configs"):
+        write_assets(checkpoint, work)
+    with stage(6, "Hashing files and writing the manifest"):
+        write_manifest(build_manifest(checkpoint, graphs, work, precision, validation), work)
+    if output.exists():
+        shutil.rmtree(output)
+    work.rename(output)
+    print(f"Bundle written to {output} in {time.perf_counter() - total:.1f} s", file=sys.stderr)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ortllava-export", description="Export a LLaVA-NeXT checkpoint to an ortllava bundle.")
+    parser.add_argument("--model", required=True, help="hub id, local checkpoint folder, or 'tiny' (built-in random model)")
+    parser.add_argument("--output", type=Path, help=f"bundle folder (default: {DEFAULT_HOME}/<model name>)")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32"], help="weights precision of the graphs")
+    parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
+    args = parser.parse_args(argv)
+    from .families import UnsupportedModelError
+    from .validate import ExportValidationError
+
+    try:
+        export_bundle(args.model, args.output or default_output(args.model), args.precision, args.revision, not args.no_validate)
+    except (UnsupportedModelError, ExportValidationError, FileNotFoundError) as error:
+        print(f"ortllava-export: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""ortllava: LLaVA-NeXT on onnxruntime, without PyTorch.
+
+    pipe = ortllava.load("models/bundles/tiny")
+    result = pipe.generate(messages=[{"role": "user", "content": [{"type": "image", "path": "cat.jpg"},
+                                                                  {"type": "text", "text": "What is this?"}]}])
+    print(result.text)
+"""
+
+from .api import Pipeline, generate, load
+from .generate import GenerationMetrics, GenerationResult
+from .image import ImageLoadError
+from .manifest import BundleError
+
+__version__ = "0.1.0"
+
+__all__ = ["BundleError", "GenerationMetrics", "GenerationResult", "ImageLoadError", "Pipeline", "generate", "load", "__version__"]

@@ -1,0 +1,86 @@
+"""Image features -> the decoder's input embeddings: pack each image's tiles, splice them into the text.
+
+Terms (see DESIGN.md):
+- pack: per image, the base tile's features, then the grid tiles' features stitched into one feature map,
+  unpadded back to the image's aspect ratio, with `image_newline` closing each row. The result has exactly
+  `Processor.num_image_tokens(h, w)` rows.
+- splice: the packed rows replace, in order, the embeddings of the `<image>` tokens of the prompt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .image import grid_shape
+
+
+def unpad(features: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+    """`[H, W, D]` grid feature map -> the rows/columns that show the image, not the letterbox padding."""
+    original_height, original_width = original_size
+    current_height, current_width = features.shape[:2]
+    if original_width / original_height > current_width / current_height:
+        new_height = int(round(original_height * (current_width / original_width), 7))
+        padding = (current_height - new_height) // 2
+        return features[padding : current_height - padding]
+    new_width = int(round(original_width * (current_height / original_height), 7))
+    padding = (current_width - new_width) // 2
+    return features[:, padding : current_width - padding]
+
+
+def pack_image(
+    tile_features: np.ndarray,
+    image_size: tuple[int, int],
+    image_newline: np.ndarray,
+    grid_pinpoints: list[list[int]],
+    tile_size: int,
+) -> np.ndarray:
+    """`[n_tiles, p*p, D]` (base tile first) -> `[n_features, D]` for one image of (height, width)."""
+    base = tile_features[0]
+    if len(tile_features) == 1:
+        return np.concatenate([base, image_newline[None]], axis=0)
+    rows, cols = grid_shape(image_size, grid_pinpoints, tile_size)
+    side = int(round(np.sqrt(tile_features.shape[1])))
+    dim = tile_features.shape[-1]
+    grid = tile_features[1:].reshape(rows, cols, side, side, dim)
+    grid = grid.transpose(0, 2, 1, 3, 4).reshape(rows * side, cols * side, dim)
+    grid = unpad(grid, image_size)
+    newline = np.broadcast_to(image_newline, (grid.shape[0], 1, dim))
+    grid = np.concatenate([grid, newline], axis=1).reshape(-1, dim)
+    return np.concatenate([base, grid], axis=0)
+
+
+def pack_images(
+    projected: np.ndarray,
+    image_sizes: np.ndarray,
+    tiles_per_image: list[int],
+    image_newline: np.ndarray,
+    grid_pinpoints: list[list[int]],
+    tile_size: int,
+) -> np.ndarray:
+    """All images' tiles `[sum(tiles_per_image), p*p, D]` -> packed features `[sum(n_features), D]`, image after image."""
+    packed = []
+    start = 0
+    for size, count in zip(image_sizes.tolist(), tiles_per_image):
+        packed.append(pack_image(projected[start : start + count], tuple(size), image_newline, grid_pinpoints, tile_size))
+        start += count
+    return np.concatenate(packed, axis=0)
+
+
+def embed(
+    input_ids: np.ndarray,
+    embed_table: np.ndarray,
+    image_token_id: int,
+    image_features: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """`input_ids [B, T]` -> `inputs_embeds [B, T, D]`, image tokens replaced in order by `image_features [N, D]`."""
+    is_image = input_ids == image_token_id
+    n_image_tokens = int(is_image.sum())
+    n_features = 0 if image_features is None else len(image_features)
+    if n_image_tokens != n_features:
+        raise ValueError(f"the prompt has {n_image_tokens} image tokens but the images gave {n_features} features")
+    lookup = np.where(is_image, 0, input_ids) if n_image_tokens else input_ids
+    embeds = np.take(embed_table, lookup, axis=0, out=out)
+    if n_image_tokens:
+        embeds[is_image] = image_features.astype(embeds.dtype, copy=False)
+    return embeds

@@ -1,0 +1,141 @@
+"""The decode loop: prefill the prompt, then one token at a time.
+
+`generate_step` is a generator of next tokens (mlx-lm style); `generate_tokens` runs it to the end with
+stopping rules and timings. Positions are explicit: each row's position ids count its unmasked tokens,
+so left-padded batches get the positions transformers gives them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .sampling import Sampler
+from .sessions import Decoder
+
+EmbedFn = Callable[[np.ndarray], np.ndarray]  # token ids [B, S] -> embeddings [B, S, D]
+
+
+@dataclass
+class GenerationMetrics:
+    prompt_tokens: int = 0  # longest prompt of the batch, image tokens included
+    generated_tokens: int = 0  # new tokens of the longest answer
+    preprocess_s: float = 0.0  # images and text -> arrays
+    vision_s: float = 0.0  # vision encoder + projector + packing
+    prefill_s: float = 0.0  # decoder over the prompt
+    time_to_first_token_s: float = 0.0  # from the call to the first new token
+    decode_s: float = 0.0  # every step after the first token
+    total_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        rate = self.decode_tokens_per_s
+        return 1000.0 / rate if rate else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["decode_tokens_per_s"] = self.decode_tokens_per_s
+        out["decode_ms_per_token"] = self.decode_ms_per_token
+        return out
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the new tokens, the stop token included when one ended the answer
+    finish_reason: str  # "stop" (an EOS token) or "length" (max_new_tokens)
+    metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
+
+
+def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """`[B, T]` mask -> `[B, T]` positions: cumulative count of real tokens, 1 where padded (as transformers)."""
+    positions = attention_mask.cumsum(axis=-1) - 1
+    return np.where(attention_mask == 0, 1, positions).astype(np.int64)
+
+
+def generate_step(
+    decoder: Decoder,
+    inputs_embeds: np.ndarray,
+    attention_mask: np.ndarray,
+    embed: EmbedFn,
+    sampler: Sampler,
+    max_new_tokens: int,
+) -> Iterator[np.ndarray]:
+    """Yields the next tokens `[B]` of every row, `max_new_tokens` times at most.
+
+    `inputs_embeds [B, T, D]` is the prompt with images spliced in; `attention_mask [B, T]` marks real tokens.
+    The caller may overwrite a yielded array in place before the next step (to feed pad ids to rows that
+    have finished); the next step embeds what the array then holds.
+    """
+    batch, prompt_len = attention_mask.shape
+    # One mask buffer for the whole answer; each step passes the first P + 1 columns.
+    mask = np.ones((batch, prompt_len + max_new_tokens), dtype=np.int64)
+    mask[:, :prompt_len] = attention_mask
+    next_position = attention_mask.sum(axis=-1, keepdims=True).astype(np.int64)  # [B, 1]
+
+    cache = decoder.empty_cache(batch)
+    logits, cache = decoder(inputs_embeds, np.ascontiguousarray(attention_mask, dtype=np.int64), positions_from_mask(attention_mask), cache)
+    for step in range(max_new_tokens):
+        tokens = sampler(logits)
+        yield tokens
+        if step + 1 == max_new_tokens:
+            return
+        length = prompt_len + step + 1
+        step_mask = mask[:, :length] if batch == 1 else np.ascontiguousarray(mask[:, :length])
+        logits, cache = decoder(embed(tokens[:, None]), step_mask, next_position, cache)
+        next_position += 1
+
+
+def generate_tokens(
+    decoder: Decoder,
+    inputs_embeds: np.ndarray,
+    attention_mask: np.ndarray,
+    embed: EmbedFn,
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    metrics: GenerationMetrics,
+    started: float,
+    on_tokens: Callable[[np.ndarray], None] | None = None,
+) -> tuple[list[list[int]], list[str]]:
+    """Runs `generate_step` until every row has hit an EOS token or `max_new_tokens`.
+
+    Rows that finished early are fed `pad_token_id`, as transformers does. Returns each row's new tokens
+    (up to and including its EOS) and finish reason.
+    """
+    batch = attention_mask.shape[0]
+    eos = np.array(eos_token_ids, dtype=np.int64)
+    finished = np.zeros(batch, dtype=bool)
+    answers: list[list[int]] = [[] for _ in range(batch)]
+    prefill_start = time.perf_counter()
+    steps = generate_step(decoder, inputs_embeds, attention_mask, embed, sampler, max_new_tokens)
+    decode_start = None
+    for index, tokens in enumerate(steps):
+        if index == 0:
+            now = time.perf_counter()
+            metrics.prefill_s = now - prefill_start
+            metrics.time_to_first_token_s = now - started
+            decode_start = now
+        tokens[finished] = pad_token_id  # in place: the generator embeds this array for the next step
+        for row in np.flatnonzero(~finished):
+            answers[row].append(int(tokens[row]))
+        if on_tokens is not None:
+            on_tokens(tokens)
+        finished |= np.isin(tokens, eos)
+        if finished.all():
+            steps.close()
+            break
+    if decode_start is not None:
+        metrics.decode_s = time.perf_counter() - decode_start
+    metrics.generated_tokens = max((len(a) for a in answers), default=0)
+    reasons = ["stop" if done else "length" for done in finished]
+    return answers, reasons

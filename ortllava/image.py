@@ -1,0 +1,342 @@
+"""Anyres image preprocessing: image -> tiles, bit for bit what transformers' `LlavaNextImageProcessorPil` does.
+
+Terms (see DESIGN.md):
+- tile: one `image_size` x `image_size` crop fed to the vision encoder (336 px for CLIP-L/336).
+- base image: the whole image squashed to one tile; always tile 0 of an image.
+- grid: the best `grid_pinpoints` resolution for the image, cut into `rows x cols` tiles.
+An image becomes `1 + rows * cols` tiles: `[n_tiles, 3, image_size, image_size]`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ImageLike = Union[Image.Image, np.ndarray, str, Path]
+
+URL_TIMEOUT_S = 20.0
+URL_MAX_BYTES = 50 * 1024 * 1024
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read; the message names its source."""
+
+
+@dataclass
+class ImageProcessorConfig:
+    """The fields of a Hugging Face `preprocessor_config.json` that LLaVA-NeXT preprocessing reads."""
+
+    grid_pinpoints: list[list[int]]
+    size: dict[str, int]  # {"shortest_edge": 336} or {"height": h, "width": w}
+    crop_size: dict[str, int]
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    do_convert_rgb: bool = True
+    do_pad: bool = True
+    resample: int = Image.Resampling.BICUBIC
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageProcessorConfig:
+        size = _size_dict(data.get("size", {"shortest_edge": 224}))
+        crop = _size_dict(data.get("crop_size", {"height": 224, "width": 224}))
+        mean = data.get("image_mean", OPENAI_CLIP_MEAN)
+        std = data.get("image_std", OPENAI_CLIP_STD)
+        return cls(
+            grid_pinpoints=[list(p) for p in data.get("image_grid_pinpoints", [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])],
+            size=size,
+            crop_size=crop,
+            do_resize=data.get("do_resize", True),
+            do_center_crop=data.get("do_center_crop", True),
+            do_rescale=data.get("do_rescale", True),
+            rescale_factor=data.get("rescale_factor", 1 / 255),
+            do_normalize=data.get("do_normalize", True),
+            image_mean=tuple(mean) if isinstance(mean, (list, tuple)) else (mean,) * 3,
+            image_std=tuple(std) if isinstance(std, (list, tuple)) else (std,) * 3,
+            do_convert_rgb=data.get("do_convert_rgb", True),
+            do_pad=data.get("do_pad", True),
+            resample=int(data.get("resample", Image.Resampling.BICUBIC)),
+        )
+
+    @property
+    def base_size(self) -> tuple[int, int]:
+        """(height, width) the whole image is squashed to for the base tile."""
+        if "height" in self.size and "width" in self.size:
+            return self.size["height"], self.size["width"]
+        return self.size["shortest_edge"], self.size["shortest_edge"]
+
+    @property
+    def tile_size(self) -> int:
+        """Side of the square grid tiles the padded image is cut into."""
+        if self.crop_size.get("height"):
+            return self.crop_size["height"]
+        if self.size.get("height"):
+            return self.size["height"]
+        return self.size["shortest_edge"]
+
+
+def _size_dict(size: Any) -> dict[str, int]:
+    if isinstance(size, int):
+        return {"shortest_edge": size}
+    if isinstance(size, (list, tuple)):
+        return {"height": size[0], "width": size[1]}
+    return {key: value for key, value in size.items() if value is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: any accepted image form -> an RGB PIL image
+
+
+def load_image(source: ImageLike) -> Image.Image:
+    """Opens a path or an http(s) URL the way transformers' `load_image` does: EXIF-rotated, then `convert("RGB")`.
+
+    PIL images and arrays are returned as given; `to_rgb` converts them later, as the image processor does.
+    """
+    if isinstance(source, (Image.Image, np.ndarray)):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageLoadError(f"unsupported image type {type(source).__name__}: give a PIL image, an array, a path or a URL")
+    text = os.fspath(source)
+    if text.startswith(("http://", "https://")):
+        data = fetch_url(text)
+        name = text
+    else:
+        name = text
+        try:
+            data = Path(text).read_bytes()
+        except OSError as error:
+            raise ImageLoadError(f"cannot read image file {text}: {error.strerror or error}") from error
+    try:
+        image = Image.open(io.BytesIO(data))
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except Exception as error:  # PIL raises many types for damaged files
+        raise ImageLoadError(f"cannot decode image {name}: {error}") from error
+
+
+def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
+    """Downloads `url` with a timeout and a size limit."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) checked by caller
+            data = response.read(max_bytes + 1)
+    except Exception as error:
+        raise ImageLoadError(f"cannot fetch image {url}: {error}") from error
+    if len(data) > max_bytes:
+        raise ImageLoadError(f"image {url} is larger than the {max_bytes} byte limit")
+    return data
+
+
+def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """-> `[H, W, 3]` uint8 (or the array's own dtype), transparency composited onto white.
+
+    Mirrors transformers' `convert_to_rgb(..., return_numpy=True)` for PIL images and channels-last or
+    channels-first arrays with 1, 3 or 4 channels.
+    """
+    if isinstance(image, Image.Image):
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
+        return np.array(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise ImageLoadError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
+    if array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels-first -> channels-last
+    channels = array.shape[-1]
+    if channels == 1:
+        return np.repeat(array, 3, axis=-1)
+    if channels == 4:
+        white = 255 if np.issubdtype(array.dtype, np.integer) else 1.0
+        alpha = array[..., 3:4] / white
+        composite = alpha * array[..., :3] + (1 - alpha) * white
+        return np.round(composite).astype(array.dtype) if white == 255 else composite.astype(array.dtype)
+    if channels != 3:
+        raise ImageLoadError(f"an image array must have 1, 3 or 4 channels, got shape {array.shape}")
+    return array
+
+
+# --------------------------------------------------------------------------------------------------
+# Anyres geometry (shared with the token count and the feature packing)
+
+
+def select_best_resolution(original_size: tuple[int, int], possible_resolutions: list[list[int]]) -> tuple[int, int]:
+    """The grid resolution (height, width) that keeps most of the image's pixels and wastes least."""
+    original_height, original_width = original_size
+    best_fit = None
+    max_effective = 0
+    min_wasted = float("inf")
+    for height, width in possible_resolutions:
+        scale = min(width / original_width, height / original_height)
+        downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
+        effective = min(downscaled_width * downscaled_height, original_width * original_height)
+        wasted = width * height - effective
+        if effective > max_effective or (effective == max_effective and wasted < min_wasted):
+            max_effective, min_wasted, best_fit = effective, wasted, (height, width)
+    return best_fit
+
+
+def fit_size(original_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the image scaled to fit `target` with its aspect ratio kept (ceil, as transformers)."""
+    original_height, original_width = original_size
+    target_height, target_width = target
+    scale_w = target_width / original_width
+    scale_h = target_height / original_height
+    if scale_w < scale_h:
+        return min(math.ceil(original_height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(original_width * scale_h), target_width)
+
+
+def grid_shape(image_size: tuple[int, int], grid_pinpoints: list[list[int]], tile_size: int) -> tuple[int, int]:
+    """(rows, cols) of grid tiles for an image of (height, width)."""
+    height, width = select_best_resolution(image_size, grid_pinpoints)
+    return height // tile_size, width // tile_size
+
+
+def num_tiles(image_size: tuple[int, int], grid_pinpoints: list[list[int]], tile_size: int) -> int:
+    """Tiles of one image, base tile included."""
+    rows, cols = grid_shape(image_size, grid_pinpoints, tile_size)
+    return 1 + rows * cols
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def _resize(image: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """`[H, W, C]` uint8 -> `[h, w, C]` uint8 through PIL, as transformers' PIL backend does."""
+    if image.shape[0] == size[0] and image.shape[1] == size[1]:
+        return image  # PIL returns an identical copy for a same-size resize
+    pil = Image.fromarray(image)
+    return np.asarray(pil.resize((size[1], size[0]), resample=resample))
+
+
+def _resize_for_step(image: np.ndarray, size: dict[str, int], resample: int) -> np.ndarray:
+    """The per-tile `resize` step of the image processor, for a `size` dict."""
+    height, width = image.shape[:2]
+    if "shortest_edge" in size and "height" not in size:
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+        target = (new_long, new_short) if width <= height else (new_short, new_long)
+    else:
+        target = (size["height"], size["width"])
+    return _resize(image, target, resample)
+
+
+def _center_crop(image: np.ndarray, crop: dict[str, int]) -> np.ndarray:
+    """transformers' `center_crop` on `[H, W, C]`, zero padding an image smaller than the crop."""
+    height, width = image.shape[:2]
+    crop_h, crop_w = crop["height"], crop["width"]
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if top >= 0 and left >= 0 and top + crop_h <= height and left + crop_w <= width:
+        return image[top : top + crop_h, left : left + crop_w]
+    new_h, new_w = max(crop_h, height), max(crop_w, width)
+    canvas = np.zeros((new_h, new_w, image.shape[2]), dtype=image.dtype)
+    top_pad, left_pad = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
+    canvas[top_pad : top_pad + height, left_pad : left_pad + width] = image
+    top, left = top + top_pad, left + left_pad
+    return canvas[max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    """Pixels as uint8 for PIL: uint8 as is, integer-valued arrays in [0, 255] cast; anything else is refused."""
+    if image.dtype == np.uint8:
+        return image
+    if np.issubdtype(image.dtype, np.number) and np.allclose(image, np.round(image)):
+        if image.min() < 0 or image.max() > 255:
+            raise ImageLoadError(f"image values must lie in [0, 255], got [{image.min()}, {image.max()}]")
+        return image.astype(np.uint8)
+    raise ImageLoadError(
+        f"image arrays must hold 0-255 pixel values (got dtype {image.dtype}); give uint8 pixels or a PIL image"
+    )
+
+
+class ImageProcessor:
+    """Anyres preprocessing of LLaVA-NeXT; `__call__` returns what `LlavaNextImageProcessorPil` returns."""
+
+    def __init__(self, config: ImageProcessorConfig):
+        self.config = config
+        self._mean = np.array(config.image_mean, dtype=np.float32)
+        self._std = np.array(config.image_std, dtype=np.float32)
+
+    def tiles(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """One image -> `[n_tiles, 3, S, S]` float32: the base image, then the grid tiles row by row."""
+        cfg = self.config
+        rgb = to_rgb(image) if cfg.do_convert_rgb else _channels_last(image)
+        rgb = _as_uint8(rgb)
+        height, width = rgb.shape[:2]
+        tile = cfg.tile_size
+
+        best = select_best_resolution((height, width), cfg.grid_pinpoints)
+        fitted = _resize(rgb, fit_size((height, width), best), cfg.resample)
+        pad_h, pad_w = best[0] - fitted.shape[0], best[1] - fitted.shape[1]
+        top, left = pad_h // 2, pad_w // 2
+        padded = np.zeros((best[0], best[1], 3), dtype=np.uint8)
+        padded[top : top + fitted.shape[0], left : left + fitted.shape[1]] = fitted
+
+        pieces = [_resize(rgb, cfg.base_size, cfg.resample)]
+        pieces += [padded[i : i + tile, j : j + tile] for i in range(0, best[0], tile) for j in range(0, best[1], tile)]
+        out = []
+        for piece in pieces:
+            if cfg.do_resize:
+                piece = _resize_for_step(piece, cfg.size, cfg.resample)
+            if cfg.do_center_crop:
+                piece = _center_crop(piece, cfg.crop_size)
+            out.append(piece)
+        stacked = np.stack(out).transpose(0, 3, 1, 2)  # [n_tiles, 3, S, S] uint8
+        return self._rescale_and_normalize(stacked)
+
+    def _rescale_and_normalize(self, pixels: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        # Same operations, order and dtypes as transformers: rescale in float64, cast to float32, then
+        # normalize in float32. Any other order changes the last bit.
+        values = pixels.astype(np.float64)
+        if cfg.do_rescale:
+            values = values * cfg.rescale_factor
+        values = values.astype(np.float32)
+        if cfg.do_normalize:
+            values = (values - self._mean[:, None, None]) / self._std[:, None, None]
+        return values
+
+    def __call__(self, images: list[Image.Image | np.ndarray]) -> dict[str, np.ndarray]:
+        """-> `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w)."""
+        per_image = [self.tiles(image) for image in images]
+        sizes = np.array([_image_hw(image) for image in images], dtype=np.int64).reshape(-1, 2)
+        if not per_image:
+            return {"pixel_values": np.zeros((0, 0, 3, 0, 0), np.float32), "image_sizes": sizes}
+        most = max(len(tiles) for tiles in per_image)
+        batch = np.zeros((len(per_image), most) + per_image[0].shape[1:], dtype=np.float32)
+        for index, tiles in enumerate(per_image):
+            batch[index, : len(tiles)] = tiles
+        return {"pixel_values": batch, "image_sizes": sizes}
+
+
+def _channels_last(image: Image.Image | np.ndarray) -> np.ndarray:
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    return array
+
+
+def _image_hw(image: Image.Image | np.ndarray) -> tuple[int, int]:
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    array = _channels_last(image)
+    return array.shape[0], array.shape[1]

@@ -1,0 +1,192 @@
+"""The bundle contract: file names, graph I/O names, and the manifest that describes a bundle.
+
+This module is the one place where the contract between the exporter and the runtime lives. The
+exporter imports it to write a bundle; the runtime imports it to read one. It depends on nothing but
+the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+# Files of a bundle (besides the graphs, whose names the manifest gives).
+EMBED_TOKENS_FILE = "embed_tokens.npy"
+IMAGE_NEWLINE_FILE = "image_newline.npy"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+PROCESSOR_CONFIG_FILE = "processor_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_CONFIG_FILE = "config.json"
+
+# Graph I/O names.
+PIXEL_VALUES = "pixel_values"  # [n_tiles, 3, H, W]
+IMAGE_FEATURES = "image_features"  # [n_tiles, n_patches, Dv * n_layers]
+PROJECTED_FEATURES = "projected_features"  # [n_tiles, n_patches, D]
+INPUTS_EMBEDS = "inputs_embeds"  # [B, S, D]
+ATTENTION_MASK = "attention_mask"  # [B, P + S] int64
+POSITION_IDS = "position_ids"  # [B, S] int64
+LOGITS = "logits"  # [B, V], last position only
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key_name(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, damaged, or of a schema this runtime cannot read."""
+
+
+@dataclass
+class VisionSpec:
+    """The vision side: tiling geometry and what the vision encoder graph returns."""
+
+    image_size: int  # side of one tile, in pixels (336 for CLIP-L/336)
+    patch_size: int  # side of one ViT patch, in pixels (14)
+    hidden_size: int  # Dv
+    feature_layers: list[int]  # hidden-state indices concatenated on the feature axis
+    select_strategy: str  # "default" drops the CLS position, "full" keeps every position
+    grid_pinpoints: list[list[int]]  # candidate [height, width] resolutions of the anyres grid
+    num_additional_image_tokens: int  # positions the tower adds before the patches (1 for CLIP's CLS)
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TextSpec:
+    """The decoder: the facts the runtime needs to size its key/value cache and embed tokens."""
+
+    architecture: str  # e.g. "MistralForCausalLM"
+    model_type: str  # e.g. "mistral"
+    hidden_size: int  # D
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+@dataclass
+class TokenSpec:
+    image_token: str
+    image_token_id: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    bos_token: str | None = None
+    padding_side: str = "right"  # the tokenizer's own padding side (what `processor(..., padding=True)` uses)
+    clean_up_tokenization_spaces: bool = False  # whether decoding applies transformers' space clean-up
+
+
+@dataclass
+class GraphSpec:
+    """One ONNX graph of the bundle and its I/O names."""
+
+    file: str
+    inputs: list[str]
+    outputs: list[str]
+    dtype: str = "float32"
+    external_data: list[str] = field(default_factory=list)  # extra files the graph reads its weights from
+    kind: str = ""  # decoder only: "concat" = past and present are separate tensors, present = past ++ new
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    vision: VisionSpec
+    text: TextSpec
+    tokens: TokenSpec
+    graphs: dict[str, GraphSpec]  # "vision_encoder", "projector", "decoder"
+    special_tokens_map: dict[str, Any]  # what the chat template sees as bos_token, eos_token, ...
+    precision: str
+    provenance: dict[str, Any]
+    files: dict[str, str]  # file name -> sha256, every file of the bundle but the manifest
+    validation: dict[str, Any] = field(default_factory=dict)  # what the exporter measured against PyTorch
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        return cls(
+            schema_version=data["schema_version"],
+            vision=VisionSpec(**data["vision"]),
+            text=TextSpec(**data["text"]),
+            tokens=TokenSpec(**data["tokens"]),
+            graphs={name: GraphSpec(**spec) for name, spec in data["graphs"].items()},
+            special_tokens_map=data.get("special_tokens_map", {}),
+            precision=data.get("precision", "fp32"),
+            provenance=data.get("provenance", {}),
+            files=data["files"],
+            validation=data.get("validation", {}),
+        )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
+    """Reads `bundle/manifest.json`; with `verify`, checks every listed file exists and matches its sha256.
+
+    Raises `BundleError` naming the first missing or altered file.
+    """
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_FILE
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle} is not a bundle folder (it does not exist or is not a directory)")
+    if not path.is_file():
+        raise BundleError(f"{bundle} is not an ortllava bundle: {MANIFEST_FILE} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BundleError(f"{path} is unreadable: {error}") from error
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path} has schema version {version}; this ortllava reads version {SCHEMA_VERSION}. "
+            "Re-export the bundle with the matching ortllava-export."
+        )
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError) as error:
+        raise BundleError(f"{path} is damaged: {error!r}") from error
+    if verify:
+        verify_files(bundle, manifest)
+    return manifest
+
+
+def verify_files(bundle: Path, manifest: Manifest) -> None:
+    for name, expected in manifest.files.items():
+        file = bundle / name
+        if not file.is_file():
+            raise BundleError(f"bundle {bundle} is damaged: file {name} is missing")
+        if sha256_file(file) != expected:
+            raise BundleError(f"bundle {bundle} is damaged: file {name} does not match its sha256 in the manifest")

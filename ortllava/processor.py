@@ -1,0 +1,210 @@
+"""Text + images -> model inputs, with the semantics of transformers' `LlavaNextProcessor`.
+
+Each `<image>` in the text is replaced by as many image tokens as the image yields features (see
+`Processor.num_image_tokens`), then the text is tokenized. Images are consumed in order across the batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from . import chat_template as templates
+from .image import ImageLike, ImageProcessor, ImageProcessorConfig, load_image, select_best_resolution
+from .manifest import (
+    CHAT_TEMPLATE_FILE,
+    PREPROCESSOR_CONFIG_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+)
+
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+class Processor:
+    """Tokenizer, chat template and image processor of a bundle, shaped like `LlavaNextProcessor`."""
+
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, chat_template_source: str | None, manifest: Manifest):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template_source
+        self.manifest = manifest
+        tokens = manifest.tokens
+        self.image_token = tokens.image_token
+        self.image_token_id = tokens.image_token_id
+        self.bos_token = tokens.bos_token
+        self.pad_token_id = tokens.pad_token_id
+        self.padding_side = tokens.padding_side
+        vision = manifest.vision
+        self.patch_size = vision.patch_size
+        self.select_strategy = vision.select_strategy
+        self.num_additional_image_tokens = vision.num_additional_image_tokens
+        self.grid_pinpoints = image_processor.config.grid_pinpoints
+
+    @classmethod
+    def from_bundle(cls, bundle: Path, manifest: Manifest) -> Processor:
+        tokenizer = Tokenizer.from_file(str(bundle / TOKENIZER_FILE))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        config = ImageProcessorConfig.from_dict(json.loads((bundle / PREPROCESSOR_CONFIG_FILE).read_text()))
+        template_path = bundle / CHAT_TEMPLATE_FILE
+        template = template_path.read_text() if template_path.is_file() else None
+        return cls(tokenizer, ImageProcessor(config), template, manifest)
+
+    # ----------------------------------------------------------------------------------------------
+    # Image tokens
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Features (= `<image>` tokens) of an image of (height, width): base tile, unpadded grid, row newlines."""
+        tile = self.image_processor.config.tile_size
+        best_h, best_w = select_best_resolution((height, width), self.grid_pinpoints)
+        scale_h, scale_w = best_h // tile, best_w // tile
+        patches_h = patches_w = tile // self.patch_size
+        current_h, current_w = patches_h * scale_h, patches_w * scale_w
+        # The grid's features are unpadded back to the image's aspect ratio (see features.unpad).
+        if width / height > current_w / current_h:
+            new_h = int(round(height * (current_w / width), 7))
+            current_h -= ((current_h - new_h) // 2) * 2
+        else:
+            new_w = int(round(width * (current_h / height), 7))
+            current_w -= ((current_w - new_w) // 2) * 2
+        count = current_h * current_w + current_h + patches_h * patches_w + self.num_additional_image_tokens
+        return count - 1 if self.select_strategy == "default" else count
+
+    # ----------------------------------------------------------------------------------------------
+    # The processor call
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | ImageLike | None = None,
+        padding: bool | str = False,
+        padding_side: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """-> `input_ids [B, T]`, `attention_mask [B, T]`, and with images `pixel_values
+        [n_images, max_tiles, 3, S, S]` and `image_sizes [n_images, 2]`.
+
+        `padding=True` (or "longest") pads to the longest prompt on `padding_side` (default: the tokenizer's).
+        """
+        if text is None and images is None:
+            raise ValueError("give text, images or both")
+        texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
+        flat_images = [load_image(image) for image in _flatten_images(images)] if images is not None else []
+
+        data: dict[str, np.ndarray] = {}
+        if images is not None:
+            data.update(self.image_processor(flat_images))
+        if texts is None:
+            return data
+
+        counts = [sample.count(self.image_token) for sample in texts]
+        if sum(counts) != len(flat_images):
+            raise ValueError(
+                f"the prompts hold {sum(counts)} {self.image_token} token(s) but {len(flat_images)} image(s) were given; "
+                f"each {self.image_token} in the text takes one image, in order"
+            )
+        expanded = self._expand_image_tokens(texts, data.get("image_sizes"))
+        encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
+        ids = [encoding.ids for encoding in encodings]
+        data.update(self.pad(ids, padding=padding, padding_side=padding_side))
+        return data
+
+    def _expand_image_tokens(self, texts: list[str], image_sizes: np.ndarray | None) -> list[str]:
+        if image_sizes is None or len(image_sizes) == 0:
+            return texts
+        sizes = iter(image_sizes.tolist())
+        expanded = []
+        for sample in texts:
+            parts = sample.split(self.image_token)
+            pieces = [parts[0]]
+            for part in parts[1:]:
+                height, width = next(sizes)
+                pieces.append(self.image_token * self.num_image_tokens(height, width))
+                pieces.append(part)
+            expanded.append("".join(pieces))
+        return expanded
+
+    def pad(self, ids: list[list[int]], padding: bool | str = True, padding_side: str | None = None) -> dict[str, np.ndarray]:
+        """Ragged token ids -> `input_ids` and `attention_mask` `[B, T]` int64."""
+        longest = max(len(row) for row in ids)
+        if not padding and any(len(row) != longest for row in ids):
+            raise ValueError("the prompts tokenize to different lengths: pass padding=True to pad them")
+        side = padding_side or self.padding_side
+        pad_id = self.pad_token_id if self.pad_token_id is not None else 0
+        input_ids = np.full((len(ids), longest), pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), longest), dtype=np.int64)
+        for row, tokens in enumerate(ids):
+            span = slice(longest - len(tokens), longest) if side == "left" else slice(0, len(tokens))
+            input_ids[row, span] = tokens
+            mask[row, span] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    # ----------------------------------------------------------------------------------------------
+    # Chat
+
+    def apply_chat_template(
+        self,
+        messages: list[dict] | list[list[dict]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str | list[str] | dict[str, np.ndarray]:
+        """Renders the chat template as transformers does. With `tokenize=True` returns the processor's
+        output for the rendered text and the conversation's images (a leading BOS in the text is not added twice).
+        """
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this bundle has no chat template: pass chat_template=... or give a prompt string")
+        batched = bool(messages) and isinstance(messages[0], (list, tuple))
+        conversations = messages if batched else [messages]
+        variables = {**self.manifest.special_tokens_map, **kwargs}
+        prompts = [templates.render(template, list(c), add_generation_prompt=add_generation_prompt, **variables) for c in conversations]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        images = [image for conversation in conversations for image in images_in_messages(conversation)]
+        add_special = not (self.bos_token is not None and prompts[0].startswith(self.bos_token))
+        return self(text=prompts, images=images or None, padding=len(prompts) > 1, add_special_tokens=add_special)
+
+    # ----------------------------------------------------------------------------------------------
+    # Decoding
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self.manifest.tokens.clean_up_tokenization_spaces:
+            for old, new in _CLEANUPS:
+                text = text.replace(old, new)
+        return text
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+
+def images_in_messages(messages: list[dict]) -> list[ImageLike]:
+    """The images of a Hugging Face chat, in order: content items of type "image" with "image", "path" or "url"."""
+    found = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for item in content:
+            if not isinstance(item, dict) or item.get("type") not in ("image", "image_url"):
+                continue
+            source = item.get("image", item.get("path", item.get("url")))
+            if source is None and isinstance(item.get("image_url"), dict):
+                source = item["image_url"].get("url")
+            if source is None:
+                raise ValueError(f"an image item needs an 'image', 'path' or 'url' key, got {sorted(item)}")
+            found.append(source)
+    return found
+
+
+def _flatten_images(images: Any) -> list[ImageLike]:
+    if isinstance(images, (list, tuple)):
+        return [image for entry in images for image in _flatten_images(entry)]
+    return [images]
