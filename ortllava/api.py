@@ -14,7 +14,7 @@ from .generate import GenerationMetrics, GenerationResult, generate_tokens
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_manifest
 from .processor import Processor
-from .sampling import make_sampler
+from .sampling import make_sampler, with_min_new_tokens
 from .sessions import BundleSessions
 
 Messages = list[dict[str, Any]]
@@ -98,10 +98,12 @@ class Pipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        min_new_tokens: int = 0,
     ) -> GenerationResult | list[GenerationResult]:
         """Answers a prompt (`str`, or a `list[str]` batch) or a chat (`messages`, or a list of chats).
 
         Unset sampling arguments come from the bundle's generation config, then transformers' defaults.
+        `min_new_tokens` forbids the EOS tokens until that many tokens are out.
         Returns a `GenerationResult`, or a list of them for a batch.
         """
         started = time.perf_counter()
@@ -128,6 +130,7 @@ class Pipeline:
         eos = self._eos_ids()
         pad_id = tokens.pad_token_id if tokens.pad_token_id is not None else eos[0] if eos else 0
         sampler = make_sampler(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"], seed)
+        sampler = with_min_new_tokens(sampler, eos, min_new_tokens)
         step_buffer = np.empty((input_ids.shape[0], 1, inputs_embeds.shape[-1]), dtype=self.sessions.decoder.dtype)
         table = self.embed_table
 

@@ -41,6 +41,24 @@ def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int =
     return sample
 
 
+def with_min_new_tokens(sampler: Sampler, eos_token_ids: list[int], min_new_tokens: int) -> Sampler:
+    """Forbids the EOS tokens for the first `min_new_tokens` calls (transformers' `min_new_tokens`)."""
+    if min_new_tokens <= 0 or not eos_token_ids:
+        return sampler
+    eos = np.array(eos_token_ids, dtype=np.int64)
+    calls = 0
+
+    def sample(logits: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls <= min_new_tokens:
+            logits = logits.copy()
+            logits[:, eos] = -np.inf
+        return sampler(logits)
+
+    return sample
+
+
 def _top_p(scores: np.ndarray, top_p: float) -> np.ndarray:
     """Keeps the smallest set of tokens whose probability reaches `top_p` (at least one)."""
     order = np.argsort(scores, axis=-1)  # ascending, as transformers

@@ -1,0 +1,89 @@
+"""`ortllava`: generate from a bundle, or describe one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .api import load
+
+    pipe = load(args.bundle, provider=args.provider)
+    images = args.image or []
+    if args.raw or not pipe.processor.chat_template:
+        # The prompt is used as written; images go where its <image> tokens are (or first, if it has none).
+        token = pipe.processor.image_token
+        prompt = args.prompt if token in args.prompt else (token + "\n") * len(images) + args.prompt
+        result = pipe.generate(prompt=prompt, images=images or None, max_new_tokens=args.max_new_tokens)
+    else:
+        content = [{"type": "image", "path": path} for path in images] + [{"type": "text", "text": args.prompt}]
+        result = pipe.generate(messages=[{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens)
+    print(result.text)
+    if args.timings:
+        metrics = result.metrics
+        print(
+            f"[{metrics.prompt_tokens} prompt tokens, {metrics.generated_tokens} new; "
+            f"time to first token {metrics.time_to_first_token_s * 1000:.0f} ms, "
+            f"decode {metrics.decode_tokens_per_s:.1f} tokens/s; finish: {result.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .manifest import read_manifest
+
+    manifest = read_manifest(args.bundle, verify=not args.no_verify)
+    bundle = Path(args.bundle)
+    size = sum(p.stat().st_size for p in bundle.iterdir() if p.is_file())
+    text, vision = manifest.text, manifest.vision
+    print(f"bundle      {bundle} ({size / 2**20:.1f} MiB, schema {manifest.schema_version}, {manifest.precision})")
+    print(f"source      {manifest.provenance.get('source')} @ {manifest.provenance.get('revision')}")
+    print(f"decoder     {text.architecture}: {text.num_layers} layers, hidden {text.hidden_size}, "
+          f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv, vocab {text.vocab_size}, "
+          f"{text.max_position_embeddings} positions ({manifest.graphs['decoder'].kind} cache)")
+    print(f"vision      {vision.image_size} px tiles, {vision.patch_size} px patches, layers {vision.feature_layers}, "
+          f"strategy {vision.select_strategy}, grid {vision.grid_pinpoints}")
+    if manifest.validation:
+        print("validation  max |onnx - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in manifest.validation.items()))
+    if args.json:
+        print(json.dumps(json.loads((bundle / "manifest.json").read_text()), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ortllava", description="LLaVA-NeXT on onnxruntime.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="answer a prompt about images")
+    gen.add_argument("bundle", type=Path)
+    gen.add_argument("--image", action="append", help="image path or URL (repeat for several)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template")
+    gen.add_argument("--timings", action="store_true", help="print timings to stderr")
+    gen.set_defaults(run=_generate)
+
+    info = commands.add_parser("info", help="describe a bundle")
+    info.add_argument("bundle", type=Path)
+    info.add_argument("--json", action="store_true", help="also print the whole manifest")
+    info.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
+    info.set_defaults(run=_info)
+
+    args = parser.parse_args(argv)
+    from .image import ImageLoadError
+    from .manifest import BundleError
+
+    try:
+        return args.run(args)
+    except (BundleError, ImageLoadError, ValueError, RuntimeError) as error:
+        print(f"ortllava: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random checkpoints (built in code, offline) and their exported bundles.
+
+Each checkpoint configuration is built and exported once per test session.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Configurations covering the three decoders, a single feature layer and a list of them, and both layouts.
+CONFIGS = {
+    "mistral": dict(family="mistral", feature_layer=-2, layout="transformers"),
+    "llama-layers": dict(family="llama", feature_layer=[-3, -1], layout="llava-hf"),
+    "qwen2": dict(family="qwen2", feature_layer=-2, layout="llava-hf"),
+    "qwen2-layers": dict(family="qwen2", feature_layer=[-3, -1], layout="transformers"),
+}
+
+
+@dataclass
+class TinyModel:
+    name: str
+    checkpoint: Path
+    bundle: Path
+
+
+class _Store:
+    def __init__(self, root: Path):
+        self.root = root
+        self.built: dict[str, TinyModel] = {}
+
+    def get(self, name: str) -> TinyModel:
+        if name not in self.built:
+            from ortllava_export.cli import export_bundle
+            from ortllava_export.tiny import TinySpec, build_checkpoint
+
+            options = dict(CONFIGS[name])
+            layout = options.pop("layout")
+            checkpoint = build_checkpoint(self.root / f"{name}-checkpoint", TinySpec(**options), layout=layout)
+            bundle = export_bundle(str(checkpoint), self.root / f"{name}-bundle")
+            self.built[name] = TinyModel(name, checkpoint, bundle)
+        return self.built[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> _Store:
+    return _Store(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def mistral(tiny_store) -> TinyModel:
+    return tiny_store.get("mistral")
+
+
+def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """A noise image with smooth structure, so resampling and tiling differences would show."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)), ((xx + yy) * 3) % 256], -1)
+    noise = rng.integers(0, 64, (height, width, 3))
+    rgb = np.clip(base + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(rgb)
+    if mode == "RGB":
+        return image
+    if mode == "RGBA":
+        alpha = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    if mode == "LA":
+        gray = np.asarray(image.convert("L"))
+        return Image.fromarray(np.dstack([gray, rng.integers(0, 256, (height, width), dtype=np.uint8)]), "LA")
+    if mode == "P-transparent":
+        palette = image.quantize(colors=16)
+        palette.info["transparency"] = 3
+        return palette
+    return image.convert(mode)
+
+
+def image_cases() -> dict[str, Image.Image]:
+    """The image shapes and modes preprocessing must get right."""
+    return {
+        "square": random_image(500, 500, seed=1),
+        "wide": random_image(900, 300, seed=2),
+        "tall": random_image(300, 800, seed=3),
+        "small": random_image(120, 90, seed=4),
+        "huge": random_image(2500, 1700, seed=5),
+        "strip-wide": random_image(600, 18, seed=6),
+        "strip-tall": random_image(16, 400, seed=7),
+        "gray": random_image(400, 300, "L", seed=8),
+        "rgba": random_image(350, 420, "RGBA", seed=9),
+        "la": random_image(300, 200, "LA", seed=10),
+        "palette-transparent": random_image(256, 256, "P-transparent", seed=11),
+    }
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
+    return path

@@ -1,0 +1,75 @@
+"""Greedy generations token for token against `model.generate(do_sample=False)`, for every tiny configuration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+import ortllava
+
+from conftest import CONFIGS, random_image
+
+NEW_TOKENS = 16
+IMAGES = [random_image(640, 480, seed=21), random_image(300, 900, seed=22), random_image(200, 200, seed=23)]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def setup(request, tiny_store):
+    tiny = tiny_store.get(request.param)
+    processor = AutoProcessor.from_pretrained(tiny.checkpoint)
+    processor.tokenizer.padding_side = "left"
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny.checkpoint).eval()
+    return processor, model, ortllava.load(tiny.bundle, provider="cpu")
+
+
+def hf_generate(processor, model, conversations) -> list[list[int]]:
+    """New tokens of transformers' greedy generation for a list of chats (pads after EOS stripped)."""
+    inputs = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    return [row.tolist() for row in out[:, inputs["input_ids"].shape[1] :]]
+
+
+def user(*content) -> list[dict]:
+    items = [{"type": "image", "image": c} if not isinstance(c, str) else {"type": "text", "text": c} for c in content]
+    return [{"role": "user", "content": items}]
+
+
+CASES = {
+    "one image": [user(IMAGES[0], "What is shown in this image?")],
+    "two images": [user(IMAGES[0], IMAGES[1], "Compare the two images.")],
+    "batch of three": [user(IMAGES[1], "Describe."), user("A longer question without any image at all, please?"), user(IMAGES[2], IMAGES[0], "Which is brighter?")],
+    "text only": [user("Tell me a story about a cat.")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_tokens_identical(setup, case):
+    processor, model, pipe = setup
+    conversations = CASES[case]
+    want = hf_generate(processor, model, conversations)
+    got = pipe.generate(messages=conversations, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert [r.token_ids for r in got] == want
+    for result in got:
+        assert len(result.token_ids) == NEW_TOKENS
+        assert result.finish_reason in ("stop", "length")
+        assert result.text == processor.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_prompt_form_matches_processor_call(setup):
+    processor, model, pipe = setup
+    prompt = processor.apply_chat_template(CASES["one image"][0], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[IMAGES[0]], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS)
+    want = out[0, inputs["input_ids"].shape[1] :].tolist()
+    eos = set(pipe._eos_ids())
+    want = want[: next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
+    result = pipe.generate(prompt=prompt, images=[IMAGES[0]], max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == want
+    assert result.finish_reason == ("stop" if want[-1] in eos else "length")
+    assert result.metrics.time_to_first_token_s > 0 and result.metrics.prompt_tokens == inputs["input_ids"].shape[1]

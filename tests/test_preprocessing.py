@@ -1,0 +1,84 @@
+"""Preprocessing, token expansion and feature packing against transformers, on images of every shape and mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+import ortllava
+from ortllava.image import ImageProcessor, ImageProcessorConfig
+
+from conftest import image_cases
+
+CASES = image_cases()
+
+
+@pytest.fixture(scope="module")
+def hf_processor(mistral):
+    return AutoProcessor.from_pretrained(mistral.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def pipe(mistral):
+    return ortllava.load(mistral.bundle, provider="cpu")
+
+
+def test_reference_is_the_pil_backend(hf_processor):
+    assert type(hf_processor.image_processor).__name__ == "LlavaNextImageProcessorPil"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pixel_values_bit_identical(hf_processor, name):
+    image = CASES[name]
+    ours = ImageProcessor(ImageProcessorConfig.from_dict(hf_processor.image_processor.to_dict()))([image])
+    ref = hf_processor.image_processor([image], return_tensors="np")
+    assert ours["pixel_values"].dtype == np.float32
+    assert ours["pixel_values"].shape == ref["pixel_values"].shape
+    assert np.array_equal(ours["pixel_values"], ref["pixel_values"]), "pixel values differ"
+    assert np.array_equal(ours["image_sizes"], ref["image_sizes"])
+
+
+def test_batch_mixing_sizes_pads_missing_tiles_with_zeros(hf_processor, pipe):
+    images = [CASES[name] for name in ("square", "strip-wide", "rgba", "small", "palette-transparent")]
+    ours = pipe.processor.image_processor(images)
+    ref = hf_processor.image_processor(images, return_tensors="np")
+    assert ours["pixel_values"].shape == ref["pixel_values"].shape == (5, 5, 3, 336, 336)
+    assert np.array_equal(ours["pixel_values"], ref["pixel_values"])
+    # "strip-wide" is a 1x3 grid: 4 tiles, so its fifth tile is padding.
+    assert not ours["pixel_values"][1, 4].any()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_input_ids_identical(hf_processor, pipe, name):
+    prompt = "[INST] <image>\nWhat is in this picture? [/INST]"
+    ref = hf_processor(text=prompt, images=[CASES[name]], return_tensors="np")
+    ours = pipe.processor(text=prompt, images=[CASES[name]])
+    assert np.array_equal(ours["input_ids"], ref["input_ids"])
+    assert np.array_equal(ours["attention_mask"], ref["attention_mask"])
+
+
+def test_batch_input_ids_identical_with_left_padding(hf_processor, pipe):
+    prompts = ["[INST] <image>\nDescribe. [/INST]", "[INST] Only text here, somewhat longer. [/INST]", "[INST] <image> and <image>? [/INST]"]
+    images = [CASES["wide"], CASES["tall"], CASES["gray"]]
+    ref = hf_processor(text=prompts, images=images, padding=True, return_tensors="np")
+    ours = pipe.processor(text=prompts, images=images, padding=True)
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
+        assert np.array_equal(ours[key], ref[key]), key
+
+
+def test_packed_features_match_transformers(mistral, pipe):
+    model = LlavaNextForConditionalGeneration.from_pretrained(mistral.checkpoint).eval()
+    images = [CASES[name] for name in ("square", "wide", "tall", "small", "strip-wide", "strip-tall")]
+    inputs = pipe.processor.image_processor(images)
+    with torch.no_grad():
+        ref = model.model.get_image_features(
+            torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["image_sizes"]), return_dict=True
+        ).pooler_output
+    ref = torch.cat(list(ref), dim=0).numpy()
+    ours = pipe.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+    assert ours.shape == ref.shape
+    expected_rows = sum(pipe.processor.num_image_tokens(*size) for size in inputs["image_sizes"].tolist())
+    assert ours.shape[0] == expected_rows
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)

@@ -1,0 +1,131 @@
+"""Runtime behaviour that needs no reference: IO binding, sampling, the CLI, torch-free import, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import ortllava
+from ortllava import BundleError, ImageLoadError
+
+from conftest import random_image, save_png
+
+PROMPT = "[INST] <image>\nWhat is this? [/INST]"
+
+
+@pytest.fixture(scope="module")
+def pipe(mistral):
+    return ortllava.load(mistral.bundle, provider="cpu")
+
+
+def test_io_binding_path_gives_the_same_tokens(mistral, pipe):
+    bound = ortllava.load(mistral.bundle, provider="cpu", io_binding=True)
+    assert bound.sessions.device is not None and pipe.sessions.device is None
+    image = random_image(500, 300, seed=5)
+    plain = pipe.generate(prompt=[PROMPT, "[INST] hi [/INST]"], images=[image], max_new_tokens=12, min_new_tokens=12)
+    bound_results = bound.generate(prompt=[PROMPT, "[INST] hi [/INST]"], images=[image], max_new_tokens=12, min_new_tokens=12)
+    assert [r.token_ids for r in bound_results] == [r.token_ids for r in plain]
+    # The cache between steps is device OrtValues, not numpy arrays.
+    cache = bound.sessions.decoder.empty_cache(1)
+    assert all(type(value).__name__ == "OrtValue" for value in cache)
+
+
+def test_seeded_sampling_repeats_and_differs_from_greedy(pipe):
+    image = random_image(400, 400, seed=6)
+    kwargs = dict(prompt=PROMPT, images=[image], max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=1.5, top_k=40, top_p=0.95)
+    first = pipe.generate(seed=7, **kwargs)
+    again = pipe.generate(seed=7, **kwargs)
+    other = pipe.generate(seed=8, **kwargs)
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != other.token_ids
+
+
+def test_module_level_generate_and_path_images(mistral, tmp_path):
+    path = save_png(random_image(320, 240, seed=9), tmp_path / "photo.png")
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "Describe"}]}]
+    result = ortllava.generate(mistral.bundle, messages, max_new_tokens=4)
+    assert isinstance(result, ortllava.GenerationResult) and 1 <= len(result.token_ids) <= 4
+
+
+def test_cli_generate_prints_the_answer(mistral, pipe, tmp_path):
+    path = save_png(random_image(320, 240, seed=10), tmp_path / "photo.png")
+    out = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--image", str(path), "--prompt", "Describe", "--max-new-tokens", "5", "--provider", "cpu"],
+        capture_output=True, text=True, check=True,
+    )
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "Describe"}]}]
+    expected = pipe.generate(messages=messages, max_new_tokens=5).text
+    assert out.stdout.strip() == expected.strip()
+
+
+def test_runtime_imports_and_generates_without_torch_or_transformers(mistral, tmp_path):
+    path = save_png(random_image(300, 200, seed=11), tmp_path / "photo.png")
+    script = textwrap.dedent(f"""
+        import json, sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "optimum", "ortllava_export"):
+                    raise ImportError("blocked in this test: " + name)
+        sys.meta_path.insert(0, Block())
+        import ortllava
+        pipe = ortllava.load({str(mistral.bundle)!r}, provider="cpu")
+        result = pipe.generate(prompt={PROMPT!r}, images=[{str(path)!r}], max_new_tokens=6, min_new_tokens=6)
+        assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
+        print(json.dumps(result.token_ids))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    expected = ortllava.load(mistral.bundle, provider="cpu").generate(prompt=PROMPT, images=[str(path)], max_new_tokens=6, min_new_tokens=6)
+    assert json.loads(out.stdout) == expected.token_ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_image_count_mismatch_names_both_counts(pipe):
+    with pytest.raises(ValueError, match=r"2 <image> token\(s\) but 1 image"):
+        pipe.generate(prompt="[INST] <image> <image> [/INST]", images=[random_image(100, 100)])
+    with pytest.raises(ValueError, match=r"1 <image> token\(s\) but 0 image"):
+        pipe.generate(prompt=PROMPT)
+
+
+def test_unreadable_image_names_the_file(pipe, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        pipe.generate(prompt=PROMPT, images=[str(broken)])
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        pipe.generate(prompt=PROMPT, images=[str(tmp_path / "missing.png")])
+
+
+def test_prompt_beyond_the_context_is_refused_up_front(pipe):
+    limit = pipe.manifest.text.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"beyond the model's {limit}"):
+        pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_new_tokens=limit)
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered"])
+def test_damaged_bundle_names_the_file(mistral, tmp_path, damage):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    target = copy / "projector.onnx"
+    if damage == "missing":
+        target.unlink()
+    else:
+        data = bytearray(target.read_bytes())
+        data[-10] ^= 0xFF
+        target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="projector.onnx"):
+        ortllava.load(copy, provider="cpu")
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        ortllava.load(tmp_path, provider="cpu")
