@@ -128,6 +128,9 @@ def build_model(spec: TinySpec, tokenizer):
         # parity is not decided by float noise between two near-equal tokens.
         initializer_range=0.2,
     )
+    if spec.family == "mistral":
+        # Shorter than the prompts of the tests (2-6k tokens), so the sliding window is exercised.
+        text_kwargs["sliding_window"] = 1024
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=spec.vision_layers, num_attention_heads=2,
         image_size=336, patch_size=14, projection_dim=32,

@@ -58,7 +58,9 @@ class Decoder(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         from transformers.cache_utils import DynamicCache
 
-        cache = DynamicCache(config=self.text_config)
+        # A plain cache (no config): full-length layers even for sliding-window models, so present is
+        # always past ++ new; the model's own sliding-window mask limits what each position attends to.
+        cache = DynamicCache()
         for layer in range(self.num_layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.language_model(

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .features import embed, pack_images
-from .generate import GenerationMetrics, GenerationResult, generate_tokens
+from .detokenizer import StreamingDetokenizer
+from .generate import GenerationMetrics, GenerationResult, Step, decode_loop
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_manifest
 from .processor import Processor
-from .sampling import make_sampler, with_min_new_tokens
+from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
 from .sessions import BundleSessions
 
 Messages = list[dict[str, Any]]
 
 # transformers' defaults for what a generation config leaves unset.
-_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -99,13 +101,98 @@ class Pipeline:
         top_p: float | None = None,
         seed: int | None = None,
         min_new_tokens: int = 0,
+        repetition_penalty: float | None = None,
+        stop: Sequence[str] | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Answers a prompt (`str`, or a `list[str]` batch) or a chat (`messages`, or a list of chats).
 
         Unset sampling arguments come from the bundle's generation config, then transformers' defaults.
-        `min_new_tokens` forbids the EOS tokens until that many tokens are out.
+        `min_new_tokens` forbids the EOS tokens until that many tokens are out. `stop` strings end a row's
+        answer where one appears (the text is cut before it; finish_reason "stop").
         Returns a `GenerationResult`, or a list of them for a batch.
         """
+        run = self._start(prompt, images, messages, max_new_tokens, do_sample, temperature, top_k, top_p, seed, min_new_tokens, repetition_penalty)
+        batch = run.attention_mask.shape[0]
+        answers: list[list[int]] = [[] for _ in range(batch)]
+        stopped = [False] * batch
+        detokenizers = [StreamingDetokenizer(self.processor.decode) for _ in range(batch)] if stop else None
+        steps = run.loop()
+        for step in steps:
+            for row in np.flatnonzero(step.active):
+                if stopped[row]:
+                    continue
+                answers[row].append(int(step.tokens[row]))
+                if detokenizers is not None:
+                    detokenizers[row].add(int(step.tokens[row]))
+                    stopped[row] = _find_stop(detokenizers[row].text, stop) is not None
+            if all(stopped[row] or step.finished[row] for row in range(batch)):
+                steps.close()
+                break
+        run.metrics.total_s = time.perf_counter() - run.started
+        results = []
+        for row, answer in enumerate(answers):
+            text = self.processor.decode(answer)
+            cut = _find_stop(text, stop) if stop else None
+            reason = "stop" if cut is not None or (answer and answer[-1] in run.eos) else "length"
+            results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics))
+        return results if run.batched else results[0]
+
+    def stream(self, prompt: str | None = None, images: Sequence[ImageLike] | ImageLike | None = None, messages: Messages | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
+        """`generate` for one prompt or chat, yielding text pieces as tokens arrive.
+
+        The pieces joined equal `generate(...).text` for the same arguments; the last chunk carries the
+        finish reason and the metrics.
+        """
+        stop = kwargs.pop("stop", None)
+        run = self._start(prompt, images, messages, **kwargs)
+        if run.batched:
+            raise ValueError("stream takes one prompt or one chat; use generate for batches")
+        detokenizer = StreamingDetokenizer(self.processor.decode)
+        released = 0  # characters of detokenizer.text already yielded
+        reason = "length"
+        for step in run.loop():
+            token = int(step.tokens[0])
+            detokenizer.add(token)
+            if step.finished[0]:
+                detokenizer.finalize()
+                reason = "stop"
+            text = detokenizer.text
+            cut = _find_stop(text, stop)
+            if cut is not None:
+                reason, end = "stop", cut
+            else:  # hold back a tail that could still grow into a stop string
+                end = len(text) - (_stop_prefix_overlap(text, stop) if stop and not step.finished[0] else 0)
+            if end > released:
+                yield StreamChunk(text[released:end], token)
+                released = end
+            if cut is not None or step.finished[0]:
+                break
+        else:
+            detokenizer.finalize()
+            text = detokenizer.text
+            cut = _find_stop(text, stop)
+            reason = "stop" if cut is not None else reason
+            end = cut if cut is not None else len(text)
+            if end > released:
+                yield StreamChunk(text[released:end], None)
+        run.metrics.total_s = time.perf_counter() - run.started
+        yield StreamChunk("", None, reason, run.metrics)
+
+    def _start(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        images: Sequence[ImageLike] | ImageLike | None = None,
+        messages: Messages | Sequence[Messages] | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+        repetition_penalty: float | None = None,
+    ) -> _Run:
+        """Everything up to the first decoder call: inputs, images, embeddings, sampler."""
         started = time.perf_counter()
         metrics = GenerationMetrics()
         inputs, batched = self.prepare(prompt, images, messages)
@@ -116,7 +203,7 @@ class Pipeline:
             padded = self.processor.pad(ids, padding=True, padding_side="left")
             input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
 
-        settings = self._settings(max_new_tokens, do_sample, temperature, top_k, top_p)
+        settings = self._settings(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
         self._check_length(input_ids.shape[1], settings["max_new_tokens"])
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = int(input_ids.shape[1])
@@ -126,33 +213,16 @@ class Pipeline:
         inputs_embeds = self.embed(input_ids, features)
         metrics.vision_s = time.perf_counter() - vision_start
 
-        tokens = self.manifest.tokens
         eos = self._eos_ids()
-        pad_id = tokens.pad_token_id if tokens.pad_token_id is not None else eos[0] if eos else 0
+        pad_id = self.manifest.tokens.pad_token_id
+        pad_id = pad_id if pad_id is not None else eos[0] if eos else 0
         sampler = make_sampler(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"], seed)
         sampler = with_min_new_tokens(sampler, eos, min_new_tokens)
-        step_buffer = np.empty((input_ids.shape[0], 1, inputs_embeds.shape[-1]), dtype=self.sessions.decoder.dtype)
-        table = self.embed_table
+        sampler = with_repetition_penalty(sampler, input_ids, self.manifest.text.vocab_size, settings["repetition_penalty"])
+        return _Run(self, inputs_embeds, attention_mask, sampler, settings["max_new_tokens"], eos, pad_id, metrics, started, batched)
 
-        def embed_step(ids: np.ndarray) -> np.ndarray:
-            if table.dtype == step_buffer.dtype:
-                return np.take(table, ids, axis=0, out=step_buffer)
-            step_buffer[...] = np.take(table, ids, axis=0)
-            return step_buffer
-
-        answers, reasons = generate_tokens(
-            self.sessions.decoder, inputs_embeds, attention_mask, embed_step, sampler,
-            settings["max_new_tokens"], eos, pad_id, metrics, started,
-        )
-        metrics.total_s = time.perf_counter() - started
-        results = [
-            GenerationResult(text=self.processor.decode(answer), token_ids=answer, finish_reason=reason, metrics=metrics)
-            for answer, reason in zip(answers, reasons)
-        ]
-        return results if batched else results[0]
-
-    def _settings(self, max_new_tokens: int | None, do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None) -> dict[str, Any]:
-        given = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    def _settings(self, max_new_tokens: int | None, do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None, repetition_penalty: float | None) -> dict[str, Any]:
+        given = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty}
         defaults = {**_SAMPLING_DEFAULTS, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
         settings = {}
         for key, value in given.items():
@@ -176,6 +246,63 @@ class Pipeline:
                 f"{prompt_tokens + max_new_tokens} positions, beyond the model's {limit}; shorten the prompt, "
                 "use smaller or fewer images, or lower max_new_tokens"
             )
+
+
+@dataclass
+class StreamChunk:
+    """One piece of a streamed answer; the last chunk has `finish_reason` ("stop" or "length") and `metrics`."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    metrics: GenerationMetrics | None = None
+
+
+@dataclass
+class _Run:
+    """A prepared generation: what `decode_loop` needs, and what the result reports."""
+
+    pipe: Pipeline
+    inputs_embeds: np.ndarray
+    attention_mask: np.ndarray
+    sampler: Any
+    max_new_tokens: int
+    eos: list[int]
+    pad_id: int
+    metrics: GenerationMetrics
+    started: float
+    batched: bool
+
+    def loop(self) -> Iterator[Step]:
+        decoder = self.pipe.sessions.decoder
+        # One preallocated buffer for each step's embeddings: [B, 1, D].
+        buffer = np.empty((self.attention_mask.shape[0], 1, self.inputs_embeds.shape[-1]), dtype=decoder.dtype)
+        table = self.pipe.embed_table
+
+        def embed_step(ids: np.ndarray) -> np.ndarray:
+            if table.dtype == buffer.dtype:
+                return np.take(table, ids, axis=0, out=buffer)
+            buffer[...] = np.take(table, ids, axis=0)
+            return buffer
+
+        return decode_loop(decoder, self.inputs_embeds, self.attention_mask, embed_step, self.sampler, self.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started)
+
+
+def _find_stop(text: str, stop: Sequence[str] | None) -> int | None:
+    """Index where the first stop string begins in `text`, or None."""
+    hits = [text.find(s) for s in stop or () if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_overlap(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
 
 
 def load(bundle: str | Path, provider: str = "auto", **kwargs: Any) -> Pipeline:

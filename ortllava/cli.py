@@ -17,17 +17,24 @@ def _generate(args: argparse.Namespace) -> int:
         # The prompt is used as written; images go where its <image> tokens are (or first, if it has none).
         token = pipe.processor.image_token
         prompt = args.prompt if token in args.prompt else (token + "\n") * len(images) + args.prompt
-        result = pipe.generate(prompt=prompt, images=images or None, max_new_tokens=args.max_new_tokens)
+        inputs = dict(prompt=prompt, images=images or None)
     else:
         content = [{"type": "image", "path": path} for path in images] + [{"type": "text", "text": args.prompt}]
-        result = pipe.generate(messages=[{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens)
-    print(result.text)
+        inputs = dict(messages=[{"role": "user", "content": content}])
+    if args.stream:
+        for chunk in pipe.stream(**inputs, max_new_tokens=args.max_new_tokens):
+            print(chunk.text, end="", flush=True)
+        print()
+        metrics, reason = chunk.metrics, chunk.finish_reason
+    else:
+        result = pipe.generate(**inputs, max_new_tokens=args.max_new_tokens)
+        print(result.text)
+        metrics, reason = result.metrics, result.finish_reason
     if args.timings:
-        metrics = result.metrics
         print(
             f"[{metrics.prompt_tokens} prompt tokens, {metrics.generated_tokens} new; "
             f"time to first token {metrics.time_to_first_token_s * 1000:.0f} ms, "
-            f"decode {metrics.decode_tokens_per_s:.1f} tokens/s; finish: {result.finish_reason}]",
+            f"decode {metrics.decode_tokens_per_s:.1f} tokens/s; finish: {reason}]",
             file=sys.stderr,
         )
     return 0
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template")
+    gen.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     gen.add_argument("--timings", action="store_true", help="print timings to stderr")
     gen.set_defaults(run=_generate)
 

@@ -1,8 +1,8 @@
 """The decode loop: prefill the prompt, then one token at a time.
 
-`generate_step` is a generator of next tokens (mlx-lm style); `generate_tokens` runs it to the end with
-stopping rules and timings. Positions are explicit: each row's position ids count its unmasked tokens,
-so left-padded batches get the positions transformers gives them.
+`generate_step` is a generator of next tokens (mlx-lm style); `decode_loop` runs it with the EOS rule
+and timings, yielding each step to `Pipeline.generate` and `Pipeline.stream`. Positions are explicit:
+each row's position ids count its unmasked tokens, so left-padded batches get transformers' positions.
 """
 
 from __future__ import annotations
@@ -94,7 +94,16 @@ def generate_step(
         next_position += 1
 
 
-def generate_tokens(
+@dataclass
+class Step:
+    """One step of `decode_loop`: every row's token (pad for rows finished before) and which rows are done."""
+
+    tokens: np.ndarray  # [B] int64
+    active: np.ndarray  # [B] bool: the row produced `tokens[row]` in this step
+    finished: np.ndarray  # [B] bool: the row hit an EOS token at or before this step
+
+
+def decode_loop(
     decoder: Decoder,
     inputs_embeds: np.ndarray,
     attention_mask: np.ndarray,
@@ -105,37 +114,31 @@ def generate_tokens(
     pad_token_id: int,
     metrics: GenerationMetrics,
     started: float,
-    on_tokens: Callable[[np.ndarray], None] | None = None,
-) -> tuple[list[list[int]], list[str]]:
-    """Runs `generate_step` until every row has hit an EOS token or `max_new_tokens`.
+) -> Iterator[Step]:
+    """Runs `generate_step` until every row has hit an EOS token or `max_new_tokens`; yields each step.
 
-    Rows that finished early are fed `pad_token_id`, as transformers does. Returns each row's new tokens
-    (up to and including its EOS) and finish reason.
+    Rows that finished early are fed `pad_token_id`, as transformers does. The consumer may stop early
+    (close the generator); `metrics` hold the prefill, first-token and decode timings.
     """
     batch = attention_mask.shape[0]
     eos = np.array(eos_token_ids, dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
-    answers: list[list[int]] = [[] for _ in range(batch)]
     prefill_start = time.perf_counter()
     steps = generate_step(decoder, inputs_embeds, attention_mask, embed, sampler, max_new_tokens)
-    decode_start = None
-    for index, tokens in enumerate(steps):
-        if index == 0:
-            now = time.perf_counter()
-            metrics.prefill_s = now - prefill_start
-            metrics.time_to_first_token_s = now - started
-            decode_start = now
-        tokens[finished] = pad_token_id  # in place: the generator embeds this array for the next step
-        for row in np.flatnonzero(~finished):
-            answers[row].append(int(tokens[row]))
-        if on_tokens is not None:
-            on_tokens(tokens)
-        finished |= np.isin(tokens, eos)
-        if finished.all():
-            steps.close()
-            break
-    if decode_start is not None:
+    decode_start = prefill_start
+    try:
+        for index, tokens in enumerate(steps):
+            if index == 0:
+                decode_start = time.perf_counter()
+                metrics.prefill_s = decode_start - prefill_start
+                metrics.time_to_first_token_s = decode_start - started
+            active = ~finished
+            tokens[finished] = pad_token_id  # in place: the generator embeds this array for the next step
+            finished = finished | np.isin(tokens, eos)
+            metrics.generated_tokens = index + 1
+            yield Step(tokens, active, finished)
+            if finished.all():
+                break
+    finally:
+        steps.close()
         metrics.decode_s = time.perf_counter() - decode_start
-    metrics.generated_tokens = max((len(a) for a in answers), default=0)
-    reasons = ["stop" if done else "length" for done in finished]
-    return answers, reasons

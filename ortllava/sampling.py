@@ -59,6 +59,26 @@ def with_min_new_tokens(sampler: Sampler, eos_token_ids: list[int], min_new_toke
     return sample
 
 
+def with_repetition_penalty(sampler: Sampler, prompt_ids: np.ndarray, vocab_size: int, penalty: float) -> Sampler:
+    """transformers' repetition penalty: logits of tokens already in the sequence (prompt included) are
+    divided by `penalty` when positive, multiplied when negative."""
+    if penalty == 1.0:
+        return sampler
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+    seen = np.zeros((prompt_ids.shape[0], vocab_size), dtype=bool)
+    rows = np.arange(prompt_ids.shape[0])
+    seen[rows[:, None], np.clip(prompt_ids, 0, vocab_size - 1)] = True
+
+    def sample(logits: np.ndarray) -> np.ndarray:
+        penalised = np.where(logits < 0, logits * penalty, logits / penalty)
+        tokens = sampler(np.where(seen[:, : logits.shape[-1]], penalised, logits))
+        seen[rows, tokens] = True
+        return tokens
+
+    return sample
+
+
 def _top_p(scores: np.ndarray, top_p: float) -> np.ndarray:
     """Keeps the smallest set of tokens whose probability reaches `top_p` (at least one)."""
     order = np.argsort(scores, axis=-1)  # ascending, as transformers

@@ -80,3 +80,20 @@ def test_export_cli_tiny_end_to_end(tmp_path):
     assert "MistralForCausalLM" in info.stdout
     result = ortllava.load(bundle, provider="cpu").generate(prompt="[INST] <image>\nHi [/INST]", images=[random_image(100, 80)], max_new_tokens=3)
     assert 1 <= len(result.token_ids) <= 3
+
+
+def test_external_data_is_listed_hashed_and_loaded(tmp_path, monkeypatch):
+    from ortllava_export import convert
+    from ortllava_export.cli import export_bundle
+
+    monkeypatch.setattr(convert, "EXTERNAL_DATA_THRESHOLD", 0)  # as if every graph were over the limit
+    bundle = export_bundle("tiny", tmp_path / "external")
+    manifest = read_manifest(bundle)
+    for name in ("vision_encoder", "projector", "decoder"):
+        data_file = manifest.graphs[name].external_data
+        assert data_file == [f"{name}.onnx.data"] and data_file[0] in manifest.files
+    result = ortllava.load(bundle, provider="cpu").generate(prompt="[INST] <image>\nHi [/INST]", images=[random_image(90, 60)], max_new_tokens=2)
+    assert 1 <= len(result.token_ids) <= 2
+    (bundle / "decoder.onnx.data").unlink()
+    with pytest.raises(ortllava.BundleError, match="decoder.onnx.data"):
+        ortllava.load(bundle, provider="cpu")

@@ -73,3 +73,14 @@ def test_prompt_form_matches_processor_call(setup):
     assert result.token_ids == want
     assert result.finish_reason == ("stop" if want[-1] in eos else "length")
     assert result.metrics.time_to_first_token_s > 0 and result.metrics.prompt_tokens == inputs["input_ids"].shape[1]
+
+
+def test_repetition_penalty_matches_transformers(setup):
+    processor, model, pipe = setup
+    conversation = CASES["one image"]
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=1.5)
+    want = out[0, inputs["input_ids"].shape[1] :].tolist()
+    (got,) = pipe.generate(messages=conversation, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=1.5)
+    assert got.token_ids == want

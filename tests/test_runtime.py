@@ -62,6 +62,11 @@ def test_cli_generate_prints_the_answer(mistral, pipe, tmp_path):
     messages = [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "Describe"}]}]
     expected = pipe.generate(messages=messages, max_new_tokens=5).text
     assert out.stdout.strip() == expected.strip()
+    streamed = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--image", str(path), "--prompt", "Describe", "--max-new-tokens", "5", "--provider", "cpu", "--stream", "--timings"],
+        capture_output=True, text=True, check=True,
+    )
+    assert streamed.stdout.strip() == expected.strip() and "time to first token" in streamed.stderr
 
 
 def test_runtime_imports_and_generates_without_torch_or_transformers(mistral, tmp_path):
@@ -129,3 +134,40 @@ def test_damaged_bundle_names_the_file(mistral, tmp_path, damage):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="manifest.json is missing"):
         ortllava.load(tmp_path, provider="cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming and stopping
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stream_pieces_join_to_the_generated_text(pipe, seed):
+    kwargs = dict(prompt=PROMPT, images=[random_image(300, 300, seed=seed)], max_new_tokens=40, do_sample=True, temperature=1.3, seed=seed)
+    chunks = list(pipe.stream(**kwargs))
+    result = pipe.generate(**kwargs)
+    assert "".join(chunk.text for chunk in chunks) == result.text
+    assert chunks[-1].finish_reason == result.finish_reason and chunks[-1].metrics is not None
+    assert [c.token for c in chunks[:-1] if c.token is not None] == [t for t in result.token_ids if t in {c.token for c in chunks}]
+
+
+def test_stop_strings_cut_the_answer(pipe):
+    kwargs = dict(prompt=PROMPT, images=[random_image(300, 300, seed=3)], max_new_tokens=30, min_new_tokens=30)
+    full = pipe.generate(**kwargs)
+    assert len(full.text) > 6
+    stop = full.text[4:7]
+    cut = pipe.generate(stop=[stop], **kwargs)
+    assert cut.text == full.text[: full.text.find(stop)] and cut.finish_reason == "stop"
+    assert len(cut.token_ids) < len(full.token_ids)
+    streamed = list(pipe.stream(stop=[stop], **kwargs))
+    assert "".join(c.text for c in streamed) == cut.text and streamed[-1].finish_reason == "stop"
+
+
+def test_streaming_detokenizer_never_splits_a_character(pipe):
+    from ortllava.detokenizer import StreamingDetokenizer
+
+    text = "café 東京 😀 naïve → ∑"
+    ids = pipe.processor.tokenizer.encode(text, add_special_tokens=False).ids
+    detokenizer = StreamingDetokenizer(pipe.processor.decode)
+    pieces = [detokenizer.add(token) for token in ids] + [detokenizer.finalize()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
