@@ -6,11 +6,11 @@
     print(result.text)
 """
 
-from .api import Pipeline, generate, load
+from .api import Pipeline, StreamChunk, generate, load
 from .generate import GenerationMetrics, GenerationResult
 from .image import ImageLoadError
 from .manifest import BundleError
 
 __version__ = "0.1.0"
 
-__all__ = ["BundleError", "GenerationMetrics", "GenerationResult", "ImageLoadError", "Pipeline", "generate", "load", "__version__"]
+__all__ = ["BundleError", "GenerationMetrics", "GenerationResult", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "__version__"]
