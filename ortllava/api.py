@@ -111,7 +111,10 @@ class Pipeline:
         answer where one appears (the text is cut before it; finish_reason "stop").
         Returns a `GenerationResult`, or a list of them for a batch.
         """
-        run = self._start(prompt, images, messages, max_new_tokens, do_sample, temperature, top_k, top_p, seed, min_new_tokens, repetition_penalty)
+        run = self._start(
+            prompt, images, messages, seed, min_new_tokens, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        )
         batch = run.attention_mask.shape[0]
         answers: list[list[int]] = [[] for _ in range(batch)]
         stopped = [False] * batch
@@ -183,14 +186,9 @@ class Pipeline:
         prompt: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | ImageLike | None = None,
         messages: Messages | Sequence[Messages] | None = None,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
         seed: int | None = None,
         min_new_tokens: int = 0,
-        repetition_penalty: float | None = None,
+        **given: Any,
     ) -> _Run:
         """Everything up to the first decoder call: inputs, images, embeddings, sampler."""
         started = time.perf_counter()
@@ -203,7 +201,7 @@ class Pipeline:
             padded = self.processor.pad(ids, padding=True, padding_side="left")
             input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
 
-        settings = self._settings(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
+        settings = self._settings(given)
         self._check_length(input_ids.shape[1], settings["max_new_tokens"])
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = int(input_ids.shape[1])
@@ -221,11 +219,15 @@ class Pipeline:
         sampler = with_repetition_penalty(sampler, input_ids, self.manifest.text.vocab_size, settings["repetition_penalty"])
         return _Run(self, inputs_embeds, attention_mask, sampler, settings["max_new_tokens"], eos, pad_id, metrics, started, batched)
 
-    def _settings(self, max_new_tokens: int | None, do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None, repetition_penalty: float | None) -> dict[str, Any]:
-        given = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty}
+    def _settings(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Each generation setting: the caller's value, else the bundle's generation config, else the default."""
         defaults = {**_SAMPLING_DEFAULTS, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
+        unknown = set(given) - set(defaults)
+        if unknown:
+            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
         settings = {}
-        for key, value in given.items():
+        for key in defaults:
+            value = given.get(key)
             from_config = self.generation_config.get(key)
             settings[key] = value if value is not None else from_config if from_config is not None else defaults[key]
         if settings["max_new_tokens"] < 1:
