@@ -26,15 +26,33 @@ def default_output(model: str) -> Path:
     return DEFAULT_HOME / re.sub(r"[^A-Za-z0-9._-]+", "--", model.rstrip("/").split("/")[-1] if Path(model).exists() else model)
 
 
-def export_bundle(model: str, output: Path, precision: str = "fp32", revision: str | None = None, validate: bool = True) -> Path:
-    """Exports `model` (hub id, folder or "tiny") into the bundle folder `output`; returns it."""
+PRECISIONS = ("fp32", "fp16")
+DECODER_KINDS = ("gqa", "concat")
+
+
+def export_bundle(
+    model: str, output: Path, precision: str = "fp32", revision: str | None = None, validate: bool = True, decoder: str = "gqa",
+) -> Path:
+    """Exports `model` (hub id, folder or "tiny") into the bundle folder `output`; returns it.
+
+    `decoder`: "gqa" (fused attention over a shared, preallocated key/value buffer; the fast path) or
+    "concat" (plain ONNX ops, present = past ++ new; the portable fallback, fp32 only).
+    """
+    import numpy as np
+
     from .bundle import build_manifest, write_assets, write_manifest
     from .checkpoint import load_checkpoint
-    from .convert import export_decoder, export_projector, export_vision_encoder
-    from .validate import validate_decoder, validate_vision
+    from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
+    from .fused_decoder import build_fused_decoder
+    from .validate import validate_decoder, validate_fused_decoder, validate_vision
 
-    if precision != "fp32":
-        raise SystemExit(f"--precision {precision}: only fp32 is available in this version")
+    if precision not in PRECISIONS:
+        raise SystemExit(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if decoder not in DECODER_KINDS:
+        raise SystemExit(f"--decoder {decoder}: choose one of {', '.join(DECODER_KINDS)}")
+    if decoder == "concat" and precision != "fp32":
+        raise SystemExit("--decoder concat is the portable fp32 fallback; use --decoder gqa for fp16")
+    dtype = np.float16 if precision == "fp16" else np.float32
     total = time.perf_counter()
     with stage(1, f"Loading checkpoint {model}"):
         checkpoint = load_checkpoint(model, revision)
@@ -44,16 +62,25 @@ def export_bundle(model: str, output: Path, precision: str = "fp32", revision: s
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     graphs = {}
-    with stage(2, "Exporting vision encoder and projector"):
+    with stage(2, f"Exporting vision encoder and projector ({precision})"):
         graphs["vision_encoder"] = export_vision_encoder(checkpoint.model, work / "vision_encoder.onnx")
         graphs["projector"] = export_projector(checkpoint.model, work / "projector.onnx")
-    with stage(3, "Exporting decoder"):
-        graphs["decoder"] = export_decoder(checkpoint.model, work / "decoder.onnx")
+        if precision == "fp16":
+            for name in ("vision_encoder", "projector"):
+                convert_to_fp16(graphs[name], work)
+    with stage(3, f"Building the {decoder} decoder ({precision})"):
+        if decoder == "gqa":
+            graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", precision)
+        else:
+            graphs["decoder"] = export_decoder(checkpoint.model, work / "decoder.onnx")
     validation = {}
     if validate:
         with stage(4, "Validating graphs against PyTorch on untraced shapes"):
-            validation.update(validate_vision(checkpoint.model, work / "vision_encoder.onnx", work / "projector.onnx"))
-            validation.update(validate_decoder(checkpoint.model, work / "decoder.onnx"))
+            validation.update(validate_vision(checkpoint.model, work / "vision_encoder.onnx", work / "projector.onnx", dtype))
+            if decoder == "gqa":
+                validation.update(validate_fused_decoder(checkpoint.model, work / "decoder.onnx", dtype))
+            else:
+                validation.update(validate_decoder(checkpoint.model, work / "decoder.onnx"))
             print("      max |onnx - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in validation.items()), file=sys.stderr)
     with stage(5, "Writing embeddings, tokenizer, chat template and configs"):
         write_assets(checkpoint, work)
@@ -71,14 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="hub id, local checkpoint folder, or 'tiny' (built-in random model)")
     parser.add_argument("--output", type=Path, help=f"bundle folder (default: {DEFAULT_HOME}/<model name>)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32"], help="weights precision of the graphs")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights precision of the graphs (fp16: for CUDA)")
+    parser.add_argument(
+        "--decoder", default="gqa", choices=DECODER_KINDS,
+        help="gqa: fused attention over a preallocated key/value buffer (fast); concat: plain ONNX ops (portable, fp32)",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch check (not recommended)")
     args = parser.parse_args(argv)
     from .families import UnsupportedModelError
     from .validate import ExportValidationError
 
     try:
-        export_bundle(args.model, args.output or default_output(args.model), args.precision, args.revision, not args.no_validate)
+        export_bundle(args.model, args.output or default_output(args.model), args.precision, args.revision, not args.no_validate, args.decoder)
     except (UnsupportedModelError, ExportValidationError, FileNotFoundError) as error:
         print(f"ortllava-export: error: {error}", file=sys.stderr)
         return 1

@@ -22,14 +22,19 @@ TRACE_TILES = 2
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 5, 3
 
 
-def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, output_names, path: Path) -> GraphSpec:
+# Opset 23 has the fused `Attention` op, which the exporter emits for scaled_dot_product_attention (the
+# vision tower's attention): one kernel per layer on the CPU and CUDA providers instead of MatMul/Softmax.
+VISION_OPSET = 23
+
+
+def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, output_names, path: Path, opset: int | None = None) -> GraphSpec:
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
-            output_names=output_names, optimize=True, verbose=False,
+            output_names=output_names, optimize=True, verbose=False, opset_version=opset,
         )
     data_file = path.name + ".data"
     program.save(str(path), external_data=external)
@@ -40,9 +45,10 @@ def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, o
 def export_vision_encoder(model, path: Path) -> GraphSpec:
     vision = model.config.vision_config
     pixels = torch.randn(TRACE_TILES, 3, vision.image_size, vision.image_size)
+    model.model.vision_tower.config._attn_implementation = "sdpa"  # -> the fused Attention op
     return _export(
         VisionEncoder(model).eval(), (pixels,), ({0: Dim("tiles", min=1, max=1024)},),
-        [names.PIXEL_VALUES], [names.IMAGE_FEATURES], path,
+        [names.PIXEL_VALUES], [names.IMAGE_FEATURES], path, opset=VISION_OPSET,
     )
 
 
@@ -84,4 +90,26 @@ def export_decoder(model, path: Path) -> GraphSpec:
     inputs, outputs = decoder_io_names(layers)
     spec = _export(Decoder(model).eval(), decoder_example(model, TRACE_BATCH, TRACE_SEQ, TRACE_PAST), dynamic, inputs, outputs, path)
     spec.kind = "concat"
+    return spec
+
+
+def convert_to_fp16(spec: GraphSpec, folder: Path) -> GraphSpec:
+    """Rewrites an fp32 graph in fp16 (weights, inputs and outputs), with onnxruntime's converter.
+
+    The converter keeps the ops it knows to be unsafe in fp16 in fp32 behind casts; LayerNormalization and
+    the fused Attention compute their reductions in fp32 internally.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    path = folder / spec.file
+    model = onnx.load(str(path))
+    for extra in spec.external_data:
+        (folder / extra).unlink()
+    converted = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
+    external = sum(t.ByteSize() for t in converted.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    data_file = path.name + ".data"
+    onnx.save_model(converted, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data_file)
+    spec.dtype = "float16"
+    spec.external_data = [data_file] if external else []
     return spec

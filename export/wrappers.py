@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 
+def cache_argument(language_model) -> str:
+    """transformers 5 is renaming `past_key_values` to `cache`: the name this version's forward takes."""
+    return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+
+
 def feature_layers(config) -> list[int]:
     layer = config.vision_feature_layer
     return [layer] if isinstance(layer, int) else list(layer)
@@ -51,9 +56,7 @@ class Decoder(nn.Module):
         self.lm_head = model.lm_head
         self.text_config = model.config.text_config
         self.num_layers = self.text_config.num_hidden_layers
-        # transformers 5 is renaming `past_key_values` to `cache`; pass whichever this version takes.
-        parameters = inspect.signature(self.language_model.forward).parameters
-        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_argument = cache_argument(self.language_model)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         from transformers.cache_utils import DynamicCache

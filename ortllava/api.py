@@ -29,14 +29,19 @@ DEFAULT_MAX_NEW_TOKENS = 256
 class Pipeline:
     """A loaded bundle: its processor, its three onnxruntime sessions, and the embedding table."""
 
-    def __init__(self, bundle: str | Path, provider: str = "auto", verify: bool = True, io_binding: bool | None = None, threads: int | None = None):
+    def __init__(
+        self, bundle: str | Path, provider: str = "auto", verify: bool = True, io_binding: bool | None = None,
+        threads: int | None = None, max_length: int | None = None,
+    ):
         """`provider`: "auto" (CUDA when present), "cpu" or "cuda". `verify` checks every file's sha256.
-        `io_binding` keeps keys/values on the device between steps (default: on with CUDA, off on CPU).
+        `io_binding` keeps keys/values on the device between steps (default: on with CUDA and for "gqa"
+        decoders). `max_length` preallocates a "gqa" decoder's key/value buffers to that many positions once,
+        so every generation has the same shapes (otherwise they grow as needed and are reused).
         """
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
-        self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads)
+        self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length)
         self.embed_table = np.load(self.bundle / EMBED_TOKENS_FILE, mmap_mode="r")  # [V, D]
         self.image_newline = np.load(self.bundle / IMAGE_NEWLINE_FILE)  # [D]
         config_path = self.bundle / GENERATION_CONFIG_FILE
@@ -277,17 +282,19 @@ class _Run:
 
     def loop(self) -> Iterator[Step]:
         decoder = self.pipe.sessions.decoder
-        # One preallocated buffer for each step's embeddings: [B, 1, D].
-        buffer = np.empty((self.attention_mask.shape[0], 1, self.inputs_embeds.shape[-1]), dtype=decoder.dtype)
         table = self.pipe.embed_table
+        capacity = self.attention_mask.shape[1] + self.max_new_tokens
 
-        def embed_step(ids: np.ndarray) -> np.ndarray:
-            if table.dtype == buffer.dtype:
-                return np.take(table, ids, axis=0, out=buffer)
-            buffer[...] = np.take(table, ids, axis=0)
-            return buffer
+        def embed_step(ids: np.ndarray, out: np.ndarray) -> None:
+            if table.dtype == out.dtype:
+                np.take(table, ids, axis=0, out=out[:, 0])
+            else:
+                out[:, 0] = np.take(table, ids, axis=0)
 
-        return decode_loop(decoder, self.inputs_embeds, self.attention_mask, embed_step, self.sampler, self.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started)
+        def prefill():
+            return decoder.start(self.inputs_embeds, self.attention_mask, capacity)
+
+        return decode_loop(decoder, prefill, embed_step, self.sampler, self.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started)
 
 
 def _find_stop(text: str, stop: Sequence[str] | None) -> int | None:

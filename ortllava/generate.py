@@ -1,8 +1,8 @@
 """The decode loop: prefill the prompt, then one token at a time.
 
-`generate_step` is a generator of next tokens (mlx-lm style); `decode_loop` runs it with the EOS rule
-and timings, yielding each step to `Pipeline.generate` and `Pipeline.stream`. Positions are explicit:
-each row's position ids count its unmasked tokens, so left-padded batches get transformers' positions.
+`generate_step` is a generator of next tokens (mlx-lm style); `decode_loop` runs the prefill and then
+`generate_step` with the EOS rule and timings, yielding each step to `Pipeline.generate` and
+`Pipeline.stream`. The decoder (decoders.py) keeps positions and the key/value cache.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .decoders import ConcatDecoder, FusedDecoder, KVCache
 from .sampling import Sampler
-from .sessions import Decoder
 
-EmbedFn = Callable[[np.ndarray], np.ndarray]  # token ids [B, S] -> embeddings [B, S, D]
+Decoder = FusedDecoder | ConcatDecoder
+EmbedFn = Callable[[np.ndarray, np.ndarray], None]  # (token ids [B], out [B, 1, D]): writes their embeddings
 
 
 @dataclass
@@ -55,43 +56,27 @@ class GenerationResult:
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
 
 
-def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
-    """`[B, T]` mask -> `[B, T]` positions: cumulative count of real tokens, 1 where padded (as transformers)."""
-    positions = attention_mask.cumsum(axis=-1) - 1
-    return np.where(attention_mask == 0, 1, positions).astype(np.int64)
-
-
 def generate_step(
     decoder: Decoder,
-    inputs_embeds: np.ndarray,
-    attention_mask: np.ndarray,
+    logits: np.ndarray,
+    cache: KVCache,
     embed: EmbedFn,
     sampler: Sampler,
     max_new_tokens: int,
 ) -> Iterator[np.ndarray]:
     """Yields the next tokens `[B]` of every row, `max_new_tokens` times at most.
 
-    `inputs_embeds [B, T, D]` is the prompt with images spliced in; `attention_mask [B, T]` marks real tokens.
-    The caller may overwrite a yielded array in place before the next step (to feed pad ids to rows that
-    have finished); the next step embeds what the array then holds.
+    `logits [B, V]` and `cache` come from the prompt's prefill. The caller may overwrite a yielded array in
+    place before the next step (to feed pad ids to rows that have finished); the next step embeds what the
+    array then holds, straight into the cache's step buffer.
     """
-    batch, prompt_len = attention_mask.shape
-    # One mask buffer for the whole answer; each step passes the first P + 1 columns.
-    mask = np.ones((batch, prompt_len + max_new_tokens), dtype=np.int64)
-    mask[:, :prompt_len] = attention_mask
-    next_position = attention_mask.sum(axis=-1, keepdims=True).astype(np.int64)  # [B, 1]
-
-    cache = decoder.empty_cache(batch)
-    logits, cache = decoder(inputs_embeds, np.ascontiguousarray(attention_mask, dtype=np.int64), positions_from_mask(attention_mask), cache)
     for step in range(max_new_tokens):
         tokens = sampler(logits)
         yield tokens
         if step + 1 == max_new_tokens:
             return
-        length = prompt_len + step + 1
-        step_mask = mask[:, :length] if batch == 1 else np.ascontiguousarray(mask[:, :length])
-        logits, cache = decoder(embed(tokens[:, None]), step_mask, next_position, cache)
-        next_position += 1
+        embed(tokens, cache.step_embeds)
+        logits = decoder.step(cache)
 
 
 @dataclass
@@ -105,8 +90,7 @@ class Step:
 
 def decode_loop(
     decoder: Decoder,
-    inputs_embeds: np.ndarray,
-    attention_mask: np.ndarray,
+    prefill: Callable[[], tuple[np.ndarray, KVCache]],
     embed: EmbedFn,
     sampler: Sampler,
     max_new_tokens: int,
@@ -114,17 +98,21 @@ def decode_loop(
     pad_token_id: int,
     metrics: GenerationMetrics,
     started: float,
+    keep_cache: Callable[[KVCache], None] | None = None,
 ) -> Iterator[Step]:
-    """Runs `generate_step` until every row has hit an EOS token or `max_new_tokens`; yields each step.
+    """Runs `prefill` (the decoder's `start` or `extend` over the prompt), then `generate_step` until every
+    row has hit an EOS token or `max_new_tokens`; yields each step.
 
     Rows that finished early are fed `pad_token_id`, as transformers does. The consumer may stop early
-    (close the generator); `metrics` hold the prefill, first-token and decode timings.
+    (close the generator); `metrics` hold the prefill, first-token and decode timings. At the end the cache
+    goes to `keep_cache` (a chat that continues) or back to the decoder for reuse.
     """
-    batch = attention_mask.shape[0]
+    prefill_start = time.perf_counter()
+    logits, cache = prefill()
+    batch = cache.batch
     eos = np.array(eos_token_ids, dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
-    prefill_start = time.perf_counter()
-    steps = generate_step(decoder, inputs_embeds, attention_mask, embed, sampler, max_new_tokens)
+    steps = generate_step(decoder, logits, cache, embed, sampler, max_new_tokens)
     decode_start = prefill_start
     try:
         for index, tokens in enumerate(steps):
@@ -142,3 +130,7 @@ def decode_loop(
     finally:
         steps.close()
         metrics.decode_s = time.perf_counter() - decode_start
+        if keep_cache is not None:
+            keep_cache(cache)
+        else:
+            decoder.release(cache)

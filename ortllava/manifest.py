@@ -110,7 +110,10 @@ class GraphSpec:
     outputs: list[str]
     dtype: str = "float32"
     external_data: list[str] = field(default_factory=list)  # extra files the graph reads its weights from
-    kind: str = ""  # decoder only: "concat" = past and present are separate tensors, present = past ++ new
+    # Decoder only. "concat": past and present are separate tensors, present = past ++ new (portable, plain ops).
+    # "gqa": GroupQueryAttention over a preallocated key/value buffer that past and present share.
+    kind: str = ""
+    max_length: int = 0  # decoder only: the most positions the graph serves (0: the model's max_position_embeddings)
 
 
 @dataclass

@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 # Configurations covering the three decoders, a single feature layer and a list of them, and both layouts.
+# Bundles get the fused ("gqa") decoder unless `decoder` says otherwise.
 CONFIGS = {
     "mistral": dict(family="mistral", feature_layer=-2, layout="transformers"),
+    "mistral-concat": dict(family="mistral", feature_layer=-2, layout="transformers", decoder="concat"),
     "llama-layers": dict(family="llama", feature_layer=[-3, -1], layout="llava-hf"),
     "qwen2": dict(family="qwen2", feature_layer=-2, layout="llava-hf"),
     "qwen2-layers": dict(family="qwen2", feature_layer=[-3, -1], layout="transformers"),
@@ -41,8 +43,9 @@ class _Store:
 
             options = dict(CONFIGS[name])
             layout = options.pop("layout")
+            decoder = options.pop("decoder", "gqa")
             checkpoint = build_checkpoint(self.root / f"{name}-checkpoint", TinySpec(**options), layout=layout)
-            bundle = export_bundle(str(checkpoint), self.root / f"{name}-bundle")
+            bundle = export_bundle(str(checkpoint), self.root / f"{name}-bundle", decoder=decoder)
             self.built[name] = TinyModel(name, checkpoint, bundle)
         return self.built[name]
 

@@ -24,16 +24,19 @@ def pipe(mistral):
     return ortllava.load(mistral.bundle, provider="cpu")
 
 
-def test_io_binding_path_gives_the_same_tokens(mistral, pipe):
-    bound = ortllava.load(mistral.bundle, provider="cpu", io_binding=True)
-    assert bound.sessions.device is not None and pipe.sessions.device is None
+def test_concat_decoder_io_binding_gives_the_same_tokens(tiny_store):
+    concat = tiny_store.get("mistral-concat").bundle
+    plain = ortllava.load(concat, provider="cpu")
+    bound = ortllava.load(concat, provider="cpu", io_binding=True)
+    assert bound.sessions.device is not None and plain.sessions.device is None
     image = random_image(500, 300, seed=5)
-    plain = pipe.generate(prompt=[PROMPT, "[INST] hi [/INST]"], images=[image], max_new_tokens=12, min_new_tokens=12)
+    plain_results = plain.generate(prompt=[PROMPT, "[INST] hi [/INST]"], images=[image], max_new_tokens=12, min_new_tokens=12)
     bound_results = bound.generate(prompt=[PROMPT, "[INST] hi [/INST]"], images=[image], max_new_tokens=12, min_new_tokens=12)
-    assert [r.token_ids for r in bound_results] == [r.token_ids for r in plain]
+    assert [r.token_ids for r in bound_results] == [r.token_ids for r in plain_results]
     # The cache between steps is device OrtValues, not numpy arrays.
-    cache = bound.sessions.decoder.empty_cache(1)
-    assert all(type(value).__name__ == "OrtValue" for value in cache)
+    embeds = np.zeros((1, 3, bound.manifest.text.hidden_size), np.float32)
+    _, cache = bound.sessions.decoder.start(embeds, np.ones((1, 3), np.int64), capacity=8)
+    assert all(type(value).__name__ == "OrtValue" for value in cache.state["kv"])
 
 
 def test_seeded_sampling_repeats_and_differs_from_greedy(pipe):

@@ -1,0 +1,250 @@
+"""The fused decoder graph, written node by node from the checkpoint's weights (no tracing).
+
+Why build it by hand: onnxruntime's fastest decoder kernels (GroupQueryAttention with a key/value buffer
+shared between past and present, fused rotary embedding, SkipSimplifiedLayerNormalization) are contrib
+ops that no exporter emits reliably for our wrapper, and the graph is small: for each layer, the same
+dozen nodes. onnxruntime-genai's model builder takes the same approach.
+
+I/O spec (`kind = "gqa"`):
+- `inputs_embeds [B, S, D]` (graph dtype): the prompt (or the new tokens) with image features spliced in,
+  each row's real tokens first (right padding).
+- `attention_mask [B, W]` int64: row b has `n_b` ones, the tokens in its cache after this step (past + new).
+  Only the count and the width are used: `seqlens_k = n_b - 1`, `total_sequence_length = W`. A first
+  prompt passes `W = S`; later steps may pass a fixed width (the buffer capacity) so shapes stay static.
+- `past_key_values.{i}.key|value [B, n_kv, C, head_dim]`: the preallocated buffers (capacity `C`); the
+  caller binds `present.{i}.key|value` to the same memory, and the op writes the new keys/values in place.
+- `logits [B, V]` float32: for each row, its last real new token (`min(seqlens_k, S - 1)`).
+
+Per layer: SkipSimplifiedLayerNorm -> packed QKV MatMul (+ bias) -> GroupQueryAttention (rotary inside,
+sliding window where the layer has one) -> o_proj -> SkipSimplifiedLayerNorm -> gate/up MatMul -> SiLU * up
+-> down. Granite's multipliers (embedding, attention scale, residual, logits) are folded in as constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ortllava import manifest as names
+from ortllava.manifest import GraphSpec
+
+from .convert import EXTERNAL_DATA_THRESHOLD
+
+OPSET = 21
+_DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+# Rotary tables longer than this are cut: the graph then serves at most this many positions (manifest: max_length).
+MAX_ROTARY_POSITIONS = 131072
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = [names.INPUTS_EMBEDS, names.ATTENTION_MASK]
+    outputs = [names.LOGITS]
+    for layer in range(num_layers):
+        inputs += [names.past_key_name(layer), names.past_value_name(layer)]
+        outputs += [names.present_key_name(layer), names.present_value_name(layer)]
+    return inputs, outputs
+
+
+@dataclass
+class _Graph:
+    """Nodes and initializers being collected; `weight()` converts each tensor once, as it is added."""
+
+    dtype: type
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    weight_bytes: int = 0
+
+    def weight(self, name: str, value, dtype=None) -> str:
+        array = value.detach().to(torch.float32).numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        array = np.ascontiguousarray(array.astype(dtype or self.dtype, copy=False))
+        self.initializers.append(numpy_helper.from_array(array, name))
+        self.weight_bytes += array.nbytes
+        return name
+
+    def const_i64(self, name: str, values) -> str:
+        return self.weight(name, np.array(values, dtype=np.int64), np.int64)
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | int, name: str, domain: str = "", **attrs) -> list[str]:
+        if isinstance(outputs, int):
+            outputs = [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+
+def _linear_weight(*linears) -> torch.Tensor:
+    """nn.Linear weights `[out, in]` (concatenated on `out`) -> MatMul's `[in, out]`."""
+    return torch.cat([linear.weight for linear in linears], dim=0).T
+
+
+def _bias(*linears) -> torch.Tensor | None:
+    if linears[0].bias is None:
+        return None
+    return torch.cat([linear.bias for linear in linears], dim=0)
+
+
+def _rotary_tables(text_model, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin `[positions, head_dim / 2]`, computed by the checkpoint's own rotary module (rope scaling included)."""
+    rotary = text_model.rotary_emb
+    position_ids = torch.arange(positions, dtype=torch.long)[None]
+    probe = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = rotary(probe, position_ids)
+    half = head_dim // 2
+    return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+
+
+def _sliding_windows(text_config, num_layers: int) -> list[int]:
+    """Per layer, GroupQueryAttention's `local_window_size` (-1: full attention), as transformers masks.
+
+    transformers lets query i see key j when i - j < sliding_window (the window counts the query itself);
+    the CPU kernel's `local_window_size` has the same meaning (parity-tested on prompts past the window).
+    """
+    window = getattr(text_config, "sliding_window", None)
+    if window is None:
+        return [-1] * num_layers
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is None:  # Mistral: every layer slides
+        return [window] * num_layers
+    return [window if kind == "sliding_attention" else -1 for kind in layer_types]
+
+
+def build_fused_decoder(model, path: Path, precision: str = "fp32") -> GraphSpec:
+    """Writes the fused decoder of `model` (a LlavaNextForConditionalGeneration) to `path`; returns its spec."""
+    dtype, onnx_dtype = _DTYPES[precision]
+    config = model.config.text_config
+    text_model = model.model.language_model
+    layers = text_model.layers
+    num_layers = len(layers)
+    hidden = config.hidden_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    eps = float(config.rms_norm_eps)
+    # Granite's multipliers; 1.0 (or absent) for every other family.
+    embedding_multiplier = float(getattr(config, "embedding_multiplier", 1.0))
+    residual_multiplier = float(getattr(config, "residual_multiplier", 1.0))
+    logits_scaling = float(getattr(config, "logits_scaling", 1.0))
+    attention_scale = float(getattr(config, "attention_multiplier", head_dim**-0.5))
+    windows = _sliding_windows(config, num_layers)
+    max_positions = min(int(config.max_position_embeddings), MAX_ROTARY_POSITIONS)
+
+    g = _Graph(dtype)
+    cos, sin = _rotary_tables(text_model, head_dim, max_positions)
+    g.weight("rotary.cos", cos)
+    g.weight("rotary.sin", sin)
+
+    # attention_mask -> the op's sequence lengths.
+    (mask_sum,) = g.node("ReduceSum", [names.ATTENTION_MASK, g.const_i64("axis1", [1])], 1, "mask/sum", keepdims=0)
+    (last,) = g.node("Sub", [mask_sum, g.const_i64("one", 1)], 1, "mask/last")
+    (seqlens_k,) = g.node("Cast", [last], ["seqlens_k"], "mask/seqlens_k", to=TensorProto.INT32)
+    (mask_shape,) = g.node("Shape", [names.ATTENTION_MASK], 1, "mask/shape")
+    (width,) = g.node("Gather", [mask_shape, g.const_i64("index1", 1)], 1, "mask/width", axis=0)
+    (total_length,) = g.node("Cast", [width], ["total_sequence_length"], "mask/total", to=TensorProto.INT32)
+
+    x = names.INPUTS_EMBEDS
+    if embedding_multiplier != 1.0:
+        (x,) = g.node("Mul", [x, g.weight("embedding_multiplier", np.array(embedding_multiplier))], 1, "embed/scale")
+
+    residual = None
+    update = x  # what the next SkipSimplifiedLayerNorm adds to the residual stream
+    for i, layer in enumerate(layers):
+        p = f"layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        normed, residual = _add_and_norm(g, update, residual, layer.input_layernorm.weight, eps, f"{p}/input_norm")
+        (qkv,) = g.node("MatMul", [normed, g.weight(f"{p}.qkv.weight", _linear_weight(attn.q_proj, attn.k_proj, attn.v_proj))], 1, f"{p}/qkv")
+        bias = _bias(attn.q_proj, attn.k_proj, attn.v_proj)
+        if bias is not None:
+            (qkv,) = g.node("Add", [qkv, g.weight(f"{p}.qkv.bias", bias)], 1, f"{p}/qkv_bias")
+        (attended, _, _) = g.node(
+            "GroupQueryAttention",
+            [qkv, "", "", names.past_key_name(i), names.past_value_name(i), seqlens_k, total_length, "rotary.cos", "rotary.sin"],
+            [f"{p}/attention", names.present_key_name(i), names.present_value_name(i)],
+            f"{p}/attention", domain="com.microsoft",
+            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=attention_scale,
+            local_window_size=windows[i],
+        )
+        (update,) = g.node("MatMul", [attended, g.weight(f"{p}.o_proj.weight", _linear_weight(attn.o_proj))], 1, f"{p}/o_proj")
+        update = _scale_residual(g, update, residual_multiplier, f"{p}/attention_residual_scale")
+        normed, residual = _add_and_norm(g, update, residual, layer.post_attention_layernorm.weight, eps, f"{p}/post_attention_norm")
+        (gate_up,) = g.node("MatMul", [normed, g.weight(f"{p}.gate_up.weight", _linear_weight(mlp.gate_proj, mlp.up_proj))], 1, f"{p}/gate_up")
+        gate, up = g.node("Split", [gate_up], 2, f"{p}/split", axis=-1, num_outputs=2)
+        (sigmoid,) = g.node("Sigmoid", [gate], 1, f"{p}/sigmoid")
+        (silu,) = g.node("Mul", [gate, sigmoid], 1, f"{p}/silu")
+        (product,) = g.node("Mul", [silu, up], 1, f"{p}/gated")
+        (update,) = g.node("MatMul", [product, g.weight(f"{p}.down_proj.weight", _linear_weight(mlp.down_proj))], 1, f"{p}/down_proj")
+        update = _scale_residual(g, update, residual_multiplier, f"{p}/mlp_residual_scale")
+
+    # Only each row's last real token goes through the final norm and lm_head.
+    (stream,) = g.node("Add", [update, residual], 1, "final/residual")
+    (last_hidden,) = _gather_last(g, stream, seqlens_k)
+    (normed,) = g.node(
+        "SimplifiedLayerNormalization", [last_hidden, g.weight("norm.weight", text_model.norm.weight)], 1, "final/norm",
+        axis=-1, epsilon=eps, stash_type=1,
+    )
+    (logits,) = g.node("MatMul", [normed, g.weight("lm_head.weight", model.lm_head.weight.T)], 1, "lm_head")
+    if logits_scaling != 1.0:
+        (logits,) = g.node("Div", [logits, g.weight("logits_scaling", np.array(logits_scaling))], 1, "lm_head/scale")
+    g.node("Cast", [logits], [names.LOGITS], "lm_head/float", to=TensorProto.FLOAT)
+
+    inputs, outputs = io_names(num_layers)
+    kv_shape = ["batch", kv_heads, "capacity", head_dim]
+    graph_inputs = [
+        helper.make_tensor_value_info(names.INPUTS_EMBEDS, onnx_dtype, ["batch", "sequence", hidden]),
+        helper.make_tensor_value_info(names.ATTENTION_MASK, TensorProto.INT64, ["batch", "total"]),
+    ] + [helper.make_tensor_value_info(name, onnx_dtype, kv_shape) for name in inputs[2:]]
+    graph_outputs = [helper.make_tensor_value_info(names.LOGITS, TensorProto.FLOAT, ["batch", config.vocab_size])] + [
+        helper.make_tensor_value_info(name, onnx_dtype, kv_shape) for name in outputs[1:]
+    ]
+    graph = helper.make_graph(g.nodes, "ortllava_fused_decoder", graph_inputs, graph_outputs, g.initializers)
+    onnx_model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], producer_name="ortllava"
+    )
+    external = g.weight_bytes > EXTERNAL_DATA_THRESHOLD
+    data_file = path.name + ".data"
+    onnx.save_model(onnx_model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data_file, size_threshold=1024)
+    return GraphSpec(
+        file=path.name, inputs=inputs, outputs=outputs, dtype="float16" if precision == "fp16" else "float32",
+        external_data=[data_file] if external else [], kind="gqa", max_length=max_positions,
+    )
+
+
+def _add_and_norm(g: _Graph, update: str, residual: str | None, weight, eps: float, name: str) -> tuple[str, str]:
+    """residual + update -> (RMSNorm of the sum, the sum); the first layer has no residual yet."""
+    gamma = g.weight(f"{name}.weight", weight)
+    if residual is None:
+        (normed,) = g.node("SimplifiedLayerNormalization", [update, gamma], 1, name, axis=-1, epsilon=eps, stash_type=1)
+        return normed, update
+    normed, _, _, total = g.node("SkipSimplifiedLayerNormalization", [update, residual, gamma], 4, name, domain="com.microsoft", epsilon=eps)
+    return normed, total
+
+
+def _scale_residual(g: _Graph, update: str, multiplier: float, name: str) -> str:
+    if multiplier == 1.0:
+        return update
+    (scaled,) = g.node("Mul", [update, g.weight(f"{name}.value", np.array(multiplier))], 1, name)
+    return scaled
+
+
+def _gather_last(g: _Graph, hidden: str, seqlens_k: str) -> list[str]:
+    """`hidden [B, S, D]` -> `[B, D]` at row b's index `min(seqlens_k[b], S - 1)`.
+
+    A first prompt is right-padded, so its last real token sits at `seqlens_k`; a decode step (S = 1) and a
+    continued prompt (B = 1, past > 0) end at `S - 1`, which the min picks.
+    """
+    (shape,) = g.node("Shape", [hidden], 1, "last/shape")
+    (batch,) = g.node("Gather", [shape, g.const_i64("index0", 0)], 1, "last/batch", axis=0)
+    (seq,) = g.node("Gather", [shape, g.const_i64("index1_", 1)], 1, "last/seq", axis=0)
+    (seq_last,) = g.node("Sub", [seq, g.const_i64("one_", 1)], 1, "last/seq_last")
+    (lengths,) = g.node("Cast", [seqlens_k], 1, "last/lengths", to=TensorProto.INT64)
+    (index,) = g.node("Min", [lengths, seq_last], 1, "last/index")
+    (rows,) = g.node("Range", [g.const_i64("zero", 0), batch, g.const_i64("step", 1)], 1, "last/rows")
+    (row_start,) = g.node("Mul", [rows, seq], 1, "last/row_start")
+    (flat_index,) = g.node("Add", [row_start, index], 1, "last/flat_index")
+    (hidden_size,) = g.node("Gather", [shape, g.const_i64("index2", [2])], 1, "last/hidden_size", axis=0)
+    (flat_shape,) = g.node("Concat", [g.const_i64("minus_one", [-1]), hidden_size], 1, "last/flat_shape", axis=0)
+    (flat,) = g.node("Reshape", [hidden, flat_shape], 1, "last/flatten")
+    return g.node("Gather", [flat, flat_index], 1, "last/gather", axis=0)

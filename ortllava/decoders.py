@@ -1,0 +1,329 @@
+"""The decoder graph driven step by step, for the two decoder kinds a bundle can hold.
+
+Both kinds have one interface (gpt-fast's `prefill` / `decode_one_token`, with the cache made explicit):
+- `start(inputs_embeds, attention_mask, capacity)` runs the prompt and returns the logits of each row's last
+  token and a `KVCache` with room for `capacity` positions;
+- `step(cache)` runs one new token per row, whose embeddings the caller has written into `cache.step_embeds`;
+- `extend(inputs_embeds, cache)` appends several tokens to a one-row cache (the next turn of a chat);
+- `truncate(cache, length)` forgets a one-row cache's positions from `length` on.
+
+`FusedDecoder` ("gqa" bundles): GroupQueryAttention over key/value buffers preallocated to `capacity` and
+shared by past and present, so a step allocates nothing and moves no key/value bytes; every input and output
+of a step is bound once (IO binding), and a step only writes the new token's embeddings and one mask entry
+per row. The buffers are reused by the next generation when they are large enough.
+
+`ConcatDecoder` ("concat" bundles, the portable fallback): present = past ++ new, a new tensor each step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import (
+    ATTENTION_MASK,
+    INPUTS_EMBEDS,
+    LOGITS,
+    POSITION_IDS,
+    Manifest,
+    past_key_name,
+    past_value_name,
+    present_key_name,
+    present_value_name,
+)
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+CAPACITY_STEP = 256  # buffers grow in steps of this many positions, so nearby lengths reuse them
+
+
+@dataclass
+class Device:
+    """Where IO-bound tensors live: ("cuda", 0) or ("cpu", 0)."""
+
+    type: str
+    id: int = 0
+
+
+class ContextLengthError(ValueError):
+    """The tokens to hold exceed what the decoder graph serves."""
+
+
+@dataclass
+class KVCache:
+    """The keys/values of one generation, and the per-step buffers that go with them."""
+
+    batch: int
+    capacity: int  # positions the cache can hold
+    lengths: np.ndarray  # [B] int64: real tokens held per row
+    step_embeds: np.ndarray  # [B, 1, D] host buffer: the caller writes the next tokens' embeddings here
+    logits: np.ndarray | None = None  # [B, V] float32: the last step's logits (a reused buffer for "gqa")
+    state: dict[str, Any] = field(default_factory=dict)  # what the decoder kind keeps
+
+
+class _DecoderBase:
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: Device | None):
+        self.session = session
+        self.device = device
+        text = manifest.text
+        spec = manifest.graphs["decoder"]
+        self.num_layers = text.num_layers
+        self.kv_heads, self.head_dim, self.hidden_size, self.vocab_size = text.num_key_value_heads, text.head_dim, text.hidden_size, text.vocab_size
+        self.dtype = NUMPY_DTYPES[spec.dtype]
+        self.max_length = min(spec.max_length or text.max_position_embeddings, text.max_position_embeddings)
+        self.past_names = [n for layer in range(self.num_layers) for n in (past_key_name(layer), past_value_name(layer))]
+        self.present_names = [n for layer in range(self.num_layers) for n in (present_key_name(layer), present_value_name(layer))]
+
+    def check_length(self, positions: int) -> None:
+        if positions > self.max_length:
+            raise ContextLengthError(f"{positions} positions asked for; this decoder serves at most {self.max_length}")
+
+    def _capacity(self, needed: int) -> int:
+        self.check_length(needed)
+        return min(-(-needed // CAPACITY_STEP) * CAPACITY_STEP, self.max_length)
+
+
+class FusedDecoder(_DecoderBase):
+    """Drives a "gqa" decoder graph: shared, preallocated key/value buffers; one IO binding per step."""
+
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: Device | None, capacity: int | None = None):
+        super().__init__(session, manifest, device)
+        self.device = device or Device("cpu")
+        self.fixed_capacity = capacity  # a load option: always this many positions (static shapes)
+        self._spare: KVCache | None = None  # the last cache, whose buffers the next generation may reuse
+
+    # -- buffers --------------------------------------------------------------------------------------
+
+    def _value(self, array: np.ndarray) -> ort.OrtValue:
+        """An OrtValue for `array`: the same memory on the CPU, a device copy elsewhere (refreshed with `update_inplace`)."""
+        if self.device.type == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(array)
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device.type, self.device.id)
+
+    def _sync(self, value: ort.OrtValue, array: np.ndarray) -> None:
+        if self.device.type != "cpu":
+            value.update_inplace(array)
+
+    def release(self, cache: KVCache) -> None:
+        """Hands a finished generation's buffers back, for the next one to reuse."""
+        self._spare = cache
+
+    def _new_cache(self, batch: int, capacity: int) -> KVCache:
+        spare, self._spare = self._spare, None  # a cache in use is never handed out twice
+        if spare is not None and spare.batch == batch and spare.capacity >= capacity:
+            cache = spare
+            cache.lengths[:] = 0
+            cache.state["mask"][:] = 0
+            self._sync(cache.state["mask_value"], cache.state["mask"])
+            return cache
+        del spare  # let the old buffers go before allocating new ones
+        capacity = self.fixed_capacity or capacity
+        kv_shape = (batch, self.kv_heads, capacity, self.head_dim)
+        if self.device.type == "cpu":
+            kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(kv_shape, self.dtype)) for _ in self.past_names]
+        else:
+            kv = [ort.OrtValue.ortvalue_from_shape_and_type(kv_shape, self.dtype, self.device.type, self.device.id) for _ in self.past_names]
+        step_embeds = np.zeros((batch, 1, self.hidden_size), self.dtype)
+        mask = np.zeros((batch, capacity), np.int64)
+        logits = np.zeros((batch, self.vocab_size), np.float32)
+        cache = KVCache(batch, capacity, np.zeros(batch, np.int64), step_embeds, logits)
+        cache.state.update(kv=kv, mask=mask, rows=np.arange(batch), logits_value=ort.OrtValue.ortvalue_from_numpy(logits))
+        cache.state["embeds_value"] = self._value(step_embeds)
+        cache.state["mask_value"] = self._value(mask)
+        # The decode step's binding, made once: every step reads and writes the same buffers.
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(INPUTS_EMBEDS, cache.state["embeds_value"])
+        binding.bind_ortvalue_input(ATTENTION_MASK, cache.state["mask_value"])
+        self._bind_cache(binding, cache)
+        cache.state["step_binding"] = binding
+        return cache
+
+    def _bind_cache(self, binding: ort.IOBinding, cache: KVCache) -> None:
+        for past, present, value in zip(self.past_names, self.present_names, cache.state["kv"]):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same memory: the op writes in place
+        binding.bind_ortvalue_output(LOGITS, cache.state["logits_value"])
+
+    def _run(self, inputs_embeds: np.ndarray, mask: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One run with freshly bound embeddings and mask (prompts); the cache stays bound in place."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
+        binding.bind_cpu_input(ATTENTION_MASK, mask)
+        self._bind_cache(binding, cache)
+        self.session.run_with_iobinding(binding)
+        return cache.logits
+
+    # -- the interface --------------------------------------------------------------------------------
+
+    def start(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, capacity: int) -> tuple[np.ndarray, KVCache]:
+        """`inputs_embeds [B, T, D]` (padded on either side), `attention_mask [B, T]` -> logits `[B, V]`, cache."""
+        batch, length, _ = inputs_embeds.shape
+        cache = self._new_cache(batch, self._capacity(max(capacity, length)))
+        real = attention_mask.astype(bool)
+        counts = real.sum(axis=1)
+        if not real.all():  # the op reads each row's tokens from the start: move them there
+            packed = np.zeros_like(inputs_embeds)
+            for row in range(batch):
+                packed[row, : counts[row]] = inputs_embeds[row, real[row]]
+            inputs_embeds = packed
+        cache.lengths[:] = counts
+        mask = cache.state["mask"]
+        mask[:] = 0
+        for row in range(batch):
+            mask[row, : counts[row]] = 1
+        self._sync(cache.state["mask_value"], mask)
+        # A first prompt is told apart by mask width == sequence length; its rows are right-padded.
+        prompt_mask = np.ascontiguousarray(mask[:, :length])
+        return self._run(inputs_embeds, prompt_mask, cache), cache
+
+    def step(self, cache: KVCache) -> np.ndarray:
+        """One token per row, embeddings already in `cache.step_embeds` -> logits `[B, V]` (a reused buffer)."""
+        if int(cache.lengths.max()) + 1 > cache.capacity:
+            raise ContextLengthError(f"the cache holds {cache.capacity} positions and is full")
+        state = cache.state
+        state["mask"][state["rows"], cache.lengths] = 1
+        cache.lengths += 1
+        self._sync(state["embeds_value"], cache.step_embeds)
+        self._sync(state["mask_value"], state["mask"])
+        self.session.run_with_iobinding(state["step_binding"])
+        return cache.logits
+
+    def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Appends `inputs_embeds [1, S, D]` to a one-row cache -> logits `[1, V]` of the last of them."""
+        cache = self._ensure_room(cache, int(cache.lengths[0]) + inputs_embeds.shape[1])
+        start = int(cache.lengths[0])
+        cache.lengths[0] += inputs_embeds.shape[1]
+        cache.state["mask"][0, start : cache.lengths[0]] = 1
+        self._sync(cache.state["mask_value"], cache.state["mask"])
+        return self._run(inputs_embeds, cache.state["mask"], cache)
+
+    def truncate(self, cache: KVCache, length: int) -> None:
+        cache.lengths[0] = min(int(cache.lengths[0]), length)
+        cache.state["mask"][0, cache.lengths[0] :] = 0
+        self._sync(cache.state["mask_value"], cache.state["mask"])
+
+    def reserve(self, cache: KVCache, positions: int) -> KVCache:
+        """A cache with room for `positions` holding what `cache` holds (the same one when it fits)."""
+        return self._ensure_room(cache, positions)
+
+    def _ensure_room(self, cache: KVCache, positions: int) -> KVCache:
+        if positions <= cache.capacity:
+            return cache
+        if cache.batch != 1 or self.fixed_capacity:
+            raise ContextLengthError(f"{positions} positions do not fit this cache of {cache.capacity}")
+        grown = self._new_cache(1, self._capacity(positions))
+        held = int(cache.lengths[0])
+        for source, target in zip(cache.state["kv"], grown.state["kv"]):
+            if self.device.type == "cpu":
+                target.numpy()[:, :, :held] = source.numpy()[:, :, :held]
+            else:  # rare (a chat outgrew its buffers): one round trip through the host
+                host = np.zeros(target.shape(), self.dtype)
+                host[:, :, :held] = source.numpy()[:, :, :held]
+                target.update_inplace(host)
+        grown.lengths[0] = held
+        grown.state["mask"][0, :held] = 1
+        self._sync(grown.state["mask_value"], grown.state["mask"])
+        return grown
+
+
+class ConcatDecoder(_DecoderBase):
+    """Drives a "concat" decoder graph: each step returns present = past ++ new, fed back as the next past.
+
+    Host mode (`device=None`): numpy in and out. IO binding: the keys/values stay as device `OrtValue`s
+    between steps; only the last position's logits come back to the host.
+    """
+
+    def start(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, capacity: int) -> tuple[np.ndarray, KVCache]:
+        batch, length, _ = inputs_embeds.shape
+        capacity = max(capacity, length)
+        self.check_length(capacity)
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        if self.device is None:
+            empty = [np.zeros(shape, dtype=self.dtype) for _ in self.past_names]
+        else:
+            empty = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device.type, self.device.id) for _ in self.past_names]
+        # One mask for the whole answer: the prompt's, then ones; each run passes the columns in use.
+        mask = np.ones((batch, capacity), np.int64)
+        mask[:, :length] = attention_mask
+        cache = KVCache(batch, capacity, attention_mask.sum(axis=1).astype(np.int64), np.zeros((batch, 1, self.hidden_size), self.dtype))
+        cache.state.update(kv=empty, mask=mask, width=0)
+        positions = attention_mask.cumsum(axis=-1) - 1
+        positions = np.where(attention_mask == 0, 1, positions).astype(np.int64)  # as transformers: 1 where padded
+        return self._run(inputs_embeds, positions, cache), cache
+
+    def step(self, cache: KVCache) -> np.ndarray:
+        positions = cache.lengths[:, None].copy()
+        cache.lengths += 1
+        return self._run(cache.step_embeds, positions, cache)
+
+    def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
+        count = inputs_embeds.shape[1]
+        cache = self.reserve(cache, cache.state["width"] + count)
+        positions = (cache.lengths[0] + np.arange(count, dtype=np.int64))[None]
+        cache.lengths[0] += count
+        return self._run(inputs_embeds, positions, cache)
+
+    def truncate(self, cache: KVCache, length: int) -> None:
+        cut = int(cache.lengths[0]) - min(int(cache.lengths[0]), length)
+        if cut == 0:
+            return
+        width = cache.state["width"] - cut  # a one-row cache has no padding: width == length
+        cache.state["kv"] = [self._slice_positions(value, width) for value in cache.state["kv"]]
+        cache.state["width"] = width
+        cache.lengths[0] -= cut
+
+    def reserve(self, cache: KVCache, positions: int) -> KVCache:
+        if positions > cache.capacity:
+            self.check_length(positions)
+            mask = np.ones((cache.batch, positions), np.int64)
+            mask[:, : cache.capacity] = cache.state["mask"]
+            cache.state["mask"], cache.capacity = mask, positions
+        return cache
+
+    def release(self, cache: KVCache) -> None:
+        pass  # nothing to reuse: every step makes new tensors
+
+    def _slice_positions(self, value: Any, width: int) -> Any:
+        """Keeps the first `width` positions of a `[B, n_kv, P, head_dim]` array or OrtValue."""
+        if isinstance(value, np.ndarray):
+            return np.ascontiguousarray(value[:, :, :width])
+        kept = np.ascontiguousarray(value.numpy()[:, :, :width])
+        return ort.OrtValue.ortvalue_from_numpy(kept, self.device.type, self.device.id)
+
+    def _run(self, inputs_embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        width = cache.state["width"] + inputs_embeds.shape[1]
+        mask = cache.state["mask"][:, :width]
+        if cache.batch > 1:
+            mask = np.ascontiguousarray(mask)  # onnxruntime reads inputs as contiguous arrays
+        feed_embeds = np.ascontiguousarray(inputs_embeds, dtype=self.dtype)
+        if self.device is None:
+            feed = {INPUTS_EMBEDS: feed_embeds, ATTENTION_MASK: mask, POSITION_IDS: positions}
+            feed.update(zip(self.past_names, cache.state["kv"]))
+            logits, *present = self.session.run([LOGITS] + self.present_names, feed)
+        else:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(INPUTS_EMBEDS, feed_embeds)
+            binding.bind_cpu_input(ATTENTION_MASK, mask)
+            binding.bind_cpu_input(POSITION_IDS, positions)
+            for name, value in zip(self.past_names, cache.state["kv"]):
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output(LOGITS, "cpu")  # only the last position's logits cross to the host
+            for name in self.present_names:
+                binding.bind_output(name, self.device.type, self.device.id)
+            self.session.run_with_iobinding(binding)
+            logits, *present = binding.get_outputs()
+            logits = logits.numpy()
+        cache.state["kv"], cache.state["width"] = present, width
+        cache.logits = logits
+        return logits
+
+
+def make_decoder(session: ort.InferenceSession, manifest: Manifest, device: Device | None, capacity: int | None = None) -> FusedDecoder | ConcatDecoder:
+    kind = manifest.graphs["decoder"].kind or "concat"
+    if kind == "gqa":
+        return FusedDecoder(session, manifest, device, capacity)
+    if kind == "concat":
+        return ConcatDecoder(session, manifest, device)
+    raise ValueError(f"decoder kind {kind!r} is unknown to this runtime (known: gqa, concat)")
