@@ -10,6 +10,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .checkpoint import Checkpoint, load_checkpoint
+
 DEFAULT_HOME = Path("models") / "bundles"
 STAGES = 6
 
@@ -31,9 +33,9 @@ DECODER_KINDS = ("gqa", "concat")
 
 
 def export_bundle(
-    model: str, output: Path, precision: str = "fp32", revision: str | None = None, validate: bool = True, decoder: str = "gqa",
+    model: str | Checkpoint, output: Path, precision: str = "fp32", revision: str | None = None, validate: bool = True, decoder: str = "gqa",
 ) -> Path:
-    """Exports `model` (hub id, folder or "tiny") into the bundle folder `output`; returns it.
+    """Exports `model` (hub id, folder, "tiny", or a loaded `Checkpoint`) into the bundle folder `output`; returns it.
 
     `decoder`: "gqa" (fused attention over a shared, preallocated key/value buffer; the fast path) or
     "concat" (plain ONNX ops, present = past ++ new; the portable fallback, fp32 only).
@@ -41,7 +43,6 @@ def export_bundle(
     import numpy as np
 
     from .bundle import build_manifest, write_assets, write_manifest
-    from .checkpoint import load_checkpoint
     from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
     from .fused_decoder import build_fused_decoder
     from .validate import validate_decoder, validate_fused_decoder, validate_vision
@@ -54,8 +55,8 @@ def export_bundle(
         raise SystemExit("--decoder concat is the portable fp32 fallback; use --decoder gqa for fp16")
     dtype = np.float16 if precision == "fp16" else np.float32
     total = time.perf_counter()
-    with stage(1, f"Loading checkpoint {model}"):
-        checkpoint = load_checkpoint(model, revision)
+    with stage(1, f"Loading checkpoint {getattr(model, 'source', model)}"):
+        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, revision)
     # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
     output = Path(output)
     work = output.with_name(output.name + ".partial")

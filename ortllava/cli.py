@@ -1,4 +1,4 @@
-"""`ortllava`: generate from a bundle, or describe one."""
+"""`ortllava`: generate from a bundle, describe one, or benchmark against transformers."""
 
 from __future__ import annotations
 
@@ -61,6 +61,19 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from ortllava_export.bench import bench
+    except ImportError as error:  # the benchmark runs transformers too: it needs the exporter's dependencies
+        raise RuntimeError(f"ortllava bench needs torch and transformers: pip install 'ortllava[export]' ({error})") from error
+    bench(
+        args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens,
+        repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,
+        max_length=args.max_length,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ortllava", description="LLaVA-NeXT on onnxruntime.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="also print the whole manifest")
     info.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
     info.set_defaults(run=_info)
+
+    bench = commands.add_parser("bench", help="ortllava against transformers on the same weights and inputs")
+    bench.add_argument("model", help="checkpoint (hub id or folder) or a random shape: cpu-mid, mistral-7b")
+    bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    bench.add_argument("--layers", type=int, help="decoder layers of a random shape (the floor ratio does not depend on it)")
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--threads", type=int, help="CPU threads for both (default: all cores)")
+    bench.add_argument("--bundle", type=Path, help="export here (or reuse the bundle found here) instead of a temporary folder")
+    bench.add_argument("--json", type=Path, help="write the report here")
+    bench.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph")
+    bench.add_argument("--max-length", type=int, help="preallocate the key/value buffers to this many positions")
+    bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
     from .image import ImageLoadError

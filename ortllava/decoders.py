@@ -17,6 +17,7 @@ per row. The buffers are reused by the next generation when they are large enoug
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,11 +89,19 @@ class _DecoderBase:
 class FusedDecoder(_DecoderBase):
     """Drives a "gqa" decoder graph: shared, preallocated key/value buffers; one IO binding per step."""
 
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: Device | None, capacity: int | None = None):
+    def __init__(
+        self, session: ort.InferenceSession, manifest: Manifest, device: Device | None, capacity: int | None = None, cuda_graph: bool = False,
+    ):
         super().__init__(session, manifest, device)
         self.device = device or Device("cpu")
-        self.fixed_capacity = capacity  # a load option: always this many positions (static shapes)
+        self.fixed_capacity = min(capacity, self.max_length) if capacity else None  # static shapes: always this many positions
         self._spare: KVCache | None = None  # the last cache, whose buffers the next generation may reuse
+        # CUDA graphs: each cache's decode step is captured once (graph id per cache) and replayed; prompts
+        # (other shapes) run uncaptured (id -1). A failed capture turns graphs off for this decoder.
+        self.cuda_graph = cuda_graph
+        self._graph_ids = 0
+        self._uncaptured = ort.RunOptions()
+        self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
 
     # -- buffers --------------------------------------------------------------------------------------
 
@@ -129,9 +138,15 @@ class FusedDecoder(_DecoderBase):
         mask = np.zeros((batch, capacity), np.int64)
         logits = np.zeros((batch, self.vocab_size), np.float32)
         cache = KVCache(batch, capacity, np.zeros(batch, np.int64), step_embeds, logits)
-        cache.state.update(kv=kv, mask=mask, rows=np.arange(batch), logits_value=ort.OrtValue.ortvalue_from_numpy(logits))
+        cache.state.update(kv=kv, mask=mask, rows=np.arange(batch))
         cache.state["embeds_value"] = self._value(step_embeds)
         cache.state["mask_value"] = self._value(mask)
+        # Logits land in host memory directly, except under CUDA graphs, whose outputs must stay on the device.
+        cache.state["logits_value"] = self._value(logits) if self.cuda_graph else ort.OrtValue.ortvalue_from_numpy(logits)
+        if self.cuda_graph:
+            self._graph_ids += 1
+            cache.state["step_options"] = ort.RunOptions()
+            cache.state["step_options"].add_run_config_entry("gpu_graph_id", str(self._graph_ids))
         # The decode step's binding, made once: every step reads and writes the same buffers.
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(INPUTS_EMBEDS, cache.state["embeds_value"])
@@ -152,7 +167,12 @@ class FusedDecoder(_DecoderBase):
         binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
         binding.bind_cpu_input(ATTENTION_MASK, mask)
         self._bind_cache(binding, cache)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._uncaptured if self.cuda_graph else None)
+        return self._logits(cache)
+
+    def _logits(self, cache: KVCache) -> np.ndarray:
+        if self.cuda_graph:
+            cache.logits[...] = cache.state["logits_value"].numpy()
         return cache.logits
 
     # -- the interface --------------------------------------------------------------------------------
@@ -187,8 +207,16 @@ class FusedDecoder(_DecoderBase):
         cache.lengths += 1
         self._sync(state["embeds_value"], cache.step_embeds)
         self._sync(state["mask_value"], state["mask"])
-        self.session.run_with_iobinding(state["step_binding"])
-        return cache.logits
+        if not self.cuda_graph:
+            self.session.run_with_iobinding(state["step_binding"])
+            return cache.logits
+        try:
+            self.session.run_with_iobinding(state["step_binding"], state["step_options"])
+        except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
+            warnings.warn(f"CUDA graph capture failed ({error}); continuing without CUDA graphs", stacklevel=2)
+            state["step_options"] = self._uncaptured
+            self.session.run_with_iobinding(state["step_binding"], self._uncaptured)
+        return self._logits(cache)
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
         """Appends `inputs_embeds [1, S, D]` to a one-row cache -> logits `[1, V]` of the last of them."""
@@ -320,10 +348,12 @@ class ConcatDecoder(_DecoderBase):
         return logits
 
 
-def make_decoder(session: ort.InferenceSession, manifest: Manifest, device: Device | None, capacity: int | None = None) -> FusedDecoder | ConcatDecoder:
+def make_decoder(
+    session: ort.InferenceSession, manifest: Manifest, device: Device | None, capacity: int | None = None, cuda_graph: bool = False,
+) -> FusedDecoder | ConcatDecoder:
     kind = manifest.graphs["decoder"].kind or "concat"
     if kind == "gqa":
-        return FusedDecoder(session, manifest, device, capacity)
+        return FusedDecoder(session, manifest, device, capacity, cuda_graph)
     if kind == "concat":
         return ConcatDecoder(session, manifest, device)
     raise ValueError(f"decoder kind {kind!r} is unknown to this runtime (known: gqa, concat)")

@@ -6,6 +6,7 @@ chosen (host mode, numpy in and out, is the default there).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ def resolve_providers(provider: str) -> list[str]:
     raise ValueError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}")
 
 
-def create_session(path: Path, providers: list[str], threads: int | None = None) -> ort.InferenceSession:
+def create_session(path: Path, providers: list, threads: int | None = None) -> ort.InferenceSession:
+    """`providers`: names, or (name, options) pairs as onnxruntime takes them."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -87,7 +89,7 @@ class BundleSessions:
 
     def __init__(
         self, bundle: Path, manifest: Manifest, provider: str = "auto", io_binding: bool | None = None,
-        threads: int | None = None, max_length: int | None = None,
+        threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False,
     ):
         self.providers = resolve_providers(provider)
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
@@ -99,13 +101,29 @@ class BundleSessions:
         device = Device("cuda" if on_cuda else "cpu") if io_binding else None
         self.device = device
         sessions = {}
-        for name in ("vision_encoder", "projector", "decoder"):
-            spec = manifest.graphs[name]
-            sessions[name] = create_session(bundle / spec.file, self.providers, threads)
-            _check_io(sessions[name], spec, name)
+        for name in ("vision_encoder", "projector"):
+            sessions[name] = create_session(bundle / manifest.graphs[name].file, self.providers, threads)
+        # CUDA graphs replay the decode step; they need static shapes (a fixed buffer length) and a fused decoder.
+        self.cuda_graph = bool(cuda_graph and on_cuda and fused)
+        if cuda_graph and not self.cuda_graph:
+            warnings.warn("cuda_graph needs the CUDA provider and a 'gqa' decoder; running without CUDA graphs", stacklevel=3)
+        sessions["decoder"] = self._decoder_session(bundle / manifest.graphs["decoder"].file, threads)
+        for name, session in sessions.items():
+            _check_io(session, manifest.graphs[name], name)
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
         self.vision = VisionPath(sessions["vision_encoder"], sessions["projector"], device, vision_dtype)
-        self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length)
+        if self.cuda_graph and not max_length:
+            max_length = manifest.graphs["decoder"].max_length or manifest.text.max_position_embeddings
+        self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph)
+
+    def _decoder_session(self, path: Path, threads: int | None) -> ort.InferenceSession:
+        if self.cuda_graph:
+            try:
+                return create_session(path, [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"], threads)
+            except BundleError as error:  # e.g. a node the CUDA provider does not take: graphs cannot be captured
+                warnings.warn(f"CUDA graphs unavailable for this decoder ({error}); running without them", stacklevel=3)
+                self.cuda_graph = False
+        return create_session(path, self.providers, threads)
 
     @property
     def provider(self) -> str:

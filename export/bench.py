@@ -1,0 +1,330 @@
+"""`ortllava bench`: ortllava against transformers on the same weights and inputs, in one process.
+
+A run: build (or load) the checkpoint, export it, then alternate transformers and ortllava generations on
+one image and prompt, check that the tokens agree, and report preprocessing, vision, time to first token,
+decode ms/token and tokens/s, peak memory, and the decode floor: the bytes a decode step must read
+(decoder weights + keys/values at the context length) over the memory bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A random LLaVA-NeXT shape (CLIP-style tower, Mistral-style decoder)."""
+
+    text_hidden: int
+    text_layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_ffn: int
+    # Random weights this wide give well-separated logits (greedy parity is not a coin toss between
+    # near-equal tokens); the 7B shape keeps the usual 0.02 so fp16 activations stay in range.
+    initializer_range: float = 0.2
+
+
+CONFIGS = {
+    # The speed issue's CPU model: tower 6 x 256 at 336 px; decoder 8 x 512, 8 heads, 4 KV heads, FFN 1408, 32k vocab.
+    "cpu-mid": BenchConfig(512, 8, 8, 4, 1408, 32000, 256, 6, 4, 1024),
+    # Mistral-7B's decoder shape (layers reducible with --layers) with CLIP-L/336's tower.
+    "mistral-7b": BenchConfig(4096, 32, 32, 8, 14336, 32000, 1024, 24, 16, 4096, initializer_range=0.02),
+}
+
+
+def build_checkpoint(name: str, layers: int | None = None, device: str = "cpu"):
+    """A random checkpoint of `CONFIGS[name]` in memory (weights initialised on `device`, kept fp32 on the CPU)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
+
+    from .checkpoint import Checkpoint
+    from .families import check_supported
+    from .tiny import CLIP_PINPOINTS, TinySpec, build_processor, build_tokenizer
+
+    shape = CONFIGS[name]
+    tokenizer = build_tokenizer("mistral")
+    text = MistralConfig(
+        hidden_size=shape.text_hidden, intermediate_size=shape.ffn, num_hidden_layers=layers or shape.text_layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.text_hidden // shape.heads,
+        vocab_size=shape.vocab, max_position_embeddings=32768, sliding_window=None, initializer_range=shape.initializer_range,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=shape.vision_hidden, intermediate_size=shape.vision_ffn, num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads, image_size=336, patch_size=14, projection_dim=shape.vision_hidden,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=CLIP_PINPOINTS, image_seq_length=576,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaNextForConditionalGeneration(config)
+    model = model.float().cpu().eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = build_processor(TinySpec(family="mistral"), tokenizer)
+    return Checkpoint(model, processor, check_supported(model.config), f"random:{name}", None)
+
+
+def photo(width: int = 600, height: int = 400):
+    """A photo-like test image: smooth gradients plus noise (fixed seed)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // (width - 1), yy * 255 // (height - 1), ((xx + yy) * 3) % 256], -1)
+    return Image.fromarray(np.clip(base + rng.integers(0, 48, (height, width, 3)), 0, 255).astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Memory bandwidth and the decode floor
+
+
+def cpu_bandwidth(threads: int, megabytes: int = 512) -> float:
+    """Bytes/s that onnxruntime reads on this CPU with `threads` threads (a ReduceSum over a large array)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "read",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    data = np.ones(megabytes * 2**20 // 4, np.float32)
+    feed = {"x": data}
+    session.run(None, feed)
+    best = min(_timed(lambda: session.run(None, feed)) for _ in range(7))
+    return data.nbytes / best
+
+
+def gpu_bandwidth(gigabytes: float = 2.0) -> float:
+    """Bytes/s that the GPU reads (a sum over a large fp16 tensor), measured with torch."""
+    import torch
+
+    data = torch.ones(int(gigabytes * 2**30) // 2, dtype=torch.float16, device="cuda")
+    data.sum()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        data.sum()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 2 / min(times)
+
+
+def decoder_bytes(bundle: Path) -> int:
+    """Bytes of the decoder graph's weights, the rotary tables excepted (a step reads every weight once)."""
+    import onnx
+
+    model = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.name.startswith("rotary."):
+            continue
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
+def kv_bytes(config, positions: int, itemsize: int) -> int:
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * positions * itemsize
+
+
+# ------------------------------------------------------------------------------------------------------
+# The two contenders
+
+
+@dataclass
+class Timing:
+    preprocess_s: float
+    vision_s: float | None
+    time_to_first_token_s: float
+    decode_ms_per_token: float
+    total_s: float
+    tokens: list[int] = field(repr=False)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 / self.decode_ms_per_token if self.decode_ms_per_token else 0.0
+
+
+def run_transformers(model, processor, messages, new_tokens: int, device: str, dtype) -> Timing:
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    preprocess = time.perf_counter() - start
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    with torch.no_grad():
+        sync()
+        start = time.perf_counter()
+        model.generate(**inputs, do_sample=False, max_new_tokens=1)
+        sync()
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        sync()
+        whole = time.perf_counter() - start
+    tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
+    return Timing(preprocess, None, preprocess + first, (whole - first) * 1000 / (new_tokens - 1), preprocess + whole, tokens)
+
+
+def run_ortllava(pipe, messages, new_tokens: int) -> Timing:
+    result = pipe.generate(messages=messages, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    m = result.metrics
+    return Timing(m.preprocess_s, m.vision_s, m.time_to_first_token_s, m.decode_ms_per_token, m.total_s, result.token_ids)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median(timings: list[Timing]) -> dict:
+    fields = ("preprocess_s", "vision_s", "time_to_first_token_s", "decode_ms_per_token", "total_s")
+    out = {f: (statistics.median(getattr(t, f) for t in timings) if getattr(timings[0], f) is not None else None) for f in fields}
+    out["tokens_per_s"] = 1000.0 / out["decode_ms_per_token"] if out["decode_ms_per_token"] else 0.0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def bench(
+    model: str, provider: str = "cpu", precision: str = "fp32", layers: int | None = None, new_tokens: int = 64,
+    repeats: int = 3, threads: int | None = None, output: Path | None = None, bundle: Path | None = None,
+    cuda_graph: bool = False, max_length: int | None = None,
+) -> dict:
+    """Runs the comparison and returns the report (also written as JSON to `output` when given)."""
+    import torch
+
+    import ortllava
+
+    from .checkpoint import load_checkpoint
+    from .cli import export_bundle
+
+    device = "cuda" if provider == "cuda" else "cpu"
+    threads = threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+
+    checkpoint = build_checkpoint(model, layers, device) if model in CONFIGS else load_checkpoint(model)
+    scratch = None
+    if bundle is None:
+        scratch = tempfile.TemporaryDirectory(prefix="ortllava-bench-")
+        bundle = Path(scratch.name) / "bundle"
+    if not (Path(bundle) / "manifest.json").is_file():
+        export_bundle(checkpoint, Path(bundle), precision=precision, validate=(device == "cpu" and precision == "fp32"))
+    bundle = Path(bundle)
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": photo()}, {"type": "text", "text": "What is shown in this image?"}]}]
+    torch_dtype = torch.float16 if precision == "fp16" else torch.float32
+    hf_model = checkpoint.model.to(device, torch_dtype).eval()
+    processor = checkpoint.processor
+    processor.tokenizer.padding_side = "left"
+    pipe = ortllava.load(bundle, provider=provider, threads=threads if device == "cpu" else None, cuda_graph=cuda_graph, max_length=max_length)
+
+    log(f"warming up ({provider}, {precision}, {threads} threads)")
+    run_transformers(hf_model, processor, messages, 4, device, torch_dtype)
+    run_ortllava(pipe, messages, 4)
+    hf_runs, our_runs = [], []
+    for index in range(repeats):  # alternate, so drift in clocks or caches hits both alike
+        hf_runs.append(run_transformers(hf_model, processor, messages, new_tokens, device, torch_dtype))
+        our_runs.append(run_ortllava(pipe, messages, new_tokens))
+        log(f"run {index + 1}/{repeats}: transformers {hf_runs[-1].total_s:.3f} s, ortllava {our_runs[-1].total_s:.3f} s")
+
+    itemsize = 2 if precision == "fp16" else 4
+    prompt_tokens = pipe.prepare(messages=messages)[0]["input_ids"].shape[1]
+    context = prompt_tokens + new_tokens // 2  # the average context of a decode step
+    weights = decoder_bytes(bundle)
+    step_bytes = weights + kv_bytes(checkpoint.model.config, context, itemsize)
+    bandwidth = gpu_bandwidth() if device == "cuda" else cpu_bandwidth(threads)
+    floor_ms = step_bytes / bandwidth * 1000
+    ours, theirs = _median(our_runs), _median(hf_runs)
+    report = {
+        "model": model, "layers": checkpoint.model.config.text_config.num_hidden_layers, "provider": pipe.provider,
+        "precision": precision, "threads": threads, "prompt_tokens": int(prompt_tokens), "new_tokens": new_tokens,
+        "repeats": repeats, "cuda_graph": cuda_graph,
+        "tokens_identical": all(a.tokens == b.tokens for a, b in zip(hf_runs, our_runs)),
+        "token_agreement": float(np.mean([np.mean(np.array(a.tokens) == np.array(b.tokens)) for a, b in zip(hf_runs, our_runs)])),
+        "ortllava": ours, "transformers": theirs,
+        "decoder_weight_bytes": weights, "decode_step_bytes": step_bytes, "bandwidth_gb_s": bandwidth / 1e9,
+        "decode_floor_ms": floor_ms, "fraction_of_floor": floor_ms / ours["decode_ms_per_token"] if ours["decode_ms_per_token"] else 0.0,
+        "ratios": {
+            "end_to_end": ours["total_s"] / theirs["total_s"],
+            "time_to_first_token": ours["time_to_first_token_s"] / theirs["time_to_first_token_s"],
+            "decode": ours["decode_ms_per_token"] / theirs["decode_ms_per_token"],
+            "preprocess": ours["preprocess_s"] / theirs["preprocess_s"],
+            "decode_vs_floor": ours["decode_ms_per_token"] / floor_ms,
+        },
+        "peak_host_rss_mb": _peak_rss_mb(),
+    }
+    if device == "cuda":
+        report["peak_gpu_torch_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        free, total = torch.cuda.mem_get_info()
+        report["gpu_in_use_mb"] = (total - free) / 2**20
+    print_report(report)
+    if output:
+        Path(output).write_text(json.dumps(report, indent=2))
+    if scratch is not None:
+        scratch.cleanup()
+    return report
+
+
+def print_report(r: dict) -> None:
+    ours, theirs = r["ortllava"], r["transformers"]
+    print(f"\n{r['model']} ({r['layers']} decoder layers), {r['provider']}, {r['precision']}, {r['threads']} threads; "
+          f"{r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, median of {r['repeats']}")
+    print(f"{'':28}{'ortllava':>12}{'transformers':>14}{'ratio':>8}")
+
+    def row(label, key, scale=1.0, unit=""):
+        a, b = ours.get(key), theirs.get(key)
+        ratio = f"{a / b:8.2f}" if a is not None and b else f"{'':8}"
+        fa = f"{a * scale:10.1f}{unit}" if a is not None else f"{'-':>12}"
+        fb = f"{b * scale:12.1f}{unit}" if b is not None else f"{'-':>14}"
+        print(f"{label:28}{fa}{fb}{ratio}")
+
+    row("preprocessing (ms)", "preprocess_s", 1000, "  ")
+    row("vision (ms)", "vision_s", 1000, "  ")
+    row("time to first token (ms)", "time_to_first_token_s", 1000, "  ")
+    row("decode (ms/token)", "decode_ms_per_token", 1, "  ")
+    row("decode (tokens/s)", "tokens_per_s", 1, "  ")
+    row("end to end (ms)", "total_s", 1000, "  ")
+    print(f"decode floor {r['decode_floor_ms']:.2f} ms/token ({r['decode_step_bytes'] / 2**20:.0f} MiB per step at "
+          f"{r['bandwidth_gb_s']:.1f} GB/s measured): ortllava reaches {r['fraction_of_floor'] * 100:.0f}% of it")
+    print(f"tokens identical: {r['tokens_identical']} (agreement {r['token_agreement'] * 100:.0f}%); peak host RSS {r['peak_host_rss_mb']:.0f} MiB"
+          + (f"; GPU in use {r['gpu_in_use_mb']:.0f} MiB, torch peak {r['peak_gpu_torch_mb']:.0f} MiB" if "gpu_in_use_mb" in r else ""))
