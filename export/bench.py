@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .quantize import Int4Options
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -227,9 +229,12 @@ def _median(timings: list[Timing]) -> dict:
 def bench(
     model: str, provider: str = "cpu", precision: str = "fp32", layers: int | None = None, new_tokens: int = 64,
     repeats: int = 3, threads: int | None = None, output: Path | None = None, bundle: Path | None = None,
-    cuda_graph: bool = False, max_length: int | None = None,
+    cuda_graph: bool = False, max_length: int | None = None, int4: Int4Options | None = None,
 ) -> dict:
-    """Runs the comparison and returns the report (also written as JSON to `output` when given)."""
+    """Runs the comparison and returns the report (also written as JSON to `output` when given).
+
+    transformers runs in fp16 on CUDA and fp32 on the CPU; an int4 bundle is compared with that.
+    """
     import torch
 
     import ortllava
@@ -248,11 +253,13 @@ def bench(
         scratch = tempfile.TemporaryDirectory(prefix="ortllava-bench-")
         bundle = Path(scratch.name) / "bundle"
     if not (Path(bundle) / "manifest.json").is_file():
-        export_bundle(checkpoint, Path(bundle), precision=precision, validate=(device == "cpu" and precision == "fp32"))
+        export_bundle(
+            checkpoint, Path(bundle), precision=precision, validate=(device == "cpu" and precision == "fp32"), target=device, int4=int4,
+        )
     bundle = Path(bundle)
 
     messages = [{"role": "user", "content": [{"type": "image", "image": photo()}, {"type": "text", "text": "What is shown in this image?"}]}]
-    torch_dtype = torch.float16 if precision == "fp16" else torch.float32
+    torch_dtype = torch.float16 if device == "cuda" else torch.float32
     hf_model = checkpoint.model.to(device, torch_dtype).eval()
     processor = checkpoint.processor
     processor.tokenizer.padding_side = "left"
@@ -267,7 +274,7 @@ def bench(
         our_runs.append(run_ortllava(pipe, messages, new_tokens))
         log(f"run {index + 1}/{repeats}: transformers {hf_runs[-1].total_s:.3f} s, ortllava {our_runs[-1].total_s:.3f} s")
 
-    itemsize = 2 if precision == "fp16" else 4
+    itemsize = 2 if device == "cuda" else 4  # the key/value cache has the activations' dtype
     prompt_tokens = pipe.prepare(messages=messages)[0]["input_ids"].shape[1]
     context = prompt_tokens + new_tokens // 2  # the average context of a decode step
     weights = decoder_bytes(bundle)
@@ -282,7 +289,7 @@ def bench(
         "tokens_identical": all(a.tokens == b.tokens for a, b in zip(hf_runs, our_runs)),
         "token_agreement": float(np.mean([np.mean(np.array(a.tokens) == np.array(b.tokens)) for a, b in zip(hf_runs, our_runs)])),
         "ortllava": ours, "transformers": theirs,
-        "decoder_weight_bytes": weights, "decode_step_bytes": step_bytes, "bandwidth_gb_s": bandwidth / 1e9,
+        "decoder_weight_bytes": weights, "decoder_file_bytes": sum(f.stat().st_size for f in bundle.glob("decoder.onnx*")), "decode_step_bytes": step_bytes, "bandwidth_gb_s": bandwidth / 1e9,
         "decode_floor_ms": floor_ms, "fraction_of_floor": floor_ms / ours["decode_ms_per_token"] if ours["decode_ms_per_token"] else 0.0,
         "ratios": {
             "end_to_end": ours["total_s"] / theirs["total_s"],

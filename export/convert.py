@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -25,6 +26,10 @@ TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 5, 3
 # Opset 23 has the fused `Attention` op, which the exporter emits for scaled_dot_product_attention (the
 # vision tower's attention): one kernel per layer on the CPU and CUDA providers instead of MatMul/Softmax.
 VISION_OPSET = 23
+
+
+# The exporter warns once per torchvision op it cannot register; torchvision is not used here.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, output_names, path: Path, opset: int | None = None) -> GraphSpec:

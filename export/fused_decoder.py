@@ -22,8 +22,10 @@ sliding window where the layer has one) -> o_proj -> SkipSimplifiedLayerNorm -> 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -34,9 +36,11 @@ from ortllava import manifest as names
 from ortllava.manifest import GraphSpec
 
 from .convert import EXTERNAL_DATA_THRESHOLD
+from .quantize import Int4Options, quantize_weight
 
 OPSET = 21
-_DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Rotary tables longer than this are cut: the graph then serves at most this many positions (manifest: max_length).
 MAX_ROTARY_POSITIONS = 131072
 
@@ -52,18 +56,37 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 @dataclass
 class _Graph:
-    """Nodes and initializers being collected; `weight()` converts each tensor once, as it is added."""
+    """Nodes and initializers being collected. `weight()` converts each tensor once, as it is added, and with
+    a `data` file streams its bytes there at once, so the graph never holds a second full copy of the model."""
 
     dtype: type
+    data: BinaryIO | None = None  # the external data file, when the weights are large
+    data_name: str = ""
+    int4: Int4Options | None = None
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
     weight_bytes: int = 0
 
     def weight(self, name: str, value, dtype=None) -> str:
-        array = value.detach().to(torch.float32).numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        array = np.ascontiguousarray(array.astype(dtype or self.dtype, copy=False))
-        self.initializers.append(numpy_helper.from_array(array, name))
+        dtype = np.dtype(dtype or self.dtype)
+        if isinstance(value, torch.Tensor):  # cast and transpose in torch: multi-threaded, one copy
+            array = value.detach().to(_TORCH_DTYPES[dtype.name]).contiguous().numpy()
+        else:
+            array = np.ascontiguousarray(np.asarray(value).astype(dtype, copy=False))
         self.weight_bytes += array.nbytes
+        if self.data is None or array.nbytes < 1024:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        offset = self.data.tell()
+        padding = -offset % 4096  # page-aligned, so onnxruntime can map each tensor
+        self.data.write(b"\0" * padding)
+        self.data.write(array.tobytes())
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, text in (("location", self.data_name), ("offset", str(offset + padding)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, text
+        self.initializers.append(tensor)
         return name
 
     def const_i64(self, name: str, values) -> str:
@@ -74,6 +97,21 @@ class _Graph:
             outputs = [f"{name}/out{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
+
+    def linear(self, x: str, weight: torch.Tensor, name: str, quantize: bool = True) -> str:
+        """`x @ weight` (`weight [K, N]`): a MatMul, or with int4 options a MatMulNBits over 4-bit blocks."""
+        if self.int4 is None or not quantize:
+            (out,) = self.node("MatMul", [x, self.weight(f"{name}.weight", weight)], 1, name)
+            return out
+        packed, scales, zero_points = quantize_weight(weight.detach().to(torch.float32).contiguous().numpy(), self.int4, self.dtype)
+        inputs = [x, self.weight(f"{name}.weight_q4", packed, np.uint8), self.weight(f"{name}.scales", scales)]
+        if zero_points is not None:
+            inputs.append(self.weight(f"{name}.zero_points", zero_points, np.uint8))
+        attrs = dict(K=weight.shape[0], N=weight.shape[1], bits=4, block_size=self.int4.block_size)
+        if self.int4.accuracy_level:
+            attrs["accuracy_level"] = self.int4.accuracy_level
+        (out,) = self.node("MatMulNBits", inputs, 1, name, domain="com.microsoft", **attrs)
+        return out
 
 
 def _linear_weight(*linears) -> torch.Tensor:
@@ -113,27 +151,50 @@ def _sliding_windows(text_config, num_layers: int) -> list[int]:
     return [window if kind == "sliding_attention" else -1 for kind in layer_types]
 
 
-def build_fused_decoder(model, path: Path, precision: str = "fp32") -> GraphSpec:
-    """Writes the fused decoder of `model` (a LlavaNextForConditionalGeneration) to `path`; returns its spec."""
-    dtype, onnx_dtype = _DTYPES[precision]
+def build_fused_decoder(model, path: Path, precision: str = "fp32", int4: Int4Options | None = None) -> GraphSpec:
+    """Writes the fused decoder of `model` (a LlavaNextForConditionalGeneration) to `path`; returns its spec.
+
+    `precision` is the activations' (and float weights') dtype; `int4` quantizes the linear layers' weights.
+    Large models stream their weights to `path.data` as they are converted (bounded memory).
+    """
+    dtype = _DTYPES[precision]
     config = model.config.text_config
     text_model = model.model.language_model
+    data_file = path.name + ".data"
+    itemsize = 0.6 if int4 else np.dtype(dtype).itemsize  # 4 bits plus a scale per block, roughly
+    external = sum(p.numel() for p in text_model.layers.parameters()) * itemsize > EXTERNAL_DATA_THRESHOLD
+    with open(path.parent / data_file, "wb") if external else nullcontext() as data:
+        g = _Graph(dtype, data, data_file, int4)
+        _build(g, model, config, text_model)
+        inputs, outputs = io_names(len(text_model.layers))
+        onnx_model = _model(g, config, inputs, outputs, dtype)
+    onnx.save_model(onnx_model, str(path))
+    return GraphSpec(
+        file=path.name, inputs=inputs, outputs=outputs, dtype="float16" if precision == "fp16" else "float32",
+        external_data=[data_file] if external else [], kind="gqa", max_length=_max_positions(config),
+        quantization={"method": "MatMulNBits", "bits": 4, **int4.as_dict()} if int4 else {},
+    )
+
+
+def _max_positions(config) -> int:
+    return min(int(config.max_position_embeddings), MAX_ROTARY_POSITIONS)
+
+
+def _build(g: _Graph, model, config, text_model) -> None:
     layers = text_model.layers
     num_layers = len(layers)
     hidden = config.hidden_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     eps = float(config.rms_norm_eps)
+    int4 = g.int4
     # Granite's multipliers; 1.0 (or absent) for every other family.
     embedding_multiplier = float(getattr(config, "embedding_multiplier", 1.0))
     residual_multiplier = float(getattr(config, "residual_multiplier", 1.0))
     logits_scaling = float(getattr(config, "logits_scaling", 1.0))
     attention_scale = float(getattr(config, "attention_multiplier", head_dim**-0.5))
     windows = _sliding_windows(config, num_layers)
-    max_positions = min(int(config.max_position_embeddings), MAX_ROTARY_POSITIONS)
-
-    g = _Graph(dtype)
-    cos, sin = _rotary_tables(text_model, head_dim, max_positions)
+    cos, sin = _rotary_tables(text_model, head_dim, _max_positions(config))
     g.weight("rotary.cos", cos)
     g.weight("rotary.sin", sin)
 
@@ -155,7 +216,7 @@ def build_fused_decoder(model, path: Path, precision: str = "fp32") -> GraphSpec
         p = f"layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
         normed, residual = _add_and_norm(g, update, residual, layer.input_layernorm.weight, eps, f"{p}/input_norm")
-        (qkv,) = g.node("MatMul", [normed, g.weight(f"{p}.qkv.weight", _linear_weight(attn.q_proj, attn.k_proj, attn.v_proj))], 1, f"{p}/qkv")
+        qkv = g.linear(normed, _linear_weight(attn.q_proj, attn.k_proj, attn.v_proj), f"{p}.qkv")
         bias = _bias(attn.q_proj, attn.k_proj, attn.v_proj)
         if bias is not None:
             (qkv,) = g.node("Add", [qkv, g.weight(f"{p}.qkv.bias", bias)], 1, f"{p}/qkv_bias")
@@ -167,15 +228,15 @@ def build_fused_decoder(model, path: Path, precision: str = "fp32") -> GraphSpec
             num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=attention_scale,
             local_window_size=windows[i],
         )
-        (update,) = g.node("MatMul", [attended, g.weight(f"{p}.o_proj.weight", _linear_weight(attn.o_proj))], 1, f"{p}/o_proj")
+        update = g.linear(attended, _linear_weight(attn.o_proj), f"{p}.o_proj")
         update = _scale_residual(g, update, residual_multiplier, f"{p}/attention_residual_scale")
         normed, residual = _add_and_norm(g, update, residual, layer.post_attention_layernorm.weight, eps, f"{p}/post_attention_norm")
-        (gate_up,) = g.node("MatMul", [normed, g.weight(f"{p}.gate_up.weight", _linear_weight(mlp.gate_proj, mlp.up_proj))], 1, f"{p}/gate_up")
+        gate_up = g.linear(normed, _linear_weight(mlp.gate_proj, mlp.up_proj), f"{p}.gate_up")
         gate, up = g.node("Split", [gate_up], 2, f"{p}/split", axis=-1, num_outputs=2)
         (sigmoid,) = g.node("Sigmoid", [gate], 1, f"{p}/sigmoid")
         (silu,) = g.node("Mul", [gate, sigmoid], 1, f"{p}/silu")
         (product,) = g.node("Mul", [silu, up], 1, f"{p}/gated")
-        (update,) = g.node("MatMul", [product, g.weight(f"{p}.down_proj.weight", _linear_weight(mlp.down_proj))], 1, f"{p}/down_proj")
+        update = g.linear(product, _linear_weight(mlp.down_proj), f"{p}.down_proj")
         update = _scale_residual(g, update, residual_multiplier, f"{p}/mlp_residual_scale")
 
     # Only each row's last real token goes through the final norm and lm_head.
@@ -185,30 +246,28 @@ def build_fused_decoder(model, path: Path, precision: str = "fp32") -> GraphSpec
         "SimplifiedLayerNormalization", [last_hidden, g.weight("norm.weight", text_model.norm.weight)], 1, "final/norm",
         axis=-1, epsilon=eps, stash_type=1,
     )
-    (logits,) = g.node("MatMul", [normed, g.weight("lm_head.weight", model.lm_head.weight.T)], 1, "lm_head")
+    logits = g.linear(normed, model.lm_head.weight.T, "lm_head", quantize=bool(int4 and int4.quantize_lm_head))
     if logits_scaling != 1.0:
         (logits,) = g.node("Div", [logits, g.weight("logits_scaling", np.array(logits_scaling))], 1, "lm_head/scale")
     g.node("Cast", [logits], [names.LOGITS], "lm_head/float", to=TensorProto.FLOAT)
 
-    inputs, outputs = io_names(num_layers)
-    kv_shape = ["batch", kv_heads, "capacity", head_dim]
+
+def _model(g: _Graph, config, inputs: list[str], outputs: list[str], dtype) -> onnx.ModelProto:
+    """The graph's declared inputs and outputs around the collected nodes."""
+    onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_shape = ["batch", config.num_key_value_heads, "capacity", head_dim]
     graph_inputs = [
-        helper.make_tensor_value_info(names.INPUTS_EMBEDS, onnx_dtype, ["batch", "sequence", hidden]),
+        helper.make_tensor_value_info(names.INPUTS_EMBEDS, onnx_dtype, ["batch", "sequence", config.hidden_size]),
         helper.make_tensor_value_info(names.ATTENTION_MASK, TensorProto.INT64, ["batch", "total"]),
     ] + [helper.make_tensor_value_info(name, onnx_dtype, kv_shape) for name in inputs[2:]]
     graph_outputs = [helper.make_tensor_value_info(names.LOGITS, TensorProto.FLOAT, ["batch", config.vocab_size])] + [
         helper.make_tensor_value_info(name, onnx_dtype, kv_shape) for name in outputs[1:]
     ]
     graph = helper.make_graph(g.nodes, "ortllava_fused_decoder", graph_inputs, graph_outputs, g.initializers)
-    onnx_model = helper.make_model(
+    return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], producer_name="ortllava"
-    )
-    external = g.weight_bytes > EXTERNAL_DATA_THRESHOLD
-    data_file = path.name + ".data"
-    onnx.save_model(onnx_model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data_file, size_threshold=1024)
-    return GraphSpec(
-        file=path.name, inputs=inputs, outputs=outputs, dtype="float16" if precision == "fp16" else "float32",
-        external_data=[data_file] if external else [], kind="gqa", max_length=max_positions,
     )
 
 

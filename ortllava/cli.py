@@ -64,12 +64,13 @@ def _info(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     try:
         from ortllava_export.bench import bench
+        from ortllava_export.quantize import Int4Options
     except ImportError as error:  # the benchmark runs transformers too: it needs the exporter's dependencies
         raise RuntimeError(f"ortllava bench needs torch and transformers: pip install 'ortllava[export]' ({error})") from error
     bench(
         args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens,
         repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,
-        max_length=args.max_length,
+        max_length=args.max_length, int4=Int4Options(args.block_size, True, args.quantize_lm_head, args.accuracy_level),
     )
     return 0
 
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="ortllava against transformers on the same weights and inputs")
     bench.add_argument("model", help="checkpoint (hub id or folder) or a random shape: cpu-mid, mistral-7b")
     bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    bench.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    bench.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int4"])
+    bench.add_argument("--block-size", type=int, default=32, help="int4: input rows per scale")
+    bench.add_argument("--quantize-lm-head", action="store_true", help="int4: quantize the lm_head too")
+    bench.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4: MatMulNBits compute type (4: int8 on the CPU)")
     bench.add_argument("--layers", type=int, help="decoder layers of a random shape (the floor ratio does not depend on it)")
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)

@@ -114,6 +114,7 @@ class GraphSpec:
     # "gqa": GroupQueryAttention over a preallocated key/value buffer that past and present share.
     kind: str = ""
     max_length: int = 0  # decoder only: the most positions the graph serves (0: the model's max_position_embeddings)
+    quantization: dict[str, Any] = field(default_factory=dict)  # e.g. {"method": "MatMulNBits", "bits": 4, "block_size": 32, ...}
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Manifest:
     provenance: dict[str, Any]
     files: dict[str, str]  # file name -> sha256, every file of the bundle but the manifest
     validation: dict[str, Any] = field(default_factory=dict)  # what the exporter measured against PyTorch
+    accuracy: dict[str, Any] = field(default_factory=dict)  # teacher-forced agreement with the fp32 PyTorch model
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -145,6 +147,7 @@ class Manifest:
             provenance=data.get("provenance", {}),
             files=data["files"],
             validation=data.get("validation", {}),
+            accuracy=data.get("accuracy", {}),
         )
 
 

@@ -1,0 +1,122 @@
+"""The GPU check, as one script: CUDA parity on tiny models, then `ortllava bench` on a Mistral-7B-shaped model.
+
+Run on the GPU machine by scripts/gpu/run.sh (after onnxruntime-gpu is installed); `--device cpu --layers 1`
+runs the same steps small on the CPU, to test this script. Writes JSON results and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch  # first: onnxruntime-gpu loads the CUDA libraries that torch brings
+
+import numpy as np
+import onnxruntime as ort
+
+
+def _photo(width: int, height: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // (width - 1), yy * 255 // (height - 1), ((xx + 2 * yy) * 3) % 256], -1)
+    return Image.fromarray(np.clip(base + rng.integers(0, 48, (height, width, 3)), 0, 255).astype(np.uint8))
+
+
+CHATS = {
+    # One image: ~2.2k tokens, past the tiny Mistral's 1024-token sliding window.
+    "one image": [[{"role": "user", "content": [{"type": "image", "image": _photo(640, 480, 1)}, {"type": "text", "text": "What is shown in this image?"}]}]],
+    "batch of two": [
+        [{"role": "user", "content": [{"type": "image", "image": _photo(300, 900, 2)}, {"type": "text", "text": "Describe."}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "A question without any image at all, please?"}]}],
+    ],
+}
+
+
+def parity(device: str, work: Path) -> dict:
+    """ortllava on `device` against transformers on the same device (same dtype), tiny random models."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    import ortllava
+    from ortllava_export.cli import export_bundle
+    from ortllava_export.tiny import TinySpec, build_checkpoint
+
+    provider = "cuda" if device == "cuda" else "cpu"
+    results = {}
+    for family in ("mistral",):  # its 1024-token sliding window is the riskiest kernel option
+        checkpoint = build_checkpoint(work / f"{family}-checkpoint", TinySpec(family=family))
+        processor = AutoProcessor.from_pretrained(checkpoint)
+        processor.tokenizer.padding_side = "left"
+        for decoder, precision in (("gqa", "fp16"), ("gqa", "fp32"), ("concat", "fp32")):
+            name = f"{family}/{decoder}/{precision}"
+            try:
+                bundle = export_bundle(str(checkpoint), work / f"{family}-{decoder}-{precision}", precision=precision, decoder=decoder, validate=False)
+                dtype = torch.float16 if precision == "fp16" else torch.float32
+                model = LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+                pipe = ortllava.load(bundle, provider=provider)
+                for case, chats in CHATS.items():
+                    inputs = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+                    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+                    with torch.no_grad():
+                        out = model.generate(**inputs, do_sample=False, max_new_tokens=16, min_new_tokens=16)
+                    want = [row.tolist() for row in out[:, inputs["input_ids"].shape[1] :].cpu()]
+                    got = [r.token_ids for r in pipe.generate(messages=chats, max_new_tokens=16, min_new_tokens=16)]
+                    agreement = float(np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(got, want)]))
+                    results[f"{name}: {case}"] = {"identical": got == want, "agreement": agreement}
+                    print(f"parity {name} {case}: identical={got == want} agreement={agreement:.2f}", flush=True)
+            except Exception as error:  # noqa: BLE001 - report and go on with the next check
+                results[name] = {"error": repr(error)}
+                traceback.print_exc()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ortllava-gpu"))
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip: parity,fp16,graph,int4")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    from ortllava_export.bench import bench
+
+    summary = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(), "torch": torch.__version__}
+    if args.device == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(0)
+    print(summary, flush=True)
+    start = time.perf_counter()
+    if "parity" not in skip:
+        summary["parity"] = parity(args.device, args.work)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    provider = "cuda" if args.device == "cuda" else "cpu"
+    runs = [
+        ("fp16", dict(precision="fp16", bundle=args.work / "b7-fp16")),
+        ("graph", dict(precision="fp16", bundle=args.work / "b7-fp16", cuda_graph=True)),
+        ("int4", dict(precision="int4", bundle=args.work / "b7-int4")),
+    ]
+    for name, options in runs:
+        if name in skip:
+            continue
+        try:
+            report = bench("mistral-7b", provider=provider, layers=args.layers, repeats=3, max_length=4096, output=args.out / f"bench_{name}.json", **options)
+            summary[f"bench_{name}"] = {k: report[k] for k in ("ratios", "fraction_of_floor", "decode_floor_ms", "token_agreement", "decoder_file_bytes")}
+            summary[f"bench_{name}"]["ortllava"], summary[f"bench_{name}"]["transformers"] = report["ortllava"], report["transformers"]
+        except Exception as error:  # noqa: BLE001
+            summary[f"bench_{name}"] = {"error": repr(error)}
+            traceback.print_exc()
+        print(f"[{time.perf_counter() - start:.0f} s] {name} done", flush=True)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))  # kept if a later step runs out of time
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
