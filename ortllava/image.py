@@ -148,11 +148,7 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     channels-first arrays with 1, 3 or 4 channels.
     """
     if isinstance(image, Image.Image):
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
-        return np.array(image.convert("RGB"))
+        return np.array(_rgb_pil(image))
     array = np.asarray(image)
     if array.ndim == 2:
         array = array[..., None]
@@ -218,26 +214,40 @@ def num_tiles(image_size: tuple[int, int], grid_pinpoints: list[list[int]], tile
 
 # --------------------------------------------------------------------------------------------------
 # Preprocessing
+#
+# Where the time goes, and how it is kept low without changing a bit of the output:
+# - the source image is resized with PIL straight from its RGB PIL form (no numpy round trip) and only
+#   the two resizes that change pixels are run (fit-to-grid and base tile); same-size resizes are skipped
+#   because PIL returns an identical copy for them;
+# - rescale + normalize depend only on (channel, uint8 value), so they are done as one table lookup per
+#   channel into a table built with exactly transformers' operations and dtypes; the lookup also does the
+#   HWC -> CHW transpose and writes straight into the preallocated batch `[n_images, max_tiles, 3, S, S]`.
 
 
-def _resize(image: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
-    """`[H, W, C]` uint8 -> `[h, w, C]` uint8 through PIL, as transformers' PIL backend does."""
-    if image.shape[0] == size[0] and image.shape[1] == size[1]:
-        return image  # PIL returns an identical copy for a same-size resize
-    pil = Image.fromarray(image)
-    return np.asarray(pil.resize((size[1], size[0]), resample=resample))
+def _resize(image: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:
+    """PIL resize to (height, width), as transformers' PIL backend does; a same-size resize is skipped
+    (PIL returns an identical copy for it)."""
+    if image.size == (size[1], size[0]):
+        return image
+    return image.resize((size[1], size[0]), resample=resample)
 
 
-def _resize_for_step(image: np.ndarray, size: dict[str, int], resample: int) -> np.ndarray:
-    """The per-tile `resize` step of the image processor, for a `size` dict."""
-    height, width = image.shape[:2]
+def _step_target(shape: tuple[int, int], size: dict[str, int]) -> tuple[int, int]:
+    """(height, width) the per-tile `resize` step of the image processor gives a piece of `shape`."""
+    height, width = shape
     if "shortest_edge" in size and "height" not in size:
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
-        target = (new_long, new_short) if width <= height else (new_short, new_long)
-    else:
-        target = (size["height"], size["width"])
-    return _resize(image, target, resample)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+    return size["height"], size["width"]
+
+
+def _resize_for_step(image: np.ndarray, size: dict[str, int], resample: int) -> np.ndarray:
+    """The per-tile `resize` step on `[H, W, C]` uint8; a no-op for the usual configs (tiles already at size)."""
+    target = _step_target(image.shape[:2], size)
+    if target == image.shape[:2]:
+        return image
+    return np.asarray(_resize(Image.fromarray(np.ascontiguousarray(image)), target, resample))
 
 
 def _center_crop(image: np.ndarray, crop: dict[str, int]) -> np.ndarray:
@@ -268,6 +278,15 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
     )
 
 
+def _rgb_pil(image: Image.Image) -> Image.Image:
+    """transformers' `convert_to_rgb` on a PIL image, kept as PIL: transparency composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") of RGB is a plain copy
+
+
 class ImageProcessor:
     """Anyres preprocessing of LLaVA-NeXT; `__call__` returns what `LlavaNextImageProcessorPil` returns."""
 
@@ -275,56 +294,102 @@ class ImageProcessor:
         self.config = config
         self._mean = np.array(config.image_mean, dtype=np.float32)
         self._std = np.array(config.image_std, dtype=np.float32)
+        self._table = self._value_table()
 
-    def tiles(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        """One image -> `[n_tiles, 3, S, S]` float32: the base image, then the grid tiles row by row."""
+    def _value_table(self) -> np.ndarray:
+        """`[3, 256]` float32: the output value of every (channel, uint8 pixel value).
+
+        Built with transformers' own operations, order and dtypes (`rescale`: uint8 -> float64, times the
+        factor, cast to float32; `normalize`: `(x - mean) / std` in float32 with float32 mean and std), so a
+        lookup gives the same bits as running them on the pixels. Any other order changes the last bit.
+        """
         cfg = self.config
-        rgb = to_rgb(image) if cfg.do_convert_rgb else _channels_last(image)
-        rgb = _as_uint8(rgb)
-        height, width = rgb.shape[:2]
-        tile = cfg.tile_size
-
-        best = select_best_resolution((height, width), cfg.grid_pinpoints)
-        fitted = _resize(rgb, fit_size((height, width), best), cfg.resample)
-        pad_h, pad_w = best[0] - fitted.shape[0], best[1] - fitted.shape[1]
-        top, left = pad_h // 2, pad_w // 2
-        padded = np.zeros((best[0], best[1], 3), dtype=np.uint8)
-        padded[top : top + fitted.shape[0], left : left + fitted.shape[1]] = fitted
-
-        pieces = [_resize(rgb, cfg.base_size, cfg.resample)]
-        pieces += [padded[i : i + tile, j : j + tile] for i in range(0, best[0], tile) for j in range(0, best[1], tile)]
-        out = []
-        for piece in pieces:
-            if cfg.do_resize:
-                piece = _resize_for_step(piece, cfg.size, cfg.resample)
-            if cfg.do_center_crop:
-                piece = _center_crop(piece, cfg.crop_size)
-            out.append(piece)
-        stacked = np.stack(out).transpose(0, 3, 1, 2)  # [n_tiles, 3, S, S] uint8
-        return self._rescale_and_normalize(stacked)
-
-    def _rescale_and_normalize(self, pixels: np.ndarray) -> np.ndarray:
-        cfg = self.config
-        # Same operations, order and dtypes as transformers: rescale in float64, cast to float32, then
-        # normalize in float32. Any other order changes the last bit.
-        values = pixels.astype(np.float64)
+        values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256)).astype(np.float64)
         if cfg.do_rescale:
             values = values * cfg.rescale_factor
         values = values.astype(np.float32)
         if cfg.do_normalize:
-            values = (values - self._mean[:, None, None]) / self._std[:, None, None]
-        return values
+            values = (values - self._mean[:, None]) / self._std[:, None]
+        return np.ascontiguousarray(values, dtype=np.float32)
+
+    # geometry ---------------------------------------------------------------------------------------
+
+    def _count(self, image_size: tuple[int, int]) -> int:
+        """Tiles `tiles` produces for an image of (height, width): the base tile and the grid pieces."""
+        best = select_best_resolution(image_size, self.config.grid_pinpoints)
+        tile = self.config.tile_size
+        return 1 + len(range(0, best[0], tile)) * len(range(0, best[1], tile))
+
+    def _final_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) a piece of `shape` has after the per-tile resize and center crop steps."""
+        cfg = self.config
+        if cfg.do_resize:
+            shape = _step_target(shape, cfg.size)
+        if cfg.do_center_crop:
+            shape = cfg.crop_size["height"], cfg.crop_size["width"]
+        return shape
+
+    # pixels -----------------------------------------------------------------------------------------
+
+    def _source(self, image: Image.Image | np.ndarray) -> Image.Image:
+        """The image as an RGB PIL image, converted the way transformers' PIL backend converts it."""
+        cfg = self.config
+        if cfg.do_convert_rgb and isinstance(image, Image.Image):
+            return _rgb_pil(image)
+        rgb = _as_uint8(to_rgb(image) if cfg.do_convert_rgb else _channels_last(image))
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ImageLoadError(f"without do_convert_rgb an image must have 3 channels, got shape {rgb.shape}")
+        return Image.fromarray(np.ascontiguousarray(rgb))
+
+    def _write_tiles(self, image: Image.Image | np.ndarray, out: np.ndarray) -> None:
+        """One image -> its tiles written into `out` (`[n_tiles, 3, S, S]` float32): base image, then grid row by row."""
+        cfg = self.config
+        source = self._source(image)
+        width, height = source.size
+        tile = cfg.tile_size
+
+        best = select_best_resolution((height, width), cfg.grid_pinpoints)
+        fitted = np.asarray(_resize(source, fit_size((height, width), best), cfg.resample))
+        if fitted.shape[:2] == best:
+            padded = fitted
+        else:
+            top, left = (best[0] - fitted.shape[0]) // 2, (best[1] - fitted.shape[1]) // 2
+            padded = np.zeros((best[0], best[1], 3), dtype=np.uint8)
+            padded[top : top + fitted.shape[0], left : left + fitted.shape[1]] = fitted
+
+        pieces = [np.asarray(_resize(source, cfg.base_size, cfg.resample))]
+        pieces += [padded[i : i + tile, j : j + tile] for i in range(0, best[0], tile) for j in range(0, best[1], tile)]
+        if len(pieces) != len(out):
+            raise AssertionError(f"expected {len(out)} tiles, made {len(pieces)}")
+        table = self._table
+        for piece, target in zip(pieces, out):
+            if cfg.do_resize:
+                piece = _resize_for_step(piece, cfg.size, cfg.resample)
+            if cfg.do_center_crop:
+                piece = _center_crop(piece, cfg.crop_size)
+            if piece.shape[:2] != target.shape[1:]:
+                raise ValueError(f"tiles of different sizes ({piece.shape[:2]} and {target.shape[1:]}): check size and crop_size")
+            for channel in range(3):  # uint8 values always index the 256-entry table, so "clip" never clips
+                np.take(table[channel], piece[..., channel], out=target[channel], mode="clip")
+
+    def tiles(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """One image -> `[n_tiles, 3, S, S]` float32: the base image, then the grid tiles row by row."""
+        out = np.empty((self._count(_image_hw(image)), 3, *self._final_shape(self.config.base_size)), dtype=np.float32)
+        self._write_tiles(image, out)
+        return out
 
     def __call__(self, images: list[Image.Image | np.ndarray]) -> dict[str, np.ndarray]:
         """-> `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w)."""
-        per_image = [self.tiles(image) for image in images]
-        sizes = np.array([_image_hw(image) for image in images], dtype=np.int64).reshape(-1, 2)
-        if not per_image:
+        hws = [_image_hw(image) for image in images]
+        sizes = np.array(hws, dtype=np.int64).reshape(-1, 2)
+        if not images:
             return {"pixel_values": np.zeros((0, 0, 3, 0, 0), np.float32), "image_sizes": sizes}
-        most = max(len(tiles) for tiles in per_image)
-        batch = np.zeros((len(per_image), most) + per_image[0].shape[1:], dtype=np.float32)
-        for index, tiles in enumerate(per_image):
-            batch[index, : len(tiles)] = tiles
+        counts = [self._count(hw) for hw in hws]
+        shape = self._final_shape(self.config.base_size)
+        batch = np.empty((len(images), max(counts), 3, *shape), dtype=np.float32)
+        for index, (image, count) in enumerate(zip(images, counts)):
+            self._write_tiles(image, batch[index, :count])
+            batch[index, count:] = 0
         return {"pixel_values": batch, "image_sizes": sizes}
 
 

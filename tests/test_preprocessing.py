@@ -6,13 +6,50 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 import ortllava
 from ortllava.image import ImageProcessor, ImageProcessorConfig
 
-from conftest import image_cases
+from conftest import image_cases, random_image
 
 CASES = image_cases()
+
+# Preprocessor configurations besides the tiny checkpoints' one, against transformers' PIL processor built directly.
+LLAVA_V16 = {
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "size": {"shortest_edge": 336},
+    "crop_size": {"height": 336, "width": 336},
+}
+CONFIG_VARIANTS = {
+    "llava-v1.6": {},
+    "height-width-size": {"size": {"height": 336, "width": 336}},
+    "no-center-crop": {"do_center_crop": False},
+    "no-normalize": {"do_normalize": False},
+    "no-rescale": {"do_rescale": False},
+    "other-mean-std": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+    "bilinear": {"resample": 2},
+    "384-tiles": {
+        "image_grid_pinpoints": [[384, 384], [384, 768], [768, 384], [768, 768], [1152, 384]],
+        "size": {"shortest_edge": 384},
+        "crop_size": {"height": 384, "width": 384},
+    },
+}
+
+
+def _variant_images() -> dict[str, object]:
+    rng = np.random.default_rng(12)
+    return {
+        "600x400": random_image(600, 400, seed=13),  # the benchmark case
+        "fits-grid-exactly": random_image(672, 672, seed=14),  # no padding
+        "1x1": random_image(1, 1, seed=15),
+        "array-hwc": rng.integers(0, 256, (240, 360, 3), dtype=np.uint8),
+        "array-chw": rng.integers(0, 256, (3, 360, 240), dtype=np.uint8),
+        "array-rgba": rng.integers(0, 256, (200, 300, 4), dtype=np.uint8),
+        "array-float-integers": rng.integers(0, 256, (200, 300, 3)).astype(np.float32),
+        "array-strided": rng.integers(0, 256, (200, 600, 3), dtype=np.uint8)[:, ::2],
+        "cmyk": random_image(300, 200, seed=16).convert("CMYK"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +75,28 @@ def test_pixel_values_bit_identical(hf_processor, name):
     assert ours["pixel_values"].shape == ref["pixel_values"].shape
     assert np.array_equal(ours["pixel_values"], ref["pixel_values"]), "pixel values differ"
     assert np.array_equal(ours["image_sizes"], ref["image_sizes"])
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIG_VARIANTS))
+def test_config_variants_bit_identical(variant):
+    hf = LlavaNextImageProcessorPil(**(LLAVA_V16 | CONFIG_VARIANTS[variant]))
+    ours = ImageProcessor(ImageProcessorConfig.from_dict(hf.to_dict()))
+    images = _variant_images()
+    for name, image in images.items():
+        mine, ref = ours([image]), hf([image], return_tensors="np")
+        assert mine["pixel_values"].shape == ref["pixel_values"].shape, name
+        assert np.array_equal(mine["pixel_values"], ref["pixel_values"]), name
+        assert np.array_equal(mine["image_sizes"], ref["image_sizes"]), name
+    batch = list(images.values())
+    assert np.array_equal(ours(batch)["pixel_values"], hf(batch, return_tensors="np")["pixel_values"])
+
+
+def test_tiles_matches_call():
+    processor = ImageProcessor(ImageProcessorConfig.from_dict(LLAVA_V16))
+    image = random_image(600, 400, seed=17)
+    tiles = processor.tiles(image)
+    assert tiles.shape == (5, 3, 336, 336) and tiles.dtype == np.float32
+    assert np.array_equal(tiles, processor([image])["pixel_values"][0])
 
 
 def test_batch_mixing_sizes_pads_missing_tiles_with_zeros(hf_processor, pipe):
