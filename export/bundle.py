@@ -118,6 +118,7 @@ def _provenance(checkpoint: Checkpoint) -> dict:
         "source": checkpoint.source,
         "revision": checkpoint.revision,
         "family": checkpoint.family.model_type,
+        "chat_template": checkpoint.chat_template_origin,
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions,
     }

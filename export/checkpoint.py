@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .families import Family, check_supported
+from .families import Family, check_supported, default_chat_template
 
 
 @dataclass
@@ -15,6 +16,7 @@ class Checkpoint:
     family: Family
     source: str  # what the user named
     revision: str | None  # the hub commit, where known
+    chat_template_origin: str = "checkpoint"  # "checkpoint", "registry:<name>" (models/templates/<name>.jinja) or "none"
 
 
 def load_checkpoint(name: str, revision: str | None = None) -> Checkpoint:
@@ -37,4 +39,28 @@ def load_checkpoint(name: str, revision: str | None = None) -> Checkpoint:
     processor = AutoProcessor.from_pretrained(name, revision=revision)
     model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype=torch.float32).eval()
     commit = getattr(config, "_commit_hash", None) or revision
-    return Checkpoint(model, processor, family, name, commit)
+    origin = "checkpoint" if processor.chat_template else apply_default_template(processor, config.text_config.model_type, name)
+    return Checkpoint(model, processor, family, name, commit, origin)
+
+
+def apply_default_template(processor, text_model_type: str, name: str) -> str:
+    """Gives a processor without a chat template its family's default from the registry; says so on stderr.
+
+    Returns the origin recorded in the bundle's provenance: "registry:<name>", or "none" when the registry's
+    folder is missing (the bundle then has no template, and the runtime asks for prompt strings).
+    """
+    default = default_chat_template(text_model_type, processor.tokenizer.get_vocab())
+    if default.source is None:
+        print(
+            f"ortllava-export: note: {name} ships no chat template, and the registry's default ({default.name}) is "
+            f"not available here ({default.path} is missing); the bundle will have no chat template",
+            file=sys.stderr,
+        )
+        return "none"
+    processor.chat_template = default.source
+    print(
+        f"ortllava-export: note: {name} ships no chat template; using the registry's default '{default.name}' "
+        f"template ({default.path}) because {default.reason}",
+        file=sys.stderr,
+    )
+    return f"registry:{default.name}"

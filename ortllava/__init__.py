@@ -8,9 +8,10 @@
 
 from .api import Pipeline, StreamChunk, generate, load
 from .generate import GenerationMetrics, GenerationResult
+from .hf_pipeline import pipeline
 from .image import ImageLoadError
 from .manifest import BundleError
 
 __version__ = "0.1.0"
 
-__all__ = ["BundleError", "GenerationMetrics", "GenerationResult", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "__version__"]
+__all__ = ["BundleError", "GenerationMetrics", "GenerationResult", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "pipeline", "__version__"]

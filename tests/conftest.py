@@ -21,6 +21,15 @@ CONFIGS = {
     "llama-layers": dict(family="llama", feature_layer=[-3, -1], layout="llava-hf"),
     "qwen2": dict(family="qwen2", feature_layer=-2, layout="llava-hf"),
     "qwen2-layers": dict(family="qwen2", feature_layer=[-3, -1], layout="transformers"),
+    # Family configs (export/tiny.py FAMILIES; tests/test_families.py). Vicuna and Yi have 4096 positions, but
+    # test_generation's two-image prompts are ~4.7k tokens, so these two are given 8192.
+    "vicuna": dict(family="vicuna", max_position_embeddings=8192, layout="transformers"),
+    "yi-34b": dict(family="yi", max_position_embeddings=8192, layout="transformers"),
+    "llama3": dict(family="llama3", layout="llava-hf"),
+    "qwen2-152k": dict(family="qwen2", vocab_size=152064, layout="llava-hf"),
+    # logits_scaling 1.0 until the gqa decoder stops dividing by it (LlavaNext's lm_head does not); greedy
+    # tokens do not depend on it. test_families exports the family's 8.0 with each decoder kind.
+    "granite": dict(family="granite", text_overrides={"logits_scaling": 1.0}, layout="llava-hf"),
 }
 
 

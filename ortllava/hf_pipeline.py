@@ -1,0 +1,390 @@
+"""`ortllava.pipeline("image-text-to-text", model=bundle)`: transformers' pipeline form, on a bundle.
+
+The call and the outputs are those of transformers' `ImageTextToTextPipeline` (transformers/pipelines/
+image_text_to_text.py), built on `ortllava.api.Pipeline`:
+
+    pipe = ortllava.pipeline("image-text-to-text", model="models/bundles/mistral-7b")
+    pipe(text=messages, max_new_tokens=20, return_full_text=False)
+    # [{"input_text": messages, "generated_text": "..."}]
+
+Inputs, as transformers takes them:
+- `text=` a chat (list of messages; images inside the messages as "image" / "url" / "path" items), or a list
+  of chats (one result list per chat); the chat may also be the first positional argument. A chat ending in an
+  assistant message is continued (`continue_final_message`, as transformers).
+- `images=` one image or a list (PIL image, path, http(s) URL, array) with `text=` a prompt string holding one
+  `<image>` per image, or a list of prompts (one batch, one result per prompt).
+- `text=` a prompt string (or a list of them) alone, for text-only generation.
+
+Outputs: `[{"input_text": ..., "generated_text": ...}]`. `return_full_text=False` gives the new text only;
+the default (True) gives the prompt string + the new text, or for a chat the messages plus the new assistant
+message. `return_tensors=True` gives `generated_token_ids` (the prompt's ids, images expanded, then the new
+ids) instead of text. The new text is found as transformers finds it: decode(prompt + new ids) with the
+decoded prompt removed from its start.
+
+Generation: `max_new_tokens`, `generate_kwargs={...}` (do_sample, temperature, top_k, top_p, min_new_tokens,
+repetition_penalty, seed, max_new_tokens), `stop_sequence` (generation ends once the string appears; it stays
+in the text, as with transformers' stop strings; transformers matches them on token strings and can miss one
+next to a partial UTF-8 character, ortllava matches the decoded text), at construction or per call. `timeout` (seconds) applies to
+every http(s) image; without it, `ortllava.image.load_image`'s timeout and size limit apply.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from . import image as images_module
+from .api import Pipeline, load
+from .image import ImageLoadError
+from .processor import _CLEANUPS, images_in_messages
+
+TASK = "image-text-to-text"
+# Generation settings the pipeline passes to `Pipeline.generate` (seed and stop are ortllava's own).
+GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # what transformers appends to the final message to find its end
+
+
+def pipeline(task: str = TASK, model: str | os.PathLike | Pipeline | None = None, device: Any = None, provider: str | None = None, **kwargs: Any) -> ImageTextToTextPipeline:
+    """transformers' `pipeline(task, model=...)` for a bundle: only "image-text-to-text".
+
+    `model`: a bundle folder or a loaded `ortllava.Pipeline`. `device`: as transformers ("cpu", "cuda",
+    "cuda:0", an index, -1 for CPU) or `provider` ("auto", "cpu", "cuda"); default "auto".
+    Other keyword arguments: generation settings applied to every call (`max_new_tokens`, `do_sample`, ...,
+    `generate_kwargs`), `batch_size`, and `Pipeline` options (`verify`, `io_binding`, `threads`, `max_length`).
+    """
+    if task != TASK:
+        raise ValueError(f"ortllava.pipeline supports the task {TASK!r} only, got {task!r}")
+    if model is None:
+        raise ValueError("pass model=... : the folder of an exported bundle (or a loaded ortllava.Pipeline)")
+    load_options = {key: kwargs.pop(key) for key in ("verify", "io_binding", "threads", "max_length") if key in kwargs}
+    if isinstance(model, Pipeline):
+        if load_options:
+            raise TypeError(f"{', '.join(load_options)} apply when loading a bundle; model= is already loaded")
+        runtime = model
+    else:
+        runtime = load(model, provider=provider or _provider_for(device), **load_options)
+    return ImageTextToTextPipeline(runtime, **kwargs)
+
+
+def _provider_for(device: Any) -> str:
+    if device is None:
+        return "auto"
+    if isinstance(device, int):
+        return "cpu" if device < 0 else "cuda"
+    text = str(device)
+    if text == "cpu":
+        return "cpu"
+    if text.startswith("cuda"):
+        return "cuda"
+    raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or an index, got {device!r}")
+
+
+class ImageTextToTextPipeline:
+    """The pipeline object: call it as transformers' `ImageTextToTextPipeline`."""
+
+    task = TASK
+
+    def __init__(self, model: Pipeline, batch_size: int | None = None, **defaults: Any):
+        self.model = model
+        self.processor = model.processor
+        self.batch_size = batch_size or 1
+        self._defaults = self._split(defaults)
+
+    # ----------------------------------------------------------------------------------------------
+    # The call
+
+    def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> list:
+        if images is None and text is None:
+            raise ValueError("You must at least provide either text or images.")
+        options = _merge(self._defaults, self._split(kwargs))
+        if _is_chat(text):
+            if images is not None:
+                raise ValueError(
+                    "Invalid input: you passed `chat` and `images` as separate input arguments. Images must be placed "
+                    "inside the chat message's `content`, e.g. 'content': [{'type': 'image', 'url': 'image_url'}, "
+                    "{'type': 'text', 'text': 'Describe the image.'}]"
+                )
+            return self._chats(text, options)
+        if text is None and _is_chat(images):
+            return self._chats(images, options)
+        if images is not None and text is None:
+            if isinstance(images, dict):  # {"images": ..., "text": ...}, as transformers
+                return self._prompts(images.get("images"), images.get("text"), options)
+            raise ValueError("You must provide text for this pipeline.")
+        if images is None:  # text only: a string is one input, a list is one input per string
+            if isinstance(text, str):
+                return self._prompts(None, text, options)
+            return [self._prompts(None, prompt, options) for prompt in text]
+        return self._prompts(images, text, options)
+
+    def _split(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Call or construction arguments -> {"generate": {...}, "post": {...}, "pre": {...}}."""
+        kwargs = dict(kwargs)
+        generate = dict(kwargs.pop("generate_kwargs", None) or {})
+        max_new_tokens = kwargs.pop("max_new_tokens", None)
+        if max_new_tokens is not None:
+            if "max_new_tokens" in generate:
+                raise ValueError(
+                    "'max_new_tokens' is defined twice, once in 'generate_kwargs' and once as a direct parameter, please use only one"
+                )
+            generate["max_new_tokens"] = max_new_tokens
+        for key in GENERATION_KEYS:
+            if key in kwargs:
+                generate[key] = kwargs.pop(key)
+        stop = kwargs.pop("stop_sequence", None)
+        if stop is not None:
+            generate["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        unknown = set(generate) - set(GENERATION_KEYS) - {"stop"}
+        if unknown:
+            raise TypeError(f"unsupported generation argument(s): {', '.join(sorted(unknown))}; supported: {', '.join(GENERATION_KEYS)}, stop_sequence")
+
+        post = {}
+        return_full_text = kwargs.pop("return_full_text", None)
+        return_tensors = kwargs.pop("return_tensors", None)
+        return_type = kwargs.pop("return_type", None)
+        if return_full_text is not None and return_type is None:
+            if return_tensors is not None:
+                raise ValueError("`return_full_text` is mutually exclusive with `return_tensors`")
+            return_type = "full_text" if return_full_text else "new_text"
+        if return_tensors is not None and return_type is None:
+            return_type = "tensors"  # as transformers: any return_tensors value asks for the ids
+        if return_type is not None:
+            post["return_type"] = getattr(return_type, "name", return_type).lower()
+        for key in ("clean_up_tokenization_spaces", "skip_special_tokens"):
+            if kwargs.get(key) is not None:
+                post[key] = kwargs.pop(key)
+            kwargs.pop(key, None)
+
+        pre = {}
+        for key in ("timeout", "continue_final_message"):
+            if kwargs.get(key) is not None:
+                pre[key] = kwargs.pop(key)
+            kwargs.pop(key, None)
+        if kwargs.pop("processor_kwargs", None):
+            raise TypeError("processor_kwargs are not supported: a bundle's processor settings are fixed at export")
+        if "batch_size" in kwargs:
+            pre["batch_size"] = kwargs.pop("batch_size")
+        if kwargs:
+            raise TypeError(f"unsupported argument(s): {', '.join(sorted(kwargs))}")
+        return {"generate": generate, "post": post, "pre": pre}
+
+    # ----------------------------------------------------------------------------------------------
+    # Chats
+
+    def _chats(self, chats: Any, options: dict) -> list:
+        single = isinstance(chats[0], dict)
+        conversations = [chats] if single else list(chats)  # each reported back as given (the same object)
+        timeout = options["pre"].get("timeout")
+        prepared = []
+        for messages in conversations:
+            for message in messages:
+                if not (isinstance(message, dict) and "role" in message and "content" in message):
+                    raise ValueError("When passing chat dicts as input, each dict must have a 'role' and 'content' key.")
+            cont = options["pre"].get("continue_final_message")
+            if cont is None:
+                cont = messages[-1]["role"] == "assistant"
+            rendered = self._render(messages, cont)
+            sources = images_in_messages(messages)
+            loaded = [_load_image(source, timeout) for source in sources]
+            add_special = not (self.processor.bos_token is not None and rendered.startswith(self.processor.bos_token))
+            prepared.append(_Item(messages, rendered, loaded, add_special, cont))
+        results = self._run(prepared, options)
+        outputs = [self._records([item], [result], options) for item, result in zip(prepared, results)]
+        return outputs[0] if single else outputs
+
+    def _render(self, messages: list[dict], continue_final_message: bool) -> str:
+        """The chat template's text, with transformers' `continue_final_message` handling."""
+        if not continue_final_message:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        messages = [dict(message) for message in messages]
+        final = messages[-1]
+        content = final.get("content")
+        if content is None:
+            raise ValueError('continue_final_message is set but the final message has no "content" to continue!')
+        if isinstance(content, (list, tuple)):
+            content = [dict(block) if isinstance(block, dict) else block for block in content]
+            for block in reversed(content):
+                if isinstance(block, dict) and "text" in block:
+                    final_text = block["text"]
+                    block["text"] = block["text"] + _CONTINUE_TAG
+                    break
+            else:
+                raise ValueError("continue_final_message is set but we could not find any text to continue in the final message!")
+            final["content"] = content
+        else:
+            final_text = content
+            final["content"] = content + _CONTINUE_TAG
+        rendered = self.processor.apply_chat_template(messages, add_generation_prompt=False)
+        tag = _CONTINUE_TAG.strip()
+        if final_text.strip() not in rendered or tag not in rendered:
+            raise ValueError(
+                "continue_final_message is set but the final message does not appear in the chat after applying the chat template"
+            )
+        at = rendered.rindex(tag)
+        if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            return rendered[:at]
+        return rendered[:at].rstrip()
+
+    # ----------------------------------------------------------------------------------------------
+    # Prompt strings
+
+    def _prompts(self, images: Any, text: Any, options: dict) -> list:
+        """One input of prompt string(s) (+ images): one batch, one record per prompt, as transformers."""
+        if text is None:
+            raise ValueError("You must provide text for this pipeline.")
+        timeout = options["pre"].get("timeout")
+        texts = [text] if isinstance(text, str) else list(text)
+        flat = _flatten(images) if images is not None else []
+        loaded = [_load_image(source, timeout) for source in flat]
+        counts = [prompt.count(self.processor.image_token) for prompt in texts]
+        if sum(counts) != len(loaded):
+            raise ValueError(
+                f"the prompts hold {sum(counts)} {self.processor.image_token} token(s) but {len(loaded)} image(s) were given; "
+                f"each {self.processor.image_token} in the text takes one image, in order"
+            )
+        items, start = [], 0
+        for prompt, count in zip(texts, counts):
+            items.append(_Item(prompt, prompt, loaded[start : start + count], True, False))
+            start += count
+        results = self._run(items, options, batch=True)
+        return self._records(items, results, options)
+
+    # ----------------------------------------------------------------------------------------------
+    # Generation and outputs
+
+    def _run(self, items: list[_Item], options: dict, batch: bool = False) -> list:
+        """Generates for every item: as one batch (`batch`), else in groups of `batch_size` (1 by default)."""
+        size = len(items) if batch else max(1, int(options["pre"].get("batch_size", self.batch_size)))
+        results = []
+        for start in range(0, len(items), size):
+            group = items[start : start + size]
+            prompts = [self._runtime_prompt(item) for item in group]
+            images = [image for item in group for image in item.images] or None
+            out = self.model.generate(prompt=prompts, images=images, **options["generate"])
+            results.extend(out)
+        return results
+
+    def _runtime_prompt(self, item: _Item) -> str:
+        """The text for `Pipeline.generate(prompt=...)`, which tokenizes with the tokenizer's special tokens.
+
+        A chat whose rendered text starts with the BOS is tokenized without them (as transformers' processor
+        does): the BOS the tokenizer would add is then cut from the text instead.
+        """
+        if item.add_special:
+            return item.prompt
+        added = self.processor.tokenizer.encode("", add_special_tokens=True).ids
+        if not added:
+            return item.prompt
+        bos = self.processor.bos_token
+        bos_id = self.processor.tokenizer.token_to_id(bos) if bos is not None else None
+        if added == [bos_id] and item.prompt.startswith(bos):
+            return item.prompt[len(bos) :]
+        raise NotImplementedError(f"this tokenizer adds {added} around a prompt; a chat template starting with {bos!r} cannot be run through it")
+
+    def _prompt_ids(self, item: _Item) -> list[int]:
+        """The prompt's token ids as the processor makes them: each image token expanded, then tokenized."""
+        processor = self.processor
+        parts = item.prompt.split(processor.image_token)
+        pieces = [parts[0]]
+        for part, image in zip(parts[1:], item.images):
+            height, width = _image_hw(image)
+            pieces += [processor.image_token * processor.num_image_tokens(height, width), part]
+        return processor.tokenizer.encode("".join(pieces), add_special_tokens=item.add_special).ids
+
+    def _decode(self, ids: Sequence[int], skip_special_tokens: bool, clean_up: bool | None) -> str:
+        if clean_up is None:
+            return self.processor.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self.processor.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        # As transformers: the clean-up is never applied to BPE tokenizers (it would remove real spaces).
+        if clean_up and type(self.processor.tokenizer.model).__name__ != "BPE":
+            for old, new in _CLEANUPS:
+                text = text.replace(old, new)
+        return text
+
+    def _records(self, items: list[_Item], results: list, options: dict) -> list[dict[str, Any]]:
+        post = options["post"]
+        return_type = post.get("return_type", "full_text")
+        records = []
+        for item, result in zip(items, results):
+            prompt_ids = self._prompt_ids(item)
+            if return_type == "tensors":
+                records.append({"input_text": item.input_text, "generated_token_ids": np.array(prompt_ids + list(result.token_ids), dtype=np.int64)})
+                continue
+            skip = post.get("skip_special_tokens", True)
+            clean_up = post.get("clean_up_tokenization_spaces")
+            generated = self._decode(prompt_ids + list(result.token_ids), skip, clean_up)
+            decoded_input = self._decode(prompt_ids, skip, clean_up)
+            # transformers: drop the decoded prompt from the start (up to 2 leading characters allowed).
+            at = generated.find(decoded_input)
+            if 0 <= at <= 2:
+                generated = generated[at + len(decoded_input) :]
+            if return_type == "full_text":
+                generated = self._full_text(item, generated)
+            records.append({"input_text": item.input_text, "generated_text": generated})
+        return records
+
+    @staticmethod
+    def _full_text(item: _Item, generated: str) -> Any:
+        if isinstance(item.input_text, str):
+            return item.input_text + generated
+        messages = item.input_text
+        if item.continue_final:
+            content = messages[-1]["content"]
+            if isinstance(content, str):
+                content += generated
+            else:
+                new_text = dict(content[-1].items())
+                new_text["text"] += generated
+                content = content[:-1] + [new_text]
+            return list(messages)[:-1] + [{"role": messages[-1]["role"], "content": content}]
+        return list(messages) + [{"role": "assistant", "content": generated}]
+
+
+class _Item:
+    """One input: what it reports as `input_text`, the prompt text, its loaded images."""
+
+    def __init__(self, input_text: Any, prompt: str, images: list, add_special: bool, continue_final: bool):
+        self.input_text = input_text
+        self.prompt = prompt
+        self.images = images
+        self.add_special = add_special
+        self.continue_final = continue_final
+
+
+def _is_chat(arg: Any) -> bool:
+    return isinstance(arg, (list, tuple)) and len(arg) > 0 and isinstance(arg[0], (list, tuple, dict))
+
+
+def _merge(defaults: dict, given: dict) -> dict:
+    return {part: {**defaults[part], **given[part]} for part in ("generate", "post", "pre")}
+
+
+def _flatten(images: Any) -> list:
+    if isinstance(images, (list, tuple)):
+        return [image for entry in images for image in _flatten(entry)]
+    return [images]
+
+
+def _load_image(source: Any, timeout: float | None) -> Any:
+    """`load_image`, with `timeout` (when given) for http(s) URLs; the size limit is `load_image`'s."""
+    if timeout is not None and isinstance(source, (str, os.PathLike)) and os.fspath(source).startswith(("http://", "https://")):
+        url = os.fspath(source)
+        data = images_module.fetch_url(url, timeout=timeout)
+        try:
+            return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        except Exception as error:  # PIL raises many types for damaged files
+            raise ImageLoadError(f"cannot decode image {url}: {error}") from error
+    return images_module.load_image(source)
+
+
+def _image_hw(image: Any) -> tuple[int, int]:
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        return array.shape[1], array.shape[2]  # channels first
+    return array.shape[0], array.shape[1]

@@ -1,0 +1,316 @@
+"""`ortllava.pipeline("image-text-to-text", ...)` against `transformers.pipeline("image-text-to-text", ...)`.
+
+The same tiny checkpoint on both sides (its bundle for ortllava): the same call must give the same
+structure, keys and values (greedy). Images come as PIL images, paths and http URLs (a local server in
+a thread); URL fetching keeps `ortllava.image`'s timeout and size limit.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import re
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import transformers
+
+import ortllava
+from ortllava import ImageLoadError
+from ortllava import image as image_module
+
+from conftest import random_image, save_png
+
+IMAGE = random_image(320, 240, seed=51)
+OTHER = random_image(200, 300, seed=52)
+
+
+def chat(*content, prefill: str | None = None) -> list[dict]:
+    items = [{"type": "text", "text": c} if isinstance(c, str) else c for c in content]
+    messages = [{"role": "user", "content": items}]
+    if prefill is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": prefill}]})
+    return messages
+
+
+def pil(image) -> dict:
+    return {"type": "image", "image": image}
+
+
+@pytest.fixture(scope="module")
+def pipes(mistral):
+    hf = transformers.pipeline("image-text-to-text", model=str(mistral.checkpoint))
+    ours = ortllava.pipeline("image-text-to-text", model=mistral.bundle, device="cpu")
+    return hf, ours
+
+
+def same(hf_out, our_out):
+    """Equal structure, keys and values; token id tensors compared as lists."""
+    if isinstance(hf_out, list):
+        assert isinstance(our_out, list) and len(our_out) == len(hf_out)
+        for a, b in zip(hf_out, our_out):
+            same(a, b)
+    elif isinstance(hf_out, dict):
+        assert isinstance(our_out, dict) and list(our_out) == list(hf_out)
+        for key in hf_out:
+            same(hf_out[key], our_out[key])
+    elif hasattr(hf_out, "tolist") and not isinstance(hf_out, (str, int)):
+        assert list(np.asarray(our_out).tolist()) == hf_out.tolist()
+    else:
+        assert our_out == hf_out
+
+
+# --------------------------------------------------------------------------------------------------
+# The documented call and its variants
+
+
+def test_chat_new_text_as_transformers(pipes):
+    hf, ours = pipes
+    messages = chat(pil(IMAGE), "What is shown in this image?")
+    want = hf(text=messages, max_new_tokens=20, return_full_text=False)
+    got = ours(text=messages, max_new_tokens=20, return_full_text=False)
+    same(want, got)
+    assert len(got) == 1 and set(got[0]) == {"input_text", "generated_text"}
+    assert got[0]["input_text"] is messages and isinstance(got[0]["generated_text"], str) and got[0]["generated_text"]
+
+
+def test_chat_full_text_is_the_chat_plus_the_answer(pipes):
+    hf, ours = pipes
+    messages = chat(pil(IMAGE), "Describe the picture in detail.")
+    want = hf(text=messages, max_new_tokens=12)
+    got = ours(text=messages, max_new_tokens=12)
+    same(want, got)
+    full = got[0]["generated_text"]
+    assert full[:-1] == messages and full[-1]["role"] == "assistant" and isinstance(full[-1]["content"], str)
+
+
+def test_batch_of_chats_gives_one_list_per_chat(pipes):
+    hf, ours = pipes
+    chats = [chat(pil(IMAGE), "What is shown in this image?"), chat("Tell me a story about a cat."), chat(pil(OTHER), pil(IMAGE), "Compare.")]
+    want = hf(text=chats, max_new_tokens=8, return_full_text=False)
+    got = ours(text=chats, max_new_tokens=8, return_full_text=False)
+    same(want, got)
+    assert len(got) == 3 and all(isinstance(item, list) and len(item) == 1 for item in got)
+    # batch_size groups the chats into padded batches; greedy answers stay the same.
+    same(want, ours(text=chats, max_new_tokens=8, return_full_text=False, batch_size=3))
+
+
+def test_chat_as_first_positional_argument(pipes):
+    hf, ours = pipes
+    messages = chat(pil(OTHER), "What is this?")
+    same(hf(messages, max_new_tokens=6), ours(messages, max_new_tokens=6))
+
+
+@pytest.mark.parametrize("return_full_text", [False, True])
+def test_assistant_prefill_is_continued(pipes, return_full_text):
+    hf, ours = pipes
+    messages = chat(pil(IMAGE), "What is shown in this image?", prefill="The image shows")
+    want = hf(text=messages, max_new_tokens=10, return_full_text=return_full_text)
+    got = ours(text=messages, max_new_tokens=10, return_full_text=return_full_text)
+    same(want, got)
+    if return_full_text:
+        assert got[0]["generated_text"][-1]["content"][-1]["text"].startswith("The image shows")
+
+
+def test_prompt_strings_with_images(pipes):
+    hf, ours = pipes
+    prompt = "[INST] <image>\nWhat is shown in this image? [/INST]"
+    same(hf(images=IMAGE, text=prompt, max_new_tokens=10), ours(images=IMAGE, text=prompt, max_new_tokens=10))
+    # A list of prompts with their images is one padded batch: one record per prompt, no nesting.
+    prompts = [prompt, "[INST] <image> and <image>: which is brighter? [/INST]"]
+    want = hf(images=[IMAGE, OTHER, IMAGE], text=prompts, max_new_tokens=6, return_full_text=False)
+    got = ours(images=[IMAGE, OTHER, IMAGE], text=prompts, max_new_tokens=6, return_full_text=False)
+    same(want, got)
+    assert len(got) == 2 and all(isinstance(item, dict) for item in got)
+
+
+def test_text_only(pipes):
+    hf, ours = pipes
+    same(hf(text="[INST] Hello there [/INST]", max_new_tokens=6), ours(text="[INST] Hello there [/INST]", max_new_tokens=6))
+    prompts = ["[INST] Hello [/INST]", "[INST] How many apples? [/INST]"]
+    same(hf(text=prompts, max_new_tokens=5), ours(text=prompts, max_new_tokens=5))
+
+
+def test_other_call_forms(pipes):
+    hf, ours = pipes
+    prompt = "[INST] <image>\nWhat? [/INST]"
+    calls = [
+        ((({"images": IMAGE, "text": prompt}),), {}),  # one dict input
+        ((), dict(images=[IMAGE], text=prompt)),
+        ((), dict(text="[INST] hi [/INST]", return_full_text=False, skip_special_tokens=False)),
+        ((), dict(text=[{"role": "user", "content": "plain string content"}], clean_up_tokenization_spaces=True)),
+        ((), dict(text=chat("Hi", prefill="Sure"), continue_final_message=False)),  # a new assistant turn after it
+    ]
+    for args, kwargs in calls:
+        same(hf(*args, max_new_tokens=4, **kwargs), ours(*args, max_new_tokens=4, **kwargs))
+
+
+def test_return_tensors_and_generate_kwargs(pipes):
+    hf, ours = pipes
+    messages = chat(pil(IMAGE), "What is shown in this image?")
+    kwargs = dict(return_tensors=True, generate_kwargs={"max_new_tokens": 9, "min_new_tokens": 9, "repetition_penalty": 1.3})
+    want = hf(text=messages, **kwargs)
+    got = ours(text=messages, **kwargs)
+    same(want, got)
+    assert set(got[0]) == {"input_text", "generated_token_ids"}
+
+
+def test_generation_settings_at_construction(mistral, pipes):
+    hf, _ = pipes
+    ours = ortllava.pipeline("image-text-to-text", model=mistral.bundle, device="cpu", max_new_tokens=7)
+    messages = chat(pil(OTHER), "Describe.")
+    same(hf(text=messages, max_new_tokens=7, return_full_text=False), ours(text=messages, return_full_text=False))
+
+
+def test_template_with_bos_and_prefill_on_llama3(tiny_store):
+    """Llama-3's template writes the BOS itself: transformers then adds no BOS; a prefill continues the answer."""
+    llama3 = tiny_store.get("llama3")
+    hf = transformers.pipeline("image-text-to-text", model=str(llama3.checkpoint))
+    ours = ortllava.pipeline("image-text-to-text", model=llama3.bundle, device="cpu")
+    for messages in (chat(pil(IMAGE), "What is shown in this image?"), chat(pil(IMAGE), "What is it?", prefill="It is")):
+        want = hf(text=messages, max_new_tokens=8, return_tensors=True)
+        got = ours(text=messages, max_new_tokens=8, return_tensors=True)
+        same(want, got)
+        ids = got[0]["generated_token_ids"].tolist()
+        assert ids.count(hf.tokenizer.bos_token_id) == 1 and ids[0] == hf.tokenizer.bos_token_id
+        same(hf(text=messages, max_new_tokens=8), ours(text=messages, max_new_tokens=8))
+
+
+def test_stop_sequence_ends_the_answer_and_stays_in_it(pipes):
+    hf, ours = pipes
+    messages = chat(pil(IMAGE), "What is shown in this image?")
+    free = ours(text=messages, max_new_tokens=20, return_full_text=False)[0]["generated_text"]
+    stop = re.search(r"[a-z]{3}", free[4:]).group(0)  # plain letters (see hf_pipeline's note on stop strings)
+    want = hf(text=messages, max_new_tokens=20, return_full_text=False, stop_sequence=stop)
+    got = ours(text=messages, max_new_tokens=20, return_full_text=False, stop_sequence=stop)
+    same(want, got)
+    text = got[0]["generated_text"]
+    assert stop in text and free.startswith(text) and len(text) < len(free)
+
+
+def test_bad_calls_are_refused(pipes, mistral):
+    _, ours = pipes
+    with pytest.raises(ValueError, match="Images must be placed"):
+        ours(images=IMAGE, text=chat("Hi"))
+    with pytest.raises(ValueError, match="provide text"):
+        ours(images=IMAGE)
+    with pytest.raises(ValueError, match="either text or images"):
+        ours()
+    with pytest.raises(ValueError, match="defined twice"):
+        ours(text=chat("Hi"), max_new_tokens=3, generate_kwargs={"max_new_tokens": 4})
+    with pytest.raises(TypeError, match="num_beams"):
+        ours(text=chat("Hi"), generate_kwargs={"num_beams": 2})
+    with pytest.raises(ValueError, match="image-text-to-text"):
+        ortllava.pipeline("text-generation", model=mistral.bundle)
+    with pytest.raises(ValueError, match="1 <image> token"):
+        ours(images=[IMAGE, OTHER], text="[INST] <image> [/INST]")
+
+
+# --------------------------------------------------------------------------------------------------
+# Images by path and URL
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    png = b""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path == "/slow.png":
+            time.sleep(3)
+        if self.path in ("/image.png", "/slow.png"):
+            body = self.png
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/huge.png":  # one byte over ortllava's limit, streamed
+            size = image_module.URL_MAX_BYTES + 1
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            chunk = b"\0" * (1 << 20)
+            try:
+                for start in range(0, size, len(chunk)):
+                    self.wfile.write(chunk[: min(len(chunk), size - start)])
+            except OSError:
+                pass  # the client stops reading past the limit
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients that hang up early (size limit, timeout) are expected here
+
+
+@pytest.fixture(scope="module")
+def server():
+    buffer = io.BytesIO()
+    IMAGE.save(buffer, format="PNG")
+    _Handler.png = buffer.getvalue()
+    httpd = _Server(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_images_by_url_path_and_pil_match_transformers(pipes, server, tmp_path):
+    hf, ours = pipes
+    path = save_png(IMAGE, tmp_path / "image.png")
+    forms = {
+        "url": {"type": "image", "url": f"{server}/image.png"},
+        "path": {"type": "image", "path": str(path)},
+        "pil": pil(IMAGE),
+    }
+    answers = {}
+    for name, item in forms.items():
+        messages = chat(item, "What is shown in this image?")
+        want = hf(text=messages, max_new_tokens=10, return_full_text=False)
+        got = ours(text=messages, max_new_tokens=10, return_full_text=False)
+        same(want, got)
+        answers[name] = got[0]["generated_text"]
+    assert answers["url"] == answers["path"] == answers["pil"]  # the same pixels, however they arrive
+    # A URL as the images= argument of the prompt form, with the pipeline's timeout.
+    prompt = "[INST] <image>\nWhat is shown in this image? [/INST]"
+    same(hf(images=f"{server}/image.png", text=prompt, max_new_tokens=5, timeout=5),
+         ours(images=f"{server}/image.png", text=prompt, max_new_tokens=5, timeout=5))
+
+
+def test_url_size_limit(pipes, server):
+    _, ours = pipes
+    messages = chat({"type": "image", "url": f"{server}/huge.png"}, "What is this?")
+    with pytest.raises(ImageLoadError, match=f"huge.png is larger than the {image_module.URL_MAX_BYTES} byte limit"):
+        ours(text=messages, max_new_tokens=2)
+    with pytest.raises(ImageLoadError, match="byte limit"):  # also with the pipeline's own timeout
+        ours(text=messages, max_new_tokens=2, timeout=10)
+
+
+def test_url_timeout(pipes, server, monkeypatch):
+    _, ours = pipes
+    messages = chat({"type": "image", "url": f"{server}/slow.png"}, "What is this?")
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="slow.png.*timed out"):
+        ours(text=messages, max_new_tokens=2, timeout=0.5)
+    assert time.perf_counter() - start < 2.5
+    # Without timeout=, URLs are fetched by load_image, with its timeout and size limit.
+    seen = []
+    real = urllib.request.urlopen
+
+    def spy(url, *args, **kwargs):
+        seen.append(kwargs.get("timeout", args[1] if len(args) > 1 else None))
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", spy)
+    ours(text=chat({"type": "image", "url": f"{server}/image.png"}, "Hi"), max_new_tokens=1)
+    assert seen == [image_module.URL_TIMEOUT_S]
