@@ -17,11 +17,12 @@ from .checkpoint import Checkpoint
 from .wrappers import feature_layers, text_geometry
 
 
-def write_assets(checkpoint: Checkpoint, out: Path) -> None:
-    """Embedding table, image newline, tokenizer, chat template and configs, in Hugging Face formats."""
+def write_assets(checkpoint: Checkpoint, out: Path, dtype=np.float32) -> None:
+    """Embedding table and image newline (in the decoder's activation `dtype`), tokenizer, chat template and
+    configs, in Hugging Face formats."""
     model, processor = checkpoint.model, checkpoint.processor
-    np.save(out / m.EMBED_TOKENS_FILE, model.get_input_embeddings().weight.detach().float().numpy())
-    np.save(out / m.IMAGE_NEWLINE_FILE, model.model.image_newline.detach().float().numpy())
+    np.save(out / m.EMBED_TOKENS_FILE, model.get_input_embeddings().weight.detach().float().numpy().astype(dtype, copy=False))
+    np.save(out / m.IMAGE_NEWLINE_FILE, model.model.image_newline.detach().float().numpy().astype(dtype, copy=False))
     with tempfile.TemporaryDirectory() as scratch:
         # save_pretrained writes the tokenizer pipeline transformers actually runs, whatever the source files were.
         processor.tokenizer.save_pretrained(scratch)

@@ -115,7 +115,7 @@ def export_bundle(
             else:
                 quantize_decoder(graphs["decoder"], work, int4)
     with stage("Writing embeddings, tokenizer, chat template and configs"):
-        write_assets(checkpoint, work)
+        write_assets(checkpoint, work, np.float16 if decoder_precision == "fp16" else np.float32)
     with stage("Hashing files and writing the manifest"):
         manifest = build_manifest(checkpoint, graphs, work, precision, validation)
         write_manifest(manifest, work)

@@ -17,7 +17,8 @@ I/O spec (`kind = "gqa"`):
 
 Per layer: SkipSimplifiedLayerNorm -> packed QKV MatMul (+ bias) -> GroupQueryAttention (rotary inside,
 sliding window where the layer has one) -> o_proj -> SkipSimplifiedLayerNorm -> gate/up MatMul -> SiLU * up
--> down. Granite's multipliers (embedding, attention scale, residual, logits) are folded in as constants.
+-> down. Granite's multipliers (embedding, attention scale, residual) are folded in as constants; its
+logits_scaling is not: LlavaNextForConditionalGeneration's own lm_head does not apply it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .convert import EXTERNAL_DATA_THRESHOLD
 from .quantize import Int4Options, quantize_weight
 
 OPSET = 21
+IR_VERSION = 10  # what opset 21 needs; onnx's default (newer) is refused by older onnxruntime releases (1.31: max 13)
 _DTYPES = {"fp32": np.float32, "fp16": np.float16}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Rotary tables longer than this are cut: the graph then serves at most this many positions (manifest: max_length).
@@ -191,7 +193,6 @@ def _build(g: _Graph, model, config, text_model) -> None:
     # Granite's multipliers; 1.0 (or absent) for every other family.
     embedding_multiplier = float(getattr(config, "embedding_multiplier", 1.0))
     residual_multiplier = float(getattr(config, "residual_multiplier", 1.0))
-    logits_scaling = float(getattr(config, "logits_scaling", 1.0))
     attention_scale = float(getattr(config, "attention_multiplier", head_dim**-0.5))
     windows = _sliding_windows(config, num_layers)
     cos, sin = _rotary_tables(text_model, head_dim, _max_positions(config))
@@ -247,8 +248,6 @@ def _build(g: _Graph, model, config, text_model) -> None:
         axis=-1, epsilon=eps, stash_type=1,
     )
     logits = g.linear(normed, model.lm_head.weight.T, "lm_head", quantize=bool(int4 and int4.quantize_lm_head))
-    if logits_scaling != 1.0:
-        (logits,) = g.node("Div", [logits, g.weight("logits_scaling", np.array(logits_scaling))], 1, "lm_head/scale")
     g.node("Cast", [logits], [names.LOGITS], "lm_head/float", to=TensorProto.FLOAT)
 
 
@@ -267,7 +266,8 @@ def _model(g: _Graph, config, inputs: list[str], outputs: list[str], dtype) -> o
     ]
     graph = helper.make_graph(g.nodes, "ortllava_fused_decoder", graph_inputs, graph_outputs, g.initializers)
     return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], producer_name="ortllava"
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)], producer_name="ortllava",
+        ir_version=IR_VERSION,
     )
 
 

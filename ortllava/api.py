@@ -66,8 +66,7 @@ class Pipeline:
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         """`input_ids [B, T]` -> `inputs_embeds [B, T, D]` in the decoder's dtype, images spliced in."""
-        embeds = embed(input_ids, self.embed_table, self.manifest.tokens.image_token_id, image_features)
-        return embeds.astype(self.sessions.decoder.dtype, copy=False)
+        return embed(input_ids, self.embed_table, self.manifest.tokens.image_token_id, image_features, self.sessions.decoder.dtype)
 
     def prepare(
         self,

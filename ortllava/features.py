@@ -34,19 +34,29 @@ def pack_image(
     grid_pinpoints: list[list[int]],
     tile_size: int,
 ) -> np.ndarray:
-    """`[n_tiles, p*p, D]` (base tile first) -> `[n_features, D]` for one image of (height, width)."""
+    """`[n_tiles, p*p, D]` (base tile first) -> `[n_features, D]` for one image of (height, width).
+
+    Written once into one output array, in the tiles' dtype (no float32 promotion of fp16 features).
+    """
     base = tile_features[0]
+    dim = tile_features.shape[-1]
+    newline = image_newline.astype(tile_features.dtype, copy=False)
     if len(tile_features) == 1:
-        return np.concatenate([base, image_newline[None]], axis=0)
+        out = np.empty((len(base) + 1, dim), tile_features.dtype)
+        out[:-1], out[-1] = base, newline
+        return out
     rows, cols = grid_shape(image_size, grid_pinpoints, tile_size)
     side = int(round(np.sqrt(tile_features.shape[1])))
-    dim = tile_features.shape[-1]
     grid = tile_features[1:].reshape(rows, cols, side, side, dim)
-    grid = grid.transpose(0, 2, 1, 3, 4).reshape(rows * side, cols * side, dim)
+    grid = grid.transpose(0, 2, 1, 3, 4).reshape(rows * side, cols * side, dim)  # a view: no copy yet
     grid = unpad(grid, image_size)
-    newline = np.broadcast_to(image_newline, (grid.shape[0], 1, dim))
-    grid = np.concatenate([grid, newline], axis=1).reshape(-1, dim)
-    return np.concatenate([base, grid], axis=0)
+    height, width = grid.shape[:2]
+    out = np.empty((len(base) + height * (width + 1), dim), tile_features.dtype)
+    out[: len(base)] = base
+    rows_view = out[len(base) :].reshape(height, width + 1, dim)
+    rows_view[:, :width] = grid  # the one copy of the grid, straight into place
+    rows_view[:, width] = newline
+    return out
 
 
 def pack_images(
@@ -63,7 +73,7 @@ def pack_images(
     for size, count in zip(image_sizes.tolist(), tiles_per_image):
         packed.append(pack_image(projected[start : start + count], tuple(size), image_newline, grid_pinpoints, tile_size))
         start += count
-    return np.concatenate(packed, axis=0)
+    return packed[0] if len(packed) == 1 else np.concatenate(packed, axis=0)
 
 
 def embed(
@@ -71,16 +81,21 @@ def embed(
     embed_table: np.ndarray,
     image_token_id: int,
     image_features: np.ndarray | None = None,
-    out: np.ndarray | None = None,
+    dtype=None,
 ) -> np.ndarray:
-    """`input_ids [B, T]` -> `inputs_embeds [B, T, D]`, image tokens replaced in order by `image_features [N, D]`."""
-    is_image = input_ids == image_token_id
+    """`input_ids [B, T]` -> `inputs_embeds [B, T, D]` (in `dtype`, default the table's), image tokens replaced
+    in order by `image_features [N, D]`. Each row of the output is written once."""
+    is_image = (input_ids == image_token_id).reshape(-1)
     n_image_tokens = int(is_image.sum())
     n_features = 0 if image_features is None else len(image_features)
     if n_image_tokens != n_features:
         raise ValueError(f"the prompt has {n_image_tokens} image tokens but the images gave {n_features} features")
-    lookup = np.where(is_image, 0, input_ids) if n_image_tokens else input_ids
-    embeds = np.take(embed_table, lookup, axis=0, out=out)
-    if n_image_tokens:
-        embeds[is_image] = image_features.astype(embeds.dtype, copy=False)
-    return embeds
+    out = np.empty((*input_ids.shape, embed_table.shape[1]), dtype or embed_table.dtype)
+    flat = out.reshape(-1, embed_table.shape[1])
+    if not n_image_tokens:
+        flat[:] = np.take(embed_table, input_ids.reshape(-1), axis=0)
+        return out
+    text = np.flatnonzero(~is_image)
+    flat[text] = np.take(embed_table, input_ids.reshape(-1)[text], axis=0)
+    flat[is_image] = image_features
+    return out

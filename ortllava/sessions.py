@@ -96,6 +96,12 @@ class BundleSessions:
         fused = manifest.graphs["decoder"].kind == "gqa"
         if io_binding is None:
             io_binding = on_cuda or fused
+        if fused and on_cuda and manifest.graphs["decoder"].dtype == "float32":
+            # onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only; the fp32 graph gives wrong tokens there.
+            raise BundleError(
+                "this bundle's fused decoder is fp32, which the CUDA provider cannot run; export with --precision fp16 "
+                "(or int4 --target cuda) for CUDA, or load it with provider='cpu'"
+            )
         if fused and not io_binding:
             raise ValueError("a 'gqa' decoder shares its key/value buffers through IO binding; io_binding=False is not possible")
         device = Device("cuda" if on_cuda else "cpu") if io_binding else None

@@ -74,13 +74,42 @@ def parity(device: str, work: Path) -> dict:
     return results
 
 
+def vision_profile(bundle: Path, device: str) -> dict:
+    """Where the vision encoder's time goes on `device`: per op type and provider, 5 tiles, from onnxruntime's profiler."""
+    import collections
+    import tempfile
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "vision")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(bundle / "vision_encoder.onnx"), options, providers=providers)
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    tiles = np.random.default_rng(0).standard_normal((5, 3, 336, 336)).astype(dtype)
+    for _ in range(3):
+        session.run(None, {"pixel_values": tiles})
+    start = time.perf_counter()
+    for _ in range(5):
+        session.run(None, {"pixel_values": tiles})
+    per_run_ms = (time.perf_counter() - start) / 5 * 1000
+    events = json.loads(Path(session.end_profiling()).read_text())
+    totals = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            args = event.get("args", {})
+            totals[f"{args.get('op_name')}@{args.get('provider')}"] += event["dur"] / 8 / 1000  # ms per run
+    top = dict(totals.most_common(12))
+    print(f"vision encoder, 5 tiles: {per_run_ms:.1f} ms per run; top ops (ms/run): {top}", flush=True)
+    return {"per_run_ms": per_run_ms, "top_ops_ms": top}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ortllava-gpu"))
-    parser.add_argument("--skip", default="", help="comma-separated steps to skip: parity,fp16,graph,int4")
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip: parity,fp16,profile,graph,int4")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -111,6 +140,12 @@ def main() -> int:
         except Exception as error:  # noqa: BLE001
             summary[f"bench_{name}"] = {"error": repr(error)}
             traceback.print_exc()
+        if name == "fp16" and "profile" not in skip:
+            try:
+                summary["vision_profile"] = vision_profile(options["bundle"], args.device)
+            except Exception as error:  # noqa: BLE001
+                summary["vision_profile"] = {"error": repr(error)}
+                traceback.print_exc()
         print(f"[{time.perf_counter() - start:.0f} s] {name} done", flush=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))  # kept if a later step runs out of time
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
