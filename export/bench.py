@@ -45,6 +45,8 @@ class BenchConfig:
 CONFIGS = {
     # The speed issue's CPU model: tower 6 x 256 at 336 px; decoder 8 x 512, 8 heads, 4 KV heads, FFN 1408, 32k vocab.
     "cpu-mid": BenchConfig(512, 8, 8, 4, 1408, 32000, 256, 6, 4, 1024),
+    # A smoke-test shape (seconds to build and run); not for figures.
+    "tiny": BenchConfig(64, 2, 4, 2, 128, 1000, 32, 2, 2, 64),
     # Mistral-7B's decoder shape (layers reducible with --layers) with CLIP-L/336's tower.
     "mistral-7b": BenchConfig(4096, 32, 32, 8, 14336, 32000, 1024, 24, 16, 4096, initializer_range=0.02),
 }

@@ -41,21 +41,42 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    import time
+
     from .manifest import read_manifest
 
     manifest = read_manifest(args.bundle, verify=not args.no_verify)
     bundle = Path(args.bundle)
-    size = sum(p.stat().st_size for p in bundle.iterdir() if p.is_file())
+    sizes = {p.name: p.stat().st_size for p in bundle.iterdir() if p.is_file()}
     text, vision = manifest.text, manifest.vision
-    print(f"bundle      {bundle} ({size / 2**20:.1f} MiB, schema {manifest.schema_version}, {manifest.precision})")
+    decoder = manifest.graphs["decoder"]
+    print(f"bundle      {bundle} ({sum(sizes.values()) / 2**20:.1f} MiB, schema {manifest.schema_version}, {manifest.precision})")
     print(f"source      {manifest.provenance.get('source')} @ {manifest.provenance.get('revision')}")
     print(f"decoder     {text.architecture}: {text.num_layers} layers, hidden {text.hidden_size}, "
           f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv, vocab {text.vocab_size}, "
-          f"{text.max_position_embeddings} positions ({manifest.graphs['decoder'].kind} cache)")
+          f"{text.max_position_embeddings} positions ({decoder.kind} cache, {decoder.dtype})")
+    if decoder.quantization:
+        q = decoder.quantization
+        print(f"            weights {q.get('method')} {q.get('bits')}-bit, block {q.get('block_size')}, "
+              f"{'symmetric' if q.get('symmetric') else 'asymmetric'}, lm_head {'quantized' if q.get('quantize_lm_head') else 'kept'}")
     print(f"vision      {vision.image_size} px tiles, {vision.patch_size} px patches, layers {vision.feature_layers}, "
           f"strategy {vision.select_strategy}, grid {vision.grid_pinpoints}")
+    for name, spec in manifest.graphs.items():
+        files = [spec.file, *spec.external_data]
+        print(f"size        {name:15} {sum(sizes.get(f, 0) for f in files) / 2**20:10.1f} MiB  ({', '.join(files)})")
+    print(f"size        {'embeddings':15} {sizes.get('embed_tokens.npy', 0) / 2**20:10.1f} MiB")
     if manifest.validation:
         print("validation  max |onnx - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in manifest.validation.items()))
+    if manifest.accuracy:
+        a = manifest.accuracy
+        print(f"accuracy    vs {a['reference']}: top-1 agreement {a['top1_agreement'] * 100:.1f}% over {a['positions']} positions "
+              f"({a['prompts']} prompts); logit diff max {a['max_abs_logit_diff']:.3g}, mean {a['mean_abs_logit_diff']:.3g}")
+    if not args.no_load:
+        from .api import load
+
+        start = time.perf_counter()
+        pipe = load(bundle, provider=args.provider, verify=False)
+        print(f"load        {time.perf_counter() - start:.2f} s on {pipe.provider} (sessions, embeddings, tokenizer)")
     if args.json:
         print(json.dumps(json.loads((bundle / "manifest.json").read_text()), indent=2))
     return 0
@@ -94,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("bundle", type=Path)
     info.add_argument("--json", action="store_true", help="also print the whole manifest")
     info.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
+    info.add_argument("--no-load", action="store_true", help="skip timing a load of the bundle")
+    info.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="where to time the load")
     info.set_defaults(run=_info)
 
     bench = commands.add_parser("bench", help="ortllava against transformers on the same weights and inputs")
-    bench.add_argument("model", help="checkpoint (hub id or folder) or a random shape: cpu-mid, mistral-7b")
+    bench.add_argument("model", help="checkpoint (hub id or folder) or a random shape: cpu-mid, mistral-7b, tiny")
     bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int4"])
     bench.add_argument("--block-size", type=int, default=32, help="int4: input rows per scale")

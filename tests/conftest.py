@@ -27,9 +27,7 @@ CONFIGS = {
     "yi-34b": dict(family="yi", max_position_embeddings=8192, layout="transformers"),
     "llama3": dict(family="llama3", layout="llava-hf"),
     "qwen2-152k": dict(family="qwen2", vocab_size=152064, layout="llava-hf"),
-    # logits_scaling 1.0 until the gqa decoder stops dividing by it (LlavaNext's lm_head does not); greedy
-    # tokens do not depend on it. test_families exports the family's 8.0 with each decoder kind.
-    "granite": dict(family="granite", text_overrides={"logits_scaling": 1.0}, layout="llava-hf"),
+    "granite": dict(family="granite", layout="llava-hf"),
 }
 
 

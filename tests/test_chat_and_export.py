@@ -54,14 +54,18 @@ def test_template_globals(mistral):
     assert rendered == '<s>1|4|[{"role": "user", "content": "é"}]'
 
 
-def test_manifest_records_contract_and_provenance(mistral):
-    manifest = read_manifest(mistral.bundle)
-    assert manifest.graphs["decoder"].kind == "concat"
+@pytest.mark.parametrize("config, kind", [("mistral", "gqa"), ("mistral-concat", "concat")])
+def test_manifest_records_contract_and_provenance(tiny_store, config, kind):
+    manifest = read_manifest(tiny_store.get(config).bundle)
+    assert manifest.graphs["decoder"].kind == kind
     assert manifest.vision.feature_layers == [-2] and manifest.vision.select_strategy == "default"
     assert manifest.provenance["versions"]["transformers"] and manifest.provenance["source"].endswith("checkpoint")
-    assert set(manifest.validation) == {"vision_encoder", "projector", "decoder_logits", "decoder_present"}
+    cache_check = {"concat": {"decoder_present"}, "gqa": set()}[kind]
+    assert set(manifest.validation) == {"vision_encoder", "projector", "decoder_logits"} | cache_check
     assert all(value < 1e-3 for value in manifest.validation.values())
     assert "decoder.onnx" in manifest.files and len(manifest.files["decoder.onnx"]) == 64
+    # fp32 graphs are exact up to summation order: every teacher-forced next token agrees with PyTorch.
+    assert manifest.accuracy["top1_agreement"] == 1.0 and manifest.accuracy["max_abs_logit_diff"] < 1e-3
 
 
 def test_unknown_architecture_is_refused_with_the_supported_list():
@@ -74,7 +78,7 @@ def test_export_cli_tiny_end_to_end(tmp_path):
     bundle = tmp_path / "tiny"
     out = subprocess.run([sys.executable, "-m", "ortllava_export.cli", "--model", "tiny", "--output", str(bundle)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "[6/6]" in out.stderr and "Bundle written" in out.stderr
+    assert "[7/7] Measuring accuracy" in out.stderr and "Bundle written" in out.stderr
     assert json.loads((bundle / "manifest.json").read_text())["provenance"]["source"] == "tiny"
     info = subprocess.run([sys.executable, "-m", "ortllava.cli", "info", str(bundle)], capture_output=True, text=True, check=True)
     assert "MistralForCausalLM" in info.stdout
@@ -83,10 +87,11 @@ def test_export_cli_tiny_end_to_end(tmp_path):
 
 
 def test_external_data_is_listed_hashed_and_loaded(tmp_path, monkeypatch):
-    from ortllava_export import convert
+    from ortllava_export import convert, fused_decoder
     from ortllava_export.cli import export_bundle
 
-    monkeypatch.setattr(convert, "EXTERNAL_DATA_THRESHOLD", 0)  # as if every graph were over the limit
+    for module in (convert, fused_decoder):  # as if every graph were over the limit
+        monkeypatch.setattr(module, "EXTERNAL_DATA_THRESHOLD", 0)
     bundle = export_bundle("tiny", tmp_path / "external")
     manifest = read_manifest(bundle)
     for name in ("vision_encoder", "projector", "decoder"):

@@ -249,17 +249,7 @@ def test_granite_embeddings_are_raw_in_the_bundle(tiny_store):
     np.testing.assert_array_equal(table, model.get_input_embeddings().weight.detach().numpy())
 
 
-@pytest.mark.parametrize(
-    "decoder",
-    [
-        "concat",
-        pytest.param("gqa", marks=pytest.mark.xfail(
-            strict=True,
-            reason="export/fused_decoder.py divides the logits by logits_scaling, LlavaNext's lm_head does not: "
-            "once fixed, remove this mark and the logits_scaling override of CONFIGS['granite']",
-        )),
-    ],
-)
+@pytest.mark.parametrize("decoder", ["concat", "gqa"])
 def test_granite_logits_scaling_exports(tmp_path, decoder):
     """granite-vision's logits_scaling (8.0) is not applied by LlavaNextForConditionalGeneration; the export must
     match PyTorch with it (the graphs are validated against PyTorch on export)."""

@@ -1,0 +1,132 @@
+"""The fast paths: fp16 and int4 bundles (accuracy held to floors), the fused decoder's buffers, CUDA-graph
+fallback, and the benchmark. Greedy parity of the fused fp32 decoder is in test_generation (every config)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import ortllava
+from ortllava.manifest import read_manifest
+
+from conftest import random_image
+
+PROMPT = "[INST] <image>\nWhat is shown in this image? [/INST]"
+
+# Floors for the accuracy report (export/accuracy.py: 3 prompts x 24 teacher-forced positions against the fp32
+# PyTorch model), set from measurement on the tiny Mistral checkpoint of conftest:
+# - fp16: measured 100% top-1, max |logit diff| 0.016. Half precision keeps ~3 significant digits and this
+#   model's logit gaps are wide (initializer_range 0.2), so anything below 95% or above 0.1 is a defect.
+# - int4 (block 32, symmetric, lm_head kept): measured 51-53% top-1, max diff 2.3, mean 0.34. A random
+#   64-wide model has no slack: 4-bit rounding of Gaussian weights moves its logits by a third of a unit,
+#   about its top-2 gap, so half its greedy choices flip (real checkpoints keep far more; see the note in
+#   DESIGN.md). The floor (40%, mean diff < 0.6) still fails a broken kernel, scale or block layout, which
+#   gives chance-level agreement (~0.2% over 574 tokens) and logit errors of several units.
+FLOORS = {
+    "fp16": {"top1_agreement": 0.95, "max_abs_logit_diff": 0.1, "mean_abs_logit_diff": 0.02},
+    "int4": {"top1_agreement": 0.40, "max_abs_logit_diff": 4.0, "mean_abs_logit_diff": 0.6},
+}
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_store, tmp_path_factory):
+    """fp16, int4 (CPU target: fp32 activations) and int4 on the concat decoder, from the tiny Mistral checkpoint."""
+    from ortllava_export.cli import export_bundle
+    from ortllava_export.quantize import Int4Options
+
+    checkpoint = str(tiny_store.get("mistral").checkpoint)
+    root = tmp_path_factory.mktemp("fast")
+    return {
+        "fp16": export_bundle(checkpoint, root / "fp16", precision="fp16"),
+        "int4": export_bundle(checkpoint, root / "int4", precision="int4", target="cpu", int4=Int4Options(block_size=32)),
+        "int4-concat": export_bundle(checkpoint, root / "int4-concat", precision="int4", target="cpu", decoder="concat"),
+    }
+
+
+@pytest.mark.parametrize("name", ["fp16", "int4", "int4-concat"])
+def test_accuracy_report_is_above_its_floor(bundles, name):
+    manifest = read_manifest(bundles[name])
+    floor = FLOORS[name.split("-")[0]]
+    accuracy = manifest.accuracy
+    assert accuracy["positions"] == 72
+    assert accuracy["top1_agreement"] >= floor["top1_agreement"]
+    assert accuracy["max_abs_logit_diff"] <= floor["max_abs_logit_diff"]
+    assert accuracy["mean_abs_logit_diff"] <= floor["mean_abs_logit_diff"]
+
+
+def test_int4_bundle_holds_matmulnbits_and_is_smaller(bundles, tiny_store):
+    import onnx
+
+    manifest = read_manifest(bundles["int4"])
+    assert manifest.precision == "int4" and manifest.graphs["decoder"].quantization["bits"] == 4
+    graph = onnx.load(str(bundles["int4"] / "decoder.onnx"))
+    ops = [node.op_type for node in graph.graph.node]
+    layers = manifest.text.num_layers
+    assert ops.count("MatMulNBits") == 4 * layers and ops.count("MatMul") == 1  # qkv, o, gate_up, down; lm_head kept
+    fp32 = tiny_store.get("mistral").bundle / "decoder.onnx"
+    rotary = 2 * manifest.text.max_position_embeddings * manifest.text.head_dim // 2 * 4  # the cos/sin tables, not weights
+    lm_head = manifest.text.vocab_size * manifest.text.hidden_size * 4
+    layer_bytes = lambda path: path.stat().st_size - rotary - lm_head  # noqa: E731
+    assert layer_bytes(bundles["int4"] / "decoder.onnx") < 0.2 * layer_bytes(fp32)
+
+
+def test_fp16_bundle_generates_on_cpu(bundles):
+    pipe = ortllava.load(bundles["fp16"], provider="cpu")
+    assert pipe.embed_table.dtype == np.float16 and pipe.sessions.decoder.dtype == np.float16
+    result = pipe.generate(prompt=PROMPT, images=[random_image(500, 300, seed=3)], max_new_tokens=8, min_new_tokens=8)
+    assert len(result.token_ids) == 8
+
+
+def test_fused_decoder_reuses_its_buffers(mistral):
+    pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=4096)
+    decoder = pipe.sessions.decoder
+    first = pipe.generate(prompt=PROMPT, images=[random_image(400, 300, seed=1)], max_new_tokens=6, min_new_tokens=6)
+    buffers = [id(value) for value in decoder._spare.state["kv"]]
+    assert decoder._spare.capacity == 4096  # max_length: one static size for every generation
+    again = pipe.generate(prompt=PROMPT, images=[random_image(400, 300, seed=1)], max_new_tokens=6, min_new_tokens=6)
+    assert [id(value) for value in decoder._spare.state["kv"]] == buffers
+    assert again.token_ids == first.token_ids
+    # A different batch size needs other buffers; the answers stay the same.
+    batch = pipe.generate(prompt=[PROMPT, PROMPT], images=[random_image(400, 300, seed=1)] * 2, max_new_tokens=6, min_new_tokens=6)
+    assert [r.token_ids for r in batch] == [first.token_ids] * 2
+
+
+def test_fused_decoder_needs_io_binding(mistral):
+    with pytest.raises(ValueError, match="IO binding"):
+        ortllava.load(mistral.bundle, provider="cpu", io_binding=False)
+
+
+def test_cuda_graph_request_falls_back_cleanly_on_cpu(mistral):
+    image = random_image(300, 300, seed=2)
+    plain = ortllava.load(mistral.bundle, provider="cpu").generate(prompt=PROMPT, images=[image], max_new_tokens=5, min_new_tokens=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = ortllava.load(mistral.bundle, provider="cpu", cuda_graph=True)
+    assert any("cuda_graph" in str(w.message) for w in caught)
+    assert pipe.generate(prompt=PROMPT, images=[image], max_new_tokens=5, min_new_tokens=5).token_ids == plain.token_ids
+
+
+def test_context_beyond_the_graph_is_refused_before_running(mistral):
+    pipe = ortllava.load(mistral.bundle, provider="cpu")
+    with pytest.raises(ValueError, match="positions"):
+        pipe.generate(prompt=PROMPT, images=[random_image(300, 300)], max_new_tokens=9000)
+
+
+def test_bench_runs_and_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--new-tokens", "8", "--repeats", "1", "--threads", "2", "--json", str(out)],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["tokens_identical"] is True
+    assert report["decode_floor_ms"] > 0 and 0 < report["bandwidth_gb_s"]
+    for key in ("preprocess_s", "time_to_first_token_s", "decode_ms_per_token", "total_s"):
+        assert report["ortllava"][key] > 0 and report["transformers"][key] > 0
+    assert "decode floor" in run.stdout and "time to first token" in run.stdout
