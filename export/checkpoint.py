@@ -19,8 +19,12 @@ class Checkpoint:
     chat_template_origin: str = "checkpoint"  # "checkpoint", "registry:<name>" (models/templates/<name>.jinja) or "none"
 
 
-def load_checkpoint(name: str, revision: str | None = None) -> Checkpoint:
-    """`name`: a hub id, a local checkpoint folder (llava-hf or transformers-5 layout), or "tiny"."""
+def load_checkpoint(name: str, revision: str | None = None, half_decoder: bool = False) -> Checkpoint:
+    """`name`: a hub id, a local checkpoint folder (llava-hf or transformers-5 layout), or "tiny".
+
+    `half_decoder` reads the weights in fp16 and brings only the vision tower, projector and image newline back
+    to fp32: an fp16 or int4 export that is not validated then never holds an fp32 copy of the decoder.
+    """
     import torch
     from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
 
@@ -37,7 +41,12 @@ def load_checkpoint(name: str, revision: str | None = None) -> Checkpoint:
     config = AutoConfig.from_pretrained(name, revision=revision)
     family = check_supported(config)
     processor = AutoProcessor.from_pretrained(name, revision=revision)
-    model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype=torch.float32).eval()
+    dtype = torch.float16 if half_decoder else torch.float32
+    model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype=dtype).eval()
+    if half_decoder:
+        model.model.vision_tower.float()
+        model.model.multi_modal_projector.float()
+        model.model.image_newline.data = model.model.image_newline.data.float()
     commit = getattr(config, "_commit_hash", None) or revision
     origin = "checkpoint" if processor.chat_template else apply_default_template(processor, config.text_config.model_type, name)
     return Checkpoint(model, processor, family, name, commit, origin)

@@ -76,7 +76,8 @@ def export_bundle(
     progress = Progress(5 + 2 * validate + (precision == "int4" and (validate or decoder == "concat")))
     stage = progress.stage
     with stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
-        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, revision)
+        # Unvalidated fp16/int4 exports read the decoder in fp16: no fp32 copy of it is ever held.
+        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, revision, half_decoder=half and not validate)
     # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
     output = Path(output)
     work = output.with_name(output.name + ".partial")

@@ -4,6 +4,7 @@ Both kinds have one interface (gpt-fast's `prefill` / `decode_one_token`, with t
 - `start(inputs_embeds, attention_mask, capacity)` runs the prompt and returns the logits of each row's last
   token and a `KVCache` with room for `capacity` positions;
 - `step(cache)` runs one new token per row, whose embeddings the caller has written into `cache.step_embeds`;
+- `reserve(cache, positions)` makes room (it may return a new, larger cache: use the one it returns);
 - `extend(inputs_embeds, cache)` appends several tokens to a one-row cache (the next turn of a chat);
 - `truncate(cache, length)` forgets a one-row cache's positions from `length` on.
 
@@ -128,17 +129,23 @@ class FusedDecoder(_DecoderBase):
             self._sync(cache.state["mask_value"], cache.state["mask"])
             return cache
         del spare  # let the old buffers go before allocating new ones
+        if self.fixed_capacity and capacity > self.fixed_capacity:
+            raise ContextLengthError(
+                f"{capacity} positions asked for, but the key/value buffers were fixed at max_length={self.fixed_capacity}"
+            )
         capacity = self.fixed_capacity or capacity
         kv_shape = (batch, self.kv_heads, capacity, self.head_dim)
-        if self.device.type == "cpu":
-            kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(kv_shape, self.dtype)) for _ in self.past_names]
+        if self.device.type == "cpu":  # numpy arrays the OrtValues share: the host can read and write them
+            kv_host = [np.zeros(kv_shape, self.dtype) for _ in self.past_names]
+            kv = [ort.OrtValue.ortvalue_from_numpy(array) for array in kv_host]
         else:
+            kv_host = None
             kv = [ort.OrtValue.ortvalue_from_shape_and_type(kv_shape, self.dtype, self.device.type, self.device.id) for _ in self.past_names]
         step_embeds = np.zeros((batch, 1, self.hidden_size), self.dtype)
         mask = np.zeros((batch, capacity), np.int64)
         logits = np.zeros((batch, self.vocab_size), np.float32)
         cache = KVCache(batch, capacity, np.zeros(batch, np.int64), step_embeds, logits)
-        cache.state.update(kv=kv, mask=mask, rows=np.arange(batch))
+        cache.state.update(kv=kv, kv_host=kv_host, mask=mask, rows=np.arange(batch))
         cache.state["embeds_value"] = self._value(step_embeds)
         cache.state["mask_value"] = self._value(mask)
         # Logits land in host memory directly, except under CUDA graphs, whose outputs must stay on the device.
@@ -219,8 +226,12 @@ class FusedDecoder(_DecoderBase):
         return self._logits(cache)
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Appends `inputs_embeds [1, S, D]` to a one-row cache -> logits `[1, V]` of the last of them."""
-        cache = self._ensure_room(cache, int(cache.lengths[0]) + inputs_embeds.shape[1])
+        """Appends `inputs_embeds [1, S, D]` to a one-row cache -> logits `[1, V]` of the last of them.
+
+        The cache must have room (`reserve` first: it may return a new, larger cache).
+        """
+        if int(cache.lengths[0]) + inputs_embeds.shape[1] > cache.capacity:
+            raise ContextLengthError(f"the cache holds {cache.capacity} positions: reserve room before extending it")
         start = int(cache.lengths[0])
         cache.lengths[0] += inputs_embeds.shape[1]
         cache.state["mask"][0, start : cache.lengths[0]] = 1
@@ -243,9 +254,9 @@ class FusedDecoder(_DecoderBase):
             raise ContextLengthError(f"{positions} positions do not fit this cache of {cache.capacity}")
         grown = self._new_cache(1, self._capacity(positions))
         held = int(cache.lengths[0])
-        for source, target in zip(cache.state["kv"], grown.state["kv"]):
+        for index, (source, target) in enumerate(zip(cache.state["kv"], grown.state["kv"])):
             if self.device.type == "cpu":
-                target.numpy()[:, :, :held] = source.numpy()[:, :, :held]
+                grown.state["kv_host"][index][:, :, :held] = cache.state["kv_host"][index][:, :, :held]
             else:  # rare (a chat outgrew its buffers): one round trip through the host
                 host = np.zeros(target.shape(), self.dtype)
                 host[:, :, :held] = source.numpy()[:, :, :held]

@@ -130,3 +130,19 @@ def test_bench_runs_and_reports(tmp_path):
     for key in ("preprocess_s", "time_to_first_token_s", "decode_ms_per_token", "total_s"):
         assert report["ortllava"][key] > 0 and report["transformers"][key] > 0
     assert "decode floor" in run.stdout and "time to first token" in run.stdout
+
+
+@pytest.mark.parametrize("config", ["mistral", "mistral-concat"])
+def test_extend_past_the_capacity_equals_one_prefill(tiny_store, config):
+    """A one-row cache continued by `extend` (and grown past its capacity) gives the logits of one prefill."""
+    pipe = ortllava.load(tiny_store.get(config).bundle, provider="cpu")
+    decoder = pipe.sessions.decoder
+    embeds = np.random.default_rng(0).standard_normal((1, 300, pipe.manifest.text.hidden_size)).astype(np.float32)
+    want, whole = decoder.start(embeds, np.ones((1, 300), np.int64), capacity=300)
+    want = want.copy()
+    decoder.release(whole)
+    _, cache = decoder.start(embeds[:, :100], np.ones((1, 100), np.int64), capacity=100)
+    cache = decoder.reserve(cache, 300)  # beyond the 256 positions the first prefill asked for
+    got = decoder.extend(embeds[:, 100:], cache)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert int(cache.lengths[0]) == 300

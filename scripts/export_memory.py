@@ -1,0 +1,89 @@
+"""Peak host memory of `ortllava-export` on a ~1B-parameter random checkpoint, per precision.
+
+Builds the checkpoint once (saved in fp32, as a user's download would be), then exports it in a fresh
+process per precision and reads that process's peak RSS from the kernel (wait4). Prints a table relative to
+the model's fp16 size and writes JSON.
+
+    python scripts/export_memory.py --work /tmp/export-memory [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# ~1.03B parameters: a Mistral-style decoder 20 x 2048 (FFN 5632, 32 heads, 8 KV heads, 32k vocab) and a
+# small CLIP-style tower.
+TEXT = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=32000)
+RUNS = {
+    "fp32": ["--precision", "fp32"],
+    "fp16": ["--precision", "fp16"],
+    "int4 (cuda)": ["--precision", "int4", "--target", "cuda"],
+    "int4 (cpu)": ["--precision", "int4", "--target", "cpu"],
+}
+
+
+def build(folder: Path) -> int:
+    import torch
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
+
+    from ortllava_export.tiny import CLIP_PINPOINTS, TinySpec, build_processor, build_tokenizer
+
+    tokenizer = build_tokenizer("mistral")
+    text = MistralConfig(**TEXT, max_position_embeddings=4096, sliding_window=None, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, image_size=336, patch_size=14)
+    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=CLIP_PINPOINTS, image_seq_length=576)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    build_processor(TinySpec(family="mistral"), tokenizer).save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def peak_rss_of(command: list[str]) -> tuple[float, float, int]:
+    """Runs `command`; returns (its peak RSS in bytes, seconds, exit status)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        print(process.stderr.read()[-3000:], file=sys.stderr)
+    return usage.ru_maxrss * 1024, time.perf_counter() - start, process.returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=Path("/tmp/export-memory"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    checkpoint = args.work / "checkpoint"
+    count_file = args.work / "parameters.json"
+    if not count_file.is_file():
+        print("building the ~1B checkpoint ...", file=sys.stderr, flush=True)
+        count_file.write_text(json.dumps(build(checkpoint)))
+    parameters = json.loads(count_file.read_text())
+    fp16_bytes = 2 * parameters
+    results = {"parameters": parameters, "fp16_bytes": fp16_bytes, "runs": {}}
+    print(f"{parameters / 1e9:.2f}B parameters, fp16 size {fp16_bytes / 2**30:.2f} GiB")
+    print(f"{'precision':14}{'peak RSS GiB':>14}{'x fp16 size':>13}{'time s':>9}{'bundle GiB':>12}")
+    for name, flags in RUNS.items():
+        output = args.work / name.replace(" ", "").replace("(", "-").replace(")", "")
+        command = [sys.executable, "-m", "ortllava_export.cli", "--model", str(checkpoint), "--output", str(output), "--no-validate", *flags]
+        peak, seconds, status = peak_rss_of(command)
+        size = sum(f.stat().st_size for f in output.iterdir()) if status == 0 else 0
+        results["runs"][name] = {"peak_rss_bytes": peak, "ratio_to_fp16": peak / fp16_bytes, "seconds": seconds, "bundle_bytes": size, "status": status}
+        print(f"{name:14}{peak / 2**30:14.2f}{peak / fp16_bytes:13.2f}{seconds:9.0f}{size / 2**30:12.2f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
