@@ -19,11 +19,13 @@ class Checkpoint:
     chat_template_origin: str = "checkpoint"  # "checkpoint", "registry:<name>" (models/templates/<name>.jinja) or "none"
 
 
-def load_checkpoint(name: str, revision: str | None = None, half_decoder: bool = False) -> Checkpoint:
+def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool = False) -> Checkpoint:
     """`name`: a hub id, a local checkpoint folder (llava-hf or transformers-5 layout), or "tiny".
 
-    `half_decoder` reads the weights in fp16 and brings only the vision tower, projector and image newline back
-    to fp32: an fp16 or int4 export that is not validated then never holds an fp32 copy of the decoder.
+    The model is fp32 (the validation reference), unless `stored_dtype`: then the decoder keeps the dtype the
+    weights are stored in (fp16 for the llava-hf checkpoints), memory-mapped, and only the small vision tower,
+    projector and image newline are brought to fp32. The exporter converts decoder weights one at a time, so
+    an unvalidated export never holds a converted copy of the decoder.
     """
     import torch
     from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
@@ -41,9 +43,8 @@ def load_checkpoint(name: str, revision: str | None = None, half_decoder: bool =
     config = AutoConfig.from_pretrained(name, revision=revision)
     family = check_supported(config)
     processor = AutoProcessor.from_pretrained(name, revision=revision)
-    dtype = torch.float16 if half_decoder else torch.float32
-    model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype=dtype).eval()
-    if half_decoder:
+    model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype="auto" if stored_dtype else torch.float32).eval()
+    if stored_dtype:
         model.model.vision_tower.float()
         model.model.multi_modal_projector.float()
         model.model.image_newline.data = model.model.image_newline.data.float()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 import sys
@@ -76,8 +77,8 @@ def export_bundle(
     progress = Progress(5 + 2 * validate + (precision == "int4" and (validate or decoder == "concat")))
     stage = progress.stage
     with stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
-        # Unvalidated fp16/int4 exports read the decoder in fp16: no fp32 copy of it is ever held.
-        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, revision, half_decoder=half and not validate)
+        # Unvalidated exports keep the decoder as stored (memory-mapped); validation needs the fp32 reference.
+        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, revision, stored_dtype=not validate)
     # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
     output = Path(output)
     work = output.with_name(output.name + ".partial")
@@ -91,6 +92,9 @@ def export_bundle(
             for name in ("vision_encoder", "projector"):
                 convert_to_fp16(graphs[name], work)
     int4 = (int4 or Int4Options()) if precision == "int4" else None
+    if int4 is not None and int4.accuracy_level is None and (target == "cpu" or decoder == "concat"):
+        # fp32 activations on the CPU: MLAS's fast 4-bit kernels quantize each activation block to int8.
+        int4 = dataclasses.replace(int4, accuracy_level=4)
     # Unvalidated int4 fused decoders are built quantized at once; otherwise the float graph comes first.
     quantize_at_build = int4 is not None and decoder == "gqa" and not validate
     with stage(f"Building the {decoder} decoder ({decoder_precision}{' weights in int4' if quantize_at_build else ''})"):

@@ -36,13 +36,15 @@ from onnx import TensorProto, helper, numpy_helper
 from ortllava import manifest as names
 from ortllava.manifest import GraphSpec
 
-from .convert import EXTERNAL_DATA_THRESHOLD
 from .quantize import Int4Options, quantize_weight
 
 OPSET = 21
 IR_VERSION = 10  # what opset 21 needs; onnx's default (newer) is refused by older onnxruntime releases (1.31: max 13)
 _DTYPES = {"fp32": np.float32, "fp16": np.float16}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# Decoders with more weight bytes than this stream them to an external data file as they are converted, so
+# the exporter never holds a second copy of the model (and the graph stays under protobuf's 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1 << 28
 # Rotary tables longer than this are cut: the graph then serves at most this many positions (manifest: max_length).
 MAX_ROTARY_POSITIONS = 131072
 
@@ -200,10 +202,11 @@ def _build(g: _Graph, model, config, text_model) -> None:
     g.weight("rotary.cos", cos)
     g.weight("rotary.sin", sin)
 
-    # attention_mask -> the op's sequence lengths.
-    (mask_sum,) = g.node("ReduceSum", [names.ATTENTION_MASK, g.const_i64("axis1", [1])], 1, "mask/sum", keepdims=0)
-    (last,) = g.node("Sub", [mask_sum, g.const_i64("one", 1)], 1, "mask/last")
-    (seqlens_k,) = g.node("Cast", [last], ["seqlens_k"], "mask/seqlens_k", to=TensorProto.INT32)
+    # attention_mask -> the op's sequence lengths. seqlens_k is data (on the device, int32 throughout);
+    # total_sequence_length comes from the mask's shape, which the op reads on the host.
+    (mask32,) = g.node("Cast", [names.ATTENTION_MASK], 1, "mask/int32", to=TensorProto.INT32)
+    (mask_sum,) = g.node("ReduceSum", [mask32, g.const_i64("axis1", [1])], 1, "mask/sum", keepdims=0)
+    (seqlens_k,) = g.node("Sub", [mask_sum, g.weight("one_i32", np.array(1, np.int32), np.int32)], ["seqlens_k"], "mask/seqlens_k")
     (mask_shape,) = g.node("Shape", [names.ATTENTION_MASK], 1, "mask/shape")
     (width,) = g.node("Gather", [mask_shape, g.const_i64("index1", 1)], 1, "mask/width", axis=0)
     (total_length,) = g.node("Cast", [width], ["total_sequence_length"], "mask/total", to=TensorProto.INT32)
@@ -293,18 +296,22 @@ def _gather_last(g: _Graph, hidden: str, seqlens_k: str) -> list[str]:
     """`hidden [B, S, D]` -> `[B, D]` at row b's index `min(seqlens_k[b], S - 1)`.
 
     A first prompt is right-padded, so its last real token sits at `seqlens_k`; a decode step (S = 1) and a
-    continued prompt (B = 1, past > 0) end at `S - 1`, which the min picks.
+    continued prompt (B = 1, past > 0) end at `S - 1`, which the min picks. The index is computed from data
+    only (positions by a cumulative sum, S - 1 as their maximum) and the row picked by a one-hot MatMul, so no
+    shape value crosses between host and device: with no copy nodes, CUDA graphs can capture the step.
     """
-    (shape,) = g.node("Shape", [hidden], 1, "last/shape")
-    (batch,) = g.node("Gather", [shape, g.const_i64("index0", 0)], 1, "last/batch", axis=0)
-    (seq,) = g.node("Gather", [shape, g.const_i64("index1_", 1)], 1, "last/seq", axis=0)
-    (seq_last,) = g.node("Sub", [seq, g.const_i64("one_", 1)], 1, "last/seq_last")
-    (lengths,) = g.node("Cast", [seqlens_k], 1, "last/lengths", to=TensorProto.INT64)
-    (index,) = g.node("Min", [lengths, seq_last], 1, "last/index")
-    (rows,) = g.node("Range", [g.const_i64("zero", 0), batch, g.const_i64("step", 1)], 1, "last/rows")
-    (row_start,) = g.node("Mul", [rows, seq], 1, "last/row_start")
-    (flat_index,) = g.node("Add", [row_start, index], 1, "last/flat_index")
-    (hidden_size,) = g.node("Gather", [shape, g.const_i64("index2", [2])], 1, "last/hidden_size", axis=0)
-    (flat_shape,) = g.node("Concat", [g.const_i64("minus_one", [-1]), hidden_size], 1, "last/flat_shape", axis=0)
-    (flat,) = g.node("Reshape", [hidden, flat_shape], 1, "last/flatten")
-    return g.node("Gather", [flat, flat_index], 1, "last/gather", axis=0)
+    (first,) = g.node("Slice", [hidden, g.const_i64("zero1", [0]), g.const_i64("one1", [1]), g.const_i64("axis2", [2])], 1, "last/first_feature")
+    (first32,) = g.node("Cast", [first], 1, "last/float", to=TensorProto.FLOAT)  # positions past 2048 need fp32
+    (zeros,) = g.node("Mul", [first32, g.weight("zero_f32", np.array(0, np.float32), np.float32)], 1, "last/zeros")
+    (ones,) = g.node("Add", [zeros, g.weight("one_f32", np.array(1, np.float32), np.float32)], 1, "last/ones")  # [B, S, 1]
+    (count,) = g.node("CumSum", [ones, g.weight("axis1_i32", np.array(1, np.int32), np.int32)], 1, "last/count")
+    (positions,) = g.node("Sub", [count, g.weight("one_f32_", np.array(1, np.float32), np.float32)], 1, "last/positions")  # s
+    (final,) = g.node("ReduceMax", [positions, g.const_i64("axis1_", [1])], 1, "last/final", keepdims=1)  # S - 1: [B, 1, 1]
+    (lengths,) = g.node("Cast", [seqlens_k], 1, "last/lengths", to=TensorProto.FLOAT)
+    (lengths3,) = g.node("Unsqueeze", [lengths, g.const_i64("axes12", [1, 2])], 1, "last/lengths3")  # [B, 1, 1]
+    (index,) = g.node("Min", [lengths3, final], 1, "last/index")
+    (hit,) = g.node("Equal", [positions, index], 1, "last/hit")  # [B, S, 1]
+    (onehot,) = g.node("Cast", [hit], 1, "last/onehot", to=helper.np_dtype_to_tensor_dtype(np.dtype(g.dtype)))
+    (row,) = g.node("Transpose", [onehot], 1, "last/row", perm=[0, 2, 1])  # [B, 1, S]
+    (picked,) = g.node("MatMul", [row, hidden], 1, "last/pick")  # [B, 1, D]
+    return g.node("Squeeze", [picked, g.const_i64("axis1__", [1])], 1, "last/squeeze")

@@ -26,7 +26,7 @@ class Int4Options:
     block_size: int = 32  # input rows per scale; 32 keeps accuracy close to fp16, 128 makes files ~6% smaller
     symmetric: bool = True  # False adds a zero point per block
     quantize_lm_head: bool = False
-    accuracy_level: int | None = None  # MatMulNBits compute type: None leaves it to the provider; 4 = int8 on CPU
+    accuracy_level: int | None = None  # MatMulNBits compute type; None: 4 (int8) for CPU targets, the provider's default on CUDA
 
     def as_dict(self) -> dict:
         return {"block_size": self.block_size, "symmetric": self.symmetric, "quantize_lm_head": self.quantize_lm_head, "accuracy_level": self.accuracy_level}

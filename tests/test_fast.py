@@ -65,9 +65,11 @@ def test_int4_bundle_holds_matmulnbits_and_is_smaller(bundles, tiny_store):
     manifest = read_manifest(bundles["int4"])
     assert manifest.precision == "int4" and manifest.graphs["decoder"].quantization["bits"] == 4
     graph = onnx.load(str(bundles["int4"] / "decoder.onnx"))
+    weights = {tensor.name for tensor in graph.graph.initializer}
     ops = [node.op_type for node in graph.graph.node]
-    layers = manifest.text.num_layers
-    assert ops.count("MatMulNBits") == 4 * layers and ops.count("MatMul") == 1  # qkv, o, gate_up, down; lm_head kept
+    float_linears = [node for node in graph.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+    assert ops.count("MatMulNBits") == 4 * manifest.text.num_layers  # qkv, o_proj, gate_up, down_proj
+    assert [node.name for node in float_linears] == ["lm_head"]  # kept in float unless --quantize-lm-head
     fp32 = tiny_store.get("mistral").bundle / "decoder.onnx"
     rotary = 2 * manifest.text.max_position_embeddings * manifest.text.head_dim // 2 * 4  # the cos/sin tables, not weights
     lm_head = manifest.text.vocab_size * manifest.text.hidden_size * 4
