@@ -1,8 +1,9 @@
 """Peak host memory of `ortllava-export` on a ~1B-parameter random checkpoint, per precision.
 
-Builds the checkpoint once (saved in fp32, as a user's download would be), then exports it in a fresh
-process per precision and reads that process's peak RSS from the kernel (wait4). Prints a table relative to
-the model's fp16 size and writes JSON.
+Builds the checkpoint once (saved in fp16, as the llava-hf checkpoints are published), then exports it in
+a fresh process per precision and samples that process's memory from /proc every 20 ms: peak RSS, and peak
+anonymous RSS (RSS less the file pages mapped from the checkpoint and bundle, which the kernel can drop).
+Prints a table relative to the model's fp16 size and writes JSON.
 
     python scripts/export_memory.py --work /tmp/export-memory [--json results.json]
 """
@@ -42,20 +43,37 @@ def build(folder: Path) -> int:
                              vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=CLIP_PINPOINTS, image_seq_length=576)
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration(config).eval()
-    model.save_pretrained(folder)
+    model.half().save_pretrained(folder)
     build_processor(TinySpec(family="mistral"), tokenizer).save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 
 
-def peak_rss_of(command: list[str]) -> tuple[float, float, int]:
-    """Runs `command`; returns (its peak RSS in bytes, seconds, exit status)."""
+def _status(pid: int) -> dict[str, int]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def peak_memory_of(command: list[str]) -> tuple[dict[str, int], float, int]:
+    """Runs `command`; returns ({VmRSS, RssAnon, RssFile: peak bytes}, seconds, exit status)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    while process.poll() is None:
+        try:
+            for key, value in _status(process.pid).items():
+                peaks[key] = max(peaks[key], value)
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.02)
+    process.wait()
     if process.returncode:
         print(process.stderr.read()[-3000:], file=sys.stderr)
-    return usage.ru_maxrss * 1024, time.perf_counter() - start, process.returncode
+    return peaks, time.perf_counter() - start, process.returncode
 
 
 def main() -> int:
@@ -72,14 +90,18 @@ def main() -> int:
     fp16_bytes = 2 * parameters
     results = {"parameters": parameters, "fp16_bytes": fp16_bytes, "runs": {}}
     print(f"{parameters / 1e9:.2f}B parameters, fp16 size {fp16_bytes / 2**30:.2f} GiB")
-    print(f"{'precision':14}{'peak RSS GiB':>14}{'x fp16 size':>13}{'time s':>9}{'bundle GiB':>12}")
+    print(f"{'precision':14}{'peak RSS GiB':>14}{'x fp16':>8}{'peak anon GiB':>15}{'x fp16':>8}{'time s':>8}{'bundle GiB':>12}")
     for name, flags in RUNS.items():
         output = args.work / name.replace(" ", "").replace("(", "-").replace(")", "")
         command = [sys.executable, "-m", "ortllava_export.cli", "--model", str(checkpoint), "--output", str(output), "--no-validate", *flags]
-        peak, seconds, status = peak_rss_of(command)
+        peaks, seconds, status = peak_memory_of(command)
         size = sum(f.stat().st_size for f in output.iterdir()) if status == 0 else 0
-        results["runs"][name] = {"peak_rss_bytes": peak, "ratio_to_fp16": peak / fp16_bytes, "seconds": seconds, "bundle_bytes": size, "status": status}
-        print(f"{name:14}{peak / 2**30:14.2f}{peak / fp16_bytes:13.2f}{seconds:9.0f}{size / 2**30:12.2f}", flush=True)
+        rss, anon = peaks["VmRSS"], peaks["RssAnon"]
+        results["runs"][name] = {
+            "peak_rss_bytes": rss, "peak_anon_bytes": anon, "rss_to_fp16": rss / fp16_bytes, "anon_to_fp16": anon / fp16_bytes,
+            "seconds": seconds, "bundle_bytes": size, "status": status,
+        }
+        print(f"{name:14}{rss / 2**30:14.2f}{rss / fp16_bytes:8.2f}{anon / 2**30:15.2f}{anon / fp16_bytes:8.2f}{seconds:8.0f}{size / 2**30:12.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
