@@ -1,17 +1,18 @@
-"""The public API: `load` a bundle into a `Pipeline`, then `generate`."""
+"""The public API: `load` a bundle into a `Pipeline`, then `generate`, `stream` or `chat`."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .features import embed, pack_images
 from .detokenizer import StreamingDetokenizer
+from .decoders import KVCache
 from .generate import GenerationMetrics, GenerationResult, Step, decode_loop
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_manifest
@@ -19,7 +20,16 @@ from .processor import Processor
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
 from .sessions import BundleSessions
 
+if TYPE_CHECKING:
+    from .chat import ChatSession
+
 Messages = list[dict[str, Any]]
+Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
+KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)
+# A prefill plan: (processor outputs, max_new_tokens, metrics) -> what to prefill, and who keeps the cache after
+# (None: it goes back to the decoder). `Pipeline._fresh_prefill` embeds the whole prompt; a chat embeds only
+# what its cache does not hold yet.
+PrefillPlan = Callable[[dict[str, np.ndarray], int, GenerationMetrics], tuple[Prefill, KeepCache | None]]
 
 # transformers' defaults for what a generation config leaves unset.
 _SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
@@ -117,32 +127,10 @@ class Pipeline:
         Returns a `GenerationResult`, or a list of them for a batch.
         """
         run = self._start(
-            prompt, images, messages, seed, min_new_tokens, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            None, prompt, images, messages, seed, min_new_tokens, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         )
-        batch = run.attention_mask.shape[0]
-        answers: list[list[int]] = [[] for _ in range(batch)]
-        stopped = [False] * batch
-        detokenizers = [StreamingDetokenizer(self.processor.decode) for _ in range(batch)] if stop else None
-        steps = run.loop()
-        for step in steps:
-            for row in np.flatnonzero(step.active):
-                if stopped[row]:
-                    continue
-                answers[row].append(int(step.tokens[row]))
-                if detokenizers is not None:
-                    detokenizers[row].add(int(step.tokens[row]))
-                    stopped[row] = _find_stop(detokenizers[row].text, stop) is not None
-            if all(stopped[row] or step.finished[row] for row in range(batch)):
-                steps.close()
-                break
-        run.metrics.total_s = time.perf_counter() - run.started
-        results = []
-        for row, answer in enumerate(answers):
-            text = self.processor.decode(answer)
-            cut = _find_stop(text, stop) if stop else None
-            reason = "stop" if cut is not None or (answer and answer[-1] in run.eos) else "length"
-            results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics))
+        results = self._collect(run, stop)
         return results if run.batched else results[0]
 
     def stream(self, prompt: str | None = None, images: Sequence[ImageLike] | ImageLike | None = None, messages: Messages | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
@@ -152,30 +140,83 @@ class Pipeline:
         finish reason and the metrics.
         """
         stop = kwargs.pop("stop", None)
-        run = self._start(prompt, images, messages, **kwargs)
+        run = self._start(None, prompt, images, messages, **kwargs)
         if run.batched:
             raise ValueError("stream takes one prompt or one chat; use generate for batches")
+        yield from self._stream(run, stop)
+
+    def chat(self, system: str | None = None, **defaults: Any) -> ChatSession:
+        """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
+
+        `system`: an optional system message. `defaults`: generation arguments for every turn (as `generate`'s:
+        max_new_tokens, do_sample, temperature, top_k, top_p, seed, min_new_tokens, repetition_penalty, stop).
+        """
+        from .chat import ChatSession
+
+        return ChatSession(self, system, **defaults)
+
+    # ----------------------------------------------------------------------------------------------
+    # The shared machinery of generate, stream and chats
+
+    def _collect(self, run: _Run, stop: Sequence[str] | None) -> list[GenerationResult]:
+        """Runs a prepared generation to the end: one `GenerationResult` per row."""
+        batch = run.batch
+        answers: list[list[int]] = [[] for _ in range(batch)]
+        stopped = [False] * batch
+        detokenizers = [StreamingDetokenizer(self.processor.decode) for _ in range(batch)] if stop else None
+        steps = run.loop()
+        try:
+            for step in steps:
+                for row in np.flatnonzero(step.active):
+                    if stopped[row]:
+                        continue
+                    answers[row].append(int(step.tokens[row]))
+                    if detokenizers is not None:
+                        detokenizers[row].add(int(step.tokens[row]))
+                        stopped[row] = _find_stop(detokenizers[row].text, stop) is not None
+                if all(stopped[row] or step.finished[row] for row in range(batch)):
+                    break
+        finally:
+            steps.close()
+        run.metrics.total_s = time.perf_counter() - run.started
+        results = []
+        for answer in answers:
+            text = self.processor.decode(answer)
+            cut = _find_stop(text, stop) if stop else None
+            reason = "stop" if cut is not None or (answer and answer[-1] in run.eos) else "length"
+            results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics))
+        return results
+
+    def _stream(self, run: _Run, stop: Sequence[str] | None) -> Iterator[StreamChunk]:
+        """Runs a prepared one-row generation, yielding stable text pieces; the last chunk has the finish reason
+        and the metrics. The decode loop is closed (its cache released or kept) before that last chunk."""
         detokenizer = StreamingDetokenizer(self.processor.decode)
         released = 0  # characters of detokenizer.text already yielded
         reason = "length"
-        for step in run.loop():
-            token = int(step.tokens[0])
-            detokenizer.add(token)
-            if step.finished[0]:
-                detokenizer.finalize()
-                reason = "stop"
-            text = detokenizer.text
-            cut = _find_stop(text, stop)
-            if cut is not None:
-                reason, end = "stop", cut
-            else:  # hold back a tail that could still grow into a stop string
-                end = len(text) - (_stop_prefix_overlap(text, stop) if stop and not step.finished[0] else 0)
-            if end > released:
-                yield StreamChunk(text[released:end], token)
-                released = end
-            if cut is not None or step.finished[0]:
-                break
-        else:
+        ended = False  # an EOS token or a stop string ended the answer
+        steps = run.loop()
+        try:
+            for step in steps:
+                token = int(step.tokens[0])
+                detokenizer.add(token)
+                if step.finished[0]:
+                    detokenizer.finalize()
+                    reason = "stop"
+                text = detokenizer.text
+                cut = _find_stop(text, stop)
+                if cut is not None:
+                    reason, end = "stop", cut
+                else:  # hold back a tail that could still grow into a stop string
+                    end = len(text) - (_stop_prefix_overlap(text, stop) if stop and not step.finished[0] else 0)
+                if end > released:
+                    yield StreamChunk(text[released:end], token)
+                    released = end
+                if cut is not None or step.finished[0]:
+                    ended = True
+                    break
+        finally:
+            steps.close()
+        if not ended:  # max_new_tokens reached
             detokenizer.finalize()
             text = detokenizer.text
             cut = _find_stop(text, stop)
@@ -188,6 +229,7 @@ class Pipeline:
 
     def _start(
         self,
+        plan: PrefillPlan | None,
         prompt: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | ImageLike | None = None,
         messages: Messages | Sequence[Messages] | None = None,
@@ -195,7 +237,8 @@ class Pipeline:
         min_new_tokens: int = 0,
         **given: Any,
     ) -> _Run:
-        """Everything up to the first decoder call: inputs, images, embeddings, sampler."""
+        """Everything up to the first decoder call: inputs, settings, images, embeddings (through `plan`,
+        by default `_fresh_prefill`), sampler."""
         started = time.perf_counter()
         metrics = GenerationMetrics()
         inputs, batched = self.prepare(prompt, images, messages)
@@ -205,6 +248,7 @@ class Pipeline:
             ids = [row[mask == 1].tolist() for row, mask in zip(input_ids, attention_mask)]
             padded = self.processor.pad(ids, padding=True, padding_side="left")
             input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
+            inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask}
 
         settings = self._settings(given)
         self._check_length(input_ids.shape[1], settings["max_new_tokens"])
@@ -212,8 +256,7 @@ class Pipeline:
         metrics.prompt_tokens = int(input_ids.shape[1])
 
         vision_start = time.perf_counter()
-        features = self.encode_images(inputs["pixel_values"], inputs["image_sizes"]) if "pixel_values" in inputs else None
-        inputs_embeds = self.embed(input_ids, features)
+        prefill, keep_cache = (plan or self._fresh_prefill)(inputs, settings["max_new_tokens"], metrics)
         metrics.vision_s = time.perf_counter() - vision_start
 
         eos = self._eos_ids()
@@ -222,7 +265,17 @@ class Pipeline:
         sampler = make_sampler(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"], seed)
         sampler = with_min_new_tokens(sampler, eos, min_new_tokens)
         sampler = with_repetition_penalty(sampler, input_ids, self.manifest.text.vocab_size, settings["repetition_penalty"])
-        return _Run(self, inputs_embeds, attention_mask, sampler, settings["max_new_tokens"], eos, pad_id, metrics, started, batched)
+        return _Run(self, prefill, input_ids.shape[0], sampler, settings["max_new_tokens"], eos, pad_id, metrics, started, batched, keep_cache)
+
+    def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics) -> tuple[Prefill, None]:
+        """The whole prompt: every image through the vision path, every token embedded, a new cache."""
+        features = self.encode_images(inputs["pixel_values"], inputs["image_sizes"]) if "pixel_values" in inputs else None
+        inputs_embeds = self.embed(inputs["input_ids"], features)
+        attention_mask = inputs["attention_mask"]
+        capacity = attention_mask.shape[1] + max_new_tokens
+        metrics.prefilled_tokens = int(attention_mask.shape[1])
+        decoder = self.sessions.decoder
+        return (lambda: decoder.start(inputs_embeds, attention_mask, capacity)), None
 
     def _settings(self, given: dict[str, Any]) -> dict[str, Any]:
         """Each generation setting: the caller's value, else the bundle's generation config, else the default."""
@@ -270,8 +323,8 @@ class _Run:
     """A prepared generation: what `decode_loop` needs, and what the result reports."""
 
     pipe: Pipeline
-    inputs_embeds: np.ndarray
-    attention_mask: np.ndarray
+    prefill: Prefill
+    batch: int
     sampler: Any
     max_new_tokens: int
     eos: list[int]
@@ -279,11 +332,13 @@ class _Run:
     metrics: GenerationMetrics
     started: float
     batched: bool
+    keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat)
+    tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far
 
     def loop(self) -> Iterator[Step]:
+        """The decode loop's steps; closing this generator closes the loop (and releases or keeps the cache)."""
         decoder = self.pipe.sessions.decoder
         table = self.pipe.embed_table
-        capacity = self.attention_mask.shape[1] + self.max_new_tokens
 
         def embed_step(ids: np.ndarray, out: np.ndarray) -> None:
             if table.dtype == out.dtype:
@@ -291,10 +346,21 @@ class _Run:
             else:
                 out[:, 0] = np.take(table, ids, axis=0)
 
-        def prefill():
-            return decoder.start(self.inputs_embeds, self.attention_mask, capacity)
+        keep = None
+        if self.keep_cache is not None:
+            keep_cache = self.keep_cache
 
-        return decode_loop(decoder, prefill, embed_step, self.sampler, self.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started)
+            def keep(cache: KVCache) -> None:
+                keep_cache(cache, self.tokens)
+
+        steps = decode_loop(decoder, self.prefill, embed_step, self.sampler, self.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
+        try:
+            for step in steps:
+                if step.active[0]:
+                    self.tokens.append(int(step.tokens[0]))
+                yield step
+        finally:
+            steps.close()
 
 
 def _find_stop(text: str, stop: Sequence[str] | None) -> int | None:

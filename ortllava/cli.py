@@ -1,4 +1,4 @@
-"""`ortllava`: generate from a bundle, describe one, or benchmark against transformers."""
+"""`ortllava`: generate from a bundle, chat with it, describe one, or benchmark against transformers."""
 
 from __future__ import annotations
 
@@ -82,6 +82,66 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = "commands: /image PATH_OR_URL (attach to the next message), /reset (forget the conversation), /quit"
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .api import load
+    from .image import ImageLoadError, load_image
+
+    pipe = load(args.bundle, provider=args.provider)
+    session = pipe.chat(system=args.system, max_new_tokens=args.max_new_tokens)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"ortllava chat on {pipe.provider}; {CHAT_HELP}", file=sys.stderr)
+    pending: list = []  # images for the next message
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            argument = argument.strip()
+            if command == "/quit":
+                break
+            if command == "/reset":
+                session.reset()
+                pending = []
+                print("[conversation cleared]", file=sys.stderr)
+            elif command == "/image" and argument:
+                try:
+                    pending.append(load_image(argument))
+                    print(f"[image attached: {argument}]", file=sys.stderr)
+                except ImageLoadError as error:
+                    print(f"ortllava: error: {error}", file=sys.stderr)
+            else:
+                print(f"ortllava: unknown command {line!r}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        images, pending = pending, []
+        try:
+            chunk = None
+            for chunk in session.stream(line, images=images or None):
+                print(chunk.text, end="", flush=True)
+            print(flush=True)
+        except (ImageLoadError, ValueError, RuntimeError) as error:
+            print(f"\nortllava: error: {error}", file=sys.stderr)
+            continue
+        if args.timings and chunk is not None and chunk.metrics is not None:
+            metrics = chunk.metrics
+            print(
+                f"[{metrics.prompt_tokens} prompt tokens, {metrics.prefilled_tokens} prefilled, {metrics.generated_tokens} new; "
+                f"time to first token {metrics.time_to_first_token_s * 1000:.0f} ms, "
+                f"decode {metrics.decode_tokens_per_s:.1f} tokens/s; finish: {chunk.finish_reason}]",
+                file=sys.stderr,
+            )
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     try:
         from ortllava_export.bench import bench
@@ -118,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--no-load", action="store_true", help="skip timing a load of the bundle")
     info.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="where to time the load")
     info.set_defaults(run=_info)
+
+    chat = commands.add_parser("chat", help="talk with the model, keeping the conversation (stdin: lines, /image, /reset, /quit)")
+    chat.add_argument("bundle", type=Path)
+    chat.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--system", help="a system message for the conversation")
+    chat.add_argument("--timings", action="store_true", help="print tokens and timings to stderr after each answer")
+    chat.set_defaults(run=_chat)
 
     bench = commands.add_parser("bench", help="ortllava against transformers on the same weights and inputs")
     bench.add_argument("model", help="checkpoint (hub id or folder) or a random shape: cpu-mid, mistral-7b, tiny")

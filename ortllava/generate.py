@@ -1,8 +1,8 @@
 """The decode loop: prefill the prompt, then one token at a time.
 
 `generate_step` is a generator of next tokens (mlx-lm style); `decode_loop` runs the prefill and then
-`generate_step` with the EOS rule and timings, yielding each step to `Pipeline.generate` and
-`Pipeline.stream`. The decoder (decoders.py) keeps positions and the key/value cache.
+`generate_step` with the EOS rule and timings, yielding each step to `Pipeline.generate`,
+`Pipeline.stream` and chat sessions (which keep the cache for the next turn). The decoder (decoders.py) keeps positions and the key/value cache.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ EmbedFn = Callable[[np.ndarray, np.ndarray], None]  # (token ids [B], out [B, 1,
 @dataclass
 class GenerationMetrics:
     prompt_tokens: int = 0  # longest prompt of the batch, image tokens included
+    prefilled_tokens: int = 0  # prompt tokens run through the decoder: all of them, or a chat turn's new ones
     generated_tokens: int = 0  # new tokens of the longest answer
     preprocess_s: float = 0.0  # images and text -> arrays
     vision_s: float = 0.0  # vision encoder + projector + packing

@@ -1,0 +1,243 @@
+"""Multi-turn chat that keeps the decoder's keys/values between turns.
+
+    chat = pipe.chat(system="You are terse.", max_new_tokens=100)
+    print(chat.send("What is in this picture?", images=["cat.jpg"]).text)
+    for chunk in chat.stream("And what colour is it?"):
+        print(chunk.text, end="", flush=True)
+
+Every turn renders the whole conversation with the chat template, exactly as
+`Pipeline.generate(messages=chat.messages + [new message])` would, so the answers are those of recomputing
+from scratch. But the decoder only runs the tokens its cache does not hold yet: the cache of the previous
+turn is kept with the token ids it holds (the prompt and the answer but its last token, which was never fed
+back), cut back to the longest prefix it shares with the new prompt, and extended by the rest. The cut never
+falls inside an image's tokens (nor keeps an image whose source changed): it backs up to that image's first
+token, and only the images whose tokens are in the new part go through the vision encoder. A template that
+renders an earlier answer differently from the tokens generated for it just moves the cut back.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
+
+import numpy as np
+
+from .decoders import KVCache
+from .generate import GenerationMetrics, GenerationResult
+from .image import ImageLike, load_image
+from .processor import images_in_messages
+
+if TYPE_CHECKING:
+    from .api import Pipeline, StreamChunk, _Run
+
+
+def _generation_arguments() -> frozenset[str]:
+    from .api import Pipeline
+
+    skip = {"self", "prompt", "images", "messages"}
+    return frozenset(name for name in inspect.signature(Pipeline.generate).parameters if name not in skip)
+
+
+class ChatSession:
+    """One conversation with a `Pipeline`: `send` or `stream` a user message, read `messages`, `reset`.
+
+    `messages` is the history in Hugging Face chat format: an optional system message, then user messages
+    (images first as `{"type": "image", "image": ...}`, then `{"type": "text", "text": ...}`) and the assistant's
+    answers (`{"type": "text", "text": ...}`). Paths and URLs are opened once, when sent; the history holds the
+    opened images. A session is for one thread at a time.
+    """
+
+    def __init__(self, pipe: Pipeline, system: str | None = None, **defaults: Any):
+        known = _generation_arguments()
+        unknown = set(defaults) - known
+        if unknown:
+            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        if not pipe.processor.chat_template:
+            raise ValueError("this bundle has no chat template: a chat needs one")
+        self.pipe = pipe
+        self.system = system
+        self.defaults = defaults
+        self.messages: list[dict[str, Any]] = []
+        self._cache: KVCache | None = None  # the decoder's keys/values after the last turn
+        self._held: np.ndarray = np.zeros(0, np.int64)  # the token ids the cache holds
+        self._held_images: list[Any] = []  # the sources of the images whose features the cache holds, in order
+        self._open: Generator[StreamChunk, None, None] | None = None  # the last stream (closing a finished one is a no-op)
+        self.reset()
+
+    # ----------------------------------------------------------------------------------------------
+    # Turns
+
+    def send(self, text: str, images: Sequence[ImageLike] | ImageLike | None = None, **generate_kwargs: Any) -> GenerationResult:
+        """Answers `text` (with `images`, placed before it) given the conversation so far; the message and the
+        answer join `messages`. `generate_kwargs` override the session's defaults for this turn."""
+        self._close_open_stream()
+        message = self._user_message(text, images)
+        settings = {**self.defaults, **generate_kwargs}
+        stop = settings.pop("stop", None)
+        run = self._start(message, settings)
+        result = self.pipe._collect(run, stop)[0]
+        self._commit(message, result.text)
+        return result
+
+    def stream(self, text: str, images: Sequence[ImageLike] | ImageLike | None = None, **generate_kwargs: Any) -> Iterator[StreamChunk]:
+        """`send`, yielding text pieces as tokens arrive (the same `StreamChunk`s as `Pipeline.stream`; the
+        last one carries the finish reason and the metrics). The pieces joined equal `send(...).text`.
+
+        A stream closed early (or left unfinished when the next turn starts) keeps the text it yielded as the answer.
+        """
+        self._close_open_stream()
+        chunks = self._stream_turn(text, images, generate_kwargs)
+        self._open = chunks
+        return chunks
+
+    def reset(self) -> None:
+        """Forgets the conversation (the system message stays) and hands the cache back to the decoder."""
+        self._close_open_stream()
+        self.messages = [] if self.system is None else [{"role": "system", "content": [{"type": "text", "text": self.system}]}]
+        if self._cache is not None:
+            self.pipe.sessions.decoder.release(self._cache)
+        self._forget()
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many tokens the kept cache holds (0 before the first turn and after `reset`)."""
+        return len(self._held)
+
+    # ----------------------------------------------------------------------------------------------
+    # Internals
+
+    def _stream_turn(self, text: str, images: Any, generate_kwargs: dict[str, Any]) -> Generator[StreamChunk, None, None]:
+        message = self._user_message(text, images)
+        settings = {**self.defaults, **generate_kwargs}
+        stop = settings.pop("stop", None)
+        run = self._start(message, settings)
+        pieces: list[str] = []
+        committed = False
+        chunks = self.pipe._stream(run, stop)
+        try:
+            for chunk in chunks:
+                pieces.append(chunk.text)
+                if chunk.finish_reason is not None:  # the loop is closed and the cache kept by now
+                    self._commit(message, "".join(pieces))
+                    committed = True
+                yield chunk
+        finally:
+            chunks.close()
+            if not committed and run.tokens:  # closed early: what was shown is the answer
+                self._commit(message, "".join(pieces))
+
+    def _close_open_stream(self) -> None:
+        """Closes the last stream if it is still open (a finished one closes as a no-op)."""
+        if self._open is not None:
+            stream, self._open = self._open, None
+            stream.close()
+
+    def _user_message(self, text: str, images: Sequence[ImageLike] | ImageLike | None) -> dict[str, Any]:
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        # Opened once here (an unreadable one fails before anything runs); every later turn re-renders these.
+        content: list[dict[str, Any]] = [{"type": "image", "image": load_image(image)} for image in images]
+        content.append({"type": "text", "text": text})
+        return {"role": "user", "content": content}
+
+    def _commit(self, message: dict[str, Any], answer: str) -> None:
+        self.messages.append(message)
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+
+    def _forget(self) -> None:
+        self._cache, self._held, self._held_images = None, np.zeros(0, np.int64), []
+
+    def _start(self, message: dict[str, Any], settings: dict[str, Any]) -> _Run:
+        known = _generation_arguments()
+        unknown = set(settings) - known
+        if unknown:
+            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        seed = settings.pop("seed", None)
+        min_new_tokens = settings.pop("min_new_tokens", 0)
+        messages = [*self.messages, message]
+        return self.pipe._start(self._plan(messages), None, None, messages, seed, min_new_tokens, **settings)
+
+    def _plan(self, messages: list[dict[str, Any]]):
+        """The prefill plan of one turn (see `api.PrefillPlan`): only the tokens the cache lacks."""
+        sources = images_in_messages(messages)
+
+        def plan(inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics):
+            pipe = self.pipe
+            decoder = pipe.sessions.decoder
+            ids = inputs["input_ids"][0]
+            # Taken out of the session while the turn runs: a turn that fails leaves no cache (the next starts afresh).
+            cache, held, held_images = self._cache, self._held, self._held_images
+            self._forget()
+
+            spans = self._image_spans(ids, inputs.get("image_sizes"))
+            cut = _common_prefix(ids, held) if cache is not None else 0
+            cut = min(cut, len(ids) - 1)  # at least one token runs, for the next token's logits
+            for index, (start, end) in enumerate(spans):
+                if start >= cut:
+                    break
+                if end > cut or index >= len(held_images) or not _same_source(sources[index], held_images[index]):
+                    cut = start  # never keep part of an image, nor an image that is not the same one
+                    break
+            first_new_image = sum(1 for start, _ in spans if start < cut)
+            features = None
+            if first_new_image < len(spans):
+                features = pipe.encode_images(inputs["pixel_values"][first_new_image:], inputs["image_sizes"][first_new_image:])
+            suffix = inputs["input_ids"][:, cut:]
+            inputs_embeds = pipe.embed(suffix, features)
+            metrics.prefilled_tokens = int(suffix.shape[1])
+            total = len(ids) + max_new_tokens
+
+            if cache is not None and cut == 0:
+                decoder.release(cache)  # nothing to reuse but its buffers
+                cache = None
+            if cache is None:
+                mask = np.ones_like(suffix)
+
+                def prefill():
+                    return decoder.start(inputs_embeds, mask, total)
+            else:
+                kept = cache
+
+                def prefill():
+                    decoder.truncate(kept, cut)
+                    grown = decoder.reserve(kept, total)  # room for the new tokens and the answer: extend never grows it
+                    if grown is not kept:
+                        decoder.release(kept)
+                    return decoder.extend(inputs_embeds, grown), grown
+
+            def keep(kept_cache: KVCache, tokens: list[int]) -> None:
+                length = int(kept_cache.lengths[0])
+                held_ids = np.concatenate([ids, np.asarray(tokens, np.int64)])[:length]
+                self._cache, self._held = kept_cache, held_ids
+                self._held_images = [source for source, (_, end) in zip(sources, spans) if end <= length]
+
+            return prefill, keep
+
+        return plan
+
+    def _image_spans(self, ids: np.ndarray, image_sizes: np.ndarray | None) -> list[tuple[int, int]]:
+        """[start, end) of each image's run of image tokens in `ids`, in order."""
+        if image_sizes is None or len(image_sizes) == 0:
+            return []
+        processor = self.pipe.processor
+        positions = np.flatnonzero(ids == processor.image_token_id)
+        spans, offset = [], 0
+        for height, width in image_sizes.tolist():
+            count = processor.num_image_tokens(height, width)
+            spans.append((int(positions[offset]), int(positions[offset + count - 1]) + 1))
+            offset += count
+        return spans
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def _same_source(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    return isinstance(a, str) and isinstance(b, str) and a == b

@@ -1,0 +1,184 @@
+"""Multi-turn chat (`pipe.chat()`, `ortllava chat`): every turn equals recomputing the whole conversation
+(and transformers' `generate` on it), while only the new tokens are prefilled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+import ortllava
+from ortllava.chat import ChatSession
+
+from conftest import random_image, save_png
+
+GREEDY = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+IMAGES = [random_image(640, 480, seed=31), random_image(300, 500, seed=32)]
+# Turn 1 with an image, turn 2 text only, turn 3 with another image.
+TURNS = [("What is shown here?", [IMAGES[0]]), ("Tell me more about it.", None), ("And in this one?", [IMAGES[1]])]
+
+
+@pytest.fixture(scope="module", params=["mistral", "mistral-concat"])
+def setup(request, tiny_store):
+    tiny = tiny_store.get(request.param)
+    return tiny, ortllava.load(tiny.bundle, provider="cpu")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def prompt_ids(pipe, messages) -> list[int]:
+    return pipe.prepare(messages=messages)[0]["input_ids"][0].tolist()
+
+
+def test_turns_equal_recomputation_and_prefill_only_new_tokens(setup, monkeypatch):
+    tiny, pipe = setup
+    encoded: list[list[list[int]]] = []  # per call of the vision path: the sizes of the images it encoded
+    encode = pipe.encode_images
+
+    def spy(pixel_values, image_sizes):
+        encoded.append(image_sizes.tolist())
+        return encode(pixel_values, image_sizes)
+
+    monkeypatch.setattr(pipe, "encode_images", spy)
+    chat = pipe.chat(system="You are terse.", **GREEDY)
+    assert isinstance(chat, ChatSession) and chat.messages[0]["role"] == "system"
+    held: list[int] = []  # what the cache should hold: the last prompt and the answer but its last token
+    results = []
+    for turn, (text, images) in enumerate(TURNS):
+        encoded.clear()
+        result = chat.send(text, images=images)
+        history = chat.messages[:-1]
+        assert history[-1]["content"][-1] == {"type": "text", "text": text}
+        assert chat.messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": result.text}]}
+        # Recomputation from scratch: the same tokens, token for token.
+        encoded_by_chat = list(encoded)
+        recomputed = pipe.generate(messages=history, **GREEDY)
+        assert result.token_ids == recomputed.token_ids and result.text == recomputed.text
+        assert len(result.token_ids) == GREEDY["max_new_tokens"]
+        # Only the tokens the cache lacks were prefilled; only the new images were encoded.
+        ids = prompt_ids(pipe, history)
+        metrics = result.metrics
+        assert metrics.prompt_tokens == len(ids)
+        if turn == 0:
+            assert metrics.prefilled_tokens == len(ids) and encoded_by_chat == [[[480, 640]]]
+        else:
+            expected = len(ids) - common_prefix(ids, held)
+            assert metrics.prefilled_tokens == expected < metrics.prompt_tokens
+            assert encoded_by_chat == ([] if images is None else [[[500, 300]]])
+            image_tokens = pipe.processor.num_image_tokens(500, 300)
+            assert expected < 100 + (image_tokens if images else 0)  # the earlier image(s) were not prefilled again
+        held = ids + result.token_ids[:-1]
+        assert chat.cached_tokens == len(held)
+        results.append(result)
+
+    # transformers' generate on the whole three-turn history (two images) gives the last turn's tokens.
+    processor = AutoProcessor.from_pretrained(tiny.checkpoint)
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny.checkpoint).eval()
+    inputs = processor.apply_chat_template(chat.messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == prompt_ids(pipe, chat.messages[:-1])
+    with torch.no_grad():
+        out = model.generate(**inputs, **GREEDY)
+    assert out[0, inputs["input_ids"].shape[1] :].tolist() == results[-1].token_ids
+
+
+def test_reset_forgets_the_conversation(setup):
+    _, pipe = setup
+    chat = pipe.chat(**GREEDY)
+    first = chat.send(*TURNS[0])
+    chat.send(*TURNS[1])
+    chat.reset()
+    assert chat.messages == [] and chat.cached_tokens == 0
+    again = chat.send(*TURNS[0])
+    assert again.token_ids == first.token_ids
+    assert again.metrics.prefilled_tokens == again.metrics.prompt_tokens
+    assert len(chat.messages) == 2
+    with_system = pipe.chat(system="Be brief.", **GREEDY)
+    with_system.send("Hello")
+    with_system.reset()
+    assert with_system.messages == [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}]
+
+
+def test_seeded_sampling_repeats(setup):
+    _, pipe = setup
+    sampling = dict(max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=1.5, top_k=40, top_p=0.95)
+    runs = []
+    for seed in (3, 3, 4):
+        chat = pipe.chat(seed=seed, **sampling)
+        runs.append([chat.send(text, images=images).token_ids for text, images in TURNS[:2]])
+        if seed == 3:  # each turn equals a recomputation with the same seed
+            assert pipe.generate(messages=chat.messages[:-1], seed=seed, **sampling).token_ids == runs[-1][-1]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_stream_pieces_join_to_send_text(setup):
+    _, pipe = setup
+    sent, streamed = pipe.chat(**GREEDY), pipe.chat(**GREEDY)
+    for text, images in TURNS:
+        result = sent.send(text, images=images)
+        chunks = list(streamed.stream(text, images=images))
+        assert "".join(chunk.text for chunk in chunks) == result.text
+        last = chunks[-1]
+        assert last.finish_reason == result.finish_reason and last.metrics.prefilled_tokens == result.metrics.prefilled_tokens
+    assert streamed.messages == sent.messages
+
+
+def test_stream_closed_early_keeps_what_was_shown(setup):
+    _, pipe = setup
+    chat = pipe.chat(**GREEDY)
+    stream = chat.stream(*TURNS[0])
+    shown = next(chunk.text for chunk in stream if chunk.text)
+    stream.close()
+    assert chat.messages[-1]["content"][0]["text"] == shown
+    result = chat.send("Go on.")  # the cache holds more than the history says: the prefix logic cuts it back
+    assert result.token_ids == pipe.generate(messages=chat.messages[:-1], **GREEDY).token_ids
+    assert result.metrics.prefilled_tokens < result.metrics.prompt_tokens
+
+
+def test_stop_strings_and_arguments(setup):
+    _, pipe = setup
+    plain = pipe.chat(**GREEDY).send(*TURNS[0])
+    starts = [i for i in range(2, len(plain.text) - 1) if not set(plain.text[i : i + 2]) & {"\ufffd", " "}]
+    assert starts, plain.text
+    stop = plain.text[starts[0] : starts[0] + 2]
+    chat = pipe.chat(**GREEDY)
+    cut = chat.send(*TURNS[0], stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == plain.text[: plain.text.find(stop)]
+    follow = chat.send("Continue.")  # the kept cache holds the tokens past the cut; the answer is still exact
+    assert follow.token_ids == pipe.generate(messages=chat.messages[:-1], **GREEDY).token_ids
+    with pytest.raises(TypeError, match="bogus"):
+        pipe.chat(bogus=1)
+    with pytest.raises(TypeError, match="bogus"):
+        chat.send("hi", bogus=1)
+    with pytest.raises(ortllava.ImageLoadError):
+        chat.send("hi", images=["/nonexistent/photo.png"])
+    assert len(chat.messages) == 4  # failed turns leave the history as it was
+
+
+def test_cli_chat(setup, tmp_path):
+    tiny, pipe = setup
+    path = save_png(IMAGES[1], tmp_path / "photo.png")
+    script = f"/image {tmp_path / 'missing.png'}\n/image {path}\nDescribe this.\n/bogus\nAnd more?\n/reset\nAnd more?\n/quit\nNever sent.\n"
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    out = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "chat", str(tiny.bundle), "--provider", "cpu", "--max-new-tokens", "6", "--timings", "--system", "Be brief."],
+        input=script.encode(), capture_output=True, check=True, env=env,
+    )
+    chat = pipe.chat(system="Be brief.", max_new_tokens=6)
+    first = chat.send("Describe this.", images=[str(path)])
+    second = chat.send("And more?")
+    chat.reset()
+    third = chat.send("And more?")
+    assert out.stdout.decode("utf-8") == first.text + "\n" + second.text + "\n" + third.text + "\n"
+    err = out.stderr.decode("utf-8")
+    assert "cannot read image file" in err and "missing.png" in err and "unknown command" in err
+    assert err.count("prefilled") == 3 and f"{second.metrics.prefilled_tokens} prefilled" in err
