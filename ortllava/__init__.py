@@ -7,6 +7,7 @@
 """
 
 from .api import Pipeline, StreamChunk, generate, load
+from .chat import ChatSession
 from .generate import GenerationMetrics, GenerationResult
 from .hf_pipeline import pipeline
 from .image import ImageLoadError
@@ -14,4 +15,4 @@ from .manifest import BundleError
 
 __version__ = "0.1.0"
 
-__all__ = ["BundleError", "GenerationMetrics", "GenerationResult", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "pipeline", "__version__"]
+__all__ = ["BundleError", "ChatSession", "GenerationMetrics", "GenerationResult", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "pipeline", "__version__"]
