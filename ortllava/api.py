@@ -346,12 +346,8 @@ class _Run:
             else:
                 out[:, 0] = np.take(table, ids, axis=0)
 
-        keep = None
-        if self.keep_cache is not None:
-            keep_cache = self.keep_cache
-
-            def keep(cache: KVCache) -> None:
-                keep_cache(cache, self.tokens)
+        hand_over = self.keep_cache  # a chat keeps the cache with the token ids it holds
+        keep = None if hand_over is None else (lambda cache: hand_over(cache, self.tokens))
 
         steps = decode_loop(decoder, self.prefill, embed_step, self.sampler, self.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
         try:

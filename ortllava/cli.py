@@ -31,13 +31,17 @@ def _generate(args: argparse.Namespace) -> int:
         print(result.text)
         metrics, reason = result.metrics, result.finish_reason
     if args.timings:
-        print(
-            f"[{metrics.prompt_tokens} prompt tokens, {metrics.generated_tokens} new; "
-            f"time to first token {metrics.time_to_first_token_s * 1000:.0f} ms, "
-            f"decode {metrics.decode_tokens_per_s:.1f} tokens/s; finish: {reason}]",
-            file=sys.stderr,
-        )
+        _print_timings(metrics, reason)
     return 0
+
+
+def _print_timings(metrics, reason: str | None) -> None:
+    print(
+        f"[{metrics.prompt_tokens} prompt tokens, {metrics.prefilled_tokens} prefilled, {metrics.generated_tokens} new; "
+        f"time to first token {metrics.time_to_first_token_s * 1000:.0f} ms, "
+        f"decode {metrics.decode_tokens_per_s:.1f} tokens/s; finish: {reason}]",
+        file=sys.stderr,
+    )
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -132,13 +136,7 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"\nortllava: error: {error}", file=sys.stderr)
             continue
         if args.timings and chunk is not None and chunk.metrics is not None:
-            metrics = chunk.metrics
-            print(
-                f"[{metrics.prompt_tokens} prompt tokens, {metrics.prefilled_tokens} prefilled, {metrics.generated_tokens} new; "
-                f"time to first token {metrics.time_to_first_token_s * 1000:.0f} ms, "
-                f"decode {metrics.decode_tokens_per_s:.1f} tokens/s; finish: {chunk.finish_reason}]",
-                file=sys.stderr,
-            )
+            _print_timings(chunk.metrics, chunk.finish_reason)
     return 0
 
 

@@ -112,3 +112,18 @@ def save_png(image: Image.Image, path: Path) -> Path:
     image.save(buffer, format="PNG")
     path.write_bytes(buffer.getvalue())
     return path
+
+
+def features_ours_and_transformers(pipe, checkpoint: Path, images) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Packed image features of `images`: ortllava's `encode_images` and transformers' `get_image_features`
+    (`pooler_output`, concatenated), on the same processor outputs; also returns those inputs."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(checkpoint).eval()
+    inputs = pipe.processor.image_processor(images)
+    with torch.no_grad():
+        ref = model.model.get_image_features(
+            torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["image_sizes"]), return_dict=True
+        ).pooler_output
+    return pipe.encode_images(inputs["pixel_values"], inputs["image_sizes"]), torch.cat(list(ref), dim=0).numpy(), inputs

@@ -18,7 +18,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 import ortllava
@@ -27,7 +26,7 @@ from ortllava_export import families as registry
 from ortllava_export import tiny
 from ortllava_export.checkpoint import apply_default_template
 
-from conftest import random_image
+from conftest import features_ours_and_transformers, random_image
 from test_generation import NEW_TOKENS, hf_generate, user
 
 # family -> the CONFIGS entry (tests/conftest.py) that builds it
@@ -223,16 +222,9 @@ def test_granite_packed_features_match_transformers(tiny_store):
     """SigLIP tiles (no CLS, "full", four layers), the 1x1 grid pinpoint included, against get_image_features."""
     granite = tiny_store.get("granite")
     pipe = ortllava.load(granite.bundle, provider="cpu")
-    model = LlavaNextForConditionalGeneration.from_pretrained(granite.checkpoint).eval()
     images = [random_image(400, 380, seed=41), random_image(900, 300, seed=42), random_image(300, 700, seed=43), random_image(150, 150, seed=44)]
-    inputs = pipe.processor.image_processor(images)
+    ours, ref, inputs = features_ours_and_transformers(pipe, granite.checkpoint, images)
     assert inputs["pixel_values"].shape[-2:] == (384, 384)
-    with torch.no_grad():
-        ref = model.model.get_image_features(
-            torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["image_sizes"]), return_dict=True
-        ).pooler_output
-    ref = torch.cat(list(ref), dim=0).numpy()
-    ours = pipe.encode_images(inputs["pixel_values"], inputs["image_sizes"])
     assert ours.shape == ref.shape
     # Four concatenated layers through the projector give features up to ~15: float32 summation-order noise is
     # ~1e-6 of that (measured 1.9e-5); a wrong layer, tile order or CLS handling is O(1).

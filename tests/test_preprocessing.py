@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+from transformers import AutoProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 import ortllava
 from ortllava.image import ImageProcessor, ImageProcessorConfig
 
-from conftest import image_cases, random_image
+from conftest import features_ours_and_transformers, image_cases, random_image
 
 CASES = image_cases()
 
@@ -128,15 +127,8 @@ def test_batch_input_ids_identical_with_left_padding(hf_processor, pipe):
 
 
 def test_packed_features_match_transformers(mistral, pipe):
-    model = LlavaNextForConditionalGeneration.from_pretrained(mistral.checkpoint).eval()
     images = [CASES[name] for name in ("square", "wide", "tall", "small", "strip-wide", "strip-tall")]
-    inputs = pipe.processor.image_processor(images)
-    with torch.no_grad():
-        ref = model.model.get_image_features(
-            torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["image_sizes"]), return_dict=True
-        ).pooler_output
-    ref = torch.cat(list(ref), dim=0).numpy()
-    ours = pipe.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+    ours, ref, inputs = features_ours_and_transformers(pipe, mistral.checkpoint, images)
     assert ours.shape == ref.shape
     expected_rows = sum(pipe.processor.num_image_tokens(*size) for size in inputs["image_sizes"].tolist())
     assert ours.shape[0] == expected_rows
