@@ -17,7 +17,8 @@ I/O spec (`kind = "gqa"`):
 
 Per layer: SkipSimplifiedLayerNorm -> packed QKV MatMul (+ bias) -> GroupQueryAttention (rotary inside,
 sliding window where the layer has one) -> o_proj -> SkipSimplifiedLayerNorm -> gate/up MatMul -> SiLU * up
--> down. Granite's multipliers (embedding, attention scale, residual) are folded in as constants; its
+-> down (with `Int4Options`, each of these MatMuls is a `MatMulNBits` over 4-bit blocks, quantized as the weight
+is read). Granite's multipliers (embedding, attention scale, residual) are folded in as constants; its
 logits_scaling is not: LlavaNextForConditionalGeneration's own lm_head does not apply it.
 """
 
