@@ -47,7 +47,8 @@ class Pipeline:
         `io_binding` keeps keys/values on the device between steps (default: on with CUDA and for "gqa"
         decoders). `max_length` preallocates a "gqa" decoder's key/value buffers to that many positions once,
         so every generation has the same shapes (otherwise they grow as needed and are reused). `cuda_graph`
-        captures the decode step in a CUDA graph and replays it (CUDA and "gqa" only; falls back with a warning).
+        captures the decode step in a CUDA graph and replays it (CUDA and "gqa" only; falls back with a warning); its
+        buffers are `max_length` long, 8192 positions by default.
         """
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)

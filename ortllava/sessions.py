@@ -84,6 +84,10 @@ class VisionPath:
         return binding.get_outputs()[0].numpy()
 
 
+# The key/value buffer length CUDA graphs use unless `max_length` says otherwise (longer contexts then need it).
+CUDA_GRAPH_DEFAULT_LENGTH = 8192
+
+
 class BundleSessions:
     """The three graphs of a bundle, loaded for one provider."""
 
@@ -118,8 +122,8 @@ class BundleSessions:
             _check_io(session, manifest.graphs[name], name)
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
         self.vision = VisionPath(sessions["vision_encoder"], sessions["projector"], device, vision_dtype)
-        if self.cuda_graph and not max_length:
-            max_length = manifest.graphs["decoder"].max_length or manifest.text.max_position_embeddings
+        if self.cuda_graph and not max_length:  # graphs replay fixed shapes: one buffer length for every generation
+            max_length = min(manifest.graphs["decoder"].max_length or manifest.text.max_position_embeddings, CUDA_GRAPH_DEFAULT_LENGTH)
         self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph)
 
     def _decoder_session(self, path: Path, threads: int | None) -> ort.InferenceSession:
