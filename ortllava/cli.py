@@ -132,7 +132,7 @@ def _chat(args: argparse.Namespace) -> int:
             for chunk in session.stream(line, images=images or None):
                 print(chunk.text, end="", flush=True)
             print(flush=True)
-        except (ImageLoadError, ValueError, RuntimeError) as error:
+        except (ImageLoadError, ValueError, RuntimeError, FloatingPointError) as error:
             print(f"\nortllava: error: {error}", file=sys.stderr)
             continue
         if args.timings and chunk is not None and chunk.metrics is not None:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (BundleError, ImageLoadError, ValueError, RuntimeError) as error:
+    except (BundleError, ImageLoadError, ValueError, RuntimeError, FloatingPointError) as error:
         print(f"ortllava: error: {error}", file=sys.stderr)
         return 1
 

@@ -72,6 +72,11 @@ def generate_step(
     array then holds, straight into the cache's step buffer.
     """
     for step in range(max_new_tokens):
+        if not np.isfinite(logits.sum()):  # one scalar: no per-step allocation
+            raise FloatingPointError(
+                f"the decoder returned non-finite logits at new token {step + 1} (in fp16, an activation overflowed); "
+                "no answer is given rather than a wrong one: use an fp32 bundle for this input"
+            )
         tokens = sampler(logits)
         yield tokens
         if step + 1 == max_new_tokens:

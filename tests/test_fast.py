@@ -148,3 +148,18 @@ def test_extend_past_the_capacity_equals_one_prefill(tiny_store, config):
     got = decoder.extend(embeds[:, 100:], cache)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     assert int(cache.lengths[0]) == 300
+
+
+def test_non_finite_logits_are_an_error_not_an_answer(mistral, monkeypatch):
+    pipe = ortllava.load(mistral.bundle, provider="cpu")
+    decoder = pipe.sessions.decoder
+    real_step = decoder.step
+
+    def overflowing_step(cache):
+        logits = real_step(cache)
+        logits[:, 7] = np.inf  # what an fp16 overflow turns into
+        return logits
+
+    monkeypatch.setattr(decoder, "step", overflowing_step)
+    with pytest.raises(FloatingPointError, match="non-finite logits at new token 2"):
+        pipe.generate(prompt="[INST] Hi [/INST]", max_new_tokens=4, min_new_tokens=4)
