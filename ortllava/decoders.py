@@ -39,6 +39,10 @@ from .manifest import (
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 CAPACITY_STEP = 256  # buffers grow in steps of this many positions, so nearby lengths reuse them
+# On the CPU, a one-row prompt longer than this is prefilled in chunks of this many tokens: the CPU
+# GroupQueryAttention computes whole query x key rectangles, so chunks skip most of the causal upper triangle
+# (measured on the benchmark model, 2160 tokens, 2 threads: 878 ms whole, 738-780 ms in chunks of 512-768).
+CPU_PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -195,6 +199,17 @@ class FusedDecoder(_DecoderBase):
             for row in range(batch):
                 packed[row, : counts[row]] = inputs_embeds[row, real[row]]
             inputs_embeds = packed
+        chunk = CPU_PREFILL_CHUNK if self.device.type == "cpu" else 0
+        if batch == 1 and chunk and counts[0] > chunk:  # (the op continues several tokens for one row only)
+            logits = self._first_prompt(inputs_embeds[:, :chunk], counts.clip(max=chunk), cache)
+            for begin in range(chunk, int(counts[0]), chunk):
+                logits = self.extend(inputs_embeds[:, begin : min(begin + chunk, int(counts[0]))], cache)
+            return logits, cache
+        return self._first_prompt(inputs_embeds, counts, cache), cache
+
+    def _first_prompt(self, inputs_embeds: np.ndarray, counts: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Runs `inputs_embeds [B, S, D]` (row b's `counts[b]` tokens first) into an empty cache."""
+        batch, length, _ = inputs_embeds.shape
         cache.lengths[:] = counts
         mask = cache.state["mask"]
         mask[:] = 0
@@ -203,7 +218,7 @@ class FusedDecoder(_DecoderBase):
         self._sync(cache.state["mask_value"], mask)
         # A first prompt is told apart by mask width == sequence length; its rows are right-padded.
         prompt_mask = np.ascontiguousarray(mask[:, :length])
-        return self._run(inputs_embeds, prompt_mask, cache), cache
+        return self._run(inputs_embeds, prompt_mask, cache)
 
     def step(self, cache: KVCache) -> np.ndarray:
         """One token per row, embeddings already in `cache.step_embeds` -> logits `[B, V]` (a reused buffer)."""
