@@ -182,10 +182,6 @@ class Timing:
     total_s: float
     tokens: list[int] = field(repr=False)
 
-    @property
-    def tokens_per_s(self) -> float:
-        return 1000.0 / self.decode_ms_per_token if self.decode_ms_per_token else 0.0
-
 
 def run_transformers(model, processor, messages, new_tokens: int, device: str, dtype) -> Timing:
     import torch

@@ -300,7 +300,7 @@ class Pipeline:
         return [eos] if isinstance(eos, int) else list(eos)
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        limit = self.manifest.text.max_position_embeddings
+        limit = self.sessions.decoder.max_length  # the model's positions, or fewer where the graph serves fewer
         if prompt_tokens + max_new_tokens > limit:
             raise ValueError(
                 f"the prompt is {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "

@@ -260,9 +260,6 @@ class FusedDecoder(_DecoderBase):
 
     def reserve(self, cache: KVCache, positions: int) -> KVCache:
         """A cache with room for `positions` holding what `cache` holds (the same one when it fits)."""
-        return self._ensure_room(cache, positions)
-
-    def _ensure_room(self, cache: KVCache, positions: int) -> KVCache:
         if positions <= cache.capacity:
             return cache
         if cache.batch != 1 or self.fixed_capacity:
