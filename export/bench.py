@@ -1,9 +1,10 @@
 """`ortllava bench`: ortllava against transformers on the same weights and inputs, in one process.
 
-A run: build (or load) the checkpoint, export it, then alternate transformers and ortllava generations on
-one image and prompt, check that the tokens agree, and report preprocessing, vision, time to first token,
-decode ms/token and tokens/s, peak memory, and the decode floor: the bytes a decode step must read
-(decoder weights + keys/values at the context length) over the memory bandwidth measured in the same run.
+A run: build (or load) the checkpoint, export it in one or more precisions, then alternate transformers and
+ortllava generations (each precision in turn) on one image and prompt, check that the tokens agree, and
+report preprocessing, vision, time to first token, decode ms/token and tokens/s, peak memory, and the decode
+floor: the bytes a decode step must read (decoder weights + keys/values at the context length) over the
+memory bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -183,29 +185,37 @@ class Timing:
     tokens: list[int] = field(repr=False)
 
 
-def run_transformers(model, processor, messages, new_tokens: int, device: str, dtype) -> Timing:
-    import torch
+class _TokenClock:
+    """A transformers streamer that notes when generate hands over the prompt and then each new token."""
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_transformers(model, processor, messages, new_tokens: int, device: str, dtype) -> Timing:
+    """One `generate` call, timed as ours is: the first token's arrival and the steps after it, from the same run."""
+    import torch
 
     start = time.perf_counter()
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     preprocess = time.perf_counter() - start
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    clock = _TokenClock()
     with torch.no_grad():
-        sync()
-        start = time.perf_counter()
-        model.generate(**inputs, do_sample=False, max_new_tokens=1)
-        sync()
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        sync()
-        whole = time.perf_counter() - start
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    first = clock.times[1]  # times[0]: the prompt, handed over before the prefill
     tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
-    return Timing(preprocess, None, preprocess + first, (whole - first) * 1000 / (new_tokens - 1), preprocess + whole, tokens)
+    decode_ms = (clock.times[-1] - first) * 1000 / (new_tokens - 1) if new_tokens > 1 else 0.0
+    return Timing(preprocess, None, first - start, decode_ms, end - start, tokens)
 
 
 def run_ortllava(pipe, messages, new_tokens: int) -> Timing:
@@ -236,13 +246,16 @@ def _median(timings: list[Timing]) -> dict:
 
 
 def bench(
-    model: str, provider: str = "cpu", precision: str = "fp32", layers: int | None = None, new_tokens: int = 64,
+    model: str, provider: str = "cpu", precision: str | Sequence[str] = "fp32", layers: int | None = None, new_tokens: int = 64,
     repeats: int = 3, threads: int | None = None, output: Path | None = None, bundle: Path | None = None,
-    cuda_graph: bool = False, max_length: int | None = None, int4: Int4Options | None = None,
+    cuda_graph: bool = False, max_length: int | None = None, int4: Int4Options | None = None, text_only: bool = False,
 ) -> dict:
     """Runs the comparison and returns the report (also written as JSON to `output` when given).
 
-    transformers runs in fp16 on CUDA and fp32 on the CPU; an int4 bundle is compared with that.
+    transformers runs in fp16 on CUDA and fp32 on the CPU. Several precisions (`["fp32", "int4"]`) are
+    exported from the same weights and alternate in the same runs, so their ratios are not blurred by
+    drift between separate runs; the report's top level describes the first, `precisions` each of them.
+    `text_only` asks about no image: a short context, where the weights (not the keys/values) dominate a step.
     """
     import torch
 
@@ -251,6 +264,7 @@ def bench(
     from .checkpoint import load_checkpoint
     from .cli import export_bundle
 
+    precisions = [precision] if isinstance(precision, str) else list(precision)
     device = "cuda" if provider == "cuda" else "cpu"
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -261,52 +275,73 @@ def bench(
     if bundle is None:
         scratch = tempfile.TemporaryDirectory(prefix="ortllava-bench-")
         bundle = Path(scratch.name) / "bundle"
-    if not (Path(bundle) / "manifest.json").is_file():
-        export_bundle(
-            checkpoint, Path(bundle), precision=precision, validate=(device == "cpu" and precision == "fp32"), target=device, int4=int4,
-        )
-    bundle = Path(bundle)
+    # One precision: the bundle is `bundle`; several: `bundle/<precision>` each.
+    bundles = {p: Path(bundle) if len(precisions) == 1 else Path(bundle) / p for p in precisions}
+    for name, path in bundles.items():
+        if not (path / "manifest.json").is_file():
+            export_bundle(checkpoint, path, precision=name, validate=(device == "cpu" and name == "fp32"), target=device, int4=int4)
 
-    messages = [{"role": "user", "content": [{"type": "image", "image": photo()}, {"type": "text", "text": "What is shown in this image?"}]}]
+    question = {"type": "text", "text": "What is shown in this image?" if not text_only else "Describe a sunny day at the sea."}
+    messages = [{"role": "user", "content": ([] if text_only else [{"type": "image", "image": photo()}]) + [question]}]
     torch_dtype = torch.float16 if device == "cuda" else torch.float32
     hf_model = checkpoint.model.to(device, torch_dtype).eval()
     processor = checkpoint.processor
     processor.tokenizer.padding_side = "left"
-    pipe = ortllava.load(bundle, provider=provider, threads=threads if device == "cpu" else None, cuda_graph=cuda_graph, max_length=max_length)
+    pipes = {
+        name: ortllava.load(path, provider=provider, threads=threads if device == "cpu" else None, cuda_graph=cuda_graph, max_length=max_length)
+        for name, path in bundles.items()
+    }
 
-    log(f"warming up ({provider}, {precision}, {threads} threads)")
+    log(f"warming up ({provider}, {', '.join(precisions)}, {threads} threads)")
     run_transformers(hf_model, processor, messages, 4, device, torch_dtype)
-    run_ortllava(pipe, messages, 4)
-    hf_runs, our_runs = [], []
-    for index in range(repeats):  # alternate, so drift in clocks or caches hits both alike
+    for pipe in pipes.values():
+        run_ortllava(pipe, messages, 4)
+    hf_runs: list[Timing] = []
+    our_runs: dict[str, list[Timing]] = {name: [] for name in pipes}
+    for index in range(repeats):  # alternate, so drift in clocks or caches hits every contender alike
         hf_runs.append(run_transformers(hf_model, processor, messages, new_tokens, device, torch_dtype))
-        our_runs.append(run_ortllava(pipe, messages, new_tokens))
-        log(f"run {index + 1}/{repeats}: transformers {hf_runs[-1].total_s:.3f} s, ortllava {our_runs[-1].total_s:.3f} s")
+        for name, pipe in pipes.items():
+            our_runs[name].append(run_ortllava(pipe, messages, new_tokens))
+        ours = ", ".join(f"ortllava {name} {runs[-1].total_s:.3f} s" for name, runs in our_runs.items())
+        log(f"run {index + 1}/{repeats}: transformers {hf_runs[-1].total_s:.3f} s, {ours}")
 
-    itemsize = 2 if device == "cuda" else 4  # the key/value cache has the activations' dtype
-    prompt_tokens = pipe.prepare(messages=messages)[0]["input_ids"].shape[1]
+    first = pipes[precisions[0]]
+    prompt_tokens = first.prepare(messages=messages)[0]["input_ids"].shape[1]
     context = prompt_tokens + new_tokens // 2  # the average context of a decode step
-    weights = decoder_bytes(bundle)
-    step_bytes = weights + kv_bytes(checkpoint.model.config, context, itemsize)
     bandwidth = gpu_bandwidth() if device == "cuda" else cpu_bandwidth(threads)
-    floor_ms = step_bytes / bandwidth * 1000
-    ours, theirs = _median(our_runs), _median(hf_runs)
+    theirs = _median(hf_runs)
+    results = {}
+    for name, pipe in pipes.items():
+        ours = _median(our_runs[name])
+        weights = decoder_bytes(bundles[name])
+        kv_itemsize = np.dtype(pipe.sessions.decoder.dtype).itemsize  # the key/value buffers have the decoder's dtype
+        step_bytes = weights + kv_bytes(checkpoint.model.config, context, kv_itemsize)
+        floor_ms = step_bytes / bandwidth * 1000
+        results[name] = {
+            "precision": name, "provider": pipe.provider,
+            "tokens_identical": all(a.tokens == b.tokens for a, b in zip(hf_runs, our_runs[name])),
+            "token_agreement": float(np.mean([np.mean(np.array(a.tokens) == np.array(b.tokens)) for a, b in zip(hf_runs, our_runs[name])])),
+            "ortllava": ours,
+            "decoder_weight_bytes": weights, "decoder_file_bytes": sum(f.stat().st_size for f in bundles[name].glob("decoder.onnx*")),
+            "decode_step_bytes": step_bytes, "decode_floor_ms": floor_ms,
+            "fraction_of_floor": floor_ms / ours["decode_ms_per_token"] if ours["decode_ms_per_token"] else 0.0,
+            "ratios": {
+                "end_to_end": ours["total_s"] / theirs["total_s"],
+                "time_to_first_token": ours["time_to_first_token_s"] / theirs["time_to_first_token_s"],
+                "decode": ours["decode_ms_per_token"] / theirs["decode_ms_per_token"],
+                "preprocess": ours["preprocess_s"] / theirs["preprocess_s"],
+                "decode_vs_floor": ours["decode_ms_per_token"] / floor_ms,
+            },
+        }
+    first_decode = results[precisions[0]]["ortllava"]["decode_ms_per_token"]
+    for result in results.values():  # how many times faster than the first precision each decodes
+        result["ratios"]["decode_speedup_vs_first"] = first_decode / result["ortllava"]["decode_ms_per_token"]
     report = {
-        "model": model, "layers": checkpoint.model.config.text_config.num_hidden_layers, "provider": pipe.provider,
-        "precision": precision, "threads": threads, "prompt_tokens": int(prompt_tokens), "new_tokens": new_tokens,
-        "repeats": repeats, "cuda_graph": cuda_graph,
-        "tokens_identical": all(a.tokens == b.tokens for a, b in zip(hf_runs, our_runs)),
-        "token_agreement": float(np.mean([np.mean(np.array(a.tokens) == np.array(b.tokens)) for a, b in zip(hf_runs, our_runs)])),
-        "ortllava": ours, "transformers": theirs,
-        "decoder_weight_bytes": weights, "decoder_file_bytes": sum(f.stat().st_size for f in bundle.glob("decoder.onnx*")), "decode_step_bytes": step_bytes, "bandwidth_gb_s": bandwidth / 1e9,
-        "decode_floor_ms": floor_ms, "fraction_of_floor": floor_ms / ours["decode_ms_per_token"] if ours["decode_ms_per_token"] else 0.0,
-        "ratios": {
-            "end_to_end": ours["total_s"] / theirs["total_s"],
-            "time_to_first_token": ours["time_to_first_token_s"] / theirs["time_to_first_token_s"],
-            "decode": ours["decode_ms_per_token"] / theirs["decode_ms_per_token"],
-            "preprocess": ours["preprocess_s"] / theirs["preprocess_s"],
-            "decode_vs_floor": ours["decode_ms_per_token"] / floor_ms,
-        },
+        "model": model, "layers": checkpoint.model.config.text_config.num_hidden_layers, "threads": threads,
+        "prompt_tokens": int(prompt_tokens), "new_tokens": new_tokens, "repeats": repeats, "cuda_graph": cuda_graph,
+        "text_only": text_only, "transformers": theirs, "bandwidth_gb_s": bandwidth / 1e9,
+        **results[precisions[0]],  # the first precision at the top level (what single-precision readers expect)
+        "precisions": results,
         "peak_host_rss_mb": _peak_rss_mb(),
     }
     if device == "cuda":
@@ -322,25 +357,34 @@ def bench(
 
 
 def print_report(r: dict) -> None:
-    ours, theirs = r["ortllava"], r["transformers"]
-    print(f"\n{r['model']} ({r['layers']} decoder layers), {r['provider']}, {r['precision']}, {r['threads']} threads; "
+    """The report as a table: a column per ortllava precision, then transformers; the ratios and floors below."""
+    runs = r["precisions"]
+    names = list(runs)
+    print(f"\n{r['model']} ({r['layers']} decoder layers), {r['provider']}, {r['threads']} threads; "
           f"{r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, median of {r['repeats']}")
-    print(f"{'':28}{'ortllava':>12}{'transformers':>14}{'ratio':>8}")
+    headers = [f"ortllava {name}" for name in names] + ["transformers"]
+    print(f"{'':28}" + "".join(f"{h:>16}" for h in headers))
 
-    def row(label, key, scale=1.0, unit=""):
-        a, b = ours.get(key), theirs.get(key)
-        ratio = f"{a / b:8.2f}" if a is not None and b else f"{'':8}"
-        fa = f"{a * scale:10.1f}{unit}" if a is not None else f"{'-':>12}"
-        fb = f"{b * scale:12.1f}{unit}" if b is not None else f"{'-':>14}"
-        print(f"{label:28}{fa}{fb}{ratio}")
+    def row(label: str, key: str, scale: float = 1.0) -> None:
+        values = [runs[name]["ortllava"].get(key) for name in names] + [r["transformers"].get(key)]
+        print(f"{label:28}" + "".join(f"{v * scale:16.1f}" if v is not None else f"{'-':>16}" for v in values))
 
-    row("preprocessing (ms)", "preprocess_s", 1000, "  ")
-    row("vision (ms)", "vision_s", 1000, "  ")
-    row("time to first token (ms)", "time_to_first_token_s", 1000, "  ")
-    row("decode (ms/token)", "decode_ms_per_token", 1, "  ")
-    row("decode (tokens/s)", "tokens_per_s", 1, "  ")
-    row("end to end (ms)", "total_s", 1000, "  ")
-    print(f"decode floor {r['decode_floor_ms']:.2f} ms/token ({r['decode_step_bytes'] / 2**20:.0f} MiB per step at "
-          f"{r['bandwidth_gb_s']:.1f} GB/s measured): ortllava reaches {r['fraction_of_floor'] * 100:.0f}% of it")
-    print(f"tokens identical: {r['tokens_identical']} (agreement {r['token_agreement'] * 100:.0f}%); peak host RSS {r['peak_host_rss_mb']:.0f} MiB"
+    row("preprocessing (ms)", "preprocess_s", 1000)
+    row("vision (ms)", "vision_s", 1000)
+    row("time to first token (ms)", "time_to_first_token_s", 1000)
+    row("decode (ms/token)", "decode_ms_per_token")
+    row("decode (tokens/s)", "tokens_per_s")
+    row("end to end (ms)", "total_s", 1000)
+    print(f"{'decoder files (MB)':28}" + "".join(f"{runs[name]['decoder_file_bytes'] / 1e6:16.1f}" for name in names) + f"{'-':>16}")
+    for name in names:
+        run, ratios = runs[name], runs[name]["ratios"]
+        print(f"{name}: vs transformers end to end {ratios['end_to_end']:.2f}x, time to first token {ratios['time_to_first_token']:.2f}x, "
+              f"decode {ratios['decode']:.2f}x, preprocessing {ratios['preprocess']:.2f}x; "
+              f"decode floor {run['decode_floor_ms']:.2f} ms/token ({run['decode_step_bytes'] / 2**20:.0f} MiB per step), "
+              f"{run['fraction_of_floor'] * 100:.0f}% of it reached ({ratios['decode_vs_floor']:.2f}x the floor)")
+    if len(names) > 1:
+        print("decode speed vs " + names[0] + ": " + ", ".join(f"{name} {runs[name]['ratios']['decode_speedup_vs_first']:.2f}x" for name in names[1:]))
+    print(f"memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s (measured in this run)")
+    print("tokens identical to transformers: " + ", ".join(f"{name} {runs[name]['tokens_identical']} (agreement {runs[name]['token_agreement'] * 100:.0f}%)" for name in names)
+          + f"; peak host RSS {r['peak_host_rss_mb']:.0f} MiB"
           + (f"; GPU in use {r['gpu_in_use_mb']:.0f} MiB, torch peak {r['peak_gpu_torch_mb']:.0f} MiB" if "gpu_in_use_mb" in r else ""))

@@ -253,7 +253,10 @@ def _build(g: _Graph, model, config, text_model) -> None:
         axis=-1, epsilon=eps, stash_type=1,
     )
     logits = g.linear(normed, model.lm_head.weight.T, "lm_head", quantize=bool(int4 and int4.quantize_lm_head))
-    g.node("Cast", [logits], [names.LOGITS], "lm_head/float", to=TensorProto.FLOAT)
+    if g.dtype == np.float32:  # already float: name the lm_head's output (a Cast would copy [B, V] every step)
+        g.nodes[-1].output[0] = names.LOGITS
+    else:
+        g.node("Cast", [logits], [names.LOGITS], "lm_head/float", to=TensorProto.FLOAT)
 
 
 def _model(g: _Graph, config, inputs: list[str], outputs: list[str], dtype) -> onnx.ModelProto:

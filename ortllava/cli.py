@@ -140,6 +140,14 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precisions(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ("fp32", "fp16", "int4")]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"precisions are fp32, fp16 and int4, each at most once; got {text!r}")
+    return names
+
+
 def _bench(args: argparse.Namespace) -> int:
     try:
         from ortllava_export.bench import bench
@@ -147,7 +155,7 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError as error:  # the benchmark runs transformers too: it needs the exporter's dependencies
         raise RuntimeError(f"ortllava bench needs torch and transformers: pip install 'ortllava[export]' ({error})") from error
     bench(
-        args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens,
+        args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens, text_only=args.text_only,
         repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,
         max_length=args.max_length, int4=Int4Options(args.block_size, True, args.quantize_lm_head, args.accuracy_level),
     )
@@ -188,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="ortllava against transformers on the same weights and inputs")
     bench.add_argument("model", help="checkpoint (hub id or folder) or a random shape: cpu-mid, mistral-7b, tiny")
     bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    bench.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int4"])
+    bench.add_argument(
+        "--precision", default=["fp32"], type=_precisions,
+        help="fp32, fp16 or int4; several, comma-separated (fp32,int4), alternate in the same runs",
+    )
     bench.add_argument("--block-size", type=int, default=32, help="int4: input rows per scale")
     bench.add_argument("--quantize-lm-head", action="store_true", help="int4: quantize the lm_head too")
     bench.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4: MatMulNBits compute type (4: int8 on the CPU)")
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", type=Path, help="write the report here")
     bench.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph")
     bench.add_argument("--max-length", type=int, help="preallocate the key/value buffers to this many positions")
+    bench.add_argument("--text-only", action="store_true", help="ask about no image: a short context, where the weights dominate a step")
     bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)

@@ -41,8 +41,9 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 CAPACITY_STEP = 256  # buffers grow in steps of this many positions, so nearby lengths reuse them
 # On the CPU, a one-row prompt longer than this is prefilled in chunks of this many tokens: the CPU
 # GroupQueryAttention computes whole query x key rectangles, so chunks skip most of the causal upper triangle
-# (measured on the benchmark model, 2160 tokens, 2 threads: 878 ms whole, 738-780 ms in chunks of 512-768).
-CPU_PREFILL_CHUNK = 512
+# (benchmark model, 2160 tokens, 2 threads, chunk sizes alternating in one process, median of 6: 878 ms
+# whole; 768-783 ms in chunks of 320-384, 798 at 448, 800-830 at 512, 826 at 768; int4: 857 at 384, 913 at 512).
+CPU_PREFILL_CHUNK = 384
 
 
 @dataclass

@@ -120,18 +120,56 @@ def test_context_beyond_the_graph_is_refused_before_running(mistral):
 
 
 def test_bench_runs_and_reports(tmp_path):
+    """Two precisions from the same weights, alternating in the same runs; fp32 must match transformers."""
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--new-tokens", "8", "--repeats", "1", "--threads", "2", "--json", str(out)],
+        [sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int4", "--new-tokens", "8", "--repeats", "1",
+         "--threads", "2", "--json", str(out)],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["tokens_identical"] is True
-    assert report["decode_floor_ms"] > 0 and 0 < report["bandwidth_gb_s"]
-    for key in ("preprocess_s", "time_to_first_token_s", "decode_ms_per_token", "total_s"):
-        assert report["ortllava"][key] > 0 and report["transformers"][key] > 0
-    assert "decode floor" in run.stdout and "time to first token" in run.stdout
+    assert report["precision"] == "fp32" and report["tokens_identical"] is True  # the first precision at the top level
+    assert list(report["precisions"]) == ["fp32", "int4"]
+    assert report["precisions"]["int4"]["decoder_file_bytes"] < report["precisions"]["fp32"]["decoder_file_bytes"]
+    assert report["bandwidth_gb_s"] > 0
+    for name, result in report["precisions"].items():
+        assert result["decode_floor_ms"] > 0 and result["ratios"]["decode_speedup_vs_first"] > 0
+        for key in ("preprocess_s", "time_to_first_token_s", "decode_ms_per_token", "total_s"):
+            assert result["ortllava"][key] > 0 and report["transformers"][key] > 0
+    assert report["precisions"]["fp32"]["ratios"]["decode_speedup_vs_first"] == 1.0
+    assert "decode floor" in run.stdout and "time to first token" in run.stdout and "decode speed vs fp32: int4" in run.stdout
+
+
+def test_bench_refuses_unknown_precisions():
+    run = subprocess.run([sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int8"], capture_output=True, text=True)
+    assert run.returncode == 2 and "int8" in run.stderr
+
+
+def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
+    """A long one-row prompt prefilled in CPU chunks (a partial last one included) gives the logits and the
+    next steps of one run over the whole prompt."""
+    import ortllava.decoders as decoders
+
+    pipe = ortllava.load(tiny_store.get("mistral").bundle, provider="cpu")
+    decoder = pipe.sessions.decoder
+    rng = np.random.default_rng(1)
+    embeds = rng.standard_normal((1, 1000, pipe.manifest.text.hidden_size)).astype(np.float32)
+    steps = rng.standard_normal((3, 1, 1, pipe.manifest.text.hidden_size)).astype(np.float32)
+
+    def run(chunk: int) -> list[np.ndarray]:
+        monkeypatch.setattr(decoders, "CPU_PREFILL_CHUNK", chunk)
+        logits, cache = decoder.start(embeds, np.ones((1, 1000), np.int64), capacity=1010)
+        out = [logits.copy()]
+        for step in steps:
+            cache.step_embeds[...] = step
+            out.append(decoder.step(cache).copy())
+        decoder.release(cache)
+        return out
+
+    whole, chunked = run(0), run(384)  # 0: no chunking; 384: chunks of 384, 384 and 232
+    for want, got in zip(whole, chunked):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("config", ["mistral", "mistral-concat"])
