@@ -249,6 +249,7 @@ def bench(
     model: str, provider: str = "cpu", precision: str | Sequence[str] = "fp32", layers: int | None = None, new_tokens: int = 64,
     repeats: int = 3, threads: int | None = None, output: Path | None = None, bundle: Path | None = None,
     cuda_graph: bool = False, max_length: int | None = None, int4: Int4Options | None = None, text_only: bool = False,
+    kv_cache: str = "float",
 ) -> dict:
     """Runs the comparison and returns the report (also written as JSON to `output` when given).
 
@@ -256,6 +257,7 @@ def bench(
     exported from the same weights and alternate in the same runs, so their ratios are not blurred by
     drift between separate runs; the report's top level describes the first, `precisions` each of them.
     `text_only` asks about no image: a short context, where the weights (not the keys/values) dominate a step.
+    `kv_cache` ("float" or "int8") is the int4 bundles' key/value cache; the other precisions keep a float one.
     """
     import torch
 
@@ -279,7 +281,10 @@ def bench(
     bundles = {p: Path(bundle) if len(precisions) == 1 else Path(bundle) / p for p in precisions}
     for name, path in bundles.items():
         if not (path / "manifest.json").is_file():
-            export_bundle(checkpoint, path, precision=name, validate=(device == "cpu" and name == "fp32"), target=device, int4=int4)
+            export_bundle(
+                checkpoint, path, precision=name, validate=(device == "cpu" and name == "fp32"), target=device, int4=int4,
+                kv_cache=kv_cache if name == "int4" else "float",
+            )
 
     question = {"type": "text", "text": "What is shown in this image?" if not text_only else "Describe a sunny day at the sea."}
     messages = [{"role": "user", "content": ([] if text_only else [{"type": "image", "image": photo()}]) + [question]}]
@@ -314,11 +319,11 @@ def bench(
     for name, pipe in pipes.items():
         ours = _median(our_runs[name])
         weights = decoder_bytes(bundles[name])
-        kv_itemsize = np.dtype(pipe.sessions.decoder.dtype).itemsize  # the key/value buffers have the decoder's dtype
+        kv_itemsize = np.dtype(pipe.sessions.decoder.kv_dtype).itemsize
         step_bytes = weights + kv_bytes(checkpoint.model.config, context, kv_itemsize)
         floor_ms = step_bytes / bandwidth * 1000
         results[name] = {
-            "precision": name, "provider": pipe.provider,
+            "precision": name, "provider": pipe.provider, "kv_dtype": np.dtype(pipe.sessions.decoder.kv_dtype).name,
             "tokens_identical": all(a.tokens == b.tokens for a, b in zip(hf_runs, our_runs[name])),
             "token_agreement": float(np.mean([np.mean(np.array(a.tokens) == np.array(b.tokens)) for a, b in zip(hf_runs, our_runs[name])])),
             "ortllava": ours,
@@ -362,7 +367,7 @@ def print_report(r: dict) -> None:
     names = list(runs)
     print(f"\n{r['model']} ({r['layers']} decoder layers), {r['provider']}, {r['threads']} threads; "
           f"{r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, median of {r['repeats']}")
-    headers = [f"ortllava {name}" for name in names] + ["transformers"]
+    headers = [f"ortllava {name}" + ("+kv8" if runs[name].get("kv_dtype") == "int8" else "") for name in names] + ["transformers"]
     print(f"{'':28}" + "".join(f"{h:>16}" for h in headers))
 
     def row(label: str, key: str, scale: float = 1.0) -> None:

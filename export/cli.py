@@ -43,7 +43,7 @@ TARGETS = ("cuda", "cpu")
 
 def export_bundle(
     model: str | Checkpoint, output: Path, precision: str = "fp32", revision: str | None = None, validate: bool = True,
-    decoder: str = "gqa", target: str = "cuda", int4: Int4Options | None = None,
+    decoder: str = "gqa", target: str = "cuda", int4: Int4Options | None = None, kv_cache: str = "float",
 ) -> Path:
     """Exports `model` (hub id, folder, "tiny", or a loaded `Checkpoint`) into the bundle folder `output`; returns it.
 
@@ -51,6 +51,8 @@ def export_bundle(
     activations, vision encoder and projector when `target` is "cuda", fp32 ones when it is "cpu".
     `decoder`: "gqa" (fused attention over a shared, preallocated key/value buffer; the fast path) or
     "concat" (plain ONNX ops, present = past ++ new; the portable fallback, fp32 activations).
+    `kv_cache`: "float" (the activations' dtype) or "int8" (a "gqa" decoder's key/value buffers quantized with
+    calibrated per-channel scales; CPU provider only).
     With `validate`, each graph is checked against PyTorch and the accuracy report is measured.
     """
     import numpy as np
@@ -59,6 +61,7 @@ def export_bundle(
     from .bundle import build_manifest, write_assets, write_manifest
     from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
     from .fused_decoder import build_fused_decoder
+    from .kv_cache import KV_CACHE_TYPES, calibrate_kv_scales
     from .quantize import quantize_decoder
     from .validate import validate_decoder, validate_fused_decoder, validate_vision
 
@@ -71,10 +74,18 @@ def export_bundle(
     if decoder == "concat" and precision == "fp16":
         raise SystemExit("--decoder concat has fp32 activations (fp32 or int4 weights); use --decoder gqa for fp16")
     half = precision == "fp16" or (precision == "int4" and target == "cuda")
+    if kv_cache not in KV_CACHE_TYPES:
+        raise SystemExit(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_CACHE_TYPES)}")
+    if kv_cache == "int8" and (decoder != "gqa" or half):
+        raise SystemExit(
+            "--kv-cache int8 needs the gqa decoder with fp32 activations (fp32, or int4 --target cpu): the int8 cache "
+            "is verified on the CPU provider only"
+        )
     dtype = np.float16 if half else np.float32
     decoder_precision = "fp16" if half and decoder == "gqa" else "fp32"
     total = time.perf_counter()
-    progress = Progress(5 + 2 * validate + (precision == "int4" and (validate or decoder == "concat")))
+    quantized = precision == "int4" or kv_cache == "int8"  # built after the float graph is validated
+    progress = Progress(5 + 2 * validate + (kv_cache == "int8") + (quantized and (validate or decoder == "concat")))
     stage = progress.stage
     with stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
         # Unvalidated exports keep the decoder as stored (memory-mapped); validation needs the fp32 reference.
@@ -95,11 +106,21 @@ def export_bundle(
     if int4 is not None and int4.accuracy_level is None and (target == "cpu" or decoder == "concat"):
         # fp32 activations on the CPU: MLAS's fast 4-bit kernels quantize each activation block to int8.
         int4 = dataclasses.replace(int4, accuracy_level=4)
-    # Unvalidated int4 fused decoders are built quantized at once; otherwise the float graph comes first.
-    quantize_at_build = int4 is not None and decoder == "gqa" and not validate
-    with stage(f"Building the {decoder} decoder ({decoder_precision}{' weights in int4' if quantize_at_build else ''})"):
+    kv_scales = None
+    if kv_cache == "int8":
+        with stage("Calibrating the int8 key/value cache (PyTorch prefills of 3 prompts with images)"):
+            kv_scales = calibrate_kv_scales(checkpoint)
+    # Unvalidated quantized fused decoders are built quantized at once; otherwise the float graph comes first.
+    quantize_at_build = quantized and decoder == "gqa" and not validate
+    quantized_parts = ", ".join(
+        ([f"weights to 4 bits (block {int4.block_size}, {'symmetric' if int4.symmetric else 'asymmetric'})"] if int4 else [])
+        + (["key/value cache to int8"] if kv_scales else [])
+    )
+    with stage(f"Building the {decoder} decoder ({decoder_precision}{'; ' + quantized_parts if quantize_at_build else ''})"):
         if decoder == "gqa":
-            graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", decoder_precision, int4 if quantize_at_build else None)
+            graphs["decoder"] = build_fused_decoder(
+                checkpoint.model, work / "decoder.onnx", decoder_precision, *((int4, kv_scales) if quantize_at_build else (None, None)),
+            )
         else:
             graphs["decoder"] = export_decoder(checkpoint.model, work / "decoder.onnx")
     validation = {}
@@ -113,10 +134,10 @@ def export_bundle(
             else:
                 validation.update(validate_decoder(checkpoint.model, work / "decoder.onnx"))
             print("      max |onnx - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in validation.items()), file=sys.stderr)
-    if int4 is not None and not quantize_at_build:
-        with stage(f"Quantizing decoder weights to 4 bits (block {int4.block_size}, {'symmetric' if int4.symmetric else 'asymmetric'})"):
+    if quantized and not quantize_at_build:
+        with stage(f"Quantizing the decoder: {quantized_parts}"):
             if decoder == "gqa":  # built again, each weight quantized as it is read
-                graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", decoder_precision, int4)
+                graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", decoder_precision, int4, kv_scales)
             else:
                 quantize_decoder(graphs["decoder"], work, int4)
     with stage("Writing embeddings, tokenizer, chat template and configs"):
@@ -153,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--asymmetric", action="store_true", help="int4: a zero point per block")
     parser.add_argument("--quantize-lm-head", action="store_true", help="int4: quantize the lm_head too (smaller, less accurate)")
     parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4: MatMulNBits compute type (4: int8, CPU)")
+    parser.add_argument(
+        "--kv-cache", default="float", choices=["float", "int8"],
+        help="gqa decoder with fp32 activations: int8 key/value cache with calibrated scales (4x fewer bytes per step; CPU provider)",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch checks and the accuracy report (not recommended)")
     args = parser.parse_args(argv)
     from .families import UnsupportedModelError
@@ -162,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         int4 = Int4Options(args.block_size, not args.asymmetric, args.quantize_lm_head, args.accuracy_level)
         export_bundle(
             args.model, args.output or default_output(args.model), args.precision, args.revision, not args.no_validate,
-            args.decoder, args.target, int4,
+            args.decoder, args.target, int4, args.kv_cache,
         )
     except (UnsupportedModelError, ExportValidationError, FileNotFoundError) as error:
         print(f"ortllava-export: error: {error}", file=sys.stderr)

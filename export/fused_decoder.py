@@ -13,6 +13,7 @@ I/O spec (`kind = "gqa"`):
   prompt passes `W = S`; later steps may pass a fixed width (the buffer capacity) so shapes stay static.
 - `past_key_values.{i}.key|value [B, n_kv, C, head_dim]`: the preallocated buffers (capacity `C`); the
   caller binds `present.{i}.key|value` to the same memory, and the op writes the new keys/values in place.
+  Graph dtype, or int8 with `KVScales` (the op quantizes as it writes and dequantizes as it reads).
 - `logits [B, V]` float32: for each row, its last real new token (`min(seqlens_k, S - 1)`).
 
 Per layer: SkipSimplifiedLayerNorm -> packed QKV MatMul (+ bias) -> GroupQueryAttention (rotary inside,
@@ -37,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ortllava import manifest as names
 from ortllava.manifest import GraphSpec
 
+from .kv_cache import KVScales
 from .quantize import Int4Options, quantize_weight
 
 OPSET = 21
@@ -157,10 +159,13 @@ def _sliding_windows(text_config, num_layers: int) -> list[int]:
     return [window if kind == "sliding_attention" else -1 for kind in layer_types]
 
 
-def build_fused_decoder(model, path: Path, precision: str = "fp32", int4: Int4Options | None = None) -> GraphSpec:
+def build_fused_decoder(
+    model, path: Path, precision: str = "fp32", int4: Int4Options | None = None, kv_scales: KVScales | None = None,
+) -> GraphSpec:
     """Writes the fused decoder of `model` (a LlavaNextForConditionalGeneration) to `path`; returns its spec.
 
-    `precision` is the activations' (and float weights') dtype; `int4` quantizes the linear layers' weights.
+    `precision` is the activations' (and float weights') dtype; `int4` quantizes the linear layers' weights;
+    `kv_scales` makes the key/value buffers int8 with those per-channel scales (export/kv_cache.py).
     Large models stream their weights to `path.data` as they are converted (bounded memory).
     """
     dtype = _DTYPES[precision]
@@ -171,14 +176,15 @@ def build_fused_decoder(model, path: Path, precision: str = "fp32", int4: Int4Op
     external = sum(p.numel() for p in text_model.layers.parameters()) * itemsize > EXTERNAL_DATA_THRESHOLD
     with open(path.parent / data_file, "wb") if external else nullcontext() as data:
         g = _Graph(dtype, data, data_file, int4)
-        _build(g, model, config, text_model)
+        _build(g, model, config, text_model, kv_scales)
         inputs, outputs = io_names(len(text_model.layers))
-        onnx_model = _model(g, config, inputs, outputs, dtype)
+        onnx_model = _model(g, config, inputs, outputs, dtype, np.int8 if kv_scales else dtype)
     onnx.save_model(onnx_model, str(path))
     return GraphSpec(
         file=path.name, inputs=inputs, outputs=outputs, dtype="float16" if precision == "fp16" else "float32",
         external_data=[data_file] if external else [], kind="gqa", max_length=_max_positions(config),
         quantization={"method": "MatMulNBits", "bits": 4, **int4.as_dict()} if int4 else {},
+        kv_dtype="int8" if kv_scales else "",
     )
 
 
@@ -186,7 +192,7 @@ def _max_positions(config) -> int:
     return min(int(config.max_position_embeddings), MAX_ROTARY_POSITIONS)
 
 
-def _build(g: _Graph, model, config, text_model) -> None:
+def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = None) -> None:
     layers = text_model.layers
     num_layers = len(layers)
     hidden = config.hidden_size
@@ -226,13 +232,17 @@ def _build(g: _Graph, model, config, text_model) -> None:
         bias = _bias(attn.q_proj, attn.k_proj, attn.v_proj)
         if bias is not None:
             (qkv,) = g.node("Add", [qkv, g.weight(f"{p}.qkv.bias", bias)], 1, f"{p}/qkv_bias")
+        attention_inputs = [qkv, "", "", names.past_key_name(i), names.past_value_name(i), seqlens_k, total_length, "rotary.cos", "rotary.sin"]
+        quantized_cache = {}
+        if kv_scales is not None:  # inputs 12 and 13: the int8 cache's scales (position_ids, bias and sinks unused)
+            attention_inputs += ["", "", "", g.weight(f"{p}.k_scale", kv_scales.keys[i], np.float32), g.weight(f"{p}.v_scale", kv_scales.values[i], np.float32)]
+            quantized_cache = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         (attended, _, _) = g.node(
-            "GroupQueryAttention",
-            [qkv, "", "", names.past_key_name(i), names.past_value_name(i), seqlens_k, total_length, "rotary.cos", "rotary.sin"],
+            "GroupQueryAttention", attention_inputs,
             [f"{p}/attention", names.present_key_name(i), names.present_value_name(i)],
             f"{p}/attention", domain="com.microsoft",
             num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=attention_scale,
-            local_window_size=windows[i],
+            local_window_size=windows[i], **quantized_cache,
         )
         update = g.linear(attended, _linear_weight(attn.o_proj), f"{p}.o_proj")
         update = _scale_residual(g, update, residual_multiplier, f"{p}/attention_residual_scale")
@@ -259,18 +269,19 @@ def _build(g: _Graph, model, config, text_model) -> None:
         g.node("Cast", [logits], [names.LOGITS], "lm_head/float", to=TensorProto.FLOAT)
 
 
-def _model(g: _Graph, config, inputs: list[str], outputs: list[str], dtype) -> onnx.ModelProto:
+def _model(g: _Graph, config, inputs: list[str], outputs: list[str], dtype, kv_dtype) -> onnx.ModelProto:
     """The graph's declared inputs and outputs around the collected nodes."""
     onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    onnx_kv_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(kv_dtype))
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_shape = ["batch", config.num_key_value_heads, "capacity", head_dim]
     graph_inputs = [
         helper.make_tensor_value_info(names.INPUTS_EMBEDS, onnx_dtype, ["batch", "sequence", config.hidden_size]),
         helper.make_tensor_value_info(names.ATTENTION_MASK, TensorProto.INT64, ["batch", "total"]),
-    ] + [helper.make_tensor_value_info(name, onnx_dtype, kv_shape) for name in inputs[2:]]
+    ] + [helper.make_tensor_value_info(name, onnx_kv_dtype, kv_shape) for name in inputs[2:]]
     graph_outputs = [helper.make_tensor_value_info(names.LOGITS, TensorProto.FLOAT, ["batch", config.vocab_size])] + [
-        helper.make_tensor_value_info(name, onnx_dtype, kv_shape) for name in outputs[1:]
+        helper.make_tensor_value_info(name, onnx_kv_dtype, kv_shape) for name in outputs[1:]
     ]
     graph = helper.make_graph(g.nodes, "ortllava_fused_decoder", graph_inputs, graph_outputs, g.initializers)
     return helper.make_model(

@@ -58,7 +58,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"source      {manifest.provenance.get('source')} @ {manifest.provenance.get('revision')}")
     print(f"decoder     {text.architecture}: {text.num_layers} layers, hidden {text.hidden_size}, "
           f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv, vocab {text.vocab_size}, "
-          f"{text.max_position_embeddings} positions ({decoder.kind} cache, {decoder.dtype})")
+          f"{text.max_position_embeddings} positions ({decoder.kind} cache, {decoder.dtype}{', key/value cache ' + decoder.kv_dtype if decoder.kv_dtype else ''})")
     if decoder.quantization:
         q = decoder.quantization
         print(f"            weights {q.get('method')} {q.get('bits')}-bit, block {q.get('block_size')}, "
@@ -156,6 +156,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise RuntimeError(f"ortllava bench needs torch and transformers: pip install 'ortllava[export]' ({error})") from error
     bench(
         args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens, text_only=args.text_only,
+        kv_cache=args.kv_cache,
         repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,
         max_length=args.max_length, int4=Int4Options(args.block_size, True, args.quantize_lm_head, args.accuracy_level),
     )
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--block-size", type=int, default=32, help="int4: input rows per scale")
     bench.add_argument("--quantize-lm-head", action="store_true", help="int4: quantize the lm_head too")
     bench.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4: MatMulNBits compute type (4: int8 on the CPU)")
+    bench.add_argument("--kv-cache", default="float", choices=["float", "int8"], help="int4: the key/value cache (int8: CPU provider)")
     bench.add_argument("--layers", type=int, help="decoder layers of a random shape (the floor ratio does not depend on it)")
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)

@@ -38,6 +38,7 @@ from .manifest import (
 )
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+KV_DTYPES = {**NUMPY_DTYPES, "int8": np.int8}  # what a key/value buffer may hold
 CAPACITY_STEP = 256  # buffers grow in steps of this many positions, so nearby lengths reuse them
 # On the CPU, a one-row prompt longer than this is prefilled in chunks of this many tokens: the CPU
 # GroupQueryAttention computes whole query x key rectangles, so chunks skip most of the causal upper triangle
@@ -79,6 +80,7 @@ class _DecoderBase:
         self.num_layers = text.num_layers
         self.kv_heads, self.head_dim, self.hidden_size, self.vocab_size = text.num_key_value_heads, text.head_dim, text.hidden_size, text.vocab_size
         self.dtype = NUMPY_DTYPES[spec.dtype]
+        self.kv_dtype = KV_DTYPES[spec.kv_dtype or spec.dtype]
         self.max_length = min(spec.max_length or text.max_position_embeddings, text.max_position_embeddings)
         self.past_names = [n for layer in range(self.num_layers) for n in (past_key_name(layer), past_value_name(layer))]
         self.present_names = [n for layer in range(self.num_layers) for n in (present_key_name(layer), present_value_name(layer))]
@@ -141,11 +143,11 @@ class FusedDecoder(_DecoderBase):
         capacity = self.fixed_capacity or capacity
         kv_shape = (batch, self.kv_heads, capacity, self.head_dim)
         if self.device.type == "cpu":  # numpy arrays the OrtValues share: the host can read and write them
-            kv_host = [np.zeros(kv_shape, self.dtype) for _ in self.past_names]
+            kv_host = [np.zeros(kv_shape, self.kv_dtype) for _ in self.past_names]
             kv = [ort.OrtValue.ortvalue_from_numpy(array) for array in kv_host]
         else:
             kv_host = None
-            kv = [ort.OrtValue.ortvalue_from_shape_and_type(kv_shape, self.dtype, self.device.type, self.device.id) for _ in self.past_names]
+            kv = [ort.OrtValue.ortvalue_from_shape_and_type(kv_shape, self.kv_dtype, self.device.type, self.device.id) for _ in self.past_names]
         step_embeds = np.zeros((batch, 1, self.hidden_size), self.dtype)
         mask = np.zeros((batch, capacity), np.int64)
         logits = np.zeros((batch, self.vocab_size), np.float32)
@@ -271,7 +273,7 @@ class FusedDecoder(_DecoderBase):
             if self.device.type == "cpu":
                 grown.state["kv_host"][index][:, :, :held] = cache.state["kv_host"][index][:, :, :held]
             else:  # rare (a chat outgrew its buffers): one round trip through the host
-                host = np.zeros(target.shape(), self.dtype)
+                host = np.zeros(target.shape(), self.kv_dtype)
                 host[:, :, :held] = source.numpy()[:, :, :held]
                 target.update_inplace(host)
         grown.lengths[0] = held

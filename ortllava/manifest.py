@@ -115,6 +115,9 @@ class GraphSpec:
     kind: str = ""
     max_length: int = 0  # decoder only: the most positions the graph serves (0: the model's max_position_embeddings)
     quantization: dict[str, Any] = field(default_factory=dict)  # e.g. {"method": "MatMulNBits", "bits": 4, "block_size": 32, ...}
+    # "gqa" decoder only: the key/value buffers' dtype when it is not `dtype` ("int8": quantized with the
+    # graph's calibrated per-channel scales, which the op applies as it writes and reads them).
+    kv_dtype: str = ""
 
 
 @dataclass

@@ -106,6 +106,12 @@ class BundleSessions:
                 "this bundle's fused decoder is fp32, which the CUDA provider cannot run; export with --precision fp16 "
                 "(or int4 --target cuda) for CUDA, or load it with provider='cpu'"
             )
+        if on_cuda and manifest.graphs["decoder"].kv_dtype == "int8":
+            # Built and checked on the CPU provider only; CUDA's int8 cache path has not been run against transformers.
+            raise BundleError(
+                "this bundle's key/value cache is int8, verified on the CPU provider only; load it with provider='cpu', "
+                "or export without --kv-cache int8 for CUDA"
+            )
         if fused and not io_binding:
             raise ValueError("a 'gqa' decoder shares its key/value buffers through IO binding; io_binding=False is not possible")
         device = Device("cuda" if on_cuda else "cpu") if io_binding else None

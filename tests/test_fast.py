@@ -27,15 +27,21 @@ PROMPT = "[INST] <image>\nWhat is shown in this image? [/INST]"
 #   about its top-2 gap, so half its greedy choices flip (real checkpoints keep far more; see the note in
 #   DESIGN.md). The floor (40%, mean diff < 0.6) still fails a broken kernel, scale or block layout, which
 #   gives chance-level agreement (~0.2% over 574 tokens) and logit errors of several units.
+# - kv8 (fp32 weights, int8 key/value cache with calibrated per-channel scales): measured 98.6% top-1, max
+#   diff 0.13, mean 0.007. A channel's rounding step is 1.25 x its largest calibrated value / 127 (~1%); this
+#   model's sharp attention turns that into logit moves of ~0.1. Missing, inverted or misplaced scales clip or
+#   scramble the cache and give errors of several units, far past the floor (90%, max 0.5, mean 0.03).
 FLOORS = {
     "fp16": {"top1_agreement": 0.95, "max_abs_logit_diff": 0.1, "mean_abs_logit_diff": 0.02},
+    "kv8": {"top1_agreement": 0.90, "max_abs_logit_diff": 0.5, "mean_abs_logit_diff": 0.03},
     "int4": {"top1_agreement": 0.40, "max_abs_logit_diff": 4.0, "mean_abs_logit_diff": 0.6},
 }
 
 
 @pytest.fixture(scope="module")
 def bundles(tiny_store, tmp_path_factory):
-    """fp16, int4 (CPU target: fp32 activations) and int4 on the concat decoder, from the tiny Mistral checkpoint."""
+    """fp16, int4 (CPU target: fp32 activations), int4 on the concat decoder, and fp32 with an int8 key/value
+    cache, from the tiny Mistral checkpoint."""
     from ortllava_export.cli import export_bundle
     from ortllava_export.quantize import Int4Options
 
@@ -45,10 +51,11 @@ def bundles(tiny_store, tmp_path_factory):
         "fp16": export_bundle(checkpoint, root / "fp16", precision="fp16"),
         "int4": export_bundle(checkpoint, root / "int4", precision="int4", target="cpu", int4=Int4Options(block_size=32)),
         "int4-concat": export_bundle(checkpoint, root / "int4-concat", precision="int4", target="cpu", decoder="concat"),
+        "kv8": export_bundle(checkpoint, root / "kv8", precision="fp32", kv_cache="int8"),
     }
 
 
-@pytest.mark.parametrize("name", ["fp16", "int4", "int4-concat"])
+@pytest.mark.parametrize("name", ["fp16", "int4", "int4-concat", "kv8"])
 def test_accuracy_report_is_above_its_floor(bundles, name):
     manifest = read_manifest(bundles[name])
     floor = FLOORS[name.split("-")[0]]
@@ -75,6 +82,50 @@ def test_int4_bundle_holds_matmulnbits_and_is_smaller(bundles, tiny_store):
     lm_head = manifest.text.vocab_size * manifest.text.hidden_size * 4
     layer_bytes = lambda path: path.stat().st_size - rotary - lm_head  # noqa: E731
     assert layer_bytes(bundles["int4"] / "decoder.onnx") < 0.2 * layer_bytes(fp32)
+
+
+def test_int8_cache_bundle_quantizes_the_buffers_it_shares(bundles):
+    import onnx
+
+    manifest = read_manifest(bundles["kv8"])
+    assert manifest.graphs["decoder"].kv_dtype == "int8" and manifest.graphs["decoder"].dtype == "float32"
+    graph = onnx.load(str(bundles["kv8"] / "decoder.onnx"))
+    attention = [node for node in graph.graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(attention) == manifest.text.num_layers
+    for node in attention:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["kv_cache_bit_width"] == 8 and attrs["k_quant_type"] == attrs["v_quant_type"] == b"PER_CHANNEL"
+        scales = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer if t.name in node.input[12:14]}
+        assert [scales[name].shape for name in node.input[12:14]] == [(manifest.text.num_key_value_heads, 1, manifest.text.head_dim)] * 2
+        assert all((scale > 0).all() for scale in scales.values())
+    pipe = ortllava.load(bundles["kv8"], provider="cpu")
+    result = pipe.generate(prompt=PROMPT, images=[random_image(500, 300, seed=3)], max_new_tokens=8, min_new_tokens=8)
+    assert len(result.token_ids) == 8
+    assert all(array.dtype == np.int8 for array in pipe.sessions.decoder._spare.state["kv_host"])
+
+
+def test_int8_cache_grows_and_continues_like_one_prefill(bundles):
+    """`reserve` copies int8 buffers into larger ones; `extend` then gives (within int8 rounding) one prefill's logits."""
+    pipe = ortllava.load(bundles["kv8"], provider="cpu")
+    decoder = pipe.sessions.decoder
+    embeds = np.random.default_rng(0).standard_normal((1, 300, pipe.manifest.text.hidden_size)).astype(np.float32)
+    want, whole = decoder.start(embeds, np.ones((1, 300), np.int64), capacity=300)
+    want = want.copy()
+    decoder.release(whole)
+    _, cache = decoder.start(embeds[:, :100], np.ones((1, 100), np.int64), capacity=100)
+    cache = decoder.reserve(cache, 300)
+    got = decoder.extend(embeds[:, 100:], cache)
+    assert cache.state["kv_host"][0].dtype == np.int8 and int(cache.lengths[0]) == 300
+    np.testing.assert_allclose(got, want, atol=0.05)
+
+
+@pytest.mark.parametrize("options", [dict(precision="fp16"), dict(precision="int4", target="cuda"), dict(decoder="concat")])
+def test_int8_cache_is_refused_where_it_is_not_verified(tmp_path, options):
+    from ortllava_export.cli import export_bundle
+
+    with pytest.raises(SystemExit, match="kv-cache int8"):
+        export_bundle("tiny", tmp_path / "refused", kv_cache="int8", **options)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_fp16_bundle_generates_on_cpu(bundles):
@@ -120,17 +171,19 @@ def test_context_beyond_the_graph_is_refused_before_running(mistral):
 
 
 def test_bench_runs_and_reports(tmp_path):
-    """Two precisions from the same weights, alternating in the same runs; fp32 must match transformers."""
+    """Two precisions from the same weights, alternating in the same runs (int4 with an int8 cache); fp32 must
+    match transformers."""
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int4", "--new-tokens", "8", "--repeats", "1",
-         "--threads", "2", "--json", str(out)],
+        [sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int4", "--kv-cache", "int8", "--new-tokens", "8",
+         "--repeats", "1", "--threads", "2", "--json", str(out)],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["precision"] == "fp32" and report["tokens_identical"] is True  # the first precision at the top level
     assert list(report["precisions"]) == ["fp32", "int4"]
+    assert [r["kv_dtype"] for r in report["precisions"].values()] == ["float32", "int8"]  # --kv-cache is for int4 bundles
     assert report["precisions"]["int4"]["decoder_file_bytes"] < report["precisions"]["fp32"]["decoder_file_bytes"]
     assert report["bandwidth_gb_s"] > 0
     for name, result in report["precisions"].items():
