@@ -155,10 +155,10 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError as error:  # the benchmark runs transformers too: it needs the exporter's dependencies
         raise RuntimeError(f"ortllava bench needs torch and transformers: pip install 'ortllava[export]' ({error})") from error
     bench(
-        args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens, text_only=args.text_only,
-        kv_cache=args.kv_cache,
+        args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens,
         repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,
         max_length=args.max_length, int4=Int4Options(args.block_size, True, args.quantize_lm_head, args.accuracy_level),
+        text_only=args.text_only, kv_cache=args.kv_cache,
     )
     return 0
 

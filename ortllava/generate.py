@@ -128,7 +128,7 @@ def decode_loop(
                 metrics.time_to_first_token_s = decode_start - started
             active = ~finished
             tokens[finished] = pad_token_id  # in place: the generator embeds this array for the next step
-            finished = finished | (tokens[:, None] == eos).any(axis=1)  # (np.isin costs ~80 us a step)
+            finished = finished | (tokens[:, None] == eos).any(axis=1)  # (np.isin: ~13 us a step; this ~1)
             metrics.generated_tokens = index + 1
             yield Step(tokens, active, finished)
             if finished.all():

@@ -104,9 +104,10 @@ def test_int8_cache_bundle_quantizes_the_buffers_it_shares(bundles):
     assert all(array.dtype == np.int8 for array in pipe.sessions.decoder._spare.state["kv_host"])
 
 
-def test_int8_cache_grows_and_continues_like_one_prefill(bundles):
-    """`reserve` copies int8 buffers into larger ones; `extend` then gives (within int8 rounding) one prefill's logits."""
-    pipe = ortllava.load(bundles["kv8"], provider="cpu")
+def _one_prefill_and_grown_extend(bundle):
+    """Logits of one 300-token prefill, and of 100 tokens prefilled into a 100-position cache, grown by `reserve`
+    to 300 (past the 256 positions the first prefill asked for) and continued by `extend`; and that cache."""
+    pipe = ortllava.load(bundle, provider="cpu")
     decoder = pipe.sessions.decoder
     embeds = np.random.default_rng(0).standard_normal((1, 300, pipe.manifest.text.hidden_size)).astype(np.float32)
     want, whole = decoder.start(embeds, np.ones((1, 300), np.int64), capacity=300)
@@ -114,7 +115,12 @@ def test_int8_cache_grows_and_continues_like_one_prefill(bundles):
     decoder.release(whole)
     _, cache = decoder.start(embeds[:, :100], np.ones((1, 100), np.int64), capacity=100)
     cache = decoder.reserve(cache, 300)
-    got = decoder.extend(embeds[:, 100:], cache)
+    return want, decoder.extend(embeds[:, 100:], cache), cache
+
+
+def test_int8_cache_grows_and_continues_like_one_prefill(bundles):
+    """`reserve` copies int8 buffers into larger ones; `extend` then gives (within int8 rounding) one prefill's logits."""
+    want, got, cache = _one_prefill_and_grown_extend(bundles["kv8"])
     assert cache.state["kv_host"][0].dtype == np.int8 and int(cache.lengths[0]) == 300
     np.testing.assert_allclose(got, want, atol=0.05)
 
@@ -228,15 +234,7 @@ def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
 @pytest.mark.parametrize("config", ["mistral", "mistral-concat"])
 def test_extend_past_the_capacity_equals_one_prefill(tiny_store, config):
     """A one-row cache continued by `extend` (and grown past its capacity) gives the logits of one prefill."""
-    pipe = ortllava.load(tiny_store.get(config).bundle, provider="cpu")
-    decoder = pipe.sessions.decoder
-    embeds = np.random.default_rng(0).standard_normal((1, 300, pipe.manifest.text.hidden_size)).astype(np.float32)
-    want, whole = decoder.start(embeds, np.ones((1, 300), np.int64), capacity=300)
-    want = want.copy()
-    decoder.release(whole)
-    _, cache = decoder.start(embeds[:, :100], np.ones((1, 100), np.int64), capacity=100)
-    cache = decoder.reserve(cache, 300)  # beyond the 256 positions the first prefill asked for
-    got = decoder.extend(embeds[:, 100:], cache)
+    want, got, cache = _one_prefill_and_grown_extend(tiny_store.get(config).bundle)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     assert int(cache.lengths[0]) == 300
 
