@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .photos import photo
+
 NEW_TOKENS = 24
 # (width, height, seed, question): a landscape, a portrait and a square image; different tile grids.
 PROMPTS = [
@@ -18,15 +20,6 @@ PROMPTS = [
     (300, 700, 2, "Describe the picture in detail."),
     (500, 500, 3, "How many objects are there?"),
 ]
-
-
-def _image(width: int, height: int, seed: int):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 // (width - 1), yy * 255 // (height - 1), ((xx * 2 + yy) * 3) % 256], -1)
-    return Image.fromarray(np.clip(base + rng.integers(0, 48, (height, width, 3)), 0, 255).astype(np.uint8))
 
 
 def accuracy_report(checkpoint, bundle, provider: str = "cpu") -> dict:
@@ -40,7 +33,7 @@ def accuracy_report(checkpoint, bundle, provider: str = "cpu") -> dict:
     decoder, table = pipe.sessions.decoder, pipe.embed_table
     agree, worst, total_error, count = 0, 0.0, 0.0, 0
     for width, height, seed, question in PROMPTS:
-        messages = [{"role": "user", "content": [{"type": "image", "image": _image(width, height, seed)}, {"type": "text", "text": question}]}]
+        messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
         prompt_length = inputs["input_ids"].shape[1]
         with torch.no_grad():  # the raw logits of each greedy step are the teacher-forced ones of its own continuation

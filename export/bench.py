@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .photos import photo
 from .quantize import Int4Options
 
 
@@ -90,16 +91,6 @@ def build_checkpoint(name: str, layers: int | None = None, device: str = "cpu"):
     return Checkpoint(model, processor, check_supported(model.config), f"random:{name}", None)
 
 
-def photo(width: int = 600, height: int = 400):
-    """A photo-like test image: smooth gradients plus noise (fixed seed)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 // (width - 1), yy * 255 // (height - 1), ((xx + yy) * 3) % 256], -1)
-    return Image.fromarray(np.clip(base + rng.integers(0, 48, (height, width, 3)), 0, 255).astype(np.uint8))
-
-
 # ------------------------------------------------------------------------------------------------------
 # Memory bandwidth and the decode floor
 
@@ -166,9 +157,10 @@ def decoder_bytes(bundle: Path) -> int:
 
 
 def kv_bytes(config, positions: int, itemsize: int) -> int:
-    text = config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * positions * itemsize
+    from .wrappers import text_geometry
+
+    layers, kv_heads, head_dim = text_geometry(config)
+    return 2 * layers * kv_heads * head_dim * positions * itemsize
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -287,7 +279,7 @@ def bench(
             )
 
     question = {"type": "text", "text": "What is shown in this image?" if not text_only else "Describe a sunny day at the sea."}
-    messages = [{"role": "user", "content": ([] if text_only else [{"type": "image", "image": photo()}]) + [question]}]
+    messages = [{"role": "user", "content": ([] if text_only else [{"type": "image", "image": photo(600, 400)}]) + [question]}]
     torch_dtype = torch.float16 if device == "cuda" else torch.float32
     hf_model = checkpoint.model.to(device, torch_dtype).eval()
     processor = checkpoint.processor
@@ -314,37 +306,17 @@ def bench(
     prompt_tokens = first.prepare(messages=messages)[0]["input_ids"].shape[1]
     context = prompt_tokens + new_tokens // 2  # the average context of a decode step
     bandwidth = gpu_bandwidth() if device == "cuda" else cpu_bandwidth(threads)
-    theirs = _median(hf_runs)
-    results = {}
-    for name, pipe in pipes.items():
-        ours = _median(our_runs[name])
-        weights = decoder_bytes(bundles[name])
-        kv_itemsize = np.dtype(pipe.sessions.decoder.kv_dtype).itemsize
-        step_bytes = weights + kv_bytes(checkpoint.model.config, context, kv_itemsize)
-        floor_ms = step_bytes / bandwidth * 1000
-        results[name] = {
-            "precision": name, "provider": pipe.provider, "kv_dtype": np.dtype(pipe.sessions.decoder.kv_dtype).name,
-            "tokens_identical": all(a.tokens == b.tokens for a, b in zip(hf_runs, our_runs[name])),
-            "token_agreement": float(np.mean([np.mean(np.array(a.tokens) == np.array(b.tokens)) for a, b in zip(hf_runs, our_runs[name])])),
-            "ortllava": ours,
-            "decoder_weight_bytes": weights, "decoder_file_bytes": sum(f.stat().st_size for f in bundles[name].glob("decoder.onnx*")),
-            "decode_step_bytes": step_bytes, "decode_floor_ms": floor_ms,
-            "fraction_of_floor": floor_ms / ours["decode_ms_per_token"] if ours["decode_ms_per_token"] else 0.0,
-            "ratios": {
-                "end_to_end": ours["total_s"] / theirs["total_s"],
-                "time_to_first_token": ours["time_to_first_token_s"] / theirs["time_to_first_token_s"],
-                "decode": ours["decode_ms_per_token"] / theirs["decode_ms_per_token"],
-                "preprocess": ours["preprocess_s"] / theirs["preprocess_s"],
-                "decode_vs_floor": ours["decode_ms_per_token"] / floor_ms,
-            },
-        }
+    results = {
+        name: _precision_result(name, pipe, bundles[name], our_runs[name], hf_runs, checkpoint.model.config, context, bandwidth)
+        for name, pipe in pipes.items()
+    }
     first_decode = results[precisions[0]]["ortllava"]["decode_ms_per_token"]
     for result in results.values():  # how many times faster than the first precision each decodes
         result["ratios"]["decode_speedup_vs_first"] = first_decode / result["ortllava"]["decode_ms_per_token"]
     report = {
         "model": model, "layers": checkpoint.model.config.text_config.num_hidden_layers, "threads": threads,
         "prompt_tokens": int(prompt_tokens), "new_tokens": new_tokens, "repeats": repeats, "cuda_graph": cuda_graph,
-        "text_only": text_only, "transformers": theirs, "bandwidth_gb_s": bandwidth / 1e9,
+        "text_only": text_only, "transformers": _median(hf_runs), "bandwidth_gb_s": bandwidth / 1e9,
         **results[precisions[0]],  # the first precision at the top level (what single-precision readers expect)
         "precisions": results,
         "peak_host_rss_mb": _peak_rss_mb(),
@@ -361,6 +333,33 @@ def bench(
     return report
 
 
+def _precision_result(
+    name: str, pipe, bundle: Path, ours_runs: list[Timing], hf_runs: list[Timing], config, context: int, bandwidth: float,
+) -> dict:
+    """One precision's part of the report: its medians, agreement with transformers, decode floor and ratios."""
+    ours, theirs = _median(ours_runs), _median(hf_runs)
+    kv_dtype = np.dtype(pipe.sessions.decoder.kv_dtype)
+    weights = decoder_bytes(bundle)
+    step_bytes = weights + kv_bytes(config, context, kv_dtype.itemsize)
+    floor_ms = step_bytes / bandwidth * 1000
+    return {
+        "precision": name, "provider": pipe.provider, "kv_dtype": kv_dtype.name,
+        "tokens_identical": all(a.tokens == b.tokens for a, b in zip(hf_runs, ours_runs)),
+        "token_agreement": float(np.mean([np.mean(np.array(a.tokens) == np.array(b.tokens)) for a, b in zip(hf_runs, ours_runs)])),
+        "ortllava": ours,
+        "decoder_weight_bytes": weights, "decoder_file_bytes": sum(f.stat().st_size for f in bundle.glob("decoder.onnx*")),
+        "decode_step_bytes": step_bytes, "decode_floor_ms": floor_ms,
+        "fraction_of_floor": floor_ms / ours["decode_ms_per_token"] if ours["decode_ms_per_token"] else 0.0,
+        "ratios": {
+            "end_to_end": ours["total_s"] / theirs["total_s"],
+            "time_to_first_token": ours["time_to_first_token_s"] / theirs["time_to_first_token_s"],
+            "decode": ours["decode_ms_per_token"] / theirs["decode_ms_per_token"],
+            "preprocess": ours["preprocess_s"] / theirs["preprocess_s"],
+            "decode_vs_floor": ours["decode_ms_per_token"] / floor_ms,
+        },
+    }
+
+
 def print_report(r: dict) -> None:
     """The report as a table: a column per ortllava precision, then transformers; the ratios and floors below."""
     runs = r["precisions"]
@@ -368,11 +367,12 @@ def print_report(r: dict) -> None:
     print(f"\n{r['model']} ({r['layers']} decoder layers), {r['provider']}, {r['threads']} threads; "
           f"{r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, median of {r['repeats']}")
     headers = [f"ortllava {name}" + ("+kv8" if runs[name].get("kv_dtype") == "int8" else "") for name in names] + ["transformers"]
-    print(f"{'':28}" + "".join(f"{h:>16}" for h in headers))
+    width = max(16, *(len(h) + 2 for h in headers))
+    print(f"{'':28}" + "".join(f"{h:>{width}}" for h in headers))
 
     def row(label: str, key: str, scale: float = 1.0) -> None:
         values = [runs[name]["ortllava"].get(key) for name in names] + [r["transformers"].get(key)]
-        print(f"{label:28}" + "".join(f"{v * scale:16.1f}" if v is not None else f"{'-':>16}" for v in values))
+        print(f"{label:28}" + "".join(f"{v * scale:{width}.1f}" if v is not None else f"{'-':>{width}}" for v in values))
 
     row("preprocessing (ms)", "preprocess_s", 1000)
     row("vision (ms)", "vision_s", 1000)
@@ -380,7 +380,7 @@ def print_report(r: dict) -> None:
     row("decode (ms/token)", "decode_ms_per_token")
     row("decode (tokens/s)", "tokens_per_s")
     row("end to end (ms)", "total_s", 1000)
-    print(f"{'decoder files (MB)':28}" + "".join(f"{runs[name]['decoder_file_bytes'] / 1e6:16.1f}" for name in names) + f"{'-':>16}")
+    print(f"{'decoder files (MB)':28}" + "".join(f"{runs[name]['decoder_file_bytes'] / 1e6:{width}.1f}" for name in names) + f"{'-':>{width}}")
     for name in names:
         run, ratios = runs[name], runs[name]["ratios"]
         print(f"{name}: vs transformers end to end {ratios['end_to_end']:.2f}x, time to first token {ratios['time_to_first_token']:.2f}x, "

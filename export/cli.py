@@ -118,9 +118,8 @@ def export_bundle(
     )
     with stage(f"Building the {decoder} decoder ({decoder_precision}{'; ' + quantized_parts if quantize_at_build else ''})"):
         if decoder == "gqa":
-            graphs["decoder"] = build_fused_decoder(
-                checkpoint.model, work / "decoder.onnx", decoder_precision, *((int4, kv_scales) if quantize_at_build else (None, None)),
-            )
+            at_build = dict(int4=int4, kv_scales=kv_scales) if quantize_at_build else {}
+            graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", decoder_precision, **at_build)
         else:
             graphs["decoder"] = export_decoder(checkpoint.model, work / "decoder.onnx")
     validation = {}

@@ -104,17 +104,25 @@ def convert_to_fp16(spec: GraphSpec, folder: Path) -> GraphSpec:
     The converter keeps the ops it knows to be unsafe in fp16 in fp32 behind casts; LayerNormalization and
     the fused Attention compute their reductions in fp32 internally.
     """
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    rewrite_graph(spec, folder, lambda model: convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True))
+    spec.dtype = "float16"
+    return spec
+
+
+def rewrite_graph(spec: GraphSpec, folder: Path, transform) -> GraphSpec:
+    """Loads `folder / spec.file`, replaces it with `transform(model)` (its weights in one external data file
+    when they are large) and updates `spec.external_data`."""
+    import onnx
 
     path = folder / spec.file
     model = onnx.load(str(path))
     for extra in spec.external_data:
         (folder / extra).unlink()
-    converted = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
-    external = sum(t.ByteSize() for t in converted.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    rewritten = transform(model)
+    external = sum(t.ByteSize() for t in rewritten.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_file = path.name + ".data"
-    onnx.save_model(converted, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data_file)
-    spec.dtype = "float16"
+    onnx.save_model(rewritten, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data_file, size_threshold=1024)
     spec.external_data = [data_file] if external else []
     return spec

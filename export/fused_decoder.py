@@ -40,6 +40,7 @@ from ortllava.manifest import GraphSpec
 
 from .kv_cache import KVScales
 from .quantize import Int4Options, quantize_weight
+from .wrappers import text_geometry
 
 OPSET = 21
 IR_VERSION = 10  # what opset 21 needs; onnx's default (newer) is refused by older onnxruntime releases (1.31: max 13)
@@ -178,12 +179,12 @@ def build_fused_decoder(
         g = _Graph(dtype, data, data_file, int4)
         _build(g, model, config, text_model, kv_scales)
         inputs, outputs = io_names(len(text_model.layers))
-        onnx_model = _model(g, config, inputs, outputs, dtype, np.int8 if kv_scales else dtype)
+        onnx_model = _model(g, model.config, inputs, outputs, dtype, np.int8 if kv_scales else dtype)
     onnx.save_model(onnx_model, str(path))
     return GraphSpec(
         file=path.name, inputs=inputs, outputs=outputs, dtype="float16" if precision == "fp16" else "float32",
         external_data=[data_file] if external else [], kind="gqa", max_length=_max_positions(config),
-        quantization={"method": "MatMulNBits", "bits": 4, **int4.as_dict()} if int4 else {},
+        quantization=int4.manifest_entry() if int4 else {},
         kv_dtype="int8" if kv_scales else "",
     )
 
@@ -195,9 +196,8 @@ def _max_positions(config) -> int:
 def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = None) -> None:
     layers = text_model.layers
     num_layers = len(layers)
-    hidden = config.hidden_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    heads = config.num_attention_heads
+    _, kv_heads, head_dim = text_geometry(model.config)
     eps = float(config.rms_norm_eps)
     int4 = g.int4
     # Granite's multipliers; 1.0 (or absent) for every other family.
@@ -269,13 +269,13 @@ def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = No
         g.node("Cast", [logits], [names.LOGITS], "lm_head/float", to=TensorProto.FLOAT)
 
 
-def _model(g: _Graph, config, inputs: list[str], outputs: list[str], dtype, kv_dtype) -> onnx.ModelProto:
+def _model(g: _Graph, model_config, inputs: list[str], outputs: list[str], dtype, kv_dtype) -> onnx.ModelProto:
     """The graph's declared inputs and outputs around the collected nodes."""
     onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     onnx_kv_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(kv_dtype))
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_shape = ["batch", config.num_key_value_heads, "capacity", head_dim]
+    config = model_config.text_config
+    _, kv_heads, head_dim = text_geometry(model_config)
+    kv_shape = ["batch", kv_heads, "capacity", head_dim]
     graph_inputs = [
         helper.make_tensor_value_info(names.INPUTS_EMBEDS, onnx_dtype, ["batch", "sequence", config.hidden_size]),
         helper.make_tensor_value_info(names.ATTENTION_MASK, TensorProto.INT64, ["batch", "total"]),

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .photos import photo
+
 KV_CACHE_TYPES = ("float", "int8")
 # Values up to this factor beyond the largest calibrated one still fit; the rounding step grows by as much.
 HEADROOM = 1.25
@@ -35,15 +37,6 @@ class KVScales:
     values: list[np.ndarray]
 
 
-def _image(width: int, height: int, seed: int):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([(xx * 3 + yy) % 256, yy * 255 // (height - 1), xx * 255 // (width - 1)], -1)
-    return Image.fromarray(np.clip(base + rng.integers(0, 64, (height, width, 3)), 0, 255).astype(np.uint8))
-
-
 def calibrate_kv_scales(checkpoint) -> KVScales:
     """Runs the calibration prompts through the PyTorch model and returns the int8 scales of every layer."""
     import torch
@@ -52,7 +45,7 @@ def calibrate_kv_scales(checkpoint) -> KVScales:
     keys: list[np.ndarray] | None = None
     values: list[np.ndarray] | None = None
     for width, height, seed, question in CALIBRATION_PROMPTS:
-        messages = [{"role": "user", "content": [{"type": "image", "image": _image(width, height, seed)}, {"type": "text", "text": question}]}]
+        messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
         dtype = next(model.parameters()).dtype
         inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}

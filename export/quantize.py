@@ -18,7 +18,7 @@ import numpy as np
 
 from ortllava.manifest import GraphSpec
 
-from .convert import EXTERNAL_DATA_THRESHOLD
+from .convert import rewrite_graph
 
 
 @dataclass
@@ -28,8 +28,12 @@ class Int4Options:
     quantize_lm_head: bool = False
     accuracy_level: int | None = None  # MatMulNBits compute type; None: 4 (int8) for CPU targets, the provider's default on CUDA
 
-    def as_dict(self) -> dict:
-        return {"block_size": self.block_size, "symmetric": self.symmetric, "quantize_lm_head": self.quantize_lm_head, "accuracy_level": self.accuracy_level}
+    def manifest_entry(self) -> dict:
+        """What a quantized graph's `GraphSpec.quantization` says."""
+        return {
+            "method": "MatMulNBits", "bits": 4, "block_size": self.block_size, "symmetric": self.symmetric,
+            "quantize_lm_head": self.quantize_lm_head, "accuracy_level": self.accuracy_level,
+        }
 
 
 def quantize_weight(weight: np.ndarray, options: Int4Options, scale_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -59,23 +63,17 @@ def _lm_head_nodes(model) -> list[str]:
 
 def quantize_decoder(spec: GraphSpec, folder: Path, options: Int4Options) -> GraphSpec:
     """Rewrites `folder / spec.file` with 4-bit weights; returns the updated spec."""
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    path = folder / spec.file
-    model = onnx.load(str(path))
-    for extra in spec.external_data:
-        (folder / extra).unlink()
-    exclude = [] if options.quantize_lm_head else _lm_head_nodes(model)
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=options.block_size, is_symmetric=options.symmetric, accuracy_level=options.accuracy_level,
-        nodes_to_exclude=exclude,
-    )
-    quantizer.process()
-    quantized = quantizer.model.model
-    external = sum(t.ByteSize() for t in quantized.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    data_file = path.name + ".data"
-    onnx.save_model(quantized, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data_file, size_threshold=1024)
-    spec.external_data = [data_file] if external else []
-    spec.quantization = {"method": "MatMulNBits", "bits": 4, **options.as_dict()}
+    def quantize(model):
+        exclude = [] if options.quantize_lm_head else _lm_head_nodes(model)
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=4, block_size=options.block_size, is_symmetric=options.symmetric, accuracy_level=options.accuracy_level,
+            nodes_to_exclude=exclude,
+        )
+        quantizer.process()
+        return quantizer.model.model
+
+    rewrite_graph(spec, folder, quantize)
+    spec.quantization = options.manifest_entry()
     return spec

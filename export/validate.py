@@ -113,7 +113,7 @@ def validate_fused_decoder(model, decoder_path: Path, dtype=np.float32) -> dict[
     """Runs the fused graph the way the runtime does (shared buffers, IO binding) against transformers."""
     session = _session(decoder_path)
     text = model.config.text_config
-    layers, kv_heads, head_dim = text_geometry(model.config)
+    _, kv_heads, head_dim = text_geometry(model.config)
     language_model, lm_head = model.model.language_model, model.lm_head
     inputs = [i.name for i in session.get_inputs()][2:]
     outputs = [o.name for o in session.get_outputs()][1:]

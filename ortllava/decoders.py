@@ -105,7 +105,7 @@ class FusedDecoder(_DecoderBase):
         self.fixed_capacity = min(capacity, self.max_length) if capacity else None  # static shapes: always this many positions
         self._spare: KVCache | None = None  # the last cache, whose buffers the next generation may reuse
         # CUDA graphs: each cache's decode step is captured once (graph id per cache) and replayed; prompts
-        # (other shapes) run uncaptured (id -1). A failed capture turns graphs off for this decoder.
+        # (other shapes) run uncaptured (id -1). A failed capture turns graphs off for that cache's steps.
         self.cuda_graph = cuda_graph
         self._graph_ids = 0
         self._uncaptured = ort.RunOptions()

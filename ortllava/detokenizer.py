@@ -18,17 +18,19 @@ class StreamingDetokenizer:
         self.tokens: list[int] = []
         self._prefix = 0  # start of the decode window
         self._read = 0  # tokens up to here have been released
+        self._released_window = ""  # decode of tokens[_prefix:_read]: changes only when text is released
         self.text = ""  # everything released so far
 
     def add(self, token: int) -> str:
         """Adds one token; returns the newly stable text (often "", never a broken character)."""
         self.tokens.append(token)
-        before = self._decode(self.tokens[self._prefix : self._read])
+        before = self._released_window
         after = self._decode(self.tokens[self._prefix :])
         if len(after) <= len(before) or after.endswith(REPLACEMENT) or not after.startswith(before):
             return ""
         piece = after[len(before) :]
         self._prefix, self._read = self._read, len(self.tokens)
+        self._released_window = self._decode(self.tokens[self._prefix : self._read])  # once per release, not per token
         self.text += piece
         return piece
 

@@ -30,17 +30,14 @@ every http(s) image; without it, `ortllava.image.load_image`'s timeout and size 
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from . import image as images_module
 from .api import Pipeline, load
-from .image import ImageLoadError
-from .processor import _CLEANUPS, images_in_messages
+from .image import URL_TIMEOUT_S, image_hw, load_image
+from .processor import clean_up_tokenization, flatten_images, images_in_messages
 
 TASK = "image-text-to-text"
 # Generation settings the pipeline passes to `Pipeline.generate` (seed and stop are ortllava's own).
@@ -238,7 +235,7 @@ class ImageTextToTextPipeline:
             raise ValueError("You must provide text for this pipeline.")
         timeout = options["pre"].get("timeout")
         texts = [text] if isinstance(text, str) else list(text)
-        flat = _flatten(images) if images is not None else []
+        flat = flatten_images(images) if images is not None else []
         loaded = [_load_image(source, timeout) for source in flat]
         counts = [prompt.count(self.processor.image_token) for prompt in texts]
         if sum(counts) != len(loaded):
@@ -287,13 +284,9 @@ class ImageTextToTextPipeline:
 
     def _prompt_ids(self, item: _Item) -> list[int]:
         """The prompt's token ids as the processor makes them: each image token expanded, then tokenized."""
-        processor = self.processor
-        parts = item.prompt.split(processor.image_token)
-        pieces = [parts[0]]
-        for part, image in zip(parts[1:], item.images):
-            height, width = _image_hw(image)
-            pieces += [processor.image_token * processor.num_image_tokens(height, width), part]
-        return processor.tokenizer.encode("".join(pieces), add_special_tokens=item.add_special).ids
+        sizes = np.array([image_hw(image) for image in item.images], np.int64).reshape(-1, 2)
+        (expanded,) = self.processor.expand_image_tokens([item.prompt], sizes)
+        return self.processor.tokenizer.encode(expanded, add_special_tokens=item.add_special).ids
 
     def _decode(self, ids: Sequence[int], skip_special_tokens: bool, clean_up: bool | None) -> str:
         if clean_up is None:
@@ -301,8 +294,7 @@ class ImageTextToTextPipeline:
         text = self.processor.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
         # As transformers: the clean-up is never applied to BPE tokenizers (it would remove real spaces).
         if clean_up and type(self.processor.tokenizer.model).__name__ != "BPE":
-            for old, new in _CLEANUPS:
-                text = text.replace(old, new)
+            text = clean_up_tokenization(text)
         return text
 
     def _records(self, items: list[_Item], results: list, options: dict) -> list[dict[str, Any]]:
@@ -363,28 +355,6 @@ def _merge(defaults: dict, given: dict) -> dict:
     return {part: {**defaults[part], **given[part]} for part in ("generate", "post", "pre")}
 
 
-def _flatten(images: Any) -> list:
-    if isinstance(images, (list, tuple)):
-        return [image for entry in images for image in _flatten(entry)]
-    return [images]
-
-
 def _load_image(source: Any, timeout: float | None) -> Any:
-    """`load_image`, with `timeout` (when given) for http(s) URLs; the size limit is `load_image`'s."""
-    if timeout is not None and isinstance(source, (str, os.PathLike)) and os.fspath(source).startswith(("http://", "https://")):
-        url = os.fspath(source)
-        data = images_module.fetch_url(url, timeout=timeout)
-        try:
-            return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-        except Exception as error:  # PIL raises many types for damaged files
-            raise ImageLoadError(f"cannot decode image {url}: {error}") from error
-    return images_module.load_image(source)
-
-
-def _image_hw(image: Any) -> tuple[int, int]:
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
-        return array.shape[1], array.shape[2]  # channels first
-    return array.shape[0], array.shape[1]
+    """`load_image`, with `timeout` (when given) for http(s) URLs."""
+    return load_image(source, timeout=URL_TIMEOUT_S if timeout is None else timeout)

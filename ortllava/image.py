@@ -102,10 +102,11 @@ def _size_dict(size: Any) -> dict[str, int]:
 # Loading: any accepted image form -> an RGB PIL image
 
 
-def load_image(source: ImageLike) -> Image.Image:
+def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image:
     """Opens a path or an http(s) URL the way transformers' `load_image` does: EXIF-rotated, then `convert("RGB")`.
 
     PIL images and arrays are returned as given; `to_rgb` converts them later, as the image processor does.
+    `timeout` (seconds) bounds a URL's download.
     """
     if isinstance(source, (Image.Image, np.ndarray)):
         return source
@@ -113,7 +114,7 @@ def load_image(source: ImageLike) -> Image.Image:
         raise ImageLoadError(f"unsupported image type {type(source).__name__}: give a PIL image, an array, a path or a URL")
     text = os.fspath(source)
     if text.startswith(("http://", "https://")):
-        data = fetch_url(text)
+        data = fetch_url(text, timeout=timeout)
         name = text
     else:
         name = text
@@ -374,13 +375,13 @@ class ImageProcessor:
 
     def tiles(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """One image -> `[n_tiles, 3, S, S]` float32: the base image, then the grid tiles row by row."""
-        out = np.empty((self._count(_image_hw(image)), 3, *self._final_shape(self.config.base_size)), dtype=np.float32)
+        out = np.empty((self._count(image_hw(image)), 3, *self._final_shape(self.config.base_size)), dtype=np.float32)
         self._write_tiles(image, out)
         return out
 
     def __call__(self, images: list[Image.Image | np.ndarray]) -> dict[str, np.ndarray]:
         """-> `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w)."""
-        hws = [_image_hw(image) for image in images]
+        hws = [image_hw(image) for image in images]
         sizes = np.array(hws, dtype=np.int64).reshape(-1, 2)
         if not images:
             return {"pixel_values": np.zeros((0, 0, 3, 0, 0), np.float32), "image_sizes": sizes}
@@ -400,7 +401,8 @@ def _channels_last(image: Image.Image | np.ndarray) -> np.ndarray:
     return array
 
 
-def _image_hw(image: Image.Image | np.ndarray) -> tuple[int, int]:
+def image_hw(image: Image.Image | np.ndarray) -> tuple[int, int]:
+    """(height, width) of a PIL image or an array (channels first or last)."""
     if isinstance(image, Image.Image):
         return image.height, image.width
     array = _channels_last(image)

@@ -94,7 +94,7 @@ class Processor:
         if text is None and images is None:
             raise ValueError("give text, images or both")
         texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
-        flat_images = [load_image(image) for image in _flatten_images(images)] if images is not None else []
+        flat_images = [load_image(image) for image in flatten_images(images)] if images is not None else []
 
         data: dict[str, np.ndarray] = {}
         if images is not None:
@@ -108,13 +108,14 @@ class Processor:
                 f"the prompts hold {sum(counts)} {self.image_token} token(s) but {len(flat_images)} image(s) were given; "
                 f"each {self.image_token} in the text takes one image, in order"
             )
-        expanded = self._expand_image_tokens(texts, data.get("image_sizes"))
+        expanded = self.expand_image_tokens(texts, data.get("image_sizes"))
         encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
         ids = [encoding.ids for encoding in encodings]
         data.update(self.pad(ids, padding=padding, padding_side=padding_side))
         return data
 
-    def _expand_image_tokens(self, texts: list[str], image_sizes: np.ndarray | None) -> list[str]:
+    def expand_image_tokens(self, texts: list[str], image_sizes: np.ndarray | None) -> list[str]:
+        """Each `<image>` in `texts` -> as many image tokens as that image gives features (images in order)."""
         if image_sizes is None or len(image_sizes) == 0:
             return texts
         sizes = iter(image_sizes.tolist())
@@ -176,10 +177,7 @@ class Processor:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        if self.manifest.tokens.clean_up_tokenization_spaces:
-            for old, new in _CLEANUPS:
-                text = text.replace(old, new)
-        return text
+        return clean_up_tokenization(text) if self.manifest.tokens.clean_up_tokenization_spaces else text
 
     def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in sequences]
@@ -204,7 +202,15 @@ def images_in_messages(messages: list[dict]) -> list[ImageLike]:
     return found
 
 
-def _flatten_images(images: Any) -> list[ImageLike]:
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization`: the spaces a tokenizer puts before punctuation and contractions."""
+    for old, new in _CLEANUPS:
+        text = text.replace(old, new)
+    return text
+
+
+def flatten_images(images: Any) -> list[ImageLike]:
+    """Images given singly, in a list, or in a list per prompt -> one flat list, in order."""
     if isinstance(images, (list, tuple)):
-        return [image for entry in images for image in _flatten_images(entry)]
+        return [image for entry in images for image in flatten_images(entry)]
     return [images]

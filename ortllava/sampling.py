@@ -66,14 +66,24 @@ def with_repetition_penalty(sampler: Sampler, prompt_ids: np.ndarray, vocab_size
         return sampler
     if penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
-    seen = np.zeros((prompt_ids.shape[0], vocab_size), dtype=bool)
-    rows = np.arange(prompt_ids.shape[0])
-    seen[rows[:, None], np.clip(prompt_ids, 0, vocab_size - 1)] = True
+    batch = prompt_ids.shape[0]
+    seen = np.zeros(batch * vocab_size, dtype=bool)  # [B * V] flat: row b's token t at b * V + t
+    row_offsets = np.arange(batch) * vocab_size
+    seen[(row_offsets[:, None] + np.clip(prompt_ids, 0, vocab_size - 1)).ravel()] = True
+    seen_at = np.flatnonzero(seen)  # the same, as indices: a step touches only these entries
 
     def sample(logits: np.ndarray) -> np.ndarray:
-        penalised = np.where(logits < 0, logits * penalty, logits / penalty)
-        tokens = sampler(np.where(seen[:, : logits.shape[-1]], penalised, logits))
-        seen[rows, tokens] = True
+        nonlocal seen_at
+        scores = logits.copy()
+        flat = scores.reshape(-1)
+        picked = flat[seen_at]
+        flat[seen_at] = np.where(picked < 0, picked * penalty, picked / penalty)
+        tokens = sampler(scores)
+        new = row_offsets + tokens
+        new = new[~seen[new]]
+        if len(new):
+            seen[new] = True
+            seen_at = np.concatenate([seen_at, np.unique(new)])
         return tokens
 
     return sample

@@ -129,7 +129,7 @@ class BundleSessions:
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
         self.vision = VisionPath(sessions["vision_encoder"], sessions["projector"], device, vision_dtype)
         if self.cuda_graph and not max_length:  # graphs replay fixed shapes: one buffer length for every generation
-            max_length = min(manifest.graphs["decoder"].max_length or manifest.text.max_position_embeddings, CUDA_GRAPH_DEFAULT_LENGTH)
+            max_length = CUDA_GRAPH_DEFAULT_LENGTH  # the decoder clamps it to the positions its graph serves
         self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph)
 
     def _decoder_session(self, path: Path, threads: int | None) -> ort.InferenceSession:

@@ -16,22 +16,14 @@ import torch  # first: onnxruntime-gpu loads the CUDA libraries that torch bring
 
 import numpy as np
 import onnxruntime as ort
-
-
-def _photo(width: int, height: int, seed: int):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 // (width - 1), yy * 255 // (height - 1), ((xx + 2 * yy) * 3) % 256], -1)
-    return Image.fromarray(np.clip(base + rng.integers(0, 48, (height, width, 3)), 0, 255).astype(np.uint8))
+from ortllava_export.photos import photo
 
 
 CHATS = {
     # One image: ~2.2k tokens, past the tiny Mistral's 1024-token sliding window.
-    "one image": [[{"role": "user", "content": [{"type": "image", "image": _photo(640, 480, 1)}, {"type": "text", "text": "What is shown in this image?"}]}]],
+    "one image": [[{"role": "user", "content": [{"type": "image", "image": photo(640, 480, 1)}, {"type": "text", "text": "What is shown in this image?"}]}]],
     "batch of two": [
-        [{"role": "user", "content": [{"type": "image", "image": _photo(300, 900, 2)}, {"type": "text", "text": "Describe."}]}],
+        [{"role": "user", "content": [{"type": "image", "image": photo(300, 900, 2)}, {"type": "text", "text": "Describe."}]}],
         [{"role": "user", "content": [{"type": "text", "text": "A question without any image at all, please?"}]}],
     ],
 }
