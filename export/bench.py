@@ -241,7 +241,7 @@ def bench(
     model: str, provider: str = "cpu", precision: str | Sequence[str] = "fp32", layers: int | None = None, new_tokens: int = 64,
     repeats: int = 3, threads: int | None = None, output: Path | None = None, bundle: Path | None = None,
     cuda_graph: bool = False, max_length: int | None = None, int4: Int4Options | None = None, text_only: bool = False,
-    kv_cache: str = "float",
+    kv_cache: str = "auto",
 ) -> dict:
     """Runs the comparison and returns the report (also written as JSON to `output` when given).
 
@@ -249,7 +249,7 @@ def bench(
     exported from the same weights and alternate in the same runs, so their ratios are not blurred by
     drift between separate runs; the report's top level describes the first, `precisions` each of them.
     `text_only` asks about no image: a short context, where the weights (not the keys/values) dominate a step.
-    `kv_cache` ("float" or "int8") is the int4 bundles' key/value cache; the other precisions keep a float one.
+    `kv_cache` ("auto", "float" or "int8") is the int4 bundles' key/value cache; the other precisions keep a float one.
     """
     import torch
 

@@ -43,7 +43,7 @@ TARGETS = ("cuda", "cpu")
 
 def export_bundle(
     model: str | Checkpoint, output: Path, precision: str = "fp32", revision: str | None = None, validate: bool = True,
-    decoder: str = "gqa", target: str = "cuda", int4: Int4Options | None = None, kv_cache: str = "float",
+    decoder: str = "gqa", target: str = "cuda", int4: Int4Options | None = None, kv_cache: str = "auto",
 ) -> Path:
     """Exports `model` (hub id, folder, "tiny", or a loaded `Checkpoint`) into the bundle folder `output`; returns it.
 
@@ -51,8 +51,9 @@ def export_bundle(
     activations, vision encoder and projector when `target` is "cuda", fp32 ones when it is "cpu".
     `decoder`: "gqa" (fused attention over a shared, preallocated key/value buffer; the fast path) or
     "concat" (plain ONNX ops, present = past ++ new; the portable fallback, fp32 activations).
-    `kv_cache`: "float" (the activations' dtype) or "int8" (a "gqa" decoder's key/value buffers quantized with
-    calibrated per-channel scales; CPU provider only).
+    `kv_cache`: "float" (the activations' dtype), "int8" (a "gqa" decoder's key/value buffers quantized with
+    calibrated per-channel scales; CPU provider only), or "auto": int8 for int4 `--target cpu` gqa bundles, float
+    otherwise.
     With `validate`, each graph is checked against PyTorch and the accuracy report is measured.
     """
     import numpy as np
@@ -61,7 +62,7 @@ def export_bundle(
     from .bundle import build_manifest, write_assets, write_manifest
     from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
     from .fused_decoder import build_fused_decoder
-    from .kv_cache import KV_CACHE_TYPES, calibrate_kv_scales
+    from .kv_cache import KV_CACHE_TYPES, calibrate_kv_scales, resolve_kv_cache
     from .quantize import quantize_decoder
     from .validate import validate_decoder, validate_fused_decoder, validate_vision
 
@@ -76,6 +77,7 @@ def export_bundle(
     half = precision == "fp16" or (precision == "int4" and target == "cuda")
     if kv_cache not in KV_CACHE_TYPES:
         raise SystemExit(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_CACHE_TYPES)}")
+    kv_cache = resolve_kv_cache(kv_cache, precision, decoder, half)
     if kv_cache == "int8" and (decoder != "gqa" or half):
         raise SystemExit(
             "--kv-cache int8 needs the gqa decoder with fp32 activations (fp32, or int4 --target cpu): the int8 cache "
@@ -174,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize-lm-head", action="store_true", help="int4: quantize the lm_head too (smaller, less accurate)")
     parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4: MatMulNBits compute type (4: int8, CPU)")
     parser.add_argument(
-        "--kv-cache", default="float", choices=["float", "int8"],
-        help="gqa decoder with fp32 activations: int8 key/value cache with calibrated scales (4x fewer bytes per step; CPU provider)",
+        "--kv-cache", default="auto", choices=["auto", "float", "int8"],
+        help="int8: key/value cache in int8 with calibrated scales (4x fewer bytes per step; gqa decoder with fp32 "
+        "activations, CPU provider); auto (default): int8 for int4 --target cpu, float otherwise",
     )
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch checks and the accuracy report (not recommended)")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .photos import photo
 
-KV_CACHE_TYPES = ("float", "int8")
+KV_CACHE_TYPES = ("auto", "float", "int8")
 # Values up to this factor beyond the largest calibrated one still fit; the rounding step grows by as much.
 HEADROOM = 1.25
 # (width, height, seed, question): other images and questions than the accuracy report's.
@@ -27,6 +27,15 @@ CALIBRATION_PROMPTS = [
     (360, 800, 22, "What colours do you see, and where?"),
     (512, 512, 23, "Write a short story about this picture."),
 ]
+
+
+def resolve_kv_cache(kv_cache: str, precision: str, decoder: str, half: bool) -> str:
+    """"auto" -> "int8" for int4 weights with fp32 activations on the gqa decoder (the CPU int4 bundle: there
+    the float cache is most of what a step reads), "float" everywhere else (fp32 keeps transformers' exact
+    tokens; fp16 and CUDA bundles have no verified int8 cache). "float" and "int8" are kept as given."""
+    if kv_cache != "auto":
+        return kv_cache
+    return "int8" if precision == "int4" and decoder == "gqa" and not half else "float"
 
 
 @dataclass

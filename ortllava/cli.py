@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--block-size", type=int, default=32, help="int4: input rows per scale")
     bench.add_argument("--quantize-lm-head", action="store_true", help="int4: quantize the lm_head too")
     bench.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4: MatMulNBits compute type (4: int8 on the CPU)")
-    bench.add_argument("--kv-cache", default="float", choices=["float", "int8"], help="int4: the key/value cache (int8: CPU provider)")
+    bench.add_argument(
+        "--kv-cache", default="auto", choices=["auto", "float", "int8"], help="int4: the key/value cache (auto: int8 on the CPU, float on CUDA)",
+    )
     bench.add_argument("--layers", type=int, help="decoder layers of a random shape (the floor ratio does not depend on it)")
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
