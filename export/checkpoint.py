@@ -40,7 +40,12 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
 
     if Path(name).exists() and not Path(name, "config.json").is_file():
         raise FileNotFoundError(f"{name} is a folder without config.json: not a Hugging Face checkpoint")
-    config = AutoConfig.from_pretrained(name, revision=revision)
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision)
+    except OSError as error:  # not a folder, and not a hub id that can be fetched (or is cached) here
+        raise FileNotFoundError(
+            f"cannot load the model '{name}': it is not a local checkpoint folder, and as a hub id it failed ({error})"
+        ) from error
     family = check_supported(config)
     processor = AutoProcessor.from_pretrained(name, revision=revision)
     model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype="auto" if stored_dtype else torch.float32).eval()

@@ -221,7 +221,7 @@ def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = No
     (width,) = g.node("Gather", [mask_shape, g.const_i64("index1", 1)], 1, "mask/width", axis=0)
     (total_length,) = g.node("Cast", [width], ["total_sequence_length"], "mask/total", to=TensorProto.INT32)
 
-    is_prompt = _is_prompt(g) if kv_scales is not None else ""
+    is_prompt = _int8_cache_prelude(g) if kv_scales is not None else ""
 
     x = names.INPUTS_EMBEDS
     if embedding_multiplier != 1.0:
@@ -276,8 +276,11 @@ def _attention(g: _Graph, layer: int, qkv: str, seqlens_k: str, total_length: st
     return g.node("GroupQueryAttention", inputs, outputs, f"layers.{layer}/attention", domain="com.microsoft", **attrs)[0]
 
 
-def _is_prompt(g: _Graph) -> str:
-    """A bool scalar: this run has more than one token per row (a prompt or a continuation, not a step)."""
+def _int8_cache_prelude(g: _Graph) -> str:
+    """What every layer's int8-cache attention shares: the quantizer's constants, and the `If`'s condition, a bool
+    scalar: this run has more than one token per row (a prompt or a continuation, not a step)."""
+    g.weight("unit_scale", np.array(1, np.float32), np.float32)
+    g.weight("int8_zero", np.array(0, np.int8), np.int8)
     (shape,) = g.node("Shape", [names.INPUTS_EMBEDS], 1, "prompt/shape", start=1, end=2)
     (is_prompt,) = g.node("Greater", [shape, g.const_i64("one_i64", [1])], 1, "prompt/greater")
     return g.node("Squeeze", [is_prompt], ["is_prompt"], "prompt/flag")[0]
@@ -323,9 +326,6 @@ def _int8_cache_attention(
         types = [TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT8]
         return helper.make_graph(sub.nodes, name, [], [helper.make_tensor_value_info(r, t, None) for r, t in zip(results, types)])
 
-    if "unit_scale" not in {init.name for init in g.initializers}:
-        g.weight("unit_scale", np.array(1, np.float32), np.float32)
-        g.weight("int8_zero", np.array(0, np.int8), np.int8)
     return g.node(
         "If", [is_prompt], outputs, f"{p}/attention",
         then_branch=branch(prompt, quantized, f"{p}_prompt"), else_branch=branch(step, step.nodes[0].output, f"{p}_step"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,6 +85,18 @@ def test_export_cli_tiny_end_to_end(tmp_path):
     assert "MistralForCausalLM" in info.stdout
     result = ortllava.load(bundle, provider="cpu").generate(prompt="[INST] <image>\nHi [/INST]", images=[random_image(100, 80)], max_new_tokens=3)
     assert 1 <= len(result.token_ids) <= 3
+
+
+@pytest.mark.parametrize("model", ["random:cpu-mid", "no-such-org/no-such-model"])
+def test_export_cli_names_a_model_it_cannot_load(tmp_path, model):
+    """A malformed hub id, or one that cannot be fetched offline, is one clear line and exit code 1, not a traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "ortllava_export.cli", "--model", model, "--output", str(tmp_path / "b")], capture_output=True, text=True, env=env,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"cannot load the model '{model}'" in out.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_external_data_is_listed_hashed_and_loaded(tmp_path, monkeypatch):
