@@ -8,11 +8,11 @@
 
 from .api import Pipeline, StreamChunk, generate, load
 from .chat import ChatSession
-from .generate import GenerationMetrics, GenerationResult
+from .generate import GenerationMetrics, GenerationResult, GenerationSettings
 from .hf_pipeline import pipeline
 from .image import ImageLoadError
 from .manifest import BundleError
 
 __version__ = "0.1.0"
 
-__all__ = ["BundleError", "ChatSession", "GenerationMetrics", "GenerationResult", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "pipeline", "__version__"]
+__all__ = ["BundleError", "ChatSession", "GenerationMetrics", "GenerationResult", "GenerationSettings", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "pipeline", "__version__"]

@@ -13,7 +13,7 @@ import numpy as np
 from .features import embed, pack_images
 from .detokenizer import StreamingDetokenizer
 from .decoders import KVCache
-from .generate import GenerationMetrics, GenerationResult, Step, decode_loop
+from .generate import GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_manifest
 from .processor import Processor
@@ -30,10 +30,6 @@ KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer,
 # (None: it goes back to the decoder). `Pipeline._fresh_prefill` embeds the whole prompt; a chat embeds only
 # what its cache does not hold yet.
 PrefillPlan = Callable[[dict[str, np.ndarray], int, GenerationMetrics], tuple[Prefill, KeepCache | None]]
-
-# transformers' defaults for what a generation config leaves unset.
-_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class Pipeline:
@@ -116,9 +112,9 @@ class Pipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-        min_new_tokens: int = 0,
+        min_new_tokens: int | None = None,
         repetition_penalty: float | None = None,
-        stop: Sequence[str] | None = None,
+        stop: Sequence[str] | str | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Answers a prompt (`str`, or a `list[str]` batch) or a chat (`messages`, or a list of chats).
 
@@ -127,11 +123,12 @@ class Pipeline:
         answer where one appears (the text is cut before it; finish_reason "stop").
         Returns a `GenerationResult`, or a list of them for a batch.
         """
-        run = self._start(
-            None, prompt, images, messages, seed, min_new_tokens, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        settings = self.settings(
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
         )
-        results = self._collect(run, stop)
+        run = self._start(None, settings, prompt, images, messages)
+        results = self._collect(run)
         return results if run.batched else results[0]
 
     def stream(self, prompt: str | None = None, images: Sequence[ImageLike] | ImageLike | None = None, messages: Messages | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
@@ -140,11 +137,10 @@ class Pipeline:
         The pieces joined equal `generate(...).text` for the same arguments; the last chunk carries the
         finish reason and the metrics.
         """
-        stop = kwargs.pop("stop", None)
-        run = self._start(None, prompt, images, messages, **kwargs)
+        run = self._start(None, self.settings(**kwargs), prompt, images, messages)
         if run.batched:
             raise ValueError("stream takes one prompt or one chat; use generate for batches")
-        yield from self._stream(run, stop)
+        yield from self._stream(run)
 
     def chat(self, system: str | None = None, **defaults: Any) -> ChatSession:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
@@ -156,11 +152,17 @@ class Pipeline:
 
         return ChatSession(self, system, **defaults)
 
+    def settings(self, **given: Any) -> GenerationSettings:
+        """`generate`'s arguments, each given (None: unset), else from the bundle's generation config, else the
+        default; an unknown name is a TypeError."""
+        return GenerationSettings.resolve(given, self.generation_config)
+
     # ----------------------------------------------------------------------------------------------
     # The shared machinery of generate, stream and chats
 
-    def _collect(self, run: _Run, stop: Sequence[str] | None) -> list[GenerationResult]:
+    def _collect(self, run: _Run) -> list[GenerationResult]:
         """Runs a prepared generation to the end: one `GenerationResult` per row."""
+        stop = run.settings.stop
         batch = run.batch
         answers: list[list[int]] = [[] for _ in range(batch)]
         stopped = [False] * batch
@@ -188,9 +190,10 @@ class Pipeline:
             results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics))
         return results
 
-    def _stream(self, run: _Run, stop: Sequence[str] | None) -> Iterator[StreamChunk]:
+    def _stream(self, run: _Run) -> Iterator[StreamChunk]:
         """Runs a prepared one-row generation, yielding stable text pieces; the last chunk has the finish reason
         and the metrics. The decode loop is closed (its cache released or kept) before that last chunk."""
+        stop = run.settings.stop
         detokenizer = StreamingDetokenizer(self.processor.decode)
         released = 0  # characters of detokenizer.text already yielded
         reason = "length"
@@ -231,15 +234,13 @@ class Pipeline:
     def _start(
         self,
         plan: PrefillPlan | None,
+        settings: GenerationSettings,
         prompt: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | ImageLike | None = None,
         messages: Messages | Sequence[Messages] | None = None,
-        seed: int | None = None,
-        min_new_tokens: int = 0,
-        **given: Any,
     ) -> _Run:
-        """Everything up to the first decoder call: inputs, settings, images, embeddings (through `plan`,
-        by default `_fresh_prefill`), sampler."""
+        """Everything up to the first decoder call: inputs, images, embeddings (through `plan`, by default
+        `_fresh_prefill`), sampler."""
         started = time.perf_counter()
         metrics = GenerationMetrics()
         inputs, batched = self.prepare(prompt, images, messages)
@@ -251,22 +252,21 @@ class Pipeline:
             input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
             inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask}
 
-        settings = self._settings(given)
-        self._check_length(input_ids.shape[1], settings["max_new_tokens"])
+        self._check_length(input_ids.shape[1], settings.max_new_tokens)
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = int(input_ids.shape[1])
 
         vision_start = time.perf_counter()
-        prefill, keep_cache = (plan or self._fresh_prefill)(inputs, settings["max_new_tokens"], metrics)
+        prefill, keep_cache = (plan or self._fresh_prefill)(inputs, settings.max_new_tokens, metrics)
         metrics.vision_s = time.perf_counter() - vision_start
 
         eos = self._eos_ids()
         pad_id = self.manifest.tokens.pad_token_id
         pad_id = pad_id if pad_id is not None else eos[0] if eos else 0
-        sampler = make_sampler(settings["do_sample"], settings["temperature"], settings["top_k"], settings["top_p"], seed)
-        sampler = with_min_new_tokens(sampler, eos, min_new_tokens)
-        sampler = with_repetition_penalty(sampler, input_ids, self.manifest.text.vocab_size, settings["repetition_penalty"])
-        return _Run(self, prefill, input_ids.shape[0], sampler, settings["max_new_tokens"], eos, pad_id, metrics, started, batched, keep_cache)
+        sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)
+        sampler = with_min_new_tokens(sampler, eos, settings.min_new_tokens)
+        sampler = with_repetition_penalty(sampler, input_ids, self.manifest.text.vocab_size, settings.repetition_penalty)
+        return _Run(self, prefill, input_ids.shape[0], sampler, settings, eos, pad_id, metrics, started, batched, keep_cache)
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics) -> tuple[Prefill, None]:
         """The whole prompt: every image through the vision path, every token embedded, a new cache."""
@@ -277,21 +277,6 @@ class Pipeline:
         metrics.prefilled_tokens = int(attention_mask.shape[1])
         decoder = self.sessions.decoder
         return (lambda: decoder.start(inputs_embeds, attention_mask, capacity)), None
-
-    def _settings(self, given: dict[str, Any]) -> dict[str, Any]:
-        """Each generation setting: the caller's value, else the bundle's generation config, else the default."""
-        defaults = {**_SAMPLING_DEFAULTS, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
-        unknown = set(given) - set(defaults)
-        if unknown:
-            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
-        settings = {}
-        for key in defaults:
-            value = given.get(key)
-            from_config = self.generation_config.get(key)
-            settings[key] = value if value is not None else from_config if from_config is not None else defaults[key]
-        if settings["max_new_tokens"] < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {settings['max_new_tokens']}")
-        return settings
 
     def _eos_ids(self) -> list[int]:
         eos = self.generation_config.get("eos_token_id", self.manifest.tokens.eos_token_ids)
@@ -327,7 +312,7 @@ class _Run:
     prefill: Prefill
     batch: int
     sampler: Any
-    max_new_tokens: int
+    settings: GenerationSettings
     eos: list[int]
     pad_id: int
     metrics: GenerationMetrics
@@ -350,7 +335,7 @@ class _Run:
         hand_over = self.keep_cache  # a chat keeps the cache with the token ids it holds
         keep = None if hand_over is None else (lambda cache: hand_over(cache, self.tokens))
 
-        steps = decode_loop(decoder, self.prefill, embed_step, self.sampler, self.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
+        steps = decode_loop(decoder, self.prefill, embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
         try:
             for step in steps:
                 if step.active[0]:

@@ -17,7 +17,6 @@ renders an earlier answer differently from the tokens generated for it just move
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import numpy as np
@@ -31,13 +30,6 @@ if TYPE_CHECKING:
     from .api import Pipeline, StreamChunk, _Run
 
 
-def _generation_arguments() -> frozenset[str]:
-    from .api import Pipeline
-
-    skip = {"self", "prompt", "images", "messages"}
-    return frozenset(name for name in inspect.signature(Pipeline.generate).parameters if name not in skip)
-
-
 class ChatSession:
     """One conversation with a `Pipeline`: `send` or `stream` a user message, read `messages`, `reset`.
 
@@ -48,10 +40,7 @@ class ChatSession:
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None, **defaults: Any):
-        known = _generation_arguments()
-        unknown = set(defaults) - known
-        if unknown:
-            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        pipe.settings(**defaults)  # an unknown argument fails here (TypeError), not at the first turn
         if not pipe.processor.chat_template:
             raise ValueError("this bundle has no chat template: a chat needs one")
         self.pipe = pipe
@@ -72,10 +61,8 @@ class ChatSession:
         answer join `messages`. `generate_kwargs` override the session's defaults for this turn."""
         self._close_open_stream()
         message = self._user_message(text, images)
-        settings = {**self.defaults, **generate_kwargs}
-        stop = settings.pop("stop", None)
-        run = self._start(message, settings)
-        result = self.pipe._collect(run, stop)[0]
+        run = self._start(message, generate_kwargs)
+        result = self.pipe._collect(run)[0]
         self._commit(message, result.text)
         return result
 
@@ -108,12 +95,10 @@ class ChatSession:
 
     def _stream_turn(self, text: str, images: Any, generate_kwargs: dict[str, Any]) -> Generator[StreamChunk, None, None]:
         message = self._user_message(text, images)
-        settings = {**self.defaults, **generate_kwargs}
-        stop = settings.pop("stop", None)
-        run = self._start(message, settings)
+        run = self._start(message, generate_kwargs)
         pieces: list[str] = []
         committed = False
-        chunks = self.pipe._stream(run, stop)
+        chunks = self.pipe._stream(run)
         try:
             for chunk in chunks:
                 pieces.append(chunk.text)
@@ -149,12 +134,10 @@ class ChatSession:
     def _forget(self) -> None:
         self._cache, self._held, self._held_images = None, np.zeros(0, np.int64), []
 
-    def _start(self, message: dict[str, Any], settings: dict[str, Any]) -> _Run:
-        # Unknown arguments are refused by Pipeline._start (its settings check), before any graph runs.
-        seed = settings.pop("seed", None)
-        min_new_tokens = settings.pop("min_new_tokens", 0)
+    def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any]) -> _Run:
+        settings = self.pipe.settings(**{**self.defaults, **generate_kwargs})  # unknown names fail here, before any graph runs
         messages = [*self.messages, message]
-        return self.pipe._start(self._plan(messages), None, None, messages, seed, min_new_tokens, **settings)
+        return self.pipe._start(self._plan(messages), settings, messages=messages)
 
     def _plan(self, messages: list[dict[str, Any]]):
         """The prefill plan of one turn (see `api.PrefillPlan`): only the tokens the cache lacks."""

@@ -151,15 +151,19 @@ def _precisions(text: str) -> list[str]:
 def _bench(args: argparse.Namespace) -> int:
     try:
         from ortllava_export.bench import bench
+        from ortllava_export.bench_plot import write_svg
         from ortllava_export.quantize import Int4Options
     except ImportError as error:  # the benchmark runs transformers too: it needs the exporter's dependencies
         raise RuntimeError(f"ortllava bench needs torch and transformers: pip install 'ortllava[export]' ({error})") from error
-    bench(
+    report = bench(
         args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens,
         repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,
         max_length=args.max_length, int4=Int4Options(args.block_size, True, args.quantize_lm_head, args.accuracy_level),
         text_only=args.text_only, kv_cache=args.kv_cache,
     )
+    if args.plot:
+        write_svg(report, args.plot)
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -213,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, help="CPU threads for both (default: all cores)")
     bench.add_argument("--bundle", type=Path, help="export here (or reuse the bundle found here) instead of a temporary folder")
     bench.add_argument("--json", type=Path, help="write the report here")
+    bench.add_argument("--plot", type=Path, help="draw the report here (SVG): where the time goes, and decode against its floor")
     bench.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph")
     bench.add_argument("--max-length", type=int, help="preallocate the key/value buffers to this many positions")
     bench.add_argument("--text-only", action="store_true", help="ask about no image: a short context, where the weights dominate a step")

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -18,6 +18,50 @@ from .sampling import Sampler
 
 Decoder = FusedDecoder | ConcatDecoder
 EmbedFn = Callable[[np.ndarray, np.ndarray], None]  # (token ids [B], out [B, 1, D]): writes their embeddings
+
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """One generation's arguments, named as transformers' `generate` names them, plus `seed` and `stop`; the
+    defaults are transformers' (for what neither the caller nor the bundle's generation config sets)."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    min_new_tokens: int = 0  # the EOS tokens are forbidden until this many tokens are out
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # the sampler's random seed
+    stop: tuple[str, ...] = ()  # strings that end an answer where one appears (the text is cut before it)
+
+    @classmethod
+    def resolve(cls, given: Mapping[str, Any], generation_config: Mapping[str, Any]) -> GenerationSettings:
+        """Each argument: the caller's value (None counts as unset), else the bundle's generation config (as
+        transformers reads it), else the default above. An unknown name is a TypeError naming it."""
+        unknown = set(given) - set(GENERATION_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}; known: {', '.join(GENERATION_ARGUMENTS)}")
+        values = {}
+        for name in GENERATION_ARGUMENTS:
+            value = given.get(name)
+            if value is None and name not in _NOT_IN_GENERATION_CONFIG:
+                value = generation_config.get(name)
+            if value is not None:
+                values[name] = value
+        if isinstance(values.get("stop"), str):
+            values["stop"] = (values["stop"],)
+        settings = replace(cls(), **values)
+        if settings.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
+        return replace(settings, stop=tuple(settings.stop))
+
+
+GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings))
+_NOT_IN_GENERATION_CONFIG = {"seed", "stop"}  # ortllava's own arguments; a generation_config.json has no such keys
 
 
 @dataclass

@@ -36,12 +36,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from .api import Pipeline, load
+from .generate import GENERATION_ARGUMENTS
 from .image import URL_TIMEOUT_S, image_hw, load_image
 from .processor import clean_up_tokenization, flatten_images, images_in_messages
 
 TASK = "image-text-to-text"
 # Generation settings the pipeline passes to `Pipeline.generate` (seed and stop are ortllava's own).
-GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+# generate's arguments by their transformers names (the pipeline's own name for stop strings is stop_sequence)
+GENERATION_KEYS = tuple(name for name in GENERATION_ARGUMENTS if name != "stop")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # what transformers appends to the final message to find its end
 
 

@@ -224,10 +224,10 @@ def test_context_beyond_the_graph_is_refused_before_running(mistral):
 def test_bench_runs_and_reports(tmp_path):
     """Two precisions from the same weights, alternating in the same runs (int4 on the CPU: an int8 cache by
     default); fp32 must match transformers."""
-    out = tmp_path / "bench.json"
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.svg"
     run = subprocess.run(
         [sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int4", "--new-tokens", "8",
-         "--repeats", "1", "--threads", "2", "--json", str(out)],
+         "--repeats", "1", "--threads", "2", "--json", str(out), "--plot", str(plot)],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -243,6 +243,13 @@ def test_bench_runs_and_reports(tmp_path):
             assert result["ortllava"][key] > 0 and report["transformers"][key] > 0
     assert report["precisions"]["fp32"]["ratios"]["decode_speedup_vs_first"] == 1.0
     assert "decode floor" in run.stdout and "time to first token" in run.stdout and "decode speed vs fp32: int4" in run.stdout
+    # The plot: an SVG document with a stacked bar per contender and a floor line per ortllava precision.
+    import xml.etree.ElementTree as ElementTree
+
+    svg = ElementTree.parse(plot).getroot()
+    texts = [node.text for node in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert texts.count("ortllava fp32") == texts.count("ortllava int4 + int8 cache") == texts.count("transformers") == 2  # both panels
+    assert len(list(svg.iter("{http://www.w3.org/2000/svg}line"))) == 2
 
 
 def test_bench_refuses_unknown_precisions():

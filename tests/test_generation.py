@@ -83,3 +83,20 @@ def test_repetition_penalty_matches_transformers(setup):
     want = out[0, inputs["input_ids"].shape[1] :].tolist()
     (got,) = pipe.generate(messages=conversation, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=1.5)
     assert got.token_ids == want
+
+
+def test_generation_settings_resolve_given_then_config_then_defaults():
+    from ortllava.generate import GENERATION_ARGUMENTS, GenerationSettings
+    from ortllava.hf_pipeline import GENERATION_KEYS
+
+    config = {"max_new_tokens": 40, "do_sample": True, "top_k": 5, "temperature": 0.7, "seed": 3, "eos_token_id": 2}
+    settings = GenerationSettings.resolve({"temperature": 0.2, "top_k": None, "stop": "###"}, config)
+    assert (settings.max_new_tokens, settings.do_sample, settings.top_k) == (40, True, 5)  # from the config
+    assert settings.temperature == 0.2 and settings.stop == ("###",)  # given; one stop string becomes a tuple
+    assert settings.seed is None and settings.top_p == 1.0 and settings.min_new_tokens == 0  # "seed" is not read from a config
+    with pytest.raises(TypeError, match="num_beams"):
+        GenerationSettings.resolve({"num_beams": 2}, config)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationSettings.resolve({"max_new_tokens": 0}, {})
+    # one list of arguments: the HF-style pipeline takes the same ones (stop strings as its stop_sequence)
+    assert set(GENERATION_KEYS) | {"stop"} == set(GENERATION_ARGUMENTS)
