@@ -13,14 +13,12 @@ I/O spec (`kind = "gqa"`):
   prompt passes `W = S`; later steps may pass a fixed width (the buffer capacity) so shapes stay static.
 - `past_key_values.{i}.key|value [B, n_kv, C, head_dim]`: the preallocated buffers (capacity `C`); the
   caller binds `present.{i}.key|value` to the same memory, and the op writes the new keys/values in place.
-  Graph dtype, or int8 with `KVScales`: then each layer's attention is an `If` on "more than one token per
-  row": decode steps run the op's int8-cache kernel (it quantizes as it writes, dequantizes as it reads);
-  prompts and continuations dequantize the buffers, attend in float and quantize back (the int8 kernel is
-  ~3x slower on prompts).
+  Graph dtype, or int8 with `KVScales`.
 - `logits [B, V]` float32: for each row, its last real new token (`min(seqlens_k, S - 1)`).
 
-Per layer: SkipSimplifiedLayerNorm -> packed QKV MatMul (+ bias) -> GroupQueryAttention (rotary inside,
-sliding window where the layer has one) -> o_proj -> SkipSimplifiedLayerNorm -> gate/up MatMul -> SiLU * up
+Per layer: SkipSimplifiedLayerNorm -> packed QKV MatMul (+ bias) -> attention (GroupQueryAttention, rotary
+inside, sliding window where the layer has one; with fp32 activations or an int8 cache, an `If` between it and
+a second form for decode steps or prompts: export/attention.py) -> o_proj -> SkipSimplifiedLayerNorm -> gate/up MatMul -> SiLU * up
 -> down (with `Int4Options`, each of these MatMuls is a `MatMulNBits` over 4-bit blocks, quantized as the weight
 is read). Granite's multipliers (embedding, attention scale, residual) are folded in as constants; its
 logits_scaling is not: LlavaNextForConditionalGeneration's own lm_head does not apply it.
@@ -41,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ortllava import manifest as names
 from ortllava.manifest import GraphSpec
 
+from .attention import float_cache_attention, float_step_prelude, int8_cache_attention, int8_cache_prelude, op_attention
 from .kv_cache import KVScales
 from .quantize import Int4Options, quantize_weight
 from .wrappers import text_geometry
@@ -99,6 +98,11 @@ class _Graph:
             entry.key, entry.value = key, text
         self.initializers.append(tensor)
         return name
+
+    def branch(self) -> _Graph:
+        """An empty graph for an `If` branch: its nodes are its own; the weights it adds go to this graph's
+        initializers (a branch reads them from the outer scope)."""
+        return _Graph(self.dtype, self.data, self.data_name, self.int4, initializers=self.initializers)
 
     def const_i64(self, name: str, values) -> str:
         return self.weight(name, np.array(values, dtype=np.int64), np.int64)
@@ -221,7 +225,13 @@ def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = No
     (width,) = g.node("Gather", [mask_shape, g.const_i64("index1", 1)], 1, "mask/width", axis=0)
     (total_length,) = g.node("Cast", [width], ["total_sequence_length"], "mask/total", to=TensorProto.INT32)
 
-    is_prompt = _int8_cache_prelude(g) if kv_scales is not None else ""
+    # The attention's form (export/attention.py): int8 cache; float cache with fp32 activations (CPU bundles:
+    # decode steps in standard ops); or the op alone (fp16, CUDA).
+    is_prompt, steps = "", None
+    if kv_scales is not None:
+        is_prompt = int8_cache_prelude(g)
+    elif g.dtype == np.float32:
+        steps = float_step_prelude(g, heads, kv_heads, head_dim, seqlens_k, total_length, set(windows))
 
     x = names.INPUTS_EMBEDS
     if embedding_multiplier != 1.0:
@@ -238,11 +248,13 @@ def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = No
         if bias is not None:
             (qkv,) = g.node("Add", [qkv, g.weight(f"{p}.qkv.bias", bias)], 1, f"{p}/qkv_bias")
         attention = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=attention_scale, local_window_size=windows[i])
-        if kv_scales is None:
-            attended = _attention(g, i, qkv, seqlens_k, total_length, attention)
-        else:
+        if kv_scales is not None:
             scales = (g.weight(f"{p}.k_scale", kv_scales.keys[i], np.float32), g.weight(f"{p}.v_scale", kv_scales.values[i], np.float32))
-            attended = _int8_cache_attention(g, i, qkv, seqlens_k, total_length, attention, scales, is_prompt)
+            attended = int8_cache_attention(g, i, qkv, seqlens_k, total_length, attention, scales, is_prompt)
+        elif steps is not None:
+            attended = float_cache_attention(g, i, qkv, seqlens_k, total_length, attention, steps)
+        else:
+            attended = op_attention(g, i, qkv, seqlens_k, total_length, attention)
         update = g.linear(attended, _linear_weight(attn.o_proj), f"{p}.o_proj")
         update = _scale_residual(g, update, residual_multiplier, f"{p}/attention_residual_scale")
         normed, residual = _add_and_norm(g, update, residual, layer.post_attention_layernorm.weight, eps, f"{p}/post_attention_norm")
@@ -266,70 +278,6 @@ def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = No
         g.nodes[-1].output[0] = names.LOGITS
     else:
         g.node("Cast", [logits], [names.LOGITS], "lm_head/float", to=TensorProto.FLOAT)
-
-
-def _attention(g: _Graph, layer: int, qkv: str, seqlens_k: str, total_length: str, attrs: dict) -> str:
-    """GroupQueryAttention over the layer's float buffers, written in place -> `[B, S, heads * head_dim]`."""
-    past = [names.past_key_name(layer), names.past_value_name(layer)]
-    inputs = [qkv, "", "", *past, seqlens_k, total_length, "rotary.cos", "rotary.sin"]
-    outputs = [f"layers.{layer}/attention", names.present_key_name(layer), names.present_value_name(layer)]
-    return g.node("GroupQueryAttention", inputs, outputs, f"layers.{layer}/attention", domain="com.microsoft", **attrs)[0]
-
-
-def _int8_cache_prelude(g: _Graph) -> str:
-    """What every layer's int8-cache attention shares: the quantizer's constants, and the `If`'s condition, a bool
-    scalar: this run has more than one token per row (a prompt or a continuation, not a step)."""
-    g.weight("unit_scale", np.array(1, np.float32), np.float32)
-    g.weight("int8_zero", np.array(0, np.int8), np.int8)
-    (shape,) = g.node("Shape", [names.INPUTS_EMBEDS], 1, "prompt/shape", start=1, end=2)
-    (is_prompt,) = g.node("Greater", [shape, g.const_i64("one_i64", [1])], 1, "prompt/greater")
-    return g.node("Squeeze", [is_prompt], ["is_prompt"], "prompt/flag")[0]
-
-
-def _int8_cache_attention(
-    g: _Graph, layer: int, qkv: str, seqlens_k: str, total_length: str, attrs: dict, scales: tuple[str, str], is_prompt: str,
-) -> str:
-    """Attention over an int8 key/value cache (`scales`: key and value `[n_kv, 1, head_dim]`).
-
-    A decode step (one token per row) runs the op's own int8-cache kernel: it reads 1 byte per cached value,
-    which is what makes the step fast. On prompts that kernel is ~3x slower than the float one (it dequantizes
-    inside its inner loops), so a prompt or continuation dequantizes the cache once, attends in float, and
-    quantizes the result back (the held positions come back bit-identical: round(q * s / s) = q). Both
-    branches share the layer's weights (outer scope); the `If` picks one per run.
-    """
-    p = f"layers.{layer}"
-    past = [names.past_key_name(layer), names.past_value_name(layer)]
-    outputs = [f"{p}/attention", names.present_key_name(layer), names.present_value_name(layer)]
-
-    step = _Graph(g.dtype)  # the step branch: the op quantizes as it writes and dequantizes as it reads
-    step.node(
-        "GroupQueryAttention", [qkv, "", "", *past, seqlens_k, total_length, "rotary.cos", "rotary.sin", "", "", "", *scales],
-        [f"{p}/step/attention", f"{p}/step/key", f"{p}/step/value"], f"{p}/step/attention", domain="com.microsoft",
-        k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8, **attrs,
-    )
-    prompt = _Graph(g.dtype)  # the prompt branch: float attention between a dequantize and a quantize
-    floats = []
-    for name, scale, kind in zip(past, scales, ("key", "value")):
-        (as_float,) = prompt.node("Cast", [name], 1, f"{p}/prompt/{kind}_float", to=TensorProto.FLOAT)
-        floats.append(prompt.node("Mul", [as_float, scale], 1, f"{p}/prompt/{kind}_dequantized")[0])
-    attended, *present = prompt.node(
-        "GroupQueryAttention", [qkv, "", "", *floats, seqlens_k, total_length, "rotary.cos", "rotary.sin"],
-        3, f"{p}/prompt/attention", domain="com.microsoft", **attrs,
-    )
-    quantized = [attended]
-    for values, scale, kind in zip(present, scales, ("key", "value")):
-        (scaled,) = prompt.node("Div", [values, scale], 1, f"{p}/prompt/{kind}_scaled")
-        # QuantizeLinear with scale 1: round half to even and saturate to int8 in one pass.
-        quantized.append(prompt.node("QuantizeLinear", [scaled, "unit_scale", "int8_zero"], 1, f"{p}/prompt/{kind}_int8")[0])
-
-    def branch(sub: _Graph, results: list[str], name: str) -> onnx.GraphProto:
-        types = [TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT8]
-        return helper.make_graph(sub.nodes, name, [], [helper.make_tensor_value_info(r, t, None) for r, t in zip(results, types)])
-
-    return g.node(
-        "If", [is_prompt], outputs, f"{p}/attention",
-        then_branch=branch(prompt, quantized, f"{p}_prompt"), else_branch=branch(step, step.nodes[0].output, f"{p}_step"),
-    )[0]
 
 
 def _model(g: _Graph, model_config, inputs: list[str], outputs: list[str], dtype, kv_dtype) -> onnx.ModelProto:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,6 +282,44 @@ def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
     whole, chunked = run(0), run(384)  # 0: no chunking; 384: chunks of 384, 384 and 232
     for want, got in zip(whole, chunked):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_decode_steps_in_standard_ops_equal_the_op(tiny_store):
+    """fp32 bundles decode in standard ops while the buffer is mostly filled, with GroupQueryAttention otherwise;
+    both give the same logits, past the tiny Mistral's 1024-token sliding window, for a batch of two rows."""
+    import onnxruntime as ort
+
+    bundle = tiny_store.get("mistral").bundle
+    pipe = ortllava.load(bundle, provider="cpu")
+    decoder = pipe.sessions.decoder
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    decoder.session = ort.InferenceSession(str(bundle / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    embeds = rng.standard_normal((2, 1100, pipe.manifest.text.hidden_size)).astype(np.float32)
+    mask = np.ones((2, 1100), np.int64)
+    mask[1, :60] = 0  # a left-padded second row: 1040 tokens
+    steps = rng.standard_normal((3, 2, 1, pipe.manifest.text.hidden_size)).astype(np.float32)
+
+    def run(capacity: int) -> list[np.ndarray]:
+        logits, cache = decoder.start(embeds, mask, capacity=capacity)
+        out = [logits.copy()]
+        for step in steps:
+            cache.step_embeds[...] = step
+            out.append(decoder.step(cache).copy())
+        decoder.release(cache)
+        decoder._spare = None  # the next run allocates its own capacity
+        return out
+
+    full = run(1103)  # 1280 positions for 1101-1103 held: standard ops
+    sparse = run(3000)  # 3072 positions: more than 1.5x the context, the op
+    for want, got in zip(sparse, full):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    profile = Path(decoder.session.end_profiling())
+    ran = [e["name"] for e in json.loads(profile.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    profile.unlink()
+    assert ran.count("layers.0/step/scores_kernel_time") == 3  # the 3 steps of the full buffer
+    assert ran.count("layers.0/op_attention_kernel_time") == 2 + 3  # the 2 prompts and the sparse buffer's 3 steps
 
 
 @pytest.mark.parametrize("config", ["mistral", "mistral-concat"])
