@@ -102,7 +102,9 @@ def validate_decoder(model, decoder_path: Path) -> dict[str, float]:
 
 # Fused ("gqa") decoder cases. Prompts: right-padded rows of these lengths, one beyond a 1024-token sliding
 # window; then DECODE_STEPS single-token steps with the mask at the buffer's full width (as the runtime
-# runs them); then, for one row, a 4-token continuation (a chat's next turn).
+# runs them); then, for one row, a 4-token continuation (a chat's next turn). With fp32 activations the two
+# attention forms are both checked (export/attention.py): the short rows' steps run GroupQueryAttention (their
+# buffer is mostly free), the 1100-token row's run the standard-op form (its buffer is mostly filled).
 FUSED_PROMPTS = [[9, 5, 1], [1100]]
 DECODE_STEPS = 3
 FUSED_CAPACITY = 1200
