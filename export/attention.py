@@ -92,6 +92,8 @@ class StepInputs:
 
 
 def float_step_prelude(g: _Graph, heads: int, kv_heads: int, head_dim: int, seqlens_k: str, total_length: str, windows: set[int]) -> StepInputs:
+    """The step form's shared inputs, from the mask (`seqlens_k [B]` int32, `total_length` its width) and the
+    layers' sliding windows; a few small ops per run, whichever form the layers then take."""
     (held,) = g.node("ReduceMax", [seqlens_k], 1, "step/longest", keepdims=0)  # positions held after this run, less one
     (held,) = g.node("Add", [held, g.weight("step/one_i32", np.array(1, np.int32), np.int32)], 1, "step/held")
     numerator, denominator = STEP_CAPACITY_RATIO

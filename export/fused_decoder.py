@@ -18,9 +18,9 @@ I/O spec (`kind = "gqa"`):
 
 Per layer: SkipSimplifiedLayerNorm -> packed QKV MatMul (+ bias) -> attention (GroupQueryAttention, rotary
 inside, sliding window where the layer has one; with fp32 activations or an int8 cache, an `If` between it and
-a second form for decode steps or prompts: export/attention.py) -> o_proj -> SkipSimplifiedLayerNorm -> gate/up MatMul -> SiLU * up
--> down (with `Int4Options`, each of these MatMuls is a `MatMulNBits` over 4-bit blocks, quantized as the weight
-is read). Granite's multipliers (embedding, attention scale, residual) are folded in as constants; its
+a second form for decode steps or prompts: export/attention.py) -> o_proj -> SkipSimplifiedLayerNorm ->
+gate/up MatMul -> SiLU * up -> down (with `Int4Options`, each of these MatMuls is a `MatMulNBits` over 4-bit
+blocks, quantized as the weight is read). Granite's multipliers (embedding, attention scale, residual) are folded in as constants; its
 logits_scaling is not: LlavaNextForConditionalGeneration's own lm_head does not apply it.
 """
 

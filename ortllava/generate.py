@@ -52,12 +52,12 @@ class GenerationSettings:
                 value = generation_config.get(name)
             if value is not None:
                 values[name] = value
-        if isinstance(values.get("stop"), str):
-            values["stop"] = (values["stop"],)
+        if "stop" in values:  # one string, or several
+            values["stop"] = (values["stop"],) if isinstance(values["stop"], str) else tuple(values["stop"])
         settings = replace(cls(), **values)
         if settings.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
-        return replace(settings, stop=tuple(settings.stop))
+        return settings
 
 
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings))

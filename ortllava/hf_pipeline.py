@@ -41,8 +41,7 @@ from .image import URL_TIMEOUT_S, image_hw, load_image
 from .processor import clean_up_tokenization, flatten_images, images_in_messages
 
 TASK = "image-text-to-text"
-# Generation settings the pipeline passes to `Pipeline.generate` (seed and stop are ortllava's own).
-# generate's arguments by their transformers names (the pipeline's own name for stop strings is stop_sequence)
+# The generation settings the pipeline passes to `Pipeline.generate` (stop strings come as its `stop_sequence`).
 GENERATION_KEYS = tuple(name for name in GENERATION_ARGUMENTS if name != "stop")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # what transformers appends to the final message to find its end
 
