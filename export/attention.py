@@ -89,6 +89,7 @@ class StepInputs:
     query_shape: str  # [B, n_kv, heads / n_kv, 1, head_dim]: a query head per row of its key/value head's group
     kv_shape: str  # [B, n_kv, 1, head_dim]
     output_shape: str  # [B, 1, heads * head_dim]
+    group_axis: str  # [2]: a buffer [B, n_kv, C, head_dim] seen as [B, n_kv, 1, C, head_dim], shared by its group
 
 
 def float_step_prelude(g: _Graph, heads: int, kv_heads: int, head_dim: int, seqlens_k: str, total_length: str, windows: set[int]) -> StepInputs:
@@ -143,6 +144,7 @@ def float_step_prelude(g: _Graph, heads: int, kv_heads: int, head_dim: int, seql
         query_shape=g.const_i64("step/query_shape", [0, kv_heads, group, 1, head_dim]),
         kv_shape=g.const_i64("step/kv_shape", [0, kv_heads, 1, head_dim]),
         output_shape=g.const_i64("step/output_shape", [0, 1, heads * head_dim]),
+        group_axis=g.const_i64("step/group_axis", [2]),
     )
 
 
@@ -175,7 +177,7 @@ def _step_attention(g: _Graph, layer: int, qkv: str, attrs: dict, steps: StepInp
         (new,) = g.node("Reshape", [new, steps.kv_shape], 1, f"{p}/{kind}_4d")
         # ScatterND into the bound buffer: input and output are the same memory, so only the new row is written.
         written.append(g.node("ScatterND", [buffer, steps.write_indices, new], 1, f"{p}/{kind}_write")[0])
-    keys, values = (g.node("Unsqueeze", [buffer, g.const_i64("step/axis2", [2])], 1, f"{p}/{kind}_5d")[0] for buffer, kind in zip(written, ("key", "value")))
+    keys, values = (g.node("Unsqueeze", [buffer, steps.group_axis], 1, f"{p}/{kind}_5d")[0] for buffer, kind in zip(written, ("key", "value")))
     (scores,) = g.node("FusedMatMul", [query, keys], 1, f"{p}/scores", domain="com.microsoft", transB=1)  # [B, n_kv, group, 1, C]
     (scores,) = g.node("Add", [scores, steps.bias[attrs["local_window_size"]]], 1, f"{p}/masked")
     (weights,) = g.node("Softmax", [scores], 1, f"{p}/softmax", axis=-1)

@@ -68,6 +68,24 @@ def test_accuracy_report_is_above_its_floor(bundles, name):
     assert accuracy["mean_abs_logit_diff"] <= floor["mean_abs_logit_diff"]
 
 
+@pytest.mark.parametrize("name", ["fp16", "int4", "int4-concat", "kv8", "fp32"])
+def test_decoder_graph_loads_without_warnings(bundles, tiny_store, name, capfd):
+    """Every kind of decoder defines each initializer once and uses all of them: onnxruntime loads it without a
+    warning (a duplicate is kept last and treated as an input, which loses constant folding)."""
+    import onnx
+    import onnxruntime as ort
+
+    bundle = tiny_store.get("mistral").bundle if name == "fp32" else bundles[name]
+    graph = onnx.load(str(bundle / "decoder.onnx"))
+    names = [tensor.name for tensor in graph.graph.initializer]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+    capfd.readouterr()
+    options = ort.SessionOptions()
+    options.log_severity_level = 1  # warnings and above
+    ort.InferenceSession(str(bundle / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    assert "W:onnxruntime" not in capfd.readouterr().err
+
+
 def test_int4_bundle_holds_matmulnbits_and_is_smaller(bundles, tiny_store):
     import onnx
 
