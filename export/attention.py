@@ -12,7 +12,8 @@ runtime binds `present` to the same memory as `past`), and returns `[B, S, heads
   `C`, the op only the held positions, so prompts, continuations and steps into a buffer longer than 1.5x its
   context take the op.
 - `int8_cache_attention` (`--kv-cache int8`): an `If` per layer. Decode steps take the op's int8-cache kernel;
-  prompts and continuations dequantize, attend in float and quantize back (the int8 kernel is ~3x slower there).
+  prompts and continuations dequantize the held positions, attend in float and quantize back (the int8 kernel is
+  ~3x slower there).
 
 Both `If`s share the layer's weights (outer scope); the conditions are computed once per run, in a prelude.
 """
@@ -189,22 +190,44 @@ def _step_attention(g: _Graph, layer: int, qkv: str, attrs: dict, steps: StepInp
 # -- int8 cache ---------------------------------------------------------------------------------------
 
 
-def int8_cache_prelude(g: _Graph) -> str:
-    """The quantizer's constants, and the `If`'s condition (more than one token per row)."""
+@dataclass
+class Int8Inputs:
+    """What every layer's int8-cache attention shares, computed once per run in the main graph."""
+
+    is_prompt: str  # bool scalar: more than one token per row (the float branch runs)
+    held: str  # int32 scalar: positions held after this run (the longest row)
+    past_end: str  # [1] int64: positions held before it, the part of the buffer a prompt reads
+    padding: str  # [8] int64: Pad's amounts from `held` positions to the buffer's capacity
+
+
+def int8_cache_prelude(g: _Graph, seqlens_k: str) -> Int8Inputs:
+    """The quantizer's constants and the prompt branch's bounds: it reads and rewrites only the held positions."""
     g.weight("unit_scale", np.array(1, np.float32), np.float32)
     g.weight("int8_zero", np.array(0, np.int8), np.int8)
-    return _is_prompt(g)
+    g.const_i64("int8/axis2", [2])
+    (longest,) = g.node("ReduceMax", [seqlens_k, g.const_i64("int8/axis0", [0])], 1, "int8/longest", keepdims=1)  # [1]
+    (held1,) = g.node("Add", [longest, g.weight("int8/one_i32", np.array([1], np.int32), np.int32)], 1, "int8/held_vector")
+    (held,) = g.node("Squeeze", [held1], 1, "int8/held")  # int32 scalar, as the op takes it
+    (held1,) = g.node("Cast", [held1], 1, "int8/held64", to=TensorProto.INT64)  # [1]
+    (new,) = g.node("Shape", [names.INPUTS_EMBEDS], 1, "int8/new", start=1, end=2)
+    (past_end,) = g.node("Sub", [held1, new], 1, "int8/past_end")
+    (capacity,) = g.node("Shape", [names.past_key_name(0)], 1, "int8/capacity", start=2, end=3)
+    (free,) = g.node("Sub", [capacity, held1], 1, "int8/free")
+    zeros6 = g.const_i64("int8/zeros6", [0] * 6)
+    (padding,) = g.node("Concat", [zeros6, free, g.const_i64("int8/zero1", [0])], 1, "int8/padding", axis=0)  # pad axis 2's end
+    return Int8Inputs(_is_prompt(g), held, past_end, padding)
 
 
 def int8_cache_attention(
-    g: _Graph, layer: int, qkv: str, seqlens_k: str, total_length: str, attrs: dict, scales: tuple[str, str], is_prompt: str,
+    g: _Graph, layer: int, qkv: str, seqlens_k: str, total_length: str, attrs: dict, scales: tuple[str, str], shared: Int8Inputs,
 ) -> str:
     """Attention over an int8 key/value cache (`scales`: key and value `[n_kv, 1, head_dim]`).
 
     A decode step (one token per row) runs the op's own int8-cache kernel: it reads 1 byte per cached value,
     which is what makes the step fast. On prompts that kernel is ~3x slower than the float one (it dequantizes
-    inside its inner loops), so a prompt or continuation dequantizes the cache once, attends in float, and
-    quantizes the result back (the held positions come back bit-identical: round(q * s / s) = q).
+    inside its inner loops), so a prompt or continuation dequantizes the held positions, attends in float
+    (present = past ++ new), quantizes that back and pads it to the buffer's capacity (the held positions
+    come back bit-identical: round(q * s / s) = q; the free ones are zeros).
     """
     p = f"layers.{layer}"
     past = _buffers(layer)
@@ -217,14 +240,16 @@ def int8_cache_attention(
     prompt = g.branch()  # float attention between a dequantize and a quantize
     floats = []
     for name, scale, kind in zip(past, scales, ("key", "value")):
-        (as_float,) = prompt.node("Cast", [name], 1, f"{p}/prompt/{kind}_float", to=TensorProto.FLOAT)
+        (held,) = prompt.node("Slice", [name, "int8/zero1", shared.past_end, "int8/axis2"], 1, f"{p}/prompt/{kind}_held")
+        (as_float,) = prompt.node("Cast", [held], 1, f"{p}/prompt/{kind}_float", to=TensorProto.FLOAT)
         floats.append(prompt.node("Mul", [as_float, scale], 1, f"{p}/prompt/{kind}_dequantized")[0])
     attended, *present = prompt.node(
-        "GroupQueryAttention", [qkv, "", "", *floats, seqlens_k, total_length, *ROTARY], 3, f"{p}/prompt/attention", domain="com.microsoft", **attrs,
+        "GroupQueryAttention", [qkv, "", "", *floats, seqlens_k, shared.held, *ROTARY], 3, f"{p}/prompt/attention", domain="com.microsoft", **attrs,
     )
     quantized = [attended]
     for values, scale, kind in zip(present, scales, ("key", "value")):
         (scaled,) = prompt.node("Div", [values, scale], 1, f"{p}/prompt/{kind}_scaled")
         # QuantizeLinear with scale 1: round half to even and saturate to int8 in one pass.
-        quantized.append(prompt.node("QuantizeLinear", [scaled, "unit_scale", "int8_zero"], 1, f"{p}/prompt/{kind}_int8")[0])
-    return _if(g, is_prompt, layer, (prompt, quantized), (step, step.nodes[0].output), TensorProto.INT8)
+        (as_int8,) = prompt.node("QuantizeLinear", [scaled, "unit_scale", "int8_zero"], 1, f"{p}/prompt/{kind}_int8")
+        quantized.append(prompt.node("Pad", [as_int8, shared.padding], 1, f"{p}/prompt/{kind}_padded")[0])
+    return _if(g, shared.is_prompt, layer, (prompt, quantized), (step, step.nodes[0].output), TensorProto.INT8)

@@ -227,9 +227,9 @@ def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = No
 
     # The attention's form (export/attention.py): int8 cache; float cache with fp32 activations (CPU bundles:
     # decode steps in standard ops); or the op alone (fp16, CUDA).
-    is_prompt, steps = "", None
+    int8_inputs, steps = None, None
     if kv_scales is not None:
-        is_prompt = int8_cache_prelude(g)
+        int8_inputs = int8_cache_prelude(g, seqlens_k)
     elif g.dtype == np.float32:
         steps = float_step_prelude(g, heads, kv_heads, head_dim, seqlens_k, total_length, set(windows))
 
@@ -250,7 +250,7 @@ def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = No
         attention = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=attention_scale, local_window_size=windows[i])
         if kv_scales is not None:
             scales = (g.weight(f"{p}.k_scale", kv_scales.keys[i], np.float32), g.weight(f"{p}.v_scale", kv_scales.values[i], np.float32))
-            attended = int8_cache_attention(g, i, qkv, seqlens_k, total_length, attention, scales, is_prompt)
+            attended = int8_cache_attention(g, i, qkv, seqlens_k, total_length, attention, scales, int8_inputs)
         elif steps is not None:
             attended = float_cache_attention(g, i, qkv, seqlens_k, total_length, attention, steps)
         else:
