@@ -134,7 +134,8 @@ def test_int8_cache_bundle_quantizes_the_buffers_it_shares(bundles):
 
 def test_int8_cache_prompts_attend_in_float_and_both_branches_quantize_alike(bundles, tiny_store):
     """A prompt into an int8 cache gives the float cache's logits (it attends in float); what it stores, and
-    what a step's int8 kernel stores, are both round(x / scale) of the float cache's keys/values."""
+    what a step's int8 kernel stores, are both round(x / scale) of the float cache's keys/values. A batch of
+    two rows, the second left-padded (the runtime moves its tokens to the front: 160 held, not 200)."""
     import onnx
 
     kv8 = ortllava.load(bundles["kv8"], provider="cpu").sessions.decoder
@@ -142,11 +143,13 @@ def test_int8_cache_prompts_attend_in_float_and_both_branches_quantize_alike(bun
     graph = onnx.load(str(bundles["kv8"] / "decoder.onnx"))
     scales = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer if t.name.startswith("layers.0.")}
     rng = np.random.default_rng(2)
-    prompt = rng.standard_normal((1, 200, kv8.hidden_size)).astype(np.float32)
-    step = rng.standard_normal((1, 1, kv8.hidden_size)).astype(np.float32)
+    prompt = rng.standard_normal((2, 200, kv8.hidden_size)).astype(np.float32)
+    mask = np.ones((2, 200), np.int64)
+    mask[1, :40] = 0
+    step = rng.standard_normal((2, 1, kv8.hidden_size)).astype(np.float32)
     results = {}
     for name, decoder in (("kv8", kv8), ("fp32", fp32)):
-        logits, cache = decoder.start(prompt, np.ones((1, 200), np.int64), capacity=256)
+        logits, cache = decoder.start(prompt, mask, capacity=256)
         prompt_logits = logits.copy()
         cache.step_embeds[...] = step
         decoder.step(cache)
@@ -155,8 +158,9 @@ def test_int8_cache_prompts_attend_in_float_and_both_branches_quantize_alike(bun
     # Layer 0's keys/values do not depend on attention, so both decoders computed the same floats.
     for stored, floats, scale in zip(results["kv8"][1], results["fp32"][1], (scales["layers.0.k_scale"], scales["layers.0.v_scale"])):
         expected = np.clip(np.round(floats / scale), -128, 127).astype(np.int8)
-        np.testing.assert_array_equal(stored[:, :, :200], expected[:, :, :200])  # the prompt branch
-        np.testing.assert_array_equal(stored[:, :, 200], expected[:, :, 200])  # the step's int8 kernel
+        for row, held in enumerate((200, 160)):
+            np.testing.assert_array_equal(stored[row, :, :held], expected[row, :, :held])  # the prompt branch
+            np.testing.assert_array_equal(stored[row, :, held], expected[row, :, held])  # the step's int8 kernel
 
 
 def _one_prefill_and_grown_extend(bundle):
