@@ -53,10 +53,10 @@ def calibrate_kv_scales(checkpoint) -> KVScales:
     model, processor = checkpoint.model, checkpoint.processor
     keys: list[np.ndarray] | None = None
     values: list[np.ndarray] | None = None
+    dtype = next(model.parameters()).dtype
     for width, height, seed, question in CALIBRATION_PROMPTS:
         messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-        dtype = next(model.parameters()).dtype
         inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         with torch.no_grad():
             cache = model(**inputs, use_cache=True).past_key_values

@@ -319,7 +319,7 @@ class _Run:
     started: float
     batched: bool
     keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat)
-    tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far
+    tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (a chat's runs only)
 
     def loop(self) -> Iterator[Step]:
         """The decode loop's steps; closing this generator closes the loop (and releases or keeps the cache)."""
@@ -338,7 +338,7 @@ class _Run:
         steps = decode_loop(decoder, self.prefill, embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
         try:
             for step in steps:
-                if step.active[0]:
+                if keep is not None and step.active[0]:  # only a chat needs them
                     self.tokens.append(int(step.tokens[0]))
                 yield step
         finally:

@@ -24,7 +24,7 @@ import numpy as np
 from .decoders import KVCache
 from .generate import GenerationMetrics, GenerationResult
 from .image import ImageLike, load_image
-from .processor import images_in_messages
+from .processor import flatten_images, images_in_messages
 
 if TYPE_CHECKING:
     from .api import Pipeline, StreamChunk, _Run
@@ -118,10 +118,7 @@ class ChatSession:
             stream.close()
 
     def _user_message(self, text: str, images: Sequence[ImageLike] | ImageLike | None) -> dict[str, Any]:
-        if images is None:
-            images = []
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
+        images = [] if images is None else flatten_images(images)
         # Opened once here (an unreadable one fails before anything runs); every later turn re-renders these.
         content: list[dict[str, Any]] = [{"type": "image", "image": load_image(image)} for image in images]
         content.append({"type": "text", "text": text})
