@@ -80,8 +80,10 @@ class Pipeline:
         prompt: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | ImageLike | None = None,
         messages: Messages | Sequence[Messages] | None = None,
+        pixel_values: bool = True,
     ) -> tuple[dict[str, np.ndarray], bool]:
-        """Prompt text or chat messages (+ images) -> processor outputs, and whether the input was a batch."""
+        """Prompt text or chat messages (+ images) -> processor outputs, and whether the input was a batch
+        (`pixel_values=False`: `image_sizes` without the pixels, see `Processor.__call__`)."""
         if (prompt is None) == (messages is None):
             raise ValueError("give either prompt=... or messages=..., not both and not neither")
         if messages is not None:
@@ -90,12 +92,12 @@ class Pipeline:
             batched = bool(messages) and isinstance(messages[0], (list, tuple))
             if not self.processor.chat_template:
                 raise ValueError("this bundle has no chat template: give prompt=... instead of messages=...")
-            inputs = self.processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            inputs = self.processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, pixel_values=pixel_values)
             return inputs, batched
         batched = not isinstance(prompt, str)
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
-        inputs = self.processor(text=prompt, images=images, padding=True, padding_side="left")
+        inputs = self.processor(text=prompt, images=images, padding=True, padding_side="left", pixel_values=pixel_values)
         return inputs, batched
 
     # ----------------------------------------------------------------------------------------------
@@ -238,12 +240,14 @@ class Pipeline:
         prompt: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | ImageLike | None = None,
         messages: Messages | Sequence[Messages] | None = None,
+        pixel_values: bool = True,
     ) -> _Run:
         """Everything up to the first decoder call: inputs, images, embeddings (through `plan`, by default
-        `_fresh_prefill`), sampler."""
+        `_fresh_prefill`), sampler. `pixel_values=False` leaves the images' pixels to `plan` (a chat turn
+        preprocesses only the images it encodes; it adds that time to `metrics.preprocess_s`)."""
         started = time.perf_counter()
         metrics = GenerationMetrics()
-        inputs, batched = self.prepare(prompt, images, messages)
+        inputs, batched = self.prepare(prompt, images, messages, pixel_values)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         # A chat batch is padded on the tokenizer's side; generation needs every prompt to end at the last column.
         if not (attention_mask[:, -1] == 1).all():
@@ -256,9 +260,9 @@ class Pipeline:
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = int(input_ids.shape[1])
 
-        vision_start = time.perf_counter()
+        vision_start, preprocessed = time.perf_counter(), metrics.preprocess_s
         prefill, keep_cache = (plan or self._fresh_prefill)(inputs, settings.max_new_tokens, metrics)
-        metrics.vision_s = time.perf_counter() - vision_start
+        metrics.vision_s = time.perf_counter() - vision_start - (metrics.preprocess_s - preprocessed)
 
         eos = self._eos_ids()
         pad_id = self.manifest.tokens.pad_token_id

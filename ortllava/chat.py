@@ -11,12 +11,14 @@ from scratch. But the decoder only runs the tokens its cache does not hold yet: 
 turn is kept with the token ids it holds (the prompt and the answer but its last token, which was never fed
 back), cut back to the longest prefix it shares with the new prompt, and extended by the rest. The cut never
 falls inside an image's tokens (nor keeps an image whose source changed): it backs up to that image's first
-token, and only the images whose tokens are in the new part go through the vision encoder. A template that
-renders an earlier answer differently from the tokens generated for it just moves the cut back.
+token. Only the images whose tokens are in the new part are preprocessed and go through the vision encoder;
+the earlier ones give just their sizes (for their token counts). A template that renders an earlier answer
+differently from the tokens generated for it just moves the cut back.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import numpy as np
@@ -134,7 +136,8 @@ class ChatSession:
     def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any]) -> _Run:
         settings = self.pipe.settings(**{**self.defaults, **generate_kwargs})  # unknown names fail here, before any graph runs
         messages = [*self.messages, message]
-        return self.pipe._start(self._plan(messages), settings, messages=messages)
+        # Pixels are left out: the plan preprocesses only the images whose features the cache lacks.
+        return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
 
     def _plan(self, messages: list[dict[str, Any]]):
         """The prefill plan of one turn (see `api.PrefillPlan`): only the tokens the cache lacks."""
@@ -160,7 +163,10 @@ class ChatSession:
             first_new_image = sum(1 for start, _ in spans if start < cut)
             features = None
             if first_new_image < len(spans):
-                features = pipe.encode_images(inputs["pixel_values"][first_new_image:], inputs["image_sizes"][first_new_image:])
+                begun = time.perf_counter()
+                new_images = pipe.processor.image_processor([load_image(source) for source in sources[first_new_image:]])
+                metrics.preprocess_s += time.perf_counter() - begun
+                features = pipe.encode_images(new_images["pixel_values"], new_images["image_sizes"])
             suffix = inputs["input_ids"][:, cut:]
             inputs_embeds = pipe.embed(suffix, features)
             metrics.prefilled_tokens = int(suffix.shape[1])

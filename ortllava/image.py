@@ -381,11 +381,10 @@ class ImageProcessor:
 
     def __call__(self, images: list[Image.Image | np.ndarray]) -> dict[str, np.ndarray]:
         """-> `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w)."""
-        hws = [image_hw(image) for image in images]
-        sizes = np.array(hws, dtype=np.int64).reshape(-1, 2)
+        sizes = image_sizes(images)
         if not images:
             return {"pixel_values": np.zeros((0, 0, 3, 0, 0), np.float32), "image_sizes": sizes}
-        counts = [self._count(hw) for hw in hws]
+        counts = [self._count(hw) for hw in sizes.tolist()]
         shape = self._final_shape(self.config.base_size)
         batch = np.empty((len(images), max(counts), 3, *shape), dtype=np.float32)
         for index, (image, count) in enumerate(zip(images, counts)):
@@ -399,6 +398,11 @@ def _channels_last(image: Image.Image | np.ndarray) -> np.ndarray:
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)
     return array
+
+
+def image_sizes(images: list[Image.Image | np.ndarray]) -> np.ndarray:
+    """`[n_images, 2]` int64: each image's (height, width), as the processor's `image_sizes`."""
+    return np.array([image_hw(image) for image in images], dtype=np.int64).reshape(-1, 2)
 
 
 def image_hw(image: Image.Image | np.ndarray) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from . import chat_template as templates
-from .image import ImageLike, ImageProcessor, ImageProcessorConfig, load_image, select_best_resolution
+from .image import ImageLike, ImageProcessor, ImageProcessorConfig, image_sizes, load_image, select_best_resolution
 from .manifest import (
     CHAT_TEMPLATE_FILE,
     PREPROCESSOR_CONFIG_FILE,
@@ -85,11 +85,14 @@ class Processor:
         padding: bool | str = False,
         padding_side: str | None = None,
         add_special_tokens: bool = True,
+        pixel_values: bool = True,
     ) -> dict[str, np.ndarray]:
         """-> `input_ids [B, T]`, `attention_mask [B, T]`, and with images `pixel_values
         [n_images, max_tiles, 3, S, S]` and `image_sizes [n_images, 2]`.
 
         `padding=True` (or "longest") pads to the longest prompt on `padding_side` (default: the tokenizer's).
+        `pixel_values=False` leaves the pixels out (`image_sizes` alone sets the token counts): a chat turn
+        preprocesses only the images its cache does not hold.
         """
         if text is None and images is None:
             raise ValueError("give text, images or both")
@@ -98,7 +101,7 @@ class Processor:
 
         data: dict[str, np.ndarray] = {}
         if images is not None:
-            data.update(self.image_processor(flat_images))
+            data.update(self.image_processor(flat_images) if pixel_values else {"image_sizes": image_sizes(flat_images)})
         if texts is None:
             return data
 
@@ -154,10 +157,12 @@ class Processor:
         add_generation_prompt: bool = False,
         tokenize: bool = False,
         chat_template: str | None = None,
+        pixel_values: bool = True,
         **kwargs: Any,
     ) -> str | list[str] | dict[str, np.ndarray]:
         """Renders the chat template as transformers does. With `tokenize=True` returns the processor's
-        output for the rendered text and the conversation's images (a leading BOS in the text is not added twice).
+        output for the rendered text and the conversation's images (a leading BOS in the text is not added
+        twice; `pixel_values=False`: without the pixels, as `__call__`).
         """
         template = chat_template or self.chat_template
         if template is None:
@@ -170,7 +175,7 @@ class Processor:
             return prompts if batched else prompts[0]
         images = [image for conversation in conversations for image in images_in_messages(conversation)]
         add_special = not (self.bos_token is not None and prompts[0].startswith(self.bos_token))
-        return self(text=prompts, images=images or None, padding=len(prompts) > 1, add_special_tokens=add_special)
+        return self(text=prompts, images=images or None, padding=len(prompts) > 1, add_special_tokens=add_special, pixel_values=pixel_values)
 
     # ----------------------------------------------------------------------------------------------
     # Decoding

@@ -13,6 +13,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 import ortllava
 from ortllava.chat import ChatSession
+from ortllava.image import image_hw
 
 from conftest import random_image, save_png
 
@@ -26,6 +27,20 @@ TURNS = [("What is shown here?", [IMAGES[0]]), ("Tell me more about it.", None),
 def setup(request, tiny_store):
     tiny = tiny_store.get(request.param)
     return tiny, ortllava.load(tiny.bundle, provider="cpu")
+
+
+class SpyImageProcessor:
+    """The pipe's image processor, recording the (height, width) of the images of each call."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __call__(self, images):
+        self.calls.append([list(image_hw(image)) for image in images])
+        return self.inner(images)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -49,13 +64,17 @@ def test_turns_equal_recomputation_and_prefill_only_new_tokens(setup, monkeypatc
         return encode(pixel_values, image_sizes)
 
     monkeypatch.setattr(pipe, "encode_images", spy)
+    preprocessed = SpyImageProcessor(pipe.processor.image_processor)  # the sizes of the images each call preprocessed
+    monkeypatch.setattr(pipe.processor, "image_processor", preprocessed)
     chat = pipe.chat(system="You are terse.", **GREEDY)
     assert isinstance(chat, ChatSession) and chat.messages[0]["role"] == "system"
     held: list[int] = []  # what the cache should hold: the last prompt and the answer but its last token
     results = []
     for turn, (text, images) in enumerate(TURNS):
         encoded.clear()
+        preprocessed.calls.clear()
         result = chat.send(text, images=images)
+        preprocessed_by_chat = list(preprocessed.calls)
         history = chat.messages[:-1]
         assert history[-1]["content"][-1] == {"type": "text", "text": text}
         assert chat.messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": result.text}]}
@@ -68,6 +87,9 @@ def test_turns_equal_recomputation_and_prefill_only_new_tokens(setup, monkeypatc
         ids = prompt_ids(pipe, history)
         metrics = result.metrics
         assert metrics.prompt_tokens == len(ids)
+        # Only the new images were preprocessed (the earlier ones gave just their sizes), and timed as such.
+        assert preprocessed_by_chat == encoded_by_chat
+        assert metrics.preprocess_s > 0 and metrics.vision_s >= 0
         if turn == 0:
             assert metrics.prefilled_tokens == len(ids) and encoded_by_chat == [[[480, 640]]]
         else:
