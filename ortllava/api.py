@@ -289,11 +289,14 @@ class Pipeline:
         return [eos] if isinstance(eos, int) else list(eos)
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        limit = self.sessions.decoder.max_length  # the model's positions, or fewer where the graph serves fewer
+        decoder = self.sessions.decoder
+        limit = decoder.max_length  # the model's positions, fewer where the graph serves fewer, or the fixed buffers'
         if prompt_tokens + max_new_tokens > limit:
+            fixed = getattr(decoder, "fixed_capacity", None)
+            what = f"the key/value buffers fixed at max_length={limit}" if fixed else f"the model's {limit}"
             raise ValueError(
                 f"the prompt is {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
-                f"{prompt_tokens + max_new_tokens} positions, beyond the model's {limit}; shorten the prompt, "
+                f"{prompt_tokens + max_new_tokens} positions, beyond {what}; shorten the prompt, "
                 "use smaller or fewer images, or lower max_new_tokens"
             )
 

@@ -103,6 +103,8 @@ class FusedDecoder(_DecoderBase):
         super().__init__(session, manifest, device)
         self.device = device or Device("cpu")
         self.fixed_capacity = min(capacity, self.max_length) if capacity else None  # static shapes: always this many positions
+        if self.fixed_capacity:  # then no generation holds more: requests are checked against it up front
+            self.max_length = self.fixed_capacity
         self._spare: KVCache | None = None  # the last cache, whose buffers the next generation may reuse
         # CUDA graphs: each cache's decode step is captured once (graph id per cache) and replayed; prompts
         # (other shapes) run uncaptured (id -1). A failed capture turns graphs off for that cache's steps.
@@ -136,11 +138,7 @@ class FusedDecoder(_DecoderBase):
             self._sync(cache.state["mask_value"], cache.state["mask"])
             return cache
         del spare  # let the old buffers go before allocating new ones
-        if self.fixed_capacity and capacity > self.fixed_capacity:
-            raise ContextLengthError(
-                f"{capacity} positions asked for, but the key/value buffers were fixed at max_length={self.fixed_capacity}"
-            )
-        capacity = self.fixed_capacity or capacity
+        capacity = self.fixed_capacity or capacity  # (`_capacity` checked the request against it)
         kv_shape = (batch, self.kv_heads, capacity, self.head_dim)
         if self.device.type == "cpu":  # numpy arrays the OrtValues share: the host can read and write them
             kv_host = [np.zeros(kv_shape, self.kv_dtype) for _ in self.past_names]

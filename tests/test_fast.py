@@ -223,6 +223,24 @@ def test_fused_decoder_reuses_its_buffers(mistral):
     assert [r.token_ids for r in batch] == [first.token_ids] * 2
 
 
+def test_fixed_max_length_serves_every_request_that_fits(mistral, monkeypatch):
+    """A `max_length` off the 256-position growth step still serves requests up to it, and refuses longer ones
+    before any graph runs, naming the fixed length."""
+    pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=300)
+    prompt = "hello " * 50
+    length = pipe.prepare(prompt=prompt)[0]["input_ids"].shape[1]
+    assert length < 256
+    fits = 300 - length  # the request needs exactly the 300 positions (more than one growth step of 256)
+    result = pipe.generate(prompt=prompt, max_new_tokens=fits, min_new_tokens=fits)
+    assert len(result.token_ids) == fits and pipe.sessions.decoder._spare.capacity == 300
+    monkeypatch.setattr(pipe.sessions.decoder, "start", lambda *a, **k: pytest.fail("the decoder ran"))
+    with pytest.raises(ValueError, match="max_length=300"):
+        pipe.generate(prompt=prompt, max_new_tokens=fits + 1)
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="max_length must be a positive"):
+            ortllava.load(mistral.bundle, provider="cpu", max_length=bad)
+
+
 def test_fused_decoder_needs_io_binding(mistral):
     with pytest.raises(ValueError, match="IO binding"):
         ortllava.load(mistral.bundle, provider="cpu", io_binding=False)
