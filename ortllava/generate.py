@@ -53,11 +53,43 @@ class GenerationSettings:
             if value is not None:
                 values[name] = value
         if "stop" in values:  # one string, or several
-            values["stop"] = (values["stop"],) if isinstance(values["stop"], str) else tuple(values["stop"])
+            stop = values["stop"]
+            values["stop"] = tuple(stop) if isinstance(stop, (list, tuple)) else (stop,)
         settings = replace(cls(), **values)
-        if settings.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
+        settings._check()
         return settings
+
+    def _check(self) -> None:
+        """Each argument's type and range, so a bad one is an error naming it rather than a traceback (or a
+        silently different setting) later."""
+
+        def fail(name: str, want: str) -> None:
+            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        def integer(value: Any) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            fail("do_sample", "True or False")
+        for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0)):
+            if not integer(getattr(self, name)) or getattr(self, name) < least:
+                fail(name, f"an integer >= {least}")
+        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "a number > 0")
+        if self.do_sample:  # the warpers' settings count only when sampling (transformers ignores them otherwise)
+            if not integer(self.top_k) or self.top_k < 0:
+                fail("top_k", "an integer >= 0 (0: off)")
+            if not number(self.temperature) or self.temperature <= 0:
+                fail("temperature", "a number > 0")
+            if not number(self.top_p) or not 0 < self.top_p <= 1:
+                fail("top_p", "a number in (0, 1]")
+        if self.seed is not None and not integer(self.seed):
+            fail("seed", "an integer or None")
+        if not all(isinstance(text, str) and text for text in self.stop):
+            fail("stop", "a non-empty string or a list of them")
 
 
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings))

@@ -17,28 +17,43 @@ def greedy(logits: np.ndarray) -> np.ndarray:
 
 
 def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Sampler:
-    """Greedy unless `do_sample`; a sampler with a `seed` repeats exactly."""
+    """Greedy unless `do_sample`; a sampler with a `seed` repeats exactly.
+
+    Each row draws from its candidates only (top-k's, then top-p's, ascending token ids): a token costs one
+    partition of the vocabulary, not a sort of it.
+    """
     if not do_sample:
         return greedy
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> np.ndarray:
-        scores = logits.astype(np.float64) / temperature
-        if top_k and top_k < scores.shape[-1]:
-            kth = np.partition(scores, -top_k, axis=-1)[:, -top_k][:, None]
-            scores = np.where(scores < kth, -np.inf, scores)
-        if top_p < 1.0:
-            scores = _top_p(scores, top_p)
-        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
-        draws = rng.random((probs.shape[0], 1))
-        return np.minimum((probs.cumsum(axis=-1) < draws).sum(axis=-1), probs.shape[-1] - 1)
+        draws = rng.random(logits.shape[0])  # one uniform number per row
+        tokens = np.empty(logits.shape[0], dtype=np.int64)
+        for row, (scores, draw) in enumerate(zip(logits, draws)):
+            candidates, probs = candidate_probs(scores, temperature, top_k, top_p)
+            tokens[row] = candidates[min(int(np.count_nonzero(probs.cumsum() < draw)), len(probs) - 1)]
+        return tokens
 
     return sample
+
+
+def candidate_probs(scores: np.ndarray, temperature: float, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """One row's logits `[V]` -> the tokens that may be drawn (ascending ids) and their probabilities (float64,
+    summing to 1): transformers' temperature, top-k and top-p warpers, then softmax."""
+    candidates = _top_k(scores, top_k)
+    values = scores[candidates].astype(np.float64) / temperature
+    probs = np.exp(values - values.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        kept = _top_p(probs, top_p)
+        candidates, probs = candidates[kept], probs[kept] / probs[kept].sum()
+    return candidates, probs
 
 
 def with_min_new_tokens(sampler: Sampler, eos_token_ids: list[int], min_new_tokens: int) -> Sampler:
@@ -89,14 +104,27 @@ def with_repetition_penalty(sampler: Sampler, prompt_ids: np.ndarray, vocab_size
     return sample
 
 
-def _top_p(scores: np.ndarray, top_p: float) -> np.ndarray:
-    """Keeps the smallest set of tokens whose probability reaches `top_p` (at least one)."""
-    order = np.argsort(scores, axis=-1)  # ascending, as transformers
-    ordered = np.take_along_axis(scores, order, axis=-1)
-    probs = np.exp(ordered - ordered.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    remove = probs.cumsum(axis=-1) <= (1 - top_p)
-    remove[:, -1] = False
-    out = scores.copy()
-    np.put_along_axis(out, order, np.where(remove, -np.inf, ordered), axis=-1)
-    return out
+def _top_k(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """Ascending ids of the tokens whose score reaches the k-th largest (ties kept, as transformers); all when off."""
+    if not top_k or top_k >= len(scores):
+        return np.arange(len(scores))
+    kth = np.partition(scores, -top_k)[-top_k]
+    return np.flatnonzero(scores >= kth)
+
+
+def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices into `probs` (ascending) of the smallest set of most probable tokens whose mass reaches `top_p`
+    (at least one): transformers' rule, a token goes when the ascending cumulative mass up to it is <= 1 - top_p."""
+    # Only the most probable tokens can stay: sort a superset of them (the m largest, m growing until their mass
+    # reaches top_p), not the whole vocabulary.
+    m = min(64, len(probs))
+    while True:
+        top = np.argpartition(probs, -m)[-m:] if m < len(probs) else np.arange(len(probs))
+        if m == len(probs) or probs[top].sum() >= top_p:
+            break
+        m = min(4 * m, len(probs))
+    top = top[np.argsort(probs[top], kind="stable")]  # ascending probability
+    below = 1.0 - probs[top][::-1].cumsum()[::-1] + probs[top]  # mass of everything up to each, from the smallest
+    kept = below > 1.0 - top_p
+    kept[-1] = True
+    return np.sort(top[kept])

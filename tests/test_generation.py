@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
@@ -98,5 +99,50 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
         GenerationSettings.resolve({"num_beams": 2}, config)
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationSettings.resolve({"max_new_tokens": 0}, {})
+    # A bad value is an error naming it, not a traceback later nor a silently different setting.
+    for bad in ({"top_k": -1}, {"top_k": 2.5}, {"temperature": 0}, {"top_p": 1.5}, {"do_sample": "no"}):
+        with pytest.raises(ValueError, match=next(iter(bad)) if "do_sample" not in bad else "do_sample"):
+            GenerationSettings.resolve({"do_sample": True, **bad}, {})
+    for bad in ({"max_new_tokens": 2.5}, {"min_new_tokens": -1}, {"repetition_penalty": 0}, {"seed": "x"}, {"stop": [""]}, {"stop": 3}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GenerationSettings.resolve(bad, {})
+    assert GenerationSettings.resolve({"temperature": 0}, {}).temperature == 0  # greedy: the warpers are not used
     # one list of arguments: the HF-style pipeline takes the same ones (stop strings as its stop_sequence)
     assert set(GENERATION_KEYS) | {"stop"} == set(GENERATION_ARGUMENTS)
+
+
+@pytest.mark.parametrize("vocab, temperature, top_k, top_p", [
+    (32000, 0.7, 50, 1.0), (32000, 1.3, 50, 0.9), (32000, 1.0, 0, 0.8), (152064, 0.9, 0, 0.95), (600, 1.0, 600, 0.5), (600, 2.0, 5, 0.3),
+])
+def test_sampling_candidates_follow_transformers_warpers(vocab, temperature, top_k, top_p):
+    """The tokens a sampler may draw and their probabilities are those of transformers' temperature, top-k and
+    top-p warpers then softmax (ties at the top-k boundary kept)."""
+    from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from ortllava.sampling import candidate_probs
+
+    rng = np.random.default_rng(vocab + top_k)
+    logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
+    if top_p == 1.0:  # ties straddling the top-k boundary (top-p's boundary would cut ties in any order)
+        logits[rng.choice(vocab, 60, replace=False)] = np.sort(logits)[-40]
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    warped = LogitsProcessorList(warpers)(torch.zeros((1, 1), dtype=torch.long), torch.from_numpy(logits)[None])
+    want = torch.softmax(warped.double(), dim=-1)[0].numpy()
+    candidates, probs = candidate_probs(logits, temperature, top_k, top_p)
+    assert candidates.tolist() == np.flatnonzero(want > 0).tolist()
+    np.testing.assert_allclose(probs, want[candidates], rtol=1e-5, atol=1e-9)
+
+
+def test_seeded_sampler_draws_each_row_from_its_probabilities():
+    from ortllava.sampling import candidate_probs, make_sampler
+
+    logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]], np.float32))
+    sample = make_sampler(do_sample=True, top_k=4, seed=0)
+    draws = np.stack([sample(logits) for _ in range(20000)])  # [draws, rows]
+    again = make_sampler(do_sample=True, top_k=4, seed=0)
+    assert np.array_equal(np.stack([again(logits) for _ in range(200)]), draws[:200])  # a seed repeats exactly
+    for row in range(2):
+        candidates, probs = candidate_probs(logits[row], 1.0, 4, 1.0)
+        frequencies = np.bincount(draws[:, row], minlength=5) / len(draws)
+        np.testing.assert_allclose(frequencies[candidates], probs, atol=0.01)
+        assert frequencies[np.setdiff1d(np.arange(5), candidates)].sum() == 0  # top-k's cut token is never drawn
