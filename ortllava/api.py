@@ -84,17 +84,14 @@ class Pipeline:
     ) -> tuple[dict[str, np.ndarray], bool]:
         """Prompt text or chat messages (+ images) -> processor outputs, and whether the input was a batch
         (`pixel_values=False`: `image_sizes` without the pixels, see `Processor.__call__`)."""
-        if (prompt is None) == (messages is None):
-            raise ValueError("give either prompt=... or messages=..., not both and not neither")
+        batched = is_batch(prompt, messages)
         if messages is not None:
             if images is not None:
                 raise ValueError("with messages=..., put the images inside the messages")
-            batched = bool(messages) and isinstance(messages[0], (list, tuple))
             if not self.processor.chat_template:
                 raise ValueError("this bundle has no chat template: give prompt=... instead of messages=...")
             inputs = self.processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, pixel_values=pixel_values)
             return inputs, batched
-        batched = not isinstance(prompt, str)
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         inputs = self.processor(text=prompt, images=images, padding=True, padding_side="left", pixel_values=pixel_values)
@@ -139,10 +136,9 @@ class Pipeline:
         The pieces joined equal `generate(...).text` for the same arguments; the last chunk carries the
         finish reason and the metrics.
         """
-        run = self._start(None, self.settings(**kwargs), prompt, images, messages)
-        if run.batched:
+        if is_batch(prompt, messages):
             raise ValueError("stream takes one prompt or one chat; use generate for batches")
-        yield from self._stream(run)
+        yield from self._stream(self._start(None, self.settings(**kwargs), prompt, images, messages))
 
     def chat(self, system: str | None = None, **defaults: Any) -> ChatSession:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
@@ -249,6 +245,9 @@ class Pipeline:
         metrics = GenerationMetrics()
         inputs, batched = self.prepare(prompt, images, messages, pixel_values)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        empty = np.flatnonzero(attention_mask.sum(axis=1) == 0)
+        if len(empty):  # (a tokenizer without a BOS token turns an empty prompt into no tokens at all)
+            raise ValueError(f"prompt {int(empty[0])} of the batch is empty: it gives no tokens to start from")
         # A chat batch is padded on the tokenizer's side; generation needs every prompt to end at the last column.
         if not (attention_mask[:, -1] == 1).all():
             ids = [row[mask == 1].tolist() for row, mask in zip(input_ids, attention_mask)]
@@ -350,6 +349,27 @@ class _Run:
                 yield step
         finally:
             steps.close()
+
+
+def is_batch(prompt: Any, messages: Any) -> bool:
+    """Whether `prompt` (a string, or a list of them) or `messages` (a chat: a list of message dicts, or a
+    list of chats) is a batch; a TypeError or ValueError names what is malformed."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give either prompt=... or messages=..., not both and not neither")
+    if messages is not None:
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError(f"messages must be a non-empty list of message dicts (a chat) or of chats, got {type(messages).__name__}")
+        batched = isinstance(messages[0], (list, tuple))
+        chats = messages if batched else [messages]
+        for chat in chats:
+            if not isinstance(chat, (list, tuple)) or not chat or not all(isinstance(message, dict) and "role" in message for message in chat):
+                raise TypeError("each chat must be a non-empty list of messages, dicts with a 'role' and a 'content'")
+        return batched
+    if isinstance(prompt, str):
+        return False
+    if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(text, str) for text in prompt):
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    return True
 
 
 def _find_stop(text: str, stop: Sequence[str] | None) -> int | None:

@@ -402,7 +402,11 @@ def _channels_last(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def image_sizes(images: list[Image.Image | np.ndarray]) -> np.ndarray:
     """`[n_images, 2]` int64: each image's (height, width), as the processor's `image_sizes`."""
-    return np.array([image_hw(image) for image in images], dtype=np.int64).reshape(-1, 2)
+    sizes = np.array([image_hw(image) for image in images], dtype=np.int64).reshape(-1, 2)
+    for index, (height, width) in enumerate(sizes.tolist()):
+        if height < 1 or width < 1:
+            raise ImageLoadError(f"image {index} is empty ({height}x{width} pixels)")
+    return sizes
 
 
 def image_hw(image: Image.Image | np.ndarray) -> tuple[int, int]:

@@ -104,6 +104,29 @@ def test_image_count_mismatch_names_both_counts(pipe):
         pipe.generate(prompt=PROMPT)
 
 
+def test_malformed_prompts_and_messages_are_named(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "encode_images", lambda *a: pytest.fail("the vision encoder ran"))
+    for prompt in (123, b"[INST] hi [/INST]", [], ["ok", 5]):
+        with pytest.raises(TypeError, match="prompt must be a string or a non-empty list of strings"):
+            pipe.generate(prompt=prompt)
+    for messages in ({"role": "user", "content": "hi"}, [], [["not a message"]]):
+        with pytest.raises(TypeError, match="messages|chat"):
+            pipe.generate(messages=messages)
+    with pytest.raises(ValueError, match="stream takes one prompt"):  # refused before the images are encoded
+        next(pipe.stream(prompt=[PROMPT, PROMPT], images=[random_image(100, 100)] * 2))
+    with pytest.raises(ImageLoadError, match=r"image 0 is empty \(0x10 pixels\)"):
+        pipe.generate(prompt=PROMPT, images=[np.zeros((0, 10, 3), np.uint8)])
+
+
+def test_prompt_with_no_tokens_is_refused(tiny_store):
+    qwen = ortllava.load(tiny_store.get("qwen2").bundle, provider="cpu")  # its tokenizer adds no BOS token
+    assert qwen.prepare(prompt="")[0]["input_ids"].shape[1] == 0
+    with pytest.raises(ValueError, match="prompt 0 of the batch is empty"):
+        qwen.generate(prompt="")
+    with pytest.raises(ValueError, match="prompt 0 of the batch is empty"):
+        qwen.generate(prompt=["", "hi"])
+
+
 def test_unreadable_image_names_the_file(pipe, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image at all")
