@@ -90,7 +90,7 @@ class Pipeline:
                 raise ValueError("with messages=..., put the images inside the messages")
             if not self.processor.chat_template:
                 raise ValueError("this bundle has no chat template: give prompt=... instead of messages=...")
-            inputs = self.processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, pixel_values=pixel_values)
+            inputs = self.processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True, pixel_values=pixel_values)
             return inputs, batched
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
@@ -164,7 +164,7 @@ class Pipeline:
         batch = run.batch
         answers: list[list[int]] = [[] for _ in range(batch)]
         stopped = [False] * batch
-        detokenizers = [StreamingDetokenizer(self.processor.decode) for _ in range(batch)] if stop else None
+        detokenizers = [StreamingDetokenizer(self._answer_text) for _ in range(batch)] if stop else None
         steps = run.loop()
         try:
             for step in steps:
@@ -182,7 +182,7 @@ class Pipeline:
         run.metrics.total_s = time.perf_counter() - run.started
         results = []
         for answer in answers:
-            text = self.processor.decode(answer)
+            text = self._answer_text(answer)
             cut = _find_stop(text, stop) if stop else None
             reason = "stop" if cut is not None or (answer and answer[-1] in run.eos) else "length"
             results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics))
@@ -192,7 +192,7 @@ class Pipeline:
         """Runs a prepared one-row generation, yielding stable text pieces; the last chunk has the finish reason
         and the metrics. The decode loop is closed (its cache released or kept) before that last chunk."""
         stop = run.settings.stop
-        detokenizer = StreamingDetokenizer(self.processor.decode)
+        detokenizer = StreamingDetokenizer(self._answer_text)
         released = 0  # characters of detokenizer.text already yielded
         reason = "length"
         ended = False  # an EOS token or a stop string ended the answer
@@ -280,6 +280,10 @@ class Pipeline:
         metrics.prefilled_tokens = int(attention_mask.shape[1])
         decoder = self.sessions.decoder
         return (lambda: decoder.start(inputs_embeds, attention_mask, capacity)), None
+
+    def _answer_text(self, ids: Sequence[int]) -> str:
+        """An answer's text: special tokens dropped, as transformers' pipelines and `batch_decode(..., True)` give it."""
+        return self.processor.decode(ids, skip_special_tokens=True)
 
     def _eos_ids(self) -> list[int]:
         eos = self.generation_config.get("eos_token_id", self.manifest.tokens.eos_token_ids)

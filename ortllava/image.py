@@ -155,8 +155,7 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
         array = array[..., None]
     if array.ndim != 3:
         raise ImageLoadError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
-    if array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # channels-first -> channels-last
+    array = _channels_last(array)
     channels = array.shape[-1]
     if channels == 1:
         return np.repeat(array, 3, axis=-1)
@@ -394,8 +393,11 @@ class ImageProcessor:
 
 
 def _channels_last(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A 3-D array as `[H, W, C]`. Its channels are first when its first axis could hold them (1, 3 or 4),
+    even if its last one could too: transformers' rule for such ambiguous shapes (a (3, 70, 3) array is a
+    3-channel 70x3 image)."""
     array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)
     return array
 

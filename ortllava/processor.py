@@ -157,12 +157,14 @@ class Processor:
         add_generation_prompt: bool = False,
         tokenize: bool = False,
         chat_template: str | None = None,
+        return_dict: bool = False,
         pixel_values: bool = True,
         **kwargs: Any,
-    ) -> str | list[str] | dict[str, np.ndarray]:
-        """Renders the chat template as transformers does. With `tokenize=True` returns the processor's
-        output for the rendered text and the conversation's images (a leading BOS in the text is not added
-        twice; `pixel_values=False`: without the pixels, as `__call__`).
+    ) -> str | list[str] | np.ndarray | dict[str, np.ndarray]:
+        """Renders the chat template as transformers does. With `tokenize=True`, the `input_ids [B, T]` of the
+        rendered text, or with `return_dict=True` the processor's whole output for it and the conversation's
+        images (a leading BOS in the text is not added twice; `pixel_values=False`: without the pixels, as
+        `__call__`).
         """
         template = chat_template or self.chat_template
         if template is None:
@@ -175,16 +177,18 @@ class Processor:
             return prompts if batched else prompts[0]
         images = [image for conversation in conversations for image in images_in_messages(conversation)]
         add_special = not (self.bos_token is not None and prompts[0].startswith(self.bos_token))
-        return self(text=prompts, images=images or None, padding=len(prompts) > 1, add_special_tokens=add_special, pixel_values=pixel_values)
+        inputs = self(text=prompts, images=images or None, padding=len(prompts) > 1, add_special_tokens=add_special, pixel_values=pixel_values)
+        return inputs if return_dict else inputs["input_ids"]
 
     # ----------------------------------------------------------------------------------------------
     # Decoding
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; special tokens kept unless `skip_special_tokens` (transformers' default)."""
         text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self.manifest.tokens.clean_up_tokenization_spaces else text
 
-    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in sequences]
 
 

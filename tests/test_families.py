@@ -127,7 +127,7 @@ def test_family_features(family):
     assert tokenizer.eos_token == want["eos"][0]
     # The template and the BOS: exactly one BOS at the start when the family has one, else none.
     assert family.pipe.processor.apply_chat_template(SINGLE, add_generation_prompt=True) == want["prompt"]
-    ids = family.pipe.processor.apply_chat_template(SINGLE, add_generation_prompt=True, tokenize=True)["input_ids"][0].tolist()
+    ids = family.pipe.processor.apply_chat_template(SINGLE, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][0].tolist()
     bos_id = tokenizer.convert_tokens_to_ids(want["bos"]) if want["bos"] else None
     assert (ids[0] == bos_id) == (want["bos"] is not None) and ids[1] != bos_id
     if family.name == "yi":  # Yi has a BOS token, but its tokenizer does not add it
@@ -193,18 +193,24 @@ def test_inputs_identical(family, conversation):
     """input_ids (each <image> expanded to its feature count), mask, pixel values bit for bit, image sizes."""
     messages = CONVERSATIONS[conversation]
     want = family.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
-    got = family.pipe.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    got = family.pipe.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
         assert got[key].shape == want[key].shape, key
         assert np.array_equal(got[key], want[key]), key
     image_tokens = int((got["input_ids"] == family.manifest.tokens.image_token_id).sum())
     assert image_tokens == sum(family.pipe.processor.num_image_tokens(*size) for size in got["image_sizes"].tolist())
+    # transformers' defaults: tokenize=True alone gives the ids; decode keeps special tokens unless told.
+    ids = family.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_tensors="np")
+    assert np.array_equal(family.pipe.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True), ids)
+    row = got["input_ids"][0].tolist()
+    assert family.pipe.processor.decode(row) == family.hf.decode(row)
+    assert family.pipe.processor.batch_decode([row], skip_special_tokens=True) == family.hf.batch_decode([row], skip_special_tokens=True)
 
 
 def test_batch_inputs_identical(family):
     batch = [CONVERSATIONS["single"], CONVERSATIONS["system and history"]]
     want = family.hf.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np", padding=True)
-    got = family.pipe.processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True)
+    got = family.pipe.processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True)
     for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
         assert np.array_equal(got[key], want[key]), key
 

@@ -47,6 +47,10 @@ def _variant_images() -> dict[str, object]:
         "array-rgba": rng.integers(0, 256, (200, 300, 4), dtype=np.uint8),
         "array-float-integers": rng.integers(0, 256, (200, 300, 3)).astype(np.float32),
         "array-strided": rng.integers(0, 256, (200, 600, 3), dtype=np.uint8)[:, ::2],
+        # Either axis could hold the channels: transformers takes the first ((3, 70, 3) is a 70x3 image, (4, 300, 3) a 300x3 one).
+        "array-ambiguous": rng.integers(0, 256, (3, 70, 3), dtype=np.uint8),
+        "array-ambiguous-rgba": rng.integers(0, 256, (4, 300, 3), dtype=np.uint8),
+        "array-chw-rgba": rng.integers(0, 256, (4, 50, 60), dtype=np.uint8),
         "cmyk": random_image(300, 200, seed=16).convert("CMYK"),
     }
 
