@@ -292,6 +292,10 @@ def build_model(spec: TinySpec, tokenizer):
     )
     torch.manual_seed(spec.seed)
     model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers starts biases at zero, which would leave every graph's bias wiring untested
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.1)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if family.generation_eos:
         model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(token) for token in family.generation_eos]
