@@ -53,6 +53,13 @@ def accuracy_report(checkpoint, bundle, provider: str = "cpu") -> dict:
             ours.append(decoder.step(cache).copy())
         decoder.release(cache)
         ours = np.concatenate(ours, axis=0)  # [NEW_TOKENS, V]
+        if not np.isfinite(ours).all():  # an fp16 overflow, or a broken quantization: no bundle rather than a wrong one
+            from .validate import ExportValidationError
+
+            raise ExportValidationError(
+                f"the bundle's logits are not finite on the accuracy prompt {question!r} ({int((~np.isfinite(ours)).sum())} values); "
+                "its graphs would give wrong answers"
+            )
 
         error = np.abs(ours.astype(np.float64) - reference)
         agree += int((ours.argmax(-1) == reference.argmax(-1)).sum())

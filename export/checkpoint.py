@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .families import Family, check_supported, default_chat_template
+from .families import Family, UnsupportedModelError, check_supported, default_chat_template
 
 
 @dataclass
@@ -46,9 +46,17 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
         raise FileNotFoundError(
             f"cannot load the model '{name}': it is not a local checkpoint folder, and as a hub id it failed ({error})"
         ) from error
+    except ValueError as error:  # e.g. a model type this transformers does not know
+        raise UnsupportedModelError(f"cannot read the configuration of '{name}': {error}") from error
     family = check_supported(config)
-    processor = AutoProcessor.from_pretrained(name, revision=revision)
-    model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype="auto" if stored_dtype else torch.float32).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(name, revision=revision)
+    except OSError as error:
+        raise FileNotFoundError(f"cannot load the processor of '{name}' (tokenizer and preprocessor files): {error}") from error
+    try:
+        model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype="auto" if stored_dtype else torch.float32).eval()
+    except OSError as error:
+        raise FileNotFoundError(f"cannot load the weights of '{name}': {error}") from error
     if stored_dtype:
         model.model.vision_tower.float()
         model.model.multi_modal_projector.float()

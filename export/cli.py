@@ -11,6 +11,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ortllava.manifest import MANIFEST_FILE
+
 from .checkpoint import Checkpoint, load_checkpoint
 from .quantize import Int4Options
 
@@ -41,6 +43,32 @@ DECODER_KINDS = ("gqa", "concat")
 TARGETS = ("cuda", "cpu")
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """What an export writes, resolved from the options before anything heavy runs."""
+
+    precision: str  # fp32, fp16, int4
+    decoder: str  # gqa, concat
+    target: str  # int4: cuda (fp16 activations and vision) or cpu (fp32)
+    validate: bool
+    int4: Int4Options | None  # int4 only
+    kv_cache: str  # float or int8 ("auto" resolved)
+
+    @property
+    def half(self) -> bool:
+        """fp16 activations, vision encoder and projector."""
+        return self.precision == "fp16" or (self.precision == "int4" and self.target == "cuda")
+
+    @property
+    def decoder_precision(self) -> str:
+        return "fp16" if self.half and self.decoder == "gqa" else "fp32"
+
+    @property
+    def quantized(self) -> bool:
+        """The decoder is quantized after the float graph is built (and validated)."""
+        return self.precision == "int4" or self.kv_cache == "int8"
+
+
 def export_bundle(
     model: str | Checkpoint, output: Path, precision: str = "fp32", revision: str | None = None, validate: bool = True,
     decoder: str = "gqa", target: str = "cuda", int4: Int4Options | None = None, kv_cache: str = "auto",
@@ -55,16 +83,42 @@ def export_bundle(
     calibrated per-channel scales; CPU provider only), or "auto": int8 for int4 `--target cpu` gqa bundles, float
     otherwise.
     With `validate`, each graph is checked against PyTorch and the accuracy report is measured.
+    `output` must be new, an empty folder, or an earlier bundle (replaced once the new one is complete).
     """
-    import numpy as np
+    from .families import UnsupportedModelError
+    from .fused_decoder import unsupported_features
 
-    from .accuracy import accuracy_report
-    from .bundle import build_manifest, write_assets, write_manifest
-    from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
-    from .fused_decoder import build_fused_decoder
-    from .kv_cache import KV_CACHE_TYPES, calibrate_kv_scales, resolve_kv_cache
-    from .quantize import quantize_decoder
-    from .validate import validate_decoder, validate_fused_decoder, validate_vision
+    plan = _plan(precision, decoder, target, validate, int4, kv_cache)
+    output = Path(output)
+    check_output(output)
+    total = time.perf_counter()
+    progress = Progress(5 + 2 * validate + (plan.kv_cache == "int8") + (plan.quantized and (validate or decoder == "concat")))
+    with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
+        # Unvalidated fused exports keep the decoder as stored (memory-mapped, converted one weight at a time);
+        # validation needs the fp32 reference, and the traced concat graph takes the dtype its weights have.
+        stored_dtype = not validate and decoder == "gqa"
+        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, revision, stored_dtype=stored_dtype)
+    if decoder == "gqa" and (missing := unsupported_features(checkpoint.model)):
+        raise UnsupportedModelError(f"the fused decoder does not implement this checkpoint's {'; '.join(missing)}: export it with --decoder concat")
+    # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
+    work = output.resolve().with_name(output.resolve().name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        _export_into(work, checkpoint, plan, progress)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if output.exists():
+        shutil.rmtree(output)
+    work.rename(output)
+    print(f"Bundle written to {output} in {time.perf_counter() - total:.1f} s", file=sys.stderr)
+    return output
+
+
+def _plan(precision: str, decoder: str, target: str, validate: bool, int4: Int4Options | None, kv_cache: str) -> ExportPlan:
+    """The options checked and resolved; a combination that cannot work stops here (SystemExit naming it)."""
+    from .kv_cache import KV_CACHE_TYPES, resolve_kv_cache
 
     if precision not in PRECISIONS:
         raise SystemExit(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
@@ -74,60 +128,81 @@ def export_bundle(
         raise SystemExit(f"--target {target}: choose one of {', '.join(TARGETS)}")
     if decoder == "concat" and precision == "fp16":
         raise SystemExit("--decoder concat has fp32 activations (fp32 or int4 weights); use --decoder gqa for fp16")
-    half = precision == "fp16" or (precision == "int4" and target == "cuda")
     if kv_cache not in KV_CACHE_TYPES:
         raise SystemExit(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_CACHE_TYPES)}")
-    kv_cache = resolve_kv_cache(kv_cache, precision, decoder, half)
-    if kv_cache == "int8" and (decoder != "gqa" or half):
+    if precision == "int4":
+        int4 = int4 or Int4Options()
+        if int4.block_size < 16 or int4.block_size & (int4.block_size - 1):
+            raise SystemExit(f"--block-size {int4.block_size}: MatMulNBits takes a power of two from 16 (16, 32, 64, 128, 256)")
+        if decoder == "concat" and int4.quantize_lm_head:
+            raise SystemExit("--quantize-lm-head needs --decoder gqa (the concat graph's lm_head is a Gemm the quantizer leaves as it is)")
+        if int4.accuracy_level is None and (target == "cpu" or decoder == "concat"):
+            # fp32 activations on the CPU: MLAS's fast 4-bit kernels quantize each activation block to int8.
+            int4 = dataclasses.replace(int4, accuracy_level=4)
+    else:
+        int4 = None
+    plan = ExportPlan(precision, decoder, target, validate, int4, kv_cache)
+    plan = dataclasses.replace(plan, kv_cache=resolve_kv_cache(kv_cache, precision, decoder, plan.half))
+    if plan.kv_cache == "int8" and (decoder != "gqa" or plan.half):
         raise SystemExit(
             "--kv-cache int8 needs the gqa decoder with fp32 activations (fp32, or int4 --target cpu): the int8 cache "
             "is verified on the CPU provider only"
         )
-    dtype = np.float16 if half else np.float32
-    decoder_precision = "fp16" if half and decoder == "gqa" else "fp32"
-    total = time.perf_counter()
-    quantized = precision == "int4" or kv_cache == "int8"  # built after the float graph is validated
-    progress = Progress(5 + 2 * validate + (kv_cache == "int8") + (quantized and (validate or decoder == "concat")))
-    stage = progress.stage
-    with stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
-        # Unvalidated exports keep the decoder as stored (memory-mapped); validation needs the fp32 reference.
-        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, revision, stored_dtype=not validate)
-    # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
-    output = Path(output)
-    work = output.with_name(output.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    return plan
+
+
+def check_output(output: Path) -> None:
+    """Refuses an `--output` that is neither new, nor an empty folder, nor an earlier bundle (which is replaced):
+    a mistyped path must not delete someone's folder."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise SystemExit(f"--output {output} is a file, not a folder")
+    if any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
+        raise SystemExit(f"--output {output} is a folder that holds other things than a bundle; name a new or empty folder")
+
+
+def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress: Progress) -> None:
+    """The export's stages after loading: every file of the bundle, written into `work`."""
+    import numpy as np
+
+    from .accuracy import accuracy_report
+    from .bundle import build_manifest, write_assets, write_manifest
+    from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
+    from .fused_decoder import build_fused_decoder
+    from .kv_cache import calibrate_kv_scales
+    from .quantize import quantize_decoder
+    from .validate import validate_decoder, validate_fused_decoder, validate_vision
+
+    stage, int4, decoder = progress.stage, plan.int4, plan.decoder
+    dtype = np.float16 if plan.half else np.float32
     graphs = {}
-    with stage(f"Exporting vision encoder and projector ({'fp16' if half else 'fp32'})"):
+    with stage(f"Exporting vision encoder and projector ({'fp16' if plan.half else 'fp32'})"):
         graphs["vision_encoder"] = export_vision_encoder(checkpoint.model, work / "vision_encoder.onnx")
         graphs["projector"] = export_projector(checkpoint.model, work / "projector.onnx")
-        if half:
+        if plan.half:
             for name in ("vision_encoder", "projector"):
                 convert_to_fp16(graphs[name], work)
-    int4 = (int4 or Int4Options()) if precision == "int4" else None
-    if int4 is not None and int4.accuracy_level is None and (target == "cpu" or decoder == "concat"):
-        # fp32 activations on the CPU: MLAS's fast 4-bit kernels quantize each activation block to int8.
-        int4 = dataclasses.replace(int4, accuracy_level=4)
     kv_scales = None
-    if kv_cache == "int8":
+    if plan.kv_cache == "int8":
         with stage("Calibrating the int8 key/value cache (PyTorch prefills of 3 prompts with images)"):
             kv_scales = calibrate_kv_scales(checkpoint)
     # Unvalidated quantized fused decoders are built quantized at once; otherwise the float graph comes first.
-    quantize_at_build = quantized and decoder == "gqa" and not validate
+    quantize_at_build = plan.quantized and decoder == "gqa" and not plan.validate
     quantized_parts = ", ".join(
         ([f"weights to 4 bits (block {int4.block_size}, {'symmetric' if int4.symmetric else 'asymmetric'})"] if int4 else [])
         + (["key/value cache to int8"] if kv_scales else [])
     )
-    with stage(f"Building the {decoder} decoder ({decoder_precision}{'; ' + quantized_parts if quantize_at_build else ''})"):
+    with stage(f"Building the {decoder} decoder ({plan.decoder_precision}{'; ' + quantized_parts if quantize_at_build else ''})"):
         if decoder == "gqa":
             at_build = dict(int4=int4, kv_scales=kv_scales) if quantize_at_build else {}
-            graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", decoder_precision, **at_build)
+            graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", plan.decoder_precision, **at_build)
         else:
             graphs["decoder"] = export_decoder(checkpoint.model, work / "decoder.onnx")
     validation = {}
-    if validate:
+    if plan.validate:
         # The float graphs are checked before quantization: that checks the wiring tightly; the accuracy
-        # report (stage 7) then measures what 4-bit weights cost.
+        # report (the last stage) then measures what 4-bit weights and the int8 cache cost.
         with stage("Validating graphs against PyTorch on untraced shapes"):
             validation.update(validate_vision(checkpoint.model, work / "vision_encoder.onnx", work / "projector.onnx", dtype))
             if decoder == "gqa":
@@ -135,29 +210,24 @@ def export_bundle(
             else:
                 validation.update(validate_decoder(checkpoint.model, work / "decoder.onnx"))
             print("      max |onnx - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in validation.items()), file=sys.stderr)
-    if quantized and not quantize_at_build:
+    if plan.quantized and not quantize_at_build:
         with stage(f"Quantizing the decoder: {quantized_parts}"):
             if decoder == "gqa":  # built again, each weight quantized as it is read
-                graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", decoder_precision, int4, kv_scales)
+                graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", plan.decoder_precision, int4, kv_scales)
             else:
                 quantize_decoder(graphs["decoder"], work, int4)
     with stage("Writing embeddings, tokenizer, chat template and configs"):
-        write_assets(checkpoint, work, np.float16 if decoder_precision == "fp16" else np.float32)
+        write_assets(checkpoint, work, np.float16 if plan.decoder_precision == "fp16" else np.float32)
     with stage("Hashing files and writing the manifest"):
-        manifest = build_manifest(checkpoint, graphs, work, precision, validation)
+        manifest = build_manifest(checkpoint, graphs, work, plan.precision, validation)
         write_manifest(manifest, work)
-    if validate:
+    if plan.validate:
         with stage("Measuring accuracy against the fp32 PyTorch model (teacher-forced)"):
             manifest.accuracy = accuracy_report(checkpoint, work)
             write_manifest(manifest, work)
             a = manifest.accuracy
             print(f"      top-1 agreement {a['top1_agreement'] * 100:.1f}% over {a['positions']} positions, "
                   f"logit diff max {a['max_abs_logit_diff']:.3g} mean {a['mean_abs_logit_diff']:.3g}", file=sys.stderr)
-    if output.exists():
-        shutil.rmtree(output)
-    work.rename(output)
-    print(f"Bundle written to {output} in {time.perf_counter() - total:.1f} s", file=sys.stderr)
-    return output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (UnsupportedModelError, ExportValidationError, FileNotFoundError) as error:
         print(f"ortllava-export: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # e.g. the disk filled up; the partial bundle is gone
+        print(f"ortllava-export: error: writing the bundle failed: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -167,6 +167,29 @@ def _sliding_windows(text_config, num_layers: int) -> list[int]:
     return [window if kind == "sliding_attention" else -1 for kind in layer_types]
 
 
+# Rotary scalings whose tables depend on the position only (the graph holds one table); "longrope" switches
+# between two tables with the sequence length. ("dynamic" rescales only past max_position_embeddings, never served.)
+POSITION_ONLY_ROPE = {"default", "linear", "llama3", "yarn", "dynamic"}
+
+
+def unsupported_features(model) -> list[str]:
+    """What `model`'s decoder has that the fused graph does not implement (the `concat` one, traced from
+    PyTorch, does); empty when it can be built."""
+    config = model.config.text_config
+    layer = model.model.language_model.layers[0]
+    found = []
+    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+        found.append(f"hidden_act {config.hidden_act!r} (the graph has SiLU)")
+    if layer.self_attn.o_proj.bias is not None:
+        found.append("a bias on o_proj")
+    if any(getattr(layer.mlp, name).bias is not None for name in ("gate_proj", "up_proj", "down_proj")):
+        found.append("MLP biases")
+    rope = (getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    if rope not in POSITION_ONLY_ROPE:
+        found.append(f"rope_type {rope!r} (its tables change with the sequence length)")
+    return found
+
+
 def build_fused_decoder(
     model, path: Path, precision: str = "fp32", int4: Int4Options | None = None, kv_scales: KVScales | None = None,
 ) -> GraphSpec:
@@ -182,6 +205,7 @@ def build_fused_decoder(
     data_file = path.name + ".data"
     itemsize = 0.6 if int4 else np.dtype(dtype).itemsize  # 4 bits plus a scale per block, roughly
     external = sum(p.numel() for p in text_model.layers.parameters()) * itemsize > EXTERNAL_DATA_THRESHOLD
+    (path.parent / data_file).unlink(missing_ok=True)  # an earlier build's (the float graph before quantizing)
     with open(path.parent / data_file, "wb") if external else nullcontext() as data:
         g = _Graph(dtype, data, data_file, int4)
         _build(g, model, config, text_model, kv_scales)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from transformers import AutoProcessor, LlavaNextConfig
 
@@ -115,3 +116,108 @@ def test_external_data_is_listed_hashed_and_loaded(tmp_path, monkeypatch):
     (bundle / "decoder.onnx.data").unlink()
     with pytest.raises(ortllava.BundleError, match="decoder.onnx.data"):
         ortllava.load(bundle, provider="cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# The exporter refuses what it cannot do well, and a failed export leaves nothing behind
+
+
+def test_output_folder_is_replaced_only_when_it_holds_a_bundle(tmp_path):
+    from ortllava_export.cli import export_bundle
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="holds other things than a bundle"):
+        export_bundle("tiny", folder)
+    assert (folder / "precious.txt").read_text() == "keep me"
+    with pytest.raises(SystemExit, match="is a file"):
+        export_bundle("tiny", folder / "precious.txt")
+    bundle = export_bundle("tiny", tmp_path / "bundle")
+    (bundle / "stale.txt").write_text("from an earlier export")
+    assert export_bundle("tiny", bundle) == bundle and not (bundle / "stale.txt").exists()  # an earlier bundle is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "mine"]  # no .partial left
+
+
+def test_non_finite_logits_fail_the_export_and_leave_nothing(tmp_path, monkeypatch):
+    """The quantized decoder that ships is built after validation: the accuracy report refuses it when its logits
+    are not finite (here: int4 scales broken on purpose)."""
+    from ortllava_export import fused_decoder
+    from ortllava_export.cli import export_bundle
+    from ortllava_export.validate import ExportValidationError
+
+    quantize = fused_decoder.quantize_weight
+
+    def broken(weight, options, dtype):
+        packed, scales, zero_points = quantize(weight, options, dtype)
+        return packed, scales * np.nan, zero_points
+
+    monkeypatch.setattr(fused_decoder, "quantize_weight", broken)
+    with pytest.raises(ExportValidationError, match="not finite"):
+        export_bundle("tiny", tmp_path / "int4", precision="int4", target="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_bundle_keeps_no_float_weight_file(tmp_path, monkeypatch):
+    """The float graph (validated first) streams its weights to decoder.onnx.data; the int4 rebuild, small enough
+    to stay inline, removes that file rather than shipping it."""
+    from ortllava_export import fused_decoder
+    from ortllava_export.cli import export_bundle
+    from ortllava_export.tiny import TinySpec, build_model, build_tokenizer
+
+    model = build_model(TinySpec(), build_tokenizer("mistral"))
+    weights = sum(p.numel() for p in model.model.language_model.layers.parameters())
+    monkeypatch.setattr(fused_decoder, "EXTERNAL_DATA_THRESHOLD", weights * 2)  # fp32 (4 B) external, int4 (~0.6 B) inline
+    bundle = export_bundle("tiny", tmp_path / "int4", precision="int4", target="cpu")
+    assert not (bundle / "decoder.onnx.data").exists()
+    manifest = read_manifest(bundle)
+    assert manifest.graphs["decoder"].external_data == [] and "decoder.onnx.data" not in manifest.files
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"mlp_bias": True}, "MLP biases"),
+    ({"attention_bias": True}, "a bias on o_proj"),
+])
+def test_fused_decoder_refuses_what_it_does_not_implement(tmp_path, overrides, named):
+    from ortllava_export.cli import export_bundle
+    from ortllava_export.tiny import TinySpec, build_checkpoint
+
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", TinySpec(family="llama", text_overrides=overrides))
+    with pytest.raises(UnsupportedModelError, match=f"{named}.*--decoder concat"):
+        export_bundle(str(checkpoint), tmp_path / "gqa")
+    assert not (tmp_path / "gqa").exists() and not (tmp_path / "gqa.partial").exists()
+
+
+def test_concat_export_without_validation_of_an_fp16_checkpoint_loads(tmp_path):
+    """llava-hf checkpoints are stored in fp16: the traced concat graph must still have fp32 weights."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    from ortllava_export.cli import export_bundle
+    from ortllava_export.tiny import build_checkpoint
+
+    checkpoint = build_checkpoint(tmp_path / "checkpoint")
+    LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float16).save_pretrained(checkpoint)
+    for precision in ("fp32", "int4"):
+        bundle = export_bundle(str(checkpoint), tmp_path / precision, precision=precision, decoder="concat", validate=False)
+        result = ortllava.load(bundle, provider="cpu").generate(prompt="[INST] <image>\nHi [/INST]", images=[random_image(90, 60)], max_new_tokens=2)
+        assert 1 <= len(result.token_ids) <= 2
+
+
+def test_export_cli_names_bad_checkpoint_folders(tmp_path):
+    from ortllava_export.tiny import build_checkpoint
+
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
+    no_processor = build_checkpoint(tmp_path / "no-processor")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        (no_processor / name).unlink(missing_ok=True)
+    for folder, message in ((unknown, "cannot read the configuration"), (no_processor, "cannot load the processor")):
+        out = subprocess.run(
+            [sys.executable, "-m", "ortllava_export.cli", "--model", str(folder), "--output", str(tmp_path / "b")],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        assert out.returncode == 1 and "Traceback" not in out.stderr and message in out.stderr, out.stderr[-1500:]
+        assert not (tmp_path / "b").exists()
