@@ -1,8 +1,10 @@
 """Each exported graph against PyTorch, on input shapes not used for tracing.
 
 Tolerance (fp32): |onnx - torch| <= ATOL * max(1, max|torch|) + RTOL * |torch| elementwise. Both run the
-same fp32 math in a different order; differences are ~1e-6 relative, so 1e-4 + 1e-3 relative catches any
-real mismatch (a wrong mask, position or layer shows up as O(1) differences) without failing on summation order.
+same fp32 math in a different order. On small models the differences are ~1e-6 relative, but they grow with
+depth, width and context: on a 10-layer, 1536-wide random model at 1100 tokens PyTorch's own fp32 logits differ
+from fp64 by 4e-3 (the graph by 7e-3, every argmax the same). 1e-3 of the largest value, + 1e-3 relative, stays
+clear of that and still catches any real mismatch (a wrong mask, position or layer shows up as O(1) differences).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ortllava import manifest as names
 from .convert import decoder_example, decoder_io_names
 from .wrappers import Decoder, Projector, VisionEncoder, cache_argument, text_geometry
 
-ATOL, RTOL = 1e-4, 1e-3
+ATOL, RTOL = 1e-3, 1e-3
 # fp16 graphs are held to their own bound against the fp32 model: half precision keeps ~3 significant
 # digits, and errors grow through the layers; a wrong mask, position or weight still shows as O(1).
 FP16_ATOL, FP16_RTOL = 5e-2, 5e-2

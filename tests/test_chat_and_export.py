@@ -221,3 +221,27 @@ def test_export_cli_names_bad_checkpoint_folders(tmp_path):
         )
         assert out.returncode == 1 and "Traceback" not in out.stderr and message in out.stderr, out.stderr[-1500:]
         assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("fault", ["rotary one position off", "layer 0 q/k/v weights 2% too large"])
+def test_validation_catches_a_subtly_wrong_graph(tmp_path, monkeypatch, fault):
+    """The fp32 tolerance leaves room for summation order only: small wiring faults fail the export, and no bundle
+    is written."""
+    from ortllava_export import fused_decoder
+    from ortllava_export.cli import export_bundle
+    from ortllava_export.validate import ExportValidationError
+
+    if fault.startswith("rotary"):
+        tables = fused_decoder._rotary_tables
+        monkeypatch.setattr(fused_decoder, "_rotary_tables", lambda *a: tuple(np.roll(t, 1, axis=0) for t in tables(*a)))
+    else:
+        weight, calls = fused_decoder._linear_weight, []
+
+        def skewed(*linears):
+            calls.append(linears)
+            return weight(*linears) * (1.02 if len(calls) == 1 else 1.0)  # the first call: layer 0's packed q/k/v
+
+        monkeypatch.setattr(fused_decoder, "_linear_weight", skewed)
+    with pytest.raises(ExportValidationError, match="decoder"):
+        export_bundle("tiny", tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
