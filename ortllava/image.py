@@ -151,8 +151,8 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.array(_rgb_pil(image))
     array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[..., None]
+    if array.ndim == 2:  # grayscale [H, W] (never read as channels first, whatever H is)
+        return np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3:
         raise ImageLoadError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
     array = _channels_last(array)

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 Sampler = Callable[[np.ndarray], np.ndarray]
+TOP_P_PROBE = 64  # top-p alone first looks at this many most probable tokens
 
 
 def greedy(logits: np.ndarray) -> np.ndarray:
@@ -19,8 +20,9 @@ def greedy(logits: np.ndarray) -> np.ndarray:
 def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Sampler:
     """Greedy unless `do_sample`; a sampler with a `seed` repeats exactly.
 
-    Each row draws from its candidates only (top-k's, then top-p's, ascending token ids): a token costs one
-    partition of the vocabulary, not a sort of it.
+    Each row draws from its candidates only (top-k's, then top-p's, ascending token ids). With top-k a token
+    costs one partition of the vocabulary; top-p alone sorts only the most probable tokens when few of them hold
+    the mass, else the whole vocabulary.
     """
     if not do_sample:
         return greedy
@@ -48,6 +50,9 @@ def candidate_probs(scores: np.ndarray, temperature: float, top_k: int, top_p: f
     summing to 1): transformers' temperature, top-k and top-p warpers, then softmax."""
     candidates = _top_k(scores, top_k)
     values = scores[candidates].astype(np.float64) / temperature
+    finite = np.isfinite(values)
+    if not finite.all():  # -inf: tokens forbidden (min_new_tokens) are no candidates, even where top-k counts them
+        candidates, values = candidates[finite], values[finite]
     probs = np.exp(values - values.max())
     probs /= probs.sum()
     if top_p < 1.0:
@@ -113,18 +118,18 @@ def _top_k(scores: np.ndarray, top_k: int) -> np.ndarray:
 
 
 def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Indices into `probs` (ascending) of the smallest set of most probable tokens whose mass reaches `top_p`
-    (at least one): transformers' rule, a token goes when the ascending cumulative mass up to it is <= 1 - top_p."""
-    # Only the most probable tokens can stay: sort a superset of them (the m largest, m growing until their mass
-    # reaches top_p), not the whole vocabulary.
-    m = min(64, len(probs))
-    while True:
-        top = np.argpartition(probs, -m)[-m:] if m < len(probs) else np.arange(len(probs))
-        if m == len(probs) or probs[top].sum() >= top_p:
-            break
-        m = min(4 * m, len(probs))
-    top = top[np.argsort(probs[top], kind="stable")]  # ascending probability
-    below = 1.0 - probs[top][::-1].cumsum()[::-1] + probs[top]  # mass of everything up to each, from the smallest
-    kept = below > 1.0 - top_p
-    kept[-1] = True
-    return np.sort(top[kept])
+    """`[len(probs)]` bool: the smallest set of most probable tokens whose mass reaches `top_p` (at least one), by
+    transformers' rule: a token goes when the ascending cumulative mass up to it is <= 1 - top_p."""
+    # Only the most probable tokens can stay: when the 64 largest hold top_p of the mass, sorting them is enough
+    # (any other token has at least that much mass above it); otherwise sort them all.
+    if len(probs) > TOP_P_PROBE:
+        largest = np.argpartition(probs, -TOP_P_PROBE)[-TOP_P_PROBE:]
+        order = largest[np.argsort(probs[largest])] if probs[largest].sum() >= top_p else np.argsort(probs)
+    else:
+        order = np.argsort(probs)  # ascending probability
+    ordered = probs[order]
+    below = 1.0 - ordered[::-1].cumsum()[::-1] + ordered  # the mass up to each, from the least probable
+    kept = np.zeros(len(probs), dtype=bool)
+    kept[order[below > 1.0 - top_p]] = True
+    kept[order[-1]] = True
+    return kept

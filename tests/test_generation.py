@@ -125,6 +125,9 @@ def test_sampling_candidates_follow_transformers_warpers(vocab, temperature, top
     logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
     if top_p == 1.0:  # ties straddling the top-k boundary (top-p's boundary would cut ties in any order)
         logits[rng.choice(vocab, 60, replace=False)] = np.sort(logits)[-40]
+    if top_k == 5:  # tokens forbidden as min_new_tokens forbids EOS, fewer finite ones than top_k
+        logits[:] = -np.inf
+        logits[[7, 8, 9]] = [1.0, 2.0, 3.0]
     warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
     warped = LogitsProcessorList(warpers)(torch.zeros((1, 1), dtype=torch.long), torch.from_numpy(logits)[None])
     want = torch.softmax(warped.double(), dim=-1)[0].numpy()

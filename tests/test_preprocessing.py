@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 from transformers import AutoProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -92,6 +93,16 @@ def test_config_variants_bit_identical(variant):
         assert np.array_equal(mine["image_sizes"], ref["image_sizes"]), name
     batch = list(images.values())
     assert np.array_equal(ours(batch)["pixel_values"], hf(batch, return_tensors="np")["pixel_values"])
+
+
+def test_grayscale_array_is_rows_by_columns(hf_processor):
+    """A 2-D array is [H, W] whatever H is (transformers takes no 2-D arrays: the reference is the same pixels as
+    an "L" image)."""
+    gray = np.random.default_rng(17).integers(0, 256, (3, 100), dtype=np.uint8)
+    ours = ImageProcessor(ImageProcessorConfig.from_dict(hf_processor.image_processor.to_dict()))([gray])
+    ref = hf_processor.image_processor([Image.fromarray(gray, "L")], return_tensors="np")
+    assert ours["image_sizes"].tolist() == ref["image_sizes"].tolist() == [[3, 100]]
+    assert np.array_equal(ours["pixel_values"], ref["pixel_values"])
 
 
 def test_tiles_matches_call():
