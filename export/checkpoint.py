@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from .families import Family, UnsupportedModelError, check_supported, default_chat_template
 
@@ -19,8 +20,9 @@ class Checkpoint:
     chat_template_origin: str = "checkpoint"  # "checkpoint", "registry:<name>" (models/templates/<name>.jinja) or "none"
 
 
-def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool = False) -> Checkpoint:
-    """`name`: a hub id, a local checkpoint folder (llava-hf or transformers-5 layout), or "tiny".
+def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool = False, check_config: Callable[[Any], None] | None = None) -> Checkpoint:
+    """`name`: a hub id, a local checkpoint folder (llava-hf or transformers-5 layout), or "tiny". `check_config`
+    sees the model's config before any weight loads (and may raise).
 
     The model is fp32 (the validation reference), unless `stored_dtype`: then the decoder keeps the dtype the
     weights are stored in (fp16 for the llava-hf checkpoints), memory-mapped, and only the small vision tower,
@@ -36,6 +38,8 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
         spec = TinySpec()
         tokenizer = build_tokenizer(spec.family)
         model = build_model(spec, tokenizer)
+        if check_config is not None:
+            check_config(model.config)
         return Checkpoint(model, build_processor(spec, tokenizer), check_supported(model.config), "tiny", None)
 
     if Path(name).exists() and not Path(name, "config.json").is_file():
@@ -49,6 +53,8 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
     except ValueError as error:  # e.g. a model type this transformers does not know
         raise UnsupportedModelError(f"cannot read the configuration of '{name}': {error}") from error
     family = check_supported(config)
+    if check_config is not None:
+        check_config(config)
     try:
         processor = AutoProcessor.from_pretrained(name, revision=revision)
     except OSError as error:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
+import os
 import re
 import shutil
 import sys
@@ -89,31 +92,57 @@ def export_bundle(
     from .fused_decoder import unsupported_features
 
     plan = _plan(precision, decoder, target, validate, int4, kv_cache)
-    output = Path(output)
+    output = Path(os.path.abspath(output))
     check_output(output)
     total = time.perf_counter()
+
+    def check_config(config) -> None:  # before the weights load: refuse what the fused graph does not implement
+        if decoder == "gqa" and (missing := unsupported_features(config)):
+            raise UnsupportedModelError(f"the fused decoder does not implement this checkpoint's {'; '.join(missing)}: export it with --decoder concat")
+
     progress = Progress(5 + 2 * validate + (plan.kv_cache == "int8") + (plan.quantized and (validate or decoder == "concat")))
     with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
         # Unvalidated fused exports keep the decoder as stored (memory-mapped, converted one weight at a time);
         # validation needs the fp32 reference, and the traced concat graph takes the dtype its weights have.
-        stored_dtype = not validate and decoder == "gqa"
-        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, revision, stored_dtype=stored_dtype)
-    if decoder == "gqa" and (missing := unsupported_features(checkpoint.model)):
-        raise UnsupportedModelError(f"the fused decoder does not implement this checkpoint's {'; '.join(missing)}: export it with --decoder concat")
+        if isinstance(model, Checkpoint):
+            check_config(model.model.config)
+            checkpoint = model
+        else:
+            checkpoint = load_checkpoint(model, revision, stored_dtype=not validate and decoder == "gqa", check_config=check_config)
     # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
-    work = output.resolve().with_name(output.resolve().name + ".partial")
+    work = output.with_name(output.name + ".partial")
+    created = [parent for parent in output.parents if not parent.exists()]  # nearest first
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         _export_into(work, checkpoint, plan, progress)
+        _move_into_place(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        for parent in created:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
-    if output.exists():
-        shutil.rmtree(output)
-    work.rename(output)
     print(f"Bundle written to {output} in {time.perf_counter() - total:.1f} s", file=sys.stderr)
     return output
+
+
+def _move_into_place(work: Path, output: Path) -> None:
+    """Puts the finished bundle `work` at `output`; an earlier bundle there is set aside first and restored if the
+    move fails, then deleted."""
+    earlier = None
+    if output.exists():
+        earlier = output.with_name(output.name + ".earlier")
+        shutil.rmtree(earlier, ignore_errors=True)
+        output.rename(earlier)
+    try:
+        work.rename(output)
+    except BaseException:
+        if earlier is not None:
+            earlier.rename(output)
+        raise
+    if earlier is not None:
+        shutil.rmtree(earlier)
 
 
 def _plan(precision: str, decoder: str, target: str, validate: bool, int4: Int4Options | None, kv_cache: str) -> ExportPlan:
@@ -152,14 +181,27 @@ def _plan(precision: str, decoder: str, target: str, validate: bool, int4: Int4O
 
 
 def check_output(output: Path) -> None:
-    """Refuses an `--output` that is neither new, nor an empty folder, nor an earlier bundle (which is replaced):
-    a mistyped path must not delete someone's folder."""
+    """Refuses an `--output` (absolute) that is neither new, nor an empty folder, nor an earlier bundle (which is
+    replaced): a mistyped path must not delete someone's folder."""
+    if output.is_symlink():
+        raise SystemExit(f"--output {output} is a symbolic link; name the folder itself")
+    if output == Path.cwd() or output in Path.cwd().parents:
+        raise SystemExit(f"--output {output} holds the current folder; name a new folder")
     if not output.exists():
         return
     if not output.is_dir():
         raise SystemExit(f"--output {output} is a file, not a folder")
-    if any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
+    if any(output.iterdir()) and not _holds_a_bundle(output):
         raise SystemExit(f"--output {output} is a folder that holds other things than a bundle; name a new or empty folder")
+
+
+def _holds_a_bundle(folder: Path) -> bool:
+    """Whether `folder` has an ortllava manifest (of any schema version: an older bundle may be replaced)."""
+    try:
+        data = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"schema_version", "graphs", "files"} <= set(data)
 
 
 def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress: Progress) -> None:
@@ -264,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UnsupportedModelError, ExportValidationError, FileNotFoundError) as error:
         print(f"ortllava-export: error: {error}", file=sys.stderr)
         return 1
-    except OSError as error:  # e.g. the disk filled up; the partial bundle is gone
+    except OSError as error:  # e.g. the disk filled up (the unfinished bundle is removed)
         print(f"ortllava-export: error: writing the bundle failed: {error}", file=sys.stderr)
         return 1
     return 0

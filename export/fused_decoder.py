@@ -172,19 +172,18 @@ def _sliding_windows(text_config, num_layers: int) -> list[int]:
 POSITION_ONLY_ROPE = {"default", "linear", "llama3", "yarn", "dynamic"}
 
 
-def unsupported_features(model) -> list[str]:
-    """What `model`'s decoder has that the fused graph does not implement (the `concat` one, traced from
-    PyTorch, does); empty when it can be built."""
-    config = model.config.text_config
-    layer = model.model.language_model.layers[0]
+def unsupported_features(config) -> list[str]:
+    """What a LLaVA-NeXT `config`'s decoder has that the fused graph does not implement (the `concat` one, traced
+    from PyTorch, does); empty when it can be built. Read from the config, before any weight loads."""
+    text = config.text_config
     found = []
-    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
-        found.append(f"hidden_act {config.hidden_act!r} (the graph has SiLU)")
-    if layer.self_attn.o_proj.bias is not None:
-        found.append("a bias on o_proj")
-    if any(getattr(layer.mlp, name).bias is not None for name in ("gate_proj", "up_proj", "down_proj")):
-        found.append("MLP biases")
-    rope = (getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    if getattr(text, "hidden_act", "silu") not in ("silu", "swish"):
+        found.append(f"hidden_act {text.hidden_act!r} (the graph has SiLU)")
+    if getattr(text, "attention_bias", False):  # Llama-style: biases on q, k, v and o_proj (Qwen2's q/k/v only are fine)
+        found.append("a bias on o_proj (attention_bias)")
+    if getattr(text, "mlp_bias", False):
+        found.append("MLP biases (mlp_bias)")
+    rope = (getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}).get("rope_type", "default")
     if rope not in POSITION_ONLY_ROPE:
         found.append(f"rope_type {rope!r} (its tables change with the sequence length)")
     return found

@@ -367,7 +367,7 @@ def is_batch(prompt: Any, messages: Any) -> bool:
         chats = messages if batched else [messages]
         for chat in chats:
             if not isinstance(chat, (list, tuple)) or not chat or not all(isinstance(message, dict) and "role" in message for message in chat):
-                raise TypeError("each chat must be a non-empty list of messages, dicts with a 'role' and a 'content'")
+                raise TypeError("each chat must be a non-empty list of messages: dicts with a 'role' (and a 'content')")
         return batched
     if isinstance(prompt, str):
         return False

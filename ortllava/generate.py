@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class GenerationSettings:
                 values[name] = value
         if "stop" in values:  # one string, or several
             stop = values["stop"]
-            values["stop"] = tuple(stop) if isinstance(stop, (list, tuple)) else (stop,)
+            values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
         settings = replace(cls(), **values)
         settings._check()
         return settings

@@ -37,7 +37,7 @@ import numpy as np
 
 from .api import Pipeline, load
 from .generate import GENERATION_ARGUMENTS
-from .image import URL_TIMEOUT_S, image_hw, load_image
+from .image import URL_TIMEOUT_S, image_sizes, load_image
 from .processor import clean_up_tokenization, flatten_images, images_in_messages
 
 TASK = "image-text-to-text"
@@ -285,7 +285,7 @@ class ImageTextToTextPipeline:
 
     def _prompt_ids(self, item: _Item) -> list[int]:
         """The prompt's token ids as the processor makes them: each image token expanded, then tokenized."""
-        sizes = np.array([image_hw(image) for image in item.images], np.int64).reshape(-1, 2)
+        sizes = image_sizes(item.images)
         (expanded,) = self.processor.expand_image_tokens([item.prompt], sizes)
         return self.processor.tokenizer.encode(expanded, add_special_tokens=item.add_special).ids
 

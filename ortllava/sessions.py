@@ -95,7 +95,7 @@ class BundleSessions:
         self, bundle: Path, manifest: Manifest, provider: str = "auto", io_binding: bool | None = None,
         threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False,
     ):
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1):
             raise ValueError(f"max_length must be a positive number of positions, got {max_length!r}")
         self.providers = resolve_providers(provider)
         on_cuda = self.providers[0] == "CUDAExecutionProvider"

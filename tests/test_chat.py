@@ -90,6 +90,7 @@ def test_turns_equal_recomputation_and_prefill_only_new_tokens(setup, monkeypatc
         # Only the new images were preprocessed (the earlier ones gave just their sizes), and timed as such.
         assert preprocessed_by_chat == encoded_by_chat
         assert metrics.preprocess_s > 0 and metrics.vision_s >= 0
+        assert metrics.preprocess_s + metrics.vision_s + metrics.prefill_s <= metrics.time_to_first_token_s  # each counted once
         if turn == 0:
             assert metrics.prefilled_tokens == len(ids) and encoded_by_chat == [[[480, 640]]]
         else:

@@ -122,7 +122,7 @@ def test_external_data_is_listed_hashed_and_loaded(tmp_path, monkeypatch):
 # The exporter refuses what it cannot do well, and a failed export leaves nothing behind
 
 
-def test_output_folder_is_replaced_only_when_it_holds_a_bundle(tmp_path):
+def test_output_folder_is_replaced_only_when_it_holds_a_bundle(tmp_path, monkeypatch):
     from ortllava_export.cli import export_bundle
 
     folder = tmp_path / "mine"
@@ -133,10 +133,31 @@ def test_output_folder_is_replaced_only_when_it_holds_a_bundle(tmp_path):
     assert (folder / "precious.txt").read_text() == "keep me"
     with pytest.raises(SystemExit, match="is a file"):
         export_bundle("tiny", folder / "precious.txt")
+    (folder / "manifest.json").write_text('{"name": "some web app"}')  # a manifest.json, but not a bundle's
+    with pytest.raises(SystemExit, match="holds other things than a bundle"):
+        export_bundle("tiny", folder)
     bundle = export_bundle("tiny", tmp_path / "bundle")
     (bundle / "stale.txt").write_text("from an earlier export")
     assert export_bundle("tiny", bundle) == bundle and not (bundle / "stale.txt").exists()  # an earlier bundle is replaced
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "mine"]  # no .partial left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "mine"]  # no .partial or set-aside bundle left
+    (tmp_path / "link").symlink_to(bundle)
+    with pytest.raises(SystemExit, match="symbolic link"):
+        export_bundle("tiny", tmp_path / "link")
+    monkeypatch.chdir(bundle)
+    with pytest.raises(SystemExit, match="holds the current folder"):
+        export_bundle("tiny", ".")
+    assert (bundle / "manifest.json").is_file()
+
+
+def test_failed_export_removes_the_folders_it_created(tmp_path, monkeypatch):
+    from ortllava_export import cli
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_export_into", fail)
+    assert cli.main(["--model", "tiny", "--output", str(tmp_path / "new" / "deeper" / "bundle")]) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_non_finite_logits_fail_the_export_and_leave_nothing(tmp_path, monkeypatch):
@@ -186,7 +207,23 @@ def test_fused_decoder_refuses_what_it_does_not_implement(tmp_path, overrides, n
     checkpoint = build_checkpoint(tmp_path / "checkpoint", TinySpec(family="llama", text_overrides=overrides))
     with pytest.raises(UnsupportedModelError, match=f"{named}.*--decoder concat"):
         export_bundle(str(checkpoint), tmp_path / "gqa")
-    assert not (tmp_path / "gqa").exists() and not (tmp_path / "gqa.partial").exists()
+    assert not (tmp_path / "gqa").exists()
+
+
+def test_rotary_scalings_the_fused_decoder_serves():
+    """Scalings whose tables depend on the position only are built; longrope (two tables, switched by the
+    sequence length) is refused."""
+    from ortllava_export.fused_decoder import unsupported_features
+
+    def config(rope):
+        return LlavaNextConfig(text_config={"model_type": "llama", "max_position_embeddings": 4096, "rope_scaling": rope})
+
+    for rope in (None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0},
+                 {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048},
+                 {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 2048}):
+        assert unsupported_features(config(rope)) == [], rope
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 64, "long_factor": [2.0] * 64, "original_max_position_embeddings": 2048}
+    assert "longrope" in " ".join(unsupported_features(config(longrope)))
 
 
 def test_concat_export_without_validation_of_an_fp16_checkpoint_loads(tmp_path):
