@@ -9,6 +9,8 @@ the report covers the whole bundle: vision encoder, projector and decoder, at th
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .photos import photo
@@ -29,7 +31,9 @@ def accuracy_report(checkpoint, bundle, provider: str = "cpu") -> dict:
     import ortllava
 
     model, processor = checkpoint.model, checkpoint.processor
-    pipe = ortllava.load(bundle, provider=provider, verify=False)
+    with warnings.catch_warnings():  # (an fp16 bundle is measured on the CPU on purpose: no speed warning)
+        warnings.simplefilter("ignore")
+        pipe = ortllava.load(bundle, provider=provider, verify=False)
     decoder, table = pipe.sessions.decoder, pipe.embed_table
     agree, worst, total_error, count = 0, 0.0, 0.0, 0
     for width, height, seed, question in PROMPTS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -282,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         "--decoder", default="gqa", choices=DECODER_KINDS,
         help="gqa: fused attention over a preallocated key/value buffer (fast); concat: plain ONNX ops (portable, fp32)",
     )
-    parser.add_argument("--target", default="cuda", choices=TARGETS, help="int4 only: fp16 activations and vision (cuda) or fp32 (cpu)")
-    parser.add_argument("--block-size", type=int, default=32, help="int4: input rows per scale (16, 32, 64, 128, 256)")
+    parser.add_argument(
+        "--target", choices=TARGETS,
+        help="int4 only: fp16 activations and vision for CUDA (the default), or fp32 and an int8 key/value cache for the CPU",
+    )
+    parser.add_argument("--block-size", type=int, help="int4: input rows per scale (16, 32 (default), 64, 128, 256)")
     parser.add_argument("--asymmetric", action="store_true", help="int4: a zero point per block")
     parser.add_argument("--quantize-lm-head", action="store_true", help="int4: quantize the lm_head too (smaller, less accurate)")
     parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4: MatMulNBits compute type (4: int8, CPU)")
@@ -294,14 +298,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-PyTorch checks and the accuracy report (not recommended)")
     args = parser.parse_args(argv)
+    int4_only = {"--target": args.target, "--block-size": args.block_size, "--asymmetric": args.asymmetric or None,
+                 "--quantize-lm-head": args.quantize_lm_head or None, "--accuracy-level": args.accuracy_level}
+    given = [option for option, value in int4_only.items() if value is not None]
+    if given and args.precision != "int4":
+        parser.error(f"{', '.join(given)}: {'this option applies' if len(given) == 1 else 'these options apply'} to --precision int4 only")
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"ortllava-export: error: needs {' and '.join(missing)}: pip install 'ortllava[export]' (torch: its CPU build is enough)", file=sys.stderr)
+        return 1
     from .families import UnsupportedModelError
     from .validate import ExportValidationError
 
     try:
-        int4 = Int4Options(args.block_size, not args.asymmetric, args.quantize_lm_head, args.accuracy_level)
+        int4 = Int4Options(args.block_size or Int4Options.block_size, not args.asymmetric, args.quantize_lm_head, args.accuracy_level)
         export_bundle(
             args.model, args.output or default_output(args.model), args.precision, args.revision, not args.no_validate,
-            args.decoder, args.target, int4, args.kv_cache,
+            args.decoder, args.target or "cuda", int4, args.kv_cache,
         )
     except (UnsupportedModelError, ExportValidationError, FileNotFoundError) as error:
         print(f"ortllava-export: error: {error}", file=sys.stderr)

@@ -18,7 +18,6 @@ import numpy as np
 
 from ortllava.manifest import GraphSpec
 
-from .convert import rewrite_graph
 
 
 @dataclass
@@ -73,6 +72,8 @@ def quantize_decoder(spec: GraphSpec, folder: Path, options: Int4Options) -> Gra
         )
         quantizer.process()
         return quantizer.model.model
+
+    from .convert import rewrite_graph  # (torch: imported when used, so the CLI's --help runs without it)
 
     rewrite_graph(spec, folder, quantize)
     spec.quantization = options.manifest_entry()

@@ -8,6 +8,7 @@
 
 from .api import Pipeline, StreamChunk, generate, load
 from .chat import ChatSession
+from .decoders import ContextLengthError
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings
 from .hf_pipeline import pipeline
 from .image import ImageLoadError
@@ -15,4 +16,4 @@ from .manifest import BundleError
 
 __version__ = "0.1.0"
 
-__all__ = ["BundleError", "ChatSession", "GenerationMetrics", "GenerationResult", "GenerationSettings", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "pipeline", "__version__"]
+__all__ = ["BundleError", "ChatSession", "ContextLengthError", "GenerationMetrics", "GenerationResult", "GenerationSettings", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "pipeline", "__version__"]

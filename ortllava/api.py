@@ -12,7 +12,7 @@ import numpy as np
 
 from .features import embed, pack_images
 from .detokenizer import StreamingDetokenizer
-from .decoders import KVCache
+from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_manifest
@@ -297,7 +297,7 @@ class Pipeline:
         if prompt_tokens + max_new_tokens > limit:
             fixed = getattr(decoder, "fixed_capacity", None)
             what = f"the key/value buffers fixed at max_length={limit}" if fixed else f"the model's {limit}"
-            raise ValueError(
+            raise ContextLengthError(
                 f"the prompt is {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
                 f"{prompt_tokens + max_new_tokens} positions, beyond {what}; shorten the prompt, "
                 "use smaller or fewer images, or lower max_new_tokens"
@@ -372,7 +372,8 @@ def is_batch(prompt: Any, messages: Any) -> bool:
     if isinstance(prompt, str):
         return False
     if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(text, str) for text in prompt):
-        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+        hint = "; chat messages go in messages=..." if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (dict, list)) else ""
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}{hint}")
     return True
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import numpy as np
 
-from .decoders import KVCache
+from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult
 from .image import ImageLike, load_image
 from .processor import flatten_images, images_in_messages
@@ -136,8 +136,12 @@ class ChatSession:
     def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any]) -> _Run:
         settings = self.pipe.settings(**{**self.defaults, **generate_kwargs})  # unknown names fail here, before any graph runs
         messages = [*self.messages, message]
-        # Pixels are left out: the plan preprocesses only the images whose features the cache lacks.
-        return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
+        try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
+            return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
+        except ContextLengthError as error:
+            if not any(message["role"] == "assistant" for message in self.messages):
+                raise
+            raise ContextLengthError(f"{error}. This conversation is full: reset() starts a new one (/reset in `ortllava chat`)") from None
 
     def _plan(self, messages: list[dict[str, Any]]):
         """The prefill plan of one turn (see `api.PrefillPlan`): only the tokens the cache lacks."""

@@ -11,8 +11,13 @@ from pathlib import Path
 def _generate(args: argparse.Namespace) -> int:
     from .api import load
 
-    pipe = load(args.bundle, provider=args.provider)
+    pipe = load(args.bundle, provider=args.provider, verify=not args.no_verify)
     images = args.image or []
+    if not args.raw and pipe.processor.chat_template and pipe.processor.image_token in args.prompt:
+        raise ValueError(
+            f"the chat template places one {pipe.processor.image_token} per --image itself: leave it out of --prompt "
+            "(or pass --raw to use the prompt as written)"
+        )
     if args.raw or not pipe.processor.chat_template:
         # The prompt is used as written; images go where its <image> tokens are (or first, if it has none).
         token = pipe.processor.image_token
@@ -51,11 +56,15 @@ def _info(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.bundle, verify=not args.no_verify)
     bundle = Path(args.bundle)
+    if args.json:  # the manifest alone, for tools
+        print(json.dumps(json.loads((bundle / "manifest.json").read_text()), indent=2))
+        return 0
     sizes = {p.name: p.stat().st_size for p in bundle.iterdir() if p.is_file()}
     text, vision = manifest.text, manifest.vision
     decoder = manifest.graphs["decoder"]
     print(f"bundle      {bundle} ({sum(sizes.values()) / 2**20:.1f} MiB, schema {manifest.schema_version}, {manifest.precision})")
-    print(f"source      {manifest.provenance.get('source')} @ {manifest.provenance.get('revision')}")
+    revision = manifest.provenance.get("revision")
+    print(f"source      {manifest.provenance.get('source')}{f' @ {revision}' if revision else ''}")
     print(f"decoder     {text.architecture}: {text.num_layers} layers, hidden {text.hidden_size}, "
           f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv, vocab {text.vocab_size}, "
           f"{text.max_position_embeddings} positions ({decoder.kind} cache, {decoder.dtype}{', key/value cache ' + decoder.kv_dtype if decoder.kv_dtype else ''})")
@@ -81,11 +90,10 @@ def _info(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         pipe = load(bundle, provider=args.provider, verify=False)
         print(f"load        {time.perf_counter() - start:.2f} s on {pipe.provider} (sessions, embeddings, tokenizer)")
-    if args.json:
-        print(json.dumps(json.loads((bundle / "manifest.json").read_text()), indent=2))
     return 0
 
 
+NO_VERIFY_HELP = "skip the sha256 check of every bundle file at load (~1 s per GB; files are still checked to exist)"
 CHAT_HELP = "commands: /image PATH_OR_URL (attach to the next message), /reset (forget the conversation), /quit"
 
 
@@ -93,7 +101,7 @@ def _chat(args: argparse.Namespace) -> int:
     from .api import load
     from .image import ImageLoadError, load_image
 
-    pipe = load(args.bundle, provider=args.provider)
+    pipe = load(args.bundle, provider=args.provider, verify=not args.no_verify)
     session = pipe.chat(system=args.system, max_new_tokens=args.max_new_tokens)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -117,7 +125,9 @@ def _chat(args: argparse.Namespace) -> int:
                 session.reset()
                 pending = []
                 print("[conversation cleared]", file=sys.stderr)
-            elif command == "/image" and argument:
+            elif command == "/image" and not argument:
+                print("ortllava: /image needs a path or URL", file=sys.stderr)
+            elif command == "/image":
                 try:
                     pending.append(load_image(argument))
                     print(f"[image attached: {argument}]", file=sys.stderr)
@@ -180,12 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template")
     gen.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     gen.add_argument("--timings", action="store_true", help="print timings to stderr")
+    gen.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     gen.set_defaults(run=_generate)
 
     info = commands.add_parser("info", help="describe a bundle")
     info.add_argument("bundle", type=Path)
-    info.add_argument("--json", action="store_true", help="also print the whole manifest")
-    info.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
+    info.add_argument("--json", action="store_true", help="print the manifest (JSON) instead of the report")
+    info.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     info.add_argument("--no-load", action="store_true", help="skip timing a load of the bundle")
     info.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="where to time the load")
     info.set_defaults(run=_info)
@@ -196,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--system", help="a system message for the conversation")
     chat.add_argument("--timings", action="store_true", help="print tokens and timings to stderr after each answer")
+    chat.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     chat.set_defaults(run=_chat)
 
     bench = commands.add_parser("bench", help="ortllava against transformers on the same weights and inputs")

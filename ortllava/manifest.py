@@ -163,7 +163,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
-    """Reads `bundle/manifest.json`; with `verify`, checks every listed file exists and matches its sha256.
+    """Reads `bundle/manifest.json` and checks every listed file exists; with `verify`, also that each matches its
+    sha256 (about a second per GB).
 
     Raises `BundleError` naming the first missing or altered file.
     """
@@ -187,15 +188,14 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError) as error:
         raise BundleError(f"{path} is damaged: {error!r}") from error
-    if verify:
-        verify_files(bundle, manifest)
+    verify_files(bundle, manifest, hashes=verify)
     return manifest
 
 
-def verify_files(bundle: Path, manifest: Manifest) -> None:
+def verify_files(bundle: Path, manifest: Manifest, hashes: bool = True) -> None:
     for name, expected in manifest.files.items():
         file = bundle / name
         if not file.is_file():
             raise BundleError(f"bundle {bundle} is damaged: file {name} is missing")
-        if sha256_file(file) != expected:
+        if hashes and sha256_file(file) != expected:
             raise BundleError(f"bundle {bundle} is damaged: file {name} does not match its sha256 in the manifest")

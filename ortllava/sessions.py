@@ -108,6 +108,11 @@ class BundleSessions:
                 "this bundle's fused decoder is fp32, which the CUDA provider cannot run; export with --precision fp16 "
                 "(or int4 --target cuda) for CUDA, or load it with provider='cpu'"
             )
+        if not on_cuda and manifest.graphs["decoder"].dtype == "float16":
+            warnings.warn(
+                "this bundle's decoder has fp16 activations, made for CUDA; on the CPU it runs several times slower than "
+                "a CPU bundle (export with --precision fp32, or --precision int4 --target cpu)", stacklevel=3,
+            )
         if on_cuda and manifest.graphs["decoder"].kv_dtype == "int8":
             # Built and checked on the CPU provider only; CUDA's int8 cache path has not been run against transformers.
             raise BundleError(

@@ -282,3 +282,12 @@ def test_validation_catches_a_subtly_wrong_graph(tmp_path, monkeypatch, fault):
     with pytest.raises(ExportValidationError, match="decoder"):
         export_bundle("tiny", tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_cli_refuses_int4_options_without_int4(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "ortllava_export.cli", "--model", "tiny", "--output", str(tmp_path / "b"), "--target", "cpu", "--block-size", "64"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2 and "--target, --block-size: these options apply to --precision int4 only" in out.stderr
+    assert not (tmp_path / "b").exists()

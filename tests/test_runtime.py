@@ -197,3 +197,39 @@ def test_streaming_detokenizer_never_splits_a_character(pipe):
     pieces = [detokenizer.add(token) for token in ids] + [detokenizer.finalize()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_cli_tells_what_to_do(mistral, tmp_path):
+    path = save_png(random_image(120, 90, seed=12), tmp_path / "photo.png")
+    cli = [sys.executable, "-m", "ortllava.cli"]
+    out = subprocess.run([*cli, "generate", str(mistral.bundle), "--image", str(path), "--prompt", "<image> What is it?", "--provider", "cpu"], capture_output=True, text=True)
+    assert out.returncode == 1 and "leave it out of --prompt" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([*cli, "info", str(mistral.bundle), "--json", "--no-verify"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["graphs"]["decoder"]["kind"] == "gqa"  # the manifest alone: JSON a tool can read
+    out = subprocess.run([*cli, "chat", str(mistral.bundle), "--provider", "cpu", "--max-new-tokens", "9000"], input="/image\nhello\n", capture_output=True, text=True)
+    assert "/image needs a path or URL" in out.stderr and "beyond the model's" in out.stderr
+
+
+def test_full_conversation_says_how_to_go_on(mistral):
+    chat = ortllava.load(mistral.bundle, provider="cpu", max_length=300).chat(max_new_tokens=8)
+    chat.send("Hello there.")
+    with pytest.raises(ortllava.ContextLengthError, match=r"This conversation is full: reset\(\)"):
+        chat.send("And this?", images=[random_image(300, 200)])  # an image's ~1000 tokens do not fit 300 positions
+    chat.reset()
+    assert chat.send("Hello again.").token_ids
+
+
+def test_bundle_loaded_without_hashing_still_names_a_missing_file(mistral, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json is missing"):
+        ortllava.load(copy, provider="cpu", verify=False)
+
+
+def test_fp16_bundle_on_the_cpu_warns_that_it_is_slow(tiny_store):
+    from ortllava_export.cli import export_bundle
+
+    bundle = export_bundle(str(tiny_store.get("mistral").checkpoint), tiny_store.root / "fp16-for-warning", precision="fp16", validate=False)
+    with pytest.warns(UserWarning, match="fp16 activations, made for CUDA"):
+        ortllava.load(bundle, provider="cpu")
