@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # e.g. the disk filled up (the unfinished bundle is removed)
         print(f"ortllava-export: error: writing the bundle failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("ortllava-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

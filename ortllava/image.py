@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Union[Image.Image, np.ndarray, str, Path]
 
@@ -126,6 +126,8 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image
         image = Image.open(io.BytesIO(data))
         image = ImageOps.exif_transpose(image)
         return image.convert("RGB")
+    except UnidentifiedImageError as error:
+        raise ImageLoadError(f"cannot decode image {name}: not in an image format PIL can read") from error
     except Exception as error:  # PIL raises many types for damaged files
         raise ImageLoadError(f"cannot decode image {name}: {error}") from error
 

@@ -226,10 +226,3 @@ def test_bundle_loaded_without_hashing_still_names_a_missing_file(mistral, tmp_p
     with pytest.raises(BundleError, match="tokenizer.json is missing"):
         ortllava.load(copy, provider="cpu", verify=False)
 
-
-def test_fp16_bundle_on_the_cpu_warns_that_it_is_slow(tiny_store):
-    from ortllava_export.cli import export_bundle
-
-    bundle = export_bundle(str(tiny_store.get("mistral").checkpoint), tiny_store.root / "fp16-for-warning", precision="fp16", validate=False)
-    with pytest.warns(UserWarning, match="fp16 activations, made for CUDA"):
-        ortllava.load(bundle, provider="cpu")
