@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     given = [option for option, value in int4_only.items() if value is not None]
     if given and args.precision != "int4":
         parser.error(f"{', '.join(given)}: {'this option applies' if len(given) == 1 else 'these options apply'} to --precision int4 only")
-    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("torch", "transformers", "onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         print(f"ortllava-export: error: needs {' and '.join(missing)}: pip install 'ortllava[export]' (torch: its CPU build is enough)", file=sys.stderr)
         return 1
@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     from .validate import ExportValidationError
 
     try:
-        int4 = Int4Options(args.block_size or Int4Options.block_size, not args.asymmetric, args.quantize_lm_head, args.accuracy_level)
+        block_size = args.block_size if args.block_size is not None else Int4Options.block_size
+        int4 = Int4Options(block_size, not args.asymmetric, args.quantize_lm_head, args.accuracy_level)
         export_bundle(
             args.model, args.output or default_output(args.model), args.precision, args.revision, not args.no_validate,
             args.decoder, args.target or "cuda", int4, args.kv_cache,

@@ -139,7 +139,10 @@ class ChatSession:
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
             return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
         except ContextLengthError as error:
-            if not any(message["role"] == "assistant" for message in self.messages):
+            # Advice only where it helps: the message and its answer would fit a conversation without the history.
+            fresh = [*self.messages[: self.system is not None], message]
+            alone = self.pipe.prepare(messages=fresh, pixel_values=False)[0]["input_ids"].shape[1] + settings.max_new_tokens
+            if len(self.messages) == len(fresh) - 1 or alone > self.pipe.sessions.decoder.max_length:
                 raise
             raise ContextLengthError(f"{error}. This conversation is full: reset() starts a new one (/reset in `ortllava chat`)") from None
 

@@ -111,7 +111,7 @@ class BundleSessions:
         if not on_cuda and manifest.graphs["decoder"].dtype == "float16":
             warnings.warn(
                 "this bundle's decoder has fp16 activations, made for CUDA; on the CPU it runs several times slower than "
-                "a CPU bundle (export with --precision fp32, or --precision int4 --target cpu)", stacklevel=3,
+                "a CPU bundle (export with --precision fp32, or --precision int4 --target cpu)", stacklevel=4,  # the caller of load()
             )
         if on_cuda and manifest.graphs["decoder"].kv_dtype == "int8":
             # Built and checked on the CPU provider only; CUDA's int8 cache path has not been run against transformers.

@@ -212,11 +212,15 @@ def test_cli_tells_what_to_do(mistral, tmp_path):
 
 def test_full_conversation_says_how_to_go_on(mistral):
     chat = ortllava.load(mistral.bundle, provider="cpu", max_length=300).chat(max_new_tokens=8)
-    chat.send("Hello there.")
+    words = "hello " * 40  # ~170 tokens: two such turns do not fit 300 positions, one does
+    chat.send(words)
     with pytest.raises(ortllava.ContextLengthError, match=r"This conversation is full: reset\(\)"):
-        chat.send("And this?", images=[random_image(300, 200)])  # an image's ~1000 tokens do not fit 300 positions
+        chat.send(words + "again")
+    with pytest.raises(ortllava.ContextLengthError) as refused:  # an image's ~1000 tokens fit no conversation here
+        chat.send("And this?", images=[random_image(300, 200)])
+    assert "reset()" not in str(refused.value)
     chat.reset()
-    assert chat.send("Hello again.").token_ids
+    assert chat.send(words + "again").token_ids
 
 
 def test_bundle_loaded_without_hashing_still_names_a_missing_file(mistral, tmp_path):
