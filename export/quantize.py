@@ -19,7 +19,6 @@ import numpy as np
 from ortllava.manifest import GraphSpec
 
 
-
 @dataclass
 class Int4Options:
     block_size: int = 32  # input rows per scale; 32 keeps accuracy close to fp16, 128 makes files ~6% smaller
@@ -64,6 +63,8 @@ def quantize_decoder(spec: GraphSpec, folder: Path, options: Int4Options) -> Gra
     """Rewrites `folder / spec.file` with 4-bit weights; returns the updated spec."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from .convert import rewrite_graph  # (torch: imported when used, so the CLI's --help runs without it)
+
     def quantize(model):
         exclude = [] if options.quantize_lm_head else _lm_head_nodes(model)
         quantizer = MatMulNBitsQuantizer(
@@ -72,8 +73,6 @@ def quantize_decoder(spec: GraphSpec, folder: Path, options: Int4Options) -> Gra
         )
         quantizer.process()
         return quantizer.model.model
-
-    from .convert import rewrite_graph  # (torch: imported when used, so the CLI's --help runs without it)
 
     rewrite_graph(spec, folder, quantize)
     spec.quantization = options.manifest_entry()

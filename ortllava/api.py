@@ -295,8 +295,7 @@ class Pipeline:
         decoder = self.sessions.decoder
         limit = decoder.max_length  # the model's positions, fewer where the graph serves fewer, or the fixed buffers'
         if prompt_tokens + max_new_tokens > limit:
-            fixed = getattr(decoder, "fixed_capacity", None)
-            what = f"the key/value buffers fixed at max_length={limit}" if fixed else f"the model's {limit}"
+            what = f"the key/value buffers fixed at max_length={limit}" if decoder.fixed_capacity else f"the model's {limit}"
             raise ContextLengthError(
                 f"the prompt is {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
                 f"{prompt_tokens + max_new_tokens} positions, beyond {what}; shorten the prompt, "

@@ -139,10 +139,10 @@ class ChatSession:
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
             return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
         except ContextLengthError as error:
-            # Advice only where it helps: the message and its answer would fit a conversation without the history.
-            fresh = [*self.messages[: self.system is not None], message]
-            alone = self.pipe.prepare(messages=fresh, pixel_values=False)[0]["input_ids"].shape[1] + settings.max_new_tokens
-            if len(self.messages) == len(fresh) - 1 or alone > self.pipe.sessions.decoder.max_length:
+            # Advice only where it helps: there is a history, and without it the message and its answer would fit.
+            system, history = self.messages[: self.system is not None], self.messages[self.system is not None :]
+            alone = self.pipe.prepare(messages=[*system, message], pixel_values=False)[0]["input_ids"].shape[1] + settings.max_new_tokens
+            if not history or alone > self.pipe.sessions.decoder.max_length:
                 raise
             raise ContextLengthError(f"{error}. This conversation is full: reset() starts a new one (/reset in `ortllava chat`)") from None
 

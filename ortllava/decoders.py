@@ -72,6 +72,8 @@ class KVCache:
 
 
 class _DecoderBase:
+    fixed_capacity: int | None = None  # set where the key/value buffers have one static length (FusedDecoder)
+
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: Device | None):
         self.session = session
         self.device = device
