@@ -29,19 +29,19 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ortllava import manifest as names
 from ortllava.manifest import GraphSpec
 
 from .attention import float_cache_attention, float_step_prelude, int8_cache_attention, int8_cache_prelude, op_attention
 from .kv_cache import KVScales
-from .quantize import Int4Options, quantize_weight
+from .quantize import Int4Options, matmul_nbits_attributes, quantize_weight
+from .weight_file import WeightWriter
 from .wrappers import text_geometry
 
 OPSET = 21
@@ -66,12 +66,12 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 @dataclass
 class _Graph:
-    """Nodes and initializers being collected. `weight()` converts each tensor once, as it is added, and with
-    a `data` file streams its bytes there at once, so the graph never holds a second full copy of the model."""
+    """Nodes and initializers being collected. `weight()` converts each tensor once, as it is added, and the
+    writer streams large ones to the external data file at once, so the graph never holds a second full copy
+    of the model."""
 
     dtype: type
-    data: BinaryIO | None = None  # the external data file, when the weights are large
-    data_name: str = ""
+    writer: WeightWriter = field(default_factory=WeightWriter)  # with a data file when the weights are large
     int4: Int4Options | None = None
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
@@ -84,25 +84,13 @@ class _Graph:
         else:
             array = np.ascontiguousarray(np.asarray(value).astype(dtype, copy=False))
         self.weight_bytes += array.nbytes
-        if self.data is None or array.nbytes < 1024:
-            self.initializers.append(numpy_helper.from_array(array, name))
-            return name
-        offset = self.data.tell()
-        padding = -offset % 4096  # page-aligned, so onnxruntime can map each tensor
-        self.data.write(b"\0" * padding)
-        self.data.write(array.tobytes())
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, text in (("location", self.data_name), ("offset", str(offset + padding)), ("length", str(array.nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, text
-        self.initializers.append(tensor)
+        self.initializers.append(self.writer.tensor(name, array))
         return name
 
     def branch(self) -> _Graph:
         """An empty graph for an `If` branch: its nodes are its own; the weights it adds go to this graph's
         initializers (a branch reads them from the outer scope)."""
-        return _Graph(self.dtype, self.data, self.data_name, self.int4, initializers=self.initializers)
+        return _Graph(self.dtype, self.writer, self.int4, initializers=self.initializers)
 
     def const_i64(self, name: str, values) -> str:
         return self.weight(name, np.array(values, dtype=np.int64), np.int64)
@@ -122,9 +110,7 @@ class _Graph:
         inputs = [x, self.weight(f"{name}.weight_q4", packed, np.uint8), self.weight(f"{name}.scales", scales)]
         if zero_points is not None:
             inputs.append(self.weight(f"{name}.zero_points", zero_points, np.uint8))
-        attrs = dict(K=weight.shape[0], N=weight.shape[1], bits=4, block_size=self.int4.block_size)
-        if self.int4.accuracy_level:
-            attrs["accuracy_level"] = self.int4.accuracy_level
+        attrs = matmul_nbits_attributes(*weight.shape, self.int4)
         (out,) = self.node("MatMulNBits", inputs, 1, name, domain="com.microsoft", **attrs)
         return out
 
@@ -206,7 +192,7 @@ def build_fused_decoder(
     external = sum(p.numel() for p in text_model.layers.parameters()) * itemsize > EXTERNAL_DATA_THRESHOLD
     (path.parent / data_file).unlink(missing_ok=True)  # an earlier build's (the float graph before quantizing)
     with open(path.parent / data_file, "wb") if external else nullcontext() as data:
-        g = _Graph(dtype, data, data_file, int4)
+        g = _Graph(dtype, WeightWriter(data, data_file), int4)
         _build(g, model, config, text_model, kv_scales)
         inputs, outputs = io_names(len(text_model.layers))
         onnx_model = _model(g, model.config, inputs, outputs, dtype, np.int8 if kv_scales else dtype)

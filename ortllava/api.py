@@ -114,17 +114,20 @@ class Pipeline:
         min_new_tokens: int | None = None,
         repetition_penalty: float | None = None,
         stop: Sequence[str] | str | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Answers a prompt (`str`, or a `list[str]` batch) or a chat (`messages`, or a list of chats).
 
         Unset sampling arguments come from the bundle's generation config, then transformers' defaults.
         `min_new_tokens` forbids the EOS tokens until that many tokens are out. `stop` strings end a row's
-        answer where one appears (the text is cut before it; finish_reason "stop").
+        answer where one appears (the text is cut before it; finish_reason "stop"). `eos_token_id` (one id or
+        several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         Returns a `GenerationResult`, or a list of them for a batch.
         """
         settings = self.settings(
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )
         run = self._start(None, settings, prompt, images, messages)
         results = self._collect(run)
@@ -144,7 +147,8 @@ class Pipeline:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
 
         `system`: an optional system message. `defaults`: generation arguments for every turn (as `generate`'s:
-        max_new_tokens, do_sample, temperature, top_k, top_p, seed, min_new_tokens, repetition_penalty, stop).
+        max_new_tokens, do_sample, temperature, top_k, top_p, seed, min_new_tokens, repetition_penalty, stop,
+        eos_token_id, pad_token_id).
         """
         from .chat import ChatSession
 
@@ -256,6 +260,7 @@ class Pipeline:
             inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask}
 
         self._check_length(input_ids.shape[1], settings.max_new_tokens)
+        eos, pad_id = self._special_ids(settings)
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = int(input_ids.shape[1])
 
@@ -263,9 +268,6 @@ class Pipeline:
         prefill, keep_cache = (plan or self._fresh_prefill)(inputs, settings.max_new_tokens, metrics)
         metrics.vision_s = time.perf_counter() - vision_start - (metrics.preprocess_s - preprocessed)
 
-        eos = self._eos_ids()
-        pad_id = self.manifest.tokens.pad_token_id
-        pad_id = pad_id if pad_id is not None else eos[0] if eos else 0
         sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)
         sampler = with_min_new_tokens(sampler, eos, settings.min_new_tokens)
         sampler = with_repetition_penalty(sampler, input_ids, self.manifest.text.vocab_size, settings.repetition_penalty)
@@ -285,11 +287,16 @@ class Pipeline:
         """An answer's text: special tokens dropped, as transformers' pipelines and `batch_decode(..., True)` give it."""
         return self.processor.decode(ids, skip_special_tokens=True)
 
-    def _eos_ids(self) -> list[int]:
-        eos = self.generation_config.get("eos_token_id", self.manifest.tokens.eos_token_ids)
-        if eos is None:
-            return []
-        return [eos] if isinstance(eos, int) else list(eos)
+    def _special_ids(self, settings: GenerationSettings) -> tuple[list[int], int]:
+        """(EOS ids, pad id) as transformers' `generate` picks them: the arguments (which default to the bundle's
+        generation config), else the tokenizer's EOS ids, and the first EOS id as the pad."""
+        eos = settings.eos_token_id if settings.eos_token_id is not None else self.manifest.tokens.eos_token_ids
+        eos = [int(eos)] if isinstance(eos, (int, np.integer)) else [int(i) for i in eos or []]
+        pad = settings.pad_token_id
+        pad = int(pad) if pad is not None else eos[0] if eos else self.manifest.tokens.pad_token_id or 0
+        if pad >= self.manifest.text.vocab_size:
+            raise ValueError(f"pad_token_id {pad} is not in the model's vocabulary of {self.manifest.text.vocab_size}")
+        return eos, pad
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         decoder = self.sessions.decoder

@@ -35,6 +35,8 @@ class GenerationSettings:
     top_k: int = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    eos_token_id: int | tuple[int, ...] | None = None  # the tokens that end an answer; None: the bundle's EOS ids
+    pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
     seed: int | None = None  # the sampler's random seed
     stop: tuple[str, ...] = ()  # strings that end an answer where one appears (the text is cut before it)
 
@@ -52,6 +54,8 @@ class GenerationSettings:
                 value = generation_config.get(name)
             if value is not None:
                 values[name] = value
+        if isinstance(values.get("eos_token_id"), Iterable):
+            values["eos_token_id"] = tuple(values["eos_token_id"])
         if "stop" in values:  # one string, or several
             stop = values["stop"]
             values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
@@ -88,6 +92,11 @@ class GenerationSettings:
                 fail("top_p", "a number in (0, 1]")
         if self.seed is not None and not integer(self.seed):
             fail("seed", "an integer or None")
+        eos = self.eos_token_id
+        if eos is not None and not (integer(eos) and eos >= 0 or isinstance(eos, tuple) and all(integer(i) and i >= 0 for i in eos)):
+            fail("eos_token_id", "a token id or a list of them")
+        if self.pad_token_id is not None and not (integer(self.pad_token_id) and self.pad_token_id >= 0):
+            fail("pad_token_id", "a token id or None")
         if not all(isinstance(text, str) and text for text in self.stop):
             fail("stop", "a non-empty string or a list of them")
 

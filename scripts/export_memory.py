@@ -5,7 +5,10 @@ a fresh process per precision and samples that process's memory from /proc every
 anonymous RSS (RSS less the file pages mapped from the checkpoint and bundle, which the kernel can drop).
 Prints a table relative to the model's fp16 size and writes JSON.
 
-    python scripts/export_memory.py --work /tmp/export-memory [--json results.json]
+    python scripts/export_memory.py --work /tmp/export-memory [--json results.json] [--runs fp32 "concat int4"] [--validate]
+
+Without `--validate` the exports skip the PyTorch checks and the accuracy report (`--no-validate`); with it
+they run them, which holds the fp32 PyTorch model beside the bundle's sessions.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +29,8 @@ RUNS = {
     "fp16": ["--precision", "fp16"],
     "int4 (cuda)": ["--precision", "int4", "--target", "cuda"],
     "int4 (cpu)": ["--precision", "int4", "--target", "cpu"],
+    "concat fp32": ["--decoder", "concat", "--precision", "fp32"],
+    "concat int4": ["--decoder", "concat", "--precision", "int4"],
 }
 
 
@@ -60,7 +66,9 @@ def _status(pid: int) -> dict[str, int]:
 def peak_memory_of(command: list[str]) -> tuple[dict[str, int], float, int]:
     """Runs `command`; returns ({VmRSS, RssAnon, RssFile: peak bytes}, seconds, exit status)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file: a pipe read only at the end fills up and stops the export (onnxruntime's quantizer logs a lot)
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
     peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
     while process.poll() is None:
         try:
@@ -71,7 +79,9 @@ def peak_memory_of(command: list[str]) -> tuple[dict[str, int], float, int]:
         time.sleep(0.02)
     process.wait()
     if process.returncode:
-        print(process.stderr.read()[-3000:], file=sys.stderr)
+        log.seek(0)
+        print(log.read()[-3000:], file=sys.stderr)
+    log.close()
     return peaks, time.perf_counter() - start, process.returncode
 
 
@@ -79,6 +89,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("/tmp/export-memory"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--validate", action="store_true", help="export with validation and the accuracy report (the default of ortllava-export)")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which exports to measure (default: all)")
     args = parser.parse_args()
     checkpoint = args.work / "checkpoint"
     count_file = args.work / "parameters.json"
@@ -87,12 +99,14 @@ def main() -> int:
         count_file.write_text(json.dumps(build(checkpoint)))
     parameters = json.loads(count_file.read_text())
     fp16_bytes = 2 * parameters
-    results = {"parameters": parameters, "fp16_bytes": fp16_bytes, "runs": {}}
+    results = {"parameters": parameters, "fp16_bytes": fp16_bytes, "validate": args.validate, "runs": {}}
     print(f"{parameters / 1e9:.2f}B parameters, fp16 size {fp16_bytes / 2**30:.2f} GiB")
     print(f"{'precision':14}{'peak RSS GiB':>14}{'x fp16':>8}{'peak anon GiB':>15}{'x fp16':>8}{'time s':>8}{'bundle GiB':>12}")
-    for name, flags in RUNS.items():
-        output = args.work / name.replace(" ", "").replace("(", "-").replace(")", "")
-        command = [sys.executable, "-m", "ortllava_export.cli", "--model", str(checkpoint), "--output", str(output), "--no-validate", *flags]
+    for name in args.runs:
+        flags = RUNS[name]
+        output = args.work / name.replace(" ", "-").replace("(", "").replace(")", "")
+        command = [sys.executable, "-m", "ortllava_export.cli", "--model", str(checkpoint), "--output", str(output), *flags]
+        command += [] if args.validate else ["--no-validate"]
         peaks, seconds, status = peak_memory_of(command)
         size = sum(f.stat().st_size for f in output.iterdir()) if status == 0 else 0
         rss, anon = peaks["VmRSS"], peaks["RssAnon"]

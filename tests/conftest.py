@@ -127,3 +127,46 @@ def features_ours_and_transformers(pipe, checkpoint: Path, images) -> tuple[np.n
             torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["image_sizes"]), return_dict=True
         ).pooler_output
     return pipe.encode_images(inputs["pixel_values"], inputs["image_sizes"]), torch.cat(list(ref), dim=0).numpy(), inputs
+
+
+def transformers_greedy(model: str | Path, prompt: str, images, max_new_tokens: int) -> list[int]:
+    """transformers' greedy new tokens for a prompt string with images: `model` is a checkpoint folder or
+    "tiny" (the exporter's built-in random model); an EOS token ends them, as it ends ours."""
+    import torch
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    if str(model) == "tiny":
+        from ortllava_export.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint("tiny")
+        model, processor = checkpoint.model, checkpoint.processor
+    else:
+        model, processor = LlavaNextForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(model)
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+# Greedy parity: tokens per answer, and transformers' side of it for chats.
+NEW_TOKENS = 16
+
+
+def hf_generate(processor, model, conversations, **options) -> list[list[int]]:
+    """New tokens of transformers' greedy generation for a list of chats: `NEW_TOKENS` of them (no EOS can end
+    an answer) unless `options` say otherwise; rows that ended early are padded, as transformers returns them."""
+    import torch
+
+    inputs = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+    )
+    options = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, **options}
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, **options)
+    return [row.tolist() for row in out[:, inputs["input_ids"].shape[1] :]]
+
+
+def user(*content) -> list[dict]:
+    """A one-message chat: a user turn of images and strings, in order."""
+    items = [{"type": "image", "image": c} if not isinstance(c, str) else {"type": "text", "text": c} for c in content]
+    return [{"role": "user", "content": items}]

@@ -17,7 +17,7 @@ from ortllava.manifest import read_manifest
 from ortllava_export.families import UnsupportedModelError, check_supported
 from ortllava_export.tiny import CHATML_TEMPLATE, MISTRAL_TEMPLATE, VICUNA_TEMPLATE
 
-from conftest import random_image
+from conftest import random_image, transformers_greedy
 
 IMAGE = random_image(64, 48)
 CONVERSATIONS = {
@@ -53,7 +53,8 @@ def test_template_globals(mistral):
         pipe.processor.apply_chat_template([{"role": "tool", "content": [{"type": "text", "text": "x"}]}])
     template = "{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|{{ strftime_now('%Y') | length }}|{{ messages | tojson }}"
     rendered = pipe.processor.apply_chat_template([{"role": "user", "content": "é"}], chat_template=template)
-    assert rendered == '<s>1|4|[{"role": "user", "content": "é"}]'
+    hf = AutoProcessor.from_pretrained(mistral.checkpoint)
+    assert rendered == hf.apply_chat_template([{"role": "user", "content": "é"}], chat_template=template) == '<s>1|4|[{"role": "user", "content": "é"}]'
 
 
 @pytest.mark.parametrize("config, kind", [("mistral", "gqa"), ("mistral-concat", "concat")])
@@ -84,8 +85,9 @@ def test_export_cli_tiny_end_to_end(tmp_path):
     assert json.loads((bundle / "manifest.json").read_text())["provenance"]["source"] == "tiny"
     info = subprocess.run([sys.executable, "-m", "ortllava.cli", "info", str(bundle)], capture_output=True, text=True, check=True)
     assert "MistralForCausalLM" in info.stdout
-    result = ortllava.load(bundle, provider="cpu").generate(prompt="[INST] <image>\nHi [/INST]", images=[random_image(100, 80)], max_new_tokens=3)
-    assert 1 <= len(result.token_ids) <= 3
+    prompt, image = "[INST] <image>\nHi [/INST]", random_image(100, 80)
+    result = ortllava.load(bundle, provider="cpu").generate(prompt=prompt, images=[image], max_new_tokens=3)
+    assert result.token_ids == transformers_greedy("tiny", prompt, [image], 3)
 
 
 @pytest.mark.parametrize("model", ["random:cpu-mid", "no-such-org/no-such-model"])
@@ -111,8 +113,9 @@ def test_external_data_is_listed_hashed_and_loaded(tmp_path, monkeypatch):
     for name in ("vision_encoder", "projector", "decoder"):
         data_file = manifest.graphs[name].external_data
         assert data_file == [f"{name}.onnx.data"] and data_file[0] in manifest.files
-    result = ortllava.load(bundle, provider="cpu").generate(prompt="[INST] <image>\nHi [/INST]", images=[random_image(90, 60)], max_new_tokens=2)
-    assert 1 <= len(result.token_ids) <= 2
+    prompt, image = "[INST] <image>\nHi [/INST]", random_image(90, 60)
+    result = ortllava.load(bundle, provider="cpu").generate(prompt=prompt, images=[image], max_new_tokens=2)
+    assert result.token_ids == transformers_greedy("tiny", prompt, [image], 2)
     (bundle / "decoder.onnx.data").unlink()
     with pytest.raises(ortllava.BundleError, match="decoder.onnx.data"):
         ortllava.load(bundle, provider="cpu")
@@ -149,15 +152,23 @@ def test_output_folder_is_replaced_only_when_it_holds_a_bundle(tmp_path, monkeyp
     assert (bundle / "manifest.json").is_file()
 
 
-def test_failed_export_removes_the_folders_it_created(tmp_path, monkeypatch):
+def test_failed_export_removes_the_folders_it_created_and_keeps_an_earlier_bundle(tmp_path, monkeypatch):
+    import hashlib
+
     from ortllava_export import cli
+
+    earlier = cli.export_bundle("tiny", tmp_path / "earlier" / "bundle", validate=False)
+    digests = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in earlier.iterdir()}  # noqa: E731
+    before = digests()
 
     def fail(*args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cli, "_export_into", fail)
     assert cli.main(["--model", "tiny", "--output", str(tmp_path / "new" / "deeper" / "bundle")]) == 1
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [tmp_path / "earlier"]
+    assert cli.main(["--model", "tiny", "--output", str(earlier)]) == 1  # over an earlier bundle: it stays as it was
+    assert digests() == before and list((tmp_path / "earlier").iterdir()) == [earlier]  # and no .partial beside it
 
 
 def test_non_finite_logits_fail_the_export_and_leave_nothing(tmp_path, monkeypatch):
@@ -234,12 +245,21 @@ def test_concat_export_without_validation_of_an_fp16_checkpoint_loads(tmp_path):
     from ortllava_export.cli import export_bundle
     from ortllava_export.tiny import build_checkpoint
 
+    import onnx
+
     checkpoint = build_checkpoint(tmp_path / "checkpoint")
     LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float16).save_pretrained(checkpoint)
+    prompt, image = "[INST] <image>\nHi [/INST]", random_image(90, 60)
     for precision in ("fp32", "int4"):
         bundle = export_bundle(str(checkpoint), tmp_path / precision, precision=precision, decoder="concat", validate=False)
-        result = ortllava.load(bundle, provider="cpu").generate(prompt="[INST] <image>\nHi [/INST]", images=[random_image(90, 60)], max_new_tokens=2)
-        assert 1 <= len(result.token_ids) <= 2
+        graph = onnx.load(str(bundle / "decoder.onnx"))
+        float_types = {onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT}
+        assert {t.data_type for t in graph.graph.initializer} & float_types == {onnx.TensorProto.FLOAT}  # no fp16 weight
+        result = ortllava.load(bundle, provider="cpu").generate(prompt=prompt, images=[image], max_new_tokens=2)
+        if precision == "fp32":  # the fp16-stored weights, upcast, as transformers upcasts them
+            assert result.token_ids == transformers_greedy(checkpoint, prompt, [image], 2)
+        else:
+            assert 1 <= len(result.token_ids) <= 2
 
 
 def test_export_cli_names_bad_checkpoint_folders(tmp_path):
@@ -284,10 +304,15 @@ def test_validation_catches_a_subtly_wrong_graph(tmp_path, monkeypatch, fault):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_cli_refuses_int4_options_without_int4(tmp_path):
+@pytest.mark.parametrize("options, named", [
+    (["--target", "cpu", "--block-size", "64"], "--target, --block-size: these options apply"),
+    (["--asymmetric", "--quantize-lm-head", "--accuracy-level", "4"], "--asymmetric, --quantize-lm-head, --accuracy-level: these options apply"),
+    (["--precision", "fp16", "--accuracy-level", "0"], "--accuracy-level: this option applies"),
+])
+def test_export_cli_refuses_int4_options_without_int4(tmp_path, options, named):
     out = subprocess.run(
-        [sys.executable, "-m", "ortllava_export.cli", "--model", "tiny", "--output", str(tmp_path / "b"), "--target", "cpu", "--block-size", "64"],
+        [sys.executable, "-m", "ortllava_export.cli", "--model", "tiny", "--output", str(tmp_path / "b"), *options],
         capture_output=True, text=True,
     )
-    assert out.returncode == 2 and "--target, --block-size: these options apply to --precision int4 only" in out.stderr
+    assert out.returncode == 2 and f"{named} to --precision int4 only" in out.stderr
     assert not (tmp_path / "b").exists()

@@ -9,9 +9,8 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 import ortllava
 
-from conftest import CONFIGS, random_image
+from conftest import CONFIGS, NEW_TOKENS, hf_generate, random_image, user
 
-NEW_TOKENS = 16
 IMAGES = [random_image(640, 480, seed=21), random_image(300, 900, seed=22), random_image(200, 200, seed=23)]
 
 
@@ -22,21 +21,6 @@ def setup(request, tiny_store):
     processor.tokenizer.padding_side = "left"
     model = LlavaNextForConditionalGeneration.from_pretrained(tiny.checkpoint).eval()
     return processor, model, ortllava.load(tiny.bundle, provider="cpu")
-
-
-def hf_generate(processor, model, conversations) -> list[list[int]]:
-    """New tokens of transformers' greedy generation for a list of chats (pads after EOS stripped)."""
-    inputs = processor.apply_chat_template(
-        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
-    )
-    with torch.no_grad():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-    return [row.tolist() for row in out[:, inputs["input_ids"].shape[1] :]]
-
-
-def user(*content) -> list[dict]:
-    items = [{"type": "image", "image": c} if not isinstance(c, str) else {"type": "text", "text": c} for c in content]
-    return [{"role": "user", "content": items}]
 
 
 CASES = {
@@ -56,7 +40,7 @@ def test_greedy_tokens_identical(setup, case):
     assert [r.token_ids for r in got] == want
     for result in got:
         assert len(result.token_ids) == NEW_TOKENS
-        assert result.finish_reason in ("stop", "length")
+        assert result.finish_reason == "length"  # min_new_tokens = max_new_tokens: no EOS could end it
         assert result.text == processor.decode(result.token_ids, skip_special_tokens=True)
 
 
@@ -67,12 +51,34 @@ def test_prompt_form_matches_processor_call(setup):
     with torch.no_grad():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS)
     want = out[0, inputs["input_ids"].shape[1] :].tolist()
-    eos = set(pipe._eos_ids())
+    eos = set(pipe._special_ids(pipe.settings())[0])
     want = want[: next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
     result = pipe.generate(prompt=prompt, images=[IMAGES[0]], max_new_tokens=NEW_TOKENS)
     assert result.token_ids == want
     assert result.finish_reason == ("stop" if want[-1] in eos else "length")
     assert result.metrics.time_to_first_token_s > 0 and result.metrics.prompt_tokens == inputs["input_ids"].shape[1]
+
+
+def test_eos_ends_each_answer_where_transformers_ends_it(setup):
+    """Answers end at an EOS token exactly where transformers' do: one EOS id, the second of two, and held back by
+    min_new_tokens; a batch's rows that ended are fed the pad id transformers feeds (its output shows them)."""
+    processor, model, pipe = setup
+    conversations = CASES["batch of three"]
+    free = hf_generate(processor, model, conversations)  # no EOS possible: each row's first NEW_TOKENS tokens
+    eos = free[0][3]  # row 0 ends at its 4th token (or earlier, where the token comes before)
+    end = free[0].index(eos)
+    real_eos = pipe.manifest.tokens.eos_token_ids[0]
+    for options in ({"eos_token_id": eos}, {"eos_token_id": [real_eos, eos]}, {"eos_token_id": eos, "min_new_tokens": end + 2}):
+        want = hf_generate(processor, model, conversations, **{"min_new_tokens": 0, **options})
+        got = pipe.generate(messages=conversations, max_new_tokens=NEW_TOKENS, do_sample=False, **options)
+        pad = pipe._special_ids(pipe.settings(**options))[1]
+        width = len(want[0])
+        assert [r.token_ids + [pad] * (width - len(r.token_ids)) for r in got] == want, options
+        stops = set(options["eos_token_id"]) if isinstance(options["eos_token_id"], list) else {options["eos_token_id"]}
+        assert [r.finish_reason for r in got] == ["stop" if r.token_ids[-1] in stops else "length" for r in got]
+        assert len(got[0].token_ids) == (end + 1 if "min_new_tokens" not in options else len(got[0].token_ids))
+        assert got[0].finish_reason == "stop" or "min_new_tokens" in options
+    assert len(got[0].token_ids) > end + 1  # min_new_tokens held the EOS back past where it ended row 0 before
 
 
 def test_repetition_penalty_matches_transformers(setup):
@@ -103,7 +109,10 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     for bad in ({"top_k": -1}, {"top_k": 2.5}, {"temperature": 0}, {"top_p": 1.5}, {"do_sample": "no"}):
         with pytest.raises(ValueError, match=next(iter(bad)) if "do_sample" not in bad else "do_sample"):
             GenerationSettings.resolve({"do_sample": True, **bad}, {})
-    for bad in ({"max_new_tokens": 2.5}, {"min_new_tokens": -1}, {"repetition_penalty": 0}, {"seed": "x"}, {"stop": [""]}, {"stop": 3}):
+    assert GenerationSettings.resolve({}, config).eos_token_id == 2  # transformers' generate arguments, from the config too
+    assert GenerationSettings.resolve({"eos_token_id": [2, 7]}, config).eos_token_id == (2, 7)
+    for bad in ({"max_new_tokens": 2.5}, {"min_new_tokens": -1}, {"repetition_penalty": 0}, {"seed": "x"}, {"stop": [""]}, {"stop": 3},
+                {"eos_token_id": -1}, {"eos_token_id": [2, "x"]}, {"pad_token_id": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GenerationSettings.resolve(bad, {})
     assert GenerationSettings.resolve({"temperature": 0}, {}).temperature == 0  # greedy: the warpers are not used
