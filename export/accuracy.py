@@ -5,11 +5,15 @@ tokens; then both models read the same tokens (teacher forcing) and we compare, 
 position, the next-token logits: top-1 agreement (the share of positions where both pick the same token),
 and the largest and mean absolute logit difference. Images go through each side's own vision path, so
 the report covers the whole bundle: vision encoder, projector and decoder, at the bundle's precision.
+
+PyTorch's side (`accuracy_references`) runs first and keeps only the continuations and their logits, so the
+exporter can let a model it loaded go before the bundle is loaded (not both copies of the weights at once).
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,35 +28,48 @@ PROMPTS = [
 ]
 
 
-def accuracy_report(checkpoint, bundle, provider: str = "cpu") -> dict:
-    """Runs the fixed prompts through PyTorch (fp32) and the bundle; returns the figures for the manifest."""
+@dataclass
+class AccuracyCase:
+    messages: list  # the chat (an image and a question), as both sides read it
+    continuation: np.ndarray  # [NEW_TOKENS] int64: PyTorch's greedy continuation of the prompt
+    logits: np.ndarray  # [NEW_TOKENS, V] float32: PyTorch's next-token logits along it (teacher forcing)
+
+
+def accuracy_references(checkpoint) -> list[AccuracyCase]:
+    """PyTorch's (fp32) greedy continuation of each fixed prompt, with the raw logits of each step."""
     import torch
 
+    model, processor = checkpoint.model, checkpoint.processor
+    cases = []
+    for width, height, seed, question in PROMPTS:
+        messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        with torch.no_grad():  # the raw logits of each greedy step are the teacher-forced ones of its own continuation
+            out = model.generate(
+                **inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
+            )
+        logits = torch.cat(out.logits, dim=0).float().numpy()
+        cases.append(AccuracyCase(messages, out.sequences[0, inputs["input_ids"].shape[1] :].numpy(), logits))
+    return cases
+
+
+def accuracy_report(references: list[AccuracyCase], bundle, provider: str = "cpu") -> dict:
+    """The bundle, teacher-forced along each reference's continuation; returns the figures for the manifest."""
     import ortllava
 
-    model, processor = checkpoint.model, checkpoint.processor
     with warnings.catch_warnings():  # (an fp16 bundle is measured on the CPU on purpose: no speed warning)
         warnings.simplefilter("ignore")
         pipe = ortllava.load(bundle, provider=provider, verify=False)
     decoder, table = pipe.sessions.decoder, pipe.embed_table
     agree, worst, total_error, count = 0, 0.0, 0.0, 0
-    for width, height, seed, question in PROMPTS:
-        messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-        prompt_length = inputs["input_ids"].shape[1]
-        with torch.no_grad():  # the raw logits of each greedy step are the teacher-forced ones of its own continuation
-            out = model.generate(
-                **inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
-            )
-        reference = torch.cat(out.logits, dim=0).float().numpy()  # [NEW_TOKENS, V]
-        continuation = out.sequences[0, prompt_length:].numpy()
-
-        ours_inputs, _ = pipe.prepare(messages=messages)
+    for case in references:
+        ours_inputs, _ = pipe.prepare(messages=case.messages)
+        prompt_length = ours_inputs["input_ids"].shape[1]
         features = pipe.encode_images(ours_inputs["pixel_values"], ours_inputs["image_sizes"])
         embeds = pipe.embed(ours_inputs["input_ids"], features)
         logits, cache = decoder.start(embeds, ours_inputs["attention_mask"], prompt_length + NEW_TOKENS)
         ours = [logits.copy()]
-        for token in continuation[:-1]:
+        for token in case.continuation[:-1]:
             cache.step_embeds[0, 0] = table[token]
             ours.append(decoder.step(cache).copy())
         decoder.release(cache)
@@ -60,11 +77,13 @@ def accuracy_report(checkpoint, bundle, provider: str = "cpu") -> dict:
         if not np.isfinite(ours).all():  # an fp16 overflow, or a broken quantization: no bundle rather than a wrong one
             from .validate import ExportValidationError
 
+            question = case.messages[0]["content"][1]["text"]
             raise ExportValidationError(
                 f"the bundle's logits are not finite on the accuracy prompt {question!r} ({int((~np.isfinite(ours)).sum())} values); "
                 "its graphs would give wrong answers"
             )
 
+        reference = case.logits
         error = np.abs(ours.astype(np.float64) - reference)
         agree += int((ours.argmax(-1) == reference.argmax(-1)).sum())
         worst = max(worst, float(error.max()))
@@ -72,6 +91,6 @@ def accuracy_report(checkpoint, bundle, provider: str = "cpu") -> dict:
         count += len(reference)
     return {
         "reference": "PyTorch fp32, teacher-forced on its own greedy continuation",
-        "prompts": len(PROMPTS), "positions": count,
+        "prompts": len(references), "positions": count,
         "top1_agreement": agree / count, "max_abs_logit_diff": worst, "mean_abs_logit_diff": total_error / count,
     }

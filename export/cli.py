@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import importlib.util
 import json
 import os
@@ -69,7 +70,8 @@ class ExportPlan:
 
     @property
     def quantized(self) -> bool:
-        """The decoder is quantized after the float graph is built (and validated)."""
+        """The shipped decoder is quantized (4-bit weights, an int8 cache, or both); with validation, the float
+        graph is built (and validated) too."""
         return self.precision == "int4" or self.kv_cache == "int8"
 
 
@@ -101,11 +103,12 @@ def export_bundle(
         if decoder == "gqa" and (missing := unsupported_features(config)):
             raise UnsupportedModelError(f"the fused decoder does not implement this checkpoint's {'; '.join(missing)}: export it with --decoder concat")
 
-    progress = Progress(5 + 2 * validate + (plan.kv_cache == "int8") + (plan.quantized and (validate or decoder == "concat")))
+    progress = Progress(_stage_count(plan))
     with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
         # Unvalidated fused exports keep the decoder as stored (memory-mapped, converted one weight at a time);
         # validation needs the fp32 reference, and the traced concat graph takes the dtype its weights have.
-        if isinstance(model, Checkpoint):
+        owned = not isinstance(model, Checkpoint)  # loaded here: its weights may be let go once the graphs are built
+        if not owned:
             check_config(model.model.config)
             checkpoint = model
         else:
@@ -116,7 +119,7 @@ def export_bundle(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        _export_into(work, checkpoint, plan, progress)
+        _export_into(work, checkpoint, plan, progress, release_weights=owned)
         _move_into_place(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -205,17 +208,28 @@ def _holds_a_bundle(folder: Path) -> bool:
     return isinstance(data, dict) and {"schema_version", "graphs", "files"} <= set(data)
 
 
-def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress: Progress) -> None:
-    """The export's stages after loading: every file of the bundle, written into `work`."""
+def _stage_count(plan: ExportPlan) -> int:
+    """The stages `export_bundle` and `_export_into` show (see the latter)."""
+    quantize_stage = plan.quantized and (plan.validate or plan.decoder == "concat")  # (gqa unvalidated: built quantized)
+    return 5 + 3 * plan.validate + (plan.kv_cache == "int8") + quantize_stage
+
+
+def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress: Progress, release_weights: bool = False) -> None:
+    """The export's stages after loading: every file of the bundle, written into `work`.
+
+    Two phases, so a large model's weights are never held twice: first everything that needs PyTorch (the
+    graphs, built from its weights, and the references validation and the accuracy report compare with),
+    then, with `release_weights`, the model's weights are let go, and onnxruntime checks the graphs.
+    """
     import numpy as np
 
-    from .accuracy import accuracy_report
+    from .accuracy import accuracy_references, accuracy_report
     from .bundle import build_manifest, write_assets, write_manifest
     from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
     from .fused_decoder import build_fused_decoder
     from .kv_cache import calibrate_kv_scales
     from .quantize import quantize_decoder
-    from .validate import validate_decoder, validate_fused_decoder, validate_vision
+    from .validate import check, references
 
     stage, int4, decoder = progress.stage, plan.int4, plan.decoder
     dtype = np.float16 if plan.half else np.float32
@@ -230,8 +244,11 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
     if plan.kv_cache == "int8":
         with stage("Calibrating the int8 key/value cache (PyTorch prefills of 3 prompts with images)"):
             kv_scales = calibrate_kv_scales(checkpoint)
-    # Unvalidated quantized fused decoders are built quantized at once; otherwise the float graph comes first.
+    # An unvalidated quantized fused decoder is built quantized at once. A validated one is built twice from the
+    # weights: in float first (decoder.float.onnx, deleted once validated), then quantized (decoder.onnx).
     quantize_at_build = plan.quantized and decoder == "gqa" and not plan.validate
+    float_beside = plan.quantized and decoder == "gqa" and plan.validate
+    float_file = work / ("decoder.float.onnx" if float_beside else "decoder.onnx")
     quantized_parts = ", ".join(
         ([f"weights to 4 bits (block {int4.block_size}, {'symmetric' if int4.symmetric else 'asymmetric'})"] if int4 else [])
         + (["key/value cache to int8"] if kv_scales else [])
@@ -239,34 +256,41 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
     with stage(f"Building the {decoder} decoder ({plan.decoder_precision}{'; ' + quantized_parts if quantize_at_build else ''})"):
         if decoder == "gqa":
             at_build = dict(int4=int4, kv_scales=kv_scales) if quantize_at_build else {}
-            graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", plan.decoder_precision, **at_build)
+            graphs["decoder"] = build_fused_decoder(checkpoint.model, float_file, plan.decoder_precision, **at_build)
         else:
-            graphs["decoder"] = export_decoder(checkpoint.model, work / "decoder.onnx")
-    validation = {}
+            graphs["decoder"] = export_decoder(checkpoint.model, float_file)
     if plan.validate:
-        # The float graphs are checked before quantization: that checks the wiring tightly; the accuracy
-        # report (the last stage) then measures what 4-bit weights and the int8 cache cost.
-        with stage("Validating graphs against PyTorch on untraced shapes"):
-            validation.update(validate_vision(checkpoint.model, work / "vision_encoder.onnx", work / "projector.onnx", dtype))
-            if decoder == "gqa":
-                validation.update(validate_fused_decoder(checkpoint.model, work / "decoder.onnx", dtype))
-            else:
-                validation.update(validate_decoder(checkpoint.model, work / "decoder.onnx"))
-            print("      max |onnx - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in validation.items()), file=sys.stderr)
-    if plan.quantized and not quantize_at_build:
-        with stage(f"Quantizing the decoder: {quantized_parts}"):
-            if decoder == "gqa":  # built again, each weight quantized as it is read
-                graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", plan.decoder_precision, int4, kv_scales)
-            else:
-                quantize_decoder(graphs["decoder"], work, int4)
+        with stage("Running PyTorch on the validation cases and the accuracy prompts"):
+            validation_refs = references(checkpoint.model, decoder)
+            accuracy_refs = accuracy_references(checkpoint)
+    if float_beside:
+        with stage(f"Quantizing the decoder: {quantized_parts}"):  # built again from the weights, each quantized as it is read
+            float_spec = graphs["decoder"]
+            graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", plan.decoder_precision, int4, kv_scales)
     with stage("Writing embeddings, tokenizer, chat template and configs"):
         write_assets(checkpoint, work, np.float16 if plan.decoder_precision == "fp16" else np.float32)
+    if release_weights:  # (configs stay: the manifest reads them)
+        checkpoint.model.to("meta")
+        gc.collect()
+    validation = {}
+    if plan.validate:
+        # The float graphs are checked (the wiring, to a tight tolerance); the accuracy report (the last stage)
+        # then measures what 4-bit weights and the int8 cache cost in the shipped one.
+        with stage("Validating graphs against PyTorch on untraced shapes"):
+            validation = check(validation_refs, work / "vision_encoder.onnx", work / "projector.onnx", float_file, dtype)
+            print("      max |onnx - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in validation.items()), file=sys.stderr)
+        if float_beside:
+            for name in (float_spec.file, *float_spec.external_data):
+                (work / name).unlink()
+    if plan.quantized and decoder == "concat":
+        with stage(f"Quantizing the decoder: {quantized_parts}"):
+            quantize_decoder(graphs["decoder"], work, int4)
     with stage("Hashing files and writing the manifest"):
         manifest = build_manifest(checkpoint, graphs, work, plan.precision, validation)
         write_manifest(manifest, work)
     if plan.validate:
         with stage("Measuring accuracy against the fp32 PyTorch model (teacher-forced)"):
-            manifest.accuracy = accuracy_report(checkpoint, work)
+            manifest.accuracy = accuracy_report(accuracy_refs, work)
             write_manifest(manifest, work)
             a = manifest.accuracy
             print(f"      top-1 agreement {a['top1_agreement'] * 100:.1f}% over {a['positions']} positions, "

@@ -190,7 +190,7 @@ def build_fused_decoder(
     data_file = path.name + ".data"
     itemsize = 0.6 if int4 else np.dtype(dtype).itemsize  # 4 bits plus a scale per block, roughly
     external = sum(p.numel() for p in text_model.layers.parameters()) * itemsize > EXTERNAL_DATA_THRESHOLD
-    (path.parent / data_file).unlink(missing_ok=True)  # an earlier build's (the float graph before quantizing)
+    (path.parent / data_file).unlink(missing_ok=True)  # an earlier build's at this path
     with open(path.parent / data_file, "wb") if external else nullcontext() as data:
         g = _Graph(dtype, WeightWriter(data, data_file), int4)
         _build(g, model, config, text_model, kv_scales)

@@ -1,5 +1,9 @@
 """Each exported graph against PyTorch, on input shapes not used for tracing.
 
+Two halves, so the exporter never holds the PyTorch model and a graph's onnxruntime session at once (for a
+large model each is a full copy of its weights): `references(model, ...)` runs PyTorch on the cases and keeps
+inputs and outputs (a few MB); `check(references, folder)` later runs the graphs on them and compares.
+
 Tolerance (fp32): |onnx - torch| <= ATOL * max(1, max|torch|) + RTOL * |torch| elementwise. Both run the
 same fp32 math in a different order. On small models the differences are ~1e-6 relative, but they grow with
 depth, width and context: on a 10-layer, 1536-wide random model at 1100 tokens PyTorch's own fp32 logits differ
@@ -9,6 +13,7 @@ clear of that and still catches any real mismatch (a wrong mask, position or lay
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,49 +63,123 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+@dataclass
+class VisionCase:
+    pixels: np.ndarray  # [tiles, 3, H, W] float32
+    features: np.ndarray  # PyTorch's vision encoder output: the encoder's reference and the projector's input
+    projected: np.ndarray  # PyTorch's projector output
+
+
+@dataclass
+class DecoderRun:
+    """One run of a decoder graph: its inputs (numpy, as the graph takes them) and PyTorch's outputs."""
+
+    name: str
+    feed: dict[str, np.ndarray]
+    want: list[np.ndarray]  # logits, then (concat graphs) the present keys/values
+    real: np.ndarray | None = None  # concat: [B, 1, P + S, 1] bool, the positions whose keys/values count
+
+
+@dataclass
+class FusedSequence:
+    """Runs of a fused graph over the same shared buffers: a prompt, decode steps, maybe a continuation."""
+
+    batch: int
+    runs: list[DecoderRun] = field(default_factory=list)
+
+
+@dataclass
+class References:
+    """PyTorch's side of the validation: what `check` compares the graphs with."""
+
+    vision: list[VisionCase]
+    decoder_kind: str  # "gqa" (FusedSequence cases) or "concat" (DecoderRun cases)
+    decoder: list
+    kv_heads: int
+    head_dim: int
+
+
 @torch.no_grad()
-def validate_vision(model, encoder_path: Path, projector_path: Path, dtype=np.float32) -> dict[str, float]:
-    """Both graphs on 1 and 3 tiles; fp16 graphs get fp16 inputs and the fp16 bound."""
-    encoder, projector = _session(encoder_path), _session(projector_path)
+def references(model, decoder_kind: str) -> References:
+    """Runs PyTorch (fp32) on every validation case of the vision graphs and the decoder of `decoder_kind`."""
+    _, kv_heads, head_dim = text_geometry(model.config)
+    decoder = _fused_decoder_cases(model) if decoder_kind == "gqa" else _decoder_cases(model)
+    return References(_vision_cases(model), decoder_kind, decoder, kv_heads, head_dim)
+
+
+def check(refs: References, encoder_path: Path, projector_path: Path, decoder_path: Path, dtype=np.float32) -> dict[str, float]:
+    """Runs the graphs on the references' inputs; raises `ExportValidationError` where one differs beyond the
+    tolerance (fp16 graphs: fp16 inputs and the fp16 bound). Returns the largest differences."""
     tolerance = (ATOL, RTOL) if dtype == np.float32 else (FP16_ATOL, FP16_RTOL)
-    torch_encoder, torch_projector = VisionEncoder(model).eval(), Projector(model).eval()
-    size = model.config.vision_config.image_size
-    worst = {"vision_encoder": 0.0, "projector": 0.0}
-    generator = torch.Generator().manual_seed(1)
-    for tiles in VISION_TILES:
-        pixels = torch.randn(tiles, 3, size, size, generator=generator)
-        want = torch_encoder(pixels)
-        (got,) = encoder.run(None, {names.PIXEL_VALUES: pixels.numpy().astype(dtype)})
-        worst["vision_encoder"] = max(worst["vision_encoder"], _compare(f"vision_encoder ({tiles} tiles)", got, want.numpy(), tolerance=tolerance))
-        (got_proj,) = projector.run(None, {names.IMAGE_FEATURES: want.numpy().astype(dtype)})
-        want_proj = torch_projector(want).numpy()
-        worst["projector"] = max(worst["projector"], _compare(f"projector ({tiles} tiles)", got_proj, want_proj, tolerance=tolerance))
+    worst = _check_vision(refs.vision, encoder_path, projector_path, dtype, tolerance)
+    if refs.decoder_kind == "gqa":
+        worst.update(_check_fused_decoder(refs, decoder_path, dtype, tolerance))
+    else:
+        worst.update(_check_decoder(refs.decoder, decoder_path))
     return worst
 
 
-@torch.no_grad()
-def validate_decoder(model, decoder_path: Path) -> dict[str, float]:
-    session = _session(decoder_path)
+# -- vision -------------------------------------------------------------------------------------------
+
+
+def _vision_cases(model) -> list[VisionCase]:
+    """1 and 3 tiles of random pixels."""
+    torch_encoder, torch_projector = VisionEncoder(model).eval(), Projector(model).eval()
+    size = model.config.vision_config.image_size
+    generator = torch.Generator().manual_seed(1)
+    cases = []
+    for tiles in VISION_TILES:
+        pixels = torch.randn(tiles, 3, size, size, generator=generator)
+        features = torch_encoder(pixels)
+        cases.append(VisionCase(pixels.numpy(), features.numpy(), torch_projector(features).numpy()))
+    return cases
+
+
+def _check_vision(cases: list[VisionCase], encoder_path: Path, projector_path: Path, dtype, tolerance) -> dict[str, float]:
+    encoder, projector = _session(encoder_path), _session(projector_path)
+    worst = {"vision_encoder": 0.0, "projector": 0.0}
+    for case in cases:
+        tiles = len(case.pixels)
+        (got,) = encoder.run(None, {names.PIXEL_VALUES: case.pixels.astype(dtype)})
+        worst["vision_encoder"] = max(worst["vision_encoder"], _compare(f"vision_encoder ({tiles} tiles)", got, case.features, tolerance=tolerance))
+        (got,) = projector.run(None, {names.IMAGE_FEATURES: case.features.astype(dtype)})
+        worst["projector"] = max(worst["projector"], _compare(f"projector ({tiles} tiles)", got, case.projected, tolerance=tolerance))
+    return worst
+
+
+# -- concat decoder -----------------------------------------------------------------------------------
+
+
+def _decoder_cases(model) -> list[DecoderRun]:
     module = Decoder(model).eval()
     input_names, _ = decoder_io_names(text_geometry(model.config)[0])
-    worst_logits = worst_cache = 0.0
     generator = torch.Generator().manual_seed(2)
+    runs = []
     for batch, seq, past, padding in DECODER_CASES:
         mask = torch.ones(batch, past + seq, dtype=torch.long)
         mask[0, :padding] = 0
         embeds, mask, positions, cache = decoder_example(model, batch, seq, past, mask, generator)
-        want = module(embeds, mask, positions, cache)
+        want = [tensor.numpy() for tensor in module(embeds, mask, positions, cache)]
         feed = dict(zip(input_names, [embeds.numpy(), mask.numpy(), positions.numpy(), *[c.numpy() for c in cache]]))
-        got = session.run(None, feed)
-        case = f"decoder (batch {batch}, {seq} new, {past} past, {padding} padded)"
-        worst_logits = max(worst_logits, _compare(f"{case} logits", got[0], want[0].numpy()))
         # Padded positions attend to nothing; their keys/values are never read, and frameworks fill them differently.
         real = mask.numpy().astype(bool)[:, None, :, None]
-        for index, (g, w) in enumerate(zip(got[1:], want[1:])):
-            where = np.broadcast_to(real, g.shape)
-            worst_cache = max(worst_cache, _compare(f"{case} present {index}", g, w.numpy(), where))
+        runs.append(DecoderRun(f"decoder (batch {batch}, {seq} new, {past} past, {padding} padded)", feed, want, real))
+    return runs
+
+
+def _check_decoder(runs: list[DecoderRun], decoder_path: Path) -> dict[str, float]:
+    session = _session(decoder_path)
+    worst_logits = worst_cache = 0.0
+    for run in runs:
+        got = session.run(None, run.feed)
+        worst_logits = max(worst_logits, _compare(f"{run.name} logits", got[0], run.want[0]))
+        for index, (g, w) in enumerate(zip(got[1:], run.want[1:])):
+            where = np.broadcast_to(run.real, g.shape)
+            worst_cache = max(worst_cache, _compare(f"{run.name} present {index}", g, w, where))
     return {"decoder_logits": worst_logits, "decoder_present": worst_cache}
 
+
+# -- fused decoder ------------------------------------------------------------------------------------
 
 # Fused ("gqa") decoder cases. Prompts: right-padded rows of these lengths, one beyond a 1024-token sliding
 # window; then DECODE_STEPS single-token steps with the mask at the buffer's full width (as the runtime
@@ -112,43 +191,21 @@ DECODE_STEPS = 3
 FUSED_CAPACITY = 1200
 
 
-@torch.no_grad()
-def validate_fused_decoder(model, decoder_path: Path, dtype=np.float32) -> dict[str, float]:
-    """Runs the fused graph the way the runtime does (shared buffers, IO binding) against transformers."""
-    session = _session(decoder_path)
+def _fused_decoder_cases(model) -> list[FusedSequence]:
+    """transformers' language model on the cases above, with inputs laid out as the runtime feeds the graph."""
     text = model.config.text_config
-    _, kv_heads, head_dim = text_geometry(model.config)
     language_model, lm_head = model.model.language_model, model.lm_head
-    inputs = [i.name for i in session.get_inputs()][2:]
-    outputs = [o.name for o in session.get_outputs()][1:]
-    tolerance = (ATOL, RTOL) if dtype == np.float32 else (FP16_ATOL, FP16_RTOL)
-    generator = torch.Generator().manual_seed(3)
-    worst = 0.0
-
-    def run(embeds: np.ndarray, mask: np.ndarray, buffers: list) -> np.ndarray:
-        binding = session.io_binding()
-        binding.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=dtype))
-        binding.bind_cpu_input(names.ATTENTION_MASK, mask)
-        binding.bind_output(names.LOGITS, "cpu")
-        for past, present, value in zip(inputs, outputs, buffers):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
-
     cache_name = cache_argument(language_model)
+    generator = torch.Generator().manual_seed(3)
 
     def reference(embeds, mask, positions, cache):
         out = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_name: cache})
         return lm_head(out.last_hidden_state[:, -1]).numpy(), out.past_key_values
 
-    def check(case: str, got: np.ndarray, want: np.ndarray) -> None:
-        nonlocal worst
-        worst = max(worst, _compare(f"decoder, {case}", got, want, tolerance=tolerance))
-
+    sequences = []
     for lengths in FUSED_PROMPTS:
         batch, longest = len(lengths), max(lengths)
-        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, kv_heads, FUSED_CAPACITY, head_dim), dtype)) for _ in inputs]
+        sequence = FusedSequence(batch)
         embeds = torch.randn(batch, longest, text.hidden_size, generator=generator)
         mask = torch.zeros(batch, longest, dtype=torch.long)  # transformers: left padding
         for row, n in enumerate(lengths):
@@ -160,7 +217,7 @@ def validate_fused_decoder(model, decoder_path: Path, dtype=np.float32) -> dict[
         for row, n in enumerate(lengths):
             packed[row, :n] = embeds[row, longest - n :].numpy()
             ours_mask[row, :n] = 1
-        check(f"prompt of lengths {lengths}", run(packed, ours_mask, buffers), want)
+        sequence.runs.append(DecoderRun(f"prompt of lengths {lengths}", _fused_feed(packed, ours_mask), [want]))
         held = torch.tensor(lengths)
         for step in range(DECODE_STEPS):
             token = torch.randn(batch, 1, text.hidden_size, generator=generator)
@@ -168,11 +225,38 @@ def validate_fused_decoder(model, decoder_path: Path, dtype=np.float32) -> dict[
             want, cache = reference(token, mask, held[:, None], cache)
             held = held + 1
             full = (np.arange(FUSED_CAPACITY)[None] < held.numpy()[:, None]).astype(np.int64)
-            check(f"step {step + 1} after lengths {lengths}", run(token.numpy(), full, buffers), want)
+            sequence.runs.append(DecoderRun(f"step {step + 1} after lengths {lengths}", _fused_feed(token.numpy(), full), [want]))
         if batch == 1:
             chunk = torch.randn(1, 4, text.hidden_size, generator=generator)
             mask = torch.cat([mask, torch.ones(1, 4, dtype=torch.long)], dim=1)
             want, cache = reference(chunk, mask, held[:, None] + torch.arange(4)[None], cache)
             full = (np.arange(FUSED_CAPACITY)[None] < held.numpy()[:, None] + 4).astype(np.int64)
-            check(f"4-token continuation after {int(held[0])}", run(chunk.numpy(), full, buffers), want)
+            sequence.runs.append(DecoderRun(f"4-token continuation after {int(held[0])}", _fused_feed(chunk.numpy(), full), [want]))
+        sequences.append(sequence)
+    return sequences
+
+
+def _fused_feed(embeds: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {names.INPUTS_EMBEDS: embeds, names.ATTENTION_MASK: mask}
+
+
+def _check_fused_decoder(refs: References, decoder_path: Path, dtype, tolerance) -> dict[str, float]:
+    """Runs the fused graph the way the runtime does (shared buffers, IO binding) on each sequence."""
+    session = _session(decoder_path)
+    inputs = [i.name for i in session.get_inputs()][2:]
+    outputs = [o.name for o in session.get_outputs()][1:]
+    worst = 0.0
+    for sequence in refs.decoder:
+        shape = (sequence.batch, refs.kv_heads, FUSED_CAPACITY, refs.head_dim)
+        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for _ in inputs]
+        for run in sequence.runs:
+            binding = session.io_binding()
+            binding.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(run.feed[names.INPUTS_EMBEDS], dtype=dtype))
+            binding.bind_cpu_input(names.ATTENTION_MASK, run.feed[names.ATTENTION_MASK])
+            binding.bind_output(names.LOGITS, "cpu")
+            for past, present, value in zip(inputs, outputs, buffers):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            session.run_with_iobinding(binding)
+            worst = max(worst, _compare(f"decoder, {run.name}", binding.get_outputs()[0].numpy(), run.want[0], tolerance=tolerance))
     return {"decoder_logits": worst}

@@ -54,5 +54,5 @@ def read_tensor(tensor: TensorProto, folder: Path) -> np.ndarray:
     # every weight of a large graph in turn would make the process as large as the file.
     values = np.fromfile(folder / fields["location"], dtype=dtype, count=count, offset=int(fields.get("offset", 0)))
     if values.size != count:
-        raise ValueError(f"{fields['location']} is shorter than the graph says: tensor {tensor.name} is cut off")
+        raise OSError(f"{fields['location']} is shorter than the graph says: tensor {tensor.name} is cut off")
     return values.reshape(shape)

@@ -8,7 +8,7 @@ Prints a table relative to the model's fp16 size and writes JSON.
     python scripts/export_memory.py --work /tmp/export-memory [--json results.json] [--runs fp32 "concat int4"] [--validate]
 
 Without `--validate` the exports skip the PyTorch checks and the accuracy report (`--no-validate`); with it
-they run them, which holds the fp32 PyTorch model beside the bundle's sessions.
+they run them: the fp32 PyTorch model first (references), then, with its weights let go, the bundle's sessions.
 """
 
 from __future__ import annotations

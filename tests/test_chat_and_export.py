@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,10 +82,13 @@ def test_export_cli_tiny_end_to_end(tmp_path):
     bundle = tmp_path / "tiny"
     out = subprocess.run([sys.executable, "-m", "ortllava_export.cli", "--model", "tiny", "--output", str(bundle)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "[7/7] Measuring accuracy" in out.stderr and "Bundle written" in out.stderr
+    assert "[8/8] Measuring accuracy" in out.stderr and "Bundle written" in out.stderr
     assert json.loads((bundle / "manifest.json").read_text())["provenance"]["source"] == "tiny"
     info = subprocess.run([sys.executable, "-m", "ortllava.cli", "info", str(bundle)], capture_output=True, text=True, check=True)
     assert "MistralForCausalLM" in info.stdout
+    accuracy = json.loads((bundle / "manifest.json").read_text())["accuracy"]
+    assert f"top-1 agreement {accuracy['top1_agreement'] * 100:.1f}% over {accuracy['positions']} positions" in info.stdout
+    assert re.search(r"^load +[0-9.]+ s on CPUExecutionProvider", info.stdout, re.M) and "size        decoder" in info.stdout
     prompt, image = "[INST] <image>\nHi [/INST]", random_image(100, 80)
     result = ortllava.load(bundle, provider="cpu").generate(prompt=prompt, images=[image], max_new_tokens=3)
     assert result.token_ids == transformers_greedy("tiny", prompt, [image], 3)
@@ -161,7 +165,7 @@ def test_failed_export_removes_the_folders_it_created_and_keeps_an_earlier_bundl
     digests = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in earlier.iterdir()}  # noqa: E731
     before = digests()
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cli, "_export_into", fail)
@@ -172,8 +176,8 @@ def test_failed_export_removes_the_folders_it_created_and_keeps_an_earlier_bundl
 
 
 def test_non_finite_logits_fail_the_export_and_leave_nothing(tmp_path, monkeypatch):
-    """The quantized decoder that ships is built after validation: the accuracy report refuses it when its logits
-    are not finite (here: int4 scales broken on purpose)."""
+    """The quantized decoder that ships is not the validated float graph: the accuracy report runs it and refuses
+    it when its logits are not finite (here: int4 scales broken on purpose)."""
     from ortllava_export import fused_decoder
     from ortllava_export.cli import export_bundle
     from ortllava_export.validate import ExportValidationError
@@ -190,20 +194,35 @@ def test_non_finite_logits_fail_the_export_and_leave_nothing(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int4_bundle_keeps_no_float_weight_file(tmp_path, monkeypatch):
-    """The float graph (validated first) streams its weights to decoder.onnx.data; the int4 rebuild, small enough
-    to stay inline, removes that file rather than shipping it."""
-    from ortllava_export import fused_decoder
-    from ortllava_export.cli import export_bundle
+def test_validated_int4_export_lets_the_weights_go_first_and_ships_no_float_graph(tmp_path, monkeypatch, capfd):
+    """The float graph (validated) streams its weights to decoder.float.onnx.data, the int4 graph (small enough
+    to stay inline) is decoder.onnx; only the latter ships. The PyTorch weights the export loaded are let go
+    before any onnxruntime session loads a graph; the stages are numbered 1 to 10 in order."""
+    from ortllava_export import accuracy, cli, fused_decoder, validate
     from ortllava_export.tiny import TinySpec, build_model, build_tokenizer
 
     model = build_model(TinySpec(), build_tokenizer("mistral"))
     weights = sum(p.numel() for p in model.model.language_model.layers.parameters())
     monkeypatch.setattr(fused_decoder, "EXTERNAL_DATA_THRESHOLD", weights * 2)  # fp32 (4 B) external, int4 (~0.6 B) inline
-    bundle = export_bundle("tiny", tmp_path / "int4", precision="int4", target="cpu")
-    assert not (bundle / "decoder.onnx.data").exists()
+    loaded = []
+    load = cli.load_checkpoint
+    monkeypatch.setattr(cli, "load_checkpoint", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    released = []  # at each onnxruntime half: are all of the model's weights gone?
+    for module, name in ((validate, "check"), (accuracy, "accuracy_report")):
+        real = getattr(module, name)
+
+        def spy(*args, real=real, **kwargs):
+            released.append(all(p.is_meta for p in loaded[0].model.parameters()))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    bundle = cli.export_bundle("tiny", tmp_path / "int4", precision="int4", target="cpu")
+    assert sorted(p.name for p in bundle.glob("decoder*")) == ["decoder.onnx"]
     manifest = read_manifest(bundle)
-    assert manifest.graphs["decoder"].external_data == [] and "decoder.onnx.data" not in manifest.files
+    assert manifest.graphs["decoder"].external_data == [] and not [name for name in manifest.files if "float" in name]
+    assert released == [True, True]
+    stages = re.findall(r"^\[(\d+)/(\d+)\] .*: done in", capfd.readouterr().err, flags=re.M)
+    assert stages == [(str(i), "10") for i in range(1, 11)]
 
 
 @pytest.mark.parametrize("overrides, named", [

@@ -72,12 +72,12 @@ def test_accuracy_report_measures_against_pytorch(tiny_store, monkeypatch):
     """The report's figures come from comparing with PyTorch: half a logit added to one vocabulary entry at every
     decode step shows as a largest difference of 0.5 (the clean fp32 bundle's is ~1e-5)."""
     from ortllava.decoders import FusedDecoder
-    from ortllava_export.accuracy import accuracy_report
+    from ortllava_export.accuracy import accuracy_references, accuracy_report
     from ortllava_export.checkpoint import load_checkpoint
 
     tiny = tiny_store.get("mistral")
-    checkpoint = load_checkpoint(str(tiny.checkpoint))
-    clean = accuracy_report(checkpoint, tiny.bundle)
+    references = accuracy_references(load_checkpoint(str(tiny.checkpoint)))
+    clean = accuracy_report(references, tiny.bundle)
     step = FusedDecoder.step
 
     def shifted_step(self, cache):
@@ -86,7 +86,7 @@ def test_accuracy_report_measures_against_pytorch(tiny_store, monkeypatch):
         return logits
 
     monkeypatch.setattr(FusedDecoder, "step", shifted_step)
-    shifted = accuracy_report(checkpoint, tiny.bundle)
+    shifted = accuracy_report(references, tiny.bundle)
     assert clean["max_abs_logit_diff"] < 1e-4 and clean["top1_agreement"] == 1.0
     assert abs(shifted["max_abs_logit_diff"] - 0.5) < 1e-3 and shifted["mean_abs_logit_diff"] > clean["mean_abs_logit_diff"]
 
@@ -119,6 +119,7 @@ def test_int4_bundle_holds_matmulnbits_and_is_smaller(bundles, tiny_store):
     ops = [node.op_type for node in graph.graph.node]
     float_linears = [node for node in graph.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
     assert ops.count("MatMulNBits") == 4 * manifest.text.num_layers  # qkv, o_proj, gate_up, down_proj
+    assert not list(bundles["int4"].glob("decoder.float*"))  # the validated float graph is not shipped
     assert [node.name for node in float_linears] == ["lm_head"]  # kept in float unless --quantize-lm-head
     # --kv-cache auto: int8 for int4 with fp32 activations on the gqa decoder; float for the rest
     assert [read_manifest(bundles[name]).graphs["decoder"].kv_dtype for name in ("int4", "int4-concat", "fp16")] == ["int8", "", ""]
@@ -154,6 +155,12 @@ def test_concat_int4_streams_weight_by_weight_to_onnxruntimes_result(tiny_store,
     op_types = lambda model: sorted(node.op_type for node in model.graph.node)  # noqa: E731
     assert op_types(ours) == op_types(theirs) and op_types(ours).count("MatMulNBits") == 7 * read_manifest(bundle).text.num_layers
     assert sum(tensor.name == "lm_head.weight" for tensor in ours.graph.initializer) == 1  # the lm_head (a Gemm) stays fp32
+    # The same weights, byte for byte, under the same names (packed 4-bit blocks, scales, zero points).
+    ours_weights = {t.name: onnx.numpy_helper.to_array(t, str(tmp_path)) for t in ours.graph.initializer}
+    theirs_weights = {t.name: onnx.numpy_helper.to_array(t) for t in theirs.graph.initializer}
+    assert sorted(ours_weights) == sorted(theirs_weights)
+    for name, array in theirs_weights.items():
+        np.testing.assert_array_equal(ours_weights[name], array, err_msg=name)
 
     rng = np.random.default_rng(0)
     feeds = {}
@@ -370,6 +377,17 @@ def test_bench_refuses_unknown_precisions():
     assert run.returncode == 2 and "int8" in run.stderr
 
 
+def _prompt_then_steps(decoder, embeds: np.ndarray, mask: np.ndarray, steps: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Logits of a prompt `embeds [B, T, D]`, then of each step's embeddings `steps [n, B, 1, D]` (copies)."""
+    logits, cache = decoder.start(embeds, mask, capacity=capacity)
+    out = [logits.copy()]
+    for step in steps:
+        cache.step_embeds[...] = step
+        out.append(decoder.step(cache).copy())
+    decoder.release(cache)
+    return out
+
+
 def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
     """A long one-row prompt prefilled in CPU chunks (a partial last one included) gives the logits and the
     next steps of one run over the whole prompt."""
@@ -383,13 +401,7 @@ def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
 
     def run(chunk: int) -> list[np.ndarray]:
         monkeypatch.setattr(decoders, "CPU_PREFILL_CHUNK", chunk)
-        logits, cache = decoder.start(embeds, np.ones((1, 1000), np.int64), capacity=1010)
-        out = [logits.copy()]
-        for step in steps:
-            cache.step_embeds[...] = step
-            out.append(decoder.step(cache).copy())
-        decoder.release(cache)
-        return out
+        return _prompt_then_steps(decoder, embeds, np.ones((1, 1000), np.int64), steps, capacity=1010)
 
     extends = []
     extend = decoder.extend
@@ -420,12 +432,7 @@ def test_cpu_decode_steps_in_standard_ops_equal_the_op(tiny_store):
     steps = rng.standard_normal((3, 2, 1, pipe.manifest.text.hidden_size)).astype(np.float32)
 
     def run(capacity: int) -> list[np.ndarray]:
-        logits, cache = decoder.start(embeds, mask, capacity=capacity)
-        out = [logits.copy()]
-        for step in steps:
-            cache.step_embeds[...] = step
-            out.append(decoder.step(cache).copy())
-        decoder.release(cache)
+        out = _prompt_then_steps(decoder, embeds, mask, steps, capacity)
         decoder._spare = None  # the next run allocates its own capacity
         return out
 
