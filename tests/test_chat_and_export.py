@@ -277,8 +277,9 @@ def test_concat_export_without_validation_of_an_fp16_checkpoint_loads(tmp_path):
         result = ortllava.load(bundle, provider="cpu").generate(prompt=prompt, images=[image], max_new_tokens=2)
         if precision == "fp32":  # the fp16-stored weights, upcast, as transformers upcasts them
             assert result.token_ids == transformers_greedy(checkpoint, prompt, [image], 2)
-        else:
-            assert 1 <= len(result.token_ids) <= 2
+        else:  # 4-bit weights from the upcast fp16 ones (their accuracy is the accuracy report's business)
+            assert [n.op_type for n in graph.graph.node].count("MatMulNBits") == 7 * read_manifest(bundle).text.num_layers
+            assert len(result.token_ids) in (1, 2) and result.finish_reason in ("stop", "length")
 
 
 def test_export_cli_names_bad_checkpoint_folders(tmp_path):
