@@ -30,7 +30,8 @@ PROMPTS = [
 
 @dataclass
 class AccuracyCase:
-    messages: list  # the chat (an image and a question), as both sides read it
+    question: str
+    messages: list  # the chat (an image and the question), as both sides read it
     continuation: np.ndarray  # [NEW_TOKENS] int64: PyTorch's greedy continuation of the prompt
     logits: np.ndarray  # [NEW_TOKENS, V] float32: PyTorch's next-token logits along it (teacher forcing)
 
@@ -49,7 +50,7 @@ def accuracy_references(checkpoint) -> list[AccuracyCase]:
                 **inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
             )
         logits = torch.cat(out.logits, dim=0).float().numpy()
-        cases.append(AccuracyCase(messages, out.sequences[0, inputs["input_ids"].shape[1] :].numpy(), logits))
+        cases.append(AccuracyCase(question, messages, out.sequences[0, inputs["input_ids"].shape[1] :].numpy(), logits))
     return cases
 
 
@@ -77,9 +78,8 @@ def accuracy_report(references: list[AccuracyCase], bundle, provider: str = "cpu
         if not np.isfinite(ours).all():  # an fp16 overflow, or a broken quantization: no bundle rather than a wrong one
             from .validate import ExportValidationError
 
-            question = case.messages[0]["content"][1]["text"]
             raise ExportValidationError(
-                f"the bundle's logits are not finite on the accuracy prompt {question!r} ({int((~np.isfinite(ours)).sum())} values); "
+                f"the bundle's logits are not finite on the accuracy prompt {case.question!r} ({int((~np.isfinite(ours)).sum())} values); "
                 "its graphs would give wrong answers"
             )
 

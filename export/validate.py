@@ -1,8 +1,8 @@
 """Each exported graph against PyTorch, on input shapes not used for tracing.
 
 Two halves, so the exporter never holds the PyTorch model and a graph's onnxruntime session at once (for a
-large model each is a full copy of its weights): `references(model, ...)` runs PyTorch on the cases and keeps
-inputs and outputs (a few MB); `check(references, folder)` later runs the graphs on them and compares.
+large model each is a full copy of its weights): `references(model, kind)` runs PyTorch on the cases and keeps
+inputs and outputs (a few MB); `check(references, graph paths)` later runs the graphs on them and compares.
 
 Tolerance (fp32): |onnx - torch| <= ATOL * max(1, max|torch|) + RTOL * |torch| elementwise. Both run the
 same fp32 math in a different order. On small models the differences are ~1e-6 relative, but they grow with
