@@ -358,7 +358,8 @@ def test_bench_runs_and_reports(tmp_path):
         for key in ("preprocess_s", "time_to_first_token_s", "decode_ms_per_token", "total_s"):
             assert result["ortllava"][key] > 0 and report["transformers"][key] > 0
     fp32, int4 = report["precisions"]["fp32"], report["precisions"]["int4"]
-    assert fp32["token_agreement"] == 1.0 and fp32["tokens_identical"] is True
+    assert fp32["token_agreement"] == 1.0 and fp32["tokens_identical"] is True and fp32["same_prefix_tokens"] == 8
+    assert "fp32 True (the first 8 of 8 the same)" in run.stdout
     # The ratios are the report's own figures put together, as the table prints them.
     assert int4["ratios"]["decode_speedup_vs_first"] == pytest.approx(fp32["ortllava"]["decode_ms_per_token"] / int4["ortllava"]["decode_ms_per_token"])
     assert fp32["fraction_of_floor"] == pytest.approx(fp32["decode_floor_ms"] / fp32["ortllava"]["decode_ms_per_token"])

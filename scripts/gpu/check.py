@@ -132,7 +132,7 @@ def main() -> int:
             summary[f"bench_{name}"] = {"transformers": report["transformers"], "bandwidth_gb_s": report["bandwidth_gb_s"]}
             for precision, result in report["precisions"].items():
                 summary[f"bench_{name}"][precision] = {
-                    k: result[k] for k in ("ortllava", "ratios", "fraction_of_floor", "decode_floor_ms", "token_agreement", "decoder_file_bytes")
+                    k: result[k] for k in ("ortllava", "ratios", "fraction_of_floor", "decode_floor_ms", "token_agreement", "same_prefix_tokens", "decoder_file_bytes")
                 }
         except Exception as error:  # noqa: BLE001
             summary[f"bench_{name}"] = {"error": repr(error)}
