@@ -16,7 +16,7 @@ from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_manifest
-from .processor import Processor
+from .processor import Processor, is_chat_batch
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
 from .sessions import BundleSessions
 
@@ -369,7 +369,7 @@ def is_batch(prompt: Any, messages: Any) -> bool:
     if messages is not None:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError(f"messages must be a non-empty list of message dicts (a chat) or of chats, got {type(messages).__name__}")
-        batched = isinstance(messages[0], (list, tuple))
+        batched = is_chat_batch(messages)
         chats = messages if batched else [messages]
         for chat in chats:
             if not isinstance(chat, (list, tuple)) or not chat or not all(isinstance(message, dict) and "role" in message for message in chat):

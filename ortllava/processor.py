@@ -169,7 +169,7 @@ class Processor:
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this bundle has no chat template: pass chat_template=... or give a prompt string")
-        batched = bool(messages) and isinstance(messages[0], (list, tuple))
+        batched = is_chat_batch(messages)
         conversations = messages if batched else [messages]
         variables = {**self.manifest.special_tokens_map, **kwargs}
         prompts = [templates.render(template, list(c), add_generation_prompt=add_generation_prompt, **variables) for c in conversations]
@@ -190,6 +190,11 @@ class Processor:
 
     def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+
+def is_chat_batch(messages: Sequence[Any]) -> bool:
+    """Whether `messages` is a list of chats (each a list of message dicts) rather than one chat."""
+    return bool(messages) and isinstance(messages[0], (list, tuple))
 
 
 def images_in_messages(messages: list[dict]) -> list[ImageLike]:
