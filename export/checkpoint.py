@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +13,7 @@ from .families import Family, UnsupportedModelError, check_supported, default_ch
 
 @dataclass
 class Checkpoint:
-    model: object  # LlavaNextForConditionalGeneration, fp32, eval mode
+    model: object  # LlavaNextForConditionalGeneration in eval mode: fp32, or its decoder as stored (`load_checkpoint`)
     processor: object  # LlavaNextProcessor
     family: Family
     source: str  # what the user named
@@ -24,10 +25,10 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
     """`name`: a hub id, a local checkpoint folder (llava-hf or transformers-5 layout), or "tiny". `check_config`
     sees the model's config before any weight loads (and may raise).
 
-    The model is fp32 (the validation reference), unless `stored_dtype`: then the decoder keeps the dtype the
-    weights are stored in (fp16 for the llava-hf checkpoints), memory-mapped, and only the small vision tower,
-    projector and image newline are brought to fp32. The exporter converts decoder weights one at a time, so
-    an unvalidated export never holds a converted copy of the decoder.
+    The model is fp32, unless `stored_dtype`: then the decoder keeps the dtype the weights are stored in (fp16
+    or bf16 for the llava-hf checkpoints), memory-mapped, and only the small vision tower, projector and image
+    newline are brought to fp32. The fused exporter converts decoder weights one at a time, and PyTorch runs
+    such a model in fp32 under `computing_in_fp32`, so an export never holds a converted copy of the decoder.
     """
     import torch
     from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
@@ -70,6 +71,45 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
     commit = getattr(config, "_commit_hash", None) or revision
     origin = "checkpoint" if processor.chat_template else apply_default_template(processor, config.text_config.model_type, name)
     return Checkpoint(model, processor, family, name, commit, origin)
+
+
+@contextmanager
+def computing_in_fp32(model):
+    """Within the block, `model` computes exactly as its fp32 copy would (what transformers loads with
+    `dtype=torch.float32`), while its weights stay stored as they are.
+
+    Each module with fp16 or bf16 weights of its own gets them as fp32 copies for the length of its forward, then
+    its stored tensors back (still memory-mapped), so the converted weights held at any time are one module's.
+    Both conversions to fp32 are exact, and the embedding's fp32 output makes every activation fp32 from there
+    on, so the outputs are bit for bit those of the fp32 model (a test compares them), at the cost of converting
+    each weight once per forward. A model that is all fp32 runs unchanged.
+    """
+    import torch
+
+    if odd := [name for name, b in model.named_buffers() if b.is_floating_point() and b.dtype != torch.float32]:
+        raise RuntimeError(f"cannot compute in fp32 as the fp32 model would: buffers {', '.join(odd)} are stored narrower")
+    # module -> its own (not its children's) parameters stored in another float dtype
+    narrow = {m: ps for m in model.modules() if (ps := [p for p in m.parameters(recurse=False) if p.is_floating_point() and p.dtype != torch.float32])}
+    stored: dict = {}  # module -> its stored tensors, while its forward runs
+
+    def widen(module, args) -> None:
+        stored[module] = [p.data for p in narrow[module]]
+        for p in narrow[module]:
+            p.data = p.data.float()
+
+    def restore(module, args, output) -> None:
+        for p, data in zip(narrow[module], stored.pop(module)):
+            p.data = data
+
+    handles = [hook for m in narrow for hook in (m.register_forward_pre_hook(widen), m.register_forward_hook(restore))]
+    try:
+        yield model
+    finally:
+        for hook in handles:
+            hook.remove()
+        for module, tensors in stored.items():  # a forward that raised midway
+            for p, data in zip(narrow[module], tensors):
+                p.data = data
 
 
 def apply_default_template(processor, text_model_type: str, name: str) -> str:

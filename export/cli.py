@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ortllava.manifest import MANIFEST_FILE
 
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint
 from .quantize import Int4Options
 
 DEFAULT_HOME = Path("models") / "bundles"
@@ -105,14 +105,14 @@ def export_bundle(
 
     progress = Progress(_stage_count(plan))
     with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
-        # Unvalidated fused exports keep the decoder as stored (memory-mapped, converted one weight at a time);
-        # validation needs the fp32 reference, and the traced concat graph takes the dtype its weights have.
+        # Fused exports keep the decoder as stored (memory-mapped; the graph converts one weight at a time, PyTorch
+        # one module at a time: `computing_in_fp32`); the traced concat graph takes the dtype its weights have.
         owned = not isinstance(model, Checkpoint)  # loaded here: its weights may be let go once the graphs are built
         if not owned:
             check_config(model.model.config)
             checkpoint = model
         else:
-            checkpoint = load_checkpoint(model, revision, stored_dtype=not validate and decoder == "gqa", check_config=check_config)
+            checkpoint = load_checkpoint(model, revision, stored_dtype=decoder == "gqa", check_config=check_config)
     # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
     work = output.with_name(output.name + ".partial")
     created = [parent for parent in output.parents if not parent.exists()]  # nearest first
@@ -242,7 +242,7 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
                 convert_to_fp16(graphs[name], work)
     kv_scales = None
     if plan.kv_cache == "int8":
-        with stage("Calibrating the int8 key/value cache (PyTorch prefills of 3 prompts with images)"):
+        with stage("Calibrating the int8 key/value cache (PyTorch prefills of 3 prompts with images)"), computing_in_fp32(checkpoint.model):
             kv_scales = calibrate_kv_scales(checkpoint)
     # An unvalidated quantized fused decoder is built quantized at once. A validated one is built twice from the
     # weights: in float first (decoder.float.onnx, deleted once validated), then quantized (decoder.onnx).
@@ -260,7 +260,7 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
         else:
             graphs["decoder"] = export_decoder(checkpoint.model, float_file)
     if plan.validate:
-        with stage("Running PyTorch on the validation cases and the accuracy prompts"):
+        with stage("Running PyTorch on the validation cases and the accuracy prompts"), computing_in_fp32(checkpoint.model):
             validation_refs = references(checkpoint.model, decoder)
             accuracy_refs = accuracy_references(checkpoint)
     if float_beside:

@@ -282,6 +282,63 @@ def test_concat_export_without_validation_of_an_fp16_checkpoint_loads(tmp_path):
             assert len(result.token_ids) in (1, 2) and result.finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("family, stored", [("mistral", "float16"), ("qwen2", "bfloat16")])
+def test_a_narrow_checkpoint_computes_as_its_fp32_copy(tmp_path, family, stored):
+    """llava-hf checkpoints are stored in fp16 or bf16. A fused export keeps the decoder so, and computes its
+    references under `computing_in_fp32`: they must be bit for bit those of the model loaded in fp32."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    from ortllava_export.accuracy import accuracy_references
+    from ortllava_export.checkpoint import computing_in_fp32, load_checkpoint
+    from ortllava_export.kv_cache import calibrate_kv_scales
+    from ortllava_export.tiny import TinySpec, build_checkpoint
+    from ortllava_export.validate import references
+
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", TinySpec(family=family))
+    LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=getattr(torch, stored)).save_pretrained(checkpoint)
+    wide, narrow = load_checkpoint(str(checkpoint)), load_checkpoint(str(checkpoint), stored_dtype=True)
+    decoder = narrow.model.model.language_model
+    assert {p.dtype for p in decoder.parameters()} == {getattr(torch, stored)}
+
+    def outputs(checkpoint) -> list[np.ndarray]:
+        found = [a for case in accuracy_references(checkpoint) for a in (case.logits, case.continuation)]
+        refs = references(checkpoint.model, "gqa")
+        found += [w for sequence in refs.decoder for run in sequence.runs for w in run.want]
+        scales = calibrate_kv_scales(checkpoint)
+        return found + scales.keys + scales.values
+
+    want = outputs(wide)
+    with computing_in_fp32(narrow.model):
+        got = outputs(narrow)
+        with pytest.raises(Exception):  # a forward that fails midway still gives the stored weights back
+            decoder(inputs_embeds=torch.zeros(1, 2, 3))
+    assert len(got) == len(want) and all(g.dtype == w.dtype and np.array_equal(g, w) for g, w in zip(got, want))
+    assert {p.dtype for p in decoder.parameters()} == {getattr(torch, stored)}
+
+
+def test_validated_fused_export_of_an_fp16_checkpoint_keeps_it_fp16(tmp_path, monkeypatch):
+    """The validated export's PyTorch side runs on the fp16-stored decoder (no fp32 copy of it), and the
+    bundle still answers as transformers' fp32 model does."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    from ortllava_export import cli
+    from ortllava_export.tiny import build_checkpoint
+
+    checkpoint = build_checkpoint(tmp_path / "checkpoint")
+    LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float16).save_pretrained(checkpoint)
+    loaded = []
+    load = cli.load_checkpoint
+    monkeypatch.setattr(cli, "load_checkpoint", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    bundle = cli.export_bundle(str(checkpoint), tmp_path / "fp32")
+    assert {p.dtype for p in loaded[0].model.model.language_model.parameters()} == {torch.float16}
+    assert read_manifest(bundle).accuracy["top1_agreement"] == 1.0
+    prompt, image = "[INST] <image>\nHi [/INST]", random_image(90, 60)
+    result = ortllava.load(bundle, provider="cpu").generate(prompt=prompt, images=[image], max_new_tokens=4)
+    assert result.token_ids == transformers_greedy(checkpoint, prompt, [image], 4)
+
+
 def test_export_cli_names_bad_checkpoint_folders(tmp_path):
     from ortllava_export.tiny import build_checkpoint
 
