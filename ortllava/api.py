@@ -37,19 +37,23 @@ class Pipeline:
 
     def __init__(
         self, bundle: str | Path, provider: str = "auto", verify: bool = True, io_binding: bool | None = None,
-        threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False,
+        threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False, prepack: bool = True,
     ):
         """`provider`: "auto" (CUDA when present), "cpu" or "cuda". `verify` checks every file's sha256.
         `io_binding` keeps keys/values on the device between steps (default: on with CUDA and for "gqa"
         decoders). `max_length` preallocates a "gqa" decoder's key/value buffers to that many positions once,
         so every generation has the same shapes (otherwise they grow as needed and are reused). `cuda_graph`
         captures the decode step in a CUDA graph and replays it (CUDA and "gqa" only; falls back with a warning); its
-        buffers are `max_length` long, 8192 positions by default.
+        buffers are `max_length` long, 8192 positions by default. `prepack` (CPU): onnxruntime repacks the float
+        weights of MatMuls into the process's memory as it loads a graph, for its fastest prompt kernels;
+        `prepack=False` leaves them where they are, memory-mapped from the bundle's data files: loading is nearly
+        instant and uses little memory of its own (the weights stay in the page cache, shared between processes),
+        while short prompts run up to ~2x slower (DESIGN.md, "Measured"). 4-bit decoders are always repacked.
         """
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
-        self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph)
+        self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph, prepack)
         self.embed_table = np.load(self.bundle / EMBED_TOKENS_FILE, mmap_mode="r")  # [V, D]
         self.image_newline = np.load(self.bundle / IMAGE_NEWLINE_FILE)  # [D]
         config_path = self.bundle / GENERATION_CONFIG_FILE

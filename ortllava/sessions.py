@@ -34,12 +34,16 @@ def resolve_providers(provider: str) -> list[str]:
     raise ValueError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}")
 
 
-def create_session(path: Path, providers: list, threads: int | None = None) -> ort.InferenceSession:
-    """`providers`: names, or (name, options) pairs as onnxruntime takes them."""
+def create_session(path: Path, providers: list, threads: int | None = None, prepack: bool = True) -> ort.InferenceSession:
+    """`providers`: names, or (name, options) pairs as onnxruntime takes them. `prepack=False`: the CPU kernels
+    leave the weights as the graph has them (memory-mapped where they are in a data file) instead of repacking
+    them into the session's memory."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for damaged graphs
@@ -93,7 +97,7 @@ class BundleSessions:
 
     def __init__(
         self, bundle: Path, manifest: Manifest, provider: str = "auto", io_binding: bool | None = None,
-        threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False,
+        threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False, prepack: bool = True,
     ):
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1):
             raise ValueError(f"max_length must be a positive number of positions, got {max_length!r}")
@@ -125,12 +129,14 @@ class BundleSessions:
         self.device = device
         sessions = {}
         for name in ("vision_encoder", "projector"):
-            sessions[name] = create_session(bundle / manifest.graphs[name].file, self.providers, threads)
+            sessions[name] = create_session(bundle / manifest.graphs[name].file, self.providers, threads, prepack)
         # CUDA graphs replay the decode step; they need static shapes (a fixed buffer length) and a fused decoder.
         self.cuda_graph = bool(cuda_graph and on_cuda and fused)
         if cuda_graph and not self.cuda_graph:
             warnings.warn("cuda_graph needs the CUDA provider and a 'gqa' decoder; running without CUDA graphs", stacklevel=3)
-        sessions["decoder"] = self._decoder_session(bundle / manifest.graphs["decoder"].file, threads)
+        # MatMulNBits (4-bit weights) computes only from its repacked weights: without them it is ~30x slower.
+        prepack = prepack or bool(manifest.graphs["decoder"].quantization)
+        sessions["decoder"] = self._decoder_session(bundle / manifest.graphs["decoder"].file, threads, prepack)
         for name, session in sessions.items():
             _check_io(session, manifest.graphs[name], name)
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
@@ -139,14 +145,14 @@ class BundleSessions:
             max_length = CUDA_GRAPH_DEFAULT_LENGTH  # the decoder clamps it to the positions its graph serves
         self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph)
 
-    def _decoder_session(self, path: Path, threads: int | None) -> ort.InferenceSession:
+    def _decoder_session(self, path: Path, threads: int | None, prepack: bool) -> ort.InferenceSession:
         if self.cuda_graph:
             try:
-                return create_session(path, [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"], threads)
+                return create_session(path, [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"], threads, prepack)
             except BundleError as error:  # e.g. a node the CUDA provider does not take: graphs cannot be captured
                 warnings.warn(f"CUDA graphs unavailable for this decoder ({error}); running without them", stacklevel=3)
                 self.cuda_graph = False
-        return create_session(path, self.providers, threads)
+        return create_session(path, self.providers, threads, prepack)
 
     @property
     def provider(self) -> str:

@@ -8,7 +8,8 @@ Prints a table relative to the model's fp16 size and writes JSON.
     python scripts/export_memory.py --work /tmp/export-memory [--json results.json] [--runs fp32 "concat int4"] [--validate]
 
 Without `--validate` the exports skip the PyTorch checks and the accuracy report (`--no-validate`); with it
-they run them: the fp32 PyTorch model first (references), then, with its weights let go, the bundle's sessions.
+they run them: PyTorch first (the references, computed in fp32 from the weights as stored), then, with its
+weights let go, the bundle's sessions.
 """
 
 from __future__ import annotations

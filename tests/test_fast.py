@@ -290,6 +290,29 @@ def test_fp16_bundle_generates_on_cpu(bundles, tiny_store):
     assert result.token_ids == _fp32_greedy(tiny_store, random_image(500, 300, seed=3))
 
 
+def test_weights_left_unpacked_answer_the_same(bundles, tiny_store):
+    """`prepack=False` leaves the float weights as the bundle has them (memory-mapped where they are in a data
+    file): same tokens (the fp32 bundle's are transformers'); a 4-bit decoder is repacked all the same."""
+
+    def unpacked(pipe) -> list[bool]:
+        sessions = (pipe.sessions.vision.encoder, pipe.sessions.vision.projector, pipe.sessions.decoder.session)
+        return [_session_config(s, "session.disable_prepacking") == "1" for s in sessions]
+
+    image = random_image(500, 300, seed=3)
+    pipe = ortllava.load(tiny_store.get("mistral").bundle, provider="cpu", prepack=False)
+    assert unpacked(pipe) == [True, True, True]
+    assert pipe.generate(prompt=PROMPT, images=[image], max_new_tokens=8, min_new_tokens=8).token_ids == _fp32_greedy(tiny_store, image)
+    assert unpacked(ortllava.load(tiny_store.get("mistral").bundle, provider="cpu")) == [False, False, False]
+    assert unpacked(ortllava.load(bundles["int4"], provider="cpu", prepack=False)) == [True, True, False]
+
+
+def _session_config(session, key: str) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # onnxruntime: no such entry
+        return None
+
+
 def test_fused_decoder_reuses_its_buffers(mistral):
     pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=4096)
     decoder = pipe.sessions.decoder
