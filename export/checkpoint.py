@@ -28,7 +28,7 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
     The model is fp32, unless `stored_dtype`: then the decoder keeps the dtype the weights are stored in (fp16
     or bf16 for the llava-hf checkpoints), memory-mapped, and only the small vision tower, projector and image
     newline are brought to fp32. The fused exporter converts decoder weights one at a time, and PyTorch runs
-    such a model in fp32 under `computing_in_fp32`, so an export never holds a converted copy of the decoder.
+    such a model in fp32 under `computing_in_fp32`, so PyTorch never holds a converted copy of the decoder.
     """
     import torch
     from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
@@ -79,7 +79,8 @@ def computing_in_fp32(model):
     `dtype=torch.float32`), while its weights stay stored as they are.
 
     Each module with fp16 or bf16 weights of its own gets them as fp32 copies for the length of its forward, then
-    its stored tensors back (still memory-mapped), so the converted weights held at any time are one module's.
+    its stored tensors back (still memory-mapped), so the converted weights held at any time are one module's own
+    (a linear layer's, the embedding table's).
     Both conversions to fp32 are exact, and the embedding's fp32 output makes every activation fp32 from there
     on, so the outputs are bit for bit those of the fp32 model (a test compares them), at the cost of converting
     each weight once per forward. A model that is all fp32 runs unchanged.
@@ -87,7 +88,10 @@ def computing_in_fp32(model):
     import torch
 
     if odd := [name for name, b in model.named_buffers() if b.is_floating_point() and b.dtype != torch.float32]:
-        raise RuntimeError(f"cannot compute in fp32 as the fp32 model would: buffers {', '.join(odd)} are stored narrower")
+        raise UnsupportedModelError(
+            f"cannot compute as the fp32 model would: this transformers loads buffers {', '.join(odd)} in a narrower dtype "
+            "(their fp32 values are lost); export with --decoder concat, which loads the model in fp32"
+        )
     # module -> its own (not its children's) parameters stored in another float dtype
     narrow = {m: ps for m in model.modules() if (ps := [p for p in m.parameters(recurse=False) if p.is_floating_point() and p.dtype != torch.float32])}
     stored: dict = {}  # module -> its stored tensors, while its forward runs
@@ -101,15 +105,12 @@ def computing_in_fp32(model):
         for p, data in zip(narrow[module], stored.pop(module)):
             p.data = data
 
-    handles = [hook for m in narrow for hook in (m.register_forward_pre_hook(widen), m.register_forward_hook(restore))]
+    handles = [hook for m in narrow for hook in (m.register_forward_pre_hook(widen), m.register_forward_hook(restore, always_call=True))]
     try:
         yield model
     finally:
         for hook in handles:
             hook.remove()
-        for module, tensors in stored.items():  # a forward that raised midway
-            for p, data in zip(narrow[module], tensors):
-                p.data = data
 
 
 def apply_default_template(processor, text_model_type: str, name: str) -> str:

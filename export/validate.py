@@ -61,7 +61,8 @@ def _session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # fp16 graphs on the CPU warn about casts they insert
     # The weights stay memory-mapped from the graph's data file rather than repacked into this process: the
-    # checks run a few times, and the export's peak memory stays below one copy of an fp32 decoder.
+    # checks run a few times, and an fp32 graph then costs the export no copy of its weights (an fp16 one still
+    # gets fp32 casts of them: the CPU provider has no fp16 MatMul).
     options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 

@@ -48,7 +48,7 @@ class Pipeline:
         weights of MatMuls into the process's memory as it loads a graph, for its fastest prompt kernels;
         `prepack=False` leaves them where they are, memory-mapped from the bundle's data files: loading is nearly
         instant and uses little memory of its own (the weights stay in the page cache, shared between processes),
-        while short prompts run up to ~2x slower (DESIGN.md, "Measured"). 4-bit decoders are always repacked.
+        while short prompts run ~2x slower (DESIGN.md, "Measured"). 4-bit decoders are always repacked.
         """
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
