@@ -80,10 +80,10 @@ def computing_in_fp32(model):
 
     Each module with fp16 or bf16 weights of its own gets them as fp32 copies for the length of its forward, then
     its stored tensors back (still memory-mapped), so the converted weights held at any time are one module's own
-    (a linear layer's, the embedding table's).
-    Both conversions to fp32 are exact, and the embedding's fp32 output makes every activation fp32 from there
-    on, so the outputs are bit for bit those of the fp32 model (a test compares them), at the cost of converting
-    each weight once per forward. A model that is all fp32 runs unchanged.
+    (a linear layer's, the embedding table's). Widening fp16 or bf16 to fp32 is exact, and the embedding's fp32
+    output makes every activation fp32 from there on, so the outputs are bit for bit those of the fp32 model (a
+    test compares them), at the cost of converting each weight once per forward. A model that is all fp32 runs
+    unchanged.
     """
     import torch
 

@@ -101,6 +101,8 @@ class BundleSessions:
     ):
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1):
             raise ValueError(f"max_length must be a positive number of positions, got {max_length!r}")
+        if not isinstance(prepack, bool):
+            raise TypeError(f"prepack must be True or False, got {prepack!r}")
         self.providers = resolve_providers(provider)
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
         fused = manifest.graphs["decoder"].kind == "gqa"

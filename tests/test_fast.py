@@ -304,6 +304,8 @@ def test_weights_left_unpacked_answer_the_same(bundles, tiny_store):
     assert pipe.generate(prompt=PROMPT, images=[image], max_new_tokens=8, min_new_tokens=8).token_ids == _fp32_greedy(tiny_store, image)
     assert unpacked(ortllava.load(tiny_store.get("mistral").bundle, provider="cpu")) == [False, False, False]
     assert unpacked(ortllava.load(bundles["int4"], provider="cpu", prepack=False)) == [True, True, False]
+    with pytest.raises(TypeError, match="prepack must be True or False"):
+        ortllava.load(tiny_store.get("mistral").bundle, provider="cpu", prepack="no")
 
 
 def _session_config(session, key: str) -> str | None:
