@@ -128,7 +128,8 @@ def _bias(*linears) -> torch.Tensor | None:
 
 def _rotary_tables(text_model, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin `[positions, head_dim / 2]`, computed by the checkpoint's own rotary module (rope scaling included)."""
-    # A fresh module in fp32: a checkpoint read in fp16 carries inv_freq rounded to fp16.
+    # A fresh module in fp32, whatever dtype the checkpoint was read in: the tables then never depend on how this
+    # transformers loads inv_freq (5.24 keeps it fp32; `computing_in_fp32` refuses a narrower one for PyTorch's side).
     rotary = type(text_model.rotary_emb)(config=text_model.config)
     position_ids = torch.arange(positions, dtype=torch.long)[None]
     probe = torch.zeros(1, dtype=torch.float32)
