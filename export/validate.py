@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 
 from ortllava import manifest as names
+from ortllava import sessions as runtime_sessions
 
 from .convert import decoder_example, decoder_io_names
 from .wrappers import Decoder, Projector, VisionEncoder, cache_argument, text_geometry
@@ -57,13 +58,15 @@ def _compare(name: str, got: np.ndarray, want: np.ndarray, where: np.ndarray | N
     return worst
 
 
-def _session(path: Path) -> ort.InferenceSession:
+def _session(path: Path, fp16: bool = False) -> ort.InferenceSession:
+    """A CPU session that checks the graph with its weights as stored: memory-mapped, not repacked, and fp16 ones
+    cast as they are read rather than into an fp32 copy at load. The checks run a few times, and the export
+    then holds no second copy of the weights."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # fp16 graphs on the CPU warn about casts they insert
-    # The weights stay memory-mapped from the graph's data file rather than repacked into this process: the
-    # checks run a few times, and an fp32 graph then costs the export no copy of its weights (an fp16 one still
-    # gets fp32 casts of them: the CPU provider has no fp16 MatMul).
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    runtime_sessions.leave_weights_unpacked(options)
+    if fp16:
+        runtime_sessions.cast_fp16_weights_as_read(options)
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -140,7 +143,8 @@ def _vision_cases(model) -> list[VisionCase]:
 
 
 def _check_vision(cases: list[VisionCase], encoder_path: Path, projector_path: Path, dtype, tolerance) -> dict[str, float]:
-    encoder, projector = _session(encoder_path), _session(projector_path)
+    fp16 = dtype == np.float16
+    encoder, projector = _session(encoder_path, fp16), _session(projector_path, fp16)
     worst = {"vision_encoder": 0.0, "projector": 0.0}
     for case in cases:
         tiles = len(case.pixels)
@@ -246,7 +250,7 @@ def _fused_feed(embeds: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
 
 def _check_fused_decoder(refs: References, decoder_path: Path, dtype, tolerance) -> dict[str, float]:
     """Runs the fused graph the way the runtime does (shared buffers, IO binding) on each sequence."""
-    session = _session(decoder_path)
+    session = _session(decoder_path, dtype == np.float16)
     inputs = [i.name for i in session.get_inputs()][2:]
     outputs = [o.name for o in session.get_outputs()][1:]
     worst = 0.0

@@ -34,16 +34,40 @@ def resolve_providers(provider: str) -> list[str]:
     raise ValueError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}")
 
 
-def create_session(path: Path, providers: list, threads: int | None = None, prepack: bool = True) -> ort.InferenceSession:
+def leave_weights_unpacked(options: ort.SessionOptions) -> None:
+    """The CPU kernels use the weights as the graph stores them (memory-mapped where they are in a data file)
+    instead of repacking them into the process at load (prompts run slower)."""
+    options.add_session_config_entry("session.disable_prepacking", "1")
+
+
+def cast_fp16_weights_as_read(options: ort.SessionOptions) -> None:
+    """For a graph with fp16 weights on the CPU provider, which (on x86) has no fp16 MatMul and casts each such
+    weight to fp32: by default those casts are folded at load, a whole fp32 copy of the model in the process.
+    These settings leave them unfolded (no graph optimizations: the decoder is built fused, the vision graphs
+    lose a few fusions), run them in priority-based order (onnxruntime appends the casts it inserts, so each
+    runs last among the nodes ready, just before the node that reads it) and without an arena (which would keep
+    the largest cast's buffer). A few weights are in fp32 at once (a layer's q/k/v at most), and every run,
+    so every decode step, casts them all again (a 1B decoder: ~0.7 s more per run on 2 cores)."""
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.enable_cpu_mem_arena = False
+
+
+def create_session(
+    path: Path, providers: list, threads: int | None = None, prepack: bool = True, fp16_as_stored: bool = False,
+) -> ort.InferenceSession:
     """`providers`: names, or (name, options) pairs as onnxruntime takes them. `prepack=False`: the CPU kernels
-    leave the weights as the graph has them (memory-mapped where they are in a data file) instead of repacking
-    them into the session's memory."""
+    do not repack the weights (`leave_weights_unpacked`). `fp16_as_stored`: the graph's fp16 weights stay fp16
+    on the CPU provider, cast as they are read (`cast_fp16_weights_as_read`)."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # (cast_fp16_weights_as_read turns it off)
     if threads:
         options.intra_op_num_threads = threads
     if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        leave_weights_unpacked(options)
+    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if fp16_as_stored and first == "CPUExecutionProvider":
+        cast_fp16_weights_as_read(options)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for damaged graphs
@@ -131,14 +155,17 @@ class BundleSessions:
         self.device = device
         sessions = {}
         for name in ("vision_encoder", "projector"):
-            sessions[name] = create_session(bundle / manifest.graphs[name].file, self.providers, threads, prepack)
+            spec = manifest.graphs[name]
+            sessions[name] = create_session(bundle / spec.file, self.providers, threads, prepack, not prepack and spec.dtype == "float16")
         # CUDA graphs replay the decode step; they need static shapes (a fixed buffer length) and a fused decoder.
         self.cuda_graph = bool(cuda_graph and on_cuda and fused)
         if cuda_graph and not self.cuda_graph:
             warnings.warn("cuda_graph needs the CUDA provider and a 'gqa' decoder; running without CUDA graphs", stacklevel=3)
         # MatMulNBits (4-bit weights) computes only from its repacked weights: without them it is ~30x slower.
-        prepack = prepack or bool(manifest.graphs["decoder"].quantization)
-        sessions["decoder"] = self._decoder_session(bundle / manifest.graphs["decoder"].file, threads, prepack)
+        # Its float weights (an fp16 lm_head) still stay fp16 with prepack=False.
+        spec = manifest.graphs["decoder"]
+        fp16_as_stored = not prepack and spec.dtype == "float16"
+        sessions["decoder"] = self._decoder_session(bundle / spec.file, threads, prepack or bool(spec.quantization), fp16_as_stored)
         for name, session in sessions.items():
             _check_io(session, manifest.graphs[name], name)
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
@@ -147,14 +174,14 @@ class BundleSessions:
             max_length = CUDA_GRAPH_DEFAULT_LENGTH  # the decoder clamps it to the positions its graph serves
         self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph)
 
-    def _decoder_session(self, path: Path, threads: int | None, prepack: bool) -> ort.InferenceSession:
+    def _decoder_session(self, path: Path, threads: int | None, prepack: bool, fp16_as_stored: bool) -> ort.InferenceSession:
         if self.cuda_graph:
             try:
                 return create_session(path, [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"], threads, prepack)
             except BundleError as error:  # e.g. a node the CUDA provider does not take: graphs cannot be captured
                 warnings.warn(f"CUDA graphs unavailable for this decoder ({error}); running without them", stacklevel=3)
                 self.cuda_graph = False
-        return create_session(path, self.providers, threads, prepack)
+        return create_session(path, self.providers, threads, prepack, fp16_as_stored)
 
     @property
     def provider(self) -> str:
