@@ -354,19 +354,19 @@ def test_fp16_weights_left_as_stored_are_cast_as_they_are_read(bundles, tiny_sto
     casts, most = most_weights_in_fp32_at_once(manifest.graphs["vision_encoder"].file, {"pixel_values": np.zeros((2, 3, size, size), np.float16)})
     assert (casts > 0 or not x86) and most <= 3  # q, k and v read the same normed input
 
-    def uncast(session) -> bool:
+    def casts_as_read(session) -> bool:
         options = session.get_session_options()
         return (options.graph_optimization_level, options.execution_order, options.enable_cpu_mem_arena) == (
             ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.ExecutionOrder.PRIORITY_BASED, False)
 
     with pytest.warns(UserWarning, match="fp16 activations"):
         pipe = ortllava.load(bundles["fp16"], provider="cpu", prepack=False)
-    assert all(uncast(s) for s in (pipe.sessions.vision.encoder, pipe.sessions.vision.projector, pipe.sessions.decoder.session))
+    assert all(casts_as_read(s) for s in (pipe.sessions.vision.encoder, pipe.sessions.vision.projector, pipe.sessions.decoder.session))
     result = pipe.generate(prompt=PROMPT, images=[random_image(500, 300, seed=3)], max_new_tokens=8, min_new_tokens=8)
     assert result.token_ids == _fp32_greedy(tiny_store, random_image(500, 300, seed=3))
     with pytest.warns(UserWarning, match="fp16 activations"):  # prepacked (the default): fp32 copies, fast runs
-        assert not uncast(ortllava.load(bundles["fp16"], provider="cpu").sessions.decoder.session)
-    assert not uncast(ortllava.load(tiny_store.get("mistral").bundle, provider="cpu", prepack=False).sessions.decoder.session)  # fp32
+        assert not casts_as_read(ortllava.load(bundles["fp16"], provider="cpu").sessions.decoder.session)
+    assert not casts_as_read(ortllava.load(tiny_store.get("mistral").bundle, provider="cpu", prepack=False).sessions.decoder.session)  # fp32
 
     # A validated fp16 export: its three checks and the accuracy report's three sessions all cast as they read.
     calls = []
