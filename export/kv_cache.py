@@ -59,7 +59,8 @@ def calibrate_kv_scales(checkpoint) -> KVScales:
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
         inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         with torch.no_grad():
-            cache = model(**inputs, use_cache=True).past_key_values
+            # Only the cache is wanted: one position's logits, not every position's (2k x vocab floats).
+            cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
         # [1, n_kv, T, head_dim] per layer -> largest |x| per head and channel: [n_kv, 1, head_dim]
         layer_keys = [layer.keys.abs().amax(dim=(0, 2))[:, None, :].float().numpy() for layer in cache.layers]
         layer_values = [layer.values.abs().amax(dim=(0, 2))[:, None, :].float().numpy() for layer in cache.layers]
