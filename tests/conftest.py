@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ortllava
+
 # Configurations covering the three decoders, a single feature layer and a list of them, and both layouts.
 # Bundles get the fused ("gqa") decoder unless `decoder` says otherwise.
 CONFIGS = {
@@ -29,6 +31,9 @@ CONFIGS = {
     "qwen2-152k": dict(family="qwen2", vocab_size=152064, layout="llava-hf"),
     "granite": dict(family="granite", layout="llava-hf"),
 }
+
+
+PROMPT = "[INST] <image>\nWhat is shown in this image? [/INST]"  # Mistral's format, one image
 
 
 @dataclass
@@ -170,3 +175,17 @@ def user(*content) -> list[dict]:
     """A one-message chat: a user turn of images and strings, in order."""
     items = [{"type": "image", "image": c} if not isinstance(c, str) else {"type": "text", "text": c} for c in content]
     return [{"role": "user", "content": items}]
+
+
+def one_prefill_and_grown_extend(bundle):
+    """Logits of one 300-token prefill, and of 100 tokens prefilled into a 100-position cache, grown by `reserve`
+    to 300 (past the 256 positions the first prefill asked for) and continued by `extend`; and that cache."""
+    pipe = ortllava.load(bundle, provider="cpu")
+    decoder = pipe.sessions.decoder
+    embeds = np.random.default_rng(0).standard_normal((1, 300, pipe.manifest.text.hidden_size)).astype(np.float32)
+    want, whole = decoder.start(embeds, np.ones((1, 300), np.int64), capacity=300)
+    want = want.copy()
+    decoder.release(whole)
+    _, cache = decoder.start(embeds[:, :100], np.ones((1, 100), np.int64), capacity=100)
+    cache = decoder.reserve(cache, 300)
+    return want, decoder.extend(embeds[:, 100:], cache), cache

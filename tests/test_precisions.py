@@ -1,12 +1,10 @@
-"""The fast paths: fp16 and int4 bundles (accuracy held to floors), the fused decoder's buffers, CUDA-graph
-fallback, and the benchmark. Greedy parity of the fused fp32 decoder is in test_generation (every config)."""
+"""Bundles in other precisions than fp32: fp16, int4 (fused and concat decoders) and the int8 key/value cache,
+their accuracy held to floors, and how their weights load (`prepack`). The fused decoder's buffers are in
+test_fused_decoder, the benchmark in test_bench, greedy parity of the fp32 bundles in test_generation."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +13,7 @@ import pytest
 import ortllava
 from ortllava.manifest import read_manifest
 
-from conftest import random_image
-
-PROMPT = "[INST] <image>\nWhat is shown in this image? [/INST]"
+from conftest import PROMPT, one_prefill_and_grown_extend, random_image
 
 # Floors for the accuracy report (export/accuracy.py: 3 prompts x 24 teacher-forced positions against the fp32
 # PyTorch model), set from measurement on the tiny Mistral checkpoint of conftest:
@@ -243,24 +239,10 @@ def test_int8_cache_prompts_attend_in_float_and_both_branches_quantize_alike(bun
             np.testing.assert_array_equal(stored[row, :, held], expected[row, :, held])  # the step's int8 kernel
 
 
-def _one_prefill_and_grown_extend(bundle):
-    """Logits of one 300-token prefill, and of 100 tokens prefilled into a 100-position cache, grown by `reserve`
-    to 300 (past the 256 positions the first prefill asked for) and continued by `extend`; and that cache."""
-    pipe = ortllava.load(bundle, provider="cpu")
-    decoder = pipe.sessions.decoder
-    embeds = np.random.default_rng(0).standard_normal((1, 300, pipe.manifest.text.hidden_size)).astype(np.float32)
-    want, whole = decoder.start(embeds, np.ones((1, 300), np.int64), capacity=300)
-    want = want.copy()
-    decoder.release(whole)
-    _, cache = decoder.start(embeds[:, :100], np.ones((1, 100), np.int64), capacity=100)
-    cache = decoder.reserve(cache, 300)
-    return want, decoder.extend(embeds[:, 100:], cache), cache
-
-
 def test_int8_cache_grows_and_continues_like_one_prefill(bundles):
     """`reserve` copies int8 buffers into larger ones: `extend` then gives the logits of the same continuation in
     a cache that had room from the start, and (within int8 rounding) those of one prefill."""
-    whole, grown_logits, cache = _one_prefill_and_grown_extend(bundles["kv8"])
+    whole, grown_logits, cache = one_prefill_and_grown_extend(bundles["kv8"])
     grown_logits = grown_logits.copy()
     assert cache.state["kv_host"][0].dtype == np.int8 and int(cache.lengths[0]) == 300
     decoder = ortllava.load(bundles["kv8"], provider="cpu").sessions.decoder
@@ -381,184 +363,3 @@ def _session_config(session, key: str) -> str | None:
         return session.get_session_options().get_session_config_entry(key)
     except RuntimeError:  # onnxruntime: no such entry
         return None
-
-
-def test_fused_decoder_reuses_its_buffers(mistral):
-    pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=4096)
-    decoder = pipe.sessions.decoder
-    first = pipe.generate(prompt=PROMPT, images=[random_image(400, 300, seed=1)], max_new_tokens=6, min_new_tokens=6)
-    buffers = [id(value) for value in decoder._spare.state["kv"]]
-    assert decoder._spare.capacity == 4096  # max_length: one static size for every generation
-    again = pipe.generate(prompt=PROMPT, images=[random_image(400, 300, seed=1)], max_new_tokens=6, min_new_tokens=6)
-    assert [id(value) for value in decoder._spare.state["kv"]] == buffers
-    assert again.token_ids == first.token_ids
-    # A different batch size needs other buffers; the answers stay the same.
-    batch = pipe.generate(prompt=[PROMPT, PROMPT], images=[random_image(400, 300, seed=1)] * 2, max_new_tokens=6, min_new_tokens=6)
-    assert [r.token_ids for r in batch] == [first.token_ids] * 2
-
-
-def test_fixed_max_length_serves_every_request_that_fits(mistral, monkeypatch):
-    """A `max_length` off the 256-position growth step still serves requests up to it, and refuses longer ones
-    before any graph runs, naming the fixed length."""
-    pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=300)
-    prompt = "hello " * 50
-    length = pipe.prepare(prompt=prompt)[0]["input_ids"].shape[1]
-    assert length < 256
-    fits = 300 - length  # the request needs exactly the 300 positions (more than one growth step of 256)
-    result = pipe.generate(prompt=prompt, max_new_tokens=fits, min_new_tokens=fits)
-    assert len(result.token_ids) == fits and pipe.sessions.decoder._spare.capacity == 300
-    monkeypatch.setattr(pipe.sessions.decoder, "start", lambda *a, **k: pytest.fail("the decoder ran"))
-    with pytest.raises(ValueError, match="max_length=300"):
-        pipe.generate(prompt=prompt, max_new_tokens=fits + 1)
-    for bad in (0, -5):
-        with pytest.raises(ValueError, match="max_length must be a positive"):
-            ortllava.load(mistral.bundle, provider="cpu", max_length=bad)
-
-
-def test_fused_decoder_needs_io_binding(mistral):
-    with pytest.raises(ValueError, match="IO binding"):
-        ortllava.load(mistral.bundle, provider="cpu", io_binding=False)
-
-
-def test_cuda_graph_request_falls_back_cleanly_on_cpu(mistral):
-    image = random_image(300, 300, seed=2)
-    plain = ortllava.load(mistral.bundle, provider="cpu").generate(prompt=PROMPT, images=[image], max_new_tokens=5, min_new_tokens=5)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipe = ortllava.load(mistral.bundle, provider="cpu", cuda_graph=True)
-    assert any("cuda_graph" in str(w.message) for w in caught)
-    assert pipe.generate(prompt=PROMPT, images=[image], max_new_tokens=5, min_new_tokens=5).token_ids == plain.token_ids
-
-
-def test_bench_runs_and_reports(tmp_path):
-    """Two precisions from the same weights, alternating in the same runs (int4 on the CPU: an int8 cache by
-    default); fp32 must match transformers."""
-    out, plot = tmp_path / "bench.json", tmp_path / "bench.svg"
-    run = subprocess.run(
-        [sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int4", "--new-tokens", "8",
-         "--repeats", "1", "--threads", "2", "--json", str(out), "--plot", str(plot)],
-        capture_output=True, text=True,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert report["precision"] == "fp32" and report["tokens_identical"] is True  # the first precision at the top level
-    assert list(report["precisions"]) == ["fp32", "int4"]
-    assert [r["kv_dtype"] for r in report["precisions"].values()] == ["float32", "int8"]  # --kv-cache auto: int8 for int4 only
-    assert report["precisions"]["int4"]["decoder_file_bytes"] < report["precisions"]["fp32"]["decoder_file_bytes"]
-    assert report["bandwidth_gb_s"] > 0
-    for name, result in report["precisions"].items():
-        assert result["decode_floor_ms"] > 0 and result["ratios"]["decode_speedup_vs_first"] > 0
-        for key in ("preprocess_s", "time_to_first_token_s", "decode_ms_per_token", "total_s"):
-            assert result["ortllava"][key] > 0 and report["transformers"][key] > 0
-    fp32, int4 = report["precisions"]["fp32"], report["precisions"]["int4"]
-    assert fp32["token_agreement"] == 1.0 and fp32["tokens_identical"] is True and fp32["same_prefix_tokens"] == 8
-    assert "fp32 True (the first 8 of 8 the same)" in run.stdout
-    # The ratios are the report's own figures put together, as the table prints them.
-    assert int4["ratios"]["decode_speedup_vs_first"] == pytest.approx(fp32["ortllava"]["decode_ms_per_token"] / int4["ortllava"]["decode_ms_per_token"])
-    assert fp32["fraction_of_floor"] == pytest.approx(fp32["decode_floor_ms"] / fp32["ortllava"]["decode_ms_per_token"])
-    assert "decode floor" in run.stdout and "time to first token" in run.stdout and "decode speed vs fp32: int4" in run.stdout
-    # The plot: an SVG document with a stacked bar per contender and a floor line per ortllava precision.
-    import xml.etree.ElementTree as ElementTree
-
-    svg = ElementTree.parse(plot).getroot()
-    texts = [node.text for node in svg.iter("{http://www.w3.org/2000/svg}text")]
-    assert texts.count("ortllava fp32") == texts.count("ortllava int4 + int8 cache") == texts.count("transformers") == 2  # both panels
-    assert len(list(svg.iter("{http://www.w3.org/2000/svg}line"))) == 2
-
-
-def test_bench_refuses_unknown_precisions():
-    run = subprocess.run([sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int8"], capture_output=True, text=True)
-    assert run.returncode == 2 and "int8" in run.stderr
-
-
-def _prompt_then_steps(decoder, embeds: np.ndarray, mask: np.ndarray, steps: np.ndarray, capacity: int) -> list[np.ndarray]:
-    """Logits of a prompt `embeds [B, T, D]`, then of each step's embeddings `steps [n, B, 1, D]` (copies)."""
-    logits, cache = decoder.start(embeds, mask, capacity=capacity)
-    out = [logits.copy()]
-    for step in steps:
-        cache.step_embeds[...] = step
-        out.append(decoder.step(cache).copy())
-    decoder.release(cache)
-    return out
-
-
-def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
-    """A long one-row prompt prefilled in CPU chunks (a partial last one included) gives the logits and the
-    next steps of one run over the whole prompt."""
-    import ortllava.decoders as decoders
-
-    pipe = ortllava.load(tiny_store.get("mistral").bundle, provider="cpu")
-    decoder = pipe.sessions.decoder
-    rng = np.random.default_rng(1)
-    embeds = rng.standard_normal((1, 1000, pipe.manifest.text.hidden_size)).astype(np.float32)
-    steps = rng.standard_normal((3, 1, 1, pipe.manifest.text.hidden_size)).astype(np.float32)
-
-    def run(chunk: int) -> list[np.ndarray]:
-        monkeypatch.setattr(decoders, "CPU_PREFILL_CHUNK", chunk)
-        return _prompt_then_steps(decoder, embeds, np.ones((1, 1000), np.int64), steps, capacity=1010)
-
-    extends = []
-    extend = decoder.extend
-    monkeypatch.setattr(decoder, "extend", lambda *a, **k: extends.append(1) or extend(*a, **k))
-    whole = run(0)  # 0: no chunking
-    assert len(extends) == 0
-    chunked = run(384)  # chunks of 384, 384 and 232: the first a prompt, the other two continuations
-    assert len(extends) == 2
-    for want, got in zip(whole, chunked):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-
-
-def test_cpu_decode_steps_in_standard_ops_equal_the_op(tiny_store):
-    """fp32 bundles decode in standard ops while the buffer is mostly filled, with GroupQueryAttention otherwise;
-    both give the same logits, past the tiny Mistral's 1024-token sliding window, for a batch of two rows."""
-    import onnxruntime as ort
-
-    bundle = tiny_store.get("mistral").bundle
-    pipe = ortllava.load(bundle, provider="cpu")
-    decoder = pipe.sessions.decoder
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    decoder.session = ort.InferenceSession(str(bundle / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(4)
-    embeds = rng.standard_normal((2, 1100, pipe.manifest.text.hidden_size)).astype(np.float32)
-    mask = np.ones((2, 1100), np.int64)
-    mask[1, :60] = 0  # a left-padded second row: 1040 tokens
-    steps = rng.standard_normal((3, 2, 1, pipe.manifest.text.hidden_size)).astype(np.float32)
-
-    def run(capacity: int) -> list[np.ndarray]:
-        out = _prompt_then_steps(decoder, embeds, mask, steps, capacity)
-        decoder._spare = None  # the next run allocates its own capacity
-        return out
-
-    full = run(1103)  # 1280 positions for 1101-1103 held: standard ops
-    sparse = run(3000)  # 3072 positions: more than 1.5x the context, the op
-    for want, got in zip(sparse, full):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    profile = Path(decoder.session.end_profiling())
-    ran = [e["name"] for e in json.loads(profile.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    profile.unlink()
-    assert ran.count("layers.0/step/scores_kernel_time") == 3  # the 3 steps of the full buffer
-    assert ran.count("layers.0/op_attention_kernel_time") == 2 + 3  # the 2 prompts and the sparse buffer's 3 steps
-
-
-@pytest.mark.parametrize("config", ["mistral", "mistral-concat"])
-def test_extend_past_the_capacity_equals_one_prefill(tiny_store, config):
-    """A one-row cache continued by `extend` (and grown past its capacity) gives the logits of one prefill."""
-    want, got, cache = _one_prefill_and_grown_extend(tiny_store.get(config).bundle)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    assert int(cache.lengths[0]) == 300
-
-
-def test_non_finite_logits_are_an_error_not_an_answer(mistral, monkeypatch):
-    pipe = ortllava.load(mistral.bundle, provider="cpu")
-    decoder = pipe.sessions.decoder
-    real_step = decoder.step
-
-    def overflowing_step(cache):
-        logits = real_step(cache)
-        logits[:, 7] = np.inf  # what an fp16 overflow turns into
-        return logits
-
-    monkeypatch.setattr(decoder, "step", overflowing_step)
-    with pytest.raises(FloatingPointError, match="non-finite logits at new token 2"):
-        pipe.generate(prompt="[INST] Hi [/INST]", max_new_tokens=4, min_new_tokens=4)

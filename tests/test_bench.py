@@ -1,0 +1,50 @@
+"""`ortllava bench`: it runs end to end on the tiny model and reports, and refuses what it cannot measure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_bench_runs_and_reports(tmp_path):
+    """Two precisions from the same weights, alternating in the same runs (int4 on the CPU: an int8 cache by
+    default); fp32 must match transformers."""
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.svg"
+    run = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int4", "--new-tokens", "8",
+         "--repeats", "1", "--threads", "2", "--json", str(out), "--plot", str(plot)],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["precision"] == "fp32" and report["tokens_identical"] is True  # the first precision at the top level
+    assert list(report["precisions"]) == ["fp32", "int4"]
+    assert [r["kv_dtype"] for r in report["precisions"].values()] == ["float32", "int8"]  # --kv-cache auto: int8 for int4 only
+    assert report["precisions"]["int4"]["decoder_file_bytes"] < report["precisions"]["fp32"]["decoder_file_bytes"]
+    assert report["bandwidth_gb_s"] > 0
+    for name, result in report["precisions"].items():
+        assert result["decode_floor_ms"] > 0 and result["ratios"]["decode_speedup_vs_first"] > 0
+        for key in ("preprocess_s", "time_to_first_token_s", "decode_ms_per_token", "total_s"):
+            assert result["ortllava"][key] > 0 and report["transformers"][key] > 0
+    fp32, int4 = report["precisions"]["fp32"], report["precisions"]["int4"]
+    assert fp32["token_agreement"] == 1.0 and fp32["tokens_identical"] is True and fp32["same_prefix_tokens"] == 8
+    assert "fp32 True (the first 8 of 8 the same)" in run.stdout
+    # The ratios are the report's own figures put together, as the table prints them.
+    assert int4["ratios"]["decode_speedup_vs_first"] == pytest.approx(fp32["ortllava"]["decode_ms_per_token"] / int4["ortllava"]["decode_ms_per_token"])
+    assert fp32["fraction_of_floor"] == pytest.approx(fp32["decode_floor_ms"] / fp32["ortllava"]["decode_ms_per_token"])
+    assert "decode floor" in run.stdout and "time to first token" in run.stdout and "decode speed vs fp32: int4" in run.stdout
+    # The plot: an SVG document with a stacked bar per contender and a floor line per ortllava precision.
+    import xml.etree.ElementTree as ElementTree
+
+    svg = ElementTree.parse(plot).getroot()
+    texts = [node.text for node in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert texts.count("ortllava fp32") == texts.count("ortllava int4 + int8 cache") == texts.count("transformers") == 2  # both panels
+    assert len(list(svg.iter("{http://www.w3.org/2000/svg}line"))) == 2
+
+
+def test_bench_refuses_unknown_precisions():
+    run = subprocess.run([sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int8"], capture_output=True, text=True)
+    assert run.returncode == 2 and "int8" in run.stderr

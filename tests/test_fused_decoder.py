@@ -1,0 +1,156 @@
+"""The fused ("gqa") decoder as the runtime drives it: buffers reused and preallocated, IO binding, the CUDA-graph
+fallback, chunked CPU prefill, decode steps in standard ops, growing a cache past its capacity, and non-finite
+logits. Greedy parity of every configuration against transformers is in test_generation."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ortllava
+
+from conftest import PROMPT, one_prefill_and_grown_extend, random_image
+
+
+def test_fused_decoder_reuses_its_buffers(mistral):
+    pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=4096)
+    decoder = pipe.sessions.decoder
+    first = pipe.generate(prompt=PROMPT, images=[random_image(400, 300, seed=1)], max_new_tokens=6, min_new_tokens=6)
+    buffers = [id(value) for value in decoder._spare.state["kv"]]
+    assert decoder._spare.capacity == 4096  # max_length: one static size for every generation
+    again = pipe.generate(prompt=PROMPT, images=[random_image(400, 300, seed=1)], max_new_tokens=6, min_new_tokens=6)
+    assert [id(value) for value in decoder._spare.state["kv"]] == buffers
+    assert again.token_ids == first.token_ids
+    # A different batch size needs other buffers; the answers stay the same.
+    batch = pipe.generate(prompt=[PROMPT, PROMPT], images=[random_image(400, 300, seed=1)] * 2, max_new_tokens=6, min_new_tokens=6)
+    assert [r.token_ids for r in batch] == [first.token_ids] * 2
+
+
+def test_fixed_max_length_serves_every_request_that_fits(mistral, monkeypatch):
+    """A `max_length` off the 256-position growth step still serves requests up to it, and refuses longer ones
+    before any graph runs, naming the fixed length."""
+    pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=300)
+    prompt = "hello " * 50
+    length = pipe.prepare(prompt=prompt)[0]["input_ids"].shape[1]
+    assert length < 256
+    fits = 300 - length  # the request needs exactly the 300 positions (more than one growth step of 256)
+    result = pipe.generate(prompt=prompt, max_new_tokens=fits, min_new_tokens=fits)
+    assert len(result.token_ids) == fits and pipe.sessions.decoder._spare.capacity == 300
+    monkeypatch.setattr(pipe.sessions.decoder, "start", lambda *a, **k: pytest.fail("the decoder ran"))
+    with pytest.raises(ValueError, match="max_length=300"):
+        pipe.generate(prompt=prompt, max_new_tokens=fits + 1)
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="max_length must be a positive"):
+            ortllava.load(mistral.bundle, provider="cpu", max_length=bad)
+
+
+def test_fused_decoder_needs_io_binding(mistral):
+    with pytest.raises(ValueError, match="IO binding"):
+        ortllava.load(mistral.bundle, provider="cpu", io_binding=False)
+
+
+def test_cuda_graph_request_falls_back_cleanly_on_cpu(mistral):
+    image = random_image(300, 300, seed=2)
+    plain = ortllava.load(mistral.bundle, provider="cpu").generate(prompt=PROMPT, images=[image], max_new_tokens=5, min_new_tokens=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = ortllava.load(mistral.bundle, provider="cpu", cuda_graph=True)
+    assert any("cuda_graph" in str(w.message) for w in caught)
+    assert pipe.generate(prompt=PROMPT, images=[image], max_new_tokens=5, min_new_tokens=5).token_ids == plain.token_ids
+
+
+def _prompt_then_steps(decoder, embeds: np.ndarray, mask: np.ndarray, steps: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Logits of a prompt `embeds [B, T, D]`, then of each step's embeddings `steps [n, B, 1, D]` (copies)."""
+    logits, cache = decoder.start(embeds, mask, capacity=capacity)
+    out = [logits.copy()]
+    for step in steps:
+        cache.step_embeds[...] = step
+        out.append(decoder.step(cache).copy())
+    decoder.release(cache)
+    return out
+
+
+def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
+    """A long one-row prompt prefilled in CPU chunks (a partial last one included) gives the logits and the
+    next steps of one run over the whole prompt."""
+    import ortllava.decoders as decoders
+
+    pipe = ortllava.load(tiny_store.get("mistral").bundle, provider="cpu")
+    decoder = pipe.sessions.decoder
+    rng = np.random.default_rng(1)
+    embeds = rng.standard_normal((1, 1000, pipe.manifest.text.hidden_size)).astype(np.float32)
+    steps = rng.standard_normal((3, 1, 1, pipe.manifest.text.hidden_size)).astype(np.float32)
+
+    def run(chunk: int) -> list[np.ndarray]:
+        monkeypatch.setattr(decoders, "CPU_PREFILL_CHUNK", chunk)
+        return _prompt_then_steps(decoder, embeds, np.ones((1, 1000), np.int64), steps, capacity=1010)
+
+    extends = []
+    extend = decoder.extend
+    monkeypatch.setattr(decoder, "extend", lambda *a, **k: extends.append(1) or extend(*a, **k))
+    whole = run(0)  # 0: no chunking
+    assert len(extends) == 0
+    chunked = run(384)  # chunks of 384, 384 and 232: the first a prompt, the other two continuations
+    assert len(extends) == 2
+    for want, got in zip(whole, chunked):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_decode_steps_in_standard_ops_equal_the_op(tiny_store):
+    """fp32 bundles decode in standard ops while the buffer is mostly filled, with GroupQueryAttention otherwise;
+    both give the same logits, past the tiny Mistral's 1024-token sliding window, for a batch of two rows."""
+    import onnxruntime as ort
+
+    bundle = tiny_store.get("mistral").bundle
+    pipe = ortllava.load(bundle, provider="cpu")
+    decoder = pipe.sessions.decoder
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    decoder.session = ort.InferenceSession(str(bundle / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    embeds = rng.standard_normal((2, 1100, pipe.manifest.text.hidden_size)).astype(np.float32)
+    mask = np.ones((2, 1100), np.int64)
+    mask[1, :60] = 0  # a left-padded second row: 1040 tokens
+    steps = rng.standard_normal((3, 2, 1, pipe.manifest.text.hidden_size)).astype(np.float32)
+
+    def run(capacity: int) -> list[np.ndarray]:
+        out = _prompt_then_steps(decoder, embeds, mask, steps, capacity)
+        decoder._spare = None  # the next run allocates its own capacity
+        return out
+
+    full = run(1103)  # 1280 positions for 1101-1103 held: standard ops
+    sparse = run(3000)  # 3072 positions: more than 1.5x the context, the op
+    for want, got in zip(sparse, full):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    profile = Path(decoder.session.end_profiling())
+    ran = [e["name"] for e in json.loads(profile.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    profile.unlink()
+    assert ran.count("layers.0/step/scores_kernel_time") == 3  # the 3 steps of the full buffer
+    assert ran.count("layers.0/op_attention_kernel_time") == 2 + 3  # the 2 prompts and the sparse buffer's 3 steps
+
+
+@pytest.mark.parametrize("config", ["mistral", "mistral-concat"])
+def test_extend_past_the_capacity_equals_one_prefill(tiny_store, config):
+    """A one-row cache continued by `extend` (and grown past its capacity) gives the logits of one prefill."""
+    want, got, cache = one_prefill_and_grown_extend(tiny_store.get(config).bundle)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert int(cache.lengths[0]) == 300
+
+
+def test_non_finite_logits_are_an_error_not_an_answer(mistral, monkeypatch):
+    pipe = ortllava.load(mistral.bundle, provider="cpu")
+    decoder = pipe.sessions.decoder
+    real_step = decoder.step
+
+    def overflowing_step(cache):
+        logits = real_step(cache)
+        logits[:, 7] = np.inf  # what an fp16 overflow turns into
+        return logits
+
+    monkeypatch.setattr(decoder, "step", overflowing_step)
+    with pytest.raises(FloatingPointError, match="non-finite logits at new token 2"):
+        pipe.generate(prompt="[INST] Hi [/INST]", max_new_tokens=4, min_new_tokens=4)
