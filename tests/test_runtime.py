@@ -39,6 +39,21 @@ def test_concat_decoder_io_binding_gives_the_same_tokens(tiny_store):
     assert all(type(value).__name__ == "OrtValue" for value in cache.state["kv"])
 
 
+def test_only_the_decoder_spins_its_idle_threads(pipe):
+    """The vision encoder and projector run once per image and hand over to another session: their idle worker
+    threads block instead of spinning on the cores the next session needs (`stop_idle_threads_spinning`); the
+    decoder's keep spinning between its steps. The time this saves is measured by `ortllava bench` (DESIGN.md)."""
+
+    def spins(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        except RuntimeError:  # onnxruntime: the entry is not set, and spinning is its default
+            return True
+
+    vision = pipe.sessions.vision
+    assert [spins(s) for s in (vision.encoder, vision.projector, pipe.sessions.decoder.session)] == [False, False, True]
+
+
 def test_seeded_sampling_repeats_and_differs_from_greedy(pipe):
     image = random_image(400, 400, seed=6)
     kwargs = dict(prompt=PROMPT, images=[image], max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=1.5, top_k=40, top_p=0.95)
