@@ -8,7 +8,7 @@ runtime binds `present` to the same memory as `past`), and returns `[B, S, heads
 - `float_cache_attention` (fp32 activations, float cache: the CPU bundles): an `If` per layer. A decode step
   whose buffer is mostly filled attends in standard ops (`_step_attention`): the CPU GroupQueryAttention reads a
   step's keys/values at about a third of the memory bandwidth, and these ops read them at about half; the step
-  is 7-19% faster on the CPU benchmark model at 2.2k tokens (DESIGN.md). Standard ops read the whole capacity
+  is 7-19% faster on the CPU benchmark model at 2.2k tokens (docs/measurements.md). Standard ops read the whole capacity
   `C`, the op only the held positions, so prompts, continuations and steps into a buffer longer than 1.5x its
   context take the op.
 - `int8_cache_attention` (`--kv-cache int8`): an `If` per layer. Decode steps take the op's int8-cache kernel;

@@ -7,7 +7,7 @@ The scales are static, so they are calibrated here: the PyTorch model prefills a
 over 127. Keys are cached after the rotary embedding, which is what transformers' cache holds too.
 
 Why int8: at image-sized contexts a decode step reads the whole cache; with int4 weights on the CPU the
-fp32 cache is most of the bytes a step reads (DESIGN.md, "Measured"), and int8 reads a quarter of them.
+fp32 cache is most of the bytes a step reads (docs/measurements.md), and int8 reads a quarter of them.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class Pipeline:
         weights of MatMuls into the process's memory as it loads a graph, for its fastest prompt kernels;
         `prepack=False` leaves them where they are, memory-mapped from the bundle's data files: loading is nearly
         instant and uses little memory of its own (the weights stay in the page cache, shared between processes),
-        while short prompts run ~2x slower (DESIGN.md, "Measured"). 4-bit decoders are always repacked. An fp16
+        while short prompts run ~2x slower (docs/measurements.md). 4-bit decoders are always repacked. An fp16
         graph on the CPU then also keeps its weights fp16, cast to fp32 as each node reads them, every run.
         """
         self.bundle = Path(bundle)

@@ -23,8 +23,8 @@ from conftest import PROMPT, one_prefill_and_grown_extend, random_image
 # - int4 (block 32, symmetric, lm_head kept; CPU target, so with the default int8 cache): measured 50-53% top-1
 #   (51.4% with the int8 cache, 50.0% without), max diff 2.3, mean 0.34. A random
 #   64-wide model has no slack: 4-bit rounding of Gaussian weights moves its logits by a third of a unit,
-#   about its top-2 gap, so half its greedy choices flip (real checkpoints keep far more; see the note in
-#   DESIGN.md). The floor (40%, mean diff < 0.6) still fails a broken kernel, scale or block layout, which
+#   about its top-2 gap, so half its greedy choices flip (trained checkpoints, wider and with wider logit gaps,
+#   should keep far more; not measured here: no hub access). The floor (40%, mean diff < 0.6) still fails a broken kernel, scale or block layout, which
 #   gives chance-level agreement (~0.2% over 574 tokens) and logit errors of several units.
 # - kv8 (fp32 weights, int8 key/value cache with calibrated per-channel scales): measured 98.6% top-1, max
 #   diff 0.072, mean 0.0066 (0.13 and 0.007 when prompts also attended over int8). A channel's rounding step is 1.25 x its largest calibrated value / 127 (~1%); this
