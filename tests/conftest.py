@@ -177,6 +177,14 @@ def user(*content) -> list[dict]:
     return [{"role": "user", "content": items}]
 
 
+def session_config(session, key: str) -> str | None:
+    """An onnxruntime session's config entry (`add_session_config_entry`), None where it is not set."""
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # onnxruntime: no such entry
+        return None
+
+
 def one_prefill_and_grown_extend(bundle):
     """Logits of one 300-token prefill, and of 100 tokens prefilled into a 100-position cache, grown by `reserve`
     to 300 (past the 256 positions the first prefill asked for) and continued by `extend`; and that cache."""

@@ -13,7 +13,7 @@ import pytest
 import ortllava
 from ortllava.manifest import read_manifest
 
-from conftest import PROMPT, one_prefill_and_grown_extend, random_image
+from conftest import PROMPT, one_prefill_and_grown_extend, random_image, session_config
 
 # Floors for the accuracy report (export/accuracy.py: 3 prompts x 24 teacher-forced positions against the fp32
 # PyTorch model), set from measurement on the tiny Mistral checkpoint of conftest:
@@ -24,8 +24,9 @@ from conftest import PROMPT, one_prefill_and_grown_extend, random_image
 #   (51.4% with the int8 cache, 50.0% without), max diff 2.3, mean 0.34. A random
 #   64-wide model has no slack: 4-bit rounding of Gaussian weights moves its logits by a third of a unit,
 #   about its top-2 gap, so half its greedy choices flip (trained checkpoints, wider and with wider logit gaps,
-#   should keep far more; not measured here: no hub access). The floor (40%, mean diff < 0.6) still fails a broken kernel, scale or block layout, which
-#   gives chance-level agreement (~0.2% over 574 tokens) and logit errors of several units.
+#   should keep far more; not measured here: no hub access). The floor (40%, mean diff < 0.6) still fails a
+#   broken kernel, scale or block layout, which gives chance-level agreement (~0.2% over 574 tokens) and logit
+#   errors of several units.
 # - kv8 (fp32 weights, int8 key/value cache with calibrated per-channel scales): measured 98.6% top-1, max
 #   diff 0.072, mean 0.0066 (0.13 and 0.007 when prompts also attended over int8). A channel's rounding step is 1.25 x its largest calibrated value / 127 (~1%); this
 #   model's sharp attention turns that into logit moves of ~0.1. Missing, inverted or misplaced scales clip or
@@ -279,7 +280,7 @@ def test_weights_left_unpacked_answer_the_same(bundles, tiny_store):
 
     def unpacked(pipe) -> list[bool]:
         sessions = (pipe.sessions.vision.encoder, pipe.sessions.vision.projector, pipe.sessions.decoder.session)
-        return [_session_config(s, "session.disable_prepacking") == "1" for s in sessions]
+        return [session_config(s, "session.disable_prepacking") == "1" for s in sessions]
 
     image = random_image(500, 300, seed=3)
     pipe = ortllava.load(tiny_store.get("mistral").bundle, provider="cpu", prepack=False)
@@ -356,10 +357,3 @@ def test_fp16_weights_left_as_stored_are_cast_as_they_are_read(bundles, tiny_sto
     monkeypatch.setattr(sessions, "cast_fp16_weights_as_read", lambda options: calls.append(1) or original(options))
     export_bundle(str(tiny_store.get("mistral").checkpoint), tmp_path / "fp16", precision="fp16")
     assert len(calls) == 6
-
-
-def _session_config(session, key: str) -> str | None:
-    try:
-        return session.get_session_options().get_session_config_entry(key)
-    except RuntimeError:  # onnxruntime: no such entry
-        return None

@@ -14,7 +14,7 @@ import pytest
 import ortllava
 from ortllava import BundleError, ImageLoadError
 
-from conftest import random_image, save_png
+from conftest import random_image, save_png, session_config
 
 PROMPT = "[INST] <image>\nWhat is this? [/INST]"
 
@@ -42,16 +42,12 @@ def test_concat_decoder_io_binding_gives_the_same_tokens(tiny_store):
 def test_only_the_decoder_spins_its_idle_threads(pipe):
     """The vision encoder and projector run once per image and hand over to another session: their idle worker
     threads block instead of spinning on the cores the next session needs (`stop_idle_threads_spinning`); the
-    decoder's keep spinning between its steps. The time this saves is measured by `ortllava bench` (DESIGN.md)."""
-
-    def spins(session) -> bool:
-        try:
-            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
-        except RuntimeError:  # onnxruntime: the entry is not set, and spinning is its default
-            return True
+    decoder's keep spinning between its steps. The time this saves is in DESIGN.md ("Parity decisions")."""
 
     vision = pipe.sessions.vision
-    assert [spins(s) for s in (vision.encoder, vision.projector, pipe.sessions.decoder.session)] == [False, False, True]
+    sessions = (vision.encoder, vision.projector, pipe.sessions.decoder.session)
+    # (no entry: onnxruntime's default, spinning)
+    assert [session_config(s, "session.intra_op.allow_spinning") != "0" for s in sessions] == [False, False, True]
 
 
 def test_seeded_sampling_repeats_and_differs_from_greedy(pipe):
