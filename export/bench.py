@@ -226,11 +226,18 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+TIMING_FIELDS = ("preprocess_s", "vision_s", "time_to_first_token_s", "decode_ms_per_token", "total_s")
+
+
 def _median(timings: list[Timing]) -> dict:
-    fields = ("preprocess_s", "vision_s", "time_to_first_token_s", "decode_ms_per_token", "total_s")
-    out = {f: (statistics.median(getattr(t, f) for t in timings) if getattr(timings[0], f) is not None else None) for f in fields}
+    out = {f: (statistics.median(getattr(t, f) for t in timings) if getattr(timings[0], f) is not None else None) for f in TIMING_FIELDS}
     out["tokens_per_s"] = 1000.0 / out["decode_ms_per_token"] if out["decode_ms_per_token"] else 0.0
     return out
+
+
+def _each_run(timings: list[Timing]) -> list[dict]:
+    """Every run's figures, in the order they ran (the medians hide how far one hour's runs spread)."""
+    return [{f: getattr(t, f) for f in TIMING_FIELDS} for t in timings]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -317,7 +324,7 @@ def bench(
     report = {
         "model": model, "layers": checkpoint.model.config.text_config.num_hidden_layers, "threads": threads,
         "prompt_tokens": int(prompt_tokens), "new_tokens": new_tokens, "repeats": repeats, "cuda_graph": cuda_graph,
-        "text_only": text_only, "transformers": theirs, "bandwidth_gb_s": bandwidth / 1e9,
+        "text_only": text_only, "transformers": theirs, "transformers_runs": _each_run(hf_runs), "bandwidth_gb_s": bandwidth / 1e9,
         **results[precisions[0]],  # the first precision at the top level (what single-precision readers expect)
         "precisions": results,
         "peak_host_rss_mb": _peak_rss_mb(),
@@ -350,7 +357,7 @@ def _precision_result(
         "token_agreement": float(np.mean([np.mean(np.array(a.tokens) == np.array(b.tokens)) for a, b in zip(hf_runs, ours_runs)])),
         # Greedy paths part for good at their first different token: how far they agree says more than the share.
         "same_prefix_tokens": min(_common_prefix(a.tokens, b.tokens) for a, b in zip(hf_runs, ours_runs)),
-        "ortllava": ours,
+        "ortllava": ours, "ortllava_runs": _each_run(ours_runs),
         "decoder_weight_bytes": weights, "decoder_file_bytes": sum(f.stat().st_size for f in bundle.glob("decoder.onnx*")),
         "decode_step_bytes": step_bytes, "decode_floor_ms": floor_ms,
         "fraction_of_floor": floor_ms / ours["decode_ms_per_token"] if ours["decode_ms_per_token"] else 0.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ def test_bench_runs_and_reports(tmp_path):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.svg"
     run = subprocess.run(
         [sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int4", "--new-tokens", "8",
-         "--repeats", "1", "--threads", "2", "--json", str(out), "--plot", str(plot)],
+         "--repeats", "2", "--threads", "2", "--json", str(out), "--plot", str(plot)],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -29,6 +30,9 @@ def test_bench_runs_and_reports(tmp_path):
         assert result["decode_floor_ms"] > 0 and result["ratios"]["decode_speedup_vs_first"] > 0
         for key in ("preprocess_s", "time_to_first_token_s", "decode_ms_per_token", "total_s"):
             assert result["ortllava"][key] > 0 and report["transformers"][key] > 0
+            # Every run is kept beside the medians, in the order they ran.
+            for median, runs in ((result["ortllava"], result["ortllava_runs"]), (report["transformers"], report["transformers_runs"])):
+                assert len(runs) == 2 and median[key] == pytest.approx(statistics.median(run[key] for run in runs))
     fp32, int4 = report["precisions"]["fp32"], report["precisions"]["int4"]
     assert fp32["token_agreement"] == 1.0 and fp32["tokens_identical"] is True and fp32["same_prefix_tokens"] == 8
     assert "fp32 True (the first 8 of 8 the same)" in run.stdout
