@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
-    gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template")
+    gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template (images go where its <image> tokens are, or first)")
     gen.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     gen.add_argument("--timings", action="store_true", help="print timings to stderr")
     gen.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
