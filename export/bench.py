@@ -16,7 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -226,7 +226,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-TIMING_FIELDS = ("preprocess_s", "vision_s", "time_to_first_token_s", "decode_ms_per_token", "total_s")
+TIMING_FIELDS = tuple(f.name for f in fields(Timing) if f.name != "tokens")  # the figures a run reports
 
 
 def _median(timings: list[Timing]) -> dict:

@@ -167,9 +167,13 @@ class BundleSessions:
         device = Device("cuda" if on_cuda else "cpu") if io_binding else None
         self.device = device
         sessions = {}
+
+        def fp16_as_stored(spec: GraphSpec) -> bool:  # prepack=False keeps an fp16 graph's weights fp16 on the CPU
+            return not prepack and spec.dtype == "float16"
+
         for name in ("vision_encoder", "projector"):  # each runs once per image and hands over to the next: no spinning
             spec = manifest.graphs[name]
-            sessions[name] = create_session(bundle / spec.file, self.providers, threads, prepack, not prepack and spec.dtype == "float16", spin=False)
+            sessions[name] = create_session(bundle / spec.file, self.providers, threads, prepack, fp16_as_stored(spec), spin=False)
         # CUDA graphs replay the decode step; they need static shapes (a fixed buffer length) and a fused decoder.
         self.cuda_graph = bool(cuda_graph and on_cuda and fused)
         if cuda_graph and not self.cuda_graph:
@@ -177,8 +181,7 @@ class BundleSessions:
         # MatMulNBits (4-bit weights) computes only from its repacked weights: without them it is ~30x slower.
         # Its float weights (an fp16 lm_head) still stay fp16 with prepack=False.
         spec = manifest.graphs["decoder"]
-        fp16_as_stored = not prepack and spec.dtype == "float16"
-        sessions["decoder"] = self._decoder_session(bundle / spec.file, threads, prepack or bool(spec.quantization), fp16_as_stored)
+        sessions["decoder"] = self._decoder_session(bundle / spec.file, threads, prepack or bool(spec.quantization), fp16_as_stored(spec))
         for name, session in sessions.items():
             _check_io(session, manifest.graphs[name], name)
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]

@@ -43,7 +43,6 @@ def test_only_the_decoder_spins_its_idle_threads(pipe):
     """The vision encoder and projector run once per image and hand over to another session: their idle worker
     threads block instead of spinning on the cores the next session needs (`stop_idle_threads_spinning`); the
     decoder's keep spinning between its steps. The time this saves is in DESIGN.md ("Decisions worth knowing")."""
-
     vision = pipe.sessions.vision
     sessions = (vision.encoder, vision.projector, pipe.sessions.decoder.session)
     # (no entry: onnxruntime's default, spinning)
