@@ -15,7 +15,7 @@ from .detokenizer import StreamingDetokenizer
 from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop
 from .image import ImageLike, num_tiles
-from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_manifest
+from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_manifest
 from .processor import Processor, is_chat_batch
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
 from .sessions import BundleSessions
@@ -55,10 +55,11 @@ class Pipeline:
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
         self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph, prepack)
-        self.embed_table = np.load(self.bundle / EMBED_TOKENS_FILE, mmap_mode="r")  # [V, D]
-        self.image_newline = np.load(self.bundle / IMAGE_NEWLINE_FILE)  # [D]
-        config_path = self.bundle / GENERATION_CONFIG_FILE
-        self.generation_config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        hidden = self.manifest.text.hidden_size
+        self.embed_table = read_bundle_file(self.bundle, EMBED_TOKENS_FILE, lambda path: _array(path, (None, hidden), mmap=True))  # [V, D]
+        self.image_newline = read_bundle_file(self.bundle, IMAGE_NEWLINE_FILE, lambda path: _array(path, (hidden,)))  # [D]
+        has_config = (self.bundle / GENERATION_CONFIG_FILE).is_file()
+        self.generation_config: dict[str, Any] = read_bundle_file(self.bundle, GENERATION_CONFIG_FILE, _json_object) if has_config else {}
 
     @property
     def provider(self) -> str:
@@ -299,8 +300,11 @@ class Pipeline:
         eos = [int(eos)] if isinstance(eos, (int, np.integer)) else [int(i) for i in eos or []]
         pad = settings.pad_token_id
         pad = int(pad) if pad is not None else eos[0] if eos else self.manifest.tokens.pad_token_id or 0
-        if pad >= self.manifest.text.vocab_size:
-            raise ValueError(f"pad_token_id {pad} is not in the model's vocabulary of {self.manifest.text.vocab_size}")
+        vocab = self.manifest.text.vocab_size
+        for name, ids in (("eos_token_id", eos), ("pad_token_id", [pad])):
+            outside = [i for i in ids if i >= vocab]
+            if outside:
+                raise ValueError(f"{name} {outside[0]} is not in the model's vocabulary of {vocab}")
         return eos, pad
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -364,6 +368,21 @@ class _Run:
                 yield step
         finally:
             steps.close()
+
+
+def _array(path: Path, shape: tuple[int | None, ...], mmap: bool = False) -> np.ndarray:
+    """A `.npy` array of `shape` (None: any length on that axis); a ValueError if it has another."""
+    array = np.load(path, mmap_mode="r" if mmap else None)
+    if array.ndim != len(shape) or any(want is not None and have != want for have, want in zip(array.shape, shape)):
+        raise ValueError(f"its shape is {list(array.shape)}; the manifest's model wants {[n if n else 'any' for n in shape]}")
+    return array
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def is_batch(prompt: Any, messages: Any) -> bool:

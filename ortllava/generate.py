@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -73,8 +74,8 @@ class GenerationSettings:
         def integer(value: Any) -> bool:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        def number(value: Any) -> bool:  # a finite one (a NaN passes no comparison, so no range check)
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
         if not isinstance(self.do_sample, (bool, np.bool_)):
             fail("do_sample", "True or False")
@@ -90,8 +91,8 @@ class GenerationSettings:
                 fail("temperature", "a number > 0")
             if not number(self.top_p) or not 0 < self.top_p <= 1:
                 fail("top_p", "a number in (0, 1]")
-        if self.seed is not None and not integer(self.seed):
-            fail("seed", "an integer or None")
+        if self.seed is not None and not (integer(self.seed) and self.seed >= 0):
+            fail("seed", "an integer >= 0, or None (a fresh random seed)")
         eos = self.eos_token_id
         if eos is not None and not (integer(eos) and eos >= 0 or isinstance(eos, tuple) and all(integer(i) and i >= 0 for i in eos)):
             fail("eos_token_id", "a token id or a list of them")

@@ -9,9 +9,12 @@ An image becomes `1 + rows * cols` tiles: `[n_tiles, 3, image_size, image_size]`
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import os
+import re
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ ImageLike = Union[Image.Image, np.ndarray, str, Path]
 
 URL_TIMEOUT_S = 20.0
 URL_MAX_BYTES = 50 * 1024 * 1024
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -103,7 +107,8 @@ def _size_dict(size: Any) -> dict[str, int]:
 
 
 def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image:
-    """Opens a path or an http(s) URL the way transformers' `load_image` does: EXIF-rotated, then `convert("RGB")`.
+    """Opens a path, an http(s) URL, a `data:image/...;base64,` URI or a base64 string the way transformers'
+    `load_image` does: EXIF-rotated, then `convert("RGB")`.
 
     PIL images and arrays are returned as given; `to_rgb` converts them later, as the image processor does.
     `timeout` (seconds) bounds a URL's download.
@@ -113,15 +118,8 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image
     if not isinstance(source, (str, os.PathLike)):
         raise ImageLoadError(f"unsupported image type {type(source).__name__}: give a PIL image, an array, a path or a URL")
     text = os.fspath(source)
-    if text.startswith(("http://", "https://")):
-        data = fetch_url(text, timeout=timeout)
-        name = text
-    else:
-        name = text
-        try:
-            data = Path(text).read_bytes()
-        except OSError as error:
-            raise ImageLoadError(f"cannot read image file {text}: {error.strerror or error}") from error
+    name = _shortened(text)
+    data = _read_source(text, isinstance(source, str), timeout)
     try:
         image = Image.open(io.BytesIO(data))
         image = ImageOps.exif_transpose(image)
@@ -132,16 +130,71 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image
         raise ImageLoadError(f"cannot decode image {name}: {error}") from error
 
 
+def _read_source(text: str, may_be_base64: bool, timeout: float) -> bytes:
+    """The bytes of an image source: a URL's download, a data URI's payload, a file's content, or a base64
+    string's decoding (tried for a string that is no readable file, as transformers does)."""
+    if text.startswith(("http://", "https://")):
+        return fetch_url(text, timeout=timeout)
+    if text.startswith("data:"):
+        header, _, payload = text.partition(",")
+        decoded = _decode_base64(payload) if header.endswith(";base64") else None
+        if decoded is None:
+            raise ImageLoadError(f"cannot read image {_shortened(text)}: a data URI must be data:image/...;base64,<base64 data>")
+        return decoded
+    try:
+        return Path(text).read_bytes()
+    except OSError as error:
+        decoded = _decode_base64(text) if may_be_base64 else None
+        if decoded is None or not _looks_like_an_image(decoded):
+            raise ImageLoadError(f"cannot read image file {_shortened(text)}: {error.strerror or error}") from error
+        return decoded
+
+
+def _decode_base64(text: str) -> bytes | None:
+    """`text`'s base64 decoding (whitespace ignored), or None where it is not base64."""
+    compact = "".join(text.split())
+    if not compact or not _BASE64.fullmatch(compact):
+        return None
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4))
+    except ValueError:
+        return None
+
+
+def _looks_like_an_image(data: bytes) -> bool:
+    try:
+        Image.open(io.BytesIO(data))  # reads the header only
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types
+        return False
+
+
+def _shortened(text: str, most: int = 120) -> str:
+    """`text` for an error message: a base64 payload can be megabytes long."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
+
+
 def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
-    """Downloads `url` with a timeout and a size limit."""
+    """Downloads `url` with a size limit and a time limit: `timeout` seconds for the connection and for each
+    wait on the server, and for the whole download, checked as data arrives (so a server that sends a byte
+    now and then is given up on after at most about twice `timeout`)."""
+    deadline = time.monotonic() + timeout
+    received: list[bytes] = []
+    size = 0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) checked by caller
-            data = response.read(max_bytes + 1)
+            while block := response.read1(1 << 16):  # what has arrived, up to 64 KiB: one wait at most
+                received.append(block)
+                size += len(block)
+                if size > max_bytes:
+                    raise ImageLoadError(f"image {url} is larger than the {max_bytes} byte limit")
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(f"cannot fetch image {url}: the download took longer than {timeout:g} s")
+    except ImageLoadError:
+        raise
     except Exception as error:
         raise ImageLoadError(f"cannot fetch image {url}: {error}") from error
-    if len(data) > max_bytes:
-        raise ImageLoadError(f"image {url} is larger than the {max_bytes} byte limit")
-    return data
+    return b"".join(received)
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:

@@ -11,10 +11,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+GRAPH_NAMES = ("vision_encoder", "projector", "decoder")  # the graphs every bundle has
+T = TypeVar("T")
 
 # Files of a bundle (besides the graphs, whose names the manifest gives).
 EMBED_TOKENS_FILE = "embed_tokens.npy"
@@ -139,18 +141,33 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """A KeyError names a missing key; a TypeError or ValueError, a value of the wrong form."""
+
+        def section(name: str, default: dict | None = None) -> dict[str, Any]:
+            value = data[name] if default is None else data.get(name, default)
+            if not isinstance(value, dict):
+                raise TypeError(f"{name!r} must be a JSON object, got a {type(value).__name__}")
+            return value
+
+        graphs = section("graphs")
+        missing = [name for name in GRAPH_NAMES if name not in graphs]
+        if missing:
+            raise ValueError(f"'graphs' has no {', '.join(missing)}")
+        files = section("files")
+        if not all(isinstance(name, str) and isinstance(digest, str) for name, digest in files.items()):
+            raise TypeError("'files' must map file names to sha256 strings")
         return cls(
             schema_version=data["schema_version"],
-            vision=VisionSpec(**data["vision"]),
-            text=TextSpec(**data["text"]),
-            tokens=TokenSpec(**data["tokens"]),
-            graphs={name: GraphSpec(**spec) for name, spec in data["graphs"].items()},
-            special_tokens_map=data.get("special_tokens_map", {}),
+            vision=VisionSpec(**section("vision")),
+            text=TextSpec(**section("text")),
+            tokens=TokenSpec(**section("tokens")),
+            graphs={name: GraphSpec(**spec) for name, spec in graphs.items()},
+            special_tokens_map=section("special_tokens_map", {}),
             precision=data.get("precision", "fp32"),
-            provenance=data.get("provenance", {}),
-            files=data["files"],
-            validation=data.get("validation", {}),
-            accuracy=data.get("accuracy", {}),
+            provenance=section("provenance", {}),
+            files=files,
+            validation=section("validation", {}),
+            accuracy=section("accuracy", {}),
         )
 
 
@@ -175,21 +192,34 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle} is not an ortllava bundle: {MANIFEST_FILE} is missing")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # (JSON and UTF-8 decoding errors are ValueErrors)
         raise BundleError(f"{path} is unreadable: {error}") from error
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} is damaged: it holds a JSON {type(data).__name__}, not an object")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(
-            f"{path} has schema version {version}; this ortllava reads version {SCHEMA_VERSION}. "
+            f"{path} has schema version {version!r}; this ortllava reads version {SCHEMA_VERSION}. "
             "Re-export the bundle with the matching ortllava-export."
         )
     try:
         manifest = Manifest.from_dict(data)
-    except (KeyError, TypeError) as error:
-        raise BundleError(f"{path} is damaged: {error!r}") from error
+    except KeyError as error:
+        raise BundleError(f"{path} is damaged: the key {error} is missing") from error
+    except (TypeError, ValueError, AttributeError) as error:
+        raise BundleError(f"{path} is damaged: {error}") from error
     verify_files(bundle, manifest, hashes=verify)
     return manifest
+
+
+def read_bundle_file(bundle: Path, name: str, read: Callable[[Path], T]) -> T:
+    """`read(bundle / name)`, any failure a `BundleError` naming the file: a damaged file that the sha256 check
+    did not see (a bundle loaded with verify=False, or edited along with its manifest)."""
+    try:
+        return read(bundle / name)
+    except Exception as error:  # noqa: BLE001 - numpy, tokenizers and json each raise their own types
+        raise BundleError(f"bundle {bundle} is damaged: {name} cannot be read ({type(error).__name__}: {error})") from error
 
 
 def verify_files(bundle: Path, manifest: Manifest, hashes: bool = True) -> None:

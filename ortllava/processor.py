@@ -20,6 +20,7 @@ from .manifest import (
     PREPROCESSOR_CONFIG_FILE,
     TOKENIZER_FILE,
     Manifest,
+    read_bundle_file,
 )
 
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -47,12 +48,12 @@ class Processor:
 
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: Manifest) -> Processor:
-        tokenizer = Tokenizer.from_file(str(bundle / TOKENIZER_FILE))
+        tokenizer = read_bundle_file(bundle, TOKENIZER_FILE, lambda path: Tokenizer.from_file(str(path)))
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        config = ImageProcessorConfig.from_dict(json.loads((bundle / PREPROCESSOR_CONFIG_FILE).read_text()))
-        template_path = bundle / CHAT_TEMPLATE_FILE
-        template = template_path.read_text() if template_path.is_file() else None
+        config = read_bundle_file(bundle, PREPROCESSOR_CONFIG_FILE, lambda path: ImageProcessorConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        has_template = (bundle / CHAT_TEMPLATE_FILE).is_file()
+        template = read_bundle_file(bundle, CHAT_TEMPLATE_FILE, lambda path: path.read_text(encoding="utf-8")) if has_template else None
         return cls(tokenizer, ImageProcessor(config), template, manifest)
 
     # ----------------------------------------------------------------------------------------------
@@ -94,10 +95,14 @@ class Processor:
         `pixel_values=False` leaves the pixels out (`image_sizes` alone sets the token counts): a chat turn
         preprocesses only the images its cache does not hold.
         """
+        flat_images = [load_image(image) for image in flatten_images(images)] if images is not None else []
+        if not flat_images:  # `[]` (or an empty list per prompt) is no images, as in a chat turn
+            images = None
         if text is None and images is None:
             raise ValueError("give text, images or both")
         texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
-        flat_images = [load_image(image) for image in flatten_images(images)] if images is not None else []
+        if texts is not None:
+            check_encodable(texts)
 
         data: dict[str, np.ndarray] = {}
         if images is not None:
@@ -221,6 +226,22 @@ def clean_up_tokenization(text: str) -> str:
     for old, new in _CLEANUPS:
         text = text.replace(old, new)
     return text
+
+
+def check_encodable(texts: Sequence[str]) -> None:
+    """A ValueError naming the first prompt that is not valid Unicode text (lone surrogates: undecodable bytes
+    read with Python's `surrogateescape`, as from a terminal or a pipe), which the tokenizer cannot take."""
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"the text must be a string or a list of strings; item {index} is a {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            where = f"prompt {index}" if len(texts) > 1 else "the prompt"
+            raise ValueError(
+                f"{where} is not valid text: {text[max(error.start - 20, 0) : error.start]!r} is followed by "
+                f"{text[error.start : error.end]!r}, which is no character (bytes that are not UTF-8?)"
+            ) from None
 
 
 def flatten_images(images: Any) -> list[ImageLike]:

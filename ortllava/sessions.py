@@ -138,6 +138,8 @@ class BundleSessions:
     ):
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1):
             raise ValueError(f"max_length must be a positive number of positions, got {max_length!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0):
+            raise ValueError(f"threads must be a number of threads (0 or None: onnxruntime's default), got {threads!r}")
         if not isinstance(prepack, bool):
             raise TypeError(f"prepack must be True or False, got {prepack!r}")
         self.providers = resolve_providers(provider)

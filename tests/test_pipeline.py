@@ -7,6 +7,7 @@ a thread); URL fetching keeps `ortllava.image`'s timeout and size limit.
 
 from __future__ import annotations
 
+import base64
 import http.server
 import io
 import re
@@ -226,6 +227,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif self.path == "/drip.png":  # a byte at a time, never done within the test's timeout
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(self.png)))
+            self.end_headers()
+            try:
+                for byte in self.png[:40]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass  # the client gave up
         elif self.path == "/huge.png":  # one byte over ortllava's limit, streamed
             size = image_module.URL_MAX_BYTES + 1
             self.send_response(200)
@@ -272,6 +285,7 @@ def test_images_by_url_path_and_pil_match_transformers(pipes, server, tmp_path):
         "url": {"type": "image", "url": f"{server}/image.png"},
         "path": {"type": "image", "path": str(path)},
         "pil": pil(IMAGE),
+        "data_uri": {"type": "image", "url": "data:image/png;base64," + base64.b64encode(_Handler.png).decode()},
     }
     answers = {}
     for name, item in forms.items():
@@ -280,7 +294,7 @@ def test_images_by_url_path_and_pil_match_transformers(pipes, server, tmp_path):
         got = ours(text=messages, max_new_tokens=10, return_full_text=False)
         same(want, got)
         answers[name] = got[0]["generated_text"]
-    assert answers["url"] == answers["path"] == answers["pil"]  # the same pixels, however they arrive
+    assert answers["url"] == answers["path"] == answers["pil"] == answers["data_uri"]  # the same pixels, however they arrive
     # A URL as the images= argument of the prompt form, with the pipeline's timeout.
     prompt = "[INST] <image>\nWhat is shown in this image? [/INST]"
     same(hf(images=f"{server}/image.png", text=prompt, max_new_tokens=5, timeout=5),
@@ -303,6 +317,11 @@ def test_url_timeout(pipes, server, monkeypatch):
     with pytest.raises(ImageLoadError, match="slow.png.*timed out"):
         ours(text=messages, max_new_tokens=2, timeout=0.5)
     assert time.perf_counter() - start < 2.5
+    # The timeout bounds the whole download, not only each wait: this server sends a byte every 0.1 s.
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="drip.png: the download took longer than 0.5 s"):
+        ours(text=chat({"type": "image", "url": f"{server}/drip.png"}, "What is this?"), max_new_tokens=2, timeout=0.5)
+    assert time.perf_counter() - start < 2.0
     # Without timeout=, URLs are fetched by load_image, with its timeout and size limit.
     seen = []
     real = urllib.request.urlopen

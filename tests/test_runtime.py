@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -147,6 +148,56 @@ def test_unreadable_image_names_the_file(pipe, tmp_path):
         pipe.generate(prompt=PROMPT, images=[str(tmp_path / "missing.png")])
 
 
+def test_image_as_base64_or_a_data_uri(pipe, tmp_path):
+    path = save_png(random_image(200, 150, seed=13), tmp_path / "photo.png")
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    want = pipe.processor(text="<image>", images=[str(path)])["pixel_values"]
+    for source in (encoded, f"data:image/png;base64,{encoded}"):  # as transformers' load_image takes them
+        np.testing.assert_array_equal(pipe.processor(text="<image>", images=[source])["pixel_values"], want)
+    with pytest.raises(ImageLoadError, match=r"cannot decode image data:image/png;base64,.{20,}\.\.\. \(\d+ characters\)"):
+        pipe.generate(prompt=PROMPT, images=["data:image/png;base64," + base64.b64encode(b"x" * 3000).decode()])
+    with pytest.raises(ImageLoadError, match="a data URI must be data:image/...;base64"):
+        pipe.generate(prompt=PROMPT, images=["data:image/png,rawbytes"])
+    with pytest.raises(ImageLoadError, match="cannot read image file cat: No such file"):  # base64-shaped, but no image
+        pipe.generate(prompt=PROMPT, images=["cat"])
+
+
+def test_empty_image_list_is_no_images(pipe):
+    text = "[INST] Hello there [/INST]"
+    want = pipe.generate(prompt=text, max_new_tokens=4).token_ids
+    assert pipe.generate(prompt=text, images=[], max_new_tokens=4).token_ids == want
+    assert [r.token_ids for r in pipe.generate(prompt=[text, text], images=[[], []], max_new_tokens=4)] == [want, want]
+
+
+def test_text_that_is_not_unicode_is_named(pipe, mistral):
+    with pytest.raises(ValueError, match=r"the prompt is not valid text: 'hi ' is followed by '\\udcff'"):
+        pipe.generate(prompt="hi \udcff there")  # what an undecodable byte becomes in a str read by Python
+    with pytest.raises(ValueError, match="prompt 1 is not valid text"):
+        pipe.generate(prompt=["fine", "bad \udcff"])
+    # The chat CLI names the line and goes on with the next one.
+    chat = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "chat", str(mistral.bundle), "--provider", "cpu", "--max-new-tokens", "2"],
+        input=b"hello\nbad \xff byte\nstill here?\n", capture_output=True,
+    )
+    assert chat.returncode == 0 and b"is not valid text" in chat.stderr and b"Traceback" not in chat.stderr
+    assert len([line for line in chat.stdout.splitlines() if line.strip()]) >= 2  # the first and last lines answered
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ({"do_sample": True, "temperature": float("nan")}, "temperature must be a number > 0, got nan"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty must be a number > 0, got nan"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be a number > 0, got inf"),
+        ({"do_sample": True, "seed": -1}, r"seed must be an integer >= 0, or None"),
+        ({"eos_token_id": [2, 10**6], "min_new_tokens": 2}, "eos_token_id 1000000 is not in the model's vocabulary"),
+    ],
+)
+def test_bad_generation_arguments_are_named(pipe, argument, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.generate(prompt="[INST] hi [/INST]", max_new_tokens=3, **argument)
+
+
 def test_prompt_beyond_the_context_is_refused_up_front(pipe, monkeypatch):
     """Refused from the token count alone: neither the vision encoder nor the decoder runs."""
     limit = pipe.manifest.text.max_position_embeddings
@@ -175,6 +226,42 @@ def test_damaged_bundle_names_the_file(mistral, tmp_path, damage):
         target.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="projector.onnx"):
         ortllava.load(copy, provider="cpu")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_manifest(edit):
+    def damage(path):
+        manifest = json.loads(path.read_text())
+        path.write_text(json.dumps(edit(manifest)))
+    return damage
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [  # damage that no sha256 check sees: verify=False, or a manifest edited by hand
+        ("embed_tokens.npy", _truncate, r"embed_tokens.npy cannot be read \(ValueError: mmap length"),
+        ("image_newline.npy", lambda path: np.save(path, np.zeros(3, np.float32)), r"image_newline.npy cannot be read .*its shape is \[3\]"),
+        ("tokenizer.json", lambda path: path.write_text("{]"), "tokenizer.json cannot be read"),
+        ("preprocessor_config.json", _truncate, "preprocessor_config.json cannot be read"),
+        ("generation_config.json", lambda path: path.write_text("[1, 2]"), "generation_config.json cannot be read .*not an object"),
+        ("chat_template.jinja", lambda path: path.write_bytes(b"\xff\xfe"), "chat_template.jinja cannot be read"),
+        ("manifest.json", lambda path: path.write_text("[]"), "manifest.json is damaged: it holds a JSON list"),
+        ("manifest.json", lambda path: path.write_bytes(b"\xff{}"), "manifest.json is unreadable"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "files": list(m["files"])}), "'files' must be a JSON object, got a list"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {k: v for k, v in m["graphs"].items() if k != "decoder"}}), "'graphs' has no decoder"),
+        ("manifest.json", _edit_manifest(lambda m: {k: v for k, v in m.items() if k != "text"}), "the key 'text' is missing"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "schema_version": "1"}), "has schema version '1'; this ortllava reads version 1"),
+    ],
+)
+def test_damaged_files_are_named_without_hashing(mistral, tmp_path, name, damage, message):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    damage(copy / name)
+    with pytest.raises(BundleError, match=message):
+        ortllava.load(copy, provider="cpu", verify=False)
 
 
 def test_not_a_bundle(tmp_path):
@@ -252,3 +339,10 @@ def test_bundle_loaded_without_hashing_still_names_a_missing_file(mistral, tmp_p
     with pytest.raises(BundleError, match="tokenizer.json is missing"):
         ortllava.load(copy, provider="cpu", verify=False)
 
+
+
+def test_bad_load_options_are_named(mistral):
+    with pytest.raises(ValueError, match="threads must be a number of threads"):
+        ortllava.load(mistral.bundle, provider="cpu", verify=False, threads="2")
+    with pytest.raises(ValueError, match="max_length must be a positive number"):
+        ortllava.load(mistral.bundle, provider="cpu", verify=False, max_length=0)
