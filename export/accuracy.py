@@ -41,16 +41,27 @@ def accuracy_references(checkpoint) -> list[AccuracyCase]:
     import torch
 
     model, processor = checkpoint.model, checkpoint.processor
-    cases = []
+    context = model.config.text_config.max_position_embeddings
+    cases, lengths = [], []
     for width, height, seed, question in PROMPTS:
         messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        lengths.append(inputs["input_ids"].shape[1])
+        if lengths[-1] + NEW_TOKENS - 1 > context:  # a model with a short context: the prompts that fit it
+            continue
         with torch.no_grad():  # the raw logits of each greedy step are the teacher-forced ones of its own continuation
             out = model.generate(
                 **inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
             )
         logits = torch.cat(out.logits, dim=0).float().numpy()
         cases.append(AccuracyCase(question, messages, out.sequences[0, inputs["input_ids"].shape[1] :].numpy(), logits))
+    if not cases:
+        from .validate import ExportValidationError
+
+        raise ExportValidationError(
+            f"the model's context of {context} positions holds none of the accuracy prompts ({min(lengths)} tokens with "
+            f"its image and {NEW_TOKENS} to continue, at the least); export it with --no-validate"
+        )
     return cases
 
 
@@ -72,7 +83,7 @@ def accuracy_report(references: list[AccuracyCase], bundle, provider: str = "cpu
         prompt_length = ours_inputs["input_ids"].shape[1]
         features = pipe.encode_images(ours_inputs["pixel_values"], ours_inputs["image_sizes"])
         embeds = pipe.embed(ours_inputs["input_ids"], features)
-        logits, cache = decoder.start(embeds, ours_inputs["attention_mask"], prompt_length + NEW_TOKENS)
+        logits, cache = decoder.start(embeds, ours_inputs["attention_mask"], prompt_length + NEW_TOKENS - 1)
         ours = [logits.copy()]
         for token in case.continuation[:-1]:
             cache.step_embeds[0, 0] = table[token]

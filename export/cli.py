@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ortllava.generate import unsupported_generation_settings
 from ortllava.manifest import MANIFEST_FILE
 
 from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint
@@ -269,6 +270,10 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
             graphs["decoder"] = build_fused_decoder(checkpoint.model, work / "decoder.onnx", plan.decoder_precision, int4, kv_scales)
     with stage("Writing embeddings, tokenizer, chat template and configs"):
         write_assets(checkpoint, work, np.float16 if plan.decoder_precision == "fp16" else np.float32)
+    ignored = unsupported_generation_settings(checkpoint.model.generation_config.to_diff_dict())
+    if ignored:
+        settings = ", ".join(f"{key}={value!r}" for key, value in ignored.items())
+        print(f"      warning: the generation config sets {settings}, which the ortllava runtime does not implement", file=sys.stderr)
     if release_weights:  # (configs stay: the manifest reads them)
         checkpoint.model.to("meta")
         gc.collect()

@@ -44,6 +44,12 @@ def check_supported(config) -> Family:
     vision_type = config.vision_config.model_type
     if vision_type not in VISION_TOWERS:
         raise UnsupportedModelError(f"vision tower {vision_type!r} is not supported; supported towers: {', '.join(VISION_TOWERS)}")
+    if vision_type == "clip_vision_model" and config.vision_feature_select_strategy == "full":
+        # The CLS position would be one feature more per tile than the anyres grid has places for.
+        raise UnsupportedModelError(
+            "vision_feature_select_strategy 'full' keeps the CLIP tower's CLS position, which LLaVA-NeXT's anyres grid "
+            "cannot place (transformers' own model fails on such images too); CLIP checkpoints use 'default'"
+        )
     return FAMILIES[text_type]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -13,7 +14,7 @@ import numpy as np
 from .features import embed, pack_images
 from .detokenizer import StreamingDetokenizer
 from .decoders import ContextLengthError, KVCache
-from .generate import GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop
+from .generate import GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop, positions_needed, unsupported_generation_settings
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_manifest
 from .processor import Processor, is_chat_batch
@@ -60,6 +61,13 @@ class Pipeline:
         self.image_newline = read_bundle_file(self.bundle, IMAGE_NEWLINE_FILE, lambda path: _array(path, (hidden,)))  # [D]
         has_config = (self.bundle / GENERATION_CONFIG_FILE).is_file()
         self.generation_config: dict[str, Any] = read_bundle_file(self.bundle, GENERATION_CONFIG_FILE, _json_object) if has_config else {}
+        ignored = unsupported_generation_settings(self.generation_config)
+        if ignored:
+            warnings.warn(
+                f"the bundle's {GENERATION_CONFIG_FILE} sets {', '.join(f'{k}={v!r}' for k, v in ignored.items())}, which "
+                "ortllava does not implement: its answers can differ from those of transformers, which applies them",
+                stacklevel=3,  # the caller of load()
+            )
 
     @property
     def provider(self) -> str:
@@ -276,7 +284,7 @@ class Pipeline:
 
         sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)
         sampler = with_min_new_tokens(sampler, eos, settings.min_new_tokens)
-        sampler = with_repetition_penalty(sampler, input_ids, self.manifest.text.vocab_size, settings.repetition_penalty)
+        sampler = with_repetition_penalty(sampler, input_ids, attention_mask, self.manifest.text.vocab_size, settings.repetition_penalty)
         return _Run(self, prefill, input_ids.shape[0], sampler, settings, eos, pad_id, metrics, started, batched, keep_cache)
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics) -> tuple[Prefill, None]:
@@ -284,7 +292,7 @@ class Pipeline:
         features = self.encode_images(inputs["pixel_values"], inputs["image_sizes"]) if "pixel_values" in inputs else None
         inputs_embeds = self.embed(inputs["input_ids"], features)
         attention_mask = inputs["attention_mask"]
-        capacity = attention_mask.shape[1] + max_new_tokens
+        capacity = positions_needed(attention_mask.shape[1], max_new_tokens)
         metrics.prefilled_tokens = int(attention_mask.shape[1])
         decoder = self.sessions.decoder
         return (lambda: decoder.start(inputs_embeds, attention_mask, capacity)), None
@@ -310,11 +318,12 @@ class Pipeline:
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         decoder = self.sessions.decoder
         limit = decoder.max_length  # the model's positions, fewer where the graph serves fewer, or the fixed buffers'
-        if prompt_tokens + max_new_tokens > limit:
+        needed = positions_needed(prompt_tokens, max_new_tokens)
+        if needed > limit:
             what = f"the key/value buffers fixed at max_length={limit}" if decoder.fixed_capacity else f"the model's {limit}"
             raise ContextLengthError(
                 f"the prompt is {prompt_tokens} tokens (images included) and max_new_tokens is {max_new_tokens}: "
-                f"{prompt_tokens + max_new_tokens} positions, beyond {what}; shorten the prompt, "
+                f"{needed} positions (the last new token takes none), beyond {what}; shorten the prompt, "
                 "use smaller or fewer images, or lower max_new_tokens"
             )
 

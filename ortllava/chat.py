@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .decoders import ContextLengthError, KVCache
-from .generate import GenerationMetrics, GenerationResult
+from .generate import GenerationMetrics, GenerationResult, positions_needed
 from .image import ImageLike, load_image
 from .processor import flatten_images, images_in_messages
 
@@ -141,7 +141,7 @@ class ChatSession:
         except ContextLengthError as error:
             # Advice only where it helps: there is a history, and without it the message and its answer would fit.
             system, history = self.messages[: self.system is not None], self.messages[self.system is not None :]
-            alone = self.pipe.prepare(messages=[*system, message], pixel_values=False)[0]["input_ids"].shape[1] + settings.max_new_tokens
+            alone = positions_needed(self.pipe.prepare(messages=[*system, message], pixel_values=False)[0]["input_ids"].shape[1], settings.max_new_tokens)
             if not history or alone > self.pipe.sessions.decoder.max_length:
                 raise
             raise ContextLengthError(f"{error}. This conversation is full: reset() starts a new one (/reset in `ortllava chat`)") from None
@@ -177,7 +177,7 @@ class ChatSession:
             suffix = inputs["input_ids"][:, cut:]
             inputs_embeds = pipe.embed(suffix, features)
             metrics.prefilled_tokens = int(suffix.shape[1])
-            total = len(ids) + max_new_tokens
+            total = positions_needed(len(ids), max_new_tokens)
 
             if cache is not None and cut == 0:
                 decoder.release(cache)  # nothing to reuse but its buffers

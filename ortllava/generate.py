@@ -105,6 +105,32 @@ class GenerationSettings:
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings))
 _NOT_IN_GENERATION_CONFIG = {"seed", "stop"}  # ortllava's own arguments; a generation_config.json has no such keys
 
+# generation_config.json keys with which transformers' `generate` gives other tokens, and which ortllava does not
+# implement: each with the values at which it does nothing. (max_length is not here: ortllava's max_new_tokens
+# default replaces it, see DEFAULT_MAX_NEW_TOKENS and the README.)
+UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
+    "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
+    "no_repeat_ngram_size": (0,), "bad_words_ids": ([],), "force_words_ids": ([],), "constraints": ([],),
+    "suppress_tokens": ([],), "begin_suppress_tokens": ([],), "sequence_bias": ({},), "forced_bos_token_id": (),
+    "forced_eos_token_id": (), "min_length": (0,), "exponential_decay_length_penalty": (), "guidance_scale": (1,),
+    "min_p": (0,), "typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,), "top_h": (), "stop_strings": ([],),
+    "max_time": (), "watermarking_config": (), "token_healing": (False,),
+}
+
+
+def unsupported_generation_settings(generation_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a generation config that would change transformers' answers and that ortllava ignores."""
+    return {
+        key: value for key, value in generation_config.items()
+        if key in UNSUPPORTED_GENERATION_KEYS and value is not None and value not in UNSUPPORTED_GENERATION_KEYS[key]
+    }
+
+
+def positions_needed(prompt_tokens: int, max_new_tokens: int) -> int:
+    """Cache positions a generation fills: the prompt and every new token but the last, which is never fed back
+    (as transformers, whose answers may end exactly at the model's last position)."""
+    return prompt_tokens + max_new_tokens - 1
+
 
 @dataclass
 class GenerationMetrics:

@@ -79,9 +79,12 @@ def with_min_new_tokens(sampler: Sampler, eos_token_ids: list[int], min_new_toke
     return sample
 
 
-def with_repetition_penalty(sampler: Sampler, prompt_ids: np.ndarray, vocab_size: int, penalty: float) -> Sampler:
-    """transformers' repetition penalty: logits of tokens already in the sequence (prompt included) are
-    divided by `penalty` when positive, multiplied when negative."""
+def with_repetition_penalty(sampler: Sampler, prompt_ids: np.ndarray, prompt_mask: np.ndarray, vocab_size: int, penalty: float) -> Sampler:
+    """transformers' repetition penalty: logits of tokens already in the sequence (prompt included, its padding
+    `prompt_mask == 0` not) are divided by `penalty` when positive, multiplied when negative.
+
+    `prompt_ids`, `prompt_mask`: `[B, T]`.
+    """
     if penalty == 1.0:
         return sampler
     if penalty <= 0:
@@ -89,7 +92,7 @@ def with_repetition_penalty(sampler: Sampler, prompt_ids: np.ndarray, vocab_size
     batch = prompt_ids.shape[0]
     seen = np.zeros(batch * vocab_size, dtype=bool)  # [B * V] flat: row b's token t at b * V + t
     row_offsets = np.arange(batch) * vocab_size
-    seen[(row_offsets[:, None] + np.clip(prompt_ids, 0, vocab_size - 1)).ravel()] = True
+    seen[(row_offsets[:, None] + np.clip(prompt_ids, 0, vocab_size - 1))[prompt_mask != 0]] = True
     seen_at = np.flatnonzero(seen)  # the same, as indices: a step touches only these entries
 
     def sample(logits: np.ndarray) -> np.ndarray:

@@ -76,6 +76,9 @@ def test_unknown_architecture_is_refused_with_the_supported_list():
     config = LlavaNextConfig(text_config={"model_type": "gemma", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "intermediate_size": 64, "vocab_size": 100})
     with pytest.raises(UnsupportedModelError, match="mistral.*llama.*qwen2"):
         check_supported(config)
+    clip_with_cls = LlavaNextConfig(vision_feature_select_strategy="full")  # (a CLIP tower and a llama decoder by default)
+    with pytest.raises(UnsupportedModelError, match="'full' keeps the CLIP tower's CLS position"):
+        check_supported(clip_with_cls)
 
 
 def test_export_cli_tiny_end_to_end(tmp_path):

@@ -90,6 +90,33 @@ def test_repetition_penalty_matches_transformers(setup):
     want = out[0, inputs["input_ids"].shape[1] :].tolist()
     (got,) = pipe.generate(messages=conversation, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=1.5)
     assert got.token_ids == want
+    batch = CASES["batch of three"]  # left-padded rows: the padding is not penalized
+    got = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=0.7)
+    assert [r.token_ids for r in got] == hf_generate(processor, model, batch, repetition_penalty=0.7)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_leaves_the_padding_out_as_transformers(penalty):
+    """One step on logits where the pad token (held only by row 1's left padding) scores high."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from ortllava.sampling import with_repetition_penalty
+
+    vocab, pad = 50, 0
+    input_ids = np.array([[5, 6, 7, 8, 5], [pad, pad, 9, 10, 11]])
+    mask = (np.arange(5) >= np.array([[0], [2]])).astype(np.int64)
+    logits = np.random.default_rng(0).standard_normal((2, vocab)).astype(np.float32)
+    logits[:, pad] = 2.0
+    seen = {}
+
+    def capture(scores):
+        seen["scores"] = scores.copy()
+        return scores.argmax(-1)
+
+    with_repetition_penalty(capture, input_ids, mask, vocab, penalty)(logits)
+    reference = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=torch.tensor(mask).argmax(1))
+    np.testing.assert_array_equal(seen["scores"], reference(torch.tensor(input_ids), torch.tensor(logits)).numpy())
+    assert seen["scores"][1, pad] == 2.0  # untouched: row 1 holds the pad id only as padding
 
 
 def test_generation_settings_resolve_given_then_config_then_defaults():

@@ -89,6 +89,30 @@ def test_accuracy_report_measures_against_pytorch(tiny_store, monkeypatch):
     assert abs(shifted["max_abs_logit_diff"] - 0.5) < 1e-3 and shifted["mean_abs_logit_diff"] > clean["mean_abs_logit_diff"]
 
 
+def test_accuracy_report_of_a_short_context_model(tiny_store):
+    """A model whose context holds some of the accuracy prompts is measured on those; one that holds none is
+    refused with the way out (the prompts are ~1-3k tokens with their images)."""
+    from ortllava_export.accuracy import NEW_TOKENS, PROMPTS, accuracy_references, accuracy_report
+    from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.photos import photo
+    from ortllava_export.validate import ExportValidationError
+
+    tiny = tiny_store.get("mistral")
+    checkpoint = load_checkpoint(str(tiny.checkpoint))
+    lengths = []
+    for width, height, seed, question in PROMPTS:
+        messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
+        inputs = checkpoint.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        lengths.append(len(inputs["input_ids"][0]))
+    assert len(set(lengths)) == len(lengths)
+    checkpoint.model.config.text_config.max_position_embeddings = min(lengths) + NEW_TOKENS - 1  # the shortest prompt just fits
+    references = accuracy_references(checkpoint)
+    assert len(references) == 1 and accuracy_report(references, tiny.bundle)["positions"] == NEW_TOKENS
+    checkpoint.model.config.text_config.max_position_embeddings = min(lengths)
+    with pytest.raises(ExportValidationError, match=f"holds none of the accuracy prompts .*{min(lengths)} tokens.*--no-validate"):
+        accuracy_references(checkpoint)
+
+
 @pytest.mark.parametrize("name", ["fp16", "int4", "int4-concat", "kv8", "fp32"])
 def test_decoder_graph_loads_without_warnings(bundles, tiny_store, name, capfd):
     """Every kind of decoder defines each initializer once and uses all of them: onnxruntime loads it without a
