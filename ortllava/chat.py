@@ -14,6 +14,10 @@ falls inside an image's tokens (nor keeps an image whose source changed): it bac
 token. Only the images whose tokens are in the new part are preprocessed and go through the vision encoder;
 the earlier ones give just their sizes (for their token counts). A template that renders an earlier answer
 differently from the tokens generated for it just moves the cut back.
+
+With an int8 key/value cache the answers are not token for token those of recomputing: a run attends its own
+new tokens in float and the earlier ones through their int8 values, and a chat's runs begin at its turns
+while a fresh generation's begin at its prefill chunks, so different positions are rounded.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ class ChatSession:
 
     `messages` is the history in Hugging Face chat format: an optional system message, then user messages
     (images first as `{"type": "image", "image": ...}`, then `{"type": "text", "text": ...}`) and the assistant's
-    answers (`{"type": "text", "text": ...}`). Paths and URLs are opened once, when sent; the history holds the
-    opened images. A session is for one thread at a time.
+    answers (`{"type": "text", "text": ...}`). Images are opened once, when sent; the history holds each as an
+    RGB PIL image of its own (a copy: later changes to the caller's object do not reach the conversation). A
+    session is for one thread at a time.
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None, **defaults: Any):
@@ -72,7 +77,8 @@ class ChatSession:
         """`send`, yielding text pieces as tokens arrive (the same `StreamChunk`s as `Pipeline.stream`; the
         last one carries the finish reason and the metrics). The pieces joined equal `send(...).text`.
 
-        A stream closed early (or left unfinished when the next turn starts) keeps the text it yielded as the answer.
+        A stream closed early (or left unfinished when the next turn starts) keeps the text it yielded as the
+        answer; one that fails (an error raised during the turn) adds nothing to the history, as with `send`.
         """
         self._close_open_stream()
         chunks = self._stream_turn(text, images, generate_kwargs)
@@ -99,7 +105,7 @@ class ChatSession:
         message = self._user_message(text, images)
         run = self._start(message, generate_kwargs)
         pieces: list[str] = []
-        committed = False
+        committed = closed_early = False
         chunks = self.pipe._stream(run)
         try:
             for chunk in chunks:
@@ -108,9 +114,12 @@ class ChatSession:
                     self._commit(message, "".join(pieces))
                     committed = True
                 yield chunk
+        except GeneratorExit:  # closed by the consumer (or by the next turn); an error is not a close
+            closed_early = True
+            raise
         finally:
             chunks.close()
-            if not committed and run.tokens:  # closed early: what was shown is the answer
+            if closed_early and not committed and run.tokens:  # what was shown is the answer
                 self._commit(message, "".join(pieces))
 
     def _close_open_stream(self) -> None:
@@ -120,11 +129,19 @@ class ChatSession:
             stream.close()
 
     def _user_message(self, text: str, images: Sequence[ImageLike] | ImageLike | None) -> dict[str, Any]:
+        if not isinstance(text, str):
+            raise TypeError(f"a chat message is a string, got {type(text).__name__}")
         images = [] if images is None else flatten_images(images)
-        # Opened once here (an unreadable one fails before anything runs); every later turn re-renders these.
-        content: list[dict[str, Any]] = [{"type": "image", "image": load_image(image)} for image in images]
+        content: list[dict[str, Any]] = [{"type": "image", "image": self._kept_image(image)} for image in images]
         content.append({"type": "text", "text": text})
         return {"role": "user", "content": content}
+
+    def _kept_image(self, image: ImageLike) -> Any:
+        """The image as the conversation keeps it, opened and converted once, here (one that cannot be read or
+        processed fails before anything runs): an RGB image of its own, which the caller's later changes to
+        their object (a reused frame buffer, an in-place resize) do not reach, as the cache holds its features."""
+        kept = self.pipe.processor.image_processor.rgb_image(load_image(image))
+        return kept.copy() if kept is image else kept
 
     def _commit(self, message: dict[str, Any], answer: str) -> None:
         self.messages.append(message)

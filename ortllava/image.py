@@ -386,8 +386,9 @@ class ImageProcessor:
 
     # pixels -----------------------------------------------------------------------------------------
 
-    def _source(self, image: Image.Image | np.ndarray) -> Image.Image:
-        """The image as an RGB PIL image, converted the way transformers' PIL backend converts it."""
+    def rgb_image(self, image: Image.Image | np.ndarray) -> Image.Image:
+        """The image as the RGB PIL image that is tiled, converted the way transformers' PIL backend converts
+        it (an RGB PIL image is returned as it is); an `ImageLoadError` for what the processor cannot take."""
         cfg = self.config
         if cfg.do_convert_rgb and isinstance(image, Image.Image):
             return _rgb_pil(image)
@@ -399,7 +400,7 @@ class ImageProcessor:
     def _write_tiles(self, image: Image.Image | np.ndarray, out: np.ndarray) -> None:
         """One image -> its tiles written into `out` (`[n_tiles, 3, S, S]` float32): base image, then grid row by row."""
         cfg = self.config
-        source = self._source(image)
+        source = self.rgb_image(image)
         width, height = source.size
         tile = cfg.tile_size
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
@@ -185,6 +186,59 @@ def test_stop_strings_and_arguments(setup):
     with pytest.raises(ortllava.ImageLoadError):
         chat.send("hi", images=["/nonexistent/photo.png"])
     assert len(chat.messages) == 4  # failed turns leave the history as it was
+
+
+def test_images_changed_after_sending_do_not_reach_the_conversation(setup):
+    """A camera loop refills one frame buffer; a PIL image is resized in place: the conversation keeps what was sent."""
+    _, pipe = setup
+    frame = np.array(random_image(320, 240, seed=33))
+    photo = random_image(640, 480, seed=34)
+    chat = pipe.chat(**GREEDY)
+    chat.send("What is this?", images=[frame])
+    sent_frame = frame.copy()
+    frame[:] = np.array(random_image(320, 240, seed=35))  # the next frame, into the same buffer
+    second = chat.send("And now?", images=[frame])
+    chat.send("And this photo?", images=[photo])
+    photo.thumbnail((200, 150))  # in place, after sending: fewer image tokens than were sent
+    last = chat.send("Anything else?")
+    kept = [item["image"] for message in chat.messages for item in message["content"] if item["type"] == "image"]
+    np.testing.assert_array_equal(np.asarray(kept[0]), sent_frame)
+    assert kept[2].size == (640, 480) and kept[0] is not frame and kept[2] is not photo
+    assert second.token_ids == pipe.generate(messages=chat.messages[:3], **GREEDY).token_ids
+    assert last.token_ids == pipe.generate(messages=chat.messages[:-1], **GREEDY).token_ids
+
+
+def test_failed_turns_keep_the_cache_and_the_history(setup, monkeypatch):
+    _, pipe = setup
+    chat = pipe.chat(**GREEDY)
+    chat.send(*TURNS[0])
+    cached, history = chat.cached_tokens, list(chat.messages)
+    with pytest.raises(ortllava.ImageLoadError, match="1, 3 or 4 channels"):  # refused before anything runs
+        chat.send("hi", images=[np.zeros((50, 60, 5), np.uint8)])
+    with pytest.raises(TypeError, match="a chat message is a string"):
+        chat.send(123)
+    assert chat.cached_tokens == cached and chat.messages == history
+    # An error during the answer: neither send nor stream adds the turn to the history.
+    decoder = type(pipe.sessions.decoder)
+    step, calls = decoder.step, []
+
+    def failing_step(self, cache):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure")
+        return step(self, cache)
+
+    monkeypatch.setattr(decoder, "step", failing_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        chat.send("Tell me more.")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(chat.stream("Tell me more."))
+    assert chat.messages == history
+    monkeypatch.undo()
+    follow = chat.send("Tell me more.")
+    assert follow.token_ids == pipe.generate(messages=chat.messages[:-1], **GREEDY).token_ids
+    assert follow.metrics.prefilled_tokens < follow.metrics.prompt_tokens  # the first turn's cache was kept
 
 
 def test_cli_chat(setup, tmp_path):
