@@ -229,6 +229,27 @@ def _peak_rss_mb() -> float:
 TIMING_FIELDS = tuple(f.name for f in fields(Timing) if f.name != "tokens")  # the figures a run reports
 
 
+def bundle_mismatch(path: Path, checkpoint, precision: str, int4: Int4Options | None) -> str | None:
+    """How the bundle at `path` differs from the one the benchmark would export from `checkpoint` at `precision`
+    (None: it can be reused): its source, decoder shape, precision and 4-bit settings."""
+    from ortllava.manifest import read_manifest
+
+    manifest = read_manifest(path, verify=False)
+    text = checkpoint.model.config.text_config
+    wanted = {
+        "source": (manifest.provenance.get("source"), checkpoint.source),
+        "precision": (manifest.precision, precision),
+        "decoder layers": (manifest.text.num_layers, text.num_hidden_layers),
+        "hidden size": (manifest.text.hidden_size, text.hidden_size),
+    }
+    if int4 is not None:
+        quantization = manifest.graphs["decoder"].quantization
+        for key in ("block_size", "symmetric", "quantize_lm_head"):
+            wanted[key.replace("_", " ")] = (quantization.get(key), getattr(int4, key))
+    differences = [f"{what} {have!r}, not {want!r}" for what, (have, want) in wanted.items() if have != want]
+    return "; ".join(differences) or None
+
+
 def _median(timings: list[Timing]) -> dict:
     out = {f: (statistics.median(getattr(t, f) for t in timings) if getattr(timings[0], f) is not None else None) for f in TIMING_FIELDS}
     out["tokens_per_s"] = 1000.0 / out["decode_ms_per_token"] if out["decode_ms_per_token"] else 0.0
@@ -267,6 +288,12 @@ def bench(
 
     precisions = [precision] if isinstance(precision, str) else list(precision)
     device = "cuda" if provider == "cuda" else "cpu"
+    if device == "cuda":
+        from ortllava.sessions import resolve_providers
+
+        resolve_providers("cuda")  # an error saying so where onnxruntime has no CUDA provider
+        if not torch.cuda.is_available():
+            raise RuntimeError("provider 'cuda' runs transformers on the GPU too: this torch sees no CUDA device")
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
@@ -279,7 +306,11 @@ def bench(
     # One precision: the bundle is `bundle`; several: `bundle/<precision>` each.
     bundles = {p: Path(bundle) if len(precisions) == 1 else Path(bundle) / p for p in precisions}
     for name, path in bundles.items():
-        if not (path / "manifest.json").is_file():
+        if (path / "manifest.json").is_file():  # reused, if it is the bundle this run would export
+            mismatch = bundle_mismatch(path, checkpoint, name, (int4 or Int4Options()) if name == "int4" else None)
+            if mismatch:
+                raise ValueError(f"the bundle in {path} is not this benchmark's ({mismatch}): remove it, or pass another --bundle")
+        else:
             export_bundle(
                 checkpoint, path, precision=name, validate=(device == "cpu" and name == "fp32"), target=device, int4=int4,
                 kv_cache=kv_cache if name == "int4" else "float",

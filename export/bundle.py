@@ -14,6 +14,8 @@ from ortllava import manifest as m
 from ortllava.manifest import GraphSpec, Manifest, TextSpec, TokenSpec, VisionSpec, sha256_file
 
 from .checkpoint import Checkpoint
+
+SCRATCH_MARK = ".ortllava-export-partial"  # in the scratch folder while an export writes it (not a bundle file)
 from .wrappers import feature_layers, text_geometry
 
 
@@ -64,7 +66,7 @@ def build_manifest(checkpoint: Checkpoint, graphs: dict[str, GraphSpec], out: Pa
     backend_model = type(tokenizer.backend_tokenizer.model).__name__
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.generation_config.pad_token_id
     files = {
-        path.name: sha256_file(path) for path in sorted(out.iterdir()) if path.is_file() and path.name != m.MANIFEST_FILE
+        path.name: sha256_file(path) for path in sorted(out.iterdir()) if path.is_file() and path.name not in (m.MANIFEST_FILE, SCRATCH_MARK)
     }
     return Manifest(
         schema_version=m.SCHEMA_VERSION,

@@ -43,26 +43,32 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
             check_config(model.config)
         return Checkpoint(model, build_processor(spec, tokenizer), check_supported(model.config), "tiny", None)
 
-    if Path(name).exists() and not Path(name, "config.json").is_file():
+    local = Path(name).exists()
+    if local and not Path(name, "config.json").is_file():
         raise FileNotFoundError(f"{name} is a folder without config.json: not a Hugging Face checkpoint")
+    if local and revision:
+        raise FileNotFoundError(f"--revision {revision} names a hub revision, but {name} is a local folder: leave it out")
+    if not local and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):  # a path, never a hub id
+        raise FileNotFoundError(f"cannot load the model '{name}': there is no such folder")
     try:
         config = AutoConfig.from_pretrained(name, revision=revision)
     except OSError as error:  # not a folder, and not a hub id that can be fetched (or is cached) here
-        raise FileNotFoundError(
-            f"cannot load the model '{name}': it is not a local checkpoint folder, and as a hub id it failed ({error})"
-        ) from error
-    except ValueError as error:  # e.g. a model type this transformers does not know
+        where = "its config.json is unreadable" if local else "there is no such folder here, and as a hub id it failed"
+        raise FileNotFoundError(f"cannot load the model '{name}': {where} ({error})") from error
+    except ValueError as error:  # e.g. a model type this transformers does not know, or config.json is not JSON
         raise UnsupportedModelError(f"cannot read the configuration of '{name}': {error}") from error
     family = check_supported(config)
     if check_config is not None:
         check_config(config)
+    # Damaged files (a half-downloaded safetensors, a missing tokenizer) raise many types: each is named as the
+    # part of the checkpoint it broke.
     try:
         processor = AutoProcessor.from_pretrained(name, revision=revision)
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001
         raise FileNotFoundError(f"cannot load the processor of '{name}' (tokenizer and preprocessor files): {error}") from error
     try:
         model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype="auto" if stored_dtype else torch.float32).eval()
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001
         raise FileNotFoundError(f"cannot load the weights of '{name}': {error}") from error
     if stored_dtype:
         model.model.vision_tower.float()

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 from ortllava.generate import unsupported_generation_settings
 from ortllava.manifest import MANIFEST_FILE
 
+from .bundle import SCRATCH_MARK
 from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint
 from .quantize import Int4Options
 
@@ -104,23 +106,26 @@ def export_bundle(
         if decoder == "gqa" and (missing := unsupported_features(config)):
             raise UnsupportedModelError(f"the fused decoder does not implement this checkpoint's {'; '.join(missing)}: export it with --decoder concat")
 
-    progress = Progress(_stage_count(plan))
-    with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
-        # Fused exports keep the decoder as stored (memory-mapped; the graph converts one weight at a time, PyTorch
-        # one module at a time: `computing_in_fp32`); the traced concat graph takes the dtype its weights have.
-        owned = not isinstance(model, Checkpoint)  # loaded here: its weights may be let go once the graphs are built
-        if not owned:
-            check_config(model.model.config)
-            checkpoint = model
-        else:
-            checkpoint = load_checkpoint(model, revision, stored_dtype=decoder == "gqa", check_config=check_config)
     # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
+    # Made first, so an output that cannot be written is found before the checkpoint loads.
     work = output.with_name(output.name + ".partial")
     created = [parent for parent in output.parents if not parent.exists()]  # nearest first
-    shutil.rmtree(work, ignore_errors=True)
+    _clear_scratch(work)
     work.mkdir(parents=True)
+    (work / SCRATCH_MARK).touch()
     try:
+        progress = Progress(_stage_count(plan))
+        with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
+            # Fused exports keep the decoder as stored (memory-mapped; the graph converts one weight at a time, PyTorch
+            # one module at a time: `computing_in_fp32`); the traced concat graph takes the dtype its weights have.
+            owned = not isinstance(model, Checkpoint)  # loaded here: its weights may be let go once the graphs are built
+            if not owned:
+                check_config(model.model.config)
+                checkpoint = model
+            else:
+                checkpoint = load_checkpoint(model, revision, stored_dtype=decoder == "gqa", check_config=check_config)
         _export_into(work, checkpoint, plan, progress, release_weights=owned)
+        (work / SCRATCH_MARK).unlink()
         _move_into_place(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -130,6 +135,17 @@ def export_bundle(
         raise
     print(f"Bundle written to {output} in {time.perf_counter() - total:.1f} s", file=sys.stderr)
     return output
+
+
+def _clear_scratch(work: Path) -> None:
+    """Removes what an interrupted export left at `work` (the scratch folder's name); a folder of that name
+    that is not such a leftover is refused, not deleted."""
+    if not work.exists():
+        return
+    if work.is_dir() and not work.is_symlink() and ((work / SCRATCH_MARK).is_file() or not any(work.iterdir())):
+        shutil.rmtree(work)
+        return
+    raise SystemExit(f"{work} exists and is not left over from an ortllava export; move it away (the export writes there first)")
 
 
 def _move_into_place(work: Path, output: Path) -> None:
@@ -166,8 +182,8 @@ def _plan(precision: str, decoder: str, target: str, validate: bool, int4: Int4O
         raise SystemExit(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_CACHE_TYPES)}")
     if precision == "int4":
         int4 = int4 or Int4Options()
-        if int4.block_size < 16 or int4.block_size & (int4.block_size - 1):
-            raise SystemExit(f"--block-size {int4.block_size}: MatMulNBits takes a power of two from 16 (16, 32, 64, 128, 256)")
+        if int4.block_size not in (16, 32, 64, 128, 256):
+            raise SystemExit(f"--block-size {int4.block_size}: onnxruntime's MatMulNBits takes 16, 32, 64, 128 or 256")
         if decoder == "concat" and int4.quantize_lm_head:
             raise SystemExit("--quantize-lm-head needs --decoder gqa (the concat graph's lm_head is a Gemm the quantizer leaves as it is)")
         if int4.accuracy_level is None and (target == "cpu" or decoder == "concat"):
@@ -339,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     from .families import UnsupportedModelError
     from .validate import ExportValidationError
 
+    # A termination signal (a timeout, a job scheduler) unwinds like Ctrl-C: the unfinished bundle is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         block_size = args.block_size if args.block_size is not None else Int4Options.block_size
         int4 = Int4Options(block_size, not args.asymmetric, args.quantize_lm_head, args.accuracy_level)

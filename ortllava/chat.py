@@ -114,7 +114,7 @@ class ChatSession:
                     self._commit(message, "".join(pieces))
                     committed = True
                 yield chunk
-        except GeneratorExit:  # closed by the consumer (or by the next turn); an error is not a close
+        except (GeneratorExit, KeyboardInterrupt):  # closed by the consumer, the next turn or Ctrl-C; an error is not a close
             closed_early = True
             raise
         finally:

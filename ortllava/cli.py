@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -137,11 +138,16 @@ def _chat(args: argparse.Namespace) -> int:
                 print(f"ortllava: unknown command {line!r}; {CHAT_HELP}", file=sys.stderr)
             continue
         images, pending = pending, []
+        stream = session.stream(line, images=images or None)
         try:
             chunk = None
-            for chunk in session.stream(line, images=images or None):
+            for chunk in stream:
                 print(chunk.text, end="", flush=True)
             print(flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops the answer (what was shown stays in the conversation); at the prompt it quits
+            stream.close()
+            print("\n[stopped]", file=sys.stderr)
+            continue
         except (ImageLoadError, ValueError, RuntimeError, FloatingPointError) as error:
             print(f"\nortllava: error: {error}", file=sys.stderr)
             continue
@@ -158,7 +164,25 @@ def _precisions(text: str) -> list[str]:
     return names
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def _bench(args: argparse.Namespace) -> int:
+    int4_options = {"--block-size": args.block_size is not None, "--quantize-lm-head": args.quantize_lm_head,
+                    "--accuracy-level": args.accuracy_level is not None, "--kv-cache": args.kv_cache != "auto"}
+    given = [flag for flag, set_ in int4_options.items() if set_]
+    if given and "int4" not in args.precision:
+        raise ValueError(f"{', '.join(given)} only apply to int4 bundles: add int4 to --precision")
+    for path in (args.json, args.plot):  # checked now rather than lost after the whole run
+        if path is not None and not path.resolve().parent.is_dir():
+            raise ValueError(f"cannot write {path}: its folder does not exist")
     try:
         from ortllava_export.bench import bench
         from ortllava_export.bench_plot import write_svg
@@ -168,7 +192,7 @@ def _bench(args: argparse.Namespace) -> int:
     report = bench(
         args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens,
         repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,
-        max_length=args.max_length, int4=Int4Options(args.block_size, True, args.quantize_lm_head, args.accuracy_level),
+        max_length=args.max_length, int4=Int4Options(args.block_size or 32, True, args.quantize_lm_head, args.accuracy_level),
         text_only=args.text_only, kv_cache=args.kv_cache,
     )
     if args.plot:
@@ -185,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("bundle", type=Path)
     gen.add_argument("--image", action="append", help="image path or URL (repeat for several)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--max-new-tokens", type=int, help="default: the bundle's generation config, else 256")
     gen.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template (images go where its <image> tokens are, or first)")
     gen.add_argument("--stream", action="store_true", help="print the answer as it is generated")
@@ -204,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     chat = commands.add_parser("chat", help="talk with the model, keeping the conversation (stdin: lines, /image, /reset, /quit)")
     chat.add_argument("bundle", type=Path)
     chat.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
-    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--max-new-tokens", type=int, help="default: the bundle's generation config, else 256")
     chat.add_argument("--system", help="a system message for the conversation")
     chat.add_argument("--timings", action="store_true", help="print tokens and timings to stderr after each answer")
     chat.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
@@ -217,21 +241,21 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", default=["fp32"], type=_precisions,
         help="fp32, fp16 or int4; several, comma-separated (fp32,int4), alternate in the same runs",
     )
-    bench.add_argument("--block-size", type=int, default=32, help="int4: input rows per scale")
+    bench.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256], help="int4: input rows per scale (default 32)")
     bench.add_argument("--quantize-lm-head", action="store_true", help="int4: quantize the lm_head too")
     bench.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4: MatMulNBits compute type (4: int8 on the CPU)")
     bench.add_argument(
         "--kv-cache", default="auto", choices=["auto", "float", "int8"], help="int4: the key/value cache (auto: int8 on the CPU, float on CUDA)",
     )
-    bench.add_argument("--layers", type=int, help="decoder layers of a random shape (the floor ratio does not depend on it)")
-    bench.add_argument("--new-tokens", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--threads", type=int, help="CPU threads for both (default: all cores)")
+    bench.add_argument("--layers", type=_positive, help="decoder layers of a random shape (the floor ratio does not depend on it)")
+    bench.add_argument("--new-tokens", type=_positive, default=64)
+    bench.add_argument("--repeats", type=_positive, default=3)
+    bench.add_argument("--threads", type=_positive, help="CPU threads for both (default: all cores)")
     bench.add_argument("--bundle", type=Path, help="export here (or reuse the bundle found here) instead of a temporary folder")
     bench.add_argument("--json", type=Path, help="write the report here")
     bench.add_argument("--plot", type=Path, help="draw the report here (SVG): where the time goes, and decode against its floor")
     bench.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph")
-    bench.add_argument("--max-length", type=int, help="preallocate the key/value buffers to this many positions")
+    bench.add_argument("--max-length", type=_positive, help="preallocate the key/value buffers to this many positions")
     bench.add_argument("--text-only", action="store_true", help="ask about no image: a short context, where the weights dominate a step")
     bench.set_defaults(run=_bench)
 
@@ -241,9 +265,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (BundleError, ImageLoadError, ValueError, RuntimeError, FloatingPointError) as error:
+    except (BundleError, ImageLoadError, ValueError, RuntimeError, FloatingPointError, OSError) as error:
+        if isinstance(error, BrokenPipeError):  # the reader went away (`ortllava info ... | head`): nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit would fail too)
+            return 1
         print(f"ortllava: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

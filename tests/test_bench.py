@@ -52,3 +52,37 @@ def test_bench_runs_and_reports(tmp_path):
 def test_bench_refuses_unknown_precisions():
     run = subprocess.run([sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--precision", "fp32,int8"], capture_output=True, text=True)
     assert run.returncode == 2 and "int8" in run.stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--repeats", "0"], "argument --repeats: must be a whole number >= 1"),
+    (["--threads", "-1"], "argument --threads: must be a whole number >= 1"),
+    (["--block-size", "1024", "--precision", "int4"], "argument --block-size: invalid choice"),
+])
+def test_bench_refuses_bad_arguments_up_front(arguments, message):
+    run = subprocess.run([sys.executable, "-m", "ortllava.cli", "bench", "tiny", *arguments], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr
+
+
+def test_bench_refuses_what_it_would_only_find_out_at_the_end(tmp_path):
+    """int4 options without int4, and a report file in a folder that does not exist: refused before any export."""
+    for arguments, message in (
+        (["--quantize-lm-head"], "--quantize-lm-head only apply to int4 bundles"),
+        (["--json", str(tmp_path / "missing" / "r.json")], "its folder does not exist"),
+    ):
+        run = subprocess.run([sys.executable, "-m", "ortllava.cli", "bench", "tiny", *arguments], capture_output=True, text=True)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bench_reuses_only_its_own_bundle(tiny_store):
+    """`--bundle` reuses the bundle it finds only when it is the one the run would export."""
+    from ortllava_export.bench import bundle_mismatch
+    from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.quantize import Int4Options
+
+    tiny = tiny_store.get("mistral")
+    checkpoint = load_checkpoint(str(tiny.checkpoint))
+    assert bundle_mismatch(tiny.bundle, checkpoint, "fp32", None) is None
+    assert bundle_mismatch(tiny.bundle, checkpoint, "int4", Int4Options()) == "precision 'fp32', not 'int4'; block size None, not 32; symmetric None, not True; quantize lm head None, not False"
+    checkpoint.source = "elsewhere"
+    assert bundle_mismatch(tiny.bundle, checkpoint, "fp32", None).startswith(f"source {str(tiny.checkpoint)!r}, not 'elsewhere'")

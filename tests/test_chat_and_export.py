@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import ortllava
 from ortllava.chat_template import ChatTemplateError
 from ortllava.manifest import read_manifest
 from ortllava_export.families import UnsupportedModelError, check_supported
+from ortllava_export.quantize import Int4Options
 from ortllava_export.tiny import CHATML_TEMPLATE, MISTRAL_TEMPLATE, VICUNA_TEMPLATE
 
 from conftest import random_image, transformers_greedy
@@ -398,3 +401,46 @@ def test_export_cli_refuses_int4_options_without_int4(tmp_path, options, named):
     )
     assert out.returncode == 2 and f"{named} to --precision int4 only" in out.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_export_scratch_folder_is_ours_alone(tmp_path):
+    """The export writes into `<output>.partial` first: a folder of that name that an export did not leave is
+    refused and kept; one that an interrupted export left is cleared; a termination signal leaves nothing."""
+    from ortllava_export.cli import export_bundle
+
+    foreign = tmp_path / "b.partial"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="is not left over from an ortllava export"):
+        export_bundle("tiny", tmp_path / "b", validate=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    (foreign / "notes.txt").unlink()
+    (foreign / ".ortllava-export-partial").touch()  # what an interrupted export leaves
+    (foreign / "decoder.onnx").write_bytes(b"half")
+    export_bundle("tiny", tmp_path / "b", validate=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and ".ortllava-export-partial" not in read_manifest(tmp_path / "b").files
+    # SIGTERM (a timeout, a scheduler) once the export has begun writing: it unwinds and removes its folder.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ortllava_export.cli", "--model", "tiny", "--output", str(tmp_path / "c")], stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "c.partial").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(120) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_export_refuses_bad_options_before_loading(tmp_path):
+    from ortllava_export.cli import export_bundle
+
+    with pytest.raises(SystemExit, match="--block-size 1024: onnxruntime's MatMulNBits takes 16, 32, 64, 128 or 256"):
+        export_bundle("tiny", tmp_path / "b", precision="int4", int4=Int4Options(block_size=1024))
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="--revision v2 names a hub revision, but .* is a local folder"):
+        export_bundle(str(checkpoint), tmp_path / "b", revision="v2")
+    with pytest.raises(FileNotFoundError, match="there is no such folder"):  # a path, not tried as a hub id
+        export_bundle(str(tmp_path / "no" / "such" / "checkpoint"), tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

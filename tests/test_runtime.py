@@ -357,3 +357,48 @@ def test_generation_config_settings_not_implemented_are_warned_of(mistral, tmp_p
     with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=2, which ortllava does not implement") as caught:
         ortllava.load(copy, provider="cpu", verify=False)
     assert len(caught) == 1 and "num_beams" not in str(caught[0].message)  # values that do nothing are not named
+
+
+def test_cli_leaves_unset_arguments_to_the_generation_config(mistral, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    config = copy / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_new_tokens": 3, "min_new_tokens": 3}))
+    out = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "generate", str(copy), "--prompt", "Hi", "--provider", "cpu", "--no-verify", "--timings"],
+        capture_output=True, text=True, check=True,
+    )
+    assert ", 3 new;" in out.stderr
+
+
+def test_cli_interrupted_exits_quietly(mistral, monkeypatch, capsys):
+    from ortllava import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_info", interrupted)
+    assert cli.main(["info", str(mistral.bundle)]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_chat_cli_stops_the_answer_not_the_chat(mistral, monkeypatch, capsys):
+    import io
+
+    from ortllava import cli
+    from ortllava.decoders import FusedDecoder
+
+    step, calls = FusedDecoder.step, []
+
+    def interrupted_once(self, cache):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during the first answer
+            raise KeyboardInterrupt
+        return step(self, cache)
+
+    monkeypatch.setattr(FusedDecoder, "step", interrupted_once)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nsecond question\n"))
+    assert cli.main(["chat", str(mistral.bundle), "--provider", "cpu", "--max-new-tokens", "4", "--no-verify"]) == 0
+    captured = capsys.readouterr()
+    assert "[stopped]" in captured.err and "Traceback" not in captured.err
+    assert len(calls) > 2  # the second question was answered
