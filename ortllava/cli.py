@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -80,7 +81,10 @@ def _info(args: argparse.Namespace) -> int:
         print(f"size        {name:15} {sum(sizes.get(f, 0) for f in files) / 2**20:10.1f} MiB  ({', '.join(files)})")
     print(f"size        {'embeddings':15} {sizes.get('embed_tokens.npy', 0) / 2**20:10.1f} MiB")
     if manifest.validation:
-        print("validation  max |onnx - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in manifest.validation.items()))
+        graphs = " (the float graphs, before 4-bit quantization: the accuracy report measures the shipped one)" if decoder.quantization else ""
+        print(f"validation  max |onnx - torch|{graphs}: " + ", ".join(f"{k} {v:.2e}" for k, v in manifest.validation.items()))
+    else:
+        print("validation  none: exported with --no-validate")
     if manifest.accuracy:
         a = manifest.accuracy
         print(f"accuracy    vs {a['reference']}: top-1 agreement {a['top1_agreement'] * 100:.1f}% over {a['positions']} positions "
@@ -263,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     from .image import ImageLoadError
     from .manifest import BundleError
 
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *rest, **named: f"ortllava: warning: {message}\n"  # not a source line
     try:
         return args.run(args)
     except (BundleError, ImageLoadError, ValueError, RuntimeError, FloatingPointError, OSError) as error:
@@ -274,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

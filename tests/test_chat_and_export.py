@@ -168,6 +168,8 @@ def test_failed_export_removes_the_folders_it_created_and_keeps_an_earlier_bundl
     from ortllava_export import cli
 
     earlier = cli.export_bundle("tiny", tmp_path / "earlier" / "bundle", validate=False)
+    info = subprocess.run([sys.executable, "-m", "ortllava.cli", "info", str(earlier), "--no-load"], capture_output=True, text=True, check=True)
+    assert "validation  none: exported with --no-validate" in info.stdout
     digests = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in earlier.iterdir()}  # noqa: E731
     before = digests()
 
