@@ -373,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ortllava-export: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except SystemExit as refusal:  # the option checks' refusals (a message; argparse's own exit has a number)
+        if not isinstance(refusal.code, str):
+            raise
+        print(f"ortllava-export: error: {refusal.code}", file=sys.stderr)
+        return 2
     return 0
 
 

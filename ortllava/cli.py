@@ -10,10 +10,21 @@ import warnings
 from pathlib import Path
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    """The bundle as `load` gives it; a note first where checking its files' sha256 takes a while."""
     from .api import load
 
-    pipe = load(args.bundle, provider=args.provider, verify=not args.no_verify)
+    if not args.no_verify and args.bundle.is_dir():
+        size = sum(path.stat().st_size for path in args.bundle.iterdir() if path.is_file())
+        if size > 2**30:
+            print(f"checking {size / 2**30:.1f} GiB of bundle files (sha256; --no-verify skips it) ...", file=sys.stderr, flush=True)
+    return load(args.bundle, provider=args.provider, verify=not args.no_verify)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    pipe = _load(args)
+    if args.prompt == "-":  # the prompt from stdin
+        args.prompt = sys.stdin.read().strip()
     images = args.image or []
     if not args.raw and pipe.processor.chat_template and pipe.processor.image_token in args.prompt:
         raise ValueError(
@@ -103,10 +114,9 @@ CHAT_HELP = "commands: /image PATH_OR_URL (attach to the next message), /reset (
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .api import load
     from .image import ImageLoadError, load_image
 
-    pipe = load(args.bundle, provider=args.provider, verify=not args.no_verify)
+    pipe = _load(args)
     session = pipe.chat(system=args.system, max_new_tokens=args.max_new_tokens)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -212,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="answer a prompt about images")
     gen.add_argument("bundle", type=Path)
     gen.add_argument("--image", action="append", help="image path or URL (repeat for several)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="the question ('-': read it from stdin)")
     gen.add_argument("--max-new-tokens", type=int, help="default: the bundle's generation config, else 256")
     gen.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template (images go where its <image> tokens are, or first)")

@@ -438,6 +438,11 @@ def test_export_refuses_bad_options_before_loading(tmp_path):
 
     with pytest.raises(SystemExit, match="--block-size 1024: onnxruntime's MatMulNBits takes 16, 32, 64, 128 or 256"):
         export_bundle("tiny", tmp_path / "b", precision="int4", int4=Int4Options(block_size=1024))
+    out = subprocess.run(
+        [sys.executable, "-m", "ortllava_export.cli", "--model", "tiny", "--output", str(tmp_path / "b"), "--precision", "int4", "--block-size", "1024"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2 and out.stderr.startswith("ortllava-export: error: --block-size 1024")
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")

@@ -82,6 +82,11 @@ def test_cli_generate_prints_the_answer(mistral, pipe, tmp_path):
         capture_output=True, text=True, check=True,
     )
     assert streamed.stdout.strip() == expected.strip() and "time to first token" in streamed.stderr
+    from_stdin = subprocess.run(  # --prompt -: the question from stdin
+        [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--image", str(path), "--prompt", "-", "--max-new-tokens", "5", "--provider", "cpu"],
+        input="Describe\n", capture_output=True, text=True, check=True,
+    )
+    assert from_stdin.stdout.strip() == expected.strip()
 
 
 def test_runtime_imports_and_generates_without_torch_or_transformers(mistral, tmp_path):
