@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .photos import photo
+from .kv_cache import resolve_kv_cache
 from .quantize import Int4Options
 
 
@@ -229,9 +230,10 @@ def _peak_rss_mb() -> float:
 TIMING_FIELDS = tuple(f.name for f in fields(Timing) if f.name != "tokens")  # the figures a run reports
 
 
-def bundle_mismatch(path: Path, checkpoint, precision: str, int4: Int4Options | None) -> str | None:
+def bundle_mismatch(path: Path, checkpoint, precision: str, int4: Int4Options | None, kv_cache: str = "float") -> str | None:
     """How the bundle at `path` differs from the one the benchmark would export from `checkpoint` at `precision`
-    (None: it can be reused): its source, decoder shape, precision and 4-bit settings."""
+    (None: it can be reused): its source, decoder shape, precision, 4-bit settings and key/value cache
+    (`kv_cache`: "float" or "int8", as resolved)."""
     from ortllava.manifest import read_manifest
 
     manifest = read_manifest(path, verify=False)
@@ -241,6 +243,7 @@ def bundle_mismatch(path: Path, checkpoint, precision: str, int4: Int4Options | 
         "precision": (manifest.precision, precision),
         "decoder layers": (manifest.text.num_layers, text.num_hidden_layers),
         "hidden size": (manifest.text.hidden_size, text.hidden_size),
+        "key/value cache": ("int8" if manifest.graphs["decoder"].kv_dtype == "int8" else "float", kv_cache),
     }
     if int4 is not None:
         quantization = manifest.graphs["decoder"].quantization
@@ -307,7 +310,8 @@ def bench(
     bundles = {p: Path(bundle) if len(precisions) == 1 else Path(bundle) / p for p in precisions}
     for name, path in bundles.items():
         if (path / "manifest.json").is_file():  # reused, if it is the bundle this run would export
-            mismatch = bundle_mismatch(path, checkpoint, name, (int4 or Int4Options()) if name == "int4" else None)
+            cache = resolve_kv_cache(kv_cache if name == "int4" else "float", name, "gqa", half=device == "cuda")
+            mismatch = bundle_mismatch(path, checkpoint, name, (int4 or Int4Options()) if name == "int4" else None, cache)
             if mismatch:
                 raise ValueError(f"the bundle in {path} is not this benchmark's ({mismatch}): remove it, or pass another --bundle")
         else:

@@ -14,9 +14,9 @@ from ortllava import manifest as m
 from ortllava.manifest import GraphSpec, Manifest, TextSpec, TokenSpec, VisionSpec, sha256_file
 
 from .checkpoint import Checkpoint
+from .wrappers import feature_layers, text_geometry
 
 SCRATCH_MARK = ".ortllava-export-partial"  # in the scratch folder while an export writes it (not a bundle file)
-from .wrappers import feature_layers, text_geometry
 
 
 def write_assets(checkpoint: Checkpoint, out: Path, dtype=np.float32) -> None:
