@@ -104,7 +104,15 @@ class Pipeline:
                 raise ValueError("with messages=..., put the images inside the messages")
             if not self.processor.chat_template:
                 raise ValueError("this bundle has no chat template: give prompt=... instead of messages=...")
-            inputs = self.processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True, pixel_values=pixel_values)
+            # A chat that ends with an assistant message is continued, as transformers' pipeline does.
+            ends = {chat[-1]["role"] == "assistant" for chat in (messages if batched else [messages])}
+            if len(ends) > 1:
+                raise ValueError("in a batch of chats, every chat or none must end with an assistant message (to be continued)")
+            continued = ends.pop()
+            inputs = self.processor.apply_chat_template(
+                list(messages), add_generation_prompt=not continued, continue_final_message=continued, tokenize=True, return_dict=True,
+                pixel_values=pixel_values,
+            )
             return inputs, batched
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
@@ -130,6 +138,7 @@ class Pipeline:
         stop: Sequence[str] | str | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        **others: Any,
     ) -> GenerationResult | list[GenerationResult]:
         """Answers a prompt (`str`, or a `list[str]` batch) or a chat (`messages`, or a list of chats).
 
@@ -142,6 +151,7 @@ class Pipeline:
         settings = self.settings(
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            **others,  # (any other name is a TypeError listing the known ones)
         )
         run = self._start(None, settings, prompt, images, messages)
         results = self._collect(run)

@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -124,16 +125,68 @@ def _alias_reasoning(chat: list[dict]) -> list[dict]:
     return out
 
 
-def render(template: str, messages: list[dict], add_generation_prompt: bool = False, **variables: Any) -> str:
-    """Renders one conversation. `variables` are what transformers passes: special tokens and user kwargs."""
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # marks where a continued final message ends (transformers' tag)
+
+
+def template_variables(template: str) -> frozenset[str]:
+    """The names a template reads from outside (messages, add_generation_prompt, its own options, ...)."""
+    return frozenset(jinja2.meta.find_undeclared_variables(compile_template(template).environment.parse(template)))
+
+
+def render(
+    template: str, messages: list[dict], add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+    tools: list[dict] | None = None, documents: list[dict] | None = None, **variables: Any,
+) -> str:
+    """Renders one conversation as transformers' `render_jinja_template` does. `variables` are what transformers
+    passes too: special tokens and the caller's template options. `continue_final_message` (True: the final
+    message's "content", or the name of another field) ends the text inside the final message, for the model
+    to go on with it; `tools` are JSON schemas, `documents` dicts."""
+    if tools is not None and not all(isinstance(tool, Mapping) for tool in tools):
+        raise TypeError("tools must be JSON schemas (dicts); ortllava does not convert functions to schemas")
+    if documents is not None and not all(isinstance(document, Mapping) for document in documents):
+        raise TypeError("documents must be a list of dicts with 'title' and 'text' keys")
     chat = plain_data(list(messages))
     for message in chat:
         if not isinstance(message, dict):
             raise TypeError(f"chat messages must be dicts, got {message!r}")
     chat = _alias_reasoning(chat)
+    final_text = _mark_final_message(chat, template, continue_final_message) if continue_final_message else None
     try:
-        return compile_template(template).render(
-            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **plain_data(variables)
+        rendered = compile_template(template).render(
+            messages=chat, tools=plain_data(tools), documents=plain_data(documents), add_generation_prompt=add_generation_prompt,
+            **plain_data(variables),
         )
     except jinja2.exceptions.TemplateError as error:
         raise ChatTemplateError(f"the chat template refused the conversation: {error}") from error
+    return rendered if final_text is None else _cut_at_mark(rendered, final_text)
+
+
+def _mark_final_message(chat: list[dict], template: str, field: bool | str) -> str:
+    """Appends the continue tag to the final message's text (in place, on the template's copy); returns that text."""
+    if not chat:
+        raise ValueError("continue_final_message is set but the conversation is empty")
+    field = field if isinstance(field, str) else "content"
+    final = chat[-1].get(field)
+    if final is None:
+        raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue')
+    fields = [name for name in _REASONING_FIELDS if chat[-1].get(name) == final] if field in _REASONING_FIELDS else [field]
+    if not any(name in template for name in fields):
+        raise ValueError(f'continue_final_message is set to "{field}", which this chat template does not read')
+    if isinstance(final, (list, tuple)):
+        for block in reversed(final):
+            if isinstance(block, dict) and "text" in block:
+                text, block["text"] = block["text"], block["text"] + _CONTINUE_TAG
+                return text
+        raise ValueError("continue_final_message is set but the final message has no text to continue")
+    for name in fields:
+        chat[-1][name] = chat[-1][name] + _CONTINUE_TAG
+    return final
+
+
+def _cut_at_mark(rendered: str, final_text: str) -> str:
+    """The rendered text up to the continue tag (and the spaces the template trimmed before it)."""
+    tag = _CONTINUE_TAG.strip()
+    if final_text.strip() not in rendered or tag not in rendered:
+        raise ValueError("continue_final_message is set but the chat template drops (part of) the final message")
+    at = rendered.rindex(tag)
+    return rendered[:at] if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else rendered[:at].rstrip()

@@ -45,9 +45,10 @@ class GenerationSettings:
     def resolve(cls, given: Mapping[str, Any], generation_config: Mapping[str, Any]) -> GenerationSettings:
         """Each argument: the caller's value (None counts as unset), else the bundle's generation config (as
         transformers reads it), else the default above. An unknown name is a TypeError naming it."""
-        unknown = set(given) - set(GENERATION_ARGUMENTS)
+        unknown = sorted(set(given) - set(GENERATION_ARGUMENTS))
         if unknown:
-            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}; known: {', '.join(GENERATION_ARGUMENTS)}")
+            hints = "".join(f" ({name}: {_HINTS[name]})" for name in unknown if name in _HINTS)
+            raise TypeError(f"unknown generation argument(s): {', '.join(unknown)}{hints}; known: {', '.join(GENERATION_ARGUMENTS)}")
         values = {}
         for name in GENERATION_ARGUMENTS:
             value = given.get(name)
@@ -103,6 +104,10 @@ class GenerationSettings:
 
 
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings))
+_HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
+    "max_length": "give max_new_tokens", "stop_strings": "give stop", "streamer": "use stream()",
+    "num_beams": "beam search is not implemented", "num_return_sequences": "repeat the prompt in a batch",
+}
 _NOT_IN_GENERATION_CONFIG = {"seed", "stop"}  # ortllava's own arguments; a generation_config.json has no such keys
 
 # generation_config.json keys with which transformers' `generate` gives other tokens, and which ortllava does not

@@ -43,7 +43,6 @@ from .processor import clean_up_tokenization, flatten_images, images_in_messages
 TASK = "image-text-to-text"
 # The generation settings the pipeline passes to `Pipeline.generate` (stop strings come as its `stop_sequence`).
 GENERATION_KEYS = tuple(name for name in GENERATION_ARGUMENTS if name != "stop")
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # what transformers appends to the final message to find its end
 
 
 def pipeline(task: str = TASK, model: str | os.PathLike | Pipeline | None = None, device: Any = None, provider: str | None = None, **kwargs: Any) -> ImageTextToTextPipeline:
@@ -195,37 +194,8 @@ class ImageTextToTextPipeline:
         return outputs[0] if single else outputs
 
     def _render(self, messages: list[dict], continue_final_message: bool) -> str:
-        """The chat template's text, with transformers' `continue_final_message` handling."""
-        if not continue_final_message:
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        messages = [dict(message) for message in messages]
-        final = messages[-1]
-        content = final.get("content")
-        if content is None:
-            raise ValueError('continue_final_message is set but the final message has no "content" to continue!')
-        if isinstance(content, (list, tuple)):
-            content = [dict(block) if isinstance(block, dict) else block for block in content]
-            for block in reversed(content):
-                if isinstance(block, dict) and "text" in block:
-                    final_text = block["text"]
-                    block["text"] = block["text"] + _CONTINUE_TAG
-                    break
-            else:
-                raise ValueError("continue_final_message is set but we could not find any text to continue in the final message!")
-            final["content"] = content
-        else:
-            final_text = content
-            final["content"] = content + _CONTINUE_TAG
-        rendered = self.processor.apply_chat_template(messages, add_generation_prompt=False)
-        tag = _CONTINUE_TAG.strip()
-        if final_text.strip() not in rendered or tag not in rendered:
-            raise ValueError(
-                "continue_final_message is set but the final message does not appear in the chat after applying the chat template"
-            )
-        at = rendered.rindex(tag)
-        if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-            return rendered[:at]
-        return rendered[:at].rstrip()
+        """The chat template's text: a new assistant turn's header, or the final message continued."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=not continue_final_message, continue_final_message=continue_final_message)
 
     # ----------------------------------------------------------------------------------------------
     # Prompt strings

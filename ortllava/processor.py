@@ -81,20 +81,29 @@ class Processor:
 
     def __call__(
         self,
-        text: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | ImageLike | None = None,
+        text: str | Sequence[str] | None = None,
         padding: bool | str = False,
         padding_side: str | None = None,
         add_special_tokens: bool = True,
+        max_length: int | None = None,
+        truncation: bool | None = None,
+        return_attention_mask: bool = True,
+        return_tensors: str | None = None,
         pixel_values: bool = True,
-    ) -> dict[str, np.ndarray]:
-        """-> `input_ids [B, T]`, `attention_mask [B, T]`, and with images `pixel_values
-        [n_images, max_tiles, 3, S, S]` and `image_sizes [n_images, 2]`.
+    ) -> BatchFeature:
+        """`LlavaNextProcessor`'s call, with numpy arrays: -> `input_ids [B, T]`, `attention_mask [B, T]`, and
+        with images `pixel_values [n_images, max_tiles, 3, S, S]` and `image_sizes [n_images, 2]`.
 
-        `padding=True` (or "longest") pads to the longest prompt on `padding_side` (default: the tokenizer's).
-        `pixel_values=False` leaves the pixels out (`image_sizes` alone sets the token counts): a chat turn
-        preprocesses only the images its cache does not hold.
+        `padding=True` (or "longest") pads to the longest prompt, "max_length" to `max_length` (or the longest,
+        if longer), on `padding_side` (default: the tokenizer's). `return_tensors`: None or "np" (arrays either
+        way). `pixel_values=False` leaves the pixels out (`image_sizes` alone sets the token counts): a chat
+        turn preprocesses only the images its cache does not hold.
         """
+        if return_tensors not in (None, "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
+        if truncation:
+            raise ValueError("truncation is not supported: it could cut a prompt inside an image's tokens")
         flat_images = [load_image(image) for image in flatten_images(images)] if images is not None else []
         if not flat_images:  # `[]` (or an empty list per prompt) is no images, as in a chat turn
             images = None
@@ -104,22 +113,26 @@ class Processor:
         if texts is not None:
             check_encodable(texts)
 
-        data: dict[str, np.ndarray] = {}
-        if images is not None:
-            data.update(self.image_processor(flat_images) if pixel_values else {"image_sizes": image_sizes(flat_images)})
-        if texts is None:
-            return data
-
-        counts = [sample.count(self.image_token) for sample in texts]
-        if sum(counts) != len(flat_images):
-            raise ValueError(
-                f"the prompts hold {sum(counts)} {self.image_token} token(s) but {len(flat_images)} image(s) were given; "
-                f"each {self.image_token} in the text takes one image, in order"
-            )
-        expanded = self.expand_image_tokens(texts, data.get("image_sizes"))
-        encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
-        ids = [encoding.ids for encoding in encodings]
-        data.update(self.pad(ids, padding=padding, padding_side=padding_side))
+        data = BatchFeature()
+        if texts is not None:
+            counts = [sample.count(self.image_token) for sample in texts]
+            if sum(counts) != len(flat_images):
+                raise ValueError(
+                    f"the prompts hold {sum(counts)} {self.image_token} token(s) but {len(flat_images)} image(s) were given; "
+                    f"each {self.image_token} in the text takes one image, in order"
+                )
+        pixels = self.image_processor(flat_images) if images is not None and pixel_values else None
+        sizes = (pixels["image_sizes"] if pixels is not None else image_sizes(flat_images)) if images is not None else None
+        if texts is not None:
+            expanded = self.expand_image_tokens(texts, sizes)
+            encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
+            data.update(self.pad([encoding.ids for encoding in encodings], padding=padding, padding_side=padding_side, max_length=max_length))
+            if not return_attention_mask:
+                del data["attention_mask"]
+        if pixels is not None:
+            data.update(pixels)
+        elif sizes is not None:
+            data["image_sizes"] = sizes
         return data
 
     def expand_image_tokens(self, texts: list[str], image_sizes: np.ndarray | None) -> list[str]:
@@ -138,11 +151,17 @@ class Processor:
             expanded.append("".join(pieces))
         return expanded
 
-    def pad(self, ids: list[list[int]], padding: bool | str = True, padding_side: str | None = None) -> dict[str, np.ndarray]:
-        """Ragged token ids -> `input_ids` and `attention_mask` `[B, T]` int64."""
+    def pad(self, ids: list[list[int]], padding: bool | str = True, padding_side: str | None = None, max_length: int | None = None) -> dict[str, np.ndarray]:
+        """Ragged token ids -> `input_ids` and `attention_mask` `[B, T]` int64 (`padding`: see `__call__`)."""
+        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
         longest = max(len(row) for row in ids)
-        if not padding and any(len(row) != longest for row in ids):
+        if padding in (False, "do_not_pad") and any(len(row) != longest for row in ids):
             raise ValueError("the prompts tokenize to different lengths: pass padding=True to pad them")
+        if padding == "max_length":
+            longest = max(longest, max_length)
         side = padding_side or self.padding_side
         pad_id = self.pad_token_id if self.pad_token_id is not None else 0
         input_ids = np.full((len(ids), longest), pad_id, dtype=np.int64)
@@ -158,43 +177,99 @@ class Processor:
 
     def apply_chat_template(
         self,
-        messages: list[dict] | list[list[dict]],
-        add_generation_prompt: bool = False,
-        tokenize: bool = False,
+        conversation: list[dict] | list[list[dict]],
         chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        tokenize: bool = False,
+        return_tensors: str | None = None,
         return_dict: bool = False,
+        processor_kwargs: dict[str, Any] | None = None,
+        return_assistant_tokens_mask: bool = False,
+        sanitize_control_tokens: bool = False,
         pixel_values: bool = True,
         **kwargs: Any,
-    ) -> str | list[str] | np.ndarray | dict[str, np.ndarray]:
-        """Renders the chat template as transformers does. With `tokenize=True`, the `input_ids [B, T]` of the
-        rendered text, or with `return_dict=True` the processor's whole output for it and the conversation's
-        images (a leading BOS in the text is not added twice; `pixel_values=False`: without the pixels, as
-        `__call__`).
+    ) -> str | list[str] | np.ndarray | BatchFeature:
+        """Renders the chat template as transformers' `ProcessorMixin.apply_chat_template` does (its messages
+        normalized the same way: keys set to None dropped, OpenAI `image_url` blocks made `image` ones). With
+        `tokenize=True`, the `input_ids [B, T]` of the rendered text, or with `return_dict=True` the processor's
+        whole output for it and the conversation's images (a leading BOS in the text is not added twice;
+        `pixel_values=False`: without the pixels, as `__call__`). `kwargs` the template reads are its variables;
+        the others, like `processor_kwargs`, go to the processor's call.
         """
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this bundle has no chat template: pass chat_template=... or give a prompt string")
-        batched = is_chat_batch(messages)
-        conversations = messages if batched else [messages]
-        variables = {**self.manifest.special_tokens_map, **kwargs}
-        prompts = [templates.render(template, list(c), add_generation_prompt=add_generation_prompt, **variables) for c in conversations]
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other: continue the final message, or add a new one's header")
+        for name, asked in (("return_assistant_tokens_mask", return_assistant_tokens_mask), ("sanitize_control_tokens", sanitize_control_tokens)):
+            if asked:
+                raise ValueError(f"{name}=True is not implemented by ortllava")
+        batched = is_chat_batch(conversation)
+        conversations = [normalize_messages(c) for c in (conversation if batched else [conversation])]
+        read = templates.template_variables(template)
+        variables = {**self.manifest.special_tokens_map, **{k: v for k, v in kwargs.items() if k in read}}
+        processor_kwargs = {**(processor_kwargs or {}), **{k: v for k, v in kwargs.items() if k not in read}}
+        prompts = [
+            templates.render(template, c, add_generation_prompt, continue_final_message, tools, documents, **variables) for c in conversations
+        ]
         if not tokenize:
             return prompts if batched else prompts[0]
-        images = [image for conversation in conversations for image in images_in_messages(conversation)]
-        add_special = not (self.bos_token is not None and prompts[0].startswith(self.bos_token))
-        inputs = self(text=prompts, images=images or None, padding=len(prompts) > 1, add_special_tokens=add_special, pixel_values=pixel_values)
+        images = [image for c in conversations for image in images_in_messages(c)]
+        processor_kwargs.setdefault("padding", len(prompts) > 1)
+        processor_kwargs.setdefault("add_special_tokens", not (self.bos_token is not None and prompts[0].startswith(self.bos_token)))
+        inputs = self(text=prompts, images=images or None, return_tensors=return_tensors, pixel_values=pixel_values, **processor_kwargs)
         return inputs if return_dict else inputs["input_ids"]
 
     # ----------------------------------------------------------------------------------------------
     # Decoding
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """The text of `ids`; special tokens kept unless `skip_special_tokens` (transformers' default)."""
-        text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return clean_up_tokenization(text) if self.manifest.tokens.clean_up_tokenization_spaces else text
+    def decode(self, ids: int | Sequence[int] | np.ndarray, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
+        """The text of `ids` (one id, or a sequence; a 2-D array is a batch, as `batch_decode`); special tokens kept
+        unless `skip_special_tokens` (transformers' default); `clean_up_tokenization_spaces`: None, the tokenizer's."""
+        if isinstance(ids, np.ndarray) and ids.ndim == 2:
+            return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
+        ids = [int(ids)] if isinstance(ids, (int, np.integer)) else [int(i) for i in np.asarray(ids).reshape(-1)]
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        clean = self.manifest.tokens.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return clean_up_tokenization(text) if clean else text
 
-    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
-        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+    def batch_decode(self, sequences: Sequence[Sequence[int]] | np.ndarray, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> list[str]:
+        return [self.decode(np.asarray(ids).reshape(-1), skip_special_tokens, clean_up_tokenization_spaces) for ids in sequences]
+
+
+class BatchFeature(dict):
+    """The processor's outputs: a dict whose entries are also attributes (`inputs.input_ids`), as transformers'."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
+    """A chat as transformers' processors normalize it before rendering: the keys set to None dropped (as OpenAI
+    clients send `content=None`), and OpenAI `{"type": "image_url", "image_url": {"url": ...}}` blocks (or with
+    the URL as a string) made `{"type": "image", "url": ...}`."""
+    normalized = []
+    for message in conversation:
+        if not isinstance(message, dict):
+            raise TypeError(f"chat messages must be dicts, got {message!r}")
+        message = {key: value for key, value in message.items() if value is not None}
+        if isinstance(message.get("content"), list):
+            message["content"] = [_image_block(block) for block in message["content"]]
+        normalized.append(message)
+    return normalized
+
+
+def _image_block(block: Any) -> Any:
+    if isinstance(block, dict) and block.get("type") == "image_url" and "image_url" in block:
+        source = block["image_url"]
+        return {"type": "image", "url": source.get("url", "") if isinstance(source, dict) else source}
+    return block
 
 
 def is_chat_batch(messages: Sequence[Any]) -> bool:
@@ -212,11 +287,10 @@ def images_in_messages(messages: list[dict]) -> list[ImageLike]:
         for item in content:
             if not isinstance(item, dict) or item.get("type") not in ("image", "image_url"):
                 continue
-            source = item.get("image", item.get("path", item.get("url")))
-            if source is None and isinstance(item.get("image_url"), dict):
-                source = item["image_url"].get("url")
+            item = _image_block(item)
+            source = next((item[key] for key in ("image", "url", "path", "base64") if key in item), None)
             if source is None:
-                raise ValueError(f"an image item needs an 'image', 'path' or 'url' key, got {sorted(item)}")
+                raise ValueError(f"an image item needs an 'image', 'url', 'path' or 'base64' key, got {sorted(item)}")
             found.append(source)
     return found
 
@@ -245,7 +319,8 @@ def check_encodable(texts: Sequence[str]) -> None:
 
 
 def flatten_images(images: Any) -> list[ImageLike]:
-    """Images given singly, in a list, or in a list per prompt -> one flat list, in order."""
-    if isinstance(images, (list, tuple)):
+    """Images given singly, in a list, in a list per prompt, or as a 4-D array (one image per row, as
+    transformers reads it) -> one flat list, in order."""
+    if isinstance(images, (list, tuple)) or isinstance(images, np.ndarray) and images.ndim == 4:
         return [image for entry in images for image in flatten_images(entry)]
     return [images]

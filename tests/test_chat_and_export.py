@@ -451,3 +451,33 @@ def test_export_refuses_bad_options_before_loading(tmp_path):
     with pytest.raises(FileNotFoundError, match="there is no such folder"):  # a path, not tried as a hub id
         export_bundle(str(tmp_path / "no" / "such" / "checkpoint"), tmp_path / "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_apply_chat_template_arguments_as_transformers(mistral):
+    """continue_final_message, OpenAI image_url blocks, keys set to None, tools, and keyword arguments split
+    between the template and the processor's call, as transformers' `ProcessorMixin.apply_chat_template`."""
+    hf = AutoProcessor.from_pretrained(mistral.checkpoint)
+    ours = ortllava.load(mistral.bundle, provider="cpu", verify=False).processor
+    prefilled = [*CONVERSATIONS["single"], {"role": "assistant", "content": [{"type": "text", "text": "It is a"}]}]
+    assert ours.apply_chat_template(prefilled, continue_final_message=True) == hf.apply_chat_template(prefilled, continue_final_message=True)
+    assert ours.apply_chat_template(prefilled, continue_final_message=True).endswith("It is a")
+    with pytest.raises(ValueError, match="exclude each other"):
+        ours.apply_chat_template(prefilled, continue_final_message=True, add_generation_prompt=True)
+    openai = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "Hi"}], "name": None},
+    ]
+    assert ours.apply_chat_template(openai, add_generation_prompt=True) == hf.apply_chat_template(openai, add_generation_prompt=True)
+    assert ours.apply_chat_template(openai).count("<image>") == 1
+    template = "{% for m in messages %}{{ m.role }}{% if m.name is defined %}({{ m.name }}){% endif %}{% endfor %}|{{ tools | length }}"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert ours.apply_chat_template(openai, chat_template=template, tools=tools) == hf.apply_chat_template(openai, chat_template=template, tools=tools) == "user|1"
+    # A keyword the template does not read goes to the processor's call: here, the batch's padding side.
+    batch = [CONVERSATIONS["single"], CONVERSATIONS["string content"]]
+    for side in ("left", "right"):
+        want = hf.apply_chat_template(batch, tokenize=True, return_dict=True, return_tensors="np", padding=True, padding_side=side)
+        got = ours.apply_chat_template(batch, tokenize=True, return_dict=True, return_tensors="np", padding_side=side)
+        assert np.array_equal(got["input_ids"], want["input_ids"]) and np.array_equal(got.attention_mask, want["attention_mask"])
+    with pytest.raises(ValueError, match="return_tensors='pt': ortllava returns numpy arrays"):
+        ours.apply_chat_template(batch, tokenize=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="sanitize_control_tokens=True is not implemented"):
+        ours.apply_chat_template(batch, tokenize=True, sanitize_control_tokens=True)

@@ -95,6 +95,18 @@ def test_repetition_penalty_matches_transformers(setup):
     assert [r.token_ids for r in got] == hf_generate(processor, model, batch, repetition_penalty=0.7)
 
 
+def test_a_final_assistant_message_is_continued(setup):
+    """`generate(messages=...)` continues a chat that ends with an assistant message, as transformers' pipeline
+    does (the template's `continue_final_message`), rather than opening a new assistant turn after it."""
+    processor, model, pipe = setup
+    conversation = [*CASES["one image"][0], {"role": "assistant", "content": [{"type": "text", "text": "The image shows"}]}]
+    inputs = processor.apply_chat_template(conversation, continue_final_message=True, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    got = pipe.generate(messages=conversation, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    assert got.token_ids == out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
 def test_repetition_penalty_leaves_the_padding_out_as_transformers(penalty):
     """One step on logits where the pad token (held only by row 1's left padding) scores high."""

@@ -132,6 +132,27 @@ def test_input_ids_identical(hf_processor, pipe, name):
     assert np.array_equal(ours["attention_mask"], ref["attention_mask"])
 
 
+def test_processor_call_as_transformers(hf_processor, pipe):
+    """The call's positional order (images, text), its outputs' order and attribute access, `return_tensors`,
+    padding to a length, a 4-D array as a batch of images, and decoding."""
+    image, prompt = CASES["wide"], "[INST] <image>\nWhat is this? [/INST]"
+    want = hf_processor(image, prompt, return_tensors="np")
+    got = pipe.processor(image, prompt, return_tensors="np")
+    assert list(got) == list(want) == ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+    assert all(np.array_equal(got[key], want[key]) for key in want) and got.input_ids is got["input_ids"]
+    padded = pipe.processor(text=["[INST] Hi [/INST]"], padding="max_length", max_length=12, padding_side="left")
+    reference = hf_processor(text=["[INST] Hi [/INST]"], padding="max_length", max_length=12, padding_side="left", return_tensors="np")
+    assert np.array_equal(padded["input_ids"], reference["input_ids"]) and padded["input_ids"].shape == (1, 12)
+    assert "attention_mask" not in pipe.processor(text=prompt, images=[image], return_attention_mask=False)
+    frames = np.stack([np.asarray(CASES["square"]), np.asarray(CASES["square"])])  # [2, H, W, 3]: two images
+    two = "[INST] <image> <image> [/INST]"
+    assert np.array_equal(pipe.processor(frames, two)["pixel_values"], hf_processor(frames, two, return_tensors="np")["pixel_values"])
+    with pytest.raises(ValueError, match="ortllava returns numpy arrays"):
+        pipe.processor(image, prompt, return_tensors="pt")
+    ids = got["input_ids"]
+    assert pipe.processor.decode(ids) == hf_processor.batch_decode(ids) and pipe.processor.decode(int(ids[0, 1])) == hf_processor.decode(int(ids[0, 1]))
+
+
 def test_batch_input_ids_identical_with_left_padding(hf_processor, pipe):
     prompts = ["[INST] <image>\nDescribe. [/INST]", "[INST] Only text here, somewhat longer. [/INST]", "[INST] <image> and <image>? [/INST]"]
     images = [CASES["wide"], CASES["tall"], CASES["gray"]]
