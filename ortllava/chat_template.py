@@ -128,6 +128,7 @@ def _alias_reasoning(chat: list[dict]) -> list[dict]:
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # marks where a continued final message ends (transformers' tag)
 
 
+@lru_cache(maxsize=16)
 def template_variables(template: str) -> frozenset[str]:
     """The names a template reads from outside (messages, add_generation_prompt, its own options, ...)."""
     return frozenset(jinja2.meta.find_undeclared_variables(compile_template(template).environment.parse(template)))
