@@ -40,7 +40,7 @@ from .manifest import (
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 KV_DTYPES = {**NUMPY_DTYPES, "int8": np.int8}  # what a key/value buffer may hold
 CAPACITY_STEP = 256  # buffers grow in steps of this many positions, so nearby lengths reuse them
-# On the CPU, a one-row prompt longer than this is prefilled in chunks of this many tokens: the CPU
+# On the CPU, a one-row prompt (or a chat turn's continuation) longer than this runs in chunks of this many tokens: the CPU
 # GroupQueryAttention computes whole query x key rectangles, so chunks skip most of the causal upper triangle
 # (benchmark model, 2160 tokens, 2 threads, chunk sizes alternating in one process, median of 6: 878 ms
 # whole; 768-783 ms in chunks of 320-384, 798 at 448, 800-830 at 512, 826 at 768; int4: 857 at 384, 913 at 512).
@@ -202,13 +202,16 @@ class FusedDecoder(_DecoderBase):
             for row in range(batch):
                 packed[row, : counts[row]] = inputs_embeds[row, real[row]]
             inputs_embeds = packed
-        chunk = CPU_PREFILL_CHUNK if self.device.type == "cpu" else 0
+        chunk = self._prefill_chunk
         if batch == 1 and chunk and counts[0] > chunk:  # (the op continues several tokens for one row only)
-            logits = self._first_prompt(inputs_embeds[:, :chunk], counts.clip(max=chunk), cache)
-            for begin in range(chunk, int(counts[0]), chunk):
-                logits = self.extend(inputs_embeds[:, begin : min(begin + chunk, int(counts[0]))], cache)
-            return logits, cache
+            self._first_prompt(inputs_embeds[:, :chunk], counts.clip(max=chunk), cache)
+            return self.extend(inputs_embeds[:, chunk : int(counts[0])], cache), cache
         return self._first_prompt(inputs_embeds, counts, cache), cache
+
+    @property
+    def _prefill_chunk(self) -> int:
+        """Tokens per run of a long one-row prompt or continuation (0: all at once); see CPU_PREFILL_CHUNK."""
+        return CPU_PREFILL_CHUNK if self.device.type == "cpu" else 0
 
     def _first_prompt(self, inputs_embeds: np.ndarray, counts: np.ndarray, cache: KVCache) -> np.ndarray:
         """Runs `inputs_embeds [B, S, D]` (row b's `counts[b]` tokens first) into an empty cache."""
@@ -244,12 +247,19 @@ class FusedDecoder(_DecoderBase):
         return self._logits(cache)
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Appends `inputs_embeds [1, S, D]` to a one-row cache -> logits `[1, V]` of the last of them.
+        """Appends `inputs_embeds [1, S, D]` to a one-row cache -> logits `[1, V]` of the last of them (in runs of
+        `_prefill_chunk` tokens where that is set: a chat turn's new image as a long prompt's).
 
         The cache must have room (`reserve` first: it may return a new, larger cache).
         """
         if int(cache.lengths[0]) + inputs_embeds.shape[1] > cache.capacity:
             raise ContextLengthError(f"the cache holds {cache.capacity} positions: reserve room before extending it")
+        chunk = self._prefill_chunk or inputs_embeds.shape[1]
+        for begin in range(0, inputs_embeds.shape[1], chunk):
+            logits = self._extend_once(inputs_embeds[:, begin : begin + chunk], cache)
+        return logits
+
+    def _extend_once(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
         start = int(cache.lengths[0])
         cache.lengths[0] += inputs_embeds.shape[1]
         cache.state["mask"][0, start : cache.lengths[0]] = 1

@@ -91,15 +91,19 @@ def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
         monkeypatch.setattr(decoders, "CPU_PREFILL_CHUNK", chunk)
         return _prompt_then_steps(decoder, embeds, np.ones((1, 1000), np.int64), steps, capacity=1010)
 
-    extends = []
-    extend = decoder.extend
-    monkeypatch.setattr(decoder, "extend", lambda *a, **k: extends.append(1) or extend(*a, **k))
+    extends = []  # the continuation runs
+    extend = decoder._extend_once
+    monkeypatch.setattr(decoder, "_extend_once", lambda *a, **k: extends.append(1) or extend(*a, **k))
     whole = run(0)  # 0: no chunking
     assert len(extends) == 0
     chunked = run(384)  # chunks of 384, 384 and 232: the first a prompt, the other two continuations
     assert len(extends) == 2
     for want, got in zip(whole, chunked):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    extends.clear()  # a chat turn's long continuation runs in chunks too: 990 tokens in 384, 384 and 222
+    _, cache = decoder.start(embeds[:, :10], np.ones((1, 10), np.int64), 1010)
+    np.testing.assert_allclose(decoder.extend(embeds[:, 10:], cache), whole[0], atol=1e-4, rtol=1e-4)
+    assert len(extends) == 3
 
 
 def test_cpu_decode_steps_in_standard_ops_equal_the_op(tiny_store):
