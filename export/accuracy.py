@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ortllava.generate import positions_needed
+
 from .photos import photo
 
 NEW_TOKENS = 24
@@ -47,7 +49,7 @@ def accuracy_references(checkpoint) -> list[AccuracyCase]:
         messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
         lengths.append(inputs["input_ids"].shape[1])
-        if lengths[-1] + NEW_TOKENS - 1 > context:  # a model with a short context: the prompts that fit it
+        if positions_needed(lengths[-1], NEW_TOKENS) > context:  # a model with a short context: the prompts that fit it
             continue
         with torch.no_grad():  # the raw logits of each greedy step are the teacher-forced ones of its own continuation
             out = model.generate(
@@ -83,7 +85,7 @@ def accuracy_report(references: list[AccuracyCase], bundle, provider: str = "cpu
         prompt_length = ours_inputs["input_ids"].shape[1]
         features = pipe.encode_images(ours_inputs["pixel_values"], ours_inputs["image_sizes"])
         embeds = pipe.embed(ours_inputs["input_ids"], features)
-        logits, cache = decoder.start(embeds, ours_inputs["attention_mask"], prompt_length + NEW_TOKENS - 1)
+        logits, cache = decoder.start(embeds, ours_inputs["attention_mask"], positions_needed(prompt_length, NEW_TOKENS))
         ours = [logits.copy()]
         for token in case.continuation[:-1]:
             cache.step_embeds[0, 0] = table[token]

@@ -230,25 +230,31 @@ def _peak_rss_mb() -> float:
 TIMING_FIELDS = tuple(f.name for f in fields(Timing) if f.name != "tokens")  # the figures a run reports
 
 
-def bundle_mismatch(path: Path, checkpoint, precision: str, int4: Int4Options | None, kv_cache: str = "float") -> str | None:
+def bundle_mismatch(
+    path: Path, checkpoint, precision: str, int4: Int4Options | None, kv_cache: str = "float", device: str = "cpu",
+) -> str | None:
     """How the bundle at `path` differs from the one the benchmark would export from `checkpoint` at `precision`
-    (None: it can be reused): its source, decoder shape, precision, 4-bit settings and key/value cache
+    for `device` (None: it can be reused): its source, layer count and width, precision, decoder kind and
+    activations, 4-bit settings (`int4`; an accuracy level only where one is asked for) and key/value cache
     (`kv_cache`: "float" or "int8", as resolved)."""
     from ortllava.manifest import read_manifest
 
     manifest = read_manifest(path, verify=False)
+    decoder = manifest.graphs["decoder"]
     text = checkpoint.model.config.text_config
+    half = precision == "fp16" or precision == "int4" and device == "cuda"  # (what the export's plan makes of it)
     wanted = {
         "source": (manifest.provenance.get("source"), checkpoint.source),
         "precision": (manifest.precision, precision),
         "decoder layers": (manifest.text.num_layers, text.num_hidden_layers),
         "hidden size": (manifest.text.hidden_size, text.hidden_size),
-        "key/value cache": ("int8" if manifest.graphs["decoder"].kv_dtype == "int8" else "float", kv_cache),
+        "decoder kind": (decoder.kind, "gqa"),
+        "activations": (decoder.dtype, "float16" if half else "float32"),
+        "key/value cache": ("int8" if decoder.kv_dtype == "int8" else "float", kv_cache),
     }
     if int4 is not None:
-        quantization = manifest.graphs["decoder"].quantization
-        for key in ("block_size", "symmetric", "quantize_lm_head"):
-            wanted[key.replace("_", " ")] = (quantization.get(key), getattr(int4, key))
+        for key in ("block_size", "symmetric", "quantize_lm_head") + (("accuracy_level",) if int4.accuracy_level is not None else ()):
+            wanted[key.replace("_", " ")] = (decoder.quantization.get(key), getattr(int4, key))
     differences = [f"{what} {have!r}, not {want!r}" for what, (have, want) in wanted.items() if have != want]
     return "; ".join(differences) or None
 
@@ -311,7 +317,7 @@ def bench(
     for name, path in bundles.items():
         if (path / "manifest.json").is_file():  # reused, if it is the bundle this run would export
             cache = resolve_kv_cache(kv_cache if name == "int4" else "float", name, "gqa", half=device == "cuda")
-            mismatch = bundle_mismatch(path, checkpoint, name, (int4 or Int4Options()) if name == "int4" else None, cache)
+            mismatch = bundle_mismatch(path, checkpoint, name, (int4 or Int4Options()) if name == "int4" else None, cache, device)
             if mismatch:
                 raise ValueError(f"the bundle in {path} is not this benchmark's ({mismatch}): remove it, or pass another --bundle")
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
             check_config(model.config)
         return Checkpoint(model, build_processor(spec, tokenizer), check_supported(model.config), "tiny", None)
 
+    name = os.path.expanduser(name)
     local = Path(name).exists()
     if local and not Path(name, "config.json").is_file():
         raise FileNotFoundError(f"{name} is a folder without config.json: not a Hugging Face checkpoint")
@@ -64,10 +66,14 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
     # part of the checkpoint it broke.
     try:
         processor = AutoProcessor.from_pretrained(name, revision=revision)
+    except (ImportError, MemoryError):  # a missing package or memory is not a damaged file
+        raise
     except Exception as error:  # noqa: BLE001
         raise FileNotFoundError(f"cannot load the processor of '{name}' (tokenizer and preprocessor files): {error}") from error
     try:
         model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype="auto" if stored_dtype else torch.float32).eval()
+    except (ImportError, MemoryError):
+        raise
     except Exception as error:  # noqa: BLE001
         raise FileNotFoundError(f"cannot load the weights of '{name}': {error}") from error
     if stored_dtype:

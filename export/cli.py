@@ -214,6 +214,9 @@ def check_output(output: Path) -> None:
         raise SystemExit(f"--output {output} is a file, not a folder")
     if any(output.iterdir()) and not _holds_a_bundle(output):
         raise SystemExit(f"--output {output} is a folder that holds other things than a bundle; name a new or empty folder")
+    earlier = output.with_name(output.name + ".earlier")  # where the earlier bundle is set aside while the new one moves in
+    if earlier.exists() and not (earlier.is_dir() and not earlier.is_symlink() and _holds_a_bundle(earlier)):
+        raise SystemExit(f"{earlier} exists and is not a bundle set aside by an export; move it away (the export uses that name)")
 
 
 def _holds_a_bundle(folder: Path) -> bool:
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     from .validate import ExportValidationError
 
     # A termination signal (a timeout, a job scheduler) unwinds like Ctrl-C: the unfinished bundle is removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    terminate = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         block_size = args.block_size if args.block_size is not None else Int4Options.block_size
         int4 = Int4Options(block_size, not args.asymmetric, args.quantize_lm_head, args.accuracy_level)
@@ -378,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ortllava-export: error: {refusal.code}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, terminate)
     return 0
 
 

@@ -104,8 +104,9 @@ class Pipeline:
                 raise ValueError("with messages=..., put the images inside the messages")
             if not self.processor.chat_template:
                 raise ValueError("this bundle has no chat template: give prompt=... instead of messages=...")
-            # A chat that ends with an assistant message is continued, as transformers' pipeline does.
-            ends = {chat[-1]["role"] == "assistant" for chat in (messages if batched else [messages])}
+            # A chat that ends with an assistant message is continued, as transformers' pipeline does (one without
+            # content, such as a tool call, is not).
+            ends = {chat[-1]["role"] == "assistant" and chat[-1].get("content") is not None for chat in (messages if batched else [messages])}
             if len(ends) > 1:
                 raise ValueError("in a batch of chats, every chat or none must end with an assistant message (to be continued)")
             continued = ends.pop()

@@ -137,9 +137,10 @@ class ChatSession:
         return {"role": "user", "content": content}
 
     def _kept_image(self, image: ImageLike) -> Any:
-        """The image as the conversation keeps it, opened and converted once, here (one that cannot be read or
-        processed fails before anything runs): an RGB image of its own, which the caller's later changes to
-        their object (a reused frame buffer, an in-place resize) do not reach, as the cache holds its features."""
+        """The image as the conversation keeps it, opened and converted to RGB once, here, as the turn begins (one
+        that cannot be read or converted fails before any graph runs): an image of its own, which the caller's
+        later changes to their object (a reused frame buffer, an in-place resize) do not reach, as the cache
+        holds its features."""
         kept = self.pipe.processor.image_processor.rgb_image(load_image(image))
         return kept.copy() if kept is image else kept
 

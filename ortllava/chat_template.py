@@ -173,6 +173,8 @@ def _mark_final_message(chat: list[dict], template: str, field: bool | str) -> s
     fields = [name for name in _REASONING_FIELDS if chat[-1].get(name) == final] if field in _REASONING_FIELDS else [field]
     if not any(name in template for name in fields):
         raise ValueError(f'continue_final_message is set to "{field}", which this chat template does not read')
+    if not isinstance(final, (str, list, tuple)):
+        raise ValueError(f"continue_final_message is set but the final message's {field} is a {type(final).__name__}, not text")
     if isinstance(final, (list, tuple)):
         for block in reversed(final):
             if isinstance(block, dict) and "text" in block:

@@ -206,7 +206,7 @@ def _bench(args: argparse.Namespace) -> int:
     report = bench(
         args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens,
         repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,
-        max_length=args.max_length, int4=Int4Options(args.block_size or 32, True, args.quantize_lm_head, args.accuracy_level),
+        max_length=args.max_length, int4=Int4Options(args.block_size or Int4Options.block_size, True, args.quantize_lm_head, args.accuracy_level),
         text_only=args.text_only, kv_cache=args.kv_cache,
     )
     if args.plot:

@@ -227,9 +227,10 @@ class Processor:
     # Decoding
 
     def decode(self, ids: int | Sequence[int] | np.ndarray, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
-        """The text of `ids` (one id, or a sequence; a 2-D array is a batch, as `batch_decode`); special tokens kept
+        """The text of `ids` (one id, or a sequence; a 2-D array or a list of lists is a batch, as `batch_decode`); special tokens kept
         unless `skip_special_tokens` (transformers' default); `clean_up_tokenization_spaces`: None, the tokenizer's."""
-        if isinstance(ids, np.ndarray) and ids.ndim == 2:
+        nested = isinstance(ids, (list, tuple)) and len(ids) > 0 and isinstance(ids[0], (list, tuple, np.ndarray))
+        if nested or isinstance(ids, np.ndarray) and ids.ndim == 2:  # a batch, as transformers' decode takes one
             return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
         ids = [int(ids)] if isinstance(ids, (int, np.integer)) else [int(i) for i in np.asarray(ids).reshape(-1)]
         text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

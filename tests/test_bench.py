@@ -84,5 +84,6 @@ def test_bench_reuses_only_its_own_bundle(tiny_store):
     checkpoint = load_checkpoint(str(tiny.checkpoint))
     assert bundle_mismatch(tiny.bundle, checkpoint, "fp32", None) is None
     assert bundle_mismatch(tiny.bundle, checkpoint, "int4", Int4Options()) == "precision 'fp32', not 'int4'; block size None, not 32; symmetric None, not True; quantize lm head None, not False"
+    assert bundle_mismatch(tiny.bundle, checkpoint, "fp16", None) == "precision 'fp32', not 'fp16'; activations 'float32', not 'float16'"
     checkpoint.source = "elsewhere"
     assert bundle_mismatch(tiny.bundle, checkpoint, "fp32", None).startswith(f"source {str(tiny.checkpoint)!r}, not 'elsewhere'")

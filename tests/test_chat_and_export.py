@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def test_failed_export_removes_the_folders_it_created_and_keeps_an_earlier_bundl
     assert cli.main(["--model", "tiny", "--output", str(tmp_path / "new" / "deeper" / "bundle")]) == 1
     assert list(tmp_path.iterdir()) == [tmp_path / "earlier"]
     assert cli.main(["--model", "tiny", "--output", str(earlier)]) == 1  # over an earlier bundle: it stays as it was
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # main's own SIGTERM handling ends with it
     assert digests() == before and list((tmp_path / "earlier").iterdir()) == [earlier]  # and no .partial beside it
 
 
@@ -421,6 +423,11 @@ def test_export_scratch_folder_is_ours_alone(tmp_path):
     (foreign / "decoder.onnx").write_bytes(b"half")
     export_bundle("tiny", tmp_path / "b", validate=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and ".ortllava-export-partial" not in read_manifest(tmp_path / "b").files
+    (tmp_path / "b.earlier").mkdir()  # the name an earlier bundle is set aside under: someone else's folder here
+    (tmp_path / "b.earlier" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="b.earlier exists and is not a bundle set aside by an export"):
+        export_bundle("tiny", tmp_path / "b", validate=False)
+    shutil.rmtree(tmp_path / "b.earlier")
     # SIGTERM (a timeout, a scheduler) once the export has begun writing: it unwinds and removes its folder.
     process = subprocess.Popen(
         [sys.executable, "-m", "ortllava_export.cli", "--model", "tiny", "--output", str(tmp_path / "c")], stderr=subprocess.PIPE, text=True,

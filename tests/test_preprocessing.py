@@ -151,6 +151,7 @@ def test_processor_call_as_transformers(hf_processor, pipe):
         pipe.processor(image, prompt, return_tensors="pt")
     ids = got["input_ids"]
     assert pipe.processor.decode(ids) == hf_processor.batch_decode(ids) and pipe.processor.decode(int(ids[0, 1])) == hf_processor.decode(int(ids[0, 1]))
+    assert pipe.processor.decode(ids.tolist()) == hf_processor.decode(ids.tolist())  # a list of lists is a batch too
 
 
 def test_batch_input_ids_identical_with_left_padding(hf_processor, pipe):

@@ -135,6 +135,13 @@ def test_malformed_prompts_and_messages_are_named(pipe, monkeypatch):
         pipe.generate(prompt=PROMPT, images=[np.zeros((0, 10, 3), np.uint8)])
 
 
+def test_final_assistant_message_without_text_is_named(pipe):
+    """A final assistant message is continued; one whose content is no text is refused by name."""
+    user = {"role": "user", "content": [{"type": "text", "text": "Hi"}]}
+    with pytest.raises(ValueError, match="the final message's content is a int, not text"):
+        pipe.generate(messages=[user, {"role": "assistant", "content": 5}])
+
+
 def test_prompt_with_no_tokens_is_refused(tiny_store):
     qwen = ortllava.load(tiny_store.get("qwen2").bundle, provider="cpu")  # its tokenizer adds no BOS token
     assert qwen.prepare(prompt="")[0]["input_ids"].shape[1] == 0
