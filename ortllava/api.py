@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from .detokenizer import StreamingDetokenizer
 from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop, positions_needed, unsupported_generation_settings
 from .image import ImageLike, num_tiles
-from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_manifest
+from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .processor import Processor, is_chat_batch
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
 from .sessions import BundleSessions
@@ -60,7 +59,7 @@ class Pipeline:
         self.embed_table = read_bundle_file(self.bundle, EMBED_TOKENS_FILE, lambda path: _array(path, (None, hidden), mmap=True))  # [V, D]
         self.image_newline = read_bundle_file(self.bundle, IMAGE_NEWLINE_FILE, lambda path: _array(path, (hidden,)))  # [D]
         has_config = (self.bundle / GENERATION_CONFIG_FILE).is_file()
-        self.generation_config: dict[str, Any] = read_bundle_file(self.bundle, GENERATION_CONFIG_FILE, _json_object) if has_config else {}
+        self.generation_config: dict[str, Any] = read_bundle_file(self.bundle, GENERATION_CONFIG_FILE, read_json_object) if has_config else {}
         ignored = unsupported_generation_settings(self.generation_config)
         if ignored:
             warnings.warn(
@@ -396,13 +395,6 @@ def _array(path: Path, shape: tuple[int | None, ...], mmap: bool = False) -> np.
     if array.ndim != len(shape) or any(want is not None and have != want for have, want in zip(array.shape, shape)):
         raise ValueError(f"its shape is {list(array.shape)}; the manifest's model wants {[n if n else 'any' for n in shape]}")
     return array
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
-    return data
 
 
 def is_batch(prompt: Any, messages: Any) -> bool:

@@ -184,7 +184,7 @@ class ImageTextToTextPipeline:
             cont = options["pre"].get("continue_final_message")
             if cont is None:
                 cont = messages[-1]["role"] == "assistant"
-            rendered = self._render(messages, cont)
+            rendered = self.processor.apply_chat_template(messages, add_generation_prompt=not cont, continue_final_message=cont)
             sources = images_in_messages(messages)
             loaded = [_load_image(source, timeout) for source in sources]
             add_special = not (self.processor.bos_token is not None and rendered.startswith(self.processor.bos_token))
@@ -192,10 +192,6 @@ class ImageTextToTextPipeline:
         results = self._run(prepared, options)
         outputs = [self._records([item], [result], options) for item, result in zip(prepared, results)]
         return outputs[0] if single else outputs
-
-    def _render(self, messages: list[dict], continue_final_message: bool) -> str:
-        """The chat template's text: a new assistant turn's header, or the final message continued."""
-        return self.processor.apply_chat_template(messages, add_generation_prompt=not continue_final_message, continue_final_message=continue_final_message)
 
     # ----------------------------------------------------------------------------------------------
     # Prompt strings

@@ -222,6 +222,14 @@ def read_bundle_file(bundle: Path, name: str, read: Callable[[Path], T]) -> T:
         raise BundleError(f"bundle {bundle} is damaged: {name} cannot be read ({type(error).__name__}: {error})") from error
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a ValueError if it holds anything else)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def verify_files(bundle: Path, manifest: Manifest, hashes: bool = True) -> None:
     for name, expected in manifest.files.items():
         file = bundle / name

@@ -6,7 +6,6 @@ Each `<image>` in the text is replaced by as many image tokens as the image yiel
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +20,7 @@ from .manifest import (
     TOKENIZER_FILE,
     Manifest,
     read_bundle_file,
+    read_json_object,
 )
 
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -51,7 +51,7 @@ class Processor:
         tokenizer = read_bundle_file(bundle, TOKENIZER_FILE, lambda path: Tokenizer.from_file(str(path)))
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        config = read_bundle_file(bundle, PREPROCESSOR_CONFIG_FILE, lambda path: ImageProcessorConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        config = read_bundle_file(bundle, PREPROCESSOR_CONFIG_FILE, lambda path: ImageProcessorConfig.from_dict(read_json_object(path)))
         has_template = (bundle / CHAT_TEMPLATE_FILE).is_file()
         template = read_bundle_file(bundle, CHAT_TEMPLATE_FILE, lambda path: path.read_text(encoding="utf-8")) if has_template else None
         return cls(tokenizer, ImageProcessor(config), template, manifest)
@@ -122,7 +122,9 @@ class Processor:
                     f"each {self.image_token} in the text takes one image, in order"
                 )
         pixels = self.image_processor(flat_images) if images is not None and pixel_values else None
-        sizes = (pixels["image_sizes"] if pixels is not None else image_sizes(flat_images)) if images is not None else None
+        sizes = None  # [n_images, 2], where there are images
+        if images is not None:
+            sizes = pixels["image_sizes"] if pixels is not None else image_sizes(flat_images)
         if texts is not None:
             expanded = self.expand_image_tokens(texts, sizes)
             encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)

@@ -125,6 +125,10 @@ class VisionPath:
         return binding.get_outputs()[0].numpy()
 
 
+def _whole_number(value: Any, least: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
+
+
 # The key/value buffer length CUDA graphs use unless `max_length` says otherwise (longer contexts then need it).
 CUDA_GRAPH_DEFAULT_LENGTH = 8192
 
@@ -136,9 +140,9 @@ class BundleSessions:
         self, bundle: Path, manifest: Manifest, provider: str = "auto", io_binding: bool | None = None,
         threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False, prepack: bool = True,
     ):
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1):
+        if max_length is not None and not _whole_number(max_length, least=1):
             raise ValueError(f"max_length must be a positive number of positions, got {max_length!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0):
+        if threads is not None and not _whole_number(threads, least=0):
             raise ValueError(f"threads must be a number of threads (0 or None: onnxruntime's default), got {threads!r}")
         if not isinstance(prepack, bool):
             raise TypeError(f"prepack must be True or False, got {prepack!r}")
