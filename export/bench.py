@@ -18,13 +18,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .photos import photo
-from .kv_cache import resolve_kv_cache
 from .quantize import Int4Options
+
+if TYPE_CHECKING:
+    from .cli import ExportPlan
 
 
 @dataclass(frozen=True)
@@ -230,31 +232,27 @@ def _peak_rss_mb() -> float:
 TIMING_FIELDS = tuple(f.name for f in fields(Timing) if f.name != "tokens")  # the figures a run reports
 
 
-def bundle_mismatch(
-    path: Path, checkpoint, precision: str, int4: Int4Options | None, kv_cache: str = "float", device: str = "cpu",
-) -> str | None:
-    """How the bundle at `path` differs from the one the benchmark would export from `checkpoint` at `precision`
-    for `device` (None: it can be reused): its source, layer count and width, precision, decoder kind and
-    activations, 4-bit settings (`int4`; an accuracy level only where one is asked for) and key/value cache
-    (`kv_cache`: "float" or "int8", as resolved)."""
+def bundle_mismatch(path: Path, checkpoint, plan: ExportPlan) -> str | None:
+    """How the bundle at `path` differs from the one `plan` would export from `checkpoint` (None: it can be
+    reused): its source, layer count and width, precision, decoder kind and activations, 4-bit settings and
+    key/value cache."""
     from ortllava.manifest import read_manifest
 
     manifest = read_manifest(path, verify=False)
     decoder = manifest.graphs["decoder"]
     text = checkpoint.model.config.text_config
-    half = precision == "fp16" or precision == "int4" and device == "cuda"  # (what the export's plan makes of it)
     wanted = {
         "source": (manifest.provenance.get("source"), checkpoint.source),
-        "precision": (manifest.precision, precision),
+        "precision": (manifest.precision, plan.precision),
         "decoder layers": (manifest.text.num_layers, text.num_hidden_layers),
         "hidden size": (manifest.text.hidden_size, text.hidden_size),
-        "decoder kind": (decoder.kind, "gqa"),
-        "activations": (decoder.dtype, "float16" if half else "float32"),
-        "key/value cache": ("int8" if decoder.kv_dtype == "int8" else "float", kv_cache),
+        "decoder kind": (decoder.kind, plan.decoder),
+        "activations": (decoder.dtype, "float16" if plan.decoder_precision == "fp16" else "float32"),
+        "key/value cache": ("int8" if decoder.kv_dtype == "int8" else "float", plan.kv_cache),
     }
-    if int4 is not None:
-        for key in ("block_size", "symmetric", "quantize_lm_head") + (("accuracy_level",) if int4.accuracy_level is not None else ()):
-            wanted[key.replace("_", " ")] = (decoder.quantization.get(key), getattr(int4, key))
+    if plan.int4 is not None:
+        for key in ("block_size", "symmetric", "quantize_lm_head", "accuracy_level"):
+            wanted[key.replace("_", " ")] = (decoder.quantization.get(key), getattr(plan.int4, key))
     differences = [f"{what} {have!r}, not {want!r}" for what, (have, want) in wanted.items() if have != want]
     return "; ".join(differences) or None
 
@@ -293,7 +291,7 @@ def bench(
     import ortllava
 
     from .checkpoint import load_checkpoint
-    from .cli import export_bundle
+    from .cli import export_bundle, plan_export
 
     precisions = [precision] if isinstance(precision, str) else list(precision)
     device = "cuda" if provider == "cuda" else "cpu"
@@ -315,16 +313,16 @@ def bench(
     # One precision: the bundle is `bundle`; several: `bundle/<precision>` each.
     bundles = {p: Path(bundle) if len(precisions) == 1 else Path(bundle) / p for p in precisions}
     for name, path in bundles.items():
+        options = dict(
+            precision=name, decoder="gqa", target=device, validate=(device == "cpu" and name == "fp32"), int4=int4,
+            kv_cache=kv_cache if name == "int4" else "float",
+        )
         if (path / "manifest.json").is_file():  # reused, if it is the bundle this run would export
-            cache = resolve_kv_cache(kv_cache if name == "int4" else "float", name, "gqa", half=device == "cuda")
-            mismatch = bundle_mismatch(path, checkpoint, name, (int4 or Int4Options()) if name == "int4" else None, cache, device)
+            mismatch = bundle_mismatch(path, checkpoint, plan_export(**options))
             if mismatch:
                 raise ValueError(f"the bundle in {path} is not this benchmark's ({mismatch}): remove it, or pass another --bundle")
         else:
-            export_bundle(
-                checkpoint, path, precision=name, validate=(device == "cpu" and name == "fp32"), target=device, int4=int4,
-                kv_cache=kv_cache if name == "int4" else "float",
-            )
+            export_bundle(checkpoint, path, **options)
 
     question = {"type": "text", "text": "What is shown in this image?" if not text_only else "Describe a sunny day at the sea."}
     messages = [{"role": "user", "content": ([] if text_only else [{"type": "image", "image": photo(600, 400)}]) + [question]}]

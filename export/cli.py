@@ -97,7 +97,7 @@ def export_bundle(
     from .families import UnsupportedModelError
     from .fused_decoder import unsupported_features
 
-    plan = _plan(precision, decoder, target, validate, int4, kv_cache)
+    plan = plan_export(precision, decoder, target, validate, int4, kv_cache)
     output = Path(os.path.abspath(output))
     check_output(output)
     total = time.perf_counter()
@@ -166,7 +166,7 @@ def _move_into_place(work: Path, output: Path) -> None:
         shutil.rmtree(earlier)
 
 
-def _plan(precision: str, decoder: str, target: str, validate: bool, int4: Int4Options | None, kv_cache: str) -> ExportPlan:
+def plan_export(precision: str, decoder: str, target: str, validate: bool, int4: Int4Options | None, kv_cache: str) -> ExportPlan:
     """The options checked and resolved; a combination that cannot work stops here (SystemExit naming it)."""
     from .kv_cache import KV_CACHE_TYPES, resolve_kv_cache
 

@@ -138,23 +138,31 @@ class Pipeline:
         stop: Sequence[str] | str | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        num_return_sequences: int | None = None,
         **others: Any,
-    ) -> GenerationResult | list[GenerationResult]:
+    ) -> GenerationResult | list[GenerationResult] | list[list[GenerationResult]]:
         """Answers a prompt (`str`, or a `list[str]` batch) or a chat (`messages`, or a list of chats).
 
         Unset sampling arguments come from the bundle's generation config, then transformers' defaults.
         `min_new_tokens` forbids the EOS tokens until that many tokens are out. `stop` strings end a row's
         answer where one appears (the text is cut before it; finish_reason "stop"). `eos_token_id` (one id or
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
-        Returns a `GenerationResult`, or a list of them for a batch.
+        `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
+        prompt's row is repeated after embedding: the images are encoded once, the prompt prefilled n times).
+        Returns a `GenerationResult`, or a list of them for a batch; with `num_return_sequences=n` > 1, a list
+        of n for one prompt and a list of such lists for a batch (as transformers' pipelines group them).
         """
         settings = self.settings(
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            **others,  # (any other name is a TypeError listing the known ones)
+            num_return_sequences=num_return_sequences, **others,  # (any other name is a TypeError listing the known ones)
         )
         run = self._start(None, settings, prompt, images, messages)
         results = self._collect(run)
+        n = settings.num_return_sequences
+        if n > 1:
+            grouped = [results[start : start + n] for start in range(0, len(results), n)]
+            return grouped if run.batched else grouped[0]
         return results if run.batched else results[0]
 
     def stream(self, prompt: str | None = None, images: Sequence[ImageLike] | ImageLike | None = None, messages: Messages | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
@@ -165,7 +173,10 @@ class Pipeline:
         """
         if is_batch(prompt, messages):
             raise ValueError("stream takes one prompt or one chat; use generate for batches")
-        yield from self._stream(self._start(None, self.settings(**kwargs), prompt, images, messages))
+        settings = self.settings(**kwargs)
+        if settings.num_return_sequences > 1:
+            raise ValueError("stream gives one answer; use generate for num_return_sequences > 1")
+        yield from self._stream(self._start(None, settings, prompt, images, messages))
 
     def chat(self, system: str | None = None, **defaults: Any) -> ChatSession:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
@@ -288,20 +299,29 @@ class Pipeline:
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = int(input_ids.shape[1])
 
+        copies = settings.num_return_sequences
         vision_start, preprocessed = time.perf_counter(), metrics.preprocess_s
-        prefill, keep_cache = (plan or self._fresh_prefill)(inputs, settings.max_new_tokens, metrics)
+        if plan is None:
+            prefill, keep_cache = self._fresh_prefill(inputs, settings.max_new_tokens, metrics, copies)
+        else:  # (a chat turn: one answer, see chat._one_answer)
+            prefill, keep_cache = plan(inputs, settings.max_new_tokens, metrics)
         metrics.vision_s = time.perf_counter() - vision_start - (metrics.preprocess_s - preprocessed)
+        if copies > 1:  # each prompt's row n times, in place: rows 0..n-1 answer prompt 0 (as transformers orders them)
+            input_ids, attention_mask = np.repeat(input_ids, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
 
         sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)
         sampler = with_min_new_tokens(sampler, eos, settings.min_new_tokens)
         sampler = with_repetition_penalty(sampler, input_ids, attention_mask, self.manifest.text.vocab_size, settings.repetition_penalty)
         return _Run(self, prefill, input_ids.shape[0], sampler, settings, eos, pad_id, metrics, started, batched, keep_cache)
 
-    def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics) -> tuple[Prefill, None]:
-        """The whole prompt: every image through the vision path, every token embedded, a new cache."""
+    def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:
+        """The whole prompt: every image through the vision path, every token embedded, a new cache. `copies`: each
+        prompt's row repeated that many times after embedding (`num_return_sequences`; the images run once)."""
         features = self.encode_images(inputs["pixel_values"], inputs["image_sizes"]) if "pixel_values" in inputs else None
         inputs_embeds = self.embed(inputs["input_ids"], features)
         attention_mask = inputs["attention_mask"]
+        if copies > 1:
+            inputs_embeds, attention_mask = np.repeat(inputs_embeds, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
         capacity = positions_needed(attention_mask.shape[1], max_new_tokens)
         metrics.prefilled_tokens = int(attention_mask.shape[1])
         decoder = self.sessions.decoder

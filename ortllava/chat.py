@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .decoders import ContextLengthError, KVCache
-from .generate import GenerationMetrics, GenerationResult, positions_needed
+from .generate import GenerationMetrics, GenerationResult, GenerationSettings, positions_needed
 from .image import ImageLike, load_image
 from .processor import flatten_images, images_in_messages
 
@@ -47,7 +47,7 @@ class ChatSession:
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None, **defaults: Any):
-        pipe.settings(**defaults)  # an unknown argument fails here (TypeError), not at the first turn
+        _one_answer(pipe.settings(**defaults))  # a wrong argument fails here, not at the first turn
         if not pipe.processor.chat_template:
             raise ValueError("this bundle has no chat template: a chat needs one")
         self.pipe = pipe
@@ -152,7 +152,7 @@ class ChatSession:
         self._cache, self._held, self._held_images = None, np.zeros(0, np.int64), []
 
     def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any]) -> _Run:
-        settings = self.pipe.settings(**{**self.defaults, **generate_kwargs})  # unknown names fail here, before any graph runs
+        settings = _one_answer(self.pipe.settings(**{**self.defaults, **generate_kwargs}))  # wrong ones fail here, before any graph runs
         messages = [*self.messages, message]
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
             return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
@@ -249,3 +249,9 @@ def _same_source(a: Any, b: Any) -> bool:
     if a is b:
         return True
     return isinstance(a, str) and isinstance(b, str) and a == b
+
+
+def _one_answer(settings: GenerationSettings) -> GenerationSettings:
+    if settings.num_return_sequences != 1:
+        raise ValueError("a chat turn has one answer: num_return_sequences must be 1 (use Pipeline.generate for several)")
+    return settings

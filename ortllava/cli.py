@@ -39,18 +39,51 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         content = [{"type": "image", "path": path} for path in images] + [{"type": "text", "text": args.prompt}]
         inputs = dict(messages=[{"role": "user", "content": content}])
+    options = _generation_options(args, pipe)
     if args.stream:
-        for chunk in pipe.stream(**inputs, max_new_tokens=args.max_new_tokens):
+        for chunk in pipe.stream(**inputs, **options):
             print(chunk.text, end="", flush=True)
         print()
         metrics, reason = chunk.metrics, chunk.finish_reason
     else:
-        result = pipe.generate(**inputs, max_new_tokens=args.max_new_tokens)
+        result = pipe.generate(**inputs, **options)
         print(result.text)
         metrics, reason = result.metrics, result.finish_reason
     if args.timings:
         _print_timings(metrics, reason)
     return 0
+
+
+# Generation options of `generate` and `chat`: (flag, argparse options, help); each is `Pipeline.generate`'s argument
+# of the same name, unset (None) unless given.
+GENERATION_FLAGS = (
+    ("--max-new-tokens", dict(metavar="N", type=int), "default: the bundle's generation config, else 256"),
+    ("--do-sample", dict(action=argparse.BooleanOptionalAction), "sample the answer (default: as the bundle's generation config says, else greedy)"),
+    ("--temperature", dict(metavar="T", type=float), "sampling: divide the logits by this"),
+    ("--top-k", dict(metavar="K", type=int), "sampling: only the k most probable tokens (0: all)"),
+    ("--top-p", dict(metavar="P", type=float), "sampling: only the most probable tokens that hold this much of the probability"),
+    ("--seed", dict(metavar="SEED", type=int), "sampling: the random seed (the same seed gives the same answer)"),
+    ("--repetition-penalty", dict(metavar="R", type=float), "divide the scores of tokens already in the prompt or answer by this (>1 penalizes)"),
+    ("--stop", dict(metavar="TEXT", action="append"), "a string that ends the answer where it appears (repeat for several)"),
+)
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed")
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, options, help_text in GENERATION_FLAGS:
+        parser.add_argument(flag, help=help_text, **options)
+
+
+def _generation_options(args: argparse.Namespace, pipe) -> dict:
+    """The generation flags given, checked now (a bad value or a sampling flag without sampling is an error
+    naming it, before any graph runs)."""
+    given = {name: getattr(args, name) for name in (flag[2:].replace("-", "_") for flag, _, _ in GENERATION_FLAGS)}
+    given = {name: value for name, value in given.items() if value is not None}
+    settings = pipe.settings(**given)
+    idle = [f"--{name.replace('_', '-')}" for name in SAMPLING_ONLY if name in given and not settings.do_sample]
+    if idle:
+        raise ValueError(f"{', '.join(idle)} only apply when sampling: add --do-sample")
+    return given
 
 
 def _print_timings(metrics, reason: str | None) -> None:
@@ -117,7 +150,7 @@ def _chat(args: argparse.Namespace) -> int:
     from .image import ImageLoadError, load_image
 
     pipe = _load(args)
-    session = pipe.chat(system=args.system, max_new_tokens=args.max_new_tokens)
+    session = pipe.chat(system=args.system, **_generation_options(args, pipe))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"ortllava chat on {pipe.provider}; {CHAT_HELP}", file=sys.stderr)
@@ -223,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("bundle", type=Path)
     gen.add_argument("--image", action="append", help="image path or URL (repeat for several)")
     gen.add_argument("--prompt", required=True, help="the question ('-': read it from stdin)")
-    gen.add_argument("--max-new-tokens", type=int, help="default: the bundle's generation config, else 256")
     gen.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_generation_flags(gen)
     gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template (images go where its <image> tokens are, or first)")
     gen.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     gen.add_argument("--timings", action="store_true", help="print timings to stderr")
@@ -242,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     chat = commands.add_parser("chat", help="talk with the model, keeping the conversation (stdin: lines, /image, /reset, /quit)")
     chat.add_argument("bundle", type=Path)
     chat.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
-    chat.add_argument("--max-new-tokens", type=int, help="default: the bundle's generation config, else 256")
+    _add_generation_flags(chat)
     chat.add_argument("--system", help="a system message for the conversation")
     chat.add_argument("--timings", action="store_true", help="print tokens and timings to stderr after each answer")
     chat.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)

@@ -36,6 +36,7 @@ class GenerationSettings:
     top_k: int = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    num_return_sequences: int = 1  # answers per prompt, each sampled on its own (needs do_sample)
     eos_token_id: int | tuple[int, ...] | None = None  # the tokens that end an answer; None: the bundle's EOS ids
     pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
     seed: int | None = None  # the sampler's random seed
@@ -80,7 +81,7 @@ class GenerationSettings:
 
         if not isinstance(self.do_sample, (bool, np.bool_)):
             fail("do_sample", "True or False")
-        for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0)):
+        for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("num_return_sequences", 1)):
             if not integer(getattr(self, name)) or getattr(self, name) < least:
                 fail(name, f"an integer >= {least}")
         if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
@@ -92,6 +93,11 @@ class GenerationSettings:
                 fail("temperature", "a number > 0")
             if not number(self.top_p) or not 0 < self.top_p <= 1:
                 fail("top_p", "a number in (0, 1]")
+        if self.num_return_sequences > 1 and not self.do_sample:  # (transformers' words)
+            raise ValueError(
+                "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences` different "
+                f"than 1 (got {self.num_return_sequences}): its answers would all be the same; pass do_sample=True"
+            )
         if self.seed is not None and not (integer(self.seed) and self.seed >= 0):
             fail("seed", "an integer >= 0, or None (a fresh random seed)")
         eos = self.eos_token_id
@@ -106,7 +112,7 @@ class GenerationSettings:
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings))
 _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "max_length": "give max_new_tokens", "stop_strings": "give stop", "streamer": "use stream()",
-    "num_beams": "beam search is not implemented", "num_return_sequences": "repeat the prompt in a batch",
+    "num_beams": "beam search is not implemented",
 }
 _NOT_IN_GENERATION_CONFIG = {"seed", "stop"}  # ortllava's own arguments; a generation_config.json has no such keys
 
@@ -114,7 +120,7 @@ _NOT_IN_GENERATION_CONFIG = {"seed", "stop"}  # ortllava's own arguments; a gene
 # implement: each with the values at which it does nothing. (max_length is not here: ortllava's max_new_tokens
 # default replaces it, see DEFAULT_MAX_NEW_TOKENS and the README.)
 UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
+    "num_beams": (1,), "num_beam_groups": (1,), "penalty_alpha": (0,), "dola_layers": (),
     "no_repeat_ngram_size": (0,), "bad_words_ids": ([],), "force_words_ids": ([],), "constraints": ([],),
     "suppress_tokens": ([],), "begin_suppress_tokens": ([],), "sequence_bias": ({},), "forced_bos_token_id": (),
     "forced_eos_token_id": (), "min_length": (0,), "exponential_decay_length_penalty": (), "guidance_scale": (1,),

@@ -22,10 +22,11 @@ ids) instead of text. The new text is found as transformers finds it: decode(pro
 decoded prompt removed from its start.
 
 Generation: `max_new_tokens`, `generate_kwargs={...}` (do_sample, temperature, top_k, top_p, min_new_tokens,
-repetition_penalty, seed, max_new_tokens), `stop_sequence` (generation ends once the string appears; it stays
-in the text, as with transformers' stop strings; transformers matches them on token strings and can miss one
-next to a partial UTF-8 character, ortllava matches the decoded text), at construction or per call. `timeout` (seconds) applies to
-every http(s) image; without it, `ortllava.image.load_image`'s timeout and size limit apply.
+repetition_penalty, seed, max_new_tokens, num_return_sequences: that many records per input), `stop_sequence`
+(generation ends once the string appears; it stays in the text, as with transformers' stop strings; transformers
+matches them on token strings and can miss one next to a partial UTF-8 character, ortllava matches the decoded
+text), at construction or per call. `timeout` (seconds) applies to every http(s) image; without it,
+`ortllava.image.load_image`'s timeout and size limit apply.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .api import Pipeline, load
-from .generate import GENERATION_ARGUMENTS
+from .generate import GENERATION_ARGUMENTS, GenerationResult
 from .image import URL_TIMEOUT_S, image_sizes, load_image
 from .processor import clean_up_tokenization, flatten_images, images_in_messages
 
@@ -190,7 +191,7 @@ class ImageTextToTextPipeline:
             add_special = not (self.processor.bos_token is not None and rendered.startswith(self.processor.bos_token))
             prepared.append(_Item(messages, rendered, loaded, add_special, cont))
         results = self._run(prepared, options)
-        outputs = [self._records([item], [result], options) for item, result in zip(prepared, results)]
+        outputs = [self._records([item], [answers], options) for item, answers in zip(prepared, results)]
         return outputs[0] if single else outputs
 
     # ----------------------------------------------------------------------------------------------
@@ -220,8 +221,9 @@ class ImageTextToTextPipeline:
     # ----------------------------------------------------------------------------------------------
     # Generation and outputs
 
-    def _run(self, items: list[_Item], options: dict, batch: bool = False) -> list:
-        """Generates for every item: as one batch (`batch`), else in groups of `batch_size` (1 by default)."""
+    def _run(self, items: list[_Item], options: dict, batch: bool = False) -> list[list[GenerationResult]]:
+        """Generates for every item: as one batch (`batch`), else in groups of `batch_size` (1 by default). Each
+        item's answers: one, or `num_return_sequences` of them."""
         size = len(items) if batch else max(1, int(options["pre"].get("batch_size", self.batch_size)))
         results = []
         for start in range(0, len(items), size):
@@ -229,7 +231,7 @@ class ImageTextToTextPipeline:
             prompts = [self._runtime_prompt(item) for item in group]
             images = [image for item in group for image in item.images] or None
             out = self.model.generate(prompt=prompts, images=images, **options["generate"])
-            results.extend(out)
+            results.extend(answers if isinstance(answers, list) else [answers] for answers in out)
         return results
 
     def _runtime_prompt(self, item: _Item) -> str:
@@ -264,11 +266,12 @@ class ImageTextToTextPipeline:
             text = clean_up_tokenization(text)
         return text
 
-    def _records(self, items: list[_Item], results: list, options: dict) -> list[dict[str, Any]]:
+    def _records(self, items: list[_Item], results: list[list[GenerationResult]], options: dict) -> list[dict[str, Any]]:
+        """One record per answer, each item's answers in order (as transformers' `postprocess` lists them)."""
         post = options["post"]
         return_type = post.get("return_type", "full_text")
         records = []
-        for item, result in zip(items, results):
+        for item, result in ((item, result) for item, answers in zip(items, results) for result in answers):
             prompt_ids = self._prompt_ids(item)
             if return_type == "tensors":
                 records.append({"input_text": item.input_text, "generated_token_ids": np.array(prompt_ids + list(result.token_ids), dtype=np.int64)})

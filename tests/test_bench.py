@@ -78,12 +78,21 @@ def test_bench_reuses_only_its_own_bundle(tiny_store):
     """`--bundle` reuses the bundle it finds only when it is the one the run would export."""
     from ortllava_export.bench import bundle_mismatch
     from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.cli import plan_export
     from ortllava_export.quantize import Int4Options
 
     tiny = tiny_store.get("mistral")
     checkpoint = load_checkpoint(str(tiny.checkpoint))
-    assert bundle_mismatch(tiny.bundle, checkpoint, "fp32", None) is None
-    assert bundle_mismatch(tiny.bundle, checkpoint, "int4", Int4Options()) == "precision 'fp32', not 'int4'; block size None, not 32; symmetric None, not True; quantize lm head None, not False"
-    assert bundle_mismatch(tiny.bundle, checkpoint, "fp16", None) == "precision 'fp32', not 'fp16'; activations 'float32', not 'float16'"
+
+    def plan(precision, target="cpu", kv_cache="float"):
+        return plan_export(precision, "gqa", target, False, Int4Options(), kv_cache)
+
+    assert bundle_mismatch(tiny.bundle, checkpoint, plan("fp32")) is None
+    assert bundle_mismatch(tiny.bundle, checkpoint, plan("int4", kv_cache="auto")) == (
+        "precision 'fp32', not 'int4'; key/value cache 'float', not 'int8'; block size None, not 32; symmetric None, not True; "
+        "quantize lm head None, not False; accuracy level None, not 4"  # (auto: int8 and level 4 for a CPU int4 bundle)
+    )
+    assert bundle_mismatch(tiny.bundle, checkpoint, plan("fp16")) == "precision 'fp32', not 'fp16'; activations 'float32', not 'float16'"
+    assert "activations 'float32', not 'float16'" in bundle_mismatch(tiny.bundle, checkpoint, plan("int4", target="cuda"))
     checkpoint.source = "elsewhere"
-    assert bundle_mismatch(tiny.bundle, checkpoint, "fp32", None).startswith(f"source {str(tiny.checkpoint)!r}, not 'elsewhere'")
+    assert bundle_mismatch(tiny.bundle, checkpoint, plan("fp32")).startswith(f"source {str(tiny.checkpoint)!r}, not 'elsewhere'")

@@ -95,6 +95,42 @@ def test_repetition_penalty_matches_transformers(setup):
     assert [r.token_ids for r in got] == hf_generate(processor, model, batch, repetition_penalty=0.7)
 
 
+def test_num_return_sequences_rows_as_transformers(setup):
+    """Each prompt's n answers, in transformers' row order (prompt 0's n rows first), with the repetition penalty
+    on each copy's own prompt. top_k=1 makes the sampling deterministic, so tokens compare exactly."""
+    processor, model, pipe = setup
+    conversations = CASES["batch of three"]
+    options = dict(do_sample=True, top_k=1, num_return_sequences=2, repetition_penalty=1.3, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, **options)
+    want = [row.tolist() for row in out[:, inputs["input_ids"].shape[1] :]]
+    got = pipe.generate(messages=conversations, **options)
+    assert [[r.token_ids for r in answers] for answers in got] == [want[0:2], want[2:4], want[4:6]]
+    single = pipe.generate(messages=conversations[0], **{**options, "num_return_sequences": 1})
+    assert isinstance(single, ortllava.GenerationResult) and single.token_ids == want[0]  # one answer: a result, not a list
+
+
+def test_num_return_sequences_samples_each_answer_on_its_own(setup):
+    _, _, pipe = setup
+    options = dict(messages=CASES["one image"][0], do_sample=True, top_k=0, temperature=1.5, max_new_tokens=8, min_new_tokens=8, seed=0)
+    answers = pipe.generate(num_return_sequences=3, **options)
+    assert isinstance(answers, list) and len(answers) == 3
+    assert len({tuple(r.token_ids) for r in answers}) == 3  # (equal ones: 8 tokens drawn alike from a flat distribution)
+    assert [r.token_ids for r in pipe.generate(num_return_sequences=3, **options)] == [r.token_ids for r in answers]  # seeded
+    # n copies of one prompt are a batch of n of it: the same draws
+    batch = pipe.generate(**{**options, "messages": [CASES["one image"][0]] * 3})
+    assert [r.token_ids for r in batch] == [r.token_ids for r in answers]
+    with pytest.raises(ValueError, match="num_return_sequences"):  # greedy answers would all be one (transformers refuses too)
+        pipe.generate(messages=CASES["one image"][0], num_return_sequences=2)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        next(pipe.stream(num_return_sequences=2, **options))
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        pipe.chat(do_sample=True, num_return_sequences=2)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        pipe.chat().send("Hi", do_sample=True, num_return_sequences=2)
+
+
 def test_a_final_assistant_message_is_continued(setup):
     """`generate(messages=...)` continues a chat that ends with an assistant message, as transformers' pipeline
     does (the template's `continue_final_message`), rather than opening a new assistant turn after it."""

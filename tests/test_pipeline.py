@@ -159,6 +159,26 @@ def test_return_tensors_and_generate_kwargs(pipes):
     assert set(got[0]) == {"input_text", "generated_token_ids"}
 
 
+def test_num_return_sequences_gives_records_as_transformers(pipes):
+    """n records per input, grouped as transformers' pipeline groups them: a chat's list holds n, a list of
+    chats one such list per chat, a list of prompt strings (one batch) n per prompt in a flat list. Sampled with
+    top_k=1 (deterministic) so the two sides can be compared; the prompts differ, so a wrong order shows."""
+    hf, ours = pipes
+    kwargs = dict(generate_kwargs={"do_sample": True, "top_k": 1, "num_return_sequences": 2, "max_new_tokens": 6, "min_new_tokens": 6},
+                  return_full_text=False)
+    one, other = chat(pil(IMAGE), "What is shown in this image?"), chat("Tell me a story.")
+    for text in (one, [one, other]):
+        want = hf(text=text, **kwargs)
+        got = ours(text=text, **kwargs)
+        same(want, got)
+    assert len(got) == 2 and all(len(records) == 2 for records in got)
+    prompts = ["[INST] <image>\nWhat? [/INST]", "[INST] Count to ten. [/INST]"]
+    want = hf(images=[IMAGE], text=prompts, **kwargs)
+    got = ours(images=[IMAGE], text=prompts, **kwargs)
+    same(want, got)
+    assert len(got) == 4 and got[0] == got[1] and got[0] != got[2]
+
+
 def test_generation_settings_at_construction(mistral, pipes):
     hf, _ = pipes
     ours = ortllava.pipeline("image-text-to-text", model=mistral.bundle, device="cpu", max_new_tokens=7)

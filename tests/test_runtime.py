@@ -89,6 +89,23 @@ def test_cli_generate_prints_the_answer(mistral, pipe, tmp_path):
     assert from_stdin.stdout.strip() == expected.strip()
 
 
+def test_cli_takes_generate_arguments_as_flags(mistral, pipe):
+    """`generate` (and `chat`) take the sampling arguments as flags: a seeded sampled answer is the API's for the same
+    settings; a sampling flag without sampling, and a value out of range, are refused by name."""
+    cli = [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--prompt", "Tell a story", "--provider", "cpu", "--max-new-tokens", "8"]
+    flags = ["--do-sample", "--temperature", "1.5", "--top-k", "0", "--seed", "3", "--repetition-penalty", "1.2"]
+    sampled = subprocess.run([*cli, *flags], capture_output=True, text=True, check=True)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell a story"}]}]
+    settings = dict(do_sample=True, temperature=1.5, top_k=0, seed=3, repetition_penalty=1.2)
+    want = pipe.generate(messages=messages, max_new_tokens=8, **settings).text
+    assert sampled.stdout == want + "\n" and want != pipe.generate(messages=messages, max_new_tokens=8).text
+    for extra, message in ((["--temperature", "0.7", "--seed", "1"], "--temperature, --seed only apply when sampling: add --do-sample"),
+                           (["--do-sample", "--top-p", "2"], "top_p must be a number in (0, 1]")):
+        for command in (cli, [sys.executable, "-m", "ortllava.cli", "chat", str(mistral.bundle), "--provider", "cpu"]):
+            refused = subprocess.run([*command, *extra], capture_output=True, text=True, input="")
+            assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_runtime_imports_and_generates_without_torch_or_transformers(mistral, tmp_path):
     path = save_png(random_image(300, 200, seed=11), tmp_path / "photo.png")
     script = textwrap.dedent(f"""
