@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .features import embed, pack_images
 from .detokenizer import StreamingDetokenizer
@@ -16,7 +17,7 @@ from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop, positions_needed, unsupported_generation_settings
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
-from .processor import Processor, is_chat_batch
+from .processor import BatchFeature, Processor, is_chat_batch
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
 from .sessions import BundleSessions
 
@@ -139,9 +140,17 @@ class Pipeline:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         num_return_sequences: int | None = None,
+        input_ids: ArrayLike | None = None,
+        attention_mask: ArrayLike | None = None,
+        pixel_values: ArrayLike | None = None,
+        image_sizes: ArrayLike | None = None,
         **others: Any,
     ) -> GenerationResult | list[GenerationResult] | list[list[GenerationResult]]:
-        """Answers a prompt (`str`, or a `list[str]` batch) or a chat (`messages`, or a list of chats).
+        """Answers a prompt (`str`, or a `list[str]` batch) or a chat (`messages`, or a list of chats); or, as
+        transformers' `model.generate(**inputs)`, a processor's outputs: `input_ids [B, T]` (+ `attention_mask`,
+        and `pixel_values`, `image_sizes` where the ids hold image tokens; see `Processor.check_model_inputs`),
+        which are always a batch (a list of results, one per row, as transformers' output has one row per input
+        row; `token_ids` are the new tokens only).
 
         Unset sampling arguments come from the bundle's generation config, then transformers' defaults.
         `min_new_tokens` forbids the EOS tokens until that many tokens are out. `stop` strings end a row's
@@ -157,7 +166,8 @@ class Pipeline:
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             num_return_sequences=num_return_sequences, **others,  # (any other name is a TypeError listing the known ones)
         )
-        run = self._start(None, settings, prompt, images, messages)
+        model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
+        run = self._start(None, settings, prompt, images, messages, model_inputs=model_inputs)
         results = self._collect(run)
         n = settings.num_return_sequences
         if n > 1:
@@ -165,18 +175,30 @@ class Pipeline:
             return grouped if run.batched else grouped[0]
         return results if run.batched else results[0]
 
-    def stream(self, prompt: str | None = None, images: Sequence[ImageLike] | ImageLike | None = None, messages: Messages | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
-        """`generate` for one prompt or chat, yielding text pieces as tokens arrive.
+    def stream(
+        self,
+        prompt: str | None = None,
+        images: Sequence[ImageLike] | ImageLike | None = None,
+        messages: Messages | None = None,
+        input_ids: ArrayLike | None = None,
+        attention_mask: ArrayLike | None = None,
+        pixel_values: ArrayLike | None = None,
+        image_sizes: ArrayLike | None = None,
+        **kwargs: Any,
+    ) -> Iterator[StreamChunk]:
+        """`generate` for one prompt, chat or row of `input_ids`, yielding text pieces as tokens arrive.
 
         The pieces joined equal `generate(...).text` for the same arguments; the last chunk carries the
         finish reason and the metrics.
         """
-        if is_batch(prompt, messages):
-            raise ValueError("stream takes one prompt or one chat; use generate for batches")
+        model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
+        batch = model_inputs["input_ids"].shape[0] > 1 if model_inputs is not None else is_batch(prompt, messages)
+        if batch:
+            raise ValueError("stream takes one prompt, one chat or one row of input_ids; use generate for batches")
         settings = self.settings(**kwargs)
         if settings.num_return_sequences > 1:
             raise ValueError("stream gives one answer; use generate for num_return_sequences > 1")
-        yield from self._stream(self._start(None, settings, prompt, images, messages))
+        yield from self._stream(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))
 
     def chat(self, system: str | None = None, **defaults: Any) -> ChatSession:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
@@ -196,6 +218,18 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------------
     # The shared machinery of generate, stream and chats
+
+    def _model_inputs(
+        self, prompt: Any, images: Any, messages: Any, input_ids: Any, attention_mask: Any, pixel_values: Any, image_sizes: Any,
+    ) -> BatchFeature | None:
+        """The caller's processor outputs, checked (None where a prompt or chat is given instead)."""
+        if input_ids is None:
+            if not (attention_mask is None and pixel_values is None and image_sizes is None):
+                raise ValueError("attention_mask, pixel_values and image_sizes come with input_ids")
+            return None
+        if not (prompt is None and images is None and messages is None):
+            raise ValueError("give either input_ids=... (processor outputs) or prompt=.../messages=..., not both")
+        return self.processor.check_model_inputs(input_ids, attention_mask, pixel_values, image_sizes)
 
     def _collect(self, run: _Run) -> list[GenerationResult]:
         """Runs a prepared generation to the end: one `GenerationResult` per row."""
@@ -276,13 +310,15 @@ class Pipeline:
         images: Sequence[ImageLike] | ImageLike | None = None,
         messages: Messages | Sequence[Messages] | None = None,
         pixel_values: bool = True,
+        model_inputs: BatchFeature | None = None,
     ) -> _Run:
-        """Everything up to the first decoder call: inputs, images, embeddings (through `plan`, by default
-        `_fresh_prefill`), sampler. `pixel_values=False` leaves the images' pixels to `plan` (a chat turn
-        preprocesses only the images it encodes; it adds that time to `metrics.preprocess_s`)."""
+        """Everything up to the first decoder call: inputs (`model_inputs` if given, else from the prompt or chat),
+        images, embeddings (through `plan`, by default `_fresh_prefill`), sampler. `pixel_values=False` leaves
+        the images' pixels to `plan` (a chat turn preprocesses only the images it encodes; it adds that time to
+        `metrics.preprocess_s`)."""
         started = time.perf_counter()
         metrics = GenerationMetrics()
-        inputs, batched = self.prepare(prompt, images, messages, pixel_values)
+        inputs, batched = (model_inputs, True) if model_inputs is not None else self.prepare(prompt, images, messages, pixel_values)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         empty = np.flatnonzero(attention_mask.sum(axis=1) == 0)
         if len(empty):  # (a tokenizer without a BOS token turns an empty prompt into no tokens at all)
@@ -306,7 +342,7 @@ class Pipeline:
         else:  # (a chat turn: one answer, see chat._one_answer)
             prefill, keep_cache = plan(inputs, settings.max_new_tokens, metrics)
         metrics.vision_s = time.perf_counter() - vision_start - (metrics.preprocess_s - preprocessed)
-        if copies > 1:  # each prompt's row n times, in place: rows 0..n-1 answer prompt 0 (as transformers orders them)
+        if copies > 1:  # each prompt's row n times, as the prefill has them: rows 0..n-1 answer prompt 0 (transformers' order)
             input_ids, attention_mask = np.repeat(input_ids, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
 
         sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)

@@ -13,7 +13,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from . import chat_template as templates
-from .image import ImageLike, ImageProcessor, ImageProcessorConfig, image_sizes, load_image, select_best_resolution
+from .image import ImageLike, ImageProcessor, ImageProcessorConfig, image_sizes, load_image, num_tiles, select_best_resolution
 from .manifest import (
     CHAT_TEMPLATE_FILE,
     PREPROCESSOR_CONFIG_FILE,
@@ -135,6 +135,61 @@ class Processor:
             data.update(pixels)
         elif sizes is not None:
             data["image_sizes"] = sizes
+        return data
+
+    def check_model_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None, image_sizes: Any = None) -> BatchFeature:
+        """Model inputs made elsewhere (this processor's outputs, transformers' with `return_tensors="np"`, or one's
+        own token ids), checked before any graph runs: `input_ids [B, T]` (or `[T]`: one row) of the vocabulary,
+        `attention_mask` of its shape in 0 and 1 (default: all ones), and where the ids hold image tokens,
+        `pixel_values [n_images, max_tiles, 3, S, S]` with `image_sizes [n_images, 2]` giving as many features as
+        there are image tokens. -> the arrays as `__call__` returns them (int64 ids and mask, float32 pixels)."""
+
+        def array(name: str, value: Any, kind: str) -> np.ndarray:
+            try:
+                out = np.asarray(value)
+            except ValueError as error:  # ragged lists
+                raise ValueError(f"{name} must be a rectangular array: {error}") from None
+            if out.size and out.dtype.kind not in kind:
+                raise TypeError(f"{name} must hold {'integers' if kind == 'iu' else 'numbers'}, got dtype {out.dtype}")
+            return out
+
+        ids = array("input_ids", input_ids, "iu")
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or not ids.size:
+            raise ValueError(f"input_ids must be [batch, tokens] (or [tokens]) and not empty, got shape {list(np.shape(input_ids))}")
+        vocab = self.manifest.text.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"input_ids hold {int(ids.min() if ids.min() < 0 else ids.max())}, outside the model's vocabulary of {vocab}")
+        mask = np.ones_like(ids) if attention_mask is None else array("attention_mask", attention_mask, "iub")
+        mask = mask[None] if mask.ndim == 1 else mask
+        if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"attention_mask must be 0s and 1s of input_ids' shape {list(ids.shape)}, got shape {list(mask.shape)}")
+        data = BatchFeature(input_ids=ids.astype(np.int64), attention_mask=mask.astype(np.int64))
+
+        image_tokens = int(((ids == self.image_token_id) & (mask == 1)).sum())
+        if (pixel_values is None) != (image_sizes is None):
+            raise ValueError("give pixel_values and image_sizes together (as the processor returns them)")
+        if pixel_values is None:
+            if image_tokens:
+                raise ValueError(f"input_ids hold {image_tokens} image tokens but no pixel_values and image_sizes were given")
+            return data
+        pixels, sizes = array("pixel_values", pixel_values, "fiu"), array("image_sizes", image_sizes, "iu")
+        tile = self.image_processor.config.tile_size
+        if pixels.ndim != 5 or pixels.shape[2:] != (3, tile, tile):
+            raise ValueError(f"pixel_values must be [n_images, max_tiles, 3, {tile}, {tile}], got shape {list(pixels.shape)}")
+        if sizes.shape != (len(pixels), 2) or (sizes < 1).any():
+            raise ValueError(f"image_sizes must be [n_images, 2] = [{len(pixels)}, 2] of (height, width), got {sizes.tolist()}")
+        wanted_tiles = [num_tiles(tuple(size), self.grid_pinpoints, tile) for size in sizes.tolist()]
+        if max(wanted_tiles, default=0) > pixels.shape[1]:
+            raise ValueError(f"pixel_values hold {pixels.shape[1]} tiles per image; image_sizes {sizes.tolist()} need {max(wanted_tiles)}")
+        features = sum(self.num_image_tokens(height, width) for height, width in sizes.tolist())
+        if features != image_tokens:
+            raise ValueError(
+                f"input_ids hold {image_tokens} image tokens but the {len(sizes)} image(s) of image_sizes give {features} features: "
+                "expand each <image> with the processor"
+            )
+        if len(sizes):  # (none: a text-only batch)
+            data.update(pixel_values=pixels.astype(np.float32, copy=False), image_sizes=sizes.astype(np.int64))
         return data
 
     def expand_image_tokens(self, texts: list[str], image_sizes: np.ndarray | None) -> list[str]:

@@ -131,6 +131,24 @@ def test_num_return_sequences_samples_each_answer_on_its_own(setup):
         pipe.chat().send("Hi", do_sample=True, num_return_sequences=2)
 
 
+def test_processor_outputs_generate_as_model_generate(setup):
+    """`pipe.generate(**inputs)` on transformers' processor outputs (numpy) gives `model.generate(**inputs)`'s new
+    tokens: a left-padded batch with images and a text-only row; the same from our own processor's outputs, and
+    streamed from one row."""
+    processor, model, pipe = setup
+    conversations = CASES["batch of three"]
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np", padding=True)
+    want = hf_generate(processor, model, conversations)
+    got = pipe.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    assert [r.token_ids for r in got] == want
+    ours = pipe.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True)
+    assert [r.token_ids for r in pipe.generate(**ours, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)] == want
+    one = {key: value[:1] for key, value in inputs.items()}  # row 0 and its image (image 0)
+    (row,) = pipe.generate(**one, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    assert row.token_ids == want[0]
+    assert "".join(c.text for c in pipe.stream(**one, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)) == row.text
+
+
 def test_a_final_assistant_message_is_continued(setup):
     """`generate(messages=...)` continues a chat that ends with an assistant message, as transformers' pipeline
     does (the template's `continue_final_message`), rather than opening a new assistant turn after it."""

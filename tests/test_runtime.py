@@ -236,6 +236,34 @@ def test_prompt_beyond_the_context_is_refused_up_front(pipe, monkeypatch):
         pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_new_tokens=limit)
 
 
+def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch):
+    inputs = pipe.processor(images=random_image(300, 200, seed=5), text="[INST] <image>\nWhat? [/INST]")
+    ids, mask, pixels, sizes = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_sizes"]
+    image_id, vocab = pipe.processor.image_token_id, pipe.manifest.text.vocab_size
+    cut = np.delete(ids, np.flatnonzero(ids[0] == image_id)[0], axis=1)  # one image token fewer
+    monkeypatch.setattr(pipe.sessions, "vision", lambda *a: pytest.fail("a graph ran"))
+    cases = [
+        (dict(input_ids=np.full((1, 3), vocab)), ValueError, f"input_ids hold {vocab}, outside the model's vocabulary of {vocab}"),
+        (dict(input_ids=ids.astype(np.float32)), TypeError, "input_ids must hold integers"),
+        (dict(input_ids=[[1, 2], [3]]), ValueError, "input_ids must be a rectangular array"),
+        (dict(input_ids=np.zeros((1, 0), np.int64)), ValueError, "input_ids must be .batch, tokens."),
+        (dict(input_ids=ids), ValueError, "image tokens but no pixel_values"),
+        (dict(input_ids=ids, pixel_values=pixels), ValueError, "give pixel_values and image_sizes together"),
+        (dict(input_ids=ids, attention_mask=mask[:, 1:], pixel_values=pixels, image_sizes=sizes), ValueError, "attention_mask must be 0s and 1s"),
+        (dict(input_ids=ids, pixel_values=pixels[0], image_sizes=sizes), ValueError, "pixel_values must be .n_images, max_tiles, 3, 336, 336."),
+        (dict(input_ids=ids, pixel_values=pixels[:, :1], image_sizes=sizes), ValueError, "pixel_values hold 1 tiles per image"),
+        (dict(input_ids=ids, pixel_values=pixels, image_sizes=sizes[:, :1]), ValueError, "image_sizes must be .n_images, 2."),
+        (dict(input_ids=cut, pixel_values=pixels, image_sizes=sizes), ValueError, "image tokens but the 1 image.s. of image_sizes give"),
+        (dict(input_ids=ids, prompt="Hi"), ValueError, "give either input_ids"),
+        (dict(pixel_values=pixels, prompt="Hi"), ValueError, "come with input_ids"),
+    ]
+    for arguments, error, message in cases:
+        with pytest.raises(error, match=message):
+            pipe.generate(max_new_tokens=2, **arguments)
+    with pytest.raises(ValueError, match="one row of input_ids"):
+        next(pipe.stream(input_ids=np.ones((2, 3), np.int64), max_new_tokens=2))
+
+
 def test_pad_id_outside_the_vocabulary_is_refused_up_front(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "encode_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
     with pytest.raises(ValueError, match=f"pad_token_id 1000000 is not in the model's vocabulary of {pipe.manifest.text.vocab_size}"):
