@@ -18,6 +18,7 @@ per row. The buffers are reused by the next generation when they are large enoug
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,9 @@ class FusedDecoder(_DecoderBase):
         if self.fixed_capacity:  # then no generation holds more: requests are checked against it up front
             self.max_length = self.fixed_capacity
         self._spare: KVCache | None = None  # the last cache, whose buffers the next generation may reuse
+        self._lock = threading.Lock()  # generations may run in several threads: the spare and graph ids go to one each
+        # Under CUDA graphs the decoder runs one at a time: a capture records what runs on the device meanwhile.
+        self._graph_runs = threading.Lock()
         # CUDA graphs: each cache's decode step is captured once (graph id per cache) and replayed; prompts
         # (other shapes) run uncaptured (id -1). A failed capture turns graphs off for that cache's steps.
         self.cuda_graph = cuda_graph
@@ -132,7 +136,8 @@ class FusedDecoder(_DecoderBase):
         self._spare = cache
 
     def _new_cache(self, batch: int, capacity: int) -> KVCache:
-        spare, self._spare = self._spare, None  # a cache in use is never handed out twice
+        with self._lock:  # a cache in use is never handed out twice
+            spare, self._spare = self._spare, None
         if spare is not None and spare.batch == batch and spare.capacity >= capacity:
             cache = spare
             cache.lengths[:] = 0
@@ -158,9 +163,11 @@ class FusedDecoder(_DecoderBase):
         # Logits land in host memory directly, except under CUDA graphs, whose outputs must stay on the device.
         cache.state["logits_value"] = self._value(logits) if self.cuda_graph else ort.OrtValue.ortvalue_from_numpy(logits)
         if self.cuda_graph:
-            self._graph_ids += 1
+            with self._lock:
+                self._graph_ids += 1
+                graph_id = self._graph_ids
             cache.state["step_options"] = ort.RunOptions()
-            cache.state["step_options"].add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+            cache.state["step_options"].add_run_config_entry("gpu_graph_id", str(graph_id))
         # The decode step's binding, made once: every step reads and writes the same buffers.
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(INPUTS_EMBEDS, cache.state["embeds_value"])
@@ -181,7 +188,11 @@ class FusedDecoder(_DecoderBase):
         binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
         binding.bind_cpu_input(ATTENTION_MASK, mask)
         self._bind_cache(binding, cache)
-        self.session.run_with_iobinding(binding, self._uncaptured if self.cuda_graph else None)
+        if self.cuda_graph:
+            with self._graph_runs:
+                self.session.run_with_iobinding(binding, self._uncaptured)
+        else:
+            self.session.run_with_iobinding(binding)
         return self._logits(cache)
 
     def _logits(self, cache: KVCache) -> np.ndarray:
@@ -238,12 +249,13 @@ class FusedDecoder(_DecoderBase):
         if not self.cuda_graph:
             self.session.run_with_iobinding(state["step_binding"])
             return cache.logits
-        try:
-            self.session.run_with_iobinding(state["step_binding"], state["step_options"])
-        except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
-            warnings.warn(f"CUDA graph capture failed ({error}); continuing without CUDA graphs", stacklevel=2)
-            state["step_options"] = self._uncaptured
-            self.session.run_with_iobinding(state["step_binding"], self._uncaptured)
+        with self._graph_runs:
+            try:
+                self.session.run_with_iobinding(state["step_binding"], state["step_options"])
+            except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
+                warnings.warn(f"CUDA graph capture failed ({error}); continuing without CUDA graphs", stacklevel=2)
+                state["step_options"] = self._uncaptured
+                self.session.run_with_iobinding(state["step_binding"], self._uncaptured)
         return self._logits(cache)
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:

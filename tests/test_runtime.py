@@ -89,6 +89,33 @@ def test_cli_generate_prints_the_answer(mistral, pipe, tmp_path):
     assert from_stdin.stdout.strip() == expected.strip()
 
 
+@pytest.mark.parametrize("config", ["mistral", "mistral-concat"])
+def test_generations_in_several_threads_are_those_run_one_by_one(tiny_store, config):
+    """A Pipeline shared by threads (a server's workers): each generation keeps its own keys/values, so answers
+    that run at the same time are the ones they give alone; a finished cache is reused by one generation only."""
+    import threading
+
+    pipe = ortllava.load(tiny_store.get(config).bundle, provider="cpu")
+    images = [random_image(300, 200, seed=61), random_image(250, 500, seed=62)]
+    chats = [
+        [{"role": "user", "content": ([{"type": "image", "image": images[i % 2]}] if i % 2 == 0 else []) + [{"type": "text", "text": "Why? " * (1 + i)}]}]
+        for i in range(6)
+    ]
+    alone = [pipe.generate(messages=chat, max_new_tokens=8, min_new_tokens=8).token_ids for chat in chats]
+    for _ in range(2):
+        together: list = [None] * len(chats)
+
+        def answer(i: int) -> None:
+            together[i] = pipe.generate(messages=chats[i], max_new_tokens=8, min_new_tokens=8).token_ids
+
+        threads = [threading.Thread(target=answer, args=(i,)) for i in range(len(chats))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert together == alone
+
+
 def test_cli_takes_generate_arguments_as_flags(mistral, pipe):
     """`generate` (and `chat`) take the sampling arguments as flags: a seeded sampled answer is the API's for the same
     settings; a sampling flag without sampling, and a value out of range, are refused by name."""
