@@ -65,7 +65,8 @@ class Pipeline:
         if ignored:
             warnings.warn(
                 f"the bundle's {GENERATION_CONFIG_FILE} sets {', '.join(f'{k}={v!r}' for k, v in ignored.items())}, which "
-                "ortllava does not implement: its answers can differ from those of transformers, which applies them",
+                "ortllava does not implement (or takes only as an argument): its answers can differ from those of transformers, "
+                "which applies them",
                 stacklevel=3,  # the caller of load()
             )
 

@@ -63,7 +63,7 @@ GENERATION_FLAGS = (
     ("--top-k", dict(metavar="K", type=int), "sampling: only the k most probable tokens (0: all)"),
     ("--top-p", dict(metavar="P", type=float), "sampling: only the most probable tokens that hold this much of the probability"),
     ("--seed", dict(metavar="SEED", type=int), "sampling: the random seed (the same seed gives the same answer)"),
-    ("--repetition-penalty", dict(metavar="R", type=float), "divide the scores of tokens already in the prompt or answer by this (>1 penalizes)"),
+    ("--repetition-penalty", dict(metavar="R", type=float), "penalize tokens already in the prompt or answer (>1; as transformers: positive scores divided by it, negative ones multiplied)"),
     ("--stop", dict(metavar="TEXT", action="append"), "a string that ends the answer where it appears (repeat for several)"),
 )
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed")

@@ -110,8 +110,6 @@ class FusedDecoder(_DecoderBase):
             self.max_length = self.fixed_capacity
         self._spare: KVCache | None = None  # the last cache, whose buffers the next generation may reuse
         self._lock = threading.Lock()  # generations may run in several threads: the spare and graph ids go to one each
-        # Under CUDA graphs the decoder runs one at a time: a capture records what runs on the device meanwhile.
-        self._graph_runs = threading.Lock()
         # CUDA graphs: each cache's decode step is captured once (graph id per cache) and replayed; prompts
         # (other shapes) run uncaptured (id -1). A failed capture turns graphs off for that cache's steps.
         self.cuda_graph = cuda_graph
@@ -188,11 +186,7 @@ class FusedDecoder(_DecoderBase):
         binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
         binding.bind_cpu_input(ATTENTION_MASK, mask)
         self._bind_cache(binding, cache)
-        if self.cuda_graph:
-            with self._graph_runs:
-                self.session.run_with_iobinding(binding, self._uncaptured)
-        else:
-            self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._uncaptured if self.cuda_graph else None)
         return self._logits(cache)
 
     def _logits(self, cache: KVCache) -> np.ndarray:
@@ -249,13 +243,12 @@ class FusedDecoder(_DecoderBase):
         if not self.cuda_graph:
             self.session.run_with_iobinding(state["step_binding"])
             return cache.logits
-        with self._graph_runs:
-            try:
-                self.session.run_with_iobinding(state["step_binding"], state["step_options"])
-            except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
-                warnings.warn(f"CUDA graph capture failed ({error}); continuing without CUDA graphs", stacklevel=2)
-                state["step_options"] = self._uncaptured
-                self.session.run_with_iobinding(state["step_binding"], self._uncaptured)
+        try:
+            self.session.run_with_iobinding(state["step_binding"], state["step_options"])
+        except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
+            warnings.warn(f"CUDA graph capture failed ({error}); continuing without CUDA graphs", stacklevel=2)
+            state["step_options"] = self._uncaptured
+            self.session.run_with_iobinding(state["step_binding"], self._uncaptured)
         return self._logits(cache)
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:

@@ -114,13 +114,16 @@ _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "max_length": "give max_new_tokens", "stop_strings": "give stop", "streamer": "use stream()",
     "num_beams": "beam search is not implemented",
 }
-_NOT_IN_GENERATION_CONFIG = {"seed", "stop"}  # ortllava's own arguments; a generation_config.json has no such keys
+# Arguments not read from a generation config: ortllava's own (a generation_config.json has no such keys), and
+# num_return_sequences, which changes what generate returns (a list per prompt) and which a chat or a stream cannot
+# give, so only a caller asks for it (a config that sets it is warned of at load, see below).
+_NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences"}
 
-# generation_config.json keys with which transformers' `generate` gives other tokens, and which ortllava does not
-# implement: each with the values at which it does nothing. (max_length is not here: ortllava's max_new_tokens
+# generation_config.json keys with which transformers' `generate` gives other tokens or outputs, and which ortllava
+# does not apply: each with the values at which it does nothing. (max_length is not here: ortllava's max_new_tokens
 # default replaces it, see DEFAULT_MAX_NEW_TOKENS and the README.)
 UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,), "num_beam_groups": (1,), "penalty_alpha": (0,), "dola_layers": (),
+    "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
     "no_repeat_ngram_size": (0,), "bad_words_ids": ([],), "force_words_ids": ([],), "constraints": ([],),
     "suppress_tokens": ([],), "begin_suppress_tokens": ([],), "sequence_bias": ({},), "forced_bos_token_id": (),
     "forced_eos_token_id": (), "min_length": (0,), "exponential_decay_length_penalty": (), "guidance_scale": (1,),

@@ -270,23 +270,24 @@ class ImageTextToTextPipeline:
         """One record per answer, each item's answers in order (as transformers' `postprocess` lists them)."""
         post = options["post"]
         return_type = post.get("return_type", "full_text")
+        skip = post.get("skip_special_tokens", True)
+        clean_up = post.get("clean_up_tokenization_spaces")
         records = []
-        for item, result in ((item, result) for item, answers in zip(items, results) for result in answers):
+        for item, answers in zip(items, results):
             prompt_ids = self._prompt_ids(item)
-            if return_type == "tensors":
-                records.append({"input_text": item.input_text, "generated_token_ids": np.array(prompt_ids + list(result.token_ids), dtype=np.int64)})
-                continue
-            skip = post.get("skip_special_tokens", True)
-            clean_up = post.get("clean_up_tokenization_spaces")
-            generated = self._decode(prompt_ids + list(result.token_ids), skip, clean_up)
-            decoded_input = self._decode(prompt_ids, skip, clean_up)
-            # transformers: drop the decoded prompt from the start (up to 2 leading characters allowed).
-            at = generated.find(decoded_input)
-            if 0 <= at <= 2:
-                generated = generated[at + len(decoded_input) :]
-            if return_type == "full_text":
-                generated = self._full_text(item, generated)
-            records.append({"input_text": item.input_text, "generated_text": generated})
+            decoded_input = self._decode(prompt_ids, skip, clean_up) if return_type != "tensors" else ""
+            for result in answers:
+                if return_type == "tensors":
+                    records.append({"input_text": item.input_text, "generated_token_ids": np.array(prompt_ids + list(result.token_ids), dtype=np.int64)})
+                    continue
+                generated = self._decode(prompt_ids + list(result.token_ids), skip, clean_up)
+                # transformers: drop the decoded prompt from the start (up to 2 leading characters allowed).
+                at = generated.find(decoded_input)
+                if 0 <= at <= 2:
+                    generated = generated[at + len(decoded_input) :]
+                if return_type == "full_text":
+                    generated = self._full_text(item, generated)
+                records.append({"input_text": item.input_text, "generated_text": generated})
         return records
 
     @staticmethod

@@ -150,7 +150,7 @@ class Processor:
             except ValueError as error:  # ragged lists
                 raise ValueError(f"{name} must be a rectangular array: {error}") from None
             if out.size and out.dtype.kind not in kind:
-                raise TypeError(f"{name} must hold {'integers' if kind == 'iu' else 'numbers'}, got dtype {out.dtype}")
+                raise TypeError(f"{name} must hold {'integers' if 'f' not in kind else 'numbers'}, got dtype {out.dtype}")
             return out
 
         ids = array("input_ids", input_ids, "iu")
@@ -160,15 +160,20 @@ class Processor:
         vocab = self.manifest.text.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"input_ids hold {int(ids.min() if ids.min() < 0 else ids.max())}, outside the model's vocabulary of {vocab}")
-        mask = np.ones_like(ids) if attention_mask is None else array("attention_mask", attention_mask, "iub")
+        mask = np.ones_like(ids) if attention_mask is None else array("attention_mask", attention_mask, "iubf")
         mask = mask[None] if mask.ndim == 1 else mask
         if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
             raise ValueError(f"attention_mask must be 0s and 1s of input_ids' shape {list(ids.shape)}, got shape {list(mask.shape)}")
         data = BatchFeature(input_ids=ids.astype(np.int64), attention_mask=mask.astype(np.int64))
 
-        image_tokens = int(((ids == self.image_token_id) & (mask == 1)).sum())
+        is_image = ids == self.image_token_id
+        if (is_image & (mask == 0)).any():  # (transformers would splice features there; the runtime drops padding)
+            raise ValueError("input_ids hold image tokens where attention_mask is 0: an image's tokens cannot be padding")
+        image_tokens = int(is_image.sum())
         if (pixel_values is None) != (image_sizes is None):
             raise ValueError("give pixel_values and image_sizes together (as the processor returns them)")
+        if pixel_values is not None and np.size(pixel_values) == 0 and np.size(image_sizes) == 0:
+            pixel_values = image_sizes = None  # empty lists: no images
         if pixel_values is None:
             if image_tokens:
                 raise ValueError(f"input_ids hold {image_tokens} image tokens but no pixel_values and image_sizes were given")
@@ -188,8 +193,7 @@ class Processor:
                 f"input_ids hold {image_tokens} image tokens but the {len(sizes)} image(s) of image_sizes give {features} features: "
                 "expand each <image> with the processor"
             )
-        if len(sizes):  # (none: a text-only batch)
-            data.update(pixel_values=pixels.astype(np.float32, copy=False), image_sizes=sizes.astype(np.int64))
+        data.update(pixel_values=pixels.astype(np.float32, copy=False), image_sizes=sizes.astype(np.int64))
         return data
 
     def expand_image_tokens(self, texts: list[str], image_sizes: np.ndarray | None) -> list[str]:

@@ -183,7 +183,7 @@ class BundleSessions:
         # CUDA graphs replay the decode step; they need static shapes (a fixed buffer length) and a fused decoder.
         self.cuda_graph = bool(cuda_graph and on_cuda and fused)
         if cuda_graph and not self.cuda_graph:
-            warnings.warn("cuda_graph needs the CUDA provider and a 'gqa' decoder; running without CUDA graphs", stacklevel=3)
+            warnings.warn("cuda_graph needs the CUDA provider and a 'gqa' decoder; running without CUDA graphs", stacklevel=4)  # the caller of load()
         # MatMulNBits (4-bit weights) computes only from its repacked weights: without them it is ~30x slower.
         # Its float weights (an fp16 lm_head) still stay fp16 with prepack=False.
         spec = manifest.graphs["decoder"]
@@ -201,7 +201,7 @@ class BundleSessions:
             try:
                 return create_session(path, [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"], threads, prepack)
             except BundleError as error:  # e.g. a node the CUDA provider does not take: graphs cannot be captured
-                warnings.warn(f"CUDA graphs unavailable for this decoder ({error}); running without them", stacklevel=3)
+                warnings.warn(f"CUDA graphs unavailable for this decoder ({error}); running without them", stacklevel=5)  # the caller of load()
                 self.cuda_graph = False
         return create_session(path, self.providers, threads, prepack, fp16_as_stored)
 

@@ -129,6 +129,12 @@ def test_num_return_sequences_samples_each_answer_on_its_own(setup):
         pipe.chat(do_sample=True, num_return_sequences=2)
     with pytest.raises(ValueError, match="num_return_sequences"):
         pipe.chat().send("Hi", do_sample=True, num_return_sequences=2)
+    # Only a caller asks for several answers: a generation config's num_return_sequences is not read (its load warns).
+    from ortllava.generate import GenerationSettings, unsupported_generation_settings
+
+    config = {"do_sample": True, "num_return_sequences": 3}
+    assert GenerationSettings.resolve({}, config).num_return_sequences == 1
+    assert unsupported_generation_settings(config) == {"num_return_sequences": 3}
 
 
 def test_processor_outputs_generate_as_model_generate(setup):

@@ -89,6 +89,38 @@ def test_cli_generate_prints_the_answer(mistral, pipe, tmp_path):
     assert from_stdin.stdout.strip() == expected.strip()
 
 
+def test_a_released_cache_goes_to_one_generation(mistral, monkeypatch):
+    """Two generations starting at once never share the buffers the last one left: the hand-off is atomic (the
+    window between reading and clearing the spare is widened here, so that without the lock both would take it)."""
+    import threading
+    import time
+
+    from ortllava.decoders import FusedDecoder
+
+    decoder = ortllava.load(mistral.bundle, provider="cpu").sessions.decoder
+    held = {"spare": None}
+
+    def slow_read(self):
+        spare = held["spare"]
+        time.sleep(0.05)
+        return spare
+
+    monkeypatch.setattr(FusedDecoder, "_spare", property(slow_read, lambda self, value: held.update(spare=value)), raising=False)
+    decoder.release(decoder._new_cache(1, 256))
+    start, taken = threading.Barrier(2), []
+
+    def take() -> None:
+        start.wait()
+        taken.append(decoder._new_cache(1, 256))
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(taken) == 2 and taken[0] is not taken[1]
+
+
 @pytest.mark.parametrize("config", ["mistral", "mistral-concat"])
 def test_generations_in_several_threads_are_those_run_one_by_one(tiny_store, config):
     """A Pipeline shared by threads (a server's workers): each generation keeps its own keys/values, so answers
@@ -281,6 +313,8 @@ def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch
         (dict(input_ids=ids, pixel_values=pixels[:, :1], image_sizes=sizes), ValueError, "pixel_values hold 1 tiles per image"),
         (dict(input_ids=ids, pixel_values=pixels, image_sizes=sizes[:, :1]), ValueError, "image_sizes must be .n_images, 2."),
         (dict(input_ids=cut, pixel_values=pixels, image_sizes=sizes), ValueError, "image tokens but the 1 image.s. of image_sizes give"),
+        (dict(input_ids=np.pad(ids, ((0, 0), (1, 0)), constant_values=image_id), attention_mask=np.pad(mask, ((0, 0), (1, 0))),
+              pixel_values=pixels, image_sizes=sizes), ValueError, "image tokens where attention_mask is 0"),
         (dict(input_ids=ids, prompt="Hi"), ValueError, "give either input_ids"),
         (dict(pixel_values=pixels, prompt="Hi"), ValueError, "come with input_ids"),
     ]
@@ -289,6 +323,12 @@ def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch
             pipe.generate(max_new_tokens=2, **arguments)
     with pytest.raises(ValueError, match="one row of input_ids"):
         next(pipe.stream(input_ids=np.ones((2, 3), np.int64), max_new_tokens=2))
+    monkeypatch.undo()
+    # What is fine: a float mask of 0s and 1s, and empty image lists with a text-only prompt.
+    text = pipe.processor(text="[INST] Hi [/INST]")
+    want = pipe.generate(**text, max_new_tokens=3)[0].token_ids
+    assert pipe.generate(input_ids=text["input_ids"], attention_mask=text["attention_mask"].astype(np.float32), max_new_tokens=3)[0].token_ids == want
+    assert pipe.generate(**text, pixel_values=[], image_sizes=[], max_new_tokens=3)[0].token_ids == want
 
 
 def test_pad_id_outside_the_vocabulary_is_refused_up_front(pipe, monkeypatch):
