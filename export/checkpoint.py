@@ -19,7 +19,7 @@ class Checkpoint:
     family: Family
     source: str  # what the user named
     revision: str | None  # the hub commit, where known
-    chat_template_origin: str = "checkpoint"  # "checkpoint", "registry:<name>" (models/templates/<name>.jinja) or "none"
+    chat_template_origin: str = "checkpoint"  # "checkpoint", "registry:<name>" (export/templates/<name>.jinja) or "none"
 
 
 def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool = False, check_config: Callable[[Any], None] | None = None) -> Checkpoint:

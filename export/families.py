@@ -1,7 +1,7 @@
 """The registry of checkpoint families the exporter supports (see models/README.md).
 
 Besides the supported decoders and towers, the registry holds each family's default chat template
-(`models/templates/<name>.jinja`), used for checkpoints that ship none.
+(`templates/<name>.jinja` beside this module, installed with it), used for checkpoints that ship none.
 """
 
 from __future__ import annotations
@@ -56,15 +56,15 @@ def check_supported(config) -> Family:
 # --------------------------------------------------------------------------------------------------
 # Default chat templates
 
-# The registry's templates: models/templates/ of the source tree (ORTLLAVA_TEMPLATES overrides it).
-TEMPLATES_DIR = Path(os.environ.get("ORTLLAVA_TEMPLATES", Path(__file__).resolve().parent.parent / "models" / "templates"))
+# The registry's templates: the package's templates/ folder, installed with it (ORTLLAVA_TEMPLATES overrides it).
+TEMPLATES_DIR = Path(os.environ.get("ORTLLAVA_TEMPLATES", Path(__file__).resolve().parent / "templates"))
 # The template of each decoder when the vocabulary does not say otherwise.
 DECODER_TEMPLATES = {"mistral": "mistral", "llama": "vicuna", "qwen2": "chatml", "granite": "granite"}
 
 
 @dataclass(frozen=True)
 class DefaultTemplate:
-    name: str  # the registry's name: models/templates/<name>.jinja
+    name: str  # the registry's name: templates/<name>.jinja
     reason: str  # why this one, in words
     path: Path
     source: str | None  # the template text; None when the registry's folder is not there

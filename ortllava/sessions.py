@@ -18,7 +18,8 @@ from .manifest import IMAGE_FEATURES, PIXEL_VALUES, PROJECTED_FEATURES, BundleEr
 
 
 def resolve_providers(provider: str) -> list[str]:
-    """"auto" -> CUDA when this onnxruntime has it, else CPU; "cuda" insists on CUDA; "cpu" is CPU."""
+    """"auto" -> CUDA when this onnxruntime has it, else CPU; "cuda" insists on CUDA; "cpu" is CPU. (A bundle made for
+    the CPU only turns "auto" into "cpu" before this: `BundleSessions`.)"""
     available = ort.get_available_providers()
     if provider == "auto":
         provider = "cuda" if "CUDAExecutionProvider" in available else "cpu"
@@ -125,6 +126,23 @@ class VisionPath:
         return binding.get_outputs()[0].numpy()
 
 
+def cuda_refusal(decoder: GraphSpec) -> str | None:
+    """Why a bundle's decoder cannot run on the CUDA provider (None: it can)."""
+    if decoder.kind == "gqa" and decoder.dtype == "float32":
+        # onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only; the fp32 graph gives wrong tokens there.
+        return (
+            "this bundle's fused decoder is fp32, which the CUDA provider cannot run; export with --precision fp16 "
+            "(or int4 --target cuda) for CUDA, or load it with provider='cpu'"
+        )
+    if decoder.kv_dtype == "int8":
+        # Built and checked on the CPU provider only; CUDA's int8 cache path has not been run against transformers.
+        return (
+            "this bundle's key/value cache is int8, verified on the CPU provider only; load it with provider='cpu', "
+            "or export without --kv-cache int8 for CUDA"
+        )
+    return None
+
+
 def _whole_number(value: Any, least: int) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
 
@@ -146,27 +164,20 @@ class BundleSessions:
             raise ValueError(f"threads must be a number of threads (0 or None: onnxruntime's default), got {threads!r}")
         if not isinstance(prepack, bool):
             raise TypeError(f"prepack must be True or False, got {prepack!r}")
+        not_for_cuda = cuda_refusal(manifest.graphs["decoder"])
+        if provider == "auto" and not_for_cuda:
+            provider = "cpu"  # a CPU bundle runs on the CPU, also where onnxruntime has CUDA
         self.providers = resolve_providers(provider)
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
         fused = manifest.graphs["decoder"].kind == "gqa"
         if io_binding is None:
             io_binding = on_cuda or fused
-        if fused and on_cuda and manifest.graphs["decoder"].dtype == "float32":
-            # onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only; the fp32 graph gives wrong tokens there.
-            raise BundleError(
-                "this bundle's fused decoder is fp32, which the CUDA provider cannot run; export with --precision fp16 "
-                "(or int4 --target cuda) for CUDA, or load it with provider='cpu'"
-            )
+        if on_cuda and not_for_cuda:
+            raise BundleError(not_for_cuda)
         if not on_cuda and manifest.graphs["decoder"].dtype == "float16":
             warnings.warn(
                 "this bundle's decoder has fp16 activations, made for CUDA; on the CPU it runs several times slower than "
                 "a CPU bundle (export with --precision fp32, or --precision int4 --target cpu)", stacklevel=4,  # the caller of load()
-            )
-        if on_cuda and manifest.graphs["decoder"].kv_dtype == "int8":
-            # Built and checked on the CPU provider only; CUDA's int8 cache path has not been run against transformers.
-            raise BundleError(
-                "this bundle's key/value cache is int8, verified on the CPU provider only; load it with provider='cpu', "
-                "or export without --kv-cache int8 for CUDA"
             )
         if fused and not io_binding:
             raise ValueError("a 'gqa' decoder shares its key/value buffers through IO binding; io_binding=False is not possible")

@@ -5,7 +5,7 @@ granite-vision (SigLIP, Granite decoder) and Mistral. For each: the checkpoint h
 the chat template renders as `processor.apply_chat_template`, input ids / image token expansion / pixel
 values equal `LlavaNextProcessor`'s, and greedy tokens equal `model.generate`'s on a chat with a system
 prompt and history (test_generation runs its own cases on every CONFIGS entry too). Also: the registry's
-default templates (models/templates) for checkpoints that ship none.
+default templates (export/templates) for checkpoints that ship none.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,6 +324,24 @@ def test_missing_registry_is_reported(tmp_path, monkeypatch, capsys):
     assert apply_default_template(processor, "llama", "some/checkpoint") == "registry:vicuna"
     assert processor.chat_template == tiny.VICUNA_TEMPLATE
     assert "'vicuna'" in capsys.readouterr().err
+
+
+def test_registry_templates_are_installed_with_the_exporter(tmp_path):
+    """A non-editable install (`pip install ".[export]"`) ships the templates: the wheel holds each one beside
+    `families.py`, where the exporter looks for them."""
+    pytest.importorskip("setuptools")
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+    )
+    (wheel,) = tmp_path.glob("ortllava-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for template in registry.TEMPLATES_DIR.glob("*.jinja"):
+        assert f"ortllava_export/templates/{template.name}" in names
+    assert registry.TEMPLATES_DIR == Path(registry.__file__).resolve().parent / "templates"
 
 
 def test_registry_folder_can_be_moved(tmp_path):

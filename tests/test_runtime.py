@@ -89,6 +89,24 @@ def test_cli_generate_prints_the_answer(mistral, pipe, tmp_path):
     assert from_stdin.stdout.strip() == expected.strip()
 
 
+def test_auto_runs_a_cpu_bundle_on_the_cpu_where_cuda_is_present(mistral, monkeypatch):
+    """provider="auto" picks CUDA only for a bundle made for it: an fp32 fused decoder or an int8 cache, which the
+    CUDA provider cannot run (or has not been verified on), load on the CPU; provider="cuda" names the reason."""
+    import dataclasses
+
+    from ortllava import sessions
+    from ortllava.manifest import read_manifest
+
+    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert ortllava.load(mistral.bundle).provider == "CPUExecutionProvider"
+    with pytest.raises(BundleError, match="fused decoder is fp32, which the CUDA provider cannot run"):
+        ortllava.load(mistral.bundle, provider="cuda")
+    decoder = read_manifest(mistral.bundle).graphs["decoder"]
+    assert sessions.cuda_refusal(dataclasses.replace(decoder, dtype="float16")) is None
+    assert "int8" in sessions.cuda_refusal(dataclasses.replace(decoder, dtype="float16", kv_dtype="int8"))
+    assert sessions.cuda_refusal(dataclasses.replace(decoder, kind="concat")) is None
+
+
 def test_a_released_cache_goes_to_one_generation(mistral, monkeypatch):
     """Two generations starting at once never share the buffers the last one left: the hand-off is atomic (the
     window between reading and clearing the spare is widened here, so that without the lock both would take it)."""
