@@ -14,7 +14,6 @@ from ortllava import manifest as m
 from ortllava.manifest import GraphSpec, Manifest, TextSpec, TokenSpec, VisionSpec, sha256_file
 
 from .checkpoint import Checkpoint
-from .wrappers import feature_layers, text_geometry
 
 SCRATCH_MARK = ".ortllava-export-partial"  # in the scratch folder while an export writes it (not a bundle file)
 
@@ -59,6 +58,8 @@ def _eos_ids(checkpoint: Checkpoint) -> list[int]:
 
 
 def build_manifest(checkpoint: Checkpoint, graphs: dict[str, GraphSpec], out: Path, precision: str, validation: dict) -> Manifest:
+    from .wrappers import feature_layers, text_geometry  # (torch: imported when used, so the CLI starts without it)
+
     model, processor = checkpoint.model, checkpoint.processor
     config, tokenizer = model.config, processor.tokenizer
     vision_config, text_config = config.vision_config, config.text_config

@@ -321,6 +321,19 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
                   f"logit diff max {a['max_abs_logit_diff']:.3g} mean {a['mean_abs_logit_diff']:.3g}", file=sys.stderr)
 
 
+def missing_dependencies() -> list[str]:
+    """The exporter's packages that are not installed (a runtime-only install has none of them); this module
+    imports none of them at the top, so that it can say so."""
+
+    def installed(package: str) -> bool:
+        try:
+            return importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):  # a broken or blocked package
+            return False
+
+    return [name for name in ("torch", "transformers", "onnx", "onnxscript") if not installed(name)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ortllava-export", description="Export a LLaVA-NeXT checkpoint to an ortllava bundle.")
     parser.add_argument("--model", required=True, help="hub id, local checkpoint folder, or 'tiny' (built-in random model)")
@@ -351,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     given = [option for option, value in int4_only.items() if value is not None]
     if given and args.precision != "int4":
         parser.error(f"{', '.join(given)}: {'this option applies' if len(given) == 1 else 'these options apply'} to --precision int4 only")
-    missing = [name for name in ("torch", "transformers", "onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    missing = missing_dependencies()
     if missing:
         print(f"ortllava-export: error: needs {' and '.join(missing)}: pip install 'ortllava[export]' (torch: its CPU build is enough)", file=sys.stderr)
         return 1

@@ -21,8 +21,6 @@ import numpy as np
 
 from ortllava.manifest import GraphSpec
 
-from .weight_file import WeightWriter, read_tensor
-
 
 @dataclass
 class Int4Options:
@@ -86,6 +84,8 @@ def quantize_decoder(spec: GraphSpec, folder: Path, options: Int4Options) -> Gra
     """
     import onnx
     from onnx import TensorProto, helper
+
+    from .weight_file import WeightWriter, read_tensor
 
     path = folder / spec.file
     model = onnx.load(str(path), load_external_data=False)

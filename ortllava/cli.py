@@ -231,11 +231,15 @@ def _bench(args: argparse.Namespace) -> int:
         if path is not None and not path.resolve().parent.is_dir():
             raise ValueError(f"cannot write {path}: its folder does not exist")
     try:
-        from ortllava_export.bench import bench
-        from ortllava_export.bench_plot import write_svg
-        from ortllava_export.quantize import Int4Options
-    except ImportError as error:  # the benchmark runs transformers too: it needs the exporter's dependencies
-        raise RuntimeError(f"ortllava bench needs torch and transformers: pip install 'ortllava[export]' ({error})") from error
+        from ortllava_export.cli import missing_dependencies
+    except ImportError as error:
+        raise RuntimeError(f"ortllava bench needs the exporter: pip install 'ortllava[export]' ({error})") from error
+    missing = missing_dependencies()
+    if missing:  # the benchmark exports the model and runs transformers too
+        raise RuntimeError(f"ortllava bench needs {' and '.join(missing)}: pip install 'ortllava[export]' (torch: its CPU build is enough)")
+    from ortllava_export.bench import bench
+    from ortllava_export.bench_plot import write_svg
+    from ortllava_export.quantize import Int4Options
     report = bench(
         args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens,
         repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -349,6 +350,30 @@ def test_validated_fused_export_of_an_fp16_checkpoint_keeps_it_fp16(tmp_path, mo
     prompt, image = "[INST] <image>\nHi [/INST]", random_image(90, 60)
     result = ortllava.load(bundle, provider="cpu").generate(prompt=prompt, images=[image], max_new_tokens=4)
     assert result.token_ids == transformers_greedy(checkpoint, prompt, [image], 4)
+
+
+def test_export_cli_without_its_dependencies_says_what_to_install(tmp_path):
+    """A runtime-only install (no torch, transformers, onnx, onnxscript) has the ortllava-export command and
+    `ortllava bench` too: they say what to install instead of failing in an import."""
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript"):
+                    raise ImportError("not installed in this test: " + name)
+        sys.meta_path.insert(0, Block())
+        from ortllava_export.cli import main
+        from ortllava.cli import main as runtime_main
+        code = main(["--model", "tiny", "--output", {str(tmp_path / "b")!r}])
+        print("bench:", file=sys.stderr)
+        sys.exit(code * 10 + runtime_main(["bench", "tiny"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 11 and "Traceback" not in out.stderr, out.stderr  # both exit 1
+    export, bench = out.stderr.split("bench:")
+    assert "ortllava-export: error: needs torch and transformers and onnx and onnxscript: pip install 'ortllava[export]'" in export
+    assert "ortllava: error: ortllava bench needs torch and transformers and onnx and onnxscript: pip install 'ortllava[export]'" in bench
+    assert not (tmp_path / "b").exists()
 
 
 def test_export_cli_names_bad_checkpoint_folders(tmp_path):
