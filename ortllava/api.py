@@ -141,6 +141,7 @@ class Pipeline:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         num_return_sequences: int | None = None,
+        output_logits: bool | None = None,
         input_ids: ArrayLike | None = None,
         attention_mask: ArrayLike | None = None,
         pixel_values: ArrayLike | None = None,
@@ -159,13 +160,16 @@ class Pipeline:
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
         prompt's row is repeated after embedding: the images are encoded once, the prompt prefilled n times).
+        `output_logits=True`: each result's `logits [len(token_ids), V]` are the raw logits (before the repetition
+        penalty, min_new_tokens and the warpers) each new token was picked from, as transformers' `output_logits`.
         Returns a `GenerationResult`, or a list of them for a batch; with `num_return_sequences=n` > 1, a list
         of n for one prompt and a list of such lists for a batch (as transformers' pipelines group them).
         """
         settings = self.settings(
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            num_return_sequences=num_return_sequences, **others,  # (any other name is a TypeError listing the known ones)
+            num_return_sequences=num_return_sequences, output_logits=output_logits,
+            **others,  # (any other name is a TypeError listing the known ones)
         )
         model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
         run = self._start(None, settings, prompt, images, messages, model_inputs=model_inputs)
@@ -199,6 +203,8 @@ class Pipeline:
         settings = self.settings(**kwargs)
         if settings.num_return_sequences > 1:
             raise ValueError("stream gives one answer; use generate for num_return_sequences > 1")
+        if settings.output_logits:
+            raise ValueError("stream gives text pieces; use generate for output_logits")
         yield from self._stream(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))
 
     def chat(self, system: str | None = None, **defaults: Any) -> ChatSession:
@@ -237,6 +243,7 @@ class Pipeline:
         stop = run.settings.stop
         batch = run.batch
         answers: list[list[int]] = [[] for _ in range(batch)]
+        logits: list[list[np.ndarray]] | None = [[] for _ in range(batch)] if run.settings.output_logits else None
         stopped = [False] * batch
         detokenizers = [StreamingDetokenizer(self._answer_text) for _ in range(batch)] if stop else None
         steps = run.loop()
@@ -246,6 +253,8 @@ class Pipeline:
                     if stopped[row]:
                         continue
                     answers[row].append(int(step.tokens[row]))
+                    if logits is not None:
+                        logits[row].append(step.logits[row].copy())  # (the buffer is the next step's)
                     if detokenizers is not None:
                         detokenizers[row].add(int(step.tokens[row]))
                         stopped[row] = _find_stop(detokenizers[row].text, stop) is not None
@@ -255,11 +264,12 @@ class Pipeline:
             steps.close()
         run.metrics.total_s = time.perf_counter() - run.started
         results = []
-        for answer in answers:
+        for row, answer in enumerate(answers):
             text = self._answer_text(answer)
             cut = _find_stop(text, stop) if stop else None
             reason = "stop" if cut is not None or (answer and answer[-1] in run.eos) else "length"
-            results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics))
+            kept = np.stack(logits[row]) if logits is not None else None
+            results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics, logits=kept))
         return results
 
     def _stream(self, run: _Run) -> Iterator[StreamChunk]:
@@ -340,7 +350,7 @@ class Pipeline:
         vision_start, preprocessed = time.perf_counter(), metrics.preprocess_s
         if plan is None:
             prefill, keep_cache = self._fresh_prefill(inputs, settings.max_new_tokens, metrics, copies)
-        else:  # (a chat turn: one answer, see chat._one_answer)
+        else:  # (a chat turn: one answer, see chat._turn_settings)
             prefill, keep_cache = plan(inputs, settings.max_new_tokens, metrics)
         metrics.vision_s = time.perf_counter() - vision_start - (metrics.preprocess_s - preprocessed)
         if copies > 1:  # each prompt's row n times, as the prefill has them: rows 0..n-1 answer prompt 0 (transformers' order)

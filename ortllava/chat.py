@@ -47,7 +47,7 @@ class ChatSession:
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None, **defaults: Any):
-        _one_answer(pipe.settings(**defaults))  # a wrong argument fails here, not at the first turn
+        _turn_settings(pipe.settings(**defaults))  # a wrong argument fails here, not at the first turn
         if not pipe.processor.chat_template:
             raise ValueError("this bundle has no chat template: a chat needs one")
         self.pipe = pipe
@@ -68,7 +68,7 @@ class ChatSession:
         answer join `messages`. `generate_kwargs` override the session's defaults for this turn."""
         self._close_open_stream()
         message = self._user_message(text, images)
-        run = self._start(message, generate_kwargs)
+        run = self._start(message, generate_kwargs, streamed=False)
         result = self.pipe._collect(run)[0]
         self._commit(message, result.text)
         return result
@@ -103,7 +103,7 @@ class ChatSession:
 
     def _stream_turn(self, text: str, images: Any, generate_kwargs: dict[str, Any]) -> Generator[StreamChunk, None, None]:
         message = self._user_message(text, images)
-        run = self._start(message, generate_kwargs)
+        run = self._start(message, generate_kwargs, streamed=True)
         pieces: list[str] = []
         committed = closed_early = False
         chunks = self.pipe._stream(run)
@@ -151,8 +151,8 @@ class ChatSession:
     def _forget(self) -> None:
         self._cache, self._held, self._held_images = None, np.zeros(0, np.int64), []
 
-    def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any]) -> _Run:
-        settings = _one_answer(self.pipe.settings(**{**self.defaults, **generate_kwargs}))  # wrong ones fail here, before any graph runs
+    def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any], streamed: bool) -> _Run:
+        settings = _turn_settings(self.pipe.settings(**{**self.defaults, **generate_kwargs}), streamed)  # wrong ones fail here, before any graph runs
         messages = [*self.messages, message]
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
             return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
@@ -251,7 +251,10 @@ def _same_source(a: Any, b: Any) -> bool:
     return isinstance(a, str) and isinstance(b, str) and a == b
 
 
-def _one_answer(settings: GenerationSettings) -> GenerationSettings:
+def _turn_settings(settings: GenerationSettings, streamed: bool = False) -> GenerationSettings:
+    """`settings`, checked for a chat turn: one answer, and no logits where the turn is streamed."""
     if settings.num_return_sequences != 1:
         raise ValueError("a chat turn has one answer: num_return_sequences must be 1 (use Pipeline.generate for several)")
+    if streamed and settings.output_logits:
+        raise ValueError("a streamed turn gives text pieces; use send() for output_logits")
     return settings

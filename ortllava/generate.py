@@ -37,6 +37,7 @@ class GenerationSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     num_return_sequences: int = 1  # answers per prompt, each sampled on its own (needs do_sample)
+    output_logits: bool = False  # each result keeps the raw logits each new token was picked from
     eos_token_id: int | tuple[int, ...] | None = None  # the tokens that end an answer; None: the bundle's EOS ids
     pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
     seed: int | None = None  # the sampler's random seed
@@ -79,8 +80,9 @@ class GenerationSettings:
         def number(value: Any) -> bool:  # a finite one (a NaN passes no comparison, so no range check)
             return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
-        if not isinstance(self.do_sample, (bool, np.bool_)):
-            fail("do_sample", "True or False")
+        for name in ("do_sample", "output_logits"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                fail(name, "True or False")
         for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("num_return_sequences", 1)):
             if not integer(getattr(self, name)) or getattr(self, name) < least:
                 fail(name, f"an integer >= {least}")
@@ -115,9 +117,10 @@ _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "num_beams": "beam search is not implemented",
 }
 # Arguments not read from a generation config: ortllava's own (a generation_config.json has no such keys), and
-# num_return_sequences, which changes what generate returns (a list per prompt) and which a chat or a stream cannot
-# give, so only a caller asks for it (a config that sets it is warned of at load, see below).
-_NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences"}
+# those that change what generate returns: num_return_sequences (a list per prompt, which a chat or a stream cannot
+# give; a config that sets it is warned of at load, see below) and output_logits (transformers returns its logits
+# only with return_dict_in_generate), so only a caller asks for them.
+_NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_logits"}
 
 # generation_config.json keys with which transformers' `generate` gives other tokens or outputs, and which ortllava
 # does not apply: each with the values at which it does nothing. (max_length is not here: ortllava's max_new_tokens
@@ -181,6 +184,7 @@ class GenerationResult:
     token_ids: list[int]  # the new tokens, the stop token included when one ended the answer
     finish_reason: str  # "stop" (an EOS token) or "length" (max_new_tokens)
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
+    logits: np.ndarray | None = None  # [len(token_ids), V] float32 with output_logits=True: the raw logits each was picked from
 
 
 def generate_step(
@@ -190,11 +194,12 @@ def generate_step(
     embed: EmbedFn,
     sampler: Sampler,
     max_new_tokens: int,
-) -> Iterator[np.ndarray]:
-    """Yields the next tokens `[B]` of every row, `max_new_tokens` times at most.
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields the next tokens `[B]` of every row and the logits `[B, V]` they were picked from (the decoder's
+    buffer: read it before the next step), `max_new_tokens` times at most.
 
-    `logits [B, V]` and `cache` come from the prompt's prefill. The caller may overwrite a yielded array in
-    place before the next step (to feed pad ids to rows that have finished); the next step embeds what the
+    `logits [B, V]` and `cache` come from the prompt's prefill. The caller may overwrite a yielded tokens array
+    in place before the next step (to feed pad ids to rows that have finished); the next step embeds what the
     array then holds, straight into the cache's step buffer.
     """
     for step in range(max_new_tokens):
@@ -204,7 +209,7 @@ def generate_step(
                 "no answer is given rather than a wrong one: use an fp32 bundle for this input"
             )
         tokens = sampler(logits)
-        yield tokens
+        yield tokens, logits
         if step + 1 == max_new_tokens:
             return
         embed(tokens, cache.step_embeds)
@@ -213,11 +218,13 @@ def generate_step(
 
 @dataclass
 class Step:
-    """One step of `decode_loop`: every row's token (pad for rows finished before) and which rows are done."""
+    """One step of `decode_loop`: every row's token (pad for rows finished before), which rows are done, and the
+    logits the tokens were picked from."""
 
     tokens: np.ndarray  # [B] int64
     active: np.ndarray  # [B] bool: the row produced `tokens[row]` in this step
     finished: np.ndarray  # [B] bool: the row hit an EOS token at or before this step
+    logits: np.ndarray  # [B, V] float32: the decoder's buffer, overwritten by the next step
 
 
 def decode_loop(
@@ -247,7 +254,7 @@ def decode_loop(
     steps = generate_step(decoder, logits, cache, embed, sampler, max_new_tokens)
     decode_start = prefill_start
     try:
-        for index, tokens in enumerate(steps):
+        for index, (tokens, step_logits) in enumerate(steps):
             if index == 0:
                 decode_start = time.perf_counter()
                 metrics.prefill_s = decode_start - prefill_start
@@ -256,7 +263,7 @@ def decode_loop(
             tokens[finished] = pad_token_id  # in place: the generator embeds this array for the next step
             finished = finished | (tokens[:, None] == eos).any(axis=1)  # (np.isin: ~13 us a step; this ~1)
             metrics.generated_tokens = index + 1
-            yield Step(tokens, active, finished)
+            yield Step(tokens, active, finished, step_logits)
             if finished.all():
                 break
     finally:

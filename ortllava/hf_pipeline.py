@@ -42,8 +42,9 @@ from .image import URL_TIMEOUT_S, image_sizes, load_image
 from .processor import clean_up_tokenization, flatten_images, images_in_messages
 
 TASK = "image-text-to-text"
-# The generation settings the pipeline passes to `Pipeline.generate` (stop strings come as its `stop_sequence`).
-GENERATION_KEYS = tuple(name for name in GENERATION_ARGUMENTS if name != "stop")
+# The generation settings the pipeline passes to `Pipeline.generate` (stop strings come as its `stop_sequence`;
+# its records have no place for logits, as transformers' have not).
+GENERATION_KEYS = tuple(name for name in GENERATION_ARGUMENTS if name not in ("stop", "output_logits"))
 
 
 def pipeline(task: str = TASK, model: str | os.PathLike | Pipeline | None = None, device: Any = None, provider: str | None = None, **kwargs: Any) -> ImageTextToTextPipeline:

@@ -155,6 +155,32 @@ def test_processor_outputs_generate_as_model_generate(setup):
     assert "".join(c.text for c in pipe.stream(**one, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)) == row.text
 
 
+def test_output_logits_are_transformers_logits(setup):
+    """`output_logits=True` keeps, per answer, the raw logits each new token was picked from: transformers'
+    `output_logits` row for row (a left-padded batch; min_new_tokens and the repetition penalty, which change what
+    is sampled from, not these), to float tolerance; the same from a chat turn; refused in streams."""
+    processor, model, pipe = setup
+    conversations = CASES["batch of three"]
+    options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=1.3)
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, output_logits=True, return_dict_in_generate=True, **options)
+    want = torch.stack(out.logits, dim=1).numpy()  # [B, new tokens, V]
+    got = pipe.generate(messages=conversations, output_logits=True, **options)
+    assert [r.token_ids for r in got] == out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+    for row, result in enumerate(got):
+        assert result.logits.shape == (NEW_TOKENS, want.shape[-1]) and result.logits.dtype == np.float32
+        np.testing.assert_allclose(result.logits, want[row], rtol=1e-4, atol=1e-4 * np.abs(want[row]).max())
+    assert pipe.generate(messages=conversations[0], max_new_tokens=2).logits is None  # only when asked
+    chat = pipe.chat(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=1.3)
+    turn = chat.send(conversations[0][0]["content"][1]["text"], images=[IMAGES[1]], output_logits=True)
+    np.testing.assert_allclose(turn.logits, want[0], rtol=1e-4, atol=1e-4 * np.abs(want[0]).max())
+    with pytest.raises(ValueError, match="output_logits"):
+        next(pipe.stream(messages=conversations[0], output_logits=True))
+    with pytest.raises(ValueError, match="output_logits"):
+        next(chat.stream("More.", output_logits=True))
+
+
 def test_a_final_assistant_message_is_continued(setup):
     """`generate(messages=...)` continues a chat that ends with an assistant message, as transformers' pipeline
     does (the template's `continue_final_message`), rather than opening a new assistant turn after it."""
@@ -216,7 +242,7 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
             GenerationSettings.resolve(bad, {})
     assert GenerationSettings.resolve({"temperature": 0}, {}).temperature == 0  # greedy: the warpers are not used
     # one list of arguments: the HF-style pipeline takes the same ones (stop strings as its stop_sequence)
-    assert set(GENERATION_KEYS) | {"stop"} == set(GENERATION_ARGUMENTS)
+    assert set(GENERATION_KEYS) | {"stop", "output_logits"} == set(GENERATION_ARGUMENTS)
 
 
 @pytest.mark.parametrize("vocab, temperature, top_k, top_p", [
