@@ -159,7 +159,7 @@ class Pipeline:
         answer where one appears (the text is cut before it; finish_reason "stop"). `eos_token_id` (one id or
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
-        prompt's row is repeated after embedding: the images are encoded once, the prompt prefilled n times).
+        images are encoded and the prompt prefilled once; its keys/values are copied for each answer).
         `output_logits=True`: each result's `logits [len(token_ids), V]` are the raw logits (before the repetition
         penalty, min_new_tokens and the warpers) each new token was picked from, as transformers' `output_logits`.
         Returns a `GenerationResult`, or a list of them for a batch; with `num_return_sequences=n` > 1, a list
@@ -353,7 +353,7 @@ class Pipeline:
         else:  # (a chat turn: one answer, see chat._turn_settings)
             prefill, keep_cache = plan(inputs, settings.max_new_tokens, metrics)
         metrics.vision_s = time.perf_counter() - vision_start - (metrics.preprocess_s - preprocessed)
-        if copies > 1:  # each prompt's row n times, as the prefill has them: rows 0..n-1 answer prompt 0 (transformers' order)
+        if copies > 1:  # each prompt's row n times, as the cache has them: rows 0..n-1 answer prompt 0 (transformers' order)
             input_ids, attention_mask = np.repeat(input_ids, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
 
         sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)
@@ -363,16 +363,22 @@ class Pipeline:
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:
         """The whole prompt: every image through the vision path, every token embedded, a new cache. `copies`: each
-        prompt's row repeated that many times after embedding (`num_return_sequences`; the images run once)."""
+        prompt's keys/values repeated that many times after its prefill (`num_return_sequences`: the images and the
+        prompt run once)."""
         features = self.encode_images(inputs["pixel_values"], inputs["image_sizes"]) if "pixel_values" in inputs else None
         inputs_embeds = self.embed(inputs["input_ids"], features)
         attention_mask = inputs["attention_mask"]
-        if copies > 1:
-            inputs_embeds, attention_mask = np.repeat(inputs_embeds, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
         capacity = positions_needed(attention_mask.shape[1], max_new_tokens)
         metrics.prefilled_tokens = int(attention_mask.shape[1])
         decoder = self.sessions.decoder
-        return (lambda: decoder.start(inputs_embeds, attention_mask, capacity)), None
+
+        def prefill() -> tuple[np.ndarray, KVCache]:
+            logits, cache = decoder.start(inputs_embeds, attention_mask, capacity)
+            if copies == 1:
+                return logits, cache
+            return np.repeat(logits, copies, axis=0), decoder.repeat_rows(cache, copies)
+
+        return prefill, None
 
     def _answer_text(self, ids: Sequence[int]) -> str:
         """An answer's text: special tokens dropped, as transformers' pipelines and `batch_decode(..., True)` give it."""

@@ -276,6 +276,26 @@ class FusedDecoder(_DecoderBase):
         cache.state["mask"][0, cache.lengths[0] :] = 0
         self._sync(cache.state["mask_value"], cache.state["mask"])
 
+    def repeat_rows(self, cache: KVCache, copies: int) -> KVCache:
+        """A cache of `cache.batch × copies` rows: row b's keys/values in rows b·copies … (b+1)·copies − 1 (one
+        prefill per prompt for `num_return_sequences`); `cache` is released."""
+        if copies == 1:
+            return cache
+        repeated = self._new_cache(cache.batch * copies, cache.capacity)
+        held = int(cache.lengths.max())
+        for index, (source, target) in enumerate(zip(cache.state["kv"], repeated.state["kv"])):
+            if self.device.type == "cpu":
+                repeated.state["kv_host"][index][:, :, :held] = np.repeat(cache.state["kv_host"][index][:, :, :held], copies, axis=0)
+            else:  # one round trip through the host, still far shorter than copies − 1 more prefills
+                host = np.zeros(target.shape(), self.kv_dtype)
+                host[:, :, :held] = np.repeat(source.numpy()[:, :, :held], copies, axis=0)
+                target.update_inplace(host)
+        repeated.lengths[:] = np.repeat(cache.lengths, copies)
+        repeated.state["mask"][:, : cache.capacity] = np.repeat(cache.state["mask"], copies, axis=0)
+        self._sync(repeated.state["mask_value"], repeated.state["mask"])
+        self.release(cache)
+        return repeated
+
     def reserve(self, cache: KVCache, positions: int) -> KVCache:
         """A cache with room for `positions` holding what `cache` holds (the same one when it fits)."""
         if positions <= cache.capacity:
@@ -353,6 +373,21 @@ class ConcatDecoder(_DecoderBase):
 
     def release(self, cache: KVCache) -> None:
         pass  # nothing to reuse: every step makes new tensors
+
+    def repeat_rows(self, cache: KVCache, copies: int) -> KVCache:
+        """A cache of `cache.batch × copies` rows, row b's in rows b·copies … (b+1)·copies − 1 (see FusedDecoder)."""
+        if copies == 1:
+            return cache
+
+        def repeated(value: Any) -> Any:
+            if isinstance(value, np.ndarray):
+                return np.repeat(value, copies, axis=0)
+            return ort.OrtValue.ortvalue_from_numpy(np.repeat(value.numpy(), copies, axis=0), self.device.type, self.device.id)
+
+        batch = cache.batch * copies
+        out = KVCache(batch, cache.capacity, np.repeat(cache.lengths, copies), np.zeros((batch, 1, self.hidden_size), self.dtype))
+        out.state.update(kv=[repeated(value) for value in cache.state["kv"]], mask=np.repeat(cache.state["mask"], copies, axis=0), width=cache.state["width"])
+        return out
 
     def _slice_positions(self, value: Any, width: int) -> Any:
         """Keeps the first `width` positions of a `[B, n_kv, P, head_dim]` array or OrtValue."""

@@ -114,7 +114,19 @@ def test_num_return_sequences_rows_as_transformers(setup):
 def test_num_return_sequences_samples_each_answer_on_its_own(setup):
     _, _, pipe = setup
     options = dict(messages=CASES["one image"][0], do_sample=True, top_k=0, temperature=1.5, max_new_tokens=8, min_new_tokens=8, seed=0)
-    answers = pipe.generate(num_return_sequences=3, **options)
+    decoder = pipe.sessions.decoder
+    start, prefilled_rows = decoder.start, []
+
+    def counted_start(inputs_embeds, *args):
+        prefilled_rows.append(inputs_embeds.shape[0])
+        return start(inputs_embeds, *args)
+
+    decoder.start = counted_start  # (an instance attribute: the fixture's pipe gets the method back below)
+    try:
+        answers = pipe.generate(num_return_sequences=3, **options)
+    finally:
+        del decoder.start
+    assert prefilled_rows == [1]  # one prefill; its keys/values copied for each answer
     assert isinstance(answers, list) and len(answers) == 3
     assert len({tuple(r.token_ids) for r in answers}) == 3  # (equal ones: 8 tokens drawn alike from a flat distribution)
     assert [r.token_ids for r in pipe.generate(num_return_sequences=3, **options)] == [r.token_ids for r in answers]  # seeded
