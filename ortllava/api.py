@@ -40,7 +40,8 @@ class Pipeline:
         self, bundle: str | Path, provider: str = "auto", verify: bool = True, io_binding: bool | None = None,
         threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False, prepack: bool = True,
     ):
-        """`provider`: "auto" (CUDA when present), "cpu" or "cuda". `verify` checks every file's sha256.
+        """`provider`: "auto" (CUDA when present and the bundle runs there, else the CPU), "cpu" or "cuda". `verify`
+        checks every file's sha256.
         `io_binding` keeps keys/values on the device between steps (default: on with CUDA and for "gqa"
         decoders). `max_length` preallocates a "gqa" decoder's key/value buffers to that many positions once,
         so every generation has the same shapes (otherwise they grow as needed and are reused). `cuda_graph`
@@ -129,6 +130,7 @@ class Pipeline:
         prompt: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | ImageLike | None = None,
         messages: Messages | Sequence[Messages] | None = None,
+        *,
         max_new_tokens: int | None = None,
         do_sample: bool | None = None,
         temperature: float | None = None,
@@ -185,6 +187,7 @@ class Pipeline:
         prompt: str | None = None,
         images: Sequence[ImageLike] | ImageLike | None = None,
         messages: Messages | None = None,
+        *,
         input_ids: ArrayLike | None = None,
         attention_mask: ArrayLike | None = None,
         pixel_values: ArrayLike | None = None,
@@ -268,7 +271,9 @@ class Pipeline:
             text = self._answer_text(answer)
             cut = _find_stop(text, stop) if stop else None
             reason = "stop" if cut is not None or (answer and answer[-1] in run.eos) else "length"
-            kept = np.stack(logits[row]) if logits is not None else None
+            kept = None
+            if logits is not None:
+                kept, logits[row] = np.stack(logits[row]), []  # (each row's copies go as its array is made)
             results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics, logits=kept))
         return results
 
@@ -510,7 +515,7 @@ def _stop_prefix_overlap(text: str, stop: Sequence[str]) -> int:
 
 
 def load(bundle: str | Path, provider: str = "auto", **kwargs: Any) -> Pipeline:
-    """Loads an exported bundle. `provider`: "auto" (CUDA when present), "cpu" or "cuda"."""
+    """Loads an exported bundle. `provider`: "auto" (CUDA when present and the bundle runs there), "cpu" or "cuda"."""
     return Pipeline(bundle, provider=provider, **kwargs)
 
 

@@ -184,7 +184,8 @@ class GenerationResult:
     token_ids: list[int]  # the new tokens, the stop token included when one ended the answer
     finish_reason: str  # "stop" (an EOS token) or "length" (max_new_tokens)
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
-    logits: np.ndarray | None = None  # [len(token_ids), V] float32 with output_logits=True: the raw logits each was picked from
+    # [len(token_ids), V] float32 with output_logits=True: the raw logits each was picked from (left out of == and repr)
+    logits: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def generate_step(

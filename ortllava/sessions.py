@@ -165,8 +165,10 @@ class BundleSessions:
         if not isinstance(prepack, bool):
             raise TypeError(f"prepack must be True or False, got {prepack!r}")
         not_for_cuda = cuda_refusal(manifest.graphs["decoder"])
-        if provider == "auto" and not_for_cuda:
-            provider = "cpu"  # a CPU bundle runs on the CPU, also where onnxruntime has CUDA
+        if provider == "auto" and not_for_cuda:  # a CPU bundle runs on the CPU, also where onnxruntime has CUDA
+            provider = "cpu"
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                warnings.warn(f"provider 'auto' runs this bundle on the CPU: {not_for_cuda}", stacklevel=4)  # the caller of load()
         self.providers = resolve_providers(provider)
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
         fused = manifest.graphs["decoder"].kind == "gqa"

@@ -332,15 +332,21 @@ def test_registry_templates_are_installed_with_the_exporter(tmp_path):
     pytest.importorskip("setuptools")
     import zipfile
 
+    # Built from a copy of the sources: a build leaves build/ and *.egg-info behind, whose files a later build
+    # would reuse (and the checkout stays clean).
     root = Path(__file__).resolve().parent.parent
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+    skip = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "bundles", "tests", "docs")
+    source = tmp_path / "source"
+    shutil.copytree(root, source, ignore=skip)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
         check=True, capture_output=True, text=True,
     )
-    (wheel,) = tmp_path.glob("ortllava-*.whl")
+    assert "would be ignored" not in built.stdout + built.stderr  # (setuptools' warning for undeclared data folders)
+    (wheel,) = (tmp_path / "wheel").glob("ortllava-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for template in registry.TEMPLATES_DIR.glob("*.jinja"):
-        assert f"ortllava_export/templates/{template.name}" in names
+    templates = sorted(path.name for path in registry.TEMPLATES_DIR.glob("*.jinja"))
+    assert templates and all(f"ortllava_export/templates/{name}" in names for name in templates)
     assert registry.TEMPLATES_DIR == Path(registry.__file__).resolve().parent / "templates"
 
 

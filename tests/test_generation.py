@@ -184,6 +184,14 @@ def test_output_logits_are_transformers_logits(setup):
         assert result.logits.shape == (NEW_TOKENS, want.shape[-1]) and result.logits.dtype == np.float32
         np.testing.assert_allclose(result.logits, want[row], rtol=1e-4, atol=1e-4 * np.abs(want[row]).max())
     assert pipe.generate(messages=conversations[0], max_new_tokens=2).logits is None  # only when asked
+    # A row that ends early keeps the logits of its own tokens only (EOS: row 0's 4th token); sampled, they are the
+    # same raw logits (what the sampler changes, it changes on a copy).
+    eos = int(got[0].token_ids[3])
+    ended = pipe.generate(messages=conversations, output_logits=True, eos_token_id=eos, max_new_tokens=NEW_TOKENS, repetition_penalty=1.3)
+    assert [len(r.logits) for r in ended] == [len(r.token_ids) for r in ended] and len(ended[0].token_ids) <= 4
+    np.testing.assert_array_equal(ended[0].logits, got[0].logits[: len(ended[0].token_ids)])
+    sampled = pipe.generate(messages=conversations, output_logits=True, do_sample=True, seed=0, **options)
+    np.testing.assert_array_equal(np.stack([r.logits[0] for r in sampled]), np.stack([r.logits[0] for r in got]))
     chat = pipe.chat(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=1.3)
     turn = chat.send(conversations[0][0]["content"][1]["text"], images=[IMAGES[1]], output_logits=True)
     np.testing.assert_allclose(turn.logits, want[0], rtol=1e-4, atol=1e-4 * np.abs(want[0]).max())
