@@ -197,3 +197,16 @@ def one_prefill_and_grown_extend(bundle):
     _, cache = decoder.start(embeds[:, :100], np.ones((1, 100), np.int64), capacity=100)
     cache = decoder.reserve(cache, 300)
     return want, decoder.extend(embeds[:, 100:], cache), cache
+
+
+def without_packages(*packages: str) -> str:
+    """Python source that makes `packages` unimportable in the process that runs it (as if not installed): the
+    first lines of a script run in a subprocess."""
+    return (
+        "import sys\n"
+        "class _Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {packages!r}:\n"
+        "            raise ImportError('not installed in this test: ' + name)\n"
+        "sys.meta_path.insert(0, _Missing())\n"
+    )

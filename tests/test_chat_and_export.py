@@ -23,7 +23,7 @@ from ortllava_export.families import UnsupportedModelError, check_supported
 from ortllava_export.quantize import Int4Options
 from ortllava_export.tiny import CHATML_TEMPLATE, MISTRAL_TEMPLATE, VICUNA_TEMPLATE
 
-from conftest import random_image, transformers_greedy
+from conftest import random_image, transformers_greedy, without_packages
 
 IMAGE = random_image(64, 48)
 CONVERSATIONS = {
@@ -355,13 +355,7 @@ def test_validated_fused_export_of_an_fp16_checkpoint_keeps_it_fp16(tmp_path, mo
 def test_export_cli_without_its_dependencies_says_what_to_install(tmp_path):
     """A runtime-only install (no torch, transformers, onnx, onnxscript) has the ortllava-export command and
     `ortllava bench` too: they say what to install instead of failing in an import."""
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript"):
-                    raise ImportError("not installed in this test: " + name)
-        sys.meta_path.insert(0, Block())
+    script = without_packages("torch", "transformers", "onnx", "onnxscript") + textwrap.dedent(f"""
         from ortllava_export.cli import main
         from ortllava.cli import main as runtime_main
         code = main(["--model", "tiny", "--output", {str(tmp_path / "b")!r}])

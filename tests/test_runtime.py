@@ -15,7 +15,7 @@ import pytest
 import ortllava
 from ortllava import BundleError, ImageLoadError
 
-from conftest import random_image, save_png, session_config
+from conftest import random_image, save_png, session_config, without_packages
 
 PROMPT = "[INST] <image>\nWhat is this? [/INST]"
 
@@ -187,13 +187,8 @@ def test_cli_takes_generate_arguments_as_flags(mistral, pipe):
 
 def test_runtime_imports_and_generates_without_torch_or_transformers(mistral, tmp_path):
     path = save_png(random_image(300, 200, seed=11), tmp_path / "photo.png")
-    script = textwrap.dedent(f"""
-        import json, sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers", "optimum", "ortllava_export"):
-                    raise ImportError("blocked in this test: " + name)
-        sys.meta_path.insert(0, Block())
+    script = without_packages("torch", "transformers", "optimum", "ortllava_export") + textwrap.dedent(f"""
+        import json
         import ortllava
         pipe = ortllava.load({str(mistral.bundle)!r}, provider="cpu")
         result = pipe.generate(prompt={PROMPT!r}, images=[{str(path)!r}], max_new_tokens=6, min_new_tokens=6)
