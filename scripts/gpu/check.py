@@ -44,6 +44,8 @@ def parity(device: str, work: Path) -> dict:
         processor = AutoProcessor.from_pretrained(checkpoint)
         processor.tokenizer.padding_side = "left"
         for decoder, precision in (("gqa", "fp16"), ("gqa", "fp32"), ("concat", "fp32")):
+            if device == "cuda" and decoder == "gqa" and precision == "fp32":
+                continue  # refused on CUDA by design (ortllava.sessions.cuda_refusal: its GroupQueryAttention is fp16)
             name = f"{family}/{decoder}/{precision}"
             try:
                 bundle = export_bundle(str(checkpoint), work / f"{family}-{decoder}-{precision}", precision=precision, decoder=decoder, validate=False)
