@@ -280,6 +280,25 @@ def test_int8_cache_grows_and_continues_like_one_prefill(bundles):
     np.testing.assert_allclose(grown_logits, whole, atol=0.25)
 
 
+@pytest.mark.parametrize("name", ["kv8", "fp16"])
+def test_copied_rows_continue_as_the_one_they_copy(bundles, name):
+    """`repeat_rows` (num_return_sequences: one prefill, its keys/values copied per answer) on an int8 and an fp16
+    cache: each copy's steps give the logits the original's give (top_k=1 sampling is greedy)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fp16 bundle's "made for CUDA")
+        pipe = ortllava.load(bundles[name], provider="cpu")
+    image = random_image(400, 300, seed=8)
+    alone = pipe.generate(prompt=PROMPT, images=[image], max_new_tokens=6, min_new_tokens=6, output_logits=True)
+    copies = pipe.generate(prompt=PROMPT, images=[image], max_new_tokens=6, min_new_tokens=6, output_logits=True,
+                           do_sample=True, top_k=1, num_return_sequences=3)
+    for copy in copies:
+        assert copy.token_ids == alone.token_ids
+        # (one row or three through a step's MatMuls may round differently; a lost or misplaced copy moves them by units)
+        np.testing.assert_allclose(copy.logits, alone.logits, rtol=1e-4, atol=1e-4 * np.abs(alone.logits).max())
+
+
 @pytest.mark.parametrize("options", [dict(precision="fp16"), dict(precision="int4", target="cuda"), dict(decoder="concat")])
 def test_int8_cache_is_refused_where_it_is_not_verified(tmp_path, options):
     from ortllava_export.cli import export_bundle
