@@ -10,15 +10,24 @@ import warnings
 from pathlib import Path
 
 
+LONG_LOAD_BYTES = 2**30  # bundles past this size say on stderr what their load is doing (it takes seconds)
+
+
 def _load(args: argparse.Namespace):
-    """The bundle as `load` gives it; a note first where checking its files' sha256 takes a while."""
+    """The bundle as `load` gives it; for a large one, a line before (what the load does) and after (its time)."""
+    import time
+
     from .api import load
 
-    if not args.no_verify and args.bundle.is_dir():
-        size = sum(path.stat().st_size for path in args.bundle.iterdir() if path.is_file())
-        if size > 2**30:
-            print(f"checking {size / 2**30:.1f} GiB of bundle files (sha256; --no-verify skips it) ...", file=sys.stderr, flush=True)
-    return load(args.bundle, provider=args.provider, verify=not args.no_verify)
+    size = sum(path.stat().st_size for path in args.bundle.iterdir() if path.is_file()) if args.bundle.is_dir() else 0
+    if size > LONG_LOAD_BYTES:
+        checks = "checking every file's sha256 (--no-verify skips it), then " if not args.no_verify else ""
+        print(f"loading {size / 2**30:.1f} GiB of bundle files: {checks}creating the sessions ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    pipe = load(args.bundle, provider=args.provider, verify=not args.no_verify)
+    if size > LONG_LOAD_BYTES:
+        print(f"loaded in {time.perf_counter() - start:.1f} s on {pipe.provider}", file=sys.stderr, flush=True)
+    return pipe
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -447,6 +447,23 @@ def test_streaming_detokenizer_never_splits_a_character(pipe):
     assert all("\ufffd" not in piece for piece in pieces)
 
 
+def test_cli_says_what_a_long_load_does(mistral, monkeypatch, capsys):
+    """A large bundle's load (sha256 checks, sessions: seconds to minutes) is announced, then timed, on stderr."""
+    from ortllava import cli
+
+    monkeypatch.setattr(cli, "LONG_LOAD_BYTES", 0)  # (the tiny bundle as if it were large)
+    command = ["generate", str(mistral.bundle), "--prompt", "Hi", "--max-new-tokens", "2", "--provider", "cpu"]
+    assert cli.main(command) == 0
+    err = capsys.readouterr().err
+    assert "GiB of bundle files: checking every file's sha256 (--no-verify skips it), then creating the sessions ..." in err
+    assert "loaded in " in err and " s on CPUExecutionProvider" in err
+    assert cli.main([*command, "--no-verify"]) == 0
+    err = capsys.readouterr().err
+    assert "creating the sessions" in err and "sha256" not in err
+    monkeypatch.undo()
+    assert cli.main(command) == 0 and "loading" not in capsys.readouterr().err  # a small bundle loads quietly
+
+
 def test_cli_tells_what_to_do(mistral, tmp_path):
     path = save_png(random_image(120, 90, seed=12), tmp_path / "photo.png")
     cli = [sys.executable, "-m", "ortllava.cli"]
