@@ -127,6 +127,7 @@ def _info(args: argparse.Namespace) -> int:
         q = decoder.quantization
         print(f"            weights {q.get('method')} {q.get('bits')}-bit, block {q.get('block_size')}, "
               f"{'symmetric' if q.get('symmetric') else 'asymmetric'}, lm_head {'quantized' if q.get('quantize_lm_head') else 'kept'}")
+    print(f"runs on     {_where_it_runs(decoder)}")
     print(f"vision      {vision.image_size} px tiles, {vision.patch_size} px patches, layers {vision.feature_layers}, "
           f"strategy {vision.select_strategy}, grid {vision.grid_pinpoints}")
     for name, spec in manifest.graphs.items():
@@ -149,6 +150,18 @@ def _info(args: argparse.Namespace) -> int:
         pipe = load(bundle, provider=args.provider, verify=False)
         print(f"load        {time.perf_counter() - start:.2f} s on {pipe.provider} (sessions, embeddings, tokenizer)")
     return 0
+
+
+def _where_it_runs(decoder) -> str:
+    """The execution providers a bundle's decoder is for, and why where it is not for both."""
+    from .sessions import cuda_refusal
+
+    refusal = cuda_refusal(decoder)
+    if refusal:
+        return f"the CPU provider only ({refusal.split(';')[0]})"
+    if decoder.dtype == "float16":
+        return "CUDA (fp16 activations; the CPU provider runs them several times slower)"
+    return "the CPU and CUDA providers"
 
 
 NO_VERIFY_HELP = "skip the sha256 check of every bundle file at load (~1 s per GB; files are still checked to exist)"
