@@ -6,12 +6,14 @@ Both kinds have one interface (gpt-fast's `prefill` / `decode_one_token`, with t
 - `step(cache)` runs one new token per row, whose embeddings the caller has written into `cache.step_embeds`;
 - `reserve(cache, positions)` makes room (it may return a new, larger cache: use the one it returns);
 - `extend(inputs_embeds, cache)` appends several tokens to a one-row cache (the next turn of a chat);
-- `truncate(cache, length)` forgets a one-row cache's positions from `length` on.
+- `truncate(cache, length)` forgets a one-row cache's positions from `length` on;
+- `repeat_rows(cache, copies)` gives each row `copies` rows of its own (several answers from one prefill).
 
 `FusedDecoder` ("gqa" bundles): GroupQueryAttention over key/value buffers preallocated to `capacity` and
 shared by past and present, so a step allocates nothing and moves no key/value bytes; every input and output
 of a step is bound once (IO binding), and a step only writes the new token's embeddings and one mask entry
-per row. The buffers are reused by the next generation when they are large enough.
+per row. The buffers are reused by the next generation when they are large enough (one at a time: several
+threads may generate at once, each with its own cache).
 
 `ConcatDecoder` ("concat" bundles, the portable fallback): present = past ++ new, a new tensor each step.
 """
