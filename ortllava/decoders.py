@@ -284,17 +284,7 @@ class FusedDecoder(_DecoderBase):
         if copies == 1:
             return cache
         repeated = self._new_cache(cache.batch * copies, cache.capacity)
-        held = int(cache.lengths.max())
-        for index, (source, target) in enumerate(zip(cache.state["kv"], repeated.state["kv"])):
-            if self.device.type == "cpu":
-                repeated.state["kv_host"][index][:, :, :held] = np.repeat(cache.state["kv_host"][index][:, :, :held], copies, axis=0)
-            else:  # one round trip through the host, still far shorter than copies − 1 more prefills
-                host = np.zeros(target.shape(), self.kv_dtype)
-                host[:, :, :held] = np.repeat(source.numpy()[:, :, :held], copies, axis=0)
-                target.update_inplace(host)
-        repeated.lengths[:] = np.repeat(cache.lengths, copies)
-        repeated.state["mask"][:, : cache.capacity] = np.repeat(cache.state["mask"], copies, axis=0)
-        self._sync(repeated.state["mask_value"], repeated.state["mask"])
+        self._copy_held(cache, repeated, copies)
         self.release(cache)
         return repeated
 
@@ -305,18 +295,24 @@ class FusedDecoder(_DecoderBase):
         if cache.batch != 1 or self.fixed_capacity:
             raise ContextLengthError(f"{positions} positions do not fit this cache of {cache.capacity}")
         grown = self._new_cache(1, self._capacity(positions))
-        held = int(cache.lengths[0])
-        for index, (source, target) in enumerate(zip(cache.state["kv"], grown.state["kv"])):
-            if self.device.type == "cpu":
-                grown.state["kv_host"][index][:, :, :held] = cache.state["kv_host"][index][:, :, :held]
-            else:  # rare (a chat outgrew its buffers): one round trip through the host
-                host = np.zeros(target.shape(), self.kv_dtype)
-                host[:, :, :held] = source.numpy()[:, :, :held]
-                target.update_inplace(host)
-        grown.lengths[0] = held
-        grown.state["mask"][0, :held] = 1
-        self._sync(grown.state["mask_value"], grown.state["mask"])
+        self._copy_held(cache, grown, 1)
         return grown
+
+    def _copy_held(self, source: KVCache, target: KVCache, copies: int) -> None:
+        """Copies what `source` holds (keys/values, lengths, mask) into `target`, each row `copies` times in a row
+        (`target` has `copies` × the rows and at least the capacity). On a device: one round trip through the host,
+        rare (a chat outgrew its buffers) or far shorter than the prefills it saves (`repeat_rows`)."""
+        held = int(source.lengths.max())
+        for index, (value, into) in enumerate(zip(source.state["kv"], target.state["kv"])):
+            if self.device.type == "cpu":
+                target.state["kv_host"][index][:, :, :held] = np.repeat(source.state["kv_host"][index][:, :, :held], copies, axis=0)
+            else:
+                host = np.zeros(into.shape(), self.kv_dtype)
+                host[:, :, :held] = np.repeat(value.numpy()[:, :, :held], copies, axis=0)
+                into.update_inplace(host)
+        target.lengths[:] = np.repeat(source.lengths, copies)
+        target.state["mask"][:, : source.capacity] = np.repeat(source.state["mask"], copies, axis=0)
+        self._sync(target.state["mask_value"], target.state["mask"])
 
 
 class ConcatDecoder(_DecoderBase):
