@@ -6,13 +6,14 @@
     print(result.text)
 """
 
-from .api import Pipeline, StreamChunk, generate, load
+from .api import Pipeline, generate, load
 from .chat import ChatSession
 from .decoders import ContextLengthError
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings
 from .hf_pipeline import pipeline
 from .image import ImageLoadError
 from .manifest import BundleError
+from .runs import StreamChunk
 
 __version__ = "0.1.0"
 

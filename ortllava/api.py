@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -12,21 +11,19 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .features import embed, pack_images
-from .detokenizer import StreamingDetokenizer
 from .decoders import ContextLengthError, KVCache
-from .generate import GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop, positions_needed, unsupported_generation_settings
+from .generate import GenerationMetrics, GenerationResult, GenerationSettings, positions_needed, unsupported_generation_settings
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .processor import BatchFeature, Processor, is_chat_batch
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
+from .runs import KeepCache, Prefill, Run, StreamChunk, collect, stream_chunks
 from .sessions import BundleSessions
 
 if TYPE_CHECKING:
     from .chat import ChatSession
 
 Messages = list[dict[str, Any]]
-Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
-KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)
 # A prefill plan: (processor outputs, max_new_tokens, metrics) -> what to prefill, and who keeps the cache after
 # (None: it goes back to the decoder). `Pipeline._fresh_prefill` embeds the whole prompt; a chat embeds only
 # what its cache does not hold yet.
@@ -175,7 +172,7 @@ class Pipeline:
         )
         model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
         run = self._start(None, settings, prompt, images, messages, model_inputs=model_inputs)
-        results = self._collect(run)
+        results = collect(run)
         n = settings.num_return_sequences
         if n > 1:
             grouped = [results[start : start + n] for start in range(0, len(results), n)]
@@ -208,7 +205,7 @@ class Pipeline:
             raise ValueError("stream gives one answer; use generate for num_return_sequences > 1")
         if settings.output_logits:
             raise ValueError("stream gives text pieces; use generate for output_logits")
-        yield from self._stream(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))
+        yield from stream_chunks(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))
 
     def chat(self, system: str | None = None, **defaults: Any) -> ChatSession:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
@@ -241,83 +238,6 @@ class Pipeline:
             raise ValueError("give either input_ids=... (processor outputs) or prompt=.../messages=..., not both")
         return self.processor.check_model_inputs(input_ids, attention_mask, pixel_values, image_sizes)
 
-    def _collect(self, run: _Run) -> list[GenerationResult]:
-        """Runs a prepared generation to the end: one `GenerationResult` per row."""
-        stop = run.settings.stop
-        batch = run.batch
-        answers: list[list[int]] = [[] for _ in range(batch)]
-        logits: list[list[np.ndarray]] | None = [[] for _ in range(batch)] if run.settings.output_logits else None
-        stopped = [False] * batch
-        detokenizers = [StreamingDetokenizer(self._answer_text) for _ in range(batch)] if stop else None
-        steps = run.loop()
-        try:
-            for step in steps:
-                for row in np.flatnonzero(step.active):
-                    if stopped[row]:
-                        continue
-                    answers[row].append(int(step.tokens[row]))
-                    if logits is not None:
-                        logits[row].append(step.logits[row].copy())  # (the buffer is the next step's)
-                    if detokenizers is not None:
-                        detokenizers[row].add(int(step.tokens[row]))
-                        stopped[row] = _find_stop(detokenizers[row].text, stop) is not None
-                if all(stopped[row] or step.finished[row] for row in range(batch)):
-                    break
-        finally:
-            steps.close()
-        run.metrics.total_s = time.perf_counter() - run.started
-        results = []
-        for row, answer in enumerate(answers):
-            text = self._answer_text(answer)
-            cut = _find_stop(text, stop) if stop else None
-            reason = "stop" if cut is not None or (answer and answer[-1] in run.eos) else "length"
-            kept = None
-            if logits is not None:
-                kept, logits[row] = np.stack(logits[row]), []  # (each row's copies go as its array is made)
-            results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics, logits=kept))
-        return results
-
-    def _stream(self, run: _Run) -> Iterator[StreamChunk]:
-        """Runs a prepared one-row generation, yielding stable text pieces; the last chunk has the finish reason
-        and the metrics. The decode loop is closed (its cache released or kept) before that last chunk."""
-        stop = run.settings.stop
-        detokenizer = StreamingDetokenizer(self._answer_text)
-        released = 0  # characters of detokenizer.text already yielded
-        reason = "length"
-        ended = False  # an EOS token or a stop string ended the answer
-        steps = run.loop()
-        try:
-            for step in steps:
-                token = int(step.tokens[0])
-                detokenizer.add(token)
-                if step.finished[0]:
-                    detokenizer.finalize()
-                    reason = "stop"
-                text = detokenizer.text
-                cut = _find_stop(text, stop)
-                if cut is not None:
-                    reason, end = "stop", cut
-                else:  # hold back a tail that could still grow into a stop string
-                    end = len(text) - (_stop_prefix_overlap(text, stop) if stop and not step.finished[0] else 0)
-                if end > released:
-                    yield StreamChunk(text[released:end], token)
-                    released = end
-                if cut is not None or step.finished[0]:
-                    ended = True
-                    break
-        finally:
-            steps.close()
-        if not ended:  # max_new_tokens reached
-            detokenizer.finalize()
-            text = detokenizer.text
-            cut = _find_stop(text, stop)
-            reason = "stop" if cut is not None else reason
-            end = cut if cut is not None else len(text)
-            if end > released:
-                yield StreamChunk(text[released:end], None)
-        run.metrics.total_s = time.perf_counter() - run.started
-        yield StreamChunk("", None, reason, run.metrics)
-
     def _start(
         self,
         plan: PrefillPlan | None,
@@ -327,7 +247,7 @@ class Pipeline:
         messages: Messages | Sequence[Messages] | None = None,
         pixel_values: bool = True,
         model_inputs: BatchFeature | None = None,
-    ) -> _Run:
+    ) -> Run:
         """Everything up to the first decoder call: inputs (`model_inputs` if given, else from the prompt or chat),
         images, embeddings (through `plan`, by default `_fresh_prefill`), sampler. `pixel_values=False` leaves
         the images' pixels to `plan` (a chat turn preprocesses only the images it encodes; it adds that time to
@@ -364,7 +284,10 @@ class Pipeline:
         sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)
         sampler = with_min_new_tokens(sampler, eos, settings.min_new_tokens)
         sampler = with_repetition_penalty(sampler, input_ids, attention_mask, self.manifest.text.vocab_size, settings.repetition_penalty)
-        return _Run(self, prefill, input_ids.shape[0], sampler, settings, eos, pad_id, metrics, started, batched, keep_cache)
+        return Run(
+            self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], sampler, settings, eos, pad_id, metrics,
+            started, batched, keep_cache,
+        )
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:
         """The whole prompt: every image through the vision path, every token embedded, a new cache. `copies`: each
@@ -416,57 +339,6 @@ class Pipeline:
             )
 
 
-@dataclass
-class StreamChunk:
-    """One piece of a streamed answer; the last chunk has `finish_reason` ("stop" or "length") and `metrics`."""
-
-    text: str
-    token: int | None
-    finish_reason: str | None = None
-    metrics: GenerationMetrics | None = None
-
-
-@dataclass
-class _Run:
-    """A prepared generation: what `decode_loop` needs, and what the result reports."""
-
-    pipe: Pipeline
-    prefill: Prefill
-    batch: int
-    sampler: Any
-    settings: GenerationSettings
-    eos: list[int]
-    pad_id: int
-    metrics: GenerationMetrics
-    started: float
-    batched: bool
-    keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat)
-    tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (a chat's runs only)
-
-    def loop(self) -> Iterator[Step]:
-        """The decode loop's steps; closing this generator closes the loop (and releases or keeps the cache)."""
-        decoder = self.pipe.sessions.decoder
-        table = self.pipe.embed_table
-
-        def embed_step(ids: np.ndarray, out: np.ndarray) -> None:
-            if table.dtype == out.dtype:
-                np.take(table, ids, axis=0, out=out[:, 0])
-            else:
-                out[:, 0] = np.take(table, ids, axis=0)
-
-        hand_over = self.keep_cache  # a chat keeps the cache with the token ids it holds
-        keep = None if hand_over is None else (lambda cache: hand_over(cache, self.tokens))
-
-        steps = decode_loop(decoder, self.prefill, embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
-        try:
-            for step in steps:
-                if keep is not None and step.active[0]:  # only a chat needs them
-                    self.tokens.append(int(step.tokens[0]))
-                yield step
-        finally:
-            steps.close()
-
-
 def _array(path: Path, shape: tuple[int | None, ...], mmap: bool = False) -> np.ndarray:
     """A `.npy` array of `shape` (None: any length on that axis); a ValueError if it has another."""
     array = np.load(path, mmap_mode="r" if mmap else None)
@@ -495,23 +367,6 @@ def is_batch(prompt: Any, messages: Any) -> bool:
         hint = "; chat messages go in messages=..." if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (dict, list)) else ""
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}{hint}")
     return True
-
-
-def _find_stop(text: str, stop: Sequence[str] | None) -> int | None:
-    """Index where the first stop string begins in `text`, or None."""
-    hits = [text.find(s) for s in stop or () if s and s in text]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_overlap(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 def load(bundle: str | Path, provider: str = "auto", **kwargs: Any) -> Pipeline:

@@ -31,9 +31,11 @@ from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings, positions_needed
 from .image import ImageLike, load_image
 from .processor import flatten_images, images_in_messages
+from .runs import collect, stream_chunks
 
 if TYPE_CHECKING:
-    from .api import Pipeline, StreamChunk, _Run
+    from .api import Pipeline
+    from .runs import Run, StreamChunk
 
 
 class ChatSession:
@@ -69,7 +71,7 @@ class ChatSession:
         self._close_open_stream()
         message = self._user_message(text, images)
         run = self._start(message, generate_kwargs, streamed=False)
-        result = self.pipe._collect(run)[0]
+        result = collect(run)[0]
         self._commit(message, result.text)
         return result
 
@@ -106,7 +108,7 @@ class ChatSession:
         run = self._start(message, generate_kwargs, streamed=True)
         pieces: list[str] = []
         committed = closed_early = False
-        chunks = self.pipe._stream(run)
+        chunks = stream_chunks(run)
         try:
             for chunk in chunks:
                 pieces.append(chunk.text)
@@ -151,7 +153,7 @@ class ChatSession:
     def _forget(self) -> None:
         self._cache, self._held, self._held_images = None, np.zeros(0, np.int64), []
 
-    def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any], streamed: bool) -> _Run:
+    def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any], streamed: bool) -> Run:
         settings = _turn_settings(self.pipe.settings(**{**self.defaults, **generate_kwargs}), streamed)  # wrong ones fail here, before any graph runs
         messages = [*self.messages, message]
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks

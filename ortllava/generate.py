@@ -1,8 +1,9 @@
 """The decode loop: prefill the prompt, then one token at a time.
 
-`generate_step` is a generator of next tokens (mlx-lm style); `decode_loop` runs the prefill and then
-`generate_step` with the EOS rule and timings, yielding each step to `Pipeline.generate`,
-`Pipeline.stream` and chat sessions (which keep the cache for the next turn). The decoder (decoders.py) keeps positions and the key/value cache.
+`generate_step` is a generator of next tokens and their logits (mlx-lm style); `decode_loop` runs the prefill and
+then `generate_step` with the EOS rule and timings, yielding each step to `runs.collect` (results) and
+`runs.stream_chunks` (text pieces), for `Pipeline.generate`, `Pipeline.stream` and chat sessions (which keep the cache
+for the next turn). The decoder (decoders.py) keeps positions and the key/value cache.
 """
 
 from __future__ import annotations

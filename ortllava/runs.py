@@ -1,0 +1,167 @@
+"""A prepared generation (`Run`) driven to what the caller gets: every row's `GenerationResult` (`collect`), or one
+row's text pieces as they become stable (`stream_chunks`); both end an answer at an EOS token or a stop string.
+
+`Pipeline.generate`, `Pipeline.stream` and chat turns prepare a `Run` (`Pipeline._start`) and hand it here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .decoders import KVCache
+from .detokenizer import StreamingDetokenizer
+from .generate import Decoder, GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop
+
+Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
+KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)
+
+
+@dataclass
+class StreamChunk:
+    """One piece of a streamed answer; the last chunk has `finish_reason` ("stop" or "length") and `metrics`."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    metrics: GenerationMetrics | None = None
+
+
+@dataclass
+class Run:
+    """A prepared generation (`Pipeline._start`): what `decode_loop` needs, and what the results report."""
+
+    decoder: Decoder
+    embed_table: np.ndarray  # [V, D]: each new token's embedding
+    answer_text: Callable[[Sequence[int]], str]  # an answer's ids -> its text
+    prefill: Prefill
+    batch: int
+    sampler: Any
+    settings: GenerationSettings
+    eos: list[int]
+    pad_id: int
+    metrics: GenerationMetrics
+    started: float
+    batched: bool
+    keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat)
+    tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (a chat's runs only)
+
+    def loop(self) -> Iterator[Step]:
+        """The decode loop's steps; closing this generator closes the loop (and releases or keeps the cache)."""
+        decoder, table = self.decoder, self.embed_table
+
+        def embed_step(ids: np.ndarray, out: np.ndarray) -> None:
+            if table.dtype == out.dtype:
+                np.take(table, ids, axis=0, out=out[:, 0])
+            else:
+                out[:, 0] = np.take(table, ids, axis=0)
+
+        hand_over = self.keep_cache  # a chat keeps the cache with the token ids it holds
+        keep = None if hand_over is None else (lambda cache: hand_over(cache, self.tokens))
+
+        steps = decode_loop(decoder, self.prefill, embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
+        try:
+            for step in steps:
+                if keep is not None and step.active[0]:  # only a chat needs them
+                    self.tokens.append(int(step.tokens[0]))
+                yield step
+        finally:
+            steps.close()
+
+
+def collect(run: Run) -> list[GenerationResult]:
+    """Runs a prepared generation to the end: one `GenerationResult` per row."""
+    stop = run.settings.stop
+    batch = run.batch
+    answers: list[list[int]] = [[] for _ in range(batch)]
+    logits: list[list[np.ndarray]] | None = [[] for _ in range(batch)] if run.settings.output_logits else None
+    stopped = [False] * batch
+    detokenizers = [StreamingDetokenizer(run.answer_text) for _ in range(batch)] if stop else None
+    steps = run.loop()
+    try:
+        for step in steps:
+            for row in np.flatnonzero(step.active):
+                if stopped[row]:
+                    continue
+                answers[row].append(int(step.tokens[row]))
+                if logits is not None:
+                    logits[row].append(step.logits[row].copy())  # (the buffer is the next step's)
+                if detokenizers is not None:
+                    detokenizers[row].add(int(step.tokens[row]))
+                    stopped[row] = _find_stop(detokenizers[row].text, stop) is not None
+            if all(stopped[row] or step.finished[row] for row in range(batch)):
+                break
+    finally:
+        steps.close()
+    run.metrics.total_s = time.perf_counter() - run.started
+    results = []
+    for row, answer in enumerate(answers):
+        text = run.answer_text(answer)
+        cut = _find_stop(text, stop) if stop else None
+        reason = "stop" if cut is not None or (answer and answer[-1] in run.eos) else "length"
+        kept = None
+        if logits is not None:
+            kept, logits[row] = np.stack(logits[row]), []  # (each row's copies go as its array is made)
+        results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics, logits=kept))
+    return results
+
+def stream_chunks(run: Run) -> Iterator[StreamChunk]:
+    """Runs a prepared one-row generation, yielding stable text pieces; the last chunk has the finish reason
+    and the metrics. The decode loop is closed (its cache released or kept) before that last chunk."""
+    stop = run.settings.stop
+    detokenizer = StreamingDetokenizer(run.answer_text)
+    released = 0  # characters of detokenizer.text already yielded
+    reason = "length"
+    ended = False  # an EOS token or a stop string ended the answer
+    steps = run.loop()
+    try:
+        for step in steps:
+            token = int(step.tokens[0])
+            detokenizer.add(token)
+            if step.finished[0]:
+                detokenizer.finalize()
+                reason = "stop"
+            text = detokenizer.text
+            cut = _find_stop(text, stop)
+            if cut is not None:
+                reason, end = "stop", cut
+            else:  # hold back a tail that could still grow into a stop string
+                end = len(text) - (_stop_prefix_overlap(text, stop) if stop and not step.finished[0] else 0)
+            if end > released:
+                yield StreamChunk(text[released:end], token)
+                released = end
+            if cut is not None or step.finished[0]:
+                ended = True
+                break
+    finally:
+        steps.close()
+    if not ended:  # max_new_tokens reached
+        detokenizer.finalize()
+        text = detokenizer.text
+        cut = _find_stop(text, stop)
+        reason = "stop" if cut is not None else reason
+        end = cut if cut is not None else len(text)
+        if end > released:
+            yield StreamChunk(text[released:end], None)
+    run.metrics.total_s = time.perf_counter() - run.started
+    yield StreamChunk("", None, reason, run.metrics)
+
+
+def _find_stop(text: str, stop: Sequence[str] | None) -> int | None:
+    """Index where the first stop string begins in `text`, or None."""
+    hits = [text.find(s) for s in stop or () if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_overlap(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
