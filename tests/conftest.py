@@ -72,6 +72,14 @@ def mistral(tiny_store) -> TinyModel:
     return tiny_store.get("mistral")
 
 
+@pytest.fixture(scope="module")
+def pipe(mistral):
+    """The tiny Mistral bundle loaded on the CPU, one per test module (a module's tests may patch it)."""
+    import ortllava
+
+    return ortllava.load(mistral.bundle, provider="cpu")
+
+
 def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     """A noise image with smooth structure, so resampling and tiling differences would show."""
     rng = np.random.default_rng(seed)

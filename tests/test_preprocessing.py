@@ -8,7 +8,6 @@ from PIL import Image
 from transformers import AutoProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-import ortllava
 from ortllava.image import ImageProcessor, ImageProcessorConfig
 
 from conftest import features_ours_and_transformers, image_cases, random_image
@@ -59,11 +58,6 @@ def _variant_images() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def hf_processor(mistral):
     return AutoProcessor.from_pretrained(mistral.checkpoint)
-
-
-@pytest.fixture(scope="module")
-def pipe(mistral):
-    return ortllava.load(mistral.bundle, provider="cpu")
 
 
 def test_reference_is_the_pil_backend(hf_processor):

@@ -1,0 +1,262 @@
+"""Bad input gets an error that names the problem, before any graph runs: prompts, images, generation arguments,
+processor outputs, and damaged bundles."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ortllava
+from ortllava import BundleError, ImageLoadError
+
+from conftest import random_image, save_png
+
+PROMPT = "[INST] <image>\nWhat is this? [/INST]"
+
+
+def test_image_count_mismatch_names_both_counts(pipe):
+    with pytest.raises(ValueError, match=r"2 <image> token\(s\) but 1 image"):
+        pipe.generate(prompt="[INST] <image> <image> [/INST]", images=[random_image(100, 100)])
+    with pytest.raises(ValueError, match=r"1 <image> token\(s\) but 0 image"):
+        pipe.generate(prompt=PROMPT)
+
+
+def test_malformed_prompts_and_messages_are_named(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "encode_images", lambda *a: pytest.fail("the vision encoder ran"))
+    for prompt in (123, b"[INST] hi [/INST]", [], ["ok", 5]):
+        with pytest.raises(TypeError, match="prompt must be a string or a non-empty list of strings"):
+            pipe.generate(prompt=prompt)
+    for messages in ({"role": "user", "content": "hi"}, [], [["not a message"]]):
+        with pytest.raises(TypeError, match="messages|chat"):
+            pipe.generate(messages=messages)
+    with pytest.raises(ValueError, match="stream takes one prompt"):  # refused before the images are encoded
+        next(pipe.stream(prompt=[PROMPT, PROMPT], images=[random_image(100, 100)] * 2))
+    with pytest.raises(ImageLoadError, match=r"image 0 is empty \(0x10 pixels\)"):
+        pipe.generate(prompt=PROMPT, images=[np.zeros((0, 10, 3), np.uint8)])
+
+
+def test_final_assistant_message_without_text_is_named(pipe):
+    """A final assistant message is continued; one whose content is no text is refused by name."""
+    user = {"role": "user", "content": [{"type": "text", "text": "Hi"}]}
+    with pytest.raises(ValueError, match="the final message's content is a int, not text"):
+        pipe.generate(messages=[user, {"role": "assistant", "content": 5}])
+
+
+def test_prompt_with_no_tokens_is_refused(tiny_store):
+    qwen = ortllava.load(tiny_store.get("qwen2").bundle, provider="cpu")  # its tokenizer adds no BOS token
+    assert qwen.prepare(prompt="")[0]["input_ids"].shape[1] == 0
+    with pytest.raises(ValueError, match="prompt 0 of the batch is empty"):
+        qwen.generate(prompt="")
+    with pytest.raises(ValueError, match="prompt 0 of the batch is empty"):
+        qwen.generate(prompt=["", "hi"])
+
+
+def test_unreadable_image_names_the_file(pipe, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        pipe.generate(prompt=PROMPT, images=[str(broken)])
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        pipe.generate(prompt=PROMPT, images=[str(tmp_path / "missing.png")])
+
+
+def test_image_as_base64_or_a_data_uri(pipe, tmp_path):
+    path = save_png(random_image(200, 150, seed=13), tmp_path / "photo.png")
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    want = pipe.processor(text="<image>", images=[str(path)])["pixel_values"]
+    for source in (encoded, f"data:image/png;base64,{encoded}"):  # as transformers' load_image takes them
+        np.testing.assert_array_equal(pipe.processor(text="<image>", images=[source])["pixel_values"], want)
+    with pytest.raises(ImageLoadError, match=r"cannot decode image data:image/png;base64,.{20,}\.\.\. \(\d+ characters\)"):
+        pipe.generate(prompt=PROMPT, images=["data:image/png;base64," + base64.b64encode(b"x" * 3000).decode()])
+    with pytest.raises(ImageLoadError, match="a data URI must be data:image/...;base64"):
+        pipe.generate(prompt=PROMPT, images=["data:image/png,rawbytes"])
+    with pytest.raises(ImageLoadError, match="cannot read image file cat: No such file"):  # base64-shaped, but no image
+        pipe.generate(prompt=PROMPT, images=["cat"])
+
+
+def test_empty_image_list_is_no_images(pipe):
+    text = "[INST] Hello there [/INST]"
+    want = pipe.generate(prompt=text, max_new_tokens=4).token_ids
+    assert pipe.generate(prompt=text, images=[], max_new_tokens=4).token_ids == want
+    assert [r.token_ids for r in pipe.generate(prompt=[text, text], images=[[], []], max_new_tokens=4)] == [want, want]
+
+
+def test_text_that_is_not_unicode_is_named(pipe, mistral):
+    with pytest.raises(ValueError, match=r"the prompt is not valid text: 'hi ' is followed by '\\udcff'"):
+        pipe.generate(prompt="hi \udcff there")  # what an undecodable byte becomes in a str read by Python
+    with pytest.raises(ValueError, match="prompt 1 is not valid text"):
+        pipe.generate(prompt=["fine", "bad \udcff"])
+    # The chat CLI names the line and goes on with the next one.
+    chat = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "chat", str(mistral.bundle), "--provider", "cpu", "--max-new-tokens", "2"],
+        input=b"hello\nbad \xff byte\nstill here?\n", capture_output=True,
+    )
+    assert chat.returncode == 0 and b"is not valid text" in chat.stderr and b"Traceback" not in chat.stderr
+    assert len([line for line in chat.stdout.splitlines() if line.strip()]) >= 2  # the first and last lines answered
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ({"do_sample": True, "temperature": float("nan")}, "temperature must be a number > 0, got nan"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty must be a number > 0, got nan"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be a number > 0, got inf"),
+        ({"do_sample": True, "seed": -1}, r"seed must be an integer >= 0, or None"),
+        ({"eos_token_id": [2, 10**6], "min_new_tokens": 2}, "eos_token_id 1000000 is not in the model's vocabulary"),
+    ],
+)
+def test_bad_generation_arguments_are_named(pipe, argument, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.generate(prompt="[INST] hi [/INST]", max_new_tokens=3, **argument)
+
+
+def test_prompt_beyond_the_context_is_refused_up_front(pipe, monkeypatch):
+    """Refused from the token count alone: neither the vision encoder nor the decoder runs."""
+    limit = pipe.manifest.text.max_position_embeddings
+    monkeypatch.setattr(pipe, "encode_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
+    monkeypatch.setattr(pipe.sessions.decoder, "start", lambda *a, **k: pytest.fail("the decoder ran"))
+    with pytest.raises(ortllava.ContextLengthError, match=rf"beyond the model's {limit}"):
+        pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_new_tokens=limit)
+
+
+def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch):
+    inputs = pipe.processor(images=random_image(300, 200, seed=5), text="[INST] <image>\nWhat? [/INST]")
+    ids, mask, pixels, sizes = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_sizes"]
+    image_id, vocab = pipe.processor.image_token_id, pipe.manifest.text.vocab_size
+    cut = np.delete(ids, np.flatnonzero(ids[0] == image_id)[0], axis=1)  # one image token fewer
+    monkeypatch.setattr(pipe.sessions, "vision", lambda *a: pytest.fail("a graph ran"))
+    cases = [
+        (dict(input_ids=np.full((1, 3), vocab)), ValueError, f"input_ids hold {vocab}, outside the model's vocabulary of {vocab}"),
+        (dict(input_ids=ids.astype(np.float32)), TypeError, "input_ids must hold integers"),
+        (dict(input_ids=[[1, 2], [3]]), ValueError, "input_ids must be a rectangular array"),
+        (dict(input_ids=np.zeros((1, 0), np.int64)), ValueError, "input_ids must be .batch, tokens."),
+        (dict(input_ids=ids), ValueError, "image tokens but no pixel_values"),
+        (dict(input_ids=ids, pixel_values=pixels), ValueError, "give pixel_values and image_sizes together"),
+        (dict(input_ids=ids, attention_mask=mask[:, 1:], pixel_values=pixels, image_sizes=sizes), ValueError, "attention_mask must be 0s and 1s"),
+        (dict(input_ids=ids, pixel_values=pixels[0], image_sizes=sizes), ValueError, "pixel_values must be .n_images, max_tiles, 3, 336, 336."),
+        (dict(input_ids=ids, pixel_values=pixels[:, :1], image_sizes=sizes), ValueError, "pixel_values hold 1 tiles per image"),
+        (dict(input_ids=ids, pixel_values=pixels, image_sizes=sizes[:, :1]), ValueError, "image_sizes must be .n_images, 2."),
+        (dict(input_ids=cut, pixel_values=pixels, image_sizes=sizes), ValueError, "image tokens but the 1 image.s. of image_sizes give"),
+        (dict(input_ids=np.pad(ids, ((0, 0), (1, 0)), constant_values=image_id), attention_mask=np.pad(mask, ((0, 0), (1, 0))),
+              pixel_values=pixels, image_sizes=sizes), ValueError, "image tokens where attention_mask is 0"),
+        (dict(input_ids=ids, prompt="Hi"), ValueError, "give either input_ids"),
+        (dict(pixel_values=pixels, prompt="Hi"), ValueError, "come with input_ids"),
+    ]
+    for arguments, error, message in cases:
+        with pytest.raises(error, match=message):
+            pipe.generate(max_new_tokens=2, **arguments)
+    with pytest.raises(ValueError, match="one row of input_ids"):
+        next(pipe.stream(input_ids=np.ones((2, 3), np.int64), max_new_tokens=2))
+    monkeypatch.undo()
+    # What is fine: a float mask of 0s and 1s, and empty image lists with a text-only prompt.
+    text = pipe.processor(text="[INST] Hi [/INST]")
+    want = pipe.generate(**text, max_new_tokens=3)[0].token_ids
+    assert pipe.generate(input_ids=text["input_ids"], attention_mask=text["attention_mask"].astype(np.float32), max_new_tokens=3)[0].token_ids == want
+    assert pipe.generate(**text, pixel_values=[], image_sizes=[], max_new_tokens=3)[0].token_ids == want
+
+
+def test_pad_id_outside_the_vocabulary_is_refused_up_front(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "encode_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
+    with pytest.raises(ValueError, match=f"pad_token_id 1000000 is not in the model's vocabulary of {pipe.manifest.text.vocab_size}"):
+        pipe.generate(prompt=PROMPT, images=[random_image(200, 200)], pad_token_id=10**6)
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered"])
+def test_damaged_bundle_names_the_file(mistral, tmp_path, damage):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    target = copy / "projector.onnx"
+    if damage == "missing":
+        target.unlink()
+    else:
+        data = bytearray(target.read_bytes())
+        data[-10] ^= 0xFF
+        target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="projector.onnx"):
+        ortllava.load(copy, provider="cpu")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_manifest(edit):
+    def damage(path):
+        manifest = json.loads(path.read_text())
+        path.write_text(json.dumps(edit(manifest)))
+    return damage
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [  # damage that no sha256 check sees: verify=False, or a manifest edited by hand
+        ("embed_tokens.npy", _truncate, r"embed_tokens.npy cannot be read \(ValueError: mmap length"),
+        ("image_newline.npy", lambda path: np.save(path, np.zeros(3, np.float32)), r"image_newline.npy cannot be read .*its shape is \[3\]"),
+        ("tokenizer.json", lambda path: path.write_text("{]"), "tokenizer.json cannot be read"),
+        ("preprocessor_config.json", _truncate, "preprocessor_config.json cannot be read"),
+        ("generation_config.json", lambda path: path.write_text("[1, 2]"), "generation_config.json cannot be read .*not an object"),
+        ("chat_template.jinja", lambda path: path.write_bytes(b"\xff\xfe"), "chat_template.jinja cannot be read"),
+        ("manifest.json", lambda path: path.write_text("[]"), "manifest.json is damaged: it holds a JSON list"),
+        ("manifest.json", lambda path: path.write_bytes(b"\xff{}"), "manifest.json is unreadable"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "files": list(m["files"])}), "'files' must be a JSON object, got a list"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {k: v for k, v in m["graphs"].items() if k != "decoder"}}), "'graphs' has no decoder"),
+        ("manifest.json", _edit_manifest(lambda m: {k: v for k, v in m.items() if k != "text"}), "the key 'text' is missing"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "schema_version": "1"}), "has schema version '1'; this ortllava reads version 1"),
+    ],
+)
+def test_damaged_files_are_named_without_hashing(mistral, tmp_path, name, damage, message):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    damage(copy / name)
+    with pytest.raises(BundleError, match=message):
+        ortllava.load(copy, provider="cpu", verify=False)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        ortllava.load(tmp_path, provider="cpu")
+
+
+def test_full_conversation_says_how_to_go_on(mistral):
+    chat = ortllava.load(mistral.bundle, provider="cpu", max_length=300).chat(max_new_tokens=8)
+    words = "hello " * 40  # ~170 tokens: two such turns do not fit 300 positions, one does
+    chat.send(words)
+    with pytest.raises(ortllava.ContextLengthError, match=r"This conversation is full: reset\(\)"):
+        chat.send(words + "again")
+    with pytest.raises(ortllava.ContextLengthError) as refused:  # an image's ~1000 tokens fit no conversation here
+        chat.send("And this?", images=[random_image(300, 200)])
+    assert "reset()" not in str(refused.value)
+    chat.reset()
+    assert chat.send(words + "again").token_ids
+
+
+def test_bundle_loaded_without_hashing_still_names_a_missing_file(mistral, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json is missing"):
+        ortllava.load(copy, provider="cpu", verify=False)
+
+
+def test_bad_load_options_are_named(mistral):
+    with pytest.raises(ValueError, match="threads must be a number of threads"):
+        ortllava.load(mistral.bundle, provider="cpu", verify=False, threads="2")
+    with pytest.raises(ValueError, match="max_length must be a positive number"):
+        ortllava.load(mistral.bundle, provider="cpu", verify=False, max_length=0)
+
+
+def test_generation_config_settings_not_implemented_are_warned_of(mistral, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    config = copy / "generation_config.json"
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "no_repeat_ngram_size": 2, "num_beams": 1, "typical_p": 1.0, "max_length": 4096}))
+    with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=2, which ortllava does not implement") as caught:
+        ortllava.load(copy, provider="cpu", verify=False)
+    assert len(caught) == 1 and "num_beams" not in str(caught[0].message)  # values that do nothing are not named

@@ -1,0 +1,80 @@
+"""Chat templates rendered as transformers renders them, and `apply_chat_template`'s arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoProcessor
+
+import ortllava
+from ortllava.chat_template import ChatTemplateError
+from ortllava_export.tiny import CHATML_TEMPLATE, MISTRAL_TEMPLATE, VICUNA_TEMPLATE
+
+from conftest import random_image
+
+IMAGE = random_image(64, 48)
+CONVERSATIONS = {
+    "single": [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "What is this?"}]}],
+    "system and multi-turn with earlier image": [
+        {"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
+        {"role": "user", "content": [{"type": "image", "url": "https://example.invalid/a.png"}, {"type": "text", "text": "Describe."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]},
+    ],
+    "string content": [{"role": "user", "content": "Plain string content"}],
+}
+TEMPLATES = {"mistral": MISTRAL_TEMPLATE, "vicuna (generation block)": VICUNA_TEMPLATE, "chatml": CHATML_TEMPLATE}
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_template_renders_as_transformers(mistral, template, conversation, add_generation_prompt):
+    if template == "vicuna (generation block)" and conversation == "string content":
+        pytest.skip("the vicuna template iterates content items")
+    hf = AutoProcessor.from_pretrained(mistral.checkpoint)
+    pipe = ortllava.load(mistral.bundle, provider="cpu", verify=False)
+    messages = CONVERSATIONS[conversation]
+    want = hf.apply_chat_template(messages, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt)
+    got = pipe.processor.apply_chat_template(messages, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt)
+    assert got == want
+
+
+def test_template_globals(mistral):
+    pipe = ortllava.load(mistral.bundle, provider="cpu", verify=False)
+    with pytest.raises(ChatTemplateError, match="Only system, user and assistant"):
+        pipe.processor.apply_chat_template([{"role": "tool", "content": [{"type": "text", "text": "x"}]}])
+    template = "{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|{{ strftime_now('%Y') | length }}|{{ messages | tojson }}"
+    rendered = pipe.processor.apply_chat_template([{"role": "user", "content": "é"}], chat_template=template)
+    hf = AutoProcessor.from_pretrained(mistral.checkpoint)
+    assert rendered == hf.apply_chat_template([{"role": "user", "content": "é"}], chat_template=template) == '<s>1|4|[{"role": "user", "content": "é"}]'
+
+
+def test_apply_chat_template_arguments_as_transformers(mistral):
+    """continue_final_message, OpenAI image_url blocks, keys set to None, tools, and keyword arguments split
+    between the template and the processor's call, as transformers' `ProcessorMixin.apply_chat_template`."""
+    hf = AutoProcessor.from_pretrained(mistral.checkpoint)
+    ours = ortllava.load(mistral.bundle, provider="cpu", verify=False).processor
+    prefilled = [*CONVERSATIONS["single"], {"role": "assistant", "content": [{"type": "text", "text": "It is a"}]}]
+    assert ours.apply_chat_template(prefilled, continue_final_message=True) == hf.apply_chat_template(prefilled, continue_final_message=True)
+    assert ours.apply_chat_template(prefilled, continue_final_message=True).endswith("It is a")
+    with pytest.raises(ValueError, match="exclude each other"):
+        ours.apply_chat_template(prefilled, continue_final_message=True, add_generation_prompt=True)
+    openai = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "Hi"}], "name": None},
+    ]
+    assert ours.apply_chat_template(openai, add_generation_prompt=True) == hf.apply_chat_template(openai, add_generation_prompt=True)
+    assert ours.apply_chat_template(openai).count("<image>") == 1
+    template = "{% for m in messages %}{{ m.role }}{% if m.name is defined %}({{ m.name }}){% endif %}{% endfor %}|{{ tools | length }}"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert ours.apply_chat_template(openai, chat_template=template, tools=tools) == hf.apply_chat_template(openai, chat_template=template, tools=tools) == "user|1"
+    # A keyword the template does not read goes to the processor's call: here, the batch's padding side.
+    batch = [CONVERSATIONS["single"], CONVERSATIONS["string content"]]
+    for side in ("left", "right"):
+        want = hf.apply_chat_template(batch, tokenize=True, return_dict=True, return_tensors="np", padding=True, padding_side=side)
+        got = ours.apply_chat_template(batch, tokenize=True, return_dict=True, return_tensors="np", padding_side=side)
+        assert np.array_equal(got["input_ids"], want["input_ids"]) and np.array_equal(got.attention_mask, want["attention_mask"])
+    with pytest.raises(ValueError, match="return_tensors='pt': ortllava returns numpy arrays"):
+        ours.apply_chat_template(batch, tokenize=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="sanitize_control_tokens=True is not implemented"):
+        ours.apply_chat_template(batch, tokenize=True, sanitize_control_tokens=True)

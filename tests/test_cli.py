@@ -1,0 +1,121 @@
+"""The `ortllava` CLI: generate, chat and info as a user runs them, their flags, messages and exits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import random_image, save_png
+
+
+def test_cli_generate_prints_the_answer(mistral, pipe, tmp_path):
+    path = save_png(random_image(320, 240, seed=10), tmp_path / "photo.png")
+    out = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--image", str(path), "--prompt", "Describe", "--max-new-tokens", "5", "--provider", "cpu"],
+        capture_output=True, text=True, check=True,
+    )
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "Describe"}]}]
+    expected = pipe.generate(messages=messages, max_new_tokens=5).text
+    assert out.stdout.strip() == expected.strip()
+    streamed = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--image", str(path), "--prompt", "Describe", "--max-new-tokens", "5", "--provider", "cpu", "--stream", "--timings"],
+        capture_output=True, text=True, check=True,
+    )
+    assert streamed.stdout.strip() == expected.strip() and "time to first token" in streamed.stderr
+    from_stdin = subprocess.run(  # --prompt -: the question from stdin
+        [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--image", str(path), "--prompt", "-", "--max-new-tokens", "5", "--provider", "cpu"],
+        input="Describe\n", capture_output=True, text=True, check=True,
+    )
+    assert from_stdin.stdout.strip() == expected.strip()
+
+
+def test_cli_takes_generate_arguments_as_flags(mistral, pipe):
+    """`generate` (and `chat`) take the sampling arguments as flags: a seeded sampled answer is the API's for the same
+    settings; a sampling flag without sampling, and a value out of range, are refused by name."""
+    cli = [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--prompt", "Tell a story", "--provider", "cpu", "--max-new-tokens", "8"]
+    flags = ["--do-sample", "--temperature", "1.5", "--top-k", "0", "--seed", "3", "--repetition-penalty", "1.2"]
+    sampled = subprocess.run([*cli, *flags], capture_output=True, text=True, check=True)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell a story"}]}]
+    settings = dict(do_sample=True, temperature=1.5, top_k=0, seed=3, repetition_penalty=1.2)
+    want = pipe.generate(messages=messages, max_new_tokens=8, **settings).text
+    assert sampled.stdout == want + "\n" and want != pipe.generate(messages=messages, max_new_tokens=8).text
+    for extra, message in ((["--temperature", "0.7", "--seed", "1"], "--temperature, --seed only apply when sampling: add --do-sample"),
+                           (["--do-sample", "--top-p", "2"], "top_p must be a number in (0, 1]")):
+        for command in (cli, [sys.executable, "-m", "ortllava.cli", "chat", str(mistral.bundle), "--provider", "cpu"]):
+            refused = subprocess.run([*command, *extra], capture_output=True, text=True, input="")
+            assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_cli_says_what_a_long_load_does(mistral, monkeypatch, capsys):
+    """A large bundle's load (sha256 checks, sessions: seconds to minutes) is announced, then timed, on stderr."""
+    from ortllava import cli
+
+    monkeypatch.setattr(cli, "LONG_LOAD_BYTES", 0)  # (the tiny bundle as if it were large)
+    command = ["generate", str(mistral.bundle), "--prompt", "Hi", "--max-new-tokens", "2", "--provider", "cpu"]
+    assert cli.main(command) == 0
+    err = capsys.readouterr().err
+    assert "GiB of bundle files: checking every file's sha256 (--no-verify skips it), then creating the sessions ..." in err
+    assert "loaded in " in err and " s on CPUExecutionProvider" in err
+    assert cli.main([*command, "--no-verify"]) == 0
+    err = capsys.readouterr().err
+    assert "creating the sessions" in err and "sha256" not in err
+    monkeypatch.undo()
+    assert cli.main(command) == 0 and "loading" not in capsys.readouterr().err  # a small bundle loads quietly
+
+
+def test_cli_tells_what_to_do(mistral, tmp_path):
+    path = save_png(random_image(120, 90, seed=12), tmp_path / "photo.png")
+    cli = [sys.executable, "-m", "ortllava.cli"]
+    out = subprocess.run([*cli, "generate", str(mistral.bundle), "--image", str(path), "--prompt", "<image> What is it?", "--provider", "cpu"], capture_output=True, text=True)
+    assert out.returncode == 1 and "leave it out of --prompt" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([*cli, "info", str(mistral.bundle), "--json", "--no-verify"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["graphs"]["decoder"]["kind"] == "gqa"  # the manifest alone: JSON a tool can read
+    out = subprocess.run([*cli, "chat", str(mistral.bundle), "--provider", "cpu", "--max-new-tokens", "9000"], input="/image\nhello\n", capture_output=True, text=True)
+    assert "/image needs a path or URL" in out.stderr and "beyond the model's" in out.stderr
+
+
+def test_cli_leaves_unset_arguments_to_the_generation_config(mistral, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    config = copy / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_new_tokens": 3, "min_new_tokens": 3}))
+    out = subprocess.run(
+        [sys.executable, "-m", "ortllava.cli", "generate", str(copy), "--prompt", "Hi", "--provider", "cpu", "--no-verify", "--timings"],
+        capture_output=True, text=True, check=True,
+    )
+    assert ", 3 new;" in out.stderr
+
+
+def test_cli_interrupted_exits_quietly(mistral, monkeypatch, capsys):
+    from ortllava import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_info", interrupted)
+    assert cli.main(["info", str(mistral.bundle)]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_chat_cli_stops_the_answer_not_the_chat(mistral, monkeypatch, capsys):
+    import io
+
+    from ortllava import cli
+    from ortllava.decoders import FusedDecoder
+
+    step, calls = FusedDecoder.step, []
+
+    def interrupted_once(self, cache):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during the first answer
+            raise KeyboardInterrupt
+        return step(self, cache)
+
+    monkeypatch.setattr(FusedDecoder, "step", interrupted_once)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nsecond question\n"))
+    assert cli.main(["chat", str(mistral.bundle), "--provider", "cpu", "--max-new-tokens", "4", "--no-verify"]) == 0
+    captured = capsys.readouterr()
+    assert "[stopped]" in captured.err and "Traceback" not in captured.err
+    assert len(calls) > 2  # the second question was answered
