@@ -17,7 +17,7 @@ from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .processor import BatchFeature, Processor, is_chat_batch
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
-from .runs import KeepCache, Prefill, Run, StreamChunk, collect, stream_chunks
+from .runs import KeepCache, Prefill, Run, StreamChunk, collect, one_answer, stream_chunks
 from .sessions import BundleSessions
 
 if TYPE_CHECKING:
@@ -200,11 +200,7 @@ class Pipeline:
         batch = model_inputs["input_ids"].shape[0] > 1 if model_inputs is not None else is_batch(prompt, messages)
         if batch:
             raise ValueError("stream takes one prompt, one chat or one row of input_ids; use generate for batches")
-        settings = self.settings(**kwargs)
-        if settings.num_return_sequences > 1:
-            raise ValueError("stream gives one answer; use generate for num_return_sequences > 1")
-        if settings.output_logits:
-            raise ValueError("stream gives text pieces; use generate for output_logits")
+        settings = one_answer(self.settings(**kwargs), streamed=True)
         yield from stream_chunks(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))
 
     def chat(self, system: str | None = None, **defaults: Any) -> ChatSession:
@@ -275,7 +271,7 @@ class Pipeline:
         vision_start, preprocessed = time.perf_counter(), metrics.preprocess_s
         if plan is None:
             prefill, keep_cache = self._fresh_prefill(inputs, settings.max_new_tokens, metrics, copies)
-        else:  # (a chat turn: one answer, see chat._turn_settings)
+        else:  # (a chat turn: one answer, see runs.one_answer)
             prefill, keep_cache = plan(inputs, settings.max_new_tokens, metrics)
         metrics.vision_s = time.perf_counter() - vision_start - (metrics.preprocess_s - preprocessed)
         if copies > 1:  # each prompt's row n times, as the cache has them: rows 0..n-1 answer prompt 0 (transformers' order)

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .decoders import ContextLengthError, KVCache
-from .generate import GenerationMetrics, GenerationResult, GenerationSettings, positions_needed
+from .generate import GenerationMetrics, GenerationResult, positions_needed
 from .image import ImageLike, load_image
 from .processor import flatten_images, images_in_messages
-from .runs import collect, stream_chunks
+from .runs import collect, one_answer, stream_chunks
 
 if TYPE_CHECKING:
     from .api import Pipeline
@@ -49,7 +49,7 @@ class ChatSession:
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None, **defaults: Any):
-        _turn_settings(pipe.settings(**defaults))  # a wrong argument fails here, not at the first turn
+        one_answer(pipe.settings(**defaults))  # a wrong argument fails here, not at the first turn
         if not pipe.processor.chat_template:
             raise ValueError("this bundle has no chat template: a chat needs one")
         self.pipe = pipe
@@ -154,7 +154,7 @@ class ChatSession:
         self._cache, self._held, self._held_images = None, np.zeros(0, np.int64), []
 
     def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any], streamed: bool) -> Run:
-        settings = _turn_settings(self.pipe.settings(**{**self.defaults, **generate_kwargs}), streamed)  # wrong ones fail here, before any graph runs
+        settings = one_answer(self.pipe.settings(**{**self.defaults, **generate_kwargs}), streamed, logits_from="send()")  # before any graph runs
         messages = [*self.messages, message]
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
             return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
@@ -251,12 +251,3 @@ def _same_source(a: Any, b: Any) -> bool:
     if a is b:
         return True
     return isinstance(a, str) and isinstance(b, str) and a == b
-
-
-def _turn_settings(settings: GenerationSettings, streamed: bool = False) -> GenerationSettings:
-    """`settings`, checked for a chat turn: one answer, and no logits where the turn is streamed."""
-    if settings.num_return_sequences != 1:
-        raise ValueError("a chat turn has one answer: num_return_sequences must be 1 (use Pipeline.generate for several)")
-    if streamed and settings.output_logits:
-        raise ValueError("a streamed turn gives text pieces; use send() for output_logits")
-    return settings

@@ -20,6 +20,16 @@ Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through th
 KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)
 
 
+def one_answer(settings: GenerationSettings, streamed: bool = False, logits_from: str = "generate") -> GenerationSettings:
+    """`settings`, refused where they ask for what one answer (a stream, a chat turn) cannot give: several answers,
+    or logits along text pieces (`streamed`; `logits_from` names what gives them)."""
+    if settings.num_return_sequences != 1:
+        raise ValueError("one answer is given here: num_return_sequences must be 1 (use Pipeline.generate for several)")
+    if streamed and settings.output_logits:
+        raise ValueError(f"a stream gives text pieces: use {logits_from} for output_logits")
+    return settings
+
+
 @dataclass
 class StreamChunk:
     """One piece of a streamed answer; the last chunk has `finish_reason` ("stop" or "length") and `metrics`."""
