@@ -129,6 +129,7 @@ class Pipeline:
         messages: Messages | Sequence[Messages] | None = None,
         *,
         max_new_tokens: int | None = None,
+        max_length: int | None = None,
         do_sample: bool | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -154,7 +155,8 @@ class Pipeline:
         row; `token_ids` are the new tokens only).
 
         Unset sampling arguments come from the bundle's generation config, then transformers' defaults.
-        `min_new_tokens` forbids the EOS tokens until that many tokens are out. `stop` strings end a row's
+        `max_length`, as transformers': the prompt's tokens (the padded batch's, images included) plus the new ones;
+        `max_new_tokens` wins where both are given. `min_new_tokens` forbids the EOS tokens until that many tokens are out. `stop` strings end a row's
         answer where one appears (the text is cut before it; finish_reason "stop"). `eos_token_id` (one id or
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
@@ -165,7 +167,7 @@ class Pipeline:
         of n for one prompt and a list of such lists for a batch (as transformers' pipelines group them).
         """
         settings = self.settings(
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             num_return_sequences=num_return_sequences, output_logits=output_logits,
             **others,  # (any other name is a TypeError listing the known ones)
@@ -207,7 +209,7 @@ class Pipeline:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
 
         `system`: an optional system message. `defaults`: generation arguments for every turn (as `generate`'s:
-        max_new_tokens, do_sample, temperature, top_k, top_p, seed, min_new_tokens, repetition_penalty, stop,
+        max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, seed, min_new_tokens, repetition_penalty, stop,
         eos_token_id, pad_token_id).
         """
         from .chat import ChatSession
@@ -262,6 +264,7 @@ class Pipeline:
             input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
             inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask}
 
+        settings = settings.for_prompt(int(input_ids.shape[1]))  # max_length, where in force -> max_new_tokens
         self._check_length(input_ids.shape[1], settings.max_new_tokens)
         eos, pad_id = self._special_ids(settings)
         metrics.preprocess_s = time.perf_counter() - started

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .decoders import ContextLengthError, KVCache
-from .generate import GenerationMetrics, GenerationResult, positions_needed
+from .generate import LENGTH_ARGUMENTS, GenerationMetrics, GenerationResult, positions_needed
 from .image import ImageLike, load_image
 from .processor import flatten_images, images_in_messages
 from .runs import collect, one_answer, stream_chunks
@@ -154,14 +154,18 @@ class ChatSession:
         self._cache, self._held, self._held_images = None, np.zeros(0, np.int64), []
 
     def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any], streamed: bool) -> Run:
-        settings = one_answer(self.pipe.settings(**{**self.defaults, **generate_kwargs}), streamed, logits_from="send()")  # before any graph runs
+        defaults = self.defaults
+        if any(generate_kwargs.get(name) is not None for name in LENGTH_ARGUMENTS):  # a turn's length replaces the session's
+            defaults = {name: value for name, value in defaults.items() if name not in LENGTH_ARGUMENTS}
+        settings = one_answer(self.pipe.settings(**{**defaults, **generate_kwargs}), streamed, logits_from="send()")  # before any graph runs
         messages = [*self.messages, message]
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
             return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
         except ContextLengthError as error:
             # Advice only where it helps: there is a history, and without it the message and its answer would fit.
             system, history = self.messages[: self.system is not None], self.messages[self.system is not None :]
-            alone = positions_needed(self.pipe.prepare(messages=[*system, message], pixel_values=False)[0]["input_ids"].shape[1], settings.max_new_tokens)
+            alone_tokens = self.pipe.prepare(messages=[*system, message], pixel_values=False)[0]["input_ids"].shape[1]
+            alone = positions_needed(alone_tokens, settings.for_prompt(alone_tokens).max_new_tokens)
             if not history or alone > self.pipe.sessions.decoder.max_length:
                 raise
             raise ContextLengthError(f"{error}. This conversation is full: reset() starts a new one (/reset in `ortllava chat`)") from None

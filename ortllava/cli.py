@@ -49,11 +49,23 @@ def _generate(args: argparse.Namespace) -> int:
         content = [{"type": "image", "path": path} for path in images] + [{"type": "text", "text": args.prompt}]
         inputs = dict(messages=[{"role": "user", "content": content}])
     options = _generation_options(args, pipe)
+    answers = args.num_return_sequences
+    if answers is not None:
+        if args.stream and answers != 1:
+            raise ValueError("--stream prints one answer: leave out --num-return-sequences, or --stream")
+        options["num_return_sequences"] = answers
+        pipe.settings(**options)  # checked before the images are read (it needs --do-sample)
     if args.stream:
         for chunk in pipe.stream(**inputs, **options):
             print(chunk.text, end="", flush=True)
         print()
         metrics, reason = chunk.metrics, chunk.finish_reason
+    elif answers is not None and answers > 1:
+        results = pipe.generate(**inputs, **options)
+        for index, result in enumerate(results, start=1):
+            print(f"--- answer {index} of {answers} ---")
+            print(result.text)
+        metrics, reason = results[0].metrics, ", ".join(result.finish_reason for result in results)
     else:
         result = pipe.generate(**inputs, **options)
         print(result.text)
@@ -284,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--prompt", required=True, help="the question ('-': read it from stdin)")
     gen.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     _add_generation_flags(gen)
+    gen.add_argument(
+        "--num-return-sequences", metavar="N", type=int,
+        help="sampling: N answers, each sampled on its own (the prompt runs once), printed under '--- answer i of N ---' lines",
+    )
     gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template (images go where its <image> tokens are, or first)")
     gen.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     gen.add_argument("--timings", action="store_true", help="print timings to stderr")

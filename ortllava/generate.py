@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -23,6 +24,7 @@ EmbedFn = Callable[[np.ndarray, np.ndarray], None]  # (token ids [B], out [B, 1,
 
 
 DEFAULT_MAX_NEW_TOKENS = 256
+LENGTH_ARGUMENTS = ("max_new_tokens", "max_length")  # the two ways to say how long an answer may be
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,10 @@ class GenerationSettings:
     """One generation's arguments, named as transformers' `generate` names them, plus `seed` and `stop`; the
     defaults are transformers' (for what neither the caller nor the bundle's generation config sets)."""
 
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS  # None while max_length decides it (see for_prompt)
+    # Prompt + new tokens (images included), as transformers' max_length; set only where it is in force (see resolve):
+    # then max_new_tokens is max_length minus each call's prompt tokens.
+    max_length: int | None = None
     min_new_tokens: int = 0  # the EOS tokens are forbidden until this many tokens are out
     do_sample: bool = False
     temperature: float = 1.0
@@ -59,6 +64,22 @@ class GenerationSettings:
                 value = generation_config.get(name)
             if value is not None:
                 values[name] = value
+        # The answer's length: the caller's max_new_tokens, else the caller's max_length, else the config's
+        # max_new_tokens, else its max_length, else DEFAULT_MAX_NEW_TOKENS (transformers' default max_length of 20
+        # would cut most answers; a config that sets max_length names it). Where a caller gives both, max_new_tokens
+        # wins, as in transformers (and with its warning). Unlike transformers, a caller's max_length also wins over
+        # a config's max_new_tokens: the caller's choice of length is the one that applies.
+        source = given if any(given.get(name) is not None for name in LENGTH_ARGUMENTS) else generation_config
+        if source.get("max_new_tokens") is not None:
+            if source is given and given.get("max_length") is not None:
+                warnings.warn(
+                    f"Both `max_new_tokens` (={given['max_new_tokens']}) and `max_length` (={given['max_length']}) seem to have been "
+                    "set. `max_new_tokens` will take precedence.",
+                    stacklevel=4,  # the caller of generate, stream, send or settings
+                )
+            values.pop("max_length", None)
+        elif source.get("max_length") is not None:
+            values["max_new_tokens"] = None
         if isinstance(values.get("eos_token_id"), Iterable):
             values["eos_token_id"] = tuple(values["eos_token_id"])
         if "stop" in values:  # one string, or several
@@ -85,8 +106,12 @@ class GenerationSettings:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "True or False")
         for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("num_return_sequences", 1)):
+            if name == "max_new_tokens" and self.max_length is not None:
+                continue  # (None: max_length decides it)
             if not integer(getattr(self, name)) or getattr(self, name) < least:
                 fail(name, f"an integer >= {least}")
+        if self.max_length is not None and (not integer(self.max_length) or self.max_length < 2):
+            fail("max_length", "an integer >= 2 (the prompt's tokens and the new ones), or None")
         if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
             fail("repetition_penalty", "a number > 0")
         if self.do_sample:  # the warpers' settings count only when sampling (transformers ignores them otherwise)
@@ -112,9 +137,23 @@ class GenerationSettings:
             fail("stop", "a non-empty string or a list of them")
 
 
+    def for_prompt(self, prompt_tokens: int) -> GenerationSettings:
+        """These settings for a prompt of `prompt_tokens` (the padded batch's length, images included): where
+        `max_length` is in force, `max_new_tokens` becomes `max_length - prompt_tokens`, as transformers counts it
+        (a ValueError, in its words, where the prompt leaves no room)."""
+        if self.max_length is None:
+            return self
+        if prompt_tokens >= self.max_length:
+            raise ValueError(
+                f"Input length of input_ids is {prompt_tokens} (images included), but `max_length` is set to {self.max_length}: "
+                "no room for a new token. Increase `max_length` or, better yet, set `max_new_tokens`."
+            )
+        return replace(self, max_new_tokens=self.max_length - prompt_tokens, max_length=None)
+
+
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings))
 _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
-    "max_length": "give max_new_tokens", "stop_strings": "give stop", "streamer": "use stream()",
+    "stop_strings": "give stop", "streamer": "use stream()",
     "num_beams": "beam search is not implemented",
 }
 # Arguments not read from a generation config: ortllava's own (a generation_config.json has no such keys), and
@@ -124,8 +163,7 @@ _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
 _NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_logits"}
 
 # generation_config.json keys with which transformers' `generate` gives other tokens or outputs, and which ortllava
-# does not apply: each with the values at which it does nothing. (max_length is not here: ortllava's max_new_tokens
-# default replaces it, see DEFAULT_MAX_NEW_TOKENS and the README.)
+# does not apply: each with the values at which it does nothing.
 UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
     "no_repeat_ngram_size": (0,), "bad_words_ids": ([],), "force_words_ids": ([],), "constraints": ([],),

@@ -22,7 +22,9 @@ ids) instead of text. The new text is found as transformers finds it: decode(pro
 decoded prompt removed from its start.
 
 Generation: `max_new_tokens`, `generate_kwargs={...}` (do_sample, temperature, top_k, top_p, min_new_tokens,
-repetition_penalty, seed, max_new_tokens, num_return_sequences: that many records per input), `stop_sequence`
+repetition_penalty, seed, max_new_tokens, max_length (prompt + new tokens: only here, as a direct max_length is a load
+option at construction and a processor argument in transformers' call), num_return_sequences: that many records per
+input), `stop_sequence`
 (generation ends once the string appears; it stays in the text, as with transformers' stop strings; transformers
 matches them on token strings and can miss one next to a partial UTF-8 character, ortllava matches the decoded
 text), at construction or per call. `timeout` (seconds) applies to every http(s) image; without it,
@@ -131,6 +133,8 @@ class ImageTextToTextPipeline:
                     "'max_new_tokens' is defined twice, once in 'generate_kwargs' and once as a direct parameter, please use only one"
                 )
             generate["max_new_tokens"] = max_new_tokens
+        if "max_length" in kwargs:  # (in transformers' pipeline a direct max_length goes to the processor)
+            raise TypeError("a generation max_length goes in generate_kwargs={'max_length': ...} (or give max_new_tokens)")
         for key in GENERATION_KEYS:
             if key in kwargs:
                 generate[key] = kwargs.pop(key)

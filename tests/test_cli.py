@@ -48,6 +48,22 @@ def test_cli_takes_generate_arguments_as_flags(mistral, pipe):
             assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_cli_gives_several_sampled_answers(mistral, pipe):
+    """`--num-return-sequences N` prints the API's N answers under numbered lines; without sampling, or with
+    --stream, it is refused by name."""
+    cli = [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--prompt", "Tell a story", "--provider", "cpu", "--max-new-tokens", "6"]
+    out = subprocess.run([*cli, "--do-sample", "--seed", "5", "--num-return-sequences", "3", "--timings"], capture_output=True, text=True, check=True)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell a story"}]}]
+    want = pipe.generate(messages=messages, max_new_tokens=6, do_sample=True, seed=5, num_return_sequences=3)
+    assert out.stdout == "".join(f"--- answer {i} of 3 ---\n{result.text}\n" for i, result in enumerate(want, start=1))
+    assert len({result.text for result in want}) > 1 and "finish:" in out.stderr
+    for extra, message in ((["--num-return-sequences", "2"], "do_sample"),
+                           (["--do-sample", "--num-return-sequences", "2", "--stream"], "--stream prints one answer"),
+                           (["--do-sample", "--num-return-sequences", "0"], "num_return_sequences must be an integer >= 1")):
+        refused = subprocess.run([*cli, *extra], capture_output=True, text=True)
+        assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_cli_says_what_a_long_load_does(mistral, monkeypatch, capsys):
     """A large bundle's load (sha256 checks, sessions: seconds to minutes) is announced, then timed, on stderr."""
     from ortllava import cli

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +169,42 @@ def test_processor_outputs_generate_as_model_generate(setup):
     assert "".join(c.text for c in pipe.stream(**one, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)) == row.text
 
 
+def test_max_length_counts_the_prompt_as_transformers(setup, monkeypatch):
+    """`max_length` = the padded prompt's tokens (images included) + the new ones, as in transformers' `generate`:
+    on a left-padded batch, one row, a chat turn and from the bundle's generation config; `max_new_tokens` wins
+    where both are given (with transformers' warning); a prompt that leaves no room is refused, both named."""
+    processor, model, pipe = setup
+    conversations = CASES["batch of three"]
+    length = pipe.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True)["input_ids"].shape[1]
+    new = 5
+    want = hf_generate(processor, model, conversations, max_new_tokens=None, max_length=length + new, min_new_tokens=new)
+    got = pipe.generate(messages=conversations, max_length=length + new, min_new_tokens=new)
+    assert [r.token_ids for r in got] == want and {len(r.token_ids) for r in got} == {new}
+    assert {r.finish_reason for r in got} == {"length"}
+    # One row: its own prompt's length counts.
+    one = conversations[1:2]
+    own = pipe.processor.apply_chat_template(one[0], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"].shape[1]
+    assert own < length
+    (row,) = hf_generate(processor, model, one, max_new_tokens=None, max_length=own + new, min_new_tokens=new)
+    single = pipe.generate(messages=one[0], max_length=own + new, min_new_tokens=new)
+    assert single.token_ids == row and len(row) == new
+    assert "".join(c.text for c in pipe.stream(messages=one[0], max_length=own + new, min_new_tokens=new)) == single.text
+    # A chat turn counts the whole history, as generate on it; the turn's max_length replaces the session's max_new_tokens.
+    chat = pipe.chat(max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "both set" warning: the turn's length replaces the session's
+        assert chat.send(one[0][0]["content"][0]["text"], max_length=own + new, min_new_tokens=new).token_ids == single.token_ids
+    # The bundle's generation config: its max_length applies where no length is given; a caller's length wins.
+    monkeypatch.setitem(pipe.generation_config, "max_length", own + new)
+    assert pipe.generate(messages=one[0], min_new_tokens=new).token_ids == single.token_ids
+    assert len(pipe.generate(messages=one[0], max_new_tokens=2).token_ids) == 2
+    monkeypatch.delitem(pipe.generation_config, "max_length")
+    with pytest.warns(UserWarning, match="`max_new_tokens` will take precedence"):
+        assert len(pipe.generate(messages=one[0], max_new_tokens=3, min_new_tokens=3, max_length=own + new).token_ids) == 3
+    with pytest.raises(ValueError, match=f"Input length of input_ids is {length}.*`max_length` is set to {length}"):
+        pipe.generate(messages=conversations, max_length=length)
+
+
 def test_output_logits_are_transformers_logits(setup):
     """`output_logits=True` keeps, per answer, the raw logits each new token was picked from: transformers'
     `output_logits` row for row (a left-padded batch; min_new_tokens and the repetition penalty, which change what
@@ -257,10 +295,15 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     assert GenerationSettings.resolve({}, config).eos_token_id == 2  # transformers' generate arguments, from the config too
     assert GenerationSettings.resolve({"eos_token_id": [2, 7]}, config).eos_token_id == (2, 7)
     for bad in ({"max_new_tokens": 2.5}, {"min_new_tokens": -1}, {"repetition_penalty": 0}, {"seed": "x"}, {"stop": [""]}, {"stop": 3},
-                {"eos_token_id": -1}, {"eos_token_id": [2, "x"]}, {"pad_token_id": 1.5}):
+                {"eos_token_id": -1}, {"eos_token_id": [2, "x"]}, {"pad_token_id": 1.5}, {"max_length": 1}, {"max_length": 9.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GenerationSettings.resolve(bad, {})
     assert GenerationSettings.resolve({"temperature": 0}, {}).temperature == 0  # greedy: the warpers are not used
+    # max_length, where in force, decides max_new_tokens per prompt: given, or from a config without max_new_tokens.
+    assert GenerationSettings.resolve({"max_length": 50}, config).max_new_tokens is None  # the caller's length wins
+    assert GenerationSettings.resolve({"max_length": 50}, {}).for_prompt(20).max_new_tokens == 30
+    assert GenerationSettings.resolve({}, {"max_length": 50}).max_length == 50
+    assert GenerationSettings.resolve({}, {"max_length": 50, "max_new_tokens": 9}) == GenerationSettings.resolve({"max_new_tokens": 9}, {})
     # one list of arguments: the HF-style pipeline takes the same ones (stop strings as its stop_sequence)
     assert set(GENERATION_KEYS) | {"stop", "output_logits"} == set(GENERATION_ARGUMENTS)
 

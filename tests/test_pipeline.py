@@ -159,6 +159,21 @@ def test_return_tensors_and_generate_kwargs(pipes):
     assert set(got[0]) == {"input_text", "generated_token_ids"}
 
 
+def test_max_length_in_generate_kwargs_as_transformers(pipes):
+    """A generation `max_length` (prompt + new tokens) goes in `generate_kwargs`, as there; a direct one is refused
+    (transformers hands it to the processor; at construction it is a load option)."""
+    hf, ours = pipes
+    messages = chat(pil(IMAGE), "What is shown in this image?")
+    length = ours.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"].shape[1]
+    kwargs = dict(return_tensors=True, generate_kwargs={"max_length": length + 4, "min_new_tokens": 4})
+    want = hf(text=messages, **kwargs)
+    got = ours(text=messages, **kwargs)
+    same(want, got)
+    assert len(got[0]["generated_token_ids"]) == length + 4
+    with pytest.raises(TypeError, match="generate_kwargs"):
+        ours(text=messages, max_length=length + 4)
+
+
 def test_num_return_sequences_gives_records_as_transformers(pipes):
     """n records per input, grouped as transformers' pipeline groups them: a chat's list holds n, a list of
     chats one such list per chat, a list of prompt strings (one batch) n per prompt in a flat list. Sampled with
