@@ -62,10 +62,34 @@ def parity(device: str, work: Path) -> dict:
                     agreement = float(np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(got, want)]))
                     results[f"{name}: {case}"] = {"identical": got == want, "agreement": agreement}
                     print(f"parity {name} {case}: identical={got == want} agreement={agreement:.2f}", flush=True)
+                results[f"{name}: device paths"] = device_paths(pipe)
+                print(f"parity {name} device paths: {results[f'{name}: device paths']}", flush=True)
             except Exception as error:  # noqa: BLE001 - report and go on with the next check
                 results[name] = {"error": repr(error)}
                 traceback.print_exc()
     return results
+
+
+def device_paths(pipe) -> dict:
+    """The runtime's own paths that keep keys/values on the device, each against ortllava's one-shot generate (which
+    the parity above holds to transformers'): a chat's second turn reuses the first turn's cache (truncate, reserve,
+    extend); `num_return_sequences` copies a prefilled cache's rows (`repeat_rows`), here sampled with top_k=1, so
+    each copy must give the greedy answer."""
+    chat = CHATS["one image"][0]
+    options = dict(max_new_tokens=12, min_new_tokens=12)
+    session = pipe.chat(**options)
+    first = session.send(chat[0]["content"][1]["text"], images=[chat[0]["content"][0]["image"]])
+    second = session.send("And the colours?")
+    history = [*session.messages[:-1]]  # the two turns' messages, without the last answer
+    fresh = pipe.generate(messages=history, **options)
+    copies = pipe.generate(messages=chat, do_sample=True, top_k=1, num_return_sequences=2, **options)
+    greedy = pipe.generate(messages=chat, **options)
+    return {
+        "chat second turn as a fresh generate": second.token_ids == fresh.token_ids,
+        "chat prefilled only the new tokens": second.metrics.prefilled_tokens < second.metrics.prompt_tokens,
+        "copied caches give the greedy answer": [r.token_ids for r in copies] == [greedy.token_ids] * 2,
+        "first turn as generate": first.token_ids == greedy.token_ids,
+    }
 
 
 def vision_profile(bundle: Path, device: str) -> dict:
