@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings, positions_needed, unsupported_generation_settings
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
+from .prefix import PrefixSlot, held_after, image_spans, pixel_digest, prefill_after, reusable_length
 from .processor import BatchFeature, Processor, is_chat_batch
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
 from .runs import KeepCache, Prefill, Run, StreamChunk, collect, one_answer, stream_chunks
@@ -36,6 +38,7 @@ class Pipeline:
     def __init__(
         self, bundle: str | Path, provider: str = "auto", verify: bool = True, io_binding: bool | None = None,
         threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False, prepack: bool = True,
+        prefix_cache: bool = False,
     ):
         """`provider`: "auto" (CUDA when present and the bundle runs there, else the CPU), "cpu" or "cuda". `verify`
         checks every file's sha256.
@@ -49,11 +52,24 @@ class Pipeline:
         instant and uses little memory of its own (the weights stay in the page cache, shared between processes),
         while short prompts run ~2x slower (docs/measurements.md). 4-bit decoders are always repacked. An fp16
         graph on the CPU then also keeps its weights fp16, cast to fp32 as each node reads them, every run.
+        `prefix_cache`: keep the keys/values of the last one-prompt generation, and start the next one from the
+        longest prefix it shares with it (the same images, by their pixels: a second question about an image skips
+        the image's encoding and prefill); see `ortllava.prefix`. Off by default: where each run begins changes
+        float rounding (the tokens were identical in every test), and it keeps one cache's memory.
         """
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
         self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph, prepack)
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
+        self.prefix = PrefixSlot(self.sessions.decoder) if prefix_cache else None
+        if prefix_cache and self.sessions.decoder.kv_dtype == np.int8:
+            warnings.warn(
+                "this bundle's key/value cache is int8: with prefix_cache, an answer can differ from the same prompt's "
+                "without it (where each run begins changes which positions are rounded; see ortllava.prefix)",
+                stacklevel=3,  # the caller of load()
+            )
         hidden = self.manifest.text.hidden_size
         self.embed_table = read_bundle_file(self.bundle, EMBED_TOKENS_FILE, lambda path: _array(path, (None, hidden), mmap=True))  # [V, D]
         self.image_newline = read_bundle_file(self.bundle, IMAGE_NEWLINE_FILE, lambda path: _array(path, (hidden,)))  # [D]
@@ -79,10 +95,15 @@ class Pipeline:
         """`pixel_values [n_images, max_tiles, 3, S, S]` -> packed features `[n_features, D]`, all tiles in one run."""
         vision = self.manifest.vision
         tile = self.processor.image_processor.config.tile_size
-        counts = [num_tiles(tuple(size), vision.grid_pinpoints, tile) for size in image_sizes.tolist()]
+        counts = self._tile_counts(image_sizes)
         tiles = np.concatenate([pixels[:count] for pixels, count in zip(pixel_values, counts)], axis=0)
         projected = self.sessions.vision(tiles)
         return pack_images(projected, image_sizes, counts, self.image_newline, vision.grid_pinpoints, tile)
+
+    def _tile_counts(self, image_sizes: np.ndarray) -> list[int]:
+        """Each image's tiles (the overview included) by its `[height, width]`."""
+        tile = self.processor.image_processor.config.tile_size
+        return [num_tiles(tuple(size), self.manifest.vision.grid_pinpoints, tile) for size in image_sizes.tolist()]
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         """`input_ids [B, T]` -> `inputs_embeds [B, T, D]` in the decoder's dtype, images spliced in."""
@@ -272,7 +293,9 @@ class Pipeline:
 
         copies = settings.num_return_sequences
         vision_start, preprocessed = time.perf_counter(), metrics.preprocess_s
-        if plan is None:
+        if plan is None and self.prefix is not None and copies == 1 and input_ids.shape[0] == 1 and attention_mask.all():
+            prefill, keep_cache = self._prefix_prefill(inputs, settings.max_new_tokens, metrics)
+        elif plan is None:
             prefill, keep_cache = self._fresh_prefill(inputs, settings.max_new_tokens, metrics, copies)
         else:  # (a chat turn: one answer, see runs.one_answer)
             prefill, keep_cache = plan(inputs, settings.max_new_tokens, metrics)
@@ -306,6 +329,33 @@ class Pipeline:
             return np.repeat(logits, copies, axis=0), decoder.repeat_rows(cache, copies)
 
         return prefill, None
+
+    def _prefix_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics) -> tuple[Prefill, KeepCache]:
+        """One prompt from the kept cache (`prefix_cache`): what it holds of the prompt is kept, the rest runs (its
+        images only through the vision path), and this generation's cache is kept in its place."""
+        ids = inputs["input_ids"][0]
+        begun = time.perf_counter()
+        keys = []
+        if "pixel_values" in inputs:
+            sizes = inputs["image_sizes"]
+            keys = [pixel_digest(pixels[:count], size) for pixels, count, size in zip(inputs["pixel_values"], self._tile_counts(sizes), sizes)]
+        metrics.preprocess_s += time.perf_counter() - begun
+        spans = image_spans(self.processor, ids, inputs.get("image_sizes"))
+        held = self.prefix.take()
+        cut = reusable_length(ids, spans, keys, held, operator.eq)
+        first_new_image = sum(1 for start, _ in spans if start < cut)
+        features = None
+        if first_new_image < len(spans):
+            features = self.encode_images(inputs["pixel_values"][first_new_image:], inputs["image_sizes"][first_new_image:])
+        suffix = inputs["input_ids"][:, cut:]
+        metrics.prefilled_tokens = int(suffix.shape[1])
+        prefill = prefill_after(self.sessions.decoder, held, cut, self.embed(suffix, features), positions_needed(len(ids), max_new_tokens))
+        slot = self.prefix
+
+        def keep(cache: KVCache, answer: list[int]) -> None:
+            slot.put(held_after(cache, ids, answer, spans, keys))
+
+        return prefill, keep
 
     def _answer_text(self, ids: Sequence[int]) -> str:
         """An answer's text: special tokens dropped, as transformers' pipelines and `batch_decode(..., True)` give it."""

@@ -7,17 +7,13 @@
 
 Every turn renders the whole conversation with the chat template, exactly as
 `Pipeline.generate(messages=chat.messages + [new message])` would, so the answers are those of recomputing
-from scratch. But the decoder only runs the tokens its cache does not hold yet: the cache of the previous
-turn is kept with the token ids it holds (the prompt and the answer but its last token, which was never fed
-back), cut back to the longest prefix it shares with the new prompt, and extended by the rest. The cut never
-falls inside an image's tokens (nor keeps an image whose source changed): it backs up to that image's first
-token. Only the images whose tokens are in the new part are preprocessed and go through the vision encoder;
-the earlier ones give just their sizes (for their token counts). A template that renders an earlier answer
-differently from the tokens generated for it just moves the cut back.
-
-With an int8 key/value cache the answers are not token for token those of recomputing: a run attends its own
-new tokens in float and the earlier ones through their int8 values, and a chat's runs begin at its turns
-while a fresh generation's begin at its prefill chunks, so different positions are rounded.
+from scratch. But the decoder only runs the tokens its cache does not hold yet: the previous turn's cache is
+cut back to the longest prefix it shares with the new prompt and extended by the rest (`ortllava.prefix`; an
+image's key is the image object the conversation keeps). Only the images whose tokens are in the new part are
+preprocessed and go through the vision encoder; the earlier ones give just their sizes (for their token
+counts). A template that renders an earlier answer differently from the tokens generated for it just moves the
+cut back. With an int8 key/value cache the answers are not token for token those of recomputing (see
+`ortllava.prefix`).
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ import numpy as np
 from .decoders import ContextLengthError, KVCache
 from .generate import LENGTH_ARGUMENTS, GenerationMetrics, GenerationResult, positions_needed
 from .image import ImageLike, load_image
+from .prefix import HeldCache, held_after, image_spans, prefill_after, reusable_length
 from .processor import flatten_images, images_in_messages
 from .runs import collect, one_answer, stream_chunks
 
@@ -56,9 +53,7 @@ class ChatSession:
         self.system = system
         self.defaults = defaults
         self.messages: list[dict[str, Any]] = []
-        self._cache: KVCache | None = None  # the decoder's keys/values after the last turn
-        self._held: np.ndarray = np.zeros(0, np.int64)  # the token ids the cache holds
-        self._held_images: list[Any] = []  # the sources of the images whose features the cache holds, in order
+        self._held: HeldCache | None = None  # the keys/values after the last turn (image keys: the kept images)
         self._open: Generator[StreamChunk, None, None] | None = None  # the last stream (closing a finished one is a no-op)
         self.reset()
 
@@ -91,14 +86,14 @@ class ChatSession:
         """Forgets the conversation (the system message stays) and hands the cache back to the decoder."""
         self._close_open_stream()
         self.messages = [] if self.system is None else [{"role": "system", "content": [{"type": "text", "text": self.system}]}]
-        if self._cache is not None:
-            self.pipe.sessions.decoder.release(self._cache)
-        self._forget()
+        if self._held is not None:
+            self.pipe.sessions.decoder.release(self._held.cache)
+            self._held = None
 
     @property
     def cached_tokens(self) -> int:
         """How many tokens the kept cache holds (0 before the first turn and after `reset`)."""
-        return len(self._held)
+        return 0 if self._held is None else len(self._held.ids)
 
     # ----------------------------------------------------------------------------------------------
     # Internals
@@ -150,9 +145,6 @@ class ChatSession:
         self.messages.append(message)
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
 
-    def _forget(self) -> None:
-        self._cache, self._held, self._held_images = None, np.zeros(0, np.int64), []
-
     def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any], streamed: bool) -> Run:
         defaults = self.defaults
         if any(generate_kwargs.get(name) is not None for name in LENGTH_ARGUMENTS):  # a turn's length replaces the session's
@@ -176,21 +168,11 @@ class ChatSession:
 
         def plan(inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics):
             pipe = self.pipe
-            decoder = pipe.sessions.decoder
             ids = inputs["input_ids"][0]
             # Taken out of the session while the turn runs: a turn that fails leaves no cache (the next starts afresh).
-            cache, held, held_images = self._cache, self._held, self._held_images
-            self._forget()
-
-            spans = self._image_spans(ids, inputs.get("image_sizes"))
-            cut = _common_prefix(ids, held) if cache is not None else 0
-            cut = min(cut, len(ids) - 1)  # at least one token runs, for the next token's logits
-            for index, (start, end) in enumerate(spans):
-                if start >= cut:
-                    break
-                if end > cut or index >= len(held_images) or not _same_source(sources[index], held_images[index]):
-                    cut = start  # never keep part of an image, nor an image that is not the same one
-                    break
+            held, self._held = self._held, None
+            spans = image_spans(pipe.processor, ids, inputs.get("image_sizes"))
+            cut = reusable_length(ids, spans, sources, held, _same_source)
             first_new_image = sum(1 for start, _ in spans if start < cut)
             features = None
             if first_new_image < len(spans):
@@ -199,56 +181,15 @@ class ChatSession:
                 metrics.preprocess_s += time.perf_counter() - begun
                 features = pipe.encode_images(new_images["pixel_values"], new_images["image_sizes"])
             suffix = inputs["input_ids"][:, cut:]
-            inputs_embeds = pipe.embed(suffix, features)
             metrics.prefilled_tokens = int(suffix.shape[1])
-            total = positions_needed(len(ids), max_new_tokens)
+            prefill = prefill_after(pipe.sessions.decoder, held, cut, pipe.embed(suffix, features), positions_needed(len(ids), max_new_tokens))
 
-            if cache is not None and cut == 0:
-                decoder.release(cache)  # nothing to reuse but its buffers
-                cache = None
-            if cache is None:
-                mask = np.ones_like(suffix)
-
-                def prefill():
-                    return decoder.start(inputs_embeds, mask, total)
-            else:
-                kept = cache
-
-                def prefill():
-                    decoder.truncate(kept, cut)
-                    grown = decoder.reserve(kept, total)  # room for the new tokens and the answer: extend never grows it
-                    if grown is not kept:
-                        decoder.release(kept)
-                    return decoder.extend(inputs_embeds, grown), grown
-
-            def keep(kept_cache: KVCache, tokens: list[int]) -> None:
-                length = int(kept_cache.lengths[0])
-                held_ids = np.concatenate([ids, np.asarray(tokens, np.int64)])[:length]
-                self._cache, self._held = kept_cache, held_ids
-                self._held_images = [source for source, (_, end) in zip(sources, spans) if end <= length]
+            def keep(cache: KVCache, tokens: list[int]) -> None:
+                self._held = held_after(cache, ids, tokens, spans, sources)
 
             return prefill, keep
 
         return plan
-
-    def _image_spans(self, ids: np.ndarray, image_sizes: np.ndarray | None) -> list[tuple[int, int]]:
-        """[start, end) of each image's run of image tokens in `ids`, in order."""
-        if image_sizes is None or len(image_sizes) == 0:
-            return []
-        processor = self.pipe.processor
-        positions = np.flatnonzero(ids == processor.image_token_id)
-        spans, offset = [], 0
-        for height, width in image_sizes.tolist():
-            count = processor.num_image_tokens(height, width)
-            spans.append((int(positions[offset]), int(positions[offset + count - 1]) + 1))
-            offset += count
-        return spans
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
 
 
 def _same_source(a: Any, b: Any) -> bool:

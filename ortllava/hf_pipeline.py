@@ -55,13 +55,14 @@ def pipeline(task: str = TASK, model: str | os.PathLike | Pipeline | None = None
     `model`: a bundle folder or a loaded `ortllava.Pipeline`. `device`: as transformers ("cpu", "cuda",
     "cuda:0", an index, -1 for CPU) or `provider` ("auto", "cpu", "cuda"); default "auto".
     Other keyword arguments: generation settings applied to every call (`max_new_tokens`, `do_sample`, ...,
-    `generate_kwargs`), `batch_size`, and `Pipeline` options (`verify`, `io_binding`, `threads`, `max_length`).
+    `generate_kwargs`), `batch_size`, and `Pipeline` options (`verify`, `io_binding`, `threads`, `max_length`,
+    `prefix_cache`).
     """
     if task != TASK:
         raise ValueError(f"ortllava.pipeline supports the task {TASK!r} only, got {task!r}")
     if model is None:
         raise ValueError("pass model=... : the folder of an exported bundle (or a loaded ortllava.Pipeline)")
-    load_options = {key: kwargs.pop(key) for key in ("verify", "io_binding", "threads", "max_length") if key in kwargs}
+    load_options = {key: kwargs.pop(key) for key in ("verify", "io_binding", "threads", "max_length", "prefix_cache") if key in kwargs}
     if isinstance(model, Pipeline):
         if load_options:
             raise TypeError(f"{', '.join(load_options)} apply when loading a bundle; model= is already loaded")
