@@ -96,12 +96,14 @@ def compile_template(source: str) -> jinja2.Template:
 
 def plain_data(value: Any) -> Any:
     """What a template may see: JSON-like data; any other object becomes "<TypeName>" (as transformers does)."""
-    if value is None or isinstance(value, (bool, str)):
+    if value is None or type(value) in (str, int, float, bool):
         return value
+    if isinstance(value, str):  # subclasses (a str Enum) stripped back to the base type
+        return str.__str__(value)
     if isinstance(value, int):
-        return int(value)
+        return int.__int__(value)
     if isinstance(value, float):
-        return float(value)
+        return float.__float__(value)
     if isinstance(value, Mapping):
         return {plain_data(key): plain_data(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -112,6 +114,8 @@ def plain_data(value: Any) -> Any:
         return plain_data(value.item())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):  # a pydantic model
+        return plain_data(value.model_dump())
     return f"<{type(value).__name__}>"
 
 

@@ -171,6 +171,8 @@ UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     "forced_eos_token_id": (), "min_length": (0,), "exponential_decay_length_penalty": (), "guidance_scale": (1,),
     "min_p": (0,), "typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,), "top_h": (), "stop_strings": ([],),
     "max_time": (), "watermarking_config": (), "token_healing": (False,),
+    # (transformers hands a decoder-only model's prompt ids to these as the "encoder" ids)
+    "encoder_repetition_penalty": (1, 1.0), "encoder_no_repeat_ngram_size": (0,),
 }
 
 

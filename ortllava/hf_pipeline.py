@@ -22,18 +22,21 @@ ids) instead of text. The new text is found as transformers finds it: decode(pro
 decoded prompt removed from its start.
 
 Generation: `max_new_tokens`, `generate_kwargs={...}` (do_sample, temperature, top_k, top_p, min_new_tokens,
-repetition_penalty, seed, max_new_tokens, max_length (prompt + new tokens: only here, as a direct max_length is a load
-option at construction and a processor argument in transformers' call), num_return_sequences: that many records per
-input), `stop_sequence`
-(generation ends once the string appears; it stays in the text, as with transformers' stop strings; transformers
-matches them on token strings and can miss one next to a partial UTF-8 character, ortllava matches the decoded
-text), at construction or per call. `timeout` (seconds) applies to every http(s) image; without it,
-`ortllava.image.load_image`'s timeout and size limit apply.
+repetition_penalty, seed, max_new_tokens, max_length, num_return_sequences: that many records per input),
+`stop_sequence` (generation ends once the string appears; it stays in the text, as with transformers' stop strings;
+transformers matches them on token strings and can miss one next to a partial UTF-8 character, ortllava matches the
+decoded text). Combined as transformers combines them: generation settings given directly at construction
+(`max_new_tokens=`, `max_length=`, `do_sample=`, ...) apply to every call; a call's `generate_kwargs`,
+`max_new_tokens` or `stop_sequence` replace the construction's `generate_kwargs` and `stop_sequence` whole. A call's
+other generation settings given directly are applied last (transformers ignores them with a warning); a call's
+direct `max_length` is refused (transformers hands it to the processor). `timeout` (seconds) applies to every http(s)
+image; without it, `ortllava.image.load_image`'s timeout and size limit apply.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,7 +44,7 @@ import numpy as np
 from .api import Pipeline, load
 from .generate import GENERATION_ARGUMENTS, GenerationResult
 from .image import URL_TIMEOUT_S, image_sizes, load_image
-from .processor import clean_up_tokenization, flatten_images, images_in_messages
+from .processor import flatten_images, images_in_messages
 
 TASK = "image-text-to-text"
 # The generation settings the pipeline passes to `Pipeline.generate` (stop strings come as its `stop_sequence`;
@@ -54,15 +57,16 @@ def pipeline(task: str = TASK, model: str | os.PathLike | Pipeline | None = None
 
     `model`: a bundle folder or a loaded `ortllava.Pipeline`. `device`: as transformers ("cpu", "cuda",
     "cuda:0", an index, -1 for CPU) or `provider` ("auto", "cpu", "cuda"); default "auto".
-    Other keyword arguments: generation settings applied to every call (`max_new_tokens`, `do_sample`, ...,
-    `generate_kwargs`), `batch_size`, and `Pipeline` options (`verify`, `io_binding`, `threads`, `max_length`,
-    `prefix_cache`).
+    Other keyword arguments, as transformers takes them: generation settings applied to every call (`max_new_tokens`,
+    `max_length`, `do_sample`, ...), `generate_kwargs` (used by the calls that give none of their own), `batch_size`;
+    and `Pipeline` options (`verify`, `io_binding`, `threads`, `prefix_cache`; for others, such as the key/value
+    buffers' `max_length`, pass `model=ortllava.load(bundle, ...)`).
     """
     if task != TASK:
         raise ValueError(f"ortllava.pipeline supports the task {TASK!r} only, got {task!r}")
     if model is None:
         raise ValueError("pass model=... : the folder of an exported bundle (or a loaded ortllava.Pipeline)")
-    load_options = {key: kwargs.pop(key) for key in ("verify", "io_binding", "threads", "max_length", "prefix_cache") if key in kwargs}
+    load_options = {key: kwargs.pop(key) for key in ("verify", "io_binding", "threads", "prefix_cache") if key in kwargs}
     if isinstance(model, Pipeline):
         if load_options:
             raise TypeError(f"{', '.join(load_options)} apply when loading a bundle; model= is already loaded")
@@ -94,6 +98,9 @@ class ImageTextToTextPipeline:
         self.model = model
         self.processor = model.processor
         self.batch_size = batch_size or 1
+        # As transformers: generation settings given directly apply to every call; the rest (generate_kwargs and
+        # stop_sequence among them) are the defaults of the call's own arguments.
+        self._generation = {key: defaults.pop(key) for key in GENERATION_KEYS if key in defaults}
         self._defaults = self._split(defaults)
 
     # ----------------------------------------------------------------------------------------------
@@ -102,7 +109,12 @@ class ImageTextToTextPipeline:
     def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> list:
         if images is None and text is None:
             raise ValueError("You must at least provide either text or images.")
-        options = _merge(self._defaults, self._split(kwargs))
+        given = self._split(kwargs)
+        # A call's generate_kwargs (or max_new_tokens, stop_sequence: transformers builds them into one) replace the
+        # construction's whole, as transformers fuses a call's parameters with the construction's.
+        options = {part: {**self._defaults[part], **given[part]} for part in ("post", "pre")}
+        call_generate = given["generate"] if given["generate_given"] else self._defaults["generate"]
+        options["generate"] = {**self._generation, **call_generate, **given["direct"]}
         if _is_chat(text):
             if images is not None:
                 raise ValueError(
@@ -124,8 +136,11 @@ class ImageTextToTextPipeline:
         return self._prompts(images, text, options)
 
     def _split(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Call or construction arguments -> {"generate": {...}, "post": {...}, "pre": {...}}."""
+        """Call or construction arguments -> {"generate": {...} (generate_kwargs, stop_sequence, max_new_tokens),
+        "generate_given": whether any of those was given, "direct": {...} (other generation settings, given
+        directly: transformers ignores them in a call, ortllava applies them), "post": {...}, "pre": {...}}."""
         kwargs = dict(kwargs)
+        generate_given = any(kwargs.get(key) is not None for key in ("generate_kwargs", "max_new_tokens", "stop_sequence"))
         generate = dict(kwargs.pop("generate_kwargs", None) or {})
         max_new_tokens = kwargs.pop("max_new_tokens", None)
         if max_new_tokens is not None:
@@ -134,11 +149,9 @@ class ImageTextToTextPipeline:
                     "'max_new_tokens' is defined twice, once in 'generate_kwargs' and once as a direct parameter, please use only one"
                 )
             generate["max_new_tokens"] = max_new_tokens
-        if "max_length" in kwargs:  # (in transformers' pipeline a direct max_length goes to the processor)
-            raise TypeError("a generation max_length goes in generate_kwargs={'max_length': ...} (or give max_new_tokens)")
-        for key in GENERATION_KEYS:
-            if key in kwargs:
-                generate[key] = kwargs.pop(key)
+        if "max_length" in kwargs:  # (a call's max_length goes to transformers' processor; at construction it is taken first)
+            raise TypeError("a call's max_length goes in generate_kwargs={'max_length': ...} (or give max_new_tokens)")
+        direct = {key: kwargs.pop(key) for key in GENERATION_KEYS if key in kwargs}
         stop = kwargs.pop("stop_sequence", None)
         if stop is not None:
             generate["stop"] = [stop] if isinstance(stop, str) else list(stop)
@@ -174,7 +187,7 @@ class ImageTextToTextPipeline:
             pre["batch_size"] = kwargs.pop("batch_size")
         if kwargs:
             raise TypeError(f"unsupported argument(s): {', '.join(sorted(kwargs))}")
-        return {"generate": generate, "post": post, "pre": pre}
+        return {"generate": generate, "generate_given": generate_given, "direct": direct, "post": post, "pre": pre}
 
     # ----------------------------------------------------------------------------------------------
     # Chats
@@ -231,13 +244,22 @@ class ImageTextToTextPipeline:
         """Generates for every item: as one batch (`batch`), else in groups of `batch_size` (1 by default). Each
         item's answers: one, or `num_return_sequences` of them."""
         size = len(items) if batch else max(1, int(options["pre"].get("batch_size", self.batch_size)))
+        # transformers' answers are the rows of one array: a row that ended early is padded to the longest, which
+        # its text shows where special tokens are kept (the pad: the call's, else the tokenizer's, as its pipeline).
+        post = options["post"]
+        pad = options["generate"].get("pad_token_id", self.processor.pad_token_id)
+        show_padding = post.get("skip_special_tokens", True) is False and post.get("return_type") != "tensors" and pad is not None
         results = []
         for start in range(0, len(items), size):
             group = items[start : start + size]
             prompts = [self._runtime_prompt(item) for item in group]
             images = [image for item in group for image in item.images] or None
             out = self.model.generate(prompt=prompts, images=images, **options["generate"])
-            results.extend(answers if isinstance(answers, list) else [answers] for answers in out)
+            answers = [answers if isinstance(answers, list) else [answers] for answers in out]
+            if show_padding:
+                width = max(len(result.token_ids) for row in answers for result in row)
+                answers = [[replace(result, token_ids=[*result.token_ids, *[pad] * (width - len(result.token_ids))]) for result in row] for row in answers]
+            results.extend(answers)
         return results
 
     def _runtime_prompt(self, item: _Item) -> str:
@@ -264,13 +286,7 @@ class ImageTextToTextPipeline:
         return self.processor.tokenizer.encode(expanded, add_special_tokens=item.add_special).ids
 
     def _decode(self, ids: Sequence[int], skip_special_tokens: bool, clean_up: bool | None) -> str:
-        if clean_up is None:
-            return self.processor.decode(ids, skip_special_tokens=skip_special_tokens)
-        text = self.processor.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        # As transformers: the clean-up is never applied to BPE tokenizers (it would remove real spaces).
-        if clean_up and type(self.processor.tokenizer.model).__name__ != "BPE":
-            text = clean_up_tokenization(text)
-        return text
+        return self.processor.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=clean_up)
 
     def _records(self, items: list[_Item], results: list[list[GenerationResult]], options: dict) -> list[dict[str, Any]]:
         """One record per answer, each item's answers in order (as transformers' `postprocess` lists them)."""
@@ -326,10 +342,6 @@ class _Item:
 
 def _is_chat(arg: Any) -> bool:
     return isinstance(arg, (list, tuple)) and len(arg) > 0 and isinstance(arg[0], (list, tuple, dict))
-
-
-def _merge(defaults: dict, given: dict) -> dict:
-    return {part: {**defaults[part], **given[part]} for part in ("generate", "post", "pre")}
 
 
 def _load_image(source: Any, timeout: float | None) -> Any:

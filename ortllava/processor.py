@@ -17,6 +17,7 @@ from .image import ImageLike, ImageProcessor, ImageProcessorConfig, image_sizes,
 from .manifest import (
     CHAT_TEMPLATE_FILE,
     PREPROCESSOR_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     Manifest,
     read_bundle_file,
@@ -40,6 +41,7 @@ class Processor:
         self.bos_token = tokens.bos_token
         self.pad_token_id = tokens.pad_token_id
         self.padding_side = tokens.padding_side
+        self.truncation_side = "right"  # the tokenizer config's, where it sets one (from_bundle)
         vision = manifest.vision
         self.patch_size = vision.patch_size
         self.select_strategy = vision.select_strategy
@@ -54,7 +56,11 @@ class Processor:
         config = read_bundle_file(bundle, PREPROCESSOR_CONFIG_FILE, lambda path: ImageProcessorConfig.from_dict(read_json_object(path)))
         has_template = (bundle / CHAT_TEMPLATE_FILE).is_file()
         template = read_bundle_file(bundle, CHAT_TEMPLATE_FILE, lambda path: path.read_text(encoding="utf-8")) if has_template else None
-        return cls(tokenizer, ImageProcessor(config), template, manifest)
+        processor = cls(tokenizer, ImageProcessor(config), template, manifest)
+        if (bundle / TOKENIZER_CONFIG_FILE).is_file():
+            side = read_bundle_file(bundle, TOKENIZER_CONFIG_FILE, read_json_object).get("truncation_side", "right")
+            processor.truncation_side = side if side in ("left", "right") else "right"
+        return processor
 
     # ----------------------------------------------------------------------------------------------
     # Image tokens
@@ -87,7 +93,7 @@ class Processor:
         padding_side: str | None = None,
         add_special_tokens: bool = True,
         max_length: int | None = None,
-        truncation: bool | None = None,
+        truncation: bool | str | None = None,
         return_attention_mask: bool = True,
         return_tensors: str | None = None,
         pixel_values: bool = True,
@@ -96,14 +102,15 @@ class Processor:
         with images `pixel_values [n_images, max_tiles, 3, S, S]` and `image_sizes [n_images, 2]`.
 
         `padding=True` (or "longest") pads to the longest prompt, "max_length" to `max_length` (or the longest,
-        if longer), on `padding_side` (default: the tokenizer's). `return_tensors`: None or "np" (arrays either
-        way). `pixel_values=False` leaves the pixels out (`image_sizes` alone sets the token counts): a chat
+        if longer), on `padding_side` (default: the tokenizer's). `truncation` (True, "longest_first" or
+        "only_first") cuts each prompt to `max_length` tokens on the tokenizer's `truncation_side`, and so does a
+        `max_length` given without padding or truncation, as in transformers; a cut into an image's tokens is a
+        ValueError. `return_tensors`: None or "np" (arrays either way). `pixel_values=False` leaves the pixels out (`image_sizes` alone sets the token counts): a chat
         turn preprocesses only the images its cache does not hold.
         """
         if return_tensors not in (None, "np"):
             raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
-        if truncation:
-            raise ValueError("truncation is not supported: it could cut a prompt inside an image's tokens")
+        truncate = _truncates(truncation, padding, max_length)
         flat_images = [load_image(image) for image in flatten_images(images)] if images is not None else []
         if not flat_images:  # `[]` (or an empty list per prompt) is no images, as in a chat turn
             images = None
@@ -128,7 +135,10 @@ class Processor:
         if texts is not None:
             expanded = self.expand_image_tokens(texts, sizes)
             encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
-            data.update(self.pad([encoding.ids for encoding in encodings], padding=padding, padding_side=padding_side, max_length=max_length))
+            ids = [encoding.ids for encoding in encodings]
+            if truncate:
+                ids = [self._truncated(row, max_length, index) for index, row in enumerate(ids)]
+            data.update(self.pad(ids, padding=padding, padding_side=padding_side, max_length=max_length))
             if not return_attention_mask:
                 del data["attention_mask"]
         if pixels is not None:
@@ -136,6 +146,20 @@ class Processor:
         elif sizes is not None:
             data["image_sizes"] = sizes
         return data
+
+    def _truncated(self, ids: list[int], max_length: int, row: int) -> list[int]:
+        """`ids` cut to `max_length` tokens on the truncation side; a ValueError where that drops image tokens (the
+        images' features would no longer match them, which transformers' processor refuses too)."""
+        if len(ids) <= max_length:
+            return ids
+        kept = ids[:max_length] if self.truncation_side == "right" else ids[len(ids) - max_length :]
+        dropped = ids.count(self.image_token_id) - kept.count(self.image_token_id)
+        if dropped:
+            raise ValueError(
+                f"truncating prompt {row} from {len(ids)} to max_length={max_length} tokens would drop {dropped} of its "
+                f"{ids.count(self.image_token_id)} image tokens ({self.image_token}, expanded per image): raise max_length, or shorten the text"
+            )
+        return kept
 
     def check_model_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None, image_sizes: Any = None) -> BatchFeature:
         """Model inputs made elsewhere (this processor's outputs, transformers' with `return_tensors="np"`, or one's
@@ -280,7 +304,8 @@ class Processor:
             return prompts if batched else prompts[0]
         images = [image for c in conversations for image in images_in_messages(c)]
         processor_kwargs.setdefault("padding", len(prompts) > 1)
-        processor_kwargs.setdefault("add_special_tokens", not (self.bos_token is not None and prompts[0].startswith(self.bos_token)))
+        if self.bos_token is not None and prompts[0].startswith(self.bos_token):  # (as transformers, even if asked otherwise)
+            processor_kwargs["add_special_tokens"] = False
         inputs = self(text=prompts, images=images or None, return_tensors=return_tensors, pixel_values=pixel_values, **processor_kwargs)
         return inputs if return_dict else inputs["input_ids"]
 
@@ -288,18 +313,28 @@ class Processor:
     # Decoding
 
     def decode(self, ids: int | Sequence[int] | np.ndarray, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
-        """The text of `ids` (one id, or a sequence; a 2-D array or a list of lists is a batch, as `batch_decode`); special tokens kept
-        unless `skip_special_tokens` (transformers' default); `clean_up_tokenization_spaces`: None, the tokenizer's."""
-        nested = isinstance(ids, (list, tuple)) and len(ids) > 0 and isinstance(ids[0], (list, tuple, np.ndarray))
-        if nested or isinstance(ids, np.ndarray) and ids.ndim == 2:  # a batch, as transformers' decode takes one
-            return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
-        ids = [int(ids)] if isinstance(ids, (int, np.integer)) else [int(i) for i in np.asarray(ids).reshape(-1)]
-        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        clean = self.manifest.tokens.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
-        return clean_up_tokenization(text) if clean else text
+        """The text of `ids`, as transformers' tokenizer `decode`: one id or a sequence gives a string; a batch (a
+        list of lists, a 2-D array or tensor) a list of strings. Special tokens are kept unless
+        `skip_special_tokens`. `clean_up_tokenization_spaces` (None: the tokenizer's setting) is never applied to a
+        BPE tokenizer, as in transformers 5 (it would remove real spaces before punctuation)."""
+        ids = _as_lists(ids)
+        if isinstance(ids, list) and ids and isinstance(ids[0], list):  # a batch
+            return [self._decode_one(row, skip_special_tokens, clean_up_tokenization_spaces) for row in ids]
+        return self._decode_one(ids, skip_special_tokens, clean_up_tokenization_spaces)
 
     def batch_decode(self, sequences: Sequence[Sequence[int]] | np.ndarray, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> list[str]:
-        return [self.decode(np.asarray(ids).reshape(-1), skip_special_tokens, clean_up_tokenization_spaces) for ids in sequences]
+        """`decode` of a batch: a list of strings (one sequence gives a list of its one string, as transformers)."""
+        sequences = _as_lists(sequences)
+        if isinstance(sequences, list) and not sequences:
+            return []
+        texts = self.decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
+        return [texts] if isinstance(texts, str) else texts
+
+    def _decode_one(self, ids: int | list[int], skip_special_tokens: bool, clean_up_tokenization_spaces: bool | None) -> str:
+        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        clean = self.manifest.tokens.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return clean_up_tokenization(text) if clean and type(self.tokenizer.model).__name__ != "BPE" else text
 
 
 class BatchFeature(dict):
@@ -310,6 +345,29 @@ class BatchFeature(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def _truncates(truncation: bool | str | None, padding: bool | str, max_length: int | None) -> bool:
+    """Whether the processor call cuts prompts to `max_length`, by transformers' rule: as asked, and where unset,
+    when a `max_length` comes without padding."""
+    if max_length is not None and (not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or max_length < 1):
+        raise ValueError(f"max_length must be a positive number of tokens, got {max_length!r}")
+    if truncation in (False, "do_not_truncate"):
+        return False
+    if truncation is None:
+        return max_length is not None and padding in (False, "do_not_pad")
+    if truncation in (True, "longest_first", "only_first"):
+        return max_length is not None  # (without it transformers cuts to the model's maximum, which a bundle does not set)
+    raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', got {truncation!r}")
+
+
+def _as_lists(ids: Any) -> Any:
+    """Token ids as Python ints and lists, from numpy arrays, tensors (anything with `tolist`) or sequences."""
+    if hasattr(ids, "tolist"):
+        return ids.tolist()
+    if isinstance(ids, (list, tuple)):
+        return [_as_lists(item) for item in ids] if ids and not isinstance(ids[0], (int, np.integer)) else list(ids)
+    return ids
 
 
 def normalize_messages(conversation: Sequence[dict]) -> list[dict]:

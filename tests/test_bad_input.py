@@ -256,7 +256,8 @@ def test_generation_config_settings_not_implemented_are_warned_of(mistral, tmp_p
     shutil.copytree(mistral.bundle, copy)
     config = copy / "generation_config.json"
     settings = json.loads(config.read_text())
-    config.write_text(json.dumps({**settings, "no_repeat_ngram_size": 2, "num_beams": 1, "typical_p": 1.0, "max_length": 4096}))
-    with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=2, which ortllava does not implement") as caught:
+    config.write_text(json.dumps({**settings, "no_repeat_ngram_size": 2, "num_beams": 1, "typical_p": 1.0, "max_length": 4096,
+                                  "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 3}))
+    with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=3, which ortllava does not implement") as caught:
         ortllava.load(copy, provider="cpu", verify=False)
     assert len(caught) == 1 and "num_beams" not in str(caught[0].message)  # values that do nothing are not named

@@ -78,3 +78,29 @@ def test_apply_chat_template_arguments_as_transformers(mistral):
         ours.apply_chat_template(batch, tokenize=True, return_tensors="pt")
     with pytest.raises(ValueError, match="sanitize_control_tokens=True is not implemented"):
         ours.apply_chat_template(batch, tokenize=True, sanitize_control_tokens=True)
+    # What the template sees is plain data, as there: a str Enum as its string, a model's dump as a dict.
+    import enum
+
+    class Role(str, enum.Enum):
+        USER = "user"
+
+    class Dumped:
+        def model_dump(self):
+            return {"kind": "dumped"}
+
+    rich = [{"role": Role.USER, "content": "Hi", "extra": Dumped()}]
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.extra.kind }}{% endfor %}"
+    assert ours.apply_chat_template(rich, chat_template=template) == hf.apply_chat_template(rich, chat_template=template) == "<user>dumped"
+
+
+def test_a_template_that_writes_the_bos_gets_no_second_one(tiny_store):
+    """Llama-3's template starts with the BOS: tokenized, it is not added again, even when add_special_tokens=True
+    is asked for (as transformers' processor)."""
+    llama3 = tiny_store.get("llama3")
+    ours = ortllava.load(llama3.bundle, provider="cpu", verify=False).processor
+    theirs = AutoProcessor.from_pretrained(llama3.checkpoint)
+    chat = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    for processor_kwargs in (None, {"add_special_tokens": True}):
+        got = ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, processor_kwargs=processor_kwargs)
+        want = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, processor_kwargs=processor_kwargs, return_tensors="np")
+        assert np.array_equal(got, want) and int(np.sum(got == ours.tokenizer.token_to_id(ours.bos_token))) == 1

@@ -149,6 +149,21 @@ def test_other_call_forms(pipes):
         same(hf(*args, max_new_tokens=4, **kwargs), ours(*args, max_new_tokens=4, **kwargs))
 
 
+def test_special_tokens_kept_show_a_batch_rows_padding(pipes):
+    """With skip_special_tokens=False, an answer that ended before the batch's longest shows the pad tokens its row
+    of transformers' output holds (the tokenizer's pad)."""
+    hf, ours = pipes
+    prompts = ["[INST] <image>\nWhat? [/INST]", "[INST] Count to ten. [/INST]"]
+    free = ours(images=[IMAGE], text=prompts, return_tensors=True, generate_kwargs={"max_new_tokens": 8, "min_new_tokens": 8})
+    rows = [record["generated_token_ids"][-8:].tolist() for record in free]  # (the prompt's ids, then the 8 new ones)
+    eos = next(token for token in rows[0][1:5] if token not in rows[1])  # ends row 0 early, not row 1
+    kwargs = dict(return_full_text=False, skip_special_tokens=False, generate_kwargs={"max_new_tokens": 8, "eos_token_id": int(eos)})
+    want = hf(images=[IMAGE], text=prompts, **kwargs)
+    got = ours(images=[IMAGE], text=prompts, **kwargs)
+    same(want, got)
+    assert got[0]["generated_text"].endswith(ours.processor.decode([ours.processor.pad_token_id]))
+
+
 def test_return_tensors_and_generate_kwargs(pipes):
     hf, ours = pipes
     messages = chat(pil(IMAGE), "What is shown in this image?")
@@ -160,8 +175,8 @@ def test_return_tensors_and_generate_kwargs(pipes):
 
 
 def test_max_length_in_generate_kwargs_as_transformers(pipes):
-    """A generation `max_length` (prompt + new tokens) goes in `generate_kwargs`, as there; a direct one is refused
-    (transformers hands it to the processor; at construction it is a load option)."""
+    """A generation `max_length` (prompt + new tokens) in `generate_kwargs`, as there; a call's direct one is refused
+    (transformers hands it to the processor)."""
     hf, ours = pipes
     messages = chat(pil(IMAGE), "What is shown in this image?")
     length = ours.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"].shape[1]
@@ -172,6 +187,29 @@ def test_max_length_in_generate_kwargs_as_transformers(pipes):
     assert len(got[0]["generated_token_ids"]) == length + 4
     with pytest.raises(TypeError, match="generate_kwargs"):
         ours(text=messages, max_length=length + 4)
+
+
+def test_construction_settings_combine_with_a_calls_as_transformers(mistral):
+    """At construction, generation settings given directly (max_length among them) apply to every call; a call's
+    generate_kwargs (or max_new_tokens, stop_sequence) replace the construction's generate_kwargs whole."""
+    messages = chat(pil(OTHER), "Describe.")
+    length = ortllava.load(mistral.bundle, provider="cpu", verify=False).processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"].shape[1]
+    construction = dict(max_length=length + 5, min_new_tokens=5, generate_kwargs={"repetition_penalty": 1.5, "max_new_tokens": 3})
+    hf = transformers.pipeline("image-text-to-text", model=str(mistral.checkpoint), **construction)
+    ours = ortllava.pipeline("image-text-to-text", model=mistral.bundle, device="cpu", **construction)
+    calls = [
+        dict(return_tensors=True),  # the construction's generate_kwargs (max_new_tokens wins over max_length)
+        dict(return_tensors=True, generate_kwargs={"min_new_tokens": 5}),  # replaced: max_length, no penalty
+        dict(return_tensors=True, max_new_tokens=6),  # replaced too
+    ]
+    lengths = []
+    for call in calls:
+        want = hf(text=messages, **call)
+        got = ours(text=messages, **call)
+        same(want, got)
+        lengths.append(len(got[0]["generated_token_ids"]) - length)
+    assert lengths == [3, 5, 6]
 
 
 def test_num_return_sequences_gives_records_as_transformers(pipes):

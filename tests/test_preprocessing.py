@@ -148,6 +148,53 @@ def test_processor_call_as_transformers(hf_processor, pipe):
     assert pipe.processor.decode(ids.tolist()) == hf_processor.decode(ids.tolist())  # a list of lists is a batch too
 
 
+def test_truncation_as_transformers(hf_processor, pipe):
+    """`max_length` without padding truncates, as `truncation=True` does; `truncation=False` keeps the whole prompt; a
+    cut into an image's tokens is refused (transformers' processor refuses the mismatch too)."""
+    texts = ["[INST] A rather long question about nothing in particular, really. [/INST]", "[INST] Hi [/INST]"]
+    for options in (dict(max_length=8), dict(max_length=8, truncation=True), dict(max_length=8, truncation=False),
+                    dict(max_length=8, truncation="longest_first", padding=True), dict(max_length=30, padding="max_length", truncation=True)):
+        want = hf_processor(text=texts, return_tensors="np", **{"padding": True, **options})
+        got = pipe.processor(text=texts, **{"padding": True, **options})
+        assert np.array_equal(got["input_ids"], want["input_ids"]) and np.array_equal(got["attention_mask"], want["attention_mask"]), options
+    one = pipe.processor(text=texts[0], max_length=8)  # no padding: truncated
+    assert np.array_equal(one["input_ids"], hf_processor(text=texts[0], max_length=8, return_tensors="np")["input_ids"]) and one["input_ids"].shape == (1, 8)
+    image, prompt = CASES["wide"], "[INST] <image>\nWhat is this? [/INST]"
+    whole = pipe.processor(image, prompt)["input_ids"].shape[1]
+    assert np.array_equal(pipe.processor(image, prompt, max_length=whole - 3)["input_ids"], hf_processor(image, prompt, max_length=whole - 3, return_tensors="np")["input_ids"])
+    with pytest.raises(ValueError, match=r"truncating prompt 0 .* would drop \d+ of its \d+ image tokens"):
+        pipe.processor(image, prompt, max_length=10)
+    with pytest.raises(ValueError):
+        hf_processor(image, prompt, max_length=10)
+    for bad in (dict(max_length=0), dict(max_length=8, truncation="only_second")):
+        with pytest.raises(ValueError, match="max_length|truncation"):
+            pipe.processor(text=texts[0], **bad)
+
+
+def test_decoding_as_transformers(hf_processor, pipe):
+    """decode: one id, a sequence, a batch (list of lists, 2-D array, anything with tolist); batch_decode of one
+    sequence gives its one text in a list; the clean-up of tokenization spaces is never applied to a BPE tokenizer."""
+    ids = pipe.processor(text=["[INST] Hello , world . it 's me [/INST]", "[INST] Hi [/INST]"], padding=True)["input_ids"]
+
+    class Tensorish:  # what a torch tensor offers here
+        def __init__(self, array):
+            self.array = array
+
+        def tolist(self):
+            return self.array.tolist()
+
+    for value in (ids, ids.tolist(), ids[0], ids[0].tolist(), int(ids[0, 1])):
+        assert pipe.processor.decode(value) == hf_processor.decode(value)
+    assert pipe.processor.decode(Tensorish(ids)) == hf_processor.decode(ids.tolist())
+    for value in (ids, ids[0].tolist(), []):
+        assert pipe.processor.batch_decode(value) == hf_processor.batch_decode(value)
+    assert type(pipe.processor.tokenizer.model).__name__ == "BPE"
+    for clean in (None, True, False):
+        assert pipe.processor.decode(ids[0], skip_special_tokens=True, clean_up_tokenization_spaces=clean) == hf_processor.decode(
+            ids[0], skip_special_tokens=True, clean_up_tokenization_spaces=clean)
+    assert " ," in pipe.processor.decode(ids[0], clean_up_tokenization_spaces=True)
+
+
 def test_batch_input_ids_identical_with_left_padding(hf_processor, pipe):
     prompts = ["[INST] <image>\nDescribe. [/INST]", "[INST] Only text here, somewhat longer. [/INST]", "[INST] <image> and <image>? [/INST]"]
     images = [CASES["wide"], CASES["tall"], CASES["gray"]]
