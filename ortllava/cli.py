@@ -43,7 +43,10 @@ def _generate(args: argparse.Namespace) -> int:
     if args.raw or not pipe.processor.chat_template:
         # The prompt is used as written; images go where its <image> tokens are (or first, if it has none).
         token = pipe.processor.image_token
-        prompt = args.prompt if token in args.prompt else (token + "\n") * len(images) + args.prompt
+        held = args.prompt.count(token)
+        if held and held != len(images):
+            raise ValueError(f"the prompt holds {held} {token} token(s) but {len(images)} --image was given: one --image per {token}, in order")
+        prompt = args.prompt if held else (token + "\n") * len(images) + args.prompt
         inputs = dict(prompt=prompt, images=images or None)
     else:
         content = [{"type": "image", "path": path} for path in images] + [{"type": "text", "text": args.prompt}]
@@ -54,7 +57,9 @@ def _generate(args: argparse.Namespace) -> int:
         if args.stream and answers != 1:
             raise ValueError("--stream prints one answer: leave out --num-return-sequences, or --stream")
         options["num_return_sequences"] = answers
-        pipe.settings(**options)  # checked before the images are read (it needs --do-sample)
+        if answers > 1 and not pipe.settings(**{**options, "num_return_sequences": 1}).do_sample:  # (checked before the images are read)
+            raise ValueError("--num-return-sequences gives several sampled answers: add --do-sample (greedy ones would all be the same)")
+        pipe.settings(**options)
     if args.stream:
         for chunk in pipe.stream(**inputs, **options):
             print(chunk.text, end="", flush=True)
@@ -103,7 +108,7 @@ def _generation_options(args: argparse.Namespace, pipe) -> dict:
     settings = pipe.settings(**given)
     idle = [f"--{name.replace('_', '-')}" for name in SAMPLING_ONLY if name in given and not settings.do_sample]
     if idle:
-        raise ValueError(f"{', '.join(idle)} only apply when sampling: add --do-sample")
+        raise ValueError(f"{', '.join(idle)} only {'apply' if len(idle) > 1 else 'applies'} when sampling: add --do-sample")
     return given
 
 
@@ -111,7 +116,8 @@ def _print_timings(metrics, reason: str | None) -> None:
     print(
         f"[{metrics.prompt_tokens} prompt tokens, {metrics.prefilled_tokens} prefilled, {metrics.generated_tokens} new; "
         f"time to first token {metrics.time_to_first_token_s * 1000:.0f} ms, "
-        f"decode {metrics.decode_tokens_per_s:.1f} tokens/s; finish: {reason}]",
+        + (f"decode {metrics.decode_tokens_per_s:.1f} tokens/s" if metrics.generated_tokens > 1 else "no decode steps (one new token)")
+        + f"; finish: {reason}]",
         file=sys.stderr,
     )
 
@@ -166,11 +172,11 @@ def _info(args: argparse.Namespace) -> int:
 
 def _where_it_runs(decoder) -> str:
     """The execution providers a bundle's decoder is for, and why where it is not for both."""
-    from .sessions import cuda_refusal
+    from .sessions import not_for_cuda
 
-    refusal = cuda_refusal(decoder)
-    if refusal:
-        return f"the CPU provider only ({refusal.split(';')[0]})"
+    reasons = not_for_cuda(decoder)
+    if reasons:
+        return f"the CPU provider only ({'; '.join(reasons)})"
     if decoder.dtype == "float16":
         return "CUDA (fp16 activations; the CPU provider runs them several times slower)"
     return "the CPU and CUDA providers"
@@ -194,6 +200,8 @@ def _chat(args: argparse.Namespace) -> int:
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line:  # EOF
+            if pending:
+                print(f"[{len(pending)} attached image(s) not sent: no message followed]", file=sys.stderr)
             break
         line = line.strip()
         if not line:
@@ -202,6 +210,8 @@ def _chat(args: argparse.Namespace) -> int:
             command, _, argument = line.partition(" ")
             argument = argument.strip()
             if command == "/quit":
+                if pending:
+                    print(f"[{len(pending)} attached image(s) not sent: no message followed]", file=sys.stderr)
                 break
             if command == "/reset":
                 session.reset()
@@ -349,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # an answer the terminal's encoding cannot show is shown in part, never lost
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     from .image import ImageLoadError
     from .manifest import BundleError
 

@@ -246,16 +246,23 @@ def generate_step(
     """
     for step in range(max_new_tokens):
         if not np.isfinite(logits.sum()):  # one scalar: no per-step allocation
-            raise FloatingPointError(
-                f"the decoder returned non-finite logits at new token {step + 1} (in fp16, an activation overflowed); "
-                "no answer is given rather than a wrong one: use an fp32 bundle for this input"
-            )
+            raise FloatingPointError(f"the decoder returned non-finite logits at new token {step + 1}: {_non_finite_hint(decoder)}")
         tokens = sampler(logits)
         yield tokens, logits
         if step + 1 == max_new_tokens:
             return
         embed(tokens, cache.step_embeds)
         logits = decoder.step(cache)
+
+
+def _non_finite_hint(decoder: Decoder) -> str:
+    """Why a decoder's logits may not be finite, and what to do, by its precision."""
+    if np.dtype(decoder.dtype) == np.float16:
+        return "in fp16, an activation overflowed; no answer is given rather than a wrong one: use an fp32 bundle for this input"
+    return (
+        "an fp32 decoder gives such logits only from non-finite weights or embeddings; no answer is given rather than a "
+        "wrong one: load the bundle with its sha256 checks on (verify=True, no --no-verify) to find a damaged file"
+    )
 
 
 @dataclass

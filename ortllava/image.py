@@ -107,8 +107,8 @@ def _size_dict(size: Any) -> dict[str, int]:
 
 
 def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image:
-    """Opens a path, an http(s) URL, a `data:image/...;base64,` URI or a base64 string the way transformers'
-    `load_image` does: EXIF-rotated, then `convert("RGB")`.
+    """Opens a path (or a `file://` URL), an http(s) URL, a `data:image/...;base64,` URI or a base64 string the way
+    transformers' `load_image` does: EXIF-rotated, then `convert("RGB")`.
 
     PIL images and arrays are returned as given; `to_rgb` converts them later, as the image processor does.
     `timeout` (seconds) bounds a URL's download.
@@ -135,7 +135,16 @@ def _read_source(text: str, may_be_base64: bool, timeout: float) -> bytes:
     string's decoding (tried for a string that is no readable file, as transformers does)."""
     if text.startswith(("http://", "https://")):
         return fetch_url(text, timeout=timeout)
-    if text.startswith("data:"):
+    if text.startswith("file://"):  # a local file as a URL (transformers reads no such URL; its path is plain here)
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        url = urlparse(text)
+        if url.netloc not in ("", "localhost"):
+            raise ImageLoadError(f"cannot read image {_shortened(text)}: a file:// URL must name a file on this machine")
+        text = url2pathname(url.path)
+        may_be_base64 = False
+    elif text.startswith("data:"):
         header, _, payload = text.partition(",")
         decoded = _decode_base64(payload) if header.endswith(";base64") else None
         if decoded is None:

@@ -28,6 +28,9 @@ PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 PROCESSOR_CONFIG_FILE = "processor_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 MODEL_CONFIG_FILE = "config.json"
+# What every bundle has besides its graphs (a chat template and a generation config are optional).
+REQUIRED_FILES = (EMBED_TOKENS_FILE, IMAGE_NEWLINE_FILE, TOKENIZER_FILE, PREPROCESSOR_CONFIG_FILE)
+OPTIONAL_FILES = (CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE)  # the runtime reads these where present
 
 # Graph I/O names.
 PIXEL_VALUES = "pixel_values"  # [n_tiles, 3, H, W]
@@ -156,7 +159,7 @@ class Manifest:
         files = section("files")
         if not all(isinstance(name, str) and isinstance(digest, str) for name, digest in files.items()):
             raise TypeError("'files' must map file names to sha256 strings")
-        return cls(
+        manifest = cls(
             schema_version=data["schema_version"],
             vision=VisionSpec(**section("vision")),
             text=TextSpec(**section("text")),
@@ -169,6 +172,85 @@ class Manifest:
             validation=section("validation", {}),
             accuracy=section("accuracy", {}),
         )
+        manifest.check()
+        return manifest
+
+    def check(self) -> None:
+        """Each field's type and range, and every file the runtime reads listed (so hashed); a ValueError naming the
+        first that is not (a hand-edited manifest, which no sha256 covers, would otherwise fail later, in
+        onnxruntime's words or silently)."""
+
+        def fail(where: str, want: str, value: Any) -> None:
+            raise ValueError(f"{where} must be {want}, got {value!r}")
+
+        def whole(where: str, value: Any, least: int = 1) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                fail(where, f"an integer >= {least}", value)
+
+        text, vision, tokens = self.text, self.vision, self.tokens
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
+            whole(f"text.{name}", getattr(text, name))
+        if text.num_attention_heads % text.num_key_value_heads:
+            fail("text.num_attention_heads", f"a multiple of num_key_value_heads ({text.num_key_value_heads})", text.num_attention_heads)
+        for name in ("image_size", "patch_size", "hidden_size"):
+            whole(f"vision.{name}", getattr(vision, name))
+        whole("vision.num_additional_image_tokens", vision.num_additional_image_tokens, least=0)
+        if vision.image_size % vision.patch_size:
+            fail("vision.image_size", f"a multiple of patch_size ({vision.patch_size})", vision.image_size)
+        if not isinstance(vision.feature_layers, list) or not vision.feature_layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in vision.feature_layers):
+            fail("vision.feature_layers", "a non-empty list of layer indices", vision.feature_layers)
+        if vision.select_strategy not in ("default", "full"):
+            fail("vision.select_strategy", "'default' or 'full'", vision.select_strategy)
+        pinpoints = vision.grid_pinpoints
+        if not isinstance(pinpoints, list) or not pinpoints or not all(
+            isinstance(point, list) and len(point) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 and n % vision.image_size == 0 for n in point)
+            for point in pinpoints
+        ):
+            fail("vision.grid_pinpoints", f"a non-empty list of [height, width] multiples of image_size ({vision.image_size})", pinpoints)
+
+        def token_id(where: str, value: Any, optional: bool = False) -> None:
+            if value is None and optional:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < text.vocab_size:
+                fail(where, f"a token id below vocab_size ({text.vocab_size})" + (", or null" if optional else ""), value)
+
+        if not isinstance(tokens.image_token, str) or not tokens.image_token:
+            fail("tokens.image_token", "a non-empty string", tokens.image_token)
+        token_id("tokens.image_token_id", tokens.image_token_id)
+        token_id("tokens.bos_token_id", tokens.bos_token_id, optional=True)
+        token_id("tokens.pad_token_id", tokens.pad_token_id, optional=True)
+        if not isinstance(tokens.eos_token_ids, list):
+            fail("tokens.eos_token_ids", "a list of token ids", tokens.eos_token_ids)
+        for eos in tokens.eos_token_ids:
+            token_id("tokens.eos_token_ids", eos)
+        if tokens.padding_side not in ("left", "right"):
+            fail("tokens.padding_side", "'left' or 'right'", tokens.padding_side)
+
+        for name, graph in self.graphs.items():
+            for file in (graph.file, *graph.external_data):
+                if not _plain_file_name(file):
+                    fail(f"graphs.{name}.file", "a file name inside the bundle", file)
+                if file not in self.files:
+                    raise ValueError(f"'files' lists no sha256 for {file}, which graph {name} reads")
+            if graph.dtype not in ("float32", "float16"):
+                fail(f"graphs.{name}.dtype", "'float32' or 'float16'", graph.dtype)
+        decoder = self.graphs["decoder"]
+        if decoder.kind not in ("gqa", "concat"):
+            fail("graphs.decoder.kind", "'gqa' or 'concat'", decoder.kind)
+        if decoder.kv_dtype not in ("", "int8", "float32", "float16"):
+            fail("graphs.decoder.kv_dtype", "'', 'int8', 'float32' or 'float16'", decoder.kv_dtype)
+        whole("graphs.decoder.max_length", decoder.max_length, least=0)
+        for file in self.files:
+            if not _plain_file_name(file):
+                fail("a name in 'files'", "a file name inside the bundle", file)
+        for file in REQUIRED_FILES:
+            if file not in self.files:
+                raise ValueError(f"'files' lists no sha256 for {file}, which every bundle has")
+
+
+def _plain_file_name(name: Any) -> bool:
+    """A file directly in the bundle folder: no folders, no way out of it."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -231,6 +313,12 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def verify_files(bundle: Path, manifest: Manifest, hashes: bool = True) -> None:
+    for name in OPTIONAL_FILES:  # read when present: then hashed like the rest
+        if name not in manifest.files and (bundle / name).is_file():
+            raise BundleError(
+                f"bundle {bundle} holds {name}, for which the manifest lists no sha256: remove the file, or add its sha256 to "
+                f"the 'files' of {MANIFEST_FILE} (a chat template can also be passed as chat_template=...)"
+            )
     for name, expected in manifest.files.items():
         file = bundle / name
         if not file.is_file():

@@ -19,6 +19,7 @@ from .manifest import (
     PREPROCESSOR_CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
+    BundleError,
     Manifest,
     read_bundle_file,
     read_json_object,
@@ -53,6 +54,12 @@ class Processor:
         tokenizer = read_bundle_file(bundle, TOKENIZER_FILE, lambda path: Tokenizer.from_file(str(path)))
         tokenizer.no_padding()
         tokenizer.no_truncation()
+        image_id = tokenizer.token_to_id(manifest.tokens.image_token)
+        if image_id != manifest.tokens.image_token_id:
+            raise BundleError(
+                f"bundle {bundle} does not match its manifest: the tokenizer gives {manifest.tokens.image_token} the id {image_id}, "
+                f"the manifest says {manifest.tokens.image_token_id}"
+            )
         config = read_bundle_file(bundle, PREPROCESSOR_CONFIG_FILE, lambda path: ImageProcessorConfig.from_dict(read_json_object(path)))
         has_template = (bundle / CHAT_TEMPLATE_FILE).is_file()
         template = read_bundle_file(bundle, CHAT_TEMPLATE_FILE, lambda path: path.read_text(encoding="utf-8")) if has_template else None

@@ -14,7 +14,17 @@ import numpy as np
 import onnxruntime as ort
 
 from .decoders import NUMPY_DTYPES, Device, make_decoder
-from .manifest import IMAGE_FEATURES, PIXEL_VALUES, PROJECTED_FEATURES, BundleError, GraphSpec, Manifest
+from .manifest import (
+    IMAGE_FEATURES,
+    INPUTS_EMBEDS,
+    LOGITS,
+    PIXEL_VALUES,
+    PROJECTED_FEATURES,
+    BundleError,
+    GraphSpec,
+    Manifest,
+    past_key_name,
+)
 
 
 def resolve_providers(provider: str) -> list[str]:
@@ -98,6 +108,41 @@ def _check_io(session: ort.InferenceSession, spec: GraphSpec, name: str) -> None
         )
 
 
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
+
+
+def _check_shapes(sessions: dict[str, ort.InferenceSession], manifest: Manifest) -> None:
+    """The graphs' dtypes and fixed dimensions against the manifest's model (a BundleError naming the first that
+    differs), so a manifest that no longer describes its graphs fails at load rather than in onnxruntime's words."""
+    text, graphs = manifest.text, manifest.graphs
+
+    def io(name: str) -> dict[str, Any]:
+        session = sessions[name]
+        return {arg.name: arg for arg in [*session.get_inputs(), *session.get_outputs()]}
+
+    def expect(graph: str, tensor: str, what: str, got: Any, want: Any) -> None:
+        if isinstance(got, int) and got != want or isinstance(got, str) and isinstance(want, str) and got != want:
+            raise BundleError(f"graph {graph} does not match the manifest: its {tensor}'s {what} is {got}, the manifest says {want}")
+
+    decoder, spec = io("decoder"), graphs["decoder"]
+    layers = sum(1 for name in decoder if name.startswith("past_key_values.") and name.endswith(".key"))
+    expect(spec.file, "keys/values", "layer count", layers, text.num_layers)
+    expect(spec.file, INPUTS_EMBEDS, "type", decoder[INPUTS_EMBEDS].type, _ORT_TYPES[spec.dtype])
+    expect(spec.file, INPUTS_EMBEDS, "width", decoder[INPUTS_EMBEDS].shape[-1], text.hidden_size)
+    expect(spec.file, LOGITS, "width", decoder[LOGITS].shape[-1], text.vocab_size)
+    for layer in range(text.num_layers):
+        past = decoder[past_key_name(layer)]
+        expect(spec.file, past.name, "type", past.type, _ORT_TYPES[spec.kv_dtype or spec.dtype])
+        expect(spec.file, past.name, "key/value heads", past.shape[1], text.num_key_value_heads)
+        expect(spec.file, past.name, "head size", past.shape[3], text.head_dim)
+    encoder, projector = io("vision_encoder"), io("projector")
+    for graph, tensors in ((graphs["vision_encoder"], encoder), (graphs["projector"], projector)):
+        first = next(iter(tensors.values()))
+        expect(graph.file, first.name, "type", first.type, _ORT_TYPES[graph.dtype])
+    expect(graphs["vision_encoder"].file, PIXEL_VALUES, "tile size", encoder[PIXEL_VALUES].shape[-1], manifest.vision.image_size)
+    expect(graphs["projector"].file, PROJECTED_FEATURES, "width", projector[PROJECTED_FEATURES].shape[-1], text.hidden_size)
+
+
 class VisionPath:
     """Tiles -> projected features: `[n_tiles, 3, S, S]` -> `[n_tiles, n_patches, D]`, all tiles in one run."""
 
@@ -127,20 +172,27 @@ class VisionPath:
 
 
 def cuda_refusal(decoder: GraphSpec) -> str | None:
-    """Why a bundle's decoder cannot run on the CUDA provider (None: it can)."""
+    """Why a bundle's decoder cannot run on the CUDA provider, and what to do (None: it can)."""
+    reasons = not_for_cuda(decoder)
+    if not reasons:
+        return None
+    return (
+        f"this bundle is made for the CPU: {'; '.join(reasons)}. Load it with provider='cpu', or export for CUDA "
+        "(--precision fp16, or int4 --target cuda)"
+    )
+
+
+def not_for_cuda(decoder: GraphSpec) -> list[str]:
+    """What in a bundle's decoder the CUDA provider cannot run (or has not been verified to run)."""
+    reasons = []
     if decoder.kind == "gqa" and decoder.dtype == "float32":
         # onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only; the fp32 graph gives wrong tokens there.
-        return (
-            "this bundle's fused decoder is fp32, which the CUDA provider cannot run; export with --precision fp16 "
-            "(or int4 --target cuda) for CUDA, or load it with provider='cpu'"
-        )
+        weights = " (its weights are 4-bit, its activations fp32)" if decoder.quantization else ""
+        reasons.append(f"its fused decoder computes in fp32{weights}, which the CUDA provider's attention cannot")
     if decoder.kv_dtype == "int8":
         # Built and checked on the CPU provider only; CUDA's int8 cache path has not been run against transformers.
-        return (
-            "this bundle's key/value cache is int8, verified on the CPU provider only; load it with provider='cpu', "
-            "or export without --kv-cache int8 for CUDA"
-        )
-    return None
+        reasons.append("its key/value cache is int8, verified on the CPU provider only")
+    return reasons
 
 
 def _whole_number(value: Any, least: int) -> bool:
@@ -203,6 +255,7 @@ class BundleSessions:
         sessions["decoder"] = self._decoder_session(bundle / spec.file, threads, prepack or bool(spec.quantization), fp16_as_stored(spec))
         for name, session in sessions.items():
             _check_io(session, manifest.graphs[name], name)
+        _check_shapes(sessions, manifest)
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
         self.vision = VisionPath(sessions["vision_encoder"], sessions["projector"], device, vision_dtype)
         if self.cuda_graph and not max_length:  # graphs replay fixed shapes: one buffer length for every generation

@@ -78,6 +78,13 @@ def test_image_as_base64_or_a_data_uri(pipe, tmp_path):
         pipe.generate(prompt=PROMPT, images=["data:image/png,rawbytes"])
     with pytest.raises(ImageLoadError, match="cannot read image file cat: No such file"):  # base64-shaped, but no image
         pipe.generate(prompt=PROMPT, images=["cat"])
+    # A file:// URL is the file it names (here with a space, percent-encoded).
+    spaced = save_png(random_image(200, 150, seed=13), tmp_path / "a photo.png")
+    np.testing.assert_array_equal(pipe.processor(text="<image>", images=[spaced.as_uri()])["pixel_values"], want)
+    with pytest.raises(ImageLoadError, match="cannot read image file .*missing.png: No such file"):
+        pipe.processor(text="<image>", images=[(tmp_path / "missing.png").as_uri()])
+    with pytest.raises(ImageLoadError, match="must name a file on this machine"):
+        pipe.processor(text="<image>", images=["file://server/share/a.png"])
 
 
 def test_empty_image_list_is_no_images(pipe):
@@ -123,6 +130,8 @@ def test_prompt_beyond_the_context_is_refused_up_front(pipe, monkeypatch):
     monkeypatch.setattr(pipe.sessions.decoder, "start", lambda *a, **k: pytest.fail("the decoder ran"))
     with pytest.raises(ortllava.ContextLengthError, match=rf"beyond the model's {limit}"):
         pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_new_tokens=limit)
+    with pytest.raises(ortllava.ContextLengthError, match=rf"max_length is {limit * 2} \(\d+ new tokens\).*lower max_length$"):
+        pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_length=limit * 2)
 
 
 def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch):
@@ -193,6 +202,15 @@ def _edit_manifest(edit):
     return damage
 
 
+def _edit_section(section, **values):
+    """A manifest edit setting `values` in one section (a callable: from the value there)."""
+    def edit(manifest):
+        part = dict(manifest[section])
+        part.update({key: value(part[key]) if callable(value) else value for key, value in values.items()})
+        return {**manifest, section: part}
+    return _edit_manifest(edit)
+
+
 @pytest.mark.parametrize(
     "name, damage, message",
     [  # damage that no sha256 check sees: verify=False, or a manifest edited by hand
@@ -208,6 +226,22 @@ def _edit_manifest(edit):
         ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {k: v for k, v in m["graphs"].items() if k != "decoder"}}), "'graphs' has no decoder"),
         ("manifest.json", _edit_manifest(lambda m: {k: v for k, v in m.items() if k != "text"}), "the key 'text' is missing"),
         ("manifest.json", _edit_manifest(lambda m: {**m, "schema_version": "1"}), "has schema version '1'; this ortllava reads version 1"),
+        # A manifest edited so that it no longer describes its graphs and files: named at load, not at the first answer.
+        ("manifest.json", _edit_section("text", num_layers="two"), "text.num_layers must be an integer >= 1, got 'two'"),
+        ("manifest.json", _edit_section("vision", grid_pinpoints=[]), "vision.grid_pinpoints must be a non-empty list"),
+        ("manifest.json", _edit_section("text", num_layers=lambda n: n + 1), r"its keys/values's layer count is (\d+), the manifest says (?!\1)\d+"),
+        ("manifest.json", _edit_section("text", num_key_value_heads=1, num_attention_heads=lambda n: n), r"key/value heads is \d+, the manifest says 1"),
+        ("manifest.json", _edit_section("text", head_dim=lambda n: n * 2), r"head size is \d+, the manifest says \d+"),
+        ("manifest.json", _edit_section("text", vocab_size=lambda n: n + 1), r"logits's width is \d+, the manifest says \d+"),
+        ("manifest.json", _edit_section("tokens", image_token_id=5), "the tokenizer gives <image> the id .*, the manifest says 5"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "decoder": {**m["graphs"]["decoder"], "dtype": "float16"}}}),
+         r"inputs_embeds's type is tensor\(float\), the manifest says tensor\(float16\)"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "decoder": {**m["graphs"]["decoder"], "file": "../decoder.onnx"}}}),
+         "graphs.decoder.file must be a file name inside the bundle"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "files": {k: v for k, v in m["files"].items() if k != "decoder.onnx"}}),
+         "'files' lists no sha256 for decoder.onnx, which graph decoder reads"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "files": {k: v for k, v in m["files"].items() if k != "chat_template.jinja"}}),
+         "holds chat_template.jinja, for which the manifest lists no sha256"),
     ],
 )
 def test_damaged_files_are_named_without_hashing(mistral, tmp_path, name, damage, message):

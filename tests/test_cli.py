@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def test_cli_takes_generate_arguments_as_flags(mistral, pipe):
     want = pipe.generate(messages=messages, max_new_tokens=8, **settings).text
     assert sampled.stdout == want + "\n" and want != pipe.generate(messages=messages, max_new_tokens=8).text
     for extra, message in ((["--temperature", "0.7", "--seed", "1"], "--temperature, --seed only apply when sampling: add --do-sample"),
+                           (["--top-k", "3"], "--top-k only applies when sampling: add --do-sample"),
                            (["--do-sample", "--top-p", "2"], "top_p must be a number in (0, 1]")):
         for command in (cli, [sys.executable, "-m", "ortllava.cli", "chat", str(mistral.bundle), "--provider", "cpu"]):
             refused = subprocess.run([*command, *extra], capture_output=True, text=True, input="")
@@ -57,11 +59,20 @@ def test_cli_gives_several_sampled_answers(mistral, pipe):
     want = pipe.generate(messages=messages, max_new_tokens=6, do_sample=True, seed=5, num_return_sequences=3)
     assert out.stdout == "".join(f"--- answer {i} of 3 ---\n{result.text}\n" for i, result in enumerate(want, start=1))
     assert len({result.text for result in want}) > 1 and "finish:" in out.stderr
-    for extra, message in ((["--num-return-sequences", "2"], "do_sample"),
+    for extra, message in ((["--num-return-sequences", "2"], "--num-return-sequences gives several sampled answers: add --do-sample"),
                            (["--do-sample", "--num-return-sequences", "2", "--stream"], "--stream prints one answer"),
                            (["--do-sample", "--num-return-sequences", "0"], "num_return_sequences must be an integer >= 1")):
         refused = subprocess.run([*cli, *extra], capture_output=True, text=True)
         assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_cli_output_the_terminal_cannot_encode_is_replaced_not_lost(mistral, pipe):
+    """An answer with characters stdout's encoding lacks (a Windows console, a C locale) prints with them replaced."""
+    cli = [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--prompt", "Describe", "--provider", "cpu", "--max-new-tokens", "40"]
+    text = pipe.generate(messages=[{"role": "user", "content": [{"type": "text", "text": "Describe"}]}], max_new_tokens=40).text
+    assert not text.isascii()  # (this random model's answer has some)
+    out = subprocess.run(cli, capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert out.returncode == 0 and out.stdout.decode("ascii") == text.encode("ascii", "replace").decode("ascii") + "\n"
 
 
 def test_cli_says_what_a_long_load_does(mistral, monkeypatch, capsys):
@@ -90,6 +101,11 @@ def test_cli_tells_what_to_do(mistral, tmp_path):
     assert json.loads(out.stdout)["graphs"]["decoder"]["kind"] == "gqa"  # the manifest alone: JSON a tool can read
     out = subprocess.run([*cli, "chat", str(mistral.bundle), "--provider", "cpu", "--max-new-tokens", "9000"], input="/image\nhello\n", capture_output=True, text=True)
     assert "/image needs a path or URL" in out.stderr and "beyond the model's" in out.stderr
+    out = subprocess.run([*cli, "generate", str(mistral.bundle), "--raw", "--image", str(path), "--prompt", "<image> <image> Same?", "--provider", "cpu"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "the prompt holds 2 <image> token(s) but 1 --image was given" in out.stderr
+    out = subprocess.run([*cli, "chat", str(mistral.bundle), "--provider", "cpu"], input=f"/image {path}\n", capture_output=True, text=True)
+    assert out.returncode == 0 and "[1 attached image(s) not sent: no message followed]" in out.stderr
 
 
 def test_cli_leaves_unset_arguments_to_the_generation_config(mistral, tmp_path):

@@ -55,7 +55,7 @@ def test_export_cli_tiny_end_to_end(tmp_path):
     assert json.loads((bundle / "manifest.json").read_text())["provenance"]["source"] == "tiny"
     info = subprocess.run([sys.executable, "-m", "ortllava.cli", "info", str(bundle)], capture_output=True, text=True, check=True)
     assert "MistralForCausalLM" in info.stdout
-    assert "runs on     the CPU provider only (this bundle's fused decoder is fp32, which the CUDA provider cannot run)" in info.stdout
+    assert "runs on     the CPU provider only (its fused decoder computes in fp32, which the CUDA provider's attention cannot)" in info.stdout
     accuracy = json.loads((bundle / "manifest.json").read_text())["accuracy"]
     assert f"top-1 agreement {accuracy['top1_agreement'] * 100:.1f}% over {accuracy['positions']} positions" in info.stdout
     assert re.search(r"^load +[0-9.]+ s on CPUExecutionProvider", info.stdout, re.M) and "size        decoder" in info.stdout

@@ -159,5 +159,10 @@ def test_non_finite_logits_are_an_error_not_an_answer(mistral, monkeypatch):
         return logits
 
     monkeypatch.setattr(decoder, "step", overflowing_step)
-    with pytest.raises(FloatingPointError, match="non-finite logits at new token 2"):
+    with pytest.raises(FloatingPointError, match="non-finite logits at new token 2: an fp32 decoder .* sha256 checks on"):
         pipe.generate(prompt="[INST] Hi [/INST]", max_new_tokens=4, min_new_tokens=4)
+    from types import SimpleNamespace
+
+    from ortllava.generate import _non_finite_hint
+
+    assert _non_finite_hint(SimpleNamespace(dtype=np.float16)).startswith("in fp16, an activation overflowed")  # an fp16 bundle's

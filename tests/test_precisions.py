@@ -145,6 +145,13 @@ def test_int4_bundle_holds_matmulnbits_and_is_smaller(bundles, tiny_store):
     assert [node.name for node in float_linears] == ["lm_head"]  # kept in float unless --quantize-lm-head
     # --kv-cache auto: int8 for int4 with fp32 activations on the gqa decoder; float for the rest
     assert [read_manifest(bundles[name]).graphs["decoder"].kv_dtype for name in ("int4", "int4-concat", "fp16")] == ["int8", "", ""]
+    from ortllava.sessions import not_for_cuda  # what `ortllava info` says of where each runs
+
+    assert not_for_cuda(manifest.graphs["decoder"]) == [
+        "its fused decoder computes in fp32 (its weights are 4-bit, its activations fp32), which the CUDA provider's attention cannot",
+        "its key/value cache is int8, verified on the CPU provider only",
+    ]
+    assert not_for_cuda(read_manifest(bundles["fp16"]).graphs["decoder"]) == []
     fp32 = tiny_store.get("mistral").bundle / "decoder.onnx"
     rotary = 2 * manifest.text.max_position_embeddings * manifest.text.head_dim // 2 * 4  # the cos/sin tables, not weights
     lm_head = manifest.text.vocab_size * manifest.text.hidden_size * 4

@@ -70,10 +70,10 @@ def test_auto_runs_a_cpu_bundle_on_the_cpu_where_cuda_is_present(mistral, monkey
     from ortllava.manifest import read_manifest
 
     monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    with pytest.warns(UserWarning, match="provider 'auto' runs this bundle on the CPU: this bundle's fused decoder is fp32") as caught:
+    with pytest.warns(UserWarning, match="provider 'auto' runs this bundle on the CPU: this bundle is made for the CPU: its fused decoder computes in fp32") as caught:
         assert ortllava.load(mistral.bundle).provider == "CPUExecutionProvider"
     assert caught[0].filename == __file__  # it points at the caller's load()
-    with pytest.raises(BundleError, match="fused decoder is fp32, which the CUDA provider cannot run"):
+    with pytest.raises(BundleError, match="fused decoder computes in fp32, which the CUDA provider's attention cannot. Load it with provider='cpu'"):
         ortllava.load(mistral.bundle, provider="cuda")
     decoder = read_manifest(mistral.bundle).graphs["decoder"]
     assert sessions.cuda_refusal(dataclasses.replace(decoder, dtype="float16")) is None
