@@ -203,10 +203,10 @@ class Manifest:
             fail("vision.select_strategy", "'default' or 'full'", vision.select_strategy)
         pinpoints = vision.grid_pinpoints
         if not isinstance(pinpoints, list) or not pinpoints or not all(
-            isinstance(point, list) and len(point) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 and n % vision.image_size == 0 for n in point)
+            isinstance(point, list) and len(point) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in point)
             for point in pinpoints
         ):
-            fail("vision.grid_pinpoints", f"a non-empty list of [height, width] multiples of image_size ({vision.image_size})", pinpoints)
+            fail("vision.grid_pinpoints", "a non-empty list of [height, width] resolutions", pinpoints)
 
         def token_id(where: str, value: Any, optional: bool = False) -> None:
             if value is None and optional:
