@@ -240,7 +240,7 @@ class Pipeline:
     def settings(self, **given: Any) -> GenerationSettings:
         """`generate`'s arguments, each given (None: unset), else from the bundle's generation config, else the
         default; an unknown name is a TypeError."""
-        return GenerationSettings.resolve(given, self.generation_config)
+        return GenerationSettings.resolve(given, self.generation_config, self.sessions.decoder.max_length)
 
     # ----------------------------------------------------------------------------------------------
     # The shared machinery of generate, stream and chats
@@ -342,16 +342,22 @@ class Pipeline:
             keys = [pixel_digest(pixels[:count], size) for pixels, count, size in zip(inputs["pixel_values"], self._tile_counts(sizes), sizes)]
         metrics.preprocess_s += time.perf_counter() - begun
         spans = image_spans(self.processor, ids, inputs.get("image_sizes"))
-        held = self.prefix.take()
+        slot = self.prefix
+        held = slot.take()
         cut = reusable_length(ids, spans, keys, held, operator.eq)
         first_new_image = sum(1 for start, _ in spans if start < cut)
-        features = None
-        if first_new_image < len(spans):
-            features = self.encode_images(inputs["pixel_values"][first_new_image:], inputs["image_sizes"][first_new_image:])
-        suffix = inputs["input_ids"][:, cut:]
+        try:
+            features = None
+            if first_new_image < len(spans):
+                features = self.encode_images(inputs["pixel_values"][first_new_image:], inputs["image_sizes"][first_new_image:])
+            suffix = inputs["input_ids"][:, cut:]
+            inputs_embeds = self.embed(suffix, features)
+        except BaseException:  # the held cache is untouched yet: it stays for the next generation
+            if held is not None:
+                slot.put(held)
+            raise
         metrics.prefilled_tokens = int(suffix.shape[1])
-        prefill = prefill_after(self.sessions.decoder, held, cut, self.embed(suffix, features), positions_needed(len(ids), max_new_tokens))
-        slot = self.prefix
+        prefill = prefill_after(self.sessions.decoder, held, cut, inputs_embeds, positions_needed(len(ids), max_new_tokens))
 
         def keep(cache: KVCache, answer: list[int]) -> None:
             slot.put(held_after(cache, ids, answer, spans, keys))

@@ -50,9 +50,10 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()  # strings that end an answer where one appears (the text is cut before it)
 
     @classmethod
-    def resolve(cls, given: Mapping[str, Any], generation_config: Mapping[str, Any]) -> GenerationSettings:
+    def resolve(cls, given: Mapping[str, Any], generation_config: Mapping[str, Any], max_positions: int | None = None) -> GenerationSettings:
         """Each argument: the caller's value (None counts as unset), else the bundle's generation config (as
-        transformers reads it), else the default above. An unknown name is a TypeError naming it."""
+        transformers reads it), else the default above. An unknown name is a TypeError naming it. `max_positions`:
+        the most the decoder serves, which a generation config's max_length (a model's context, say) is held to."""
         unknown = sorted(set(given) - set(GENERATION_ARGUMENTS))
         if unknown:
             hints = "".join(f" ({name}: {_HINTS[name]})" for name in unknown if name in _HINTS)
@@ -80,6 +81,8 @@ class GenerationSettings:
             values.pop("max_length", None)
         elif source.get("max_length") is not None:
             values["max_new_tokens"] = None
+            if source is generation_config and max_positions is not None and isinstance(values["max_length"], int):
+                values["max_length"] = min(values["max_length"], max_positions + 1)  # (the last new token takes no position)
         if isinstance(values.get("eos_token_id"), Iterable):
             values["eos_token_id"] = tuple(values["eos_token_id"])
         if "stop" in values:  # one string, or several

@@ -245,10 +245,13 @@ class ImageTextToTextPipeline:
         item's answers: one, or `num_return_sequences` of them."""
         size = len(items) if batch else max(1, int(options["pre"].get("batch_size", self.batch_size)))
         # transformers' answers are the rows of one array: a row that ended early is padded to the longest, which
-        # its text shows where special tokens are kept (the pad: the call's, else the tokenizer's, as its pipeline).
+        # its text shows where special tokens are kept (the pad: the call's, else the tokenizer's, as its pipeline
+        # passes it, else the generation config's or the first EOS id, as generate picks it).
         post = options["post"]
+        show_padding = post.get("skip_special_tokens", True) is False and post.get("return_type") != "tensors"
         pad = options["generate"].get("pad_token_id", self.processor.pad_token_id)
-        show_padding = post.get("skip_special_tokens", True) is False and post.get("return_type") != "tensors" and pad is not None
+        if show_padding and pad is None:
+            pad = self.model._special_ids(self.model.settings(**options["generate"]))[1]
         results = []
         for start in range(0, len(items), size):
             group = items[start : start + size]

@@ -195,8 +195,6 @@ class Manifest:
         for name in ("image_size", "patch_size", "hidden_size"):
             whole(f"vision.{name}", getattr(vision, name))
         whole("vision.num_additional_image_tokens", vision.num_additional_image_tokens, least=0)
-        if vision.image_size % vision.patch_size:
-            fail("vision.image_size", f"a multiple of patch_size ({vision.patch_size})", vision.image_size)
         if not isinstance(vision.feature_layers, list) or not vision.feature_layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in vision.feature_layers):
             fail("vision.feature_layers", "a non-empty list of layer indices", vision.feature_layers)
         if vision.select_strategy not in ("default", "full"):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from . import chat_template as templates
 from .image import ImageLike, ImageProcessor, ImageProcessorConfig, image_sizes, load_image, num_tiles, select_best_resolution
@@ -141,10 +141,10 @@ class Processor:
             sizes = pixels["image_sizes"] if pixels is not None else image_sizes(flat_images)
         if texts is not None:
             expanded = self.expand_image_tokens(texts, sizes)
-            encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
-            ids = [encoding.ids for encoding in encodings]
             if truncate:
-                ids = [self._truncated(row, max_length, index) for index, row in enumerate(ids)]
+                ids = [self._truncated(encoding, max_length, add_special_tokens, row) for row, encoding in enumerate(self.tokenizer.encode_batch(expanded, add_special_tokens=False))]
+            else:
+                ids = [encoding.ids for encoding in self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)]
             data.update(self.pad(ids, padding=padding, padding_side=padding_side, max_length=max_length))
             if not return_attention_mask:
                 del data["attention_mask"]
@@ -154,19 +154,21 @@ class Processor:
             data["image_sizes"] = sizes
         return data
 
-    def _truncated(self, ids: list[int], max_length: int, row: int) -> list[int]:
-        """`ids` cut to `max_length` tokens on the truncation side; a ValueError where that drops image tokens (the
-        images' features would no longer match them, which transformers' processor refuses too)."""
-        if len(ids) <= max_length:
-            return ids
-        kept = ids[:max_length] if self.truncation_side == "right" else ids[len(ids) - max_length :]
-        dropped = ids.count(self.image_token_id) - kept.count(self.image_token_id)
+    def _truncated(self, encoding: Encoding, max_length: int, add_special_tokens: bool, row: int) -> list[int]:
+        """A prompt's ids (`encoding`: without special tokens) cut on the truncation side so that, with the special
+        tokens added after, they are at most `max_length`, as the tokenizer's own truncation does (a BOS is never
+        cut); a ValueError where that drops image tokens (the images' features would no longer match them, which
+        transformers' processor refuses too)."""
+        images = encoding.ids.count(self.image_token_id)
+        room = max(max_length - (self.tokenizer.num_special_tokens_to_add(False) if add_special_tokens else 0), 0)
+        encoding.truncate(room, direction=self.truncation_side)
+        dropped = images - encoding.ids.count(self.image_token_id)
         if dropped:
             raise ValueError(
-                f"truncating prompt {row} from {len(ids)} to max_length={max_length} tokens would drop {dropped} of its "
-                f"{ids.count(self.image_token_id)} image tokens ({self.image_token}, expanded per image): raise max_length, or shorten the text"
+                f"truncating prompt {row} to max_length={max_length} tokens would drop {dropped} of its {images} image tokens "
+                f"({self.image_token}, expanded per image): raise max_length, or shorten the text"
             )
-        return kept
+        return self.tokenizer.post_process(encoding, add_special_tokens=add_special_tokens).ids
 
     def check_model_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None, image_sizes: Any = None) -> BatchFeature:
         """Model inputs made elsewhere (this processor's outputs, transformers' with `return_tensors="np"`, or one's

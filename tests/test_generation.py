@@ -304,6 +304,9 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     assert GenerationSettings.resolve({"max_length": 50}, {}).for_prompt(20).max_new_tokens == 30
     assert GenerationSettings.resolve({}, {"max_length": 50}).max_length == 50
     assert GenerationSettings.resolve({}, {"max_length": 50, "max_new_tokens": 9}) == GenerationSettings.resolve({"max_new_tokens": 9}, {})
+    # A config's max_length (a model's whole context, say) is held to what the decoder serves; a caller's is not.
+    assert GenerationSettings.resolve({}, {"max_length": 10**6}, max_positions=100).max_length == 101
+    assert GenerationSettings.resolve({"max_length": 10**6}, {}, max_positions=100).max_length == 10**6
     # one list of arguments: the HF-style pipeline takes the same ones (stop strings as its stop_sequence)
     assert set(GENERATION_KEYS) | {"stop", "output_logits"} == set(GENERATION_ARGUMENTS)
 

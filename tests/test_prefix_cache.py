@@ -120,3 +120,20 @@ def test_prefix_cache_is_off_unless_asked(pipes, tiny_store):
     assert fresh.prefix is None and again.metrics.prefilled_tokens == again.metrics.prompt_tokens
     with pytest.raises(ValueError, match="prefix_cache must be True or False"):
         ortllava.load(tiny_store.get("mistral").bundle, provider="cpu", verify=False, prefix_cache="yes")
+
+
+def test_a_failed_generation_leaves_the_kept_cache(pipes, monkeypatch):
+    """A generation that fails before its prefill (here: encoding its new image) keeps the cache for the next."""
+    cached, _ = pipes
+    messages = user(IMAGE, "What is shown in this image?")
+    cached.generate(messages=messages, **GREEDY)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the vision encoder failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cached, "encode_images", failing)
+        with pytest.raises(RuntimeError, match="the vision encoder failed"):
+            cached.generate(messages=user(OTHER, "And this one?"), **GREEDY)
+    assert cached.prefix.cached_tokens > 0
+    assert cached.generate(messages=messages, **GREEDY).metrics.prefilled_tokens == 1

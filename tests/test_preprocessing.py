@@ -157,6 +157,14 @@ def test_truncation_as_transformers(hf_processor, pipe):
         want = hf_processor(text=texts, return_tensors="np", **{"padding": True, **options})
         got = pipe.processor(text=texts, **{"padding": True, **options})
         assert np.array_equal(got["input_ids"], want["input_ids"]) and np.array_equal(got["attention_mask"], want["attention_mask"]), options
+    for side in ("left", "right"):  # the special tokens stay (a BOS is never cut)
+        hf_processor.tokenizer.truncation_side, pipe.processor.truncation_side = side, side
+        try:
+            want = hf_processor(text=texts, max_length=8, truncation=True, padding=True, return_tensors="np")["input_ids"]
+            assert np.array_equal(pipe.processor(text=texts, max_length=8, truncation=True, padding=True)["input_ids"], want), side
+            assert want[0, 0] == pipe.processor.tokenizer.token_to_id(pipe.processor.bos_token)
+        finally:
+            hf_processor.tokenizer.truncation_side, pipe.processor.truncation_side = "right", "right"
     one = pipe.processor(text=texts[0], max_length=8)  # no padding: truncated
     assert np.array_equal(one["input_ids"], hf_processor(text=texts[0], max_length=8, return_tensors="np")["input_ids"]) and one["input_ids"].shape == (1, 8)
     image, prompt = CASES["wide"], "[INST] <image>\nWhat is this? [/INST]"
