@@ -57,12 +57,12 @@ class Pipeline:
         the image's encoding and prefill); see `ortllava.prefix`. Off by default: where each run begins changes
         float rounding (the tokens were identical in every test), and it keeps one cache's memory.
         """
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
         self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph, prepack)
-        if not isinstance(prefix_cache, bool):
-            raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         self.prefix = PrefixSlot(self.sessions.decoder) if prefix_cache else None
         if prefix_cache and self.sessions.decoder.kv_dtype == np.int8:
             warnings.warn(
