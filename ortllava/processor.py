@@ -112,8 +112,8 @@ class Processor:
         if longer), on `padding_side` (default: the tokenizer's). `truncation` (True, "longest_first" or
         "only_first") cuts each prompt to `max_length` tokens on the tokenizer's `truncation_side`, and so does a
         `max_length` given without padding or truncation, as in transformers; a cut into an image's tokens is a
-        ValueError. `return_tensors`: None or "np" (arrays either way). `pixel_values=False` leaves the pixels out (`image_sizes` alone sets the token counts): a chat
-        turn preprocesses only the images its cache does not hold.
+        ValueError. `return_tensors`: None or "np" (arrays either way). `pixel_values=False` leaves the pixels out
+        (`image_sizes` alone sets the token counts): a chat turn preprocesses only the images its cache does not hold.
         """
         if return_tensors not in (None, "np"):
             raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
@@ -141,8 +141,9 @@ class Processor:
             sizes = pixels["image_sizes"] if pixels is not None else image_sizes(flat_images)
         if texts is not None:
             expanded = self.expand_image_tokens(texts, sizes)
-            if truncate:
-                ids = [self._truncated(encoding, max_length, add_special_tokens, row) for row, encoding in enumerate(self.tokenizer.encode_batch(expanded, add_special_tokens=False))]
+            if truncate:  # (the special tokens are added after the cut, so that they stay)
+                encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=False)
+                ids = [self._truncated(encoding, max_length, add_special_tokens, row) for row, encoding in enumerate(encodings)]
             else:
                 ids = [encoding.ids for encoding in self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)]
             data.update(self.pad(ids, padding=padding, padding_side=padding_side, max_length=max_length))
