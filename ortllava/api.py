@@ -268,7 +268,8 @@ class Pipeline:
         model_inputs: BatchFeature | None = None,
     ) -> Run:
         """Everything up to the first decoder call: inputs (`model_inputs` if given, else from the prompt or chat),
-        images, embeddings (through `plan`, by default `_fresh_prefill`), sampler. `pixel_values=False` leaves
+        images, embeddings (through `plan`; by default `_prefix_prefill` for one prompt with `prefix_cache`, else
+        `_fresh_prefill`), sampler. `pixel_values=False` leaves
         the images' pixels to `plan` (a chat turn preprocesses only the images it encodes; it adds that time to
         `metrics.preprocess_s`)."""
         started = time.perf_counter()

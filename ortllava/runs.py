@@ -56,8 +56,8 @@ class Run:
     metrics: GenerationMetrics
     started: float
     batched: bool
-    keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat)
-    tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (a chat's runs only)
+    keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat, the prefix cache)
+    tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (only runs that keep their cache)
 
     def loop(self) -> Iterator[Step]:
         """The decode loop's steps; closing this generator closes the loop (and releases or keeps the cache)."""
@@ -69,13 +69,13 @@ class Run:
             else:
                 out[:, 0] = np.take(table, ids, axis=0)
 
-        hand_over = self.keep_cache  # a chat keeps the cache with the token ids it holds
+        hand_over = self.keep_cache  # a chat or the prefix cache keeps the cache with the token ids it holds
         keep = None if hand_over is None else (lambda cache: hand_over(cache, self.tokens))
 
         steps = decode_loop(decoder, self.prefill, embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
         try:
             for step in steps:
-                if keep is not None and step.active[0]:  # only a chat needs them
+                if keep is not None and step.active[0]:  # only a kept cache needs them
                     self.tokens.append(int(step.tokens[0]))
                 yield step
         finally:
@@ -117,6 +117,7 @@ def collect(run: Run) -> list[GenerationResult]:
             kept, logits[row] = np.stack(logits[row]), []  # (each row's copies go as its array is made)
         results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics, logits=kept))
     return results
+
 
 def stream_chunks(run: Run) -> Iterator[StreamChunk]:
     """Runs a prepared one-row generation, yielding stable text pieces; the last chunk has the finish reason
