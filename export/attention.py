@@ -13,7 +13,7 @@ runtime binds `present` to the same memory as `past`), and returns `[B, S, heads
   context take the op.
 - `int8_cache_attention` (`--kv-cache int8`): an `If` per layer. Decode steps take the op's int8-cache kernel;
   prompts and continuations dequantize the held positions, attend in float and quantize back (the int8 kernel is
-  ~3x slower there).
+  ~3x slower there); what a run attends to of the held positions is their int8 values.
 
 Both `If`s share the layer's weights (outer scope); the conditions are computed once per run, in a prelude.
 """

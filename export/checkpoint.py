@@ -35,6 +35,8 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
     from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
 
     if name == "tiny":
+        if revision:
+            raise FileNotFoundError(f"--revision {revision} names a hub revision, but 'tiny' is built here: leave it out")
         from .tiny import TinySpec, build_model, build_processor, build_tokenizer
 
         spec = TinySpec()

@@ -16,7 +16,7 @@ from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, GenerationSettings, positions_needed, unsupported_generation_settings
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
-from .prefix import PrefixSlot, held_after, image_spans, pixel_digest, prefill_after, reusable_length
+from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .processor import BatchFeature, Processor, is_chat_batch
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
 from .runs import KeepCache, Prefill, Run, StreamChunk, collect, one_answer, stream_chunks
@@ -40,7 +40,8 @@ class Pipeline:
         threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False, prepack: bool = True,
         prefix_cache: bool = False,
     ):
-        """`provider`: "auto" (CUDA when present and the bundle runs there, else the CPU), "cpu" or "cuda". `verify`
+        """`provider`: "auto" (CUDA when present and the bundle runs there, else the CPU), "cpu", "cuda" or "cuda:N"
+        (GPU N; "cuda" is GPU 0). `verify`
         checks every file's sha256.
         `io_binding` keeps keys/values on the device between steps (default: on with CUDA and for "gqa"
         decoders). `max_length` preallocates a "gqa" decoder's key/value buffers to that many positions once,
@@ -59,6 +60,8 @@ class Pipeline:
         """
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be True or False, got {verify!r}")
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
@@ -71,7 +74,8 @@ class Pipeline:
                 stacklevel=3,  # the caller of load()
             )
         hidden = self.manifest.text.hidden_size
-        self.embed_table = read_bundle_file(self.bundle, EMBED_TOKENS_FILE, lambda path: _array(path, (None, hidden), mmap=True))  # [V, D]
+        vocab = self.manifest.text.vocab_size
+        self.embed_table = read_bundle_file(self.bundle, EMBED_TOKENS_FILE, lambda path: _array(path, (vocab, hidden), mmap=True))  # [V, D]
         self.image_newline = read_bundle_file(self.bundle, IMAGE_NEWLINE_FILE, lambda path: _array(path, (hidden,)))  # [D]
         has_config = (self.bundle / GENERATION_CONFIG_FILE).is_file()
         self.generation_config: dict[str, Any] = read_bundle_file(self.bundle, GENERATION_CONFIG_FILE, read_json_object) if has_config else {}
@@ -217,14 +221,18 @@ class Pipeline:
         """`generate` for one prompt, chat or row of `input_ids`, yielding text pieces as tokens arrive.
 
         The pieces joined equal `generate(...).text` for the same arguments; the last chunk carries the
-        finish reason and the metrics.
+        finish reason and the metrics. The arguments are checked here; the work begins at the first chunk.
         """
         model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
         batch = model_inputs["input_ids"].shape[0] > 1 if model_inputs is not None else is_batch(prompt, messages)
         if batch:
             raise ValueError("stream takes one prompt, one chat or one row of input_ids; use generate for batches")
         settings = one_answer(self.settings(**kwargs), streamed=True)
-        yield from stream_chunks(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))
+
+        def chunks() -> Iterator[StreamChunk]:
+            yield from stream_chunks(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))
+
+        return chunks()
 
     def chat(self, system: str | None = None, **defaults: Any) -> ChatSession:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
@@ -334,36 +342,19 @@ class Pipeline:
 
     def _prefix_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics) -> tuple[Prefill, KeepCache]:
         """One prompt from the kept cache (`prefix_cache`): what it holds of the prompt is kept, the rest runs (its
-        images only through the vision path), and this generation's cache is kept in its place."""
-        ids = inputs["input_ids"][0]
+        images only through the vision path), and this generation's cache is kept in its place. Images are the same
+        when their preprocessed pixels are (a digest of them)."""
         begun = time.perf_counter()
         keys = []
         if "pixel_values" in inputs:
             sizes = inputs["image_sizes"]
             keys = [pixel_digest(pixels[:count], size) for pixels, count, size in zip(inputs["pixel_values"], self._tile_counts(sizes), sizes)]
         metrics.preprocess_s += time.perf_counter() - begun
-        spans = image_spans(self.processor, ids, inputs.get("image_sizes"))
-        slot = self.prefix
-        held = slot.take()
-        cut = reusable_length(ids, spans, keys, held, operator.eq)
-        first_new_image = sum(1 for start, _ in spans if start < cut)
-        try:
-            features = None
-            if first_new_image < len(spans):
-                features = self.encode_images(inputs["pixel_values"][first_new_image:], inputs["image_sizes"][first_new_image:])
-            suffix = inputs["input_ids"][:, cut:]
-            inputs_embeds = self.embed(suffix, features)
-        except BaseException:  # the held cache is untouched yet: it stays for the next generation
-            if held is not None:
-                slot.put(held)
-            raise
-        metrics.prefilled_tokens = int(suffix.shape[1])
-        prefill = prefill_after(self.sessions.decoder, held, cut, inputs_embeds, positions_needed(len(ids), max_new_tokens))
 
-        def keep(cache: KVCache, answer: list[int]) -> None:
-            slot.put(held_after(cache, ids, answer, spans, keys))
+        def encode_from(first: int) -> np.ndarray:
+            return self.encode_images(inputs["pixel_values"][first:], inputs["image_sizes"][first:])
 
-        return prefill, keep
+        return plan_from_held(self, inputs, self.prefix.take(), keys, operator.eq, encode_from, max_new_tokens, metrics, self.prefix.put)
 
     def _answer_text(self, ids: Sequence[int]) -> str:
         """An answer's text: special tokens dropped, as transformers' pipelines and `batch_decode(..., True)` give it."""
@@ -399,11 +390,11 @@ class Pipeline:
             )
 
 
-def _array(path: Path, shape: tuple[int | None, ...], mmap: bool = False) -> np.ndarray:
-    """A `.npy` array of `shape` (None: any length on that axis); a ValueError if it has another."""
+def _array(path: Path, shape: tuple[int, ...], mmap: bool = False) -> np.ndarray:
+    """A `.npy` array of `shape`; a ValueError if it has another."""
     array = np.load(path, mmap_mode="r" if mmap else None)
-    if array.ndim != len(shape) or any(want is not None and have != want for have, want in zip(array.shape, shape)):
-        raise ValueError(f"its shape is {list(array.shape)}; the manifest's model wants {[n if n else 'any' for n in shape]}")
+    if array.shape != shape:
+        raise ValueError(f"its shape is {list(array.shape)}; the manifest's model wants {list(shape)}")
     return array
 
 
@@ -430,7 +421,8 @@ def is_batch(prompt: Any, messages: Any) -> bool:
 
 
 def load(bundle: str | Path, provider: str = "auto", **kwargs: Any) -> Pipeline:
-    """Loads an exported bundle. `provider`: "auto" (CUDA when present and the bundle runs there), "cpu" or "cuda"."""
+    """Loads an exported bundle. `provider`: "auto" (CUDA when present and the bundle runs there), "cpu", "cuda" or
+    "cuda:N" (GPU N)."""
     return Pipeline(bundle, provider=provider, **kwargs)
 
 

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import numpy as np
 
-from .decoders import ContextLengthError, KVCache
+from .decoders import ContextLengthError
 from .generate import LENGTH_ARGUMENTS, GenerationMetrics, GenerationResult, positions_needed
 from .image import ImageLike, load_image
-from .prefix import HeldCache, held_after, image_spans, prefill_after, reusable_length
+from .prefix import HeldCache, plan_from_held
 from .processor import flatten_images, images_in_messages
 from .runs import collect, one_answer, stream_chunks
 
@@ -47,6 +47,8 @@ class ChatSession:
 
     def __init__(self, pipe: Pipeline, system: str | None = None, **defaults: Any):
         one_answer(pipe.settings(**defaults))  # a wrong argument fails here, not at the first turn
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be a string (the system message's text) or None, got {type(system).__name__}")
         if not pipe.processor.chat_template:
             raise ValueError("this bundle has no chat template: a chat needs one")
         self.pipe = pipe
@@ -169,26 +171,20 @@ class ChatSession:
 
         def plan(inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics):
             pipe = self.pipe
-            ids = inputs["input_ids"][0]
-            # Taken out of the session while the turn runs: a turn that fails leaves no cache (the next starts afresh).
-            held, self._held = self._held, None
-            spans = image_spans(pipe.processor, ids, inputs.get("image_sizes"))
-            cut = reusable_length(ids, spans, sources, held, _same_source)
-            first_new_image = sum(1 for start, _ in spans if start < cut)
-            features = None
-            if first_new_image < len(spans):
+
+            def encode_from(first: int) -> np.ndarray:
                 begun = time.perf_counter()
-                new_images = pipe.processor.image_processor([load_image(source) for source in sources[first_new_image:]])
+                new_images = pipe.processor.image_processor([load_image(source) for source in sources[first:]])
                 metrics.preprocess_s += time.perf_counter() - begun
-                features = pipe.encode_images(new_images["pixel_values"], new_images["image_sizes"])
-            suffix = inputs["input_ids"][:, cut:]
-            metrics.prefilled_tokens = int(suffix.shape[1])
-            prefill = prefill_after(pipe.sessions.decoder, held, cut, pipe.embed(suffix, features), positions_needed(len(ids), max_new_tokens))
+                return pipe.encode_images(new_images["pixel_values"], new_images["image_sizes"])
 
-            def keep(cache: KVCache, tokens: list[int]) -> None:
-                self._held = held_after(cache, ids, tokens, spans, sources)
+            def hold(held: HeldCache) -> None:
+                self._held = held
 
-            return prefill, keep
+            # Taken out of the session while the turn runs; the turn's cache replaces it at the end, and a turn that
+            # fails before its answer begins puts back what it still holds.
+            held, self._held = self._held, None
+            return plan_from_held(pipe, inputs, held, sources, _same_source, encode_from, max_new_tokens, metrics, hold)
 
         return plan
 

@@ -32,9 +32,13 @@ def _load(args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace) -> int:
     pipe = _load(args)
+    images = args.image or []
     if args.prompt == "-":  # the prompt from stdin
         args.prompt = sys.stdin.read().strip()
-    images = args.image or []
+        if not args.prompt:  # (say, the command before this one in a pipe failed)
+            raise ValueError("--prompt - read an empty prompt from stdin")
+    if not args.prompt.strip() and not images:
+        raise ValueError("the prompt is empty: give --prompt TEXT, an --image, or both")
     if not args.raw and pipe.processor.chat_template and pipe.processor.image_token in args.prompt:
         raise ValueError(
             f"the chat template places one {pipe.processor.image_token} per --image itself: leave it out of --prompt "

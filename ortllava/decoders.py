@@ -107,6 +107,8 @@ class FusedDecoder(_DecoderBase):
     ):
         super().__init__(session, manifest, device)
         self.device = device or Device("cpu")
+        if capacity and capacity > self.max_length:
+            warnings.warn(f"max_length={capacity} is more than the {self.max_length} positions this decoder serves: its buffers hold {self.max_length}", stacklevel=6)
         self.fixed_capacity = min(capacity, self.max_length) if capacity else None  # static shapes: always this many positions
         if self.fixed_capacity:  # then no generation holds more: requests are checked against it up front
             self.max_length = self.fixed_capacity
@@ -242,15 +244,32 @@ class FusedDecoder(_DecoderBase):
         cache.lengths += 1
         self._sync(state["embeds_value"], cache.step_embeds)
         self._sync(state["mask_value"], state["mask"])
-        if not self.cuda_graph:
-            self.session.run_with_iobinding(state["step_binding"])
-            return cache.logits
+        try:
+            if not self.cuda_graph:
+                self.session.run_with_iobinding(state["step_binding"])
+                return cache.logits
+            return self._captured_step(cache)
+        except BaseException:  # the cache holds what it held before (a chat or the prefix cache may keep it)
+            cache.lengths -= 1
+            state["mask"][state["rows"], cache.lengths] = 0
+            self._sync(state["mask_value"], state["mask"])
+            raise
+
+    def _captured_step(self, cache: KVCache) -> np.ndarray:
+        """A decode step under CUDA graphs: captured on its first run, replayed after; where the first run fails,
+        the cache's steps go on uncaptured."""
+        state = cache.state
+        if "captured" in state or state["step_options"] is self._uncaptured:
+            self.session.run_with_iobinding(state["step_binding"], state["step_options"])
+            return self._logits(cache)
         try:
             self.session.run_with_iobinding(state["step_binding"], state["step_options"])
         except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
-            warnings.warn(f"CUDA graph capture failed ({error}); continuing without CUDA graphs", stacklevel=2)
+            warnings.warn(f"CUDA graph capture failed ({error}); continuing without CUDA graphs", stacklevel=3)
             state["step_options"] = self._uncaptured
             self.session.run_with_iobinding(state["step_binding"], self._uncaptured)
+        else:
+            state["captured"] = True
         return self._logits(cache)
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -271,7 +290,11 @@ class FusedDecoder(_DecoderBase):
         cache.lengths[0] += inputs_embeds.shape[1]
         cache.state["mask"][0, start : cache.lengths[0]] = 1
         self._sync(cache.state["mask_value"], cache.state["mask"])
-        return self._run(inputs_embeds, cache.state["mask"], cache)
+        try:
+            return self._run(inputs_embeds, cache.state["mask"], cache)
+        except BaseException:  # the cache holds what it held before
+            self.truncate(cache, start)
+            raise
 
     def truncate(self, cache: KVCache, length: int) -> None:
         cache.lengths[0] = min(int(cache.lengths[0]), length)
@@ -342,15 +365,17 @@ class ConcatDecoder(_DecoderBase):
 
     def step(self, cache: KVCache) -> np.ndarray:
         positions = cache.lengths[:, None].copy()
-        cache.lengths += 1
-        return self._run(cache.step_embeds, positions, cache)
+        logits = self._run(cache.step_embeds, positions, cache)
+        cache.lengths += 1  # after the run: one that fails leaves the cache as it was
+        return logits
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
         count = inputs_embeds.shape[1]
         cache = self.reserve(cache, cache.state["width"] + count)
         positions = (cache.lengths[0] + np.arange(count, dtype=np.int64))[None]
+        logits = self._run(inputs_embeds, positions, cache)
         cache.lengths[0] += count
-        return self._run(inputs_embeds, positions, cache)
+        return logits
 
     def truncate(self, cache: KVCache, length: int) -> None:
         cut = int(cache.lengths[0]) - min(int(cache.lengths[0]), length)

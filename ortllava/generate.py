@@ -3,7 +3,8 @@
 `generate_step` is a generator of next tokens and their logits (mlx-lm style); `decode_loop` runs the prefill and
 then `generate_step` with the EOS rule and timings, yielding each step to `runs.collect` (results) and
 `runs.stream_chunks` (text pieces), for `Pipeline.generate`, `Pipeline.stream` and chat sessions (which keep the cache
-for the next turn). The decoder (decoders.py) keeps positions and the key/value cache.
+for the next turn). The decoder (decoders.py) runs the graph over a `KVCache`, which holds the keys/values and each
+row's length.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ class GenerationMetrics:
 class GenerationResult:
     text: str
     token_ids: list[int]  # the new tokens, the stop token included when one ended the answer
-    finish_reason: str  # "stop" (an EOS token) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (an EOS token or a stop string) or "length" (max_new_tokens)
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
     # [len(token_ids), V] float32 with output_logits=True: the raw logits each was picked from (left out of == and repr)
     logits: np.ndarray | None = field(default=None, compare=False, repr=False)

@@ -40,6 +40,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from .api import Pipeline, load
 from .generate import GENERATION_ARGUMENTS, GenerationResult
@@ -79,13 +80,11 @@ def pipeline(task: str = TASK, model: str | os.PathLike | Pipeline | None = None
 def _provider_for(device: Any) -> str:
     if device is None:
         return "auto"
-    if isinstance(device, int):
-        return "cpu" if device < 0 else "cuda"
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cpu" if device < 0 else f"cuda:{device}"
     text = str(device)
-    if text == "cpu":
-        return "cpu"
-    if text.startswith("cuda"):
-        return "cuda"
+    if text in ("cpu", "cuda", "auto") or text.startswith("cuda:") and text[5:].isdigit():
+        return text
     raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or an index, got {device!r}")
 
 
@@ -223,7 +222,7 @@ class ImageTextToTextPipeline:
         timeout = options["pre"].get("timeout")
         texts = [text] if isinstance(text, str) else list(text)
         flat = flatten_images(images) if images is not None else []
-        loaded = [_load_image(source, timeout) for source in flat]
+        loaded = [_load_image(source, timeout, reload_pil=True) for source in flat]
         counts = [prompt.count(self.processor.image_token) for prompt in texts]
         if sum(counts) != len(loaded):
             raise ValueError(
@@ -347,6 +346,10 @@ def _is_chat(arg: Any) -> bool:
     return isinstance(arg, (list, tuple)) and len(arg) > 0 and isinstance(arg[0], (list, tuple, dict))
 
 
-def _load_image(source: Any, timeout: float | None) -> Any:
-    """`load_image`, with `timeout` (when given) for http(s) URLs."""
+def _load_image(source: Any, timeout: float | None, reload_pil: bool = False) -> Any:
+    """`load_image`, with `timeout` (when given) for http(s) URLs. `reload_pil`: a PIL image too is EXIF-rotated and
+    converted with `convert("RGB")` (transparency dropped, not composited on white), as transformers' pipeline
+    reloads the images that come with prompt strings (those in chat messages it passes on as given)."""
+    if reload_pil and isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source).convert("RGB")
     return load_image(source, timeout=URL_TIMEOUT_S if timeout is None else timeout)

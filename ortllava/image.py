@@ -61,6 +61,9 @@ class ImageProcessorConfig:
         crop = _size_dict(data.get("crop_size", {"height": 224, "width": 224}))
         mean = data.get("image_mean", OPENAI_CLIP_MEAN)
         std = data.get("image_std", OPENAI_CLIP_STD)
+        for name, value in (("image_mean", mean), ("image_std", std)):  # (transformers' normalize refuses other lengths)
+            if isinstance(value, (list, tuple)) and len(value) != 3:
+                raise ValueError(f"{name} must be one number or three (one per RGB channel), got {list(value)}")
         return cls(
             grid_pinpoints=[list(p) for p in data.get("image_grid_pinpoints", [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])],
             size=size,
@@ -113,7 +116,13 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image
     PIL images and arrays are returned as given; `to_rgb` converts them later, as the image processor does.
     `timeout` (seconds) bounds a URL's download.
     """
-    if isinstance(source, (Image.Image, np.ndarray)):
+    if isinstance(source, Image.Image):
+        try:
+            source.load()  # (pixels a lazily opened image has not read yet; a closed image fails here)
+        except Exception as error:  # PIL raises many types for damaged files
+            raise ImageLoadError(f"cannot read the PIL image given: {error}") from error
+        return source
+    if isinstance(source, np.ndarray):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise ImageLoadError(f"unsupported image type {type(source).__name__}: give a PIL image, an array, a path or a URL")
@@ -144,9 +153,9 @@ def _read_source(text: str, may_be_base64: bool, timeout: float) -> bytes:
             raise ImageLoadError(f"cannot read image {_shortened(text)}: a file:// URL must name a file on this machine")
         text = url2pathname(url.path)
         may_be_base64 = False
-    elif text.startswith("data:"):
+    elif text.startswith("data:"):  # (transformers decodes a data:image/ URI's payload as base64, marked so or not)
         header, _, payload = text.partition(",")
-        decoded = _decode_base64(payload) if header.endswith(";base64") else None
+        decoded = _decode_base64(payload) if header.startswith("data:image/") else None
         if decoded is None:
             raise ImageLoadError(f"cannot read image {_shortened(text)}: a data URI must be data:image/...;base64,<base64 data>")
         return decoded
@@ -401,7 +410,11 @@ class ImageProcessor:
         cfg = self.config
         if cfg.do_convert_rgb and isinstance(image, Image.Image):
             return _rgb_pil(image)
-        rgb = _as_uint8(to_rgb(image) if cfg.do_convert_rgb else _channels_last(image))
+        if cfg.do_convert_rgb:
+            rgb = to_rgb(image)
+        else:  # (a PIL image's array is [H, W, C] whatever its size; an array's channel axis is guessed, as transformers does)
+            rgb = np.asarray(image) if isinstance(image, Image.Image) else _channels_last(image)
+        rgb = _as_uint8(rgb)
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ImageLoadError(f"without do_convert_rgb an image must have 3 channels, got shape {rgb.shape}")
         return Image.fromarray(np.ascontiguousarray(rgb))

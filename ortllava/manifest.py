@@ -37,7 +37,7 @@ PIXEL_VALUES = "pixel_values"  # [n_tiles, 3, H, W]
 IMAGE_FEATURES = "image_features"  # [n_tiles, n_patches, Dv * n_layers]
 PROJECTED_FEATURES = "projected_features"  # [n_tiles, n_patches, D]
 INPUTS_EMBEDS = "inputs_embeds"  # [B, S, D]
-ATTENTION_MASK = "attention_mask"  # [B, P + S] int64
+ATTENTION_MASK = "attention_mask"  # [B, W] int64: W = P + S ("concat"); a "gqa" step's is its buffers' capacity
 POSITION_IDS = "position_ids"  # [B, S] int64
 LOGITS = "logits"  # [B, V], last position only
 

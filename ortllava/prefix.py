@@ -5,7 +5,7 @@ A `HeldCache` is a finished one-row cache with the token ids it holds (the promp
 token, which was never fed back) and a key for each image whose tokens it holds: what makes two images the same
 (a chat's kept image object; a digest of a generation's pixels). A new prompt keeps the longest prefix of those
 ids it shares (`reusable_length`), backed up so that it never keeps part of an image, nor an image whose key
-differs; `prefill_after` cuts the cache back to it and runs only the rest, so only the images in the rest go
+differs; `plan_from_held` cuts the cache back to it and runs only the rest, so only the images in the rest go
 through the vision encoder.
 
 The answers are those of prefilling the whole prompt afresh, up to float rounding where the runs begin (tested
@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .decoders import KVCache
+from .generate import positions_needed
 
 if TYPE_CHECKING:
-    from .generate import Decoder
+    from .api import Pipeline
+    from .generate import Decoder, GenerationMetrics
     from .processor import Processor
-    from .runs import Prefill
+    from .runs import KeepCache, Prefill
 
 
 @dataclass
@@ -70,13 +72,49 @@ def reusable_length(
     return cut
 
 
-def prefill_after(decoder: Decoder, held: HeldCache | None, cut: int, inputs_embeds: np.ndarray, positions: int) -> Prefill:
-    """The prefill of a one-row prompt whose first `cut` tokens `held` keeps: `inputs_embeds [1, T - cut, D]` are the
-    rest, `positions` what the whole generation needs. With nothing kept, the held buffers go back to the decoder
-    and the prompt starts afresh (in them, where they are large enough)."""
-    if held is not None and cut == 0:
-        decoder.release(held.cache)
+def plan_from_held(
+    pipe: Pipeline, inputs: dict[str, np.ndarray], held: HeldCache | None, image_keys: Sequence[Any], same_image: Callable[[Any, Any], bool],
+    encode_from: Callable[[int], np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, hold: Callable[[HeldCache], None],
+) -> tuple[Prefill, KeepCache]:
+    """The prefill of a one-row prompt (`inputs`: the processor's, `input_ids [1, T]`) from `held`, a cache taken
+    from its keeper (a chat, the pipeline's `PrefixSlot`), and what to do with the cache at the end.
+
+    `image_keys`: one per image of the prompt, compared with `held`'s by `same_image`. `encode_from(i)`: the packed
+    features `[n_features, D]` of the prompt's images from the i-th on (only those run through the vision path).
+    `hold` gives the keeper a cache: this generation's at the end, or, where the generation fails before its
+    answer begins, what `held` still holds (it is never lost to a failed prompt).
+    """
+    ids = inputs["input_ids"][0]
+    spans = image_spans(pipe.processor, ids, inputs.get("image_sizes"))
+    cut = reusable_length(ids, spans, image_keys, held, same_image)
+    kept_images = sum(1 for start, _ in spans if start < cut)  # (each ends by the cut: it never falls inside one)
+    try:
+        features = encode_from(kept_images) if kept_images < len(spans) else None
+        suffix = inputs["input_ids"][:, cut:]
+        inputs_embeds = pipe.embed(suffix, features)
+    except BaseException:  # the held cache is untouched yet
+        if held is not None:
+            hold(held)
+        raise
+    metrics.prefilled_tokens = int(suffix.shape[1])
+    if held is not None and cut == 0:  # nothing kept: its buffers go back to the decoder, the prompt starts afresh
+        pipe.sessions.decoder.release(held.cache)
         held = None
+    prefill = _prefill_after(pipe.sessions.decoder, held, cut, kept_images, inputs_embeds, positions_needed(len(ids), max_new_tokens), hold)
+
+    def keep(cache: KVCache, answer: list[int]) -> None:
+        hold(held_after(cache, ids, answer, spans, image_keys))
+
+    return prefill, keep
+
+
+def _prefill_after(
+    decoder: Decoder, held: HeldCache | None, cut: int, kept_images: int, inputs_embeds: np.ndarray, positions: int,
+    hold: Callable[[HeldCache], None],
+) -> Prefill:
+    """The prefill of a prompt whose first `cut` tokens (and `kept_images` images) `held` keeps: `inputs_embeds
+    [1, T - cut, D]` are the rest, `positions` what the whole generation needs. A prefill that fails gives `hold`
+    the kept part back."""
     if held is None:
         mask = np.ones(inputs_embeds.shape[:2], np.int64)
         return lambda: decoder.start(inputs_embeds, mask, positions)
@@ -84,10 +122,16 @@ def prefill_after(decoder: Decoder, held: HeldCache | None, cut: int, inputs_emb
 
     def prefill() -> tuple[np.ndarray, KVCache]:
         decoder.truncate(kept, cut)
-        grown = decoder.reserve(kept, positions)  # room for the rest and the answer: extend never grows it
-        if grown is not kept:
-            decoder.release(kept)
-        return decoder.extend(inputs_embeds, grown), grown
+        cache = kept
+        try:
+            cache = decoder.reserve(kept, positions)  # room for the rest and the answer: extend never grows it
+            if cache is not kept:
+                decoder.release(kept)
+            return decoder.extend(inputs_embeds, cache), cache
+        except BaseException:
+            decoder.truncate(cache, cut)
+            hold(HeldCache(cache, held.ids[:cut], held.image_keys[:kept_images]))
+            raise
 
     return prefill
 

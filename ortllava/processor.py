@@ -61,8 +61,9 @@ class Processor:
                 f"the manifest says {manifest.tokens.image_token_id}"
             )
         config = read_bundle_file(bundle, PREPROCESSOR_CONFIG_FILE, lambda path: ImageProcessorConfig.from_dict(read_json_object(path)))
+        _check_grid(bundle, config, manifest)
         has_template = (bundle / CHAT_TEMPLATE_FILE).is_file()
-        template = read_bundle_file(bundle, CHAT_TEMPLATE_FILE, lambda path: path.read_text(encoding="utf-8")) if has_template else None
+        template = read_bundle_file(bundle, CHAT_TEMPLATE_FILE, _read_template) if has_template else None
         processor = cls(tokenizer, ImageProcessor(config), template, manifest)
         if (bundle / TOKENIZER_CONFIG_FILE).is_file():
             side = read_bundle_file(bundle, TOKENIZER_CONFIG_FILE, read_json_object).get("truncation_side", "right")
@@ -221,6 +222,9 @@ class Processor:
         wanted_tiles = [num_tiles(tuple(size), self.grid_pinpoints, tile) for size in sizes.tolist()]
         if max(wanted_tiles, default=0) > pixels.shape[1]:
             raise ValueError(f"pixel_values hold {pixels.shape[1]} tiles per image; image_sizes {sizes.tolist()} need {max(wanted_tiles)}")
+        used = [image[:count] for image, count in zip(pixels, wanted_tiles)]  # (the padding tiles are not read)
+        if pixels.dtype.kind == "f" and not all(np.isfinite(image).all() for image in used):
+            raise ValueError("pixel_values hold NaN or infinite values")
         features = sum(self.num_image_tokens(height, width) for height, width in sizes.tolist())
         if features != image_tokens:
             raise ValueError(
@@ -355,6 +359,33 @@ class BatchFeature(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def _read_template(path: Path) -> str:
+    """A chat template's source, compiled once here so that a damaged one fails at load (as a BundleError)."""
+    source = path.read_text(encoding="utf-8")
+    templates.compile_template(source)
+    return source
+
+
+def _check_grid(bundle: Path, config: ImageProcessorConfig, manifest: Manifest) -> None:
+    """A BundleError where the preprocessor's tiles or grid (which cut the tiles) and the manifest's (the vision
+    encoder's input; the grid that packs their features) differ, or where a grid resolution is not whole tiles (transformers' model cannot run such a grid: it
+    preprocesses ceil(side / tile) tiles per side and packs floor(side / tile))."""
+    pinpoints, tile = config.grid_pinpoints, config.tile_size
+    if tile != manifest.vision.image_size:
+        raise BundleError(
+            f"bundle {bundle} does not match its manifest: {PREPROCESSOR_CONFIG_FILE} cuts {tile} px tiles, the vision encoder "
+            f"takes {manifest.vision.image_size} px ones"
+        )
+    if pinpoints != manifest.vision.grid_pinpoints:
+        raise BundleError(
+            f"bundle {bundle} does not match its manifest: {PREPROCESSOR_CONFIG_FILE} has image_grid_pinpoints {pinpoints}, "
+            f"the manifest {manifest.vision.grid_pinpoints}"
+        )
+    partial = [point for point in pinpoints if point[0] % tile or point[1] % tile]
+    if partial:
+        raise BundleError(f"bundle {bundle}: the grid resolutions {partial} in {PREPROCESSOR_CONFIG_FILE} are not multiples of its {tile} px tiles")
 
 
 def _truncates(truncation: bool | str | None, padding: bool | str, max_length: int | None) -> bool:

@@ -64,8 +64,8 @@ class Run:
         decoder, table = self.decoder, self.embed_table
 
         def embed_step(ids: np.ndarray, out: np.ndarray) -> None:
-            if table.dtype == out.dtype:
-                np.take(table, ids, axis=0, out=out[:, 0])
+            if table.dtype == out.dtype:  # ("clip": the ids are the sampler's, in range; "raise" would buffer the output)
+                np.take(table, ids, axis=0, out=out[:, 0], mode="clip")
             else:
                 out[:, 0] = np.take(table, ids, axis=0)
 

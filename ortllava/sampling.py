@@ -80,8 +80,9 @@ def with_min_new_tokens(sampler: Sampler, eos_token_ids: list[int], min_new_toke
 
 
 def with_repetition_penalty(sampler: Sampler, prompt_ids: np.ndarray, prompt_mask: np.ndarray, vocab_size: int, penalty: float) -> Sampler:
-    """transformers' repetition penalty: logits of tokens already in the sequence (prompt included, its padding
-    `prompt_mask == 0` not) are divided by `penalty` when positive, multiplied when negative.
+    """transformers' repetition penalty: logits of tokens already in the sequence (the prompt included, less each
+    row's leading padding: its tokens before the first `prompt_mask != 0`, as transformers leaves out) are divided by
+    `penalty` when positive, multiplied when negative.
 
     `prompt_ids`, `prompt_mask`: `[B, T]`.
     """
@@ -92,21 +93,31 @@ def with_repetition_penalty(sampler: Sampler, prompt_ids: np.ndarray, prompt_mas
     batch = prompt_ids.shape[0]
     seen = np.zeros(batch * vocab_size, dtype=bool)  # [B * V] flat: row b's token t at b * V + t
     row_offsets = np.arange(batch) * vocab_size
-    seen[(row_offsets[:, None] + np.clip(prompt_ids, 0, vocab_size - 1))[prompt_mask != 0]] = True
-    seen_at = np.flatnonzero(seen)  # the same, as indices: a step touches only these entries
+    counted = np.arange(prompt_ids.shape[1]) >= (prompt_mask != 0).argmax(axis=1)[:, None]  # (a row of zeros: all counted)
+    seen[(row_offsets[:, None] + np.clip(prompt_ids, 0, vocab_size - 1))[counted]] = True
+    # The same, as indices (a step touches only these entries), in a buffer that doubles when full.
+    seen_at = np.flatnonzero(seen)
+    count = len(seen_at)
+    scores = None  # [B, V]: the penalized logits, reused (the decoder's own buffer stays raw, for output_logits)
 
     def sample(logits: np.ndarray) -> np.ndarray:
-        nonlocal seen_at
-        scores = logits.copy()
+        nonlocal seen_at, count, scores
+        if scores is None or scores.shape != logits.shape:
+            scores = np.empty_like(logits)
+        np.copyto(scores, logits)
         flat = scores.reshape(-1)
-        picked = flat[seen_at]
-        flat[seen_at] = np.where(picked < 0, picked * penalty, picked / penalty)
+        held = seen_at[:count]
+        picked = flat[held]
+        flat[held] = np.where(picked < 0, picked * penalty, picked / penalty)
         tokens = sampler(scores)
         new = row_offsets + tokens
-        new = new[~seen[new]]
+        new = np.unique(new[~seen[new]])
         if len(new):
             seen[new] = True
-            seen_at = np.concatenate([seen_at, np.unique(new)])
+            if count + len(new) > len(seen_at):
+                seen_at = np.concatenate([seen_at[:count], np.empty(max(count, len(new), 64), np.int64)])
+            seen_at[count : count + len(new)] = new
+            count += len(new)
         return tokens
 
     return sample

@@ -19,6 +19,7 @@ from .manifest import (
     INPUTS_EMBEDS,
     LOGITS,
     PIXEL_VALUES,
+    POSITION_IDS,
     PROJECTED_FEATURES,
     BundleError,
     GraphSpec,
@@ -27,22 +28,27 @@ from .manifest import (
 )
 
 
-def resolve_providers(provider: str) -> list[str]:
-    """"auto" -> CUDA when this onnxruntime has it, else CPU; "cuda" insists on CUDA; "cpu" is CPU. (A bundle made for
-    the CPU only turns "auto" into "cpu" before this: `BundleSessions`.)"""
+def resolve_providers(provider: str) -> list[str | tuple[str, dict[str, Any]]]:
+    """"auto" -> CUDA (GPU 0) when this onnxruntime has it, else CPU; "cuda" or "cuda:N" insists on CUDA, on GPU 0 or
+    N; "cpu" is CPU. (A bundle made for the CPU only turns "auto" into "cpu" before this: `BundleSessions`.)"""
     available = ort.get_available_providers()
     if provider == "auto":
         provider = "cuda" if "CUDAExecutionProvider" in available else "cpu"
-    if provider == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise RuntimeError(
-                "provider='cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {available}); install onnxruntime-gpu (pip install 'ortllava[gpu]')"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if provider == "cpu":
         return ["CPUExecutionProvider"]
-    raise ValueError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}")
+    kind, _, index = str(provider).partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"provider must be 'auto', 'cpu', 'cuda' or 'cuda:N' (a GPU index), got {provider!r}")
+    if "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            f"provider={provider!r} asked for, but this onnxruntime has no CUDAExecutionProvider "
+            f"(available: {available}); install onnxruntime-gpu (pip install 'ortllava[gpu]')"
+        )
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+
+
+def _provider_name(provider: str | tuple[str, dict[str, Any]]) -> str:
+    return provider if isinstance(provider, str) else provider[0]
 
 
 def leave_weights_unpacked(options: ort.SessionOptions) -> None:
@@ -125,6 +131,9 @@ def _check_shapes(sessions: dict[str, ort.InferenceSession], manifest: Manifest)
             raise BundleError(f"graph {graph} does not match the manifest: its {tensor}'s {what} is {got}, the manifest says {want}")
 
     decoder, spec = io("decoder"), graphs["decoder"]
+    kind = "concat" if POSITION_IDS in decoder else "gqa"  # (the fused graph works its positions out from the mask)
+    if kind != (spec.kind or "concat"):
+        raise BundleError(f"graph {spec.file} does not match the manifest: its inputs are a {kind} decoder's, the manifest says {spec.kind}")
     layers = sum(1 for name in decoder if name.startswith("past_key_values.") and name.endswith(".key"))
     expect(spec.file, "keys/values", "layer count", layers, text.num_layers)
     expect(spec.file, INPUTS_EMBEDS, "type", decoder[INPUTS_EMBEDS].type, _ORT_TYPES[spec.dtype])
@@ -139,7 +148,11 @@ def _check_shapes(sessions: dict[str, ort.InferenceSession], manifest: Manifest)
     for graph, tensors in ((graphs["vision_encoder"], encoder), (graphs["projector"], projector)):
         first = next(iter(tensors.values()))
         expect(graph.file, first.name, "type", first.type, _ORT_TYPES[graph.dtype])
-    expect(graphs["vision_encoder"].file, PIXEL_VALUES, "tile size", encoder[PIXEL_VALUES].shape[-1], manifest.vision.image_size)
+    vision = manifest.vision
+    expect(graphs["vision_encoder"].file, PIXEL_VALUES, "tile size", encoder[PIXEL_VALUES].shape[-1], vision.image_size)
+    # Features per tile: one per patch, and the class token where "full" keeps it (the manifest sets the <image> tokens by these).
+    patches = vision.patches_per_side**2 + (vision.num_additional_image_tokens if vision.select_strategy == "full" else 0)
+    expect(graphs["vision_encoder"].file, IMAGE_FEATURES, "features per tile", encoder[IMAGE_FEATURES].shape[1], patches)
     expect(graphs["projector"].file, PROJECTED_FEATURES, "width", projector[PROJECTED_FEATURES].shape[-1], text.hidden_size)
 
 
@@ -214,15 +227,16 @@ class BundleSessions:
             raise ValueError(f"max_length must be a positive number of positions, got {max_length!r}")
         if threads is not None and not _whole_number(threads, least=0):
             raise ValueError(f"threads must be a number of threads (0 or None: onnxruntime's default), got {threads!r}")
-        if not isinstance(prepack, bool):
-            raise TypeError(f"prepack must be True or False, got {prepack!r}")
+        for name, value in (("prepack", prepack), ("cuda_graph", cuda_graph), ("io_binding", io_binding)):
+            if not isinstance(value, bool) and not (name == "io_binding" and value is None):
+                raise TypeError(f"{name} must be True or False{' (or None: the default)' if name == 'io_binding' else ''}, got {value!r}")
         refusal = cuda_refusal(manifest.graphs["decoder"])
         if provider == "auto" and refusal:  # a CPU bundle runs on the CPU, also where onnxruntime has CUDA
             provider = "cpu"
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 warnings.warn(f"provider 'auto' runs this bundle on the CPU: {refusal}", stacklevel=4)  # the caller of load()
         self.providers = resolve_providers(provider)
-        on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        on_cuda = _provider_name(self.providers[0]) == "CUDAExecutionProvider"
         fused = manifest.graphs["decoder"].kind == "gqa"
         if io_binding is None:
             io_binding = on_cuda or fused
@@ -235,7 +249,7 @@ class BundleSessions:
             )
         if fused and not io_binding:
             raise ValueError("a 'gqa' decoder shares its key/value buffers through IO binding; io_binding=False is not possible")
-        device = Device("cuda" if on_cuda else "cpu") if io_binding else None
+        device = (Device("cuda", self.providers[0][1]["device_id"]) if on_cuda else Device("cpu")) if io_binding else None
         self.device = device
         sessions = {}
 
@@ -259,13 +273,14 @@ class BundleSessions:
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
         self.vision = VisionPath(sessions["vision_encoder"], sessions["projector"], device, vision_dtype)
         if self.cuda_graph and not max_length:  # graphs replay fixed shapes: one buffer length for every generation
-            max_length = CUDA_GRAPH_DEFAULT_LENGTH  # the decoder clamps it to the positions its graph serves
+            max_length = min(CUDA_GRAPH_DEFAULT_LENGTH, manifest.text.max_position_embeddings, spec.max_length or CUDA_GRAPH_DEFAULT_LENGTH)
         self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph)
 
     def _decoder_session(self, path: Path, threads: int | None, prepack: bool, fp16_as_stored: bool) -> ort.InferenceSession:
         if self.cuda_graph:
             try:
-                return create_session(path, [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"], threads, prepack)
+                cuda = ("CUDAExecutionProvider", {**self.providers[0][1], "enable_cuda_graph": "1"})
+                return create_session(path, [cuda, "CPUExecutionProvider"], threads, prepack)
             except BundleError as error:  # e.g. a node the CUDA provider does not take: graphs cannot be captured
                 warnings.warn(f"CUDA graphs unavailable for this decoder ({error}); running without them", stacklevel=5)  # the caller of load()
                 self.cuda_graph = False
@@ -273,4 +288,5 @@ class BundleSessions:
 
     @property
     def provider(self) -> str:
-        return self.providers[0]
+        """The execution provider the graphs run on first ("CUDAExecutionProvider" or "CPUExecutionProvider")."""
+        return _provider_name(self.providers[0])

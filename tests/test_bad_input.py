@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import ortllava
 from ortllava import BundleError, ImageLoadError
@@ -66,16 +67,23 @@ def test_unreadable_image_names_the_file(pipe, tmp_path):
         pipe.generate(prompt=PROMPT, images=[str(tmp_path / "missing.png")])
 
 
+def test_a_closed_pil_image_is_named(pipe, tmp_path):
+    image = Image.open(save_png(random_image(200, 150, seed=13), tmp_path / "photo.png"))
+    image.close()
+    with pytest.raises(ImageLoadError, match="cannot read the PIL image given: Operation on closed image"):
+        pipe.generate(prompt=PROMPT, images=[image])
+
+
 def test_image_as_base64_or_a_data_uri(pipe, tmp_path):
     path = save_png(random_image(200, 150, seed=13), tmp_path / "photo.png")
     encoded = base64.b64encode(path.read_bytes()).decode()
     want = pipe.processor(text="<image>", images=[str(path)])["pixel_values"]
-    for source in (encoded, f"data:image/png;base64,{encoded}"):  # as transformers' load_image takes them
+    for source in (encoded, f"data:image/png;base64,{encoded}", f"data:image/png,{encoded}"):  # as transformers' load_image takes them
         np.testing.assert_array_equal(pipe.processor(text="<image>", images=[source])["pixel_values"], want)
     with pytest.raises(ImageLoadError, match=r"cannot decode image data:image/png;base64,.{20,}\.\.\. \(\d+ characters\)"):
         pipe.generate(prompt=PROMPT, images=["data:image/png;base64," + base64.b64encode(b"x" * 3000).decode()])
     with pytest.raises(ImageLoadError, match="a data URI must be data:image/...;base64"):
-        pipe.generate(prompt=PROMPT, images=["data:image/png,rawbytes"])
+        pipe.generate(prompt=PROMPT, images=["data:image/png;base64,@@@"])
     with pytest.raises(ImageLoadError, match="cannot read image file cat: No such file"):  # base64-shaped, but no image
         pipe.generate(prompt=PROMPT, images=["cat"])
     # A file:// URL is the file it names (here with a space, percent-encoded).
@@ -151,6 +159,7 @@ def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch
         (dict(input_ids=ids, pixel_values=pixels[0], image_sizes=sizes), ValueError, "pixel_values must be .n_images, max_tiles, 3, 336, 336."),
         (dict(input_ids=ids, pixel_values=pixels[:, :1], image_sizes=sizes), ValueError, "pixel_values hold 1 tiles per image"),
         (dict(input_ids=ids, pixel_values=pixels, image_sizes=sizes[:, :1]), ValueError, "image_sizes must be .n_images, 2."),
+        (dict(input_ids=ids, pixel_values=np.where(pixels > 1, np.nan, pixels), image_sizes=sizes), ValueError, "pixel_values hold NaN or infinite"),
         (dict(input_ids=cut, pixel_values=pixels, image_sizes=sizes), ValueError, "image tokens but the 1 image.s. of image_sizes give"),
         (dict(input_ids=np.pad(ids, ((0, 0), (1, 0)), constant_values=image_id), attention_mask=np.pad(mask, ((0, 0), (1, 0))),
               pixel_values=pixels, image_sizes=sizes), ValueError, "image tokens where attention_mask is 0"),
@@ -162,6 +171,10 @@ def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch
             pipe.generate(max_new_tokens=2, **arguments)
     with pytest.raises(ValueError, match="one row of input_ids"):
         next(pipe.stream(input_ids=np.ones((2, 3), np.int64), max_new_tokens=2))
+    with pytest.raises(TypeError, match="colour"):  # when called, not at the first chunk
+        pipe.stream(prompt="Hi", colour="red")
+    with pytest.raises(TypeError, match="system must be a string"):
+        pipe.chat(system=["You are terse."])
     monkeypatch.undo()
     # What is fine: a float mask of 0s and 1s, and empty image lists with a text-only prompt.
     text = pipe.processor(text="[INST] Hi [/INST]")
@@ -202,6 +215,13 @@ def _edit_manifest(edit):
     return damage
 
 
+def _edit_json(**values):
+    """An edit of a JSON file setting `values` at its top level."""
+    def damage(path):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    return damage
+
+
 def _edit_section(section, **values):
     """A manifest edit setting `values` in one section (a callable: from the value there)."""
     def edit(manifest):
@@ -216,6 +236,14 @@ def _edit_section(section, **values):
     [  # damage that no sha256 check sees: verify=False, or a manifest edited by hand
         ("embed_tokens.npy", _truncate, r"embed_tokens.npy cannot be read \(ValueError: mmap length"),
         ("image_newline.npy", lambda path: np.save(path, np.zeros(3, np.float32)), r"image_newline.npy cannot be read .*its shape is \[3\]"),
+        ("embed_tokens.npy", lambda path: np.save(path, np.load(path)[:-1]), r"embed_tokens.npy cannot be read .*its shape is \[(\d+), \d+\]; the manifest's model wants \[(?!\1)"),
+        ("preprocessor_config.json", _edit_json(crop_size={"height": 224, "width": 224}), "preprocessor_config.json cuts 224 px tiles, the vision encoder takes 336"),
+        ("preprocessor_config.json", _edit_json(image_mean=[0.5]), r"preprocessor_config.json cannot be read .*image_mean must be one number or three .*got \[0.5\]"),
+        ("chat_template.jinja", lambda path: path.write_text("{% for x in %}"), "chat_template.jinja cannot be read .*TemplateSyntaxError"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "decoder": {**m["graphs"]["decoder"], "kind": "concat"}}}),
+         "its inputs are a gqa decoder's, the manifest says concat"),
+        ("manifest.json", _edit_section("vision", patch_size=16), "its image_features's features per tile is 576, the manifest says 441"),
+        ("preprocessor_config.json", _edit_json(image_grid_pinpoints=[[336, 672]]), "preprocessor_config.json has image_grid_pinpoints \\[\\[336, 672\\]\\], the manifest"),
         ("tokenizer.json", lambda path: path.write_text("{]"), "tokenizer.json cannot be read"),
         ("preprocessor_config.json", _truncate, "preprocessor_config.json cannot be read"),
         ("generation_config.json", lambda path: path.write_text("[1, 2]"), "generation_config.json cannot be read .*not an object"),
@@ -249,6 +277,17 @@ def test_damaged_files_are_named_without_hashing(mistral, tmp_path, name, damage
     shutil.copytree(mistral.bundle, copy)
     damage(copy / name)
     with pytest.raises(BundleError, match=message):
+        ortllava.load(copy, provider="cpu", verify=False)
+
+
+def test_a_grid_of_partial_tiles_is_refused(mistral, tmp_path):
+    """Grid resolutions that are not whole tiles: transformers' processor cuts ceil(side / tile) tiles per side and its
+    model packs floor(side / tile), so no answer can be right."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    _edit_json(image_grid_pinpoints=[[336, 500]])(copy / "preprocessor_config.json")
+    _edit_section("vision", grid_pinpoints=[[336, 500]])(copy / "manifest.json")
+    with pytest.raises(BundleError, match=r"the grid resolutions \[\[336, 500\]\] in preprocessor_config.json are not multiples of its 336 px tiles"):
         ortllava.load(copy, provider="cpu", verify=False)
 
 

@@ -30,6 +30,13 @@ def test_cli_generate_prints_the_answer(mistral, pipe, tmp_path):
         input="Describe\n", capture_output=True, text=True, check=True,
     )
     assert from_stdin.stdout.strip() == expected.strip()
+    # An empty prompt (say, from a failed command earlier in a pipe) is refused, not answered.
+    for flags, stdin, message in ((["--prompt", "-", "--image", str(path)], "", "--prompt - read an empty prompt from stdin"),
+                                  (["--prompt", " "], None, "the prompt is empty: give --prompt TEXT, an --image, or both")):
+        refused = subprocess.run(
+            [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), *flags, "--provider", "cpu"], input=stdin, capture_output=True, text=True,
+        )
+        assert refused.returncode != 0 and message in refused.stderr and not refused.stdout
 
 
 def test_cli_takes_generate_arguments_as_flags(mistral, pipe):

@@ -436,6 +436,8 @@ def test_export_refuses_bad_options_before_loading(tmp_path):
     (checkpoint / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="--revision v2 names a hub revision, but .* is a local folder"):
         export_bundle(str(checkpoint), tmp_path / "b", revision="v2")
+    with pytest.raises(FileNotFoundError, match="--revision main names a hub revision, but 'tiny' is built here"):
+        export_bundle("tiny", tmp_path / "b", revision="main")
     with pytest.raises(FileNotFoundError, match="there is no such folder"):  # a path, not tried as a hub id
         export_bundle(str(tmp_path / "no" / "such" / "checkpoint"), tmp_path / "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

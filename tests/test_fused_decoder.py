@@ -48,6 +48,10 @@ def test_fixed_max_length_serves_every_request_that_fits(mistral, monkeypatch):
     for bad in (0, -5):
         with pytest.raises(ValueError, match="max_length must be a positive"):
             ortllava.load(mistral.bundle, provider="cpu", max_length=bad)
+    served = pipe.manifest.text.max_position_embeddings
+    with pytest.warns(UserWarning, match=f"max_length={served + 1} is more than the {served} positions this decoder serves") as caught:
+        ortllava.load(mistral.bundle, provider="cpu", verify=False, max_length=served + 1)
+    assert caught[0].filename == __file__  # (pointing at the caller's load)
 
 
 def test_fused_decoder_needs_io_binding(mistral):

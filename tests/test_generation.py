@@ -95,6 +95,18 @@ def test_repetition_penalty_matches_transformers(setup):
     batch = CASES["batch of three"]  # left-padded rows: the padding is not penalized
     got = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=0.7)
     assert [r.token_ids for r in got] == hf_generate(processor, model, batch, repetition_penalty=0.7)
+    # Masked tokens after a row's first real one (a hole in the mask) still count, as in transformers: it leaves out
+    # only the leading padding. The hole holds the tokens the prompt would be answered with, so counting them shows.
+    inputs = processor(text="[INST] Hello there, how many apples? [/INST]", return_tensors="np")
+    answer = pipe.generate(**inputs, max_new_tokens=4)[0].token_ids
+    ids = inputs["input_ids"]
+    holed = np.concatenate([ids[:, :3], np.array([answer]), ids[:, 3:]], axis=1)
+    mask = np.ones_like(holed)
+    mask[:, 3 : 3 + len(answer)] = 0
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor(holed), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=NEW_TOKENS, repetition_penalty=5.0)
+    (got,) = pipe.generate(input_ids=holed, attention_mask=mask, max_new_tokens=NEW_TOKENS, repetition_penalty=5.0)
+    assert got.token_ids == out[0, holed.shape[1] :].tolist()
 
 
 def test_num_return_sequences_rows_as_transformers(setup):

@@ -18,6 +18,7 @@ import urllib.request
 import numpy as np
 import pytest
 import transformers
+from PIL import Image
 
 import ortllava
 from ortllava import ImageLoadError
@@ -126,6 +127,19 @@ def test_prompt_strings_with_images(pipes):
     got = ours(images=[IMAGE, OTHER, IMAGE], text=prompts, max_new_tokens=6, return_full_text=False)
     same(want, got)
     assert len(got) == 2 and all(isinstance(item, dict) for item in got)
+
+
+def test_prompt_string_images_are_reloaded_as_transformers_does(pipes, tmp_path):
+    """transformers' pipeline passes the PIL images that come with prompt strings through `load_image`: EXIF-rotated,
+    transparency dropped by convert("RGB") (where the processor alone puts it on white)."""
+    hf, ours = pipes
+    prompt = "[INST] <image>\nWhat is shown in this image? [/INST]"
+    clear = random_image(300, 200, mode="RGBA", seed=5)  # (random alpha)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    random_image(300, 500, seed=6).save(tmp_path / "turned.jpg", exif=exif)
+    for image in (clear, Image.open(tmp_path / "turned.jpg")):
+        same(hf(images=image, text=prompt, max_new_tokens=10), ours(images=image, text=prompt, max_new_tokens=10))
 
 
 def test_text_only(pipes):

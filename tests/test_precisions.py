@@ -232,9 +232,10 @@ def test_int8_cache_bundle_quantizes_the_buffers_it_shares(bundles, tiny_store):
         assert all((scale > 0).all() for scale in scales.values())
     pipe = ortllava.load(bundles["kv8"], provider="cpu")
     result = pipe.generate(prompt=PROMPT, images=[random_image(500, 300, seed=3)], max_new_tokens=8, min_new_tokens=8)
-    # The prompt attends in float, so the first token is the float cache's; later steps read int8 keys/values,
-    # whose rounding moves this random model's logits by ~0.1 and its greedy path off fp32's (here from the 4th
-    # token; teacher-forced agreement is held by the accuracy floors above).
+    # The prompt attends in float (past its first 384 tokens, over the earlier chunks' int8 keys/values: see the next
+    # test), so the first token is the float cache's; later steps read int8 keys/values, whose rounding moves this
+    # random model's logits by ~0.1 and its greedy path off fp32's (here from the 4th token; teacher-forced agreement
+    # is held by the accuracy floors above).
     fp32 = _fp32_greedy(tiny_store, random_image(500, 300, seed=3))
     assert result.token_ids[:3] == fp32[:3] and len(result.token_ids) == 8
     assert all(array.dtype == np.int8 for array in pipe.sessions.decoder._spare.state["kv_host"])
@@ -271,6 +272,28 @@ def test_int8_cache_prompts_attend_in_float_and_both_branches_quantize_alike(bun
         for row, held in enumerate((200, 160)):
             np.testing.assert_array_equal(stored[row, :, :held], expected[row, :, :held])  # the prompt branch
             np.testing.assert_array_equal(stored[row, :, held], expected[row, :, held])  # the step's int8 kernel
+
+
+def test_int8_cache_long_prompts_read_earlier_chunks_through_int8(bundles, tiny_store):
+    """On the CPU a one-row prompt over 384 tokens runs in 384-token chunks, each attending to the earlier chunks'
+    keys/values as stored, in int8: its logits are the float cache's within int8 rounding, not exactly. The same
+    prompt in a batch runs whole and gives the float cache's logits."""
+    pipe = ortllava.load(bundles["kv8"], provider="cpu")
+    kv8 = pipe.sessions.decoder
+    fp32 = ortllava.load(tiny_store.get("mistral").bundle, provider="cpu").sessions.decoder  # the same weights
+    inputs, _ = pipe.prepare(prompt=PROMPT, images=[random_image(800, 600, seed=3)])
+    prompt = pipe.embed(inputs["input_ids"], pipe.encode_images(inputs["pixel_values"], inputs["image_sizes"]))
+    length = prompt.shape[1]
+    assert length > 2 * 384  # three chunks
+    one, two = np.ones((1, length), np.int64), np.ones((2, length), np.int64)
+    want = fp32.start(prompt, one, capacity=1024)[0].copy()
+    alone = kv8.start(prompt, one, capacity=1024)[0].copy()
+    batched = kv8.start(np.concatenate([prompt, prompt]), two, capacity=1024)[0].copy()
+    np.testing.assert_allclose(batched, np.concatenate([want, want]), atol=1e-5, rtol=1e-5)
+    # The rounding (~1% of a channel's range) moves this model's logits by ~0.1 (as a continuation's, below); a
+    # chunk attending to the wrong positions moves them by units.
+    np.testing.assert_allclose(alone, want, atol=0.25)
+    assert np.abs(alone - want).max() > 1e-4  # (were they exact, the chunks would not read int8: the docs say they do)
 
 
 def test_int8_cache_grows_and_continues_like_one_prefill(bundles):
@@ -342,6 +365,9 @@ def test_weights_left_unpacked_answer_the_same(bundles, tiny_store):
     assert unpacked(ortllava.load(bundles["int4"], provider="cpu", prepack=False)) == [True, True, False]
     with pytest.raises(TypeError, match="prepack must be True or False"):
         ortllava.load(tiny_store.get("mistral").bundle, provider="cpu", prepack="no")
+    for option in ("verify", "cuda_graph", "io_binding"):
+        with pytest.raises(TypeError, match=f"{option} must be True or False"):
+            ortllava.load(tiny_store.get("mistral").bundle, provider="cpu", **{option: "yes"})
 
 
 def test_fp16_weights_left_as_stored_are_cast_as_they_are_read(bundles, tiny_store, tmp_path, monkeypatch):

@@ -137,3 +137,47 @@ def test_a_failed_generation_leaves_the_kept_cache(pipes, monkeypatch):
             cached.generate(messages=user(OTHER, "And this one?"), **GREEDY)
     assert cached.prefix.cached_tokens > 0
     assert cached.generate(messages=messages, **GREEDY).metrics.prefilled_tokens == 1
+
+
+class FailingRuns:
+    """Makes the decoder session's runs from the `fail_at`-th on raise `error` (an interrupt, a failed kernel)."""
+
+    def __init__(self, pipe, monkeypatch, fail_at: int, error: BaseException):
+        self.calls = 0
+        session = pipe.sessions.decoder.session
+        for name in ("run", "run_with_iobinding"):  # (the concat decoder's host mode calls run)
+            inner = getattr(session, name)
+
+            def failing(*args, inner=inner, **kwargs):
+                self.calls += 1
+                if self.calls >= fail_at:
+                    raise error
+                return inner(*args, **kwargs)
+
+            monkeypatch.setattr(session, name, failing)
+
+
+def test_an_interrupted_prompt_or_step_keeps_what_the_cache_held(pipes, monkeypatch):
+    """A prompt run that fails (Ctrl-C, a failed kernel) gives the kept cache back, cut to what the prompts share; a
+    decode step that fails leaves the cache as it was before the step. The next generation reuses it and answers as
+    a pipeline without the cache."""
+    cached, fresh = pipes
+    cached.generate(messages=user(IMAGE, "What is shown in this image?"), **GREEDY)
+    held = cached.prefix.cached_tokens
+    messages = user(IMAGE, "Describe the colours.")
+    want = fresh.generate(messages=messages, **GREEDY).token_ids
+    with monkeypatch.context() as patch:
+        FailingRuns(cached, patch, fail_at=1, error=KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            cached.generate(messages=messages, **GREEDY)
+    kept = cached.prefix.cached_tokens
+    assert 0 < kept < held  # the image and the text before the question
+    again = cached.generate(messages=messages, **GREEDY)
+    assert again.token_ids == want and again.metrics.prefilled_tokens < 20
+    with monkeypatch.context() as patch:  # the prompt's run (its last token), two steps, then a failure
+        FailingRuns(cached, patch, fail_at=4, error=RuntimeError("a kernel failed"))
+        with pytest.raises(RuntimeError, match="a kernel failed"):
+            cached.generate(messages=messages, **GREEDY)
+    assert cached.prefix.cached_tokens == again.metrics.prompt_tokens + 2  # the prompt and the two steps' tokens
+    third = cached.generate(messages=messages, **GREEDY)
+    assert third.token_ids == want and third.metrics.prefilled_tokens == 1

@@ -195,3 +195,20 @@ def test_streaming_detokenizer_never_splits_a_character(pipe):
     assert all("\ufffd" not in piece for piece in pieces)
 
 
+
+
+def test_a_gpu_index_reaches_the_cuda_provider(monkeypatch):
+    """"cuda:N" (and transformers' device forms: "cuda:N", an index) select GPU N; "cuda" is GPU 0, as there."""
+    import onnxruntime as ort
+
+    from ortllava.hf_pipeline import _provider_for
+    from ortllava.sessions import resolve_providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert resolve_providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert resolve_providers("cuda")[0] == resolve_providers("auto")[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    with pytest.raises(ValueError, match="'cuda:N'"):
+        resolve_providers("cuda:one")
+    assert [_provider_for(device) for device in ("cuda:1", 2, -1, "cpu", "cuda", None)] == ["cuda:1", "cuda:2", "cpu", "cpu", "cuda", "auto"]
+    with pytest.raises(ValueError, match="device must be"):
+        _provider_for("gpu")
