@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ortllava.generate import unsupported_generation_settings
+from ortllava.settings import unsupported_generation_settings
 from ortllava.manifest import MANIFEST_FILE
 
 from .bundle import SCRATCH_MARK

@@ -9,7 +9,8 @@
 from .api import Pipeline, generate, load
 from .chat import ChatSession
 from .decoders import ContextLengthError
-from .generate import GenerationMetrics, GenerationResult, GenerationSettings
+from .generate import GenerationMetrics, GenerationResult
+from .settings import GenerationSettings
 from .hf_pipeline import pipeline
 from .image import ImageLoadError
 from .manifest import BundleError

@@ -13,7 +13,7 @@ from numpy.typing import ArrayLike
 
 from .features import embed, pack_images
 from .decoders import ContextLengthError, KVCache
-from .generate import GenerationMetrics, GenerationResult, GenerationSettings, positions_needed, unsupported_generation_settings
+from .generate import GenerationMetrics, GenerationResult, positions_needed
 from .image import ImageLike, num_tiles
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
@@ -21,6 +21,7 @@ from .processor import BatchFeature, Processor, is_chat_batch
 from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
 from .runs import KeepCache, Prefill, Run, StreamChunk, collect, one_answer, stream_chunks
 from .sessions import BundleSessions
+from .settings import GenerationSettings, unsupported_generation_settings
 
 if TYPE_CHECKING:
     from .chat import ChatSession

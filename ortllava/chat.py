@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .decoders import ContextLengthError
-from .generate import LENGTH_ARGUMENTS, GenerationMetrics, GenerationResult, positions_needed
+from .generate import GenerationMetrics, GenerationResult, positions_needed
 from .image import ImageLike, load_image
 from .prefix import HeldCache, plan_from_held
 from .processor import flatten_images, images_in_messages
 from .runs import collect, one_answer, stream_chunks
+from .settings import LENGTH_ARGUMENTS
 
 if TYPE_CHECKING:
     from .api import Pipeline

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,31 @@ class ContextLengthError(ValueError):
 
 
 @dataclass
+class FusedState:
+    """What a "gqa" cache holds for `FusedDecoder`: its buffers, and the bindings every step reuses."""
+
+    kv: list[ort.OrtValue]  # per layer, key then value: [B, n_kv, C, head_dim], bound as both past and present
+    kv_host: list[np.ndarray] | None  # the same memory as numpy arrays (the CPU); None on a device
+    mask: np.ndarray  # [B, C] int64: 1 where a row holds a token (the graph works out lengths and positions from it)
+    rows: np.ndarray  # [B] int64, 0 .. B-1: a step's mask entries are (rows, lengths)
+    embeds_value: ort.OrtValue  # the step's `inputs_embeds [B, 1, D]` (on the CPU, `KVCache.step_embeds`' memory)
+    mask_value: ort.OrtValue  # `mask` as the graph reads it
+    logits_value: ort.OrtValue  # the step's `logits [B, V]` (on the host, except under CUDA graphs)
+    step_binding: ort.IOBinding | None = None  # made once, after the above
+    step_options: ort.RunOptions | None = None  # under CUDA graphs: this cache's graph id
+    captured: bool = False  # under CUDA graphs: the step's graph was captured
+
+
+@dataclass
+class ConcatState:
+    """What a "concat" cache holds for `ConcatDecoder`."""
+
+    kv: list[Any]  # per layer, key then value: [B, n_kv, width, head_dim], numpy arrays or device OrtValues
+    mask: np.ndarray  # [B, capacity] int64: the prompt's mask, then ones (a run passes its first `width` columns)
+    width: int = 0  # positions the keys/values hold (padding included)
+
+
+@dataclass
 class KVCache:
     """The keys/values of one generation, and the per-step buffers that go with them."""
 
@@ -70,8 +95,8 @@ class KVCache:
     capacity: int  # positions the cache can hold
     lengths: np.ndarray  # [B] int64: real tokens held per row
     step_embeds: np.ndarray  # [B, 1, D] host buffer: the caller writes the next tokens' embeddings here
+    state: FusedState | ConcatState  # what the decoder kind keeps
     logits: np.ndarray | None = None  # [B, V] float32: the last step's logits (a reused buffer for "gqa")
-    state: dict[str, Any] = field(default_factory=dict)  # what the decoder kind keeps
 
 
 class _DecoderBase:
@@ -143,8 +168,8 @@ class FusedDecoder(_DecoderBase):
         if spare is not None and spare.batch == batch and spare.capacity >= capacity:
             cache = spare
             cache.lengths[:] = 0
-            cache.state["mask"][:] = 0
-            self._sync(cache.state["mask_value"], cache.state["mask"])
+            cache.state.mask[:] = 0
+            self._sync(cache.state.mask_value, cache.state.mask)
             return cache
         del spare  # let the old buffers go before allocating new ones
         capacity = self.fixed_capacity or capacity  # (`_capacity` checked the request against it)
@@ -158,31 +183,31 @@ class FusedDecoder(_DecoderBase):
         step_embeds = np.zeros((batch, 1, self.hidden_size), self.dtype)
         mask = np.zeros((batch, capacity), np.int64)
         logits = np.zeros((batch, self.vocab_size), np.float32)
-        cache = KVCache(batch, capacity, np.zeros(batch, np.int64), step_embeds, logits)
-        cache.state.update(kv=kv, kv_host=kv_host, mask=mask, rows=np.arange(batch))
-        cache.state["embeds_value"] = self._value(step_embeds)
-        cache.state["mask_value"] = self._value(mask)
-        # Logits land in host memory directly, except under CUDA graphs, whose outputs must stay on the device.
-        cache.state["logits_value"] = self._value(logits) if self.cuda_graph else ort.OrtValue.ortvalue_from_numpy(logits)
+        state = FusedState(
+            kv, kv_host, mask, np.arange(batch), self._value(step_embeds), self._value(mask),
+            # Logits land in host memory directly, except under CUDA graphs, whose outputs must stay on the device.
+            self._value(logits) if self.cuda_graph else ort.OrtValue.ortvalue_from_numpy(logits),
+        )
+        cache = KVCache(batch, capacity, np.zeros(batch, np.int64), step_embeds, state, logits)
         if self.cuda_graph:
             with self._lock:
                 self._graph_ids += 1
                 graph_id = self._graph_ids
-            cache.state["step_options"] = ort.RunOptions()
-            cache.state["step_options"].add_run_config_entry("gpu_graph_id", str(graph_id))
+            state.step_options = ort.RunOptions()
+            state.step_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         # The decode step's binding, made once: every step reads and writes the same buffers.
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(INPUTS_EMBEDS, cache.state["embeds_value"])
-        binding.bind_ortvalue_input(ATTENTION_MASK, cache.state["mask_value"])
+        binding.bind_ortvalue_input(INPUTS_EMBEDS, state.embeds_value)
+        binding.bind_ortvalue_input(ATTENTION_MASK, state.mask_value)
         self._bind_cache(binding, cache)
-        cache.state["step_binding"] = binding
+        state.step_binding = binding
         return cache
 
     def _bind_cache(self, binding: ort.IOBinding, cache: KVCache) -> None:
-        for past, present, value in zip(self.past_names, self.present_names, cache.state["kv"]):
+        for past, present, value in zip(self.past_names, self.present_names, cache.state.kv):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # the same memory: the op writes in place
-        binding.bind_ortvalue_output(LOGITS, cache.state["logits_value"])
+        binding.bind_ortvalue_output(LOGITS, cache.state.logits_value)
 
     def _run(self, inputs_embeds: np.ndarray, mask: np.ndarray, cache: KVCache) -> np.ndarray:
         """One run with freshly bound embeddings and mask (prompts); the cache stays bound in place."""
@@ -195,7 +220,7 @@ class FusedDecoder(_DecoderBase):
 
     def _logits(self, cache: KVCache) -> np.ndarray:
         if self.cuda_graph:
-            cache.logits[...] = cache.state["logits_value"].numpy()
+            cache.logits[...] = cache.state.logits_value.numpy()
         return cache.logits
 
     # -- the interface --------------------------------------------------------------------------------
@@ -226,11 +251,11 @@ class FusedDecoder(_DecoderBase):
         """Runs `inputs_embeds [B, S, D]` (row b's `counts[b]` tokens first) into an empty cache."""
         batch, length, _ = inputs_embeds.shape
         cache.lengths[:] = counts
-        mask = cache.state["mask"]
+        mask = cache.state.mask
         mask[:] = 0
         for row in range(batch):
             mask[row, : counts[row]] = 1
-        self._sync(cache.state["mask_value"], mask)
+        self._sync(cache.state.mask_value, mask)
         # A first prompt is told apart by mask width == sequence length; its rows are right-padded.
         prompt_mask = np.ascontiguousarray(mask[:, :length])
         return self._run(inputs_embeds, prompt_mask, cache)
@@ -240,36 +265,36 @@ class FusedDecoder(_DecoderBase):
         if int(cache.lengths.max()) + 1 > cache.capacity:
             raise ContextLengthError(f"the cache holds {cache.capacity} positions and is full")
         state = cache.state
-        state["mask"][state["rows"], cache.lengths] = 1
+        state.mask[state.rows, cache.lengths] = 1
         cache.lengths += 1
-        self._sync(state["embeds_value"], cache.step_embeds)
-        self._sync(state["mask_value"], state["mask"])
+        self._sync(state.embeds_value, cache.step_embeds)
+        self._sync(state.mask_value, state.mask)
         try:
             if not self.cuda_graph:
-                self.session.run_with_iobinding(state["step_binding"])
+                self.session.run_with_iobinding(state.step_binding)
                 return cache.logits
             return self._captured_step(cache)
         except BaseException:  # the cache holds what it held before (a chat or the prefix cache may keep it)
             cache.lengths -= 1
-            state["mask"][state["rows"], cache.lengths] = 0
-            self._sync(state["mask_value"], state["mask"])
+            state.mask[state.rows, cache.lengths] = 0
+            self._sync(state.mask_value, state.mask)
             raise
 
     def _captured_step(self, cache: KVCache) -> np.ndarray:
         """A decode step under CUDA graphs: captured on its first run, replayed after; where the first run fails,
         the cache's steps go on uncaptured."""
         state = cache.state
-        if "captured" in state or state["step_options"] is self._uncaptured:
-            self.session.run_with_iobinding(state["step_binding"], state["step_options"])
+        if state.captured or state.step_options is self._uncaptured:
+            self.session.run_with_iobinding(state.step_binding, state.step_options)
             return self._logits(cache)
         try:
-            self.session.run_with_iobinding(state["step_binding"], state["step_options"])
+            self.session.run_with_iobinding(state.step_binding, state.step_options)
         except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
             warnings.warn(f"CUDA graph capture failed ({error}); continuing without CUDA graphs", stacklevel=3)
-            state["step_options"] = self._uncaptured
-            self.session.run_with_iobinding(state["step_binding"], self._uncaptured)
+            state.step_options = self._uncaptured
+            self.session.run_with_iobinding(state.step_binding, self._uncaptured)
         else:
-            state["captured"] = True
+            state.captured = True
         return self._logits(cache)
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -288,18 +313,18 @@ class FusedDecoder(_DecoderBase):
     def _extend_once(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
         start = int(cache.lengths[0])
         cache.lengths[0] += inputs_embeds.shape[1]
-        cache.state["mask"][0, start : cache.lengths[0]] = 1
-        self._sync(cache.state["mask_value"], cache.state["mask"])
+        cache.state.mask[0, start : cache.lengths[0]] = 1
+        self._sync(cache.state.mask_value, cache.state.mask)
         try:
-            return self._run(inputs_embeds, cache.state["mask"], cache)
+            return self._run(inputs_embeds, cache.state.mask, cache)
         except BaseException:  # the cache holds what it held before
             self.truncate(cache, start)
             raise
 
     def truncate(self, cache: KVCache, length: int) -> None:
         cache.lengths[0] = min(int(cache.lengths[0]), length)
-        cache.state["mask"][0, cache.lengths[0] :] = 0
-        self._sync(cache.state["mask_value"], cache.state["mask"])
+        cache.state.mask[0, cache.lengths[0] :] = 0
+        self._sync(cache.state.mask_value, cache.state.mask)
 
     def repeat_rows(self, cache: KVCache, copies: int) -> KVCache:
         """A cache of `cache.batch × copies` rows: row b's keys/values in rows b·copies … (b+1)·copies − 1 (one
@@ -326,16 +351,16 @@ class FusedDecoder(_DecoderBase):
         (`target` has `copies` × the rows and at least the capacity). On a device: one round trip through the host,
         rare (a chat outgrew its buffers) or far shorter than the prefills it saves (`repeat_rows`)."""
         held = int(source.lengths.max())
-        for index, (value, into) in enumerate(zip(source.state["kv"], target.state["kv"])):
+        for index, (value, into) in enumerate(zip(source.state.kv, target.state.kv)):
             if self.device.type == "cpu":
-                target.state["kv_host"][index][:, :, :held] = np.repeat(source.state["kv_host"][index][:, :, :held], copies, axis=0)
+                target.state.kv_host[index][:, :, :held] = np.repeat(source.state.kv_host[index][:, :, :held], copies, axis=0)
             else:
                 host = np.zeros(into.shape(), self.kv_dtype)
                 host[:, :, :held] = np.repeat(value.numpy()[:, :, :held], copies, axis=0)
                 into.update_inplace(host)
         target.lengths[:] = np.repeat(source.lengths, copies)
-        target.state["mask"][:, : source.capacity] = np.repeat(source.state["mask"], copies, axis=0)
-        self._sync(target.state["mask_value"], target.state["mask"])
+        target.state.mask[:, : source.capacity] = np.repeat(source.state.mask, copies, axis=0)
+        self._sync(target.state.mask_value, target.state.mask)
 
 
 class ConcatDecoder(_DecoderBase):
@@ -357,8 +382,7 @@ class ConcatDecoder(_DecoderBase):
         # One mask for the whole answer: the prompt's, then ones; each run passes the columns in use.
         mask = np.ones((batch, capacity), np.int64)
         mask[:, :length] = attention_mask
-        cache = KVCache(batch, capacity, attention_mask.sum(axis=1).astype(np.int64), np.zeros((batch, 1, self.hidden_size), self.dtype))
-        cache.state.update(kv=empty, mask=mask, width=0)
+        cache = KVCache(batch, capacity, attention_mask.sum(axis=1).astype(np.int64), np.zeros((batch, 1, self.hidden_size), self.dtype), ConcatState(empty, mask))
         positions = attention_mask.cumsum(axis=-1) - 1
         positions = np.where(attention_mask == 0, 1, positions).astype(np.int64)  # as transformers: 1 where padded
         return self._run(inputs_embeds, positions, cache), cache
@@ -371,7 +395,7 @@ class ConcatDecoder(_DecoderBase):
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
         count = inputs_embeds.shape[1]
-        cache = self.reserve(cache, cache.state["width"] + count)
+        cache = self.reserve(cache, cache.state.width + count)
         positions = (cache.lengths[0] + np.arange(count, dtype=np.int64))[None]
         logits = self._run(inputs_embeds, positions, cache)
         cache.lengths[0] += count
@@ -381,17 +405,17 @@ class ConcatDecoder(_DecoderBase):
         cut = int(cache.lengths[0]) - min(int(cache.lengths[0]), length)
         if cut == 0:
             return
-        width = cache.state["width"] - cut  # a one-row cache has no padding: width == length
-        cache.state["kv"] = [self._slice_positions(value, width) for value in cache.state["kv"]]
-        cache.state["width"] = width
+        width = cache.state.width - cut  # a one-row cache has no padding: width == length
+        cache.state.kv = [self._slice_positions(value, width) for value in cache.state.kv]
+        cache.state.width = width
         cache.lengths[0] -= cut
 
     def reserve(self, cache: KVCache, positions: int) -> KVCache:
         if positions > cache.capacity:
             self.check_length(positions)
             mask = np.ones((cache.batch, positions), np.int64)
-            mask[:, : cache.capacity] = cache.state["mask"]
-            cache.state["mask"], cache.capacity = mask, positions
+            mask[:, : cache.capacity] = cache.state.mask
+            cache.state.mask, cache.capacity = mask, positions
         return cache
 
     def release(self, cache: KVCache) -> None:
@@ -408,9 +432,8 @@ class ConcatDecoder(_DecoderBase):
             return ort.OrtValue.ortvalue_from_numpy(np.repeat(value.numpy(), copies, axis=0), self.device.type, self.device.id)
 
         batch = cache.batch * copies
-        out = KVCache(batch, cache.capacity, np.repeat(cache.lengths, copies), np.zeros((batch, 1, self.hidden_size), self.dtype))
-        out.state.update(kv=[repeated(value) for value in cache.state["kv"]], mask=np.repeat(cache.state["mask"], copies, axis=0), width=cache.state["width"])
-        return out
+        state = ConcatState([repeated(value) for value in cache.state.kv], np.repeat(cache.state.mask, copies, axis=0), cache.state.width)
+        return KVCache(batch, cache.capacity, np.repeat(cache.lengths, copies), np.zeros((batch, 1, self.hidden_size), self.dtype), state)
 
     def _slice_positions(self, value: Any, width: int) -> Any:
         """Keeps the first `width` positions of a `[B, n_kv, P, head_dim]` array or OrtValue."""
@@ -420,21 +443,21 @@ class ConcatDecoder(_DecoderBase):
         return ort.OrtValue.ortvalue_from_numpy(kept, self.device.type, self.device.id)
 
     def _run(self, inputs_embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
-        width = cache.state["width"] + inputs_embeds.shape[1]
-        mask = cache.state["mask"][:, :width]
+        width = cache.state.width + inputs_embeds.shape[1]
+        mask = cache.state.mask[:, :width]
         if cache.batch > 1:
             mask = np.ascontiguousarray(mask)  # onnxruntime reads inputs as contiguous arrays
         feed_embeds = np.ascontiguousarray(inputs_embeds, dtype=self.dtype)
         if self.device is None:
             feed = {INPUTS_EMBEDS: feed_embeds, ATTENTION_MASK: mask, POSITION_IDS: positions}
-            feed.update(zip(self.past_names, cache.state["kv"]))
+            feed.update(zip(self.past_names, cache.state.kv))
             logits, *present = self.session.run([LOGITS] + self.present_names, feed)
         else:
             binding = self.session.io_binding()
             binding.bind_cpu_input(INPUTS_EMBEDS, feed_embeds)
             binding.bind_cpu_input(ATTENTION_MASK, mask)
             binding.bind_cpu_input(POSITION_IDS, positions)
-            for name, value in zip(self.past_names, cache.state["kv"]):
+            for name, value in zip(self.past_names, cache.state.kv):
                 binding.bind_ortvalue_input(name, value)
             binding.bind_output(LOGITS, "cpu")  # only the last position's logits cross to the host
             for name in self.present_names:
@@ -442,7 +465,7 @@ class ConcatDecoder(_DecoderBase):
             self.session.run_with_iobinding(binding)
             logits, *present = binding.get_outputs()
             logits = logits.numpy()
-        cache.state["kv"], cache.state["width"] = present, width
+        cache.state.kv, cache.state.width = present, width
         cache.logits = logits
         return logits
 

@@ -43,9 +43,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .api import Pipeline, load
-from .generate import GENERATION_ARGUMENTS, GenerationResult
+from .generate import GenerationResult
 from .image import URL_TIMEOUT_S, image_sizes, load_image
 from .processor import flatten_images, images_in_messages
+from .settings import GENERATION_ARGUMENTS
 
 TASK = "image-text-to-text"
 # The generation settings the pipeline passes to `Pipeline.generate` (stop strings come as its `stop_sequence`;

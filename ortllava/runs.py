@@ -14,7 +14,8 @@ import numpy as np
 
 from .decoders import KVCache
 from .detokenizer import StreamingDetokenizer
-from .generate import Decoder, GenerationMetrics, GenerationResult, GenerationSettings, Step, decode_loop
+from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode_loop
+from .settings import GenerationSettings
 
 Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
 KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)

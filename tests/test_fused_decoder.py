@@ -20,10 +20,10 @@ def test_fused_decoder_reuses_its_buffers(mistral):
     pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=4096)
     decoder = pipe.sessions.decoder
     first = pipe.generate(prompt=PROMPT, images=[random_image(400, 300, seed=1)], max_new_tokens=6, min_new_tokens=6)
-    buffers = [id(value) for value in decoder._spare.state["kv"]]
+    buffers = [id(value) for value in decoder._spare.state.kv]
     assert decoder._spare.capacity == 4096  # max_length: one static size for every generation
     again = pipe.generate(prompt=PROMPT, images=[random_image(400, 300, seed=1)], max_new_tokens=6, min_new_tokens=6)
-    assert [id(value) for value in decoder._spare.state["kv"]] == buffers
+    assert [id(value) for value in decoder._spare.state.kv] == buffers
     assert again.token_ids == first.token_ids
     # A different batch size needs other buffers; the answers stay the same.
     batch = pipe.generate(prompt=[PROMPT, PROMPT], images=[random_image(400, 300, seed=1)] * 2, max_new_tokens=6, min_new_tokens=6)

@@ -156,7 +156,7 @@ def test_num_return_sequences_samples_each_answer_on_its_own(setup):
     with pytest.raises(ValueError, match="num_return_sequences"):
         pipe.chat().send("Hi", do_sample=True, num_return_sequences=2)
     # Only a caller asks for several answers: a generation config's num_return_sequences is not read (its load warns).
-    from ortllava.generate import GenerationSettings, unsupported_generation_settings
+    from ortllava.settings import GenerationSettings, unsupported_generation_settings
 
     config = {"do_sample": True, "num_return_sequences": 3}
     assert GenerationSettings.resolve({}, config).num_return_sequences == 1
@@ -288,7 +288,7 @@ def test_repetition_penalty_leaves_the_padding_out_as_transformers(penalty):
 
 
 def test_generation_settings_resolve_given_then_config_then_defaults():
-    from ortllava.generate import GENERATION_ARGUMENTS, GenerationSettings
+    from ortllava.settings import GENERATION_ARGUMENTS, GenerationSettings
     from ortllava.hf_pipeline import GENERATION_KEYS
 
     config = {"max_new_tokens": 40, "do_sample": True, "top_k": 5, "temperature": 0.7, "seed": 3, "eos_token_id": 2}

@@ -238,7 +238,7 @@ def test_int8_cache_bundle_quantizes_the_buffers_it_shares(bundles, tiny_store):
     # is held by the accuracy floors above).
     fp32 = _fp32_greedy(tiny_store, random_image(500, 300, seed=3))
     assert result.token_ids[:3] == fp32[:3] and len(result.token_ids) == 8
-    assert all(array.dtype == np.int8 for array in pipe.sessions.decoder._spare.state["kv_host"])
+    assert all(array.dtype == np.int8 for array in pipe.sessions.decoder._spare.state.kv_host)
     with pytest.warns(UserWarning, match="int8: with prefix_cache, an answer can differ"):  # (see ortllava.prefix)
         ortllava.load(bundles["kv8"], provider="cpu", verify=False, prefix_cache=True)
 
@@ -264,7 +264,7 @@ def test_int8_cache_prompts_attend_in_float_and_both_branches_quantize_alike(bun
         prompt_logits = logits.copy()
         cache.step_embeds[...] = step
         decoder.step(cache)
-        results[name] = prompt_logits, [buffer[:, :, :201].copy() for buffer in cache.state["kv_host"][:2]]  # layer 0
+        results[name] = prompt_logits, [buffer[:, :, :201].copy() for buffer in cache.state.kv_host[:2]]  # layer 0
     np.testing.assert_allclose(results["kv8"][0], results["fp32"][0], atol=1e-5, rtol=1e-5)
     # Layer 0's keys/values do not depend on attention, so both decoders computed the same floats.
     for stored, floats, scale in zip(results["kv8"][1], results["fp32"][1], (scales["layers.0.k_scale"], scales["layers.0.v_scale"])):
@@ -301,7 +301,7 @@ def test_int8_cache_grows_and_continues_like_one_prefill(bundles):
     a cache that had room from the start, and (within int8 rounding) those of one prefill."""
     whole, grown_logits, cache = one_prefill_and_grown_extend(bundles["kv8"])
     grown_logits = grown_logits.copy()
-    assert cache.state["kv_host"][0].dtype == np.int8 and int(cache.lengths[0]) == 300
+    assert cache.state.kv_host[0].dtype == np.int8 and int(cache.lengths[0]) == 300
     decoder = ortllava.load(bundles["kv8"], provider="cpu").sessions.decoder
     embeds = np.random.default_rng(0).standard_normal((1, 300, decoder.hidden_size)).astype(np.float32)  # as the helper's
     _, roomy = decoder.start(embeds[:, :100], np.ones((1, 100), np.int64), capacity=300)

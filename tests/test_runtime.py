@@ -30,7 +30,7 @@ def test_concat_decoder_io_binding_gives_the_same_tokens(tiny_store):
     # The cache between steps is device OrtValues, not numpy arrays.
     embeds = np.zeros((1, 3, bound.manifest.text.hidden_size), np.float32)
     _, cache = bound.sessions.decoder.start(embeds, np.ones((1, 3), np.int64), capacity=8)
-    assert all(type(value).__name__ == "OrtValue" for value in cache.state["kv"])
+    assert all(type(value).__name__ == "OrtValue" for value in cache.state.kv)
 
 
 def test_only_the_decoder_spins_its_idle_threads(pipe):

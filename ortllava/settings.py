@@ -1,0 +1,175 @@
+"""A generation's arguments: `GenerationSettings`, named and defaulted as transformers' `generate` names them, resolved
+from what the caller gives, then the bundle's generation config, then the defaults, and checked before any graph runs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields, replace
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+DEFAULT_MAX_NEW_TOKENS = 256
+LENGTH_ARGUMENTS = ("max_new_tokens", "max_length")  # the two ways to say how long an answer may be
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """One generation's arguments, named as transformers' `generate` names them, plus `seed` and `stop`; the
+    defaults are transformers' (for what neither the caller nor the bundle's generation config sets)."""
+
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS  # None while max_length decides it (see for_prompt)
+    # Prompt + new tokens (images included), as transformers' max_length; set only where it is in force (see resolve):
+    # then max_new_tokens is max_length minus each call's prompt tokens.
+    max_length: int | None = None
+    min_new_tokens: int = 0  # the EOS tokens are forbidden until this many tokens are out
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1  # answers per prompt, each sampled on its own (needs do_sample)
+    output_logits: bool = False  # each result keeps the raw logits each new token was picked from
+    eos_token_id: int | tuple[int, ...] | None = None  # the tokens that end an answer; None: the bundle's EOS ids
+    pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
+    seed: int | None = None  # the sampler's random seed
+    stop: tuple[str, ...] = ()  # strings that end an answer where one appears (the text is cut before it)
+
+    @classmethod
+    def resolve(cls, given: Mapping[str, Any], generation_config: Mapping[str, Any], max_positions: int | None = None) -> GenerationSettings:
+        """Each argument: the caller's value (None counts as unset), else the bundle's generation config (as
+        transformers reads it), else the default above. An unknown name is a TypeError naming it. `max_positions`:
+        the most the decoder serves, which a generation config's max_length (a model's context, say) is held to."""
+        unknown = sorted(set(given) - set(GENERATION_ARGUMENTS))
+        if unknown:
+            hints = "".join(f" ({name}: {_HINTS[name]})" for name in unknown if name in _HINTS)
+            raise TypeError(f"unknown generation argument(s): {', '.join(unknown)}{hints}; known: {', '.join(GENERATION_ARGUMENTS)}")
+        values = {}
+        for name in GENERATION_ARGUMENTS:
+            value = given.get(name)
+            if value is None and name not in _NOT_IN_GENERATION_CONFIG:
+                value = generation_config.get(name)
+            if value is not None:
+                values[name] = value
+        # The answer's length: the caller's max_new_tokens, else the caller's max_length, else the config's
+        # max_new_tokens, else its max_length, else DEFAULT_MAX_NEW_TOKENS (transformers' default max_length of 20
+        # would cut most answers; a config that sets max_length names it). Where a caller gives both, max_new_tokens
+        # wins, as in transformers (and with its warning). Unlike transformers, a caller's max_length also wins over
+        # a config's max_new_tokens: the caller's choice of length is the one that applies.
+        source = given if any(given.get(name) is not None for name in LENGTH_ARGUMENTS) else generation_config
+        if source.get("max_new_tokens") is not None:
+            if source is given and given.get("max_length") is not None:
+                warnings.warn(
+                    f"Both `max_new_tokens` (={given['max_new_tokens']}) and `max_length` (={given['max_length']}) seem to have been "
+                    "set. `max_new_tokens` will take precedence.",
+                    stacklevel=4,  # the caller of generate, stream, send or settings
+                )
+            values.pop("max_length", None)
+        elif source.get("max_length") is not None:
+            values["max_new_tokens"] = None
+            if source is generation_config and max_positions is not None and isinstance(values["max_length"], int):
+                values["max_length"] = min(values["max_length"], max_positions + 1)  # (the last new token takes no position)
+        if isinstance(values.get("eos_token_id"), Iterable):
+            values["eos_token_id"] = tuple(values["eos_token_id"])
+        if "stop" in values:  # one string, or several
+            stop = values["stop"]
+            values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
+        settings = replace(cls(), **values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        """Each argument's type and range, so a bad one is an error naming it rather than a traceback (or a
+        silently different setting) later."""
+
+        def fail(name: str, want: str) -> None:
+            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        def integer(value: Any) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        def number(value: Any) -> bool:  # a finite one (a NaN passes no comparison, so no range check)
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("do_sample", "output_logits"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                fail(name, "True or False")
+        for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("num_return_sequences", 1)):
+            if name == "max_new_tokens" and self.max_length is not None:
+                continue  # (None: max_length decides it)
+            if not integer(getattr(self, name)) or getattr(self, name) < least:
+                fail(name, f"an integer >= {least}")
+        if self.max_length is not None and (not integer(self.max_length) or self.max_length < 2):
+            fail("max_length", "an integer >= 2 (the prompt's tokens and the new ones), or None")
+        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "a number > 0")
+        if self.do_sample:  # the warpers' settings count only when sampling (transformers ignores them otherwise)
+            if not integer(self.top_k) or self.top_k < 0:
+                fail("top_k", "an integer >= 0 (0: off)")
+            if not number(self.temperature) or self.temperature <= 0:
+                fail("temperature", "a number > 0")
+            if not number(self.top_p) or not 0 < self.top_p <= 1:
+                fail("top_p", "a number in (0, 1]")
+        if self.num_return_sequences > 1 and not self.do_sample:  # (transformers' words)
+            raise ValueError(
+                "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences` different "
+                f"than 1 (got {self.num_return_sequences}): its answers would all be the same; pass do_sample=True"
+            )
+        if self.seed is not None and not (integer(self.seed) and self.seed >= 0):
+            fail("seed", "an integer >= 0, or None (a fresh random seed)")
+        eos = self.eos_token_id
+        if eos is not None and not (integer(eos) and eos >= 0 or isinstance(eos, tuple) and all(integer(i) and i >= 0 for i in eos)):
+            fail("eos_token_id", "a token id or a list of them")
+        if self.pad_token_id is not None and not (integer(self.pad_token_id) and self.pad_token_id >= 0):
+            fail("pad_token_id", "a token id or None")
+        if not all(isinstance(text, str) and text for text in self.stop):
+            fail("stop", "a non-empty string or a list of them")
+
+
+    def for_prompt(self, prompt_tokens: int) -> GenerationSettings:
+        """These settings for a prompt of `prompt_tokens` (the padded batch's length, images included): where
+        `max_length` is in force, `max_new_tokens` becomes `max_length - prompt_tokens`, as transformers counts it
+        (a ValueError, in its words, where the prompt leaves no room)."""
+        if self.max_length is None:
+            return self
+        if prompt_tokens >= self.max_length:
+            raise ValueError(
+                f"Input length of input_ids is {prompt_tokens} (images included), but `max_length` is set to {self.max_length}: "
+                "no room for a new token. Increase `max_length` or, better yet, set `max_new_tokens`."
+            )
+        return replace(self, max_new_tokens=self.max_length - prompt_tokens, max_length=None)
+
+
+GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings))
+_HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
+    "stop_strings": "give stop", "streamer": "use stream()",
+    "num_beams": "beam search is not implemented",
+}
+# Arguments not read from a generation config: ortllava's own (a generation_config.json has no such keys), and
+# those that change what generate returns: num_return_sequences (a list per prompt, which a chat or a stream cannot
+# give; a config that sets it is warned of at load, see below) and output_logits (transformers returns its logits
+# only with return_dict_in_generate), so only a caller asks for them.
+_NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_logits"}
+
+# generation_config.json keys with which transformers' `generate` gives other tokens or outputs, and which ortllava
+# does not apply: each with the values at which it does nothing.
+UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
+    "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
+    "no_repeat_ngram_size": (0,), "bad_words_ids": ([],), "force_words_ids": ([],), "constraints": ([],),
+    "suppress_tokens": ([],), "begin_suppress_tokens": ([],), "sequence_bias": ({},), "forced_bos_token_id": (),
+    "forced_eos_token_id": (), "min_length": (0,), "exponential_decay_length_penalty": (), "guidance_scale": (1,),
+    "min_p": (0,), "typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,), "top_h": (), "stop_strings": ([],),
+    "max_time": (), "watermarking_config": (), "token_healing": (False,),
+    # (transformers hands a decoder-only model's prompt ids to these as the "encoder" ids)
+    "encoder_repetition_penalty": (1, 1.0), "encoder_no_repeat_ngram_size": (0,),
+}
+
+
+def unsupported_generation_settings(generation_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a generation config that would change transformers' answers and that ortllava ignores."""
+    return {
+        key: value for key, value in generation_config.items()
+        if key in UNSUPPORTED_GENERATION_KEYS and value is not None and value not in UNSUPPORTED_GENERATION_KEYS[key]
+    }
