@@ -14,17 +14,24 @@ import numpy as np
 from .image import grid_shape
 
 
+def unpadded_shape(original_size: tuple[int, int], grid_shape: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of a `grid_shape` feature map that show an image of `original_size` (height, width) once the
+    letterbox padding is cut, as transformers' `unpad_image` cuts it (the same on both sides)."""
+    original_height, original_width = original_size
+    height, width = grid_shape
+    if original_width / original_height > width / height:
+        new_height = int(round(original_height * (width / original_width), 7))
+        return height - (height - new_height) // 2 * 2, width
+    new_width = int(round(original_width * (height / original_height), 7))
+    return height, width - (width - new_width) // 2 * 2
+
+
 def unpad(features: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
     """`[H, W, D]` grid feature map -> the rows/columns that show the image, not the letterbox padding."""
-    original_height, original_width = original_size
-    current_height, current_width = features.shape[:2]
-    if original_width / original_height > current_width / current_height:
-        new_height = int(round(original_height * (current_width / original_width), 7))
-        padding = (current_height - new_height) // 2
-        return features[padding : current_height - padding]
-    new_width = int(round(original_width * (current_height / original_height), 7))
-    padding = (current_width - new_width) // 2
-    return features[:, padding : current_width - padding]
+    height, width = features.shape[:2]
+    rows, cols = unpadded_shape(original_size, (height, width))
+    top, left = (height - rows) // 2, (width - cols) // 2
+    return features[top : top + rows, left : left + cols]
 
 
 def pack_image(

@@ -13,6 +13,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from . import chat_template as templates
+from .features import unpadded_shape
 from .image import ImageLike, ImageProcessor, ImageProcessorConfig, image_sizes, load_image, num_tiles, select_best_resolution
 from .manifest import (
     CHAT_TEMPLATE_FILE,
@@ -79,14 +80,8 @@ class Processor:
         best_h, best_w = select_best_resolution((height, width), self.grid_pinpoints)
         scale_h, scale_w = best_h // tile, best_w // tile
         patches_h = patches_w = tile // self.patch_size
-        current_h, current_w = patches_h * scale_h, patches_w * scale_w
-        # The grid's features are unpadded back to the image's aspect ratio (see features.unpad).
-        if width / height > current_w / current_h:
-            new_h = int(round(height * (current_w / width), 7))
-            current_h -= ((current_h - new_h) // 2) * 2
-        else:
-            new_w = int(round(width * (current_h / height), 7))
-            current_w -= ((current_w - new_w) // 2) * 2
+        # The grid's features unpadded back to the image's aspect ratio, as `pack_images` packs them.
+        current_h, current_w = unpadded_shape((height, width), (patches_h * scale_h, patches_w * scale_w))
         count = current_h * current_w + current_h + patches_h * patches_w + self.num_additional_image_tokens
         return count - 1 if self.select_strategy == "default" else count
 

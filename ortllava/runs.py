@@ -91,6 +91,7 @@ def collect(run: Run) -> list[GenerationResult]:
     logits: list[list[np.ndarray]] | None = [[] for _ in range(batch)] if run.settings.output_logits else None
     stopped = [False] * batch
     detokenizers = [StreamingDetokenizer(run.answer_text) for _ in range(batch)] if stop else None
+    finders = [StopFinder(stop) for _ in range(batch)] if stop else None
     steps = run.loop()
     try:
         for step in steps:
@@ -102,7 +103,7 @@ def collect(run: Run) -> list[GenerationResult]:
                     logits[row].append(step.logits[row].copy())  # (the buffer is the next step's)
                 if detokenizers is not None:
                     detokenizers[row].add(int(step.tokens[row]))
-                    stopped[row] = _find_stop(detokenizers[row].text, stop) is not None
+                    stopped[row] = finders[row](detokenizers[row].text) is not None
             if all(stopped[row] or step.finished[row] for row in range(batch)):
                 break
     finally:
@@ -125,6 +126,7 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
     and the metrics. The decode loop is closed (its cache released or kept) before that last chunk."""
     stop = run.settings.stop
     detokenizer = StreamingDetokenizer(run.answer_text)
+    find_stop = StopFinder(stop)
     released = 0  # characters of detokenizer.text already yielded
     reason = "length"
     ended = False  # an EOS token or a stop string ended the answer
@@ -137,7 +139,7 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
                 detokenizer.finalize()
                 reason = "stop"
             text = detokenizer.text
-            cut = _find_stop(text, stop)
+            cut = find_stop(text)
             if cut is not None:
                 reason, end = "stop", cut
             else:  # hold back a tail that could still grow into a stop string
@@ -153,13 +155,29 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
     if not ended:  # max_new_tokens reached
         detokenizer.finalize()
         text = detokenizer.text
-        cut = _find_stop(text, stop)
+        cut = find_stop(text)
         reason = "stop" if cut is not None else reason
         end = cut if cut is not None else len(text)
         if end > released:
             yield StreamChunk(text[released:end], None)
     run.metrics.total_s = time.perf_counter() - run.started
     yield StreamChunk("", None, reason, run.metrics)
+
+
+class StopFinder:
+    """Where the first stop string begins in a text that only grows (a detokenizer's released text): each call
+    searches only where a match not seen before can lie, so a token's search does not grow with the answer."""
+
+    def __init__(self, stop: Sequence[str] | None):
+        self.stop = [s for s in stop or () if s]
+        self.longest = max(map(len, self.stop), default=0)
+        self._searched = 0  # characters searched: a new match ends past them
+
+    def __call__(self, text: str) -> int | None:
+        start = max(0, self._searched - self.longest + 1)
+        self._searched = len(text)
+        hits = [index for index in (text.find(s, start) for s in self.stop) if index >= 0]
+        return min(hits) if hits else None
 
 
 def _find_stop(text: str, stop: Sequence[str] | None) -> int | None:

@@ -184,6 +184,23 @@ def test_stop_strings_cut_the_answer(pipe):
     assert "".join(c.text for c in streamed) == cut.text and streamed[-1].finish_reason == "stop"
 
 
+def test_stop_finder_searches_a_growing_text_as_a_whole_search_would():
+    """`StopFinder` looks only where a new match can lie (a text that grows by pieces); it finds what searching the
+    whole text finds, matches across pieces included."""
+    from ortllava.runs import StopFinder, _find_stop
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        stop = ["".join(rng.choice(list("ab"), size=rng.integers(1, 5))) for _ in range(rng.integers(1, 3))]
+        finder, text = StopFinder(stop), ""
+        for _ in range(12):
+            text += "".join(rng.choice(list("abc"), size=rng.integers(0, 4)))
+            found, want = finder(text), _find_stop(text, stop)
+            assert found == want, (stop, text)
+            if want is not None:
+                break
+
+
 def test_streaming_detokenizer_never_splits_a_character(pipe):
     from ortllava.detokenizer import StreamingDetokenizer
 
