@@ -36,7 +36,7 @@ image; without it, `ortllava.image.load_image`'s timeout and size limit apply.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -332,15 +332,15 @@ class ImageTextToTextPipeline:
         return list(messages) + [{"role": "assistant", "content": generated}]
 
 
+@dataclass
 class _Item:
-    """One input: what it reports as `input_text`, the prompt text, its loaded images."""
+    """One input of a call: what it reports as `input_text`, and how it is generated from."""
 
-    def __init__(self, input_text: Any, prompt: str, images: list, add_special: bool, continue_final: bool):
-        self.input_text = input_text
-        self.prompt = prompt
-        self.images = images
-        self.add_special = add_special
-        self.continue_final = continue_final
+    input_text: Any  # the chat or prompt string, as given
+    prompt: str  # the text the processor tokenizes (a chat rendered with its template)
+    images: list  # its loaded images, in order
+    add_special: bool  # whether the tokenizer adds its special tokens (not where the template wrote a BOS)
+    continue_final: bool  # a chat ending in an assistant message: continued, not answered
 
 
 def _is_chat(arg: Any) -> bool:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .decoders import KVCache
 from .detokenizer import StreamingDetokenizer
 from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode_loop
+from .sampling import Sampler
 from .settings import GenerationSettings
 
 Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
@@ -50,7 +51,7 @@ class Run:
     answer_text: Callable[[Sequence[int]], str]  # an answer's ids -> its text
     prefill: Prefill
     batch: int
-    sampler: Any
+    sampler: Sampler
     settings: GenerationSettings
     eos: list[int]
     pad_id: int
