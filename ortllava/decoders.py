@@ -74,8 +74,7 @@ class FusedState:
     mask_value: ort.OrtValue  # `mask` as the graph reads it
     logits_value: ort.OrtValue  # the step's `logits [B, V]` (on the host, except under CUDA graphs)
     step_binding: ort.IOBinding | None = None  # made once, after the above
-    step_options: ort.RunOptions | None = None  # under CUDA graphs: this cache's graph id
-    captured: bool = False  # under CUDA graphs: the step's graph was captured
+    step_options: ort.RunOptions | None = None  # under CUDA graphs: this cache's graph id (or uncaptured, after a failure)
 
 
 @dataclass
@@ -267,9 +266,9 @@ class FusedDecoder(_DecoderBase):
         state = cache.state
         state.mask[state.rows, cache.lengths] = 1
         cache.lengths += 1
-        self._sync(state.embeds_value, cache.step_embeds)
-        self._sync(state.mask_value, state.mask)
-        try:
+        try:  # (on a device, an earlier kernel's error may surface at these copies)
+            self._sync(state.embeds_value, cache.step_embeds)
+            self._sync(state.mask_value, state.mask)
             if not self.cuda_graph:
                 self.session.run_with_iobinding(state.step_binding)
                 return cache.logits
@@ -281,20 +280,19 @@ class FusedDecoder(_DecoderBase):
             raise
 
     def _captured_step(self, cache: KVCache) -> np.ndarray:
-        """A decode step under CUDA graphs: captured on its first run, replayed after; where the first run fails,
-        the cache's steps go on uncaptured."""
+        """A decode step under CUDA graphs: onnxruntime runs the first steps of a graph id plainly, then captures
+        the step and replays it. Where a run under the graph id fails (a capture that fails comes at the second or a
+        later run), that step reruns uncaptured, and so do the cache's later steps."""
         state = cache.state
-        if state.captured or state.step_options is self._uncaptured:
-            self.session.run_with_iobinding(state.step_binding, state.step_options)
+        if state.step_options is self._uncaptured:
+            self.session.run_with_iobinding(state.step_binding, self._uncaptured)
             return self._logits(cache)
         try:
             self.session.run_with_iobinding(state.step_binding, state.step_options)
         except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
-            warnings.warn(f"CUDA graph capture failed ({error}); continuing without CUDA graphs", stacklevel=3)
+            warnings.warn(f"a decode step under CUDA graphs failed ({error}); continuing without CUDA graphs", stacklevel=3)
             state.step_options = self._uncaptured
             self.session.run_with_iobinding(state.step_binding, self._uncaptured)
-        else:
-            state.captured = True
         return self._logits(cache)
 
     def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -314,8 +312,8 @@ class FusedDecoder(_DecoderBase):
         start = int(cache.lengths[0])
         cache.lengths[0] += inputs_embeds.shape[1]
         cache.state.mask[0, start : cache.lengths[0]] = 1
-        self._sync(cache.state.mask_value, cache.state.mask)
         try:
+            self._sync(cache.state.mask_value, cache.state.mask)
             return self._run(inputs_embeds, cache.state.mask, cache)
         except BaseException:  # the cache holds what it held before
             self.truncate(cache, start)

@@ -85,10 +85,10 @@ def plan_from_held(
     answer begins, what `held` still holds (it is never lost to a failed prompt).
     """
     ids = inputs["input_ids"][0]
-    spans = image_spans(pipe.processor, ids, inputs.get("image_sizes"))
-    cut = reusable_length(ids, spans, image_keys, held, same_image)
-    kept_images = sum(1 for start, _ in spans if start < cut)  # (each ends by the cut: it never falls inside one)
     try:
+        spans = image_spans(pipe.processor, ids, inputs.get("image_sizes"))
+        cut = reusable_length(ids, spans, image_keys, held, same_image)
+        kept_images = sum(1 for start, _ in spans if start < cut)  # (each ends by the cut: it never falls inside one)
         features = encode_from(kept_images) if kept_images < len(spans) else None
         suffix = inputs["input_ids"][:, cut:]
         inputs_embeds = pipe.embed(suffix, features)

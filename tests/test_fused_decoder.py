@@ -170,3 +170,26 @@ def test_non_finite_logits_are_an_error_not_an_answer(mistral, monkeypatch):
     from ortllava.generate import _non_finite_hint
 
     assert _non_finite_hint(SimpleNamespace(dtype=np.float16)).startswith("in fp16, an activation overflowed")  # an fp16 bundle's
+
+
+def test_a_failed_cuda_graph_capture_falls_back_to_plain_steps(mistral, monkeypatch):
+    """Simulated on the CPU: onnxruntime's CUDA provider runs a graph id's first step plainly and captures at a
+    later one, so a capture that fails raises from the second step. That step and the cache's later ones run
+    uncaptured, with a warning, and the answer is the plain one."""
+    want = ortllava.load(mistral.bundle, provider="cpu").generate(prompt="[INST] Hi [/INST]", max_new_tokens=6, min_new_tokens=6).token_ids
+    pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=2048)
+    decoder = pipe.sessions.decoder
+    monkeypatch.setattr(decoder, "cuda_graph", True)  # (before its first cache: each cache gets a graph id)
+    inner, runs = decoder.session.run_with_iobinding, {}
+
+    def run(binding, options=None):
+        if options is not None and options is not decoder._uncaptured:
+            runs[id(options)] = runs.get(id(options), 0) + 1
+            if runs[id(options)] == 2:
+                raise RuntimeError("simulated: the capture failed")
+        return inner(binding, options)
+
+    monkeypatch.setattr(decoder.session, "run_with_iobinding", run)
+    with pytest.warns(UserWarning, match="a decode step under CUDA graphs failed .simulated: the capture failed.; continuing without CUDA graphs"):
+        got = pipe.generate(prompt="[INST] Hi [/INST]", max_new_tokens=6, min_new_tokens=6).token_ids
+    assert got == want and list(runs.values()) == [2]  # (after the failure, only uncaptured runs)

@@ -435,3 +435,28 @@ def test_fp16_weights_left_as_stored_are_cast_as_they_are_read(bundles, tiny_sto
     monkeypatch.setattr(sessions, "cast_fp16_weights_as_read", lambda options: calls.append(1) or original(options))
     export_bundle(str(tiny_store.get("mistral").checkpoint), tmp_path / "fp16", precision="fp16")
     assert len(calls) == 6
+
+
+def test_a_gpu_index_reaches_every_session_and_the_buffers(bundles, monkeypatch):
+    """provider="cuda:1", simulated on the CPU (the CUDA provider listed, each session made on the CPU): every session
+    is asked for GPU 1, the CUDA-graph decoder session too, and the IO-bound buffers are placed there."""
+    import onnxruntime as ort
+
+    from ortllava import sessions as sessions_module
+    from ortllava.decoders import Device
+
+    asked = {}
+    create = sessions_module.create_session
+
+    def recording(path, providers, *args, **kwargs):
+        asked[Path(path).name] = providers
+        return create(path, ["CPUExecutionProvider"], *args, **kwargs)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(sessions_module, "create_session", recording)
+    pipe = ortllava.load(bundles["fp16"], provider="cuda:1", verify=False, cuda_graph=True)
+    assert pipe.sessions.decoder.device == Device("cuda", 1) and pipe.sessions.decoder.cuda_graph
+    assert sorted(asked) == ["decoder.onnx", "projector.onnx", "vision_encoder.onnx"]
+    for name, providers in asked.items():
+        assert providers[0][0] == "CUDAExecutionProvider" and providers[0][1]["device_id"] == 1, name
+    assert asked["decoder.onnx"][0][1] == {"device_id": 1, "enable_cuda_graph": "1"}
