@@ -300,6 +300,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def _provider(value: str) -> str:
+    """An argparse type: "auto", "cpu", "cuda" or "cuda:N" (GPU N)."""
+    kind, _, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda") or kind == "cuda" and index.isdigit():
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: give auto, cpu, cuda or cuda:N (a GPU index)")
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ortllava", description="LLaVA-NeXT on onnxruntime.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -308,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("bundle", type=Path)
     gen.add_argument("--image", action="append", help="image path or URL (repeat for several)")
     gen.add_argument("--prompt", required=True, help="the question ('-': read it from stdin)")
-    gen.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    gen.add_argument("--provider", default="auto", type=_provider, help="auto, cpu, cuda or cuda:N (GPU N)")
     _add_generation_flags(gen)
     gen.add_argument(
         "--num-return-sequences", metavar="N", type=int,
@@ -325,12 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="print the manifest (JSON) instead of the report")
     info.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     info.add_argument("--no-load", action="store_true", help="skip timing a load of the bundle")
-    info.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="where to time the load")
+    info.add_argument("--provider", default="auto", type=_provider, help="where to time the load: auto, cpu, cuda or cuda:N")
     info.set_defaults(run=_info)
 
     chat = commands.add_parser("chat", help="talk with the model, keeping the conversation (stdin: lines, /image, /reset, /quit)")
     chat.add_argument("bundle", type=Path)
-    chat.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    chat.add_argument("--provider", default="auto", type=_provider, help="auto, cpu, cuda or cuda:N (GPU N)")
     _add_generation_flags(chat)
     chat.add_argument("--system", help="a system message for the conversation")
     chat.add_argument("--timings", action="store_true", help="print tokens and timings to stderr after each answer")

@@ -113,6 +113,11 @@ def test_cli_tells_what_to_do(mistral, tmp_path):
     assert out.returncode == 1 and "the prompt holds 2 <image> token(s) but 1 --image was given" in out.stderr
     out = subprocess.run([*cli, "chat", str(mistral.bundle), "--provider", "cpu"], input=f"/image {path}\n", capture_output=True, text=True)
     assert out.returncode == 0 and "[1 attached image(s) not sent: no message followed]" in out.stderr
+    # --provider takes a GPU index (here refused by onnxruntime, which has no CUDA provider) and names a bad value.
+    out = subprocess.run([*cli, "generate", str(mistral.bundle), "--prompt", "hi", "--provider", "cuda:1"], capture_output=True, text=True)
+    assert out.returncode == 1 and "provider='cuda:1' asked for, but this onnxruntime has no CUDAExecutionProvider" in out.stderr
+    out = subprocess.run([*cli, "generate", str(mistral.bundle), "--prompt", "hi", "--provider", "gpu"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--provider: 'gpu': give auto, cpu, cuda or cuda:N" in out.stderr
 
 
 def test_cli_leaves_unset_arguments_to_the_generation_config(mistral, tmp_path):
