@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 from .features import embed, pack_images
 from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, positions_needed
-from .image import ImageLike, num_tiles
+from .image import ImageLike
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .processor import BatchFeature, Processor, is_chat_batch
@@ -100,15 +100,10 @@ class Pipeline:
         """`pixel_values [n_images, max_tiles, 3, S, S]` -> packed features `[n_features, D]`, all tiles in one run."""
         vision = self.manifest.vision
         tile = self.processor.image_processor.config.tile_size
-        counts = self._tile_counts(image_sizes)
+        counts = self.processor.tile_counts(image_sizes)
         tiles = np.concatenate([pixels[:count] for pixels, count in zip(pixel_values, counts)], axis=0)
         projected = self.sessions.vision(tiles)
         return pack_images(projected, image_sizes, counts, self.image_newline, vision.grid_pinpoints, tile)
-
-    def _tile_counts(self, image_sizes: np.ndarray) -> list[int]:
-        """Each image's tiles (the overview included) by its `[height, width]`."""
-        tile = self.processor.image_processor.config.tile_size
-        return [num_tiles(tuple(size), self.manifest.vision.grid_pinpoints, tile) for size in image_sizes.tolist()]
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         """`input_ids [B, T]` -> `inputs_embeds [B, T, D]` in the decoder's dtype, images spliced in."""
@@ -349,7 +344,7 @@ class Pipeline:
         keys = []
         if "pixel_values" in inputs:
             sizes = inputs["image_sizes"]
-            keys = [pixel_digest(pixels[:count], size) for pixels, count, size in zip(inputs["pixel_values"], self._tile_counts(sizes), sizes)]
+            keys = [pixel_digest(pixels[:count], size) for pixels, count, size in zip(inputs["pixel_values"], self.processor.tile_counts(sizes), sizes)]
         metrics.preprocess_s += time.perf_counter() - begun
 
         def encode_from(first: int) -> np.ndarray:

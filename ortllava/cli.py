@@ -303,8 +303,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _provider(value: str) -> str:
     """An argparse type: "auto", "cpu", "cuda" or "cuda:N" (GPU N)."""
-    kind, _, index = value.partition(":")
-    if value in ("auto", "cpu", "cuda") or kind == "cuda" and index.isdigit():
+    from .sessions import is_provider
+
+    if is_provider(value):
         return value
     raise argparse.ArgumentTypeError(f"{value!r}: give auto, cpu, cuda or cuda:N (a GPU index)")
 

@@ -98,6 +98,12 @@ class KVCache:
     logits: np.ndarray | None = None  # [B, V] float32: the last step's logits (a reused buffer for "gqa")
 
 
+def served_positions(manifest: Manifest) -> int:
+    """Positions the bundle's decoder serves: the model's, fewer where its graph was built for fewer."""
+    text, spec = manifest.text, manifest.graphs["decoder"]
+    return min(spec.max_length or text.max_position_embeddings, text.max_position_embeddings)
+
+
 class _DecoderBase:
     fixed_capacity: int | None = None  # set where the key/value buffers have one static length (FusedDecoder)
 
@@ -110,7 +116,7 @@ class _DecoderBase:
         self.kv_heads, self.head_dim, self.hidden_size, self.vocab_size = text.num_key_value_heads, text.head_dim, text.hidden_size, text.vocab_size
         self.dtype = NUMPY_DTYPES[spec.dtype]
         self.kv_dtype = KV_DTYPES[spec.kv_dtype or spec.dtype]
-        self.max_length = min(spec.max_length or text.max_position_embeddings, text.max_position_embeddings)
+        self.max_length = served_positions(manifest)
         self.past_names = [n for layer in range(self.num_layers) for n in (past_key_name(layer), past_value_name(layer))]
         self.present_names = [n for layer in range(self.num_layers) for n in (present_key_name(layer), present_value_name(layer))]
 

@@ -46,6 +46,7 @@ from .api import Pipeline, load
 from .generate import GenerationResult
 from .image import URL_TIMEOUT_S, image_sizes, load_image
 from .processor import flatten_images, images_in_messages
+from .sessions import is_provider
 from .settings import GENERATION_ARGUMENTS
 
 TASK = "image-text-to-text"
@@ -84,7 +85,7 @@ def _provider_for(device: Any) -> str:
     if isinstance(device, int) and not isinstance(device, bool):
         return "cpu" if device < 0 else f"cuda:{device}"
     text = str(device)
-    if text in ("cpu", "cuda", "auto") or text.startswith("cuda:") and text[5:].isdigit():
+    if is_provider(text):
         return text
     raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or an index, got {device!r}")
 

@@ -85,6 +85,11 @@ class Processor:
         count = current_h * current_w + current_h + patches_h * patches_w + self.num_additional_image_tokens
         return count - 1 if self.select_strategy == "default" else count
 
+    def tile_counts(self, image_sizes: np.ndarray) -> list[int]:
+        """Each image's tiles (the base image included) by its `[height, width]` (`image_sizes [n_images, 2]`)."""
+        tile = self.image_processor.config.tile_size
+        return [num_tiles(tuple(size), self.grid_pinpoints, tile) for size in np.asarray(image_sizes).tolist()]
+
     # ----------------------------------------------------------------------------------------------
     # The processor call
 
@@ -214,7 +219,7 @@ class Processor:
             raise ValueError(f"pixel_values must be [n_images, max_tiles, 3, {tile}, {tile}], got shape {list(pixels.shape)}")
         if sizes.shape != (len(pixels), 2) or (sizes < 1).any():
             raise ValueError(f"image_sizes must be [n_images, 2] = [{len(pixels)}, 2] of (height, width), got {sizes.tolist()}")
-        wanted_tiles = [num_tiles(tuple(size), self.grid_pinpoints, tile) for size in sizes.tolist()]
+        wanted_tiles = self.tile_counts(sizes)
         if max(wanted_tiles, default=0) > pixels.shape[1]:
             raise ValueError(f"pixel_values hold {pixels.shape[1]} tiles per image; image_sizes {sizes.tolist()} need {max(wanted_tiles)}")
         used = [image[:count] for image, count in zip(pixels, wanted_tiles)]  # (the padding tiles are not read)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .decoders import NUMPY_DTYPES, Device, make_decoder
+from .decoders import NUMPY_DTYPES, Device, make_decoder, served_positions
 from .manifest import (
     IMAGE_FEATURES,
     INPUTS_EMBEDS,
@@ -28,6 +28,11 @@ from .manifest import (
 )
 
 
+def is_provider(name: Any) -> bool:
+    """Whether `name` is a provider ortllava takes: "auto", "cpu", "cuda" or "cuda:N" (GPU N)."""
+    return isinstance(name, str) and (name in ("auto", "cpu", "cuda") or name.startswith("cuda:") and name[5:].isdigit())
+
+
 def resolve_providers(provider: str) -> list[str | tuple[str, dict[str, Any]]]:
     """"auto" -> CUDA (GPU 0) when this onnxruntime has it, else CPU; "cuda" or "cuda:N" insists on CUDA, on GPU 0 or
     N; "cpu" is CPU. (A bundle made for the CPU only turns "auto" into "cpu" before this: `BundleSessions`.)"""
@@ -36,15 +41,14 @@ def resolve_providers(provider: str) -> list[str | tuple[str, dict[str, Any]]]:
         provider = "cuda" if "CUDAExecutionProvider" in available else "cpu"
     if provider == "cpu":
         return ["CPUExecutionProvider"]
-    kind, _, index = str(provider).partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
+    if not is_provider(provider):
         raise ValueError(f"provider must be 'auto', 'cpu', 'cuda' or 'cuda:N' (a GPU index), got {provider!r}")
     if "CUDAExecutionProvider" not in available:
         raise RuntimeError(
             f"provider={provider!r} asked for, but this onnxruntime has no CUDAExecutionProvider "
             f"(available: {available}); install onnxruntime-gpu (pip install 'ortllava[gpu]')"
         )
-    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": int(provider.partition(":")[2] or 0)}), "CPUExecutionProvider"]
 
 
 def _provider_name(provider: str | tuple[str, dict[str, Any]]) -> str:
@@ -273,7 +277,7 @@ class BundleSessions:
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
         self.vision = VisionPath(sessions["vision_encoder"], sessions["projector"], device, vision_dtype)
         if self.cuda_graph and not max_length:  # graphs replay fixed shapes: one buffer length for every generation
-            max_length = min(CUDA_GRAPH_DEFAULT_LENGTH, manifest.text.max_position_embeddings, spec.max_length or CUDA_GRAPH_DEFAULT_LENGTH)
+            max_length = min(CUDA_GRAPH_DEFAULT_LENGTH, served_positions(manifest))
         self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph)
 
     def _decoder_session(self, path: Path, threads: int | None, prepack: bool, fp16_as_stored: bool) -> ort.InferenceSession:

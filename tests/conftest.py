@@ -6,8 +6,10 @@ Each checkpoint configuration is built and exported once per test session.
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pytest
@@ -177,6 +179,21 @@ def hf_generate(processor, model, conversations, **options) -> list[list[int]]:
     with torch.no_grad():
         out = model.generate(**inputs, do_sample=False, **options)
     return [row.tolist() for row in out[:, inputs["input_ids"].shape[1] :]]
+
+
+def at_once(calls: Sequence[Callable[[], Any]]) -> list:
+    """Runs each of `calls` in its own thread, all started together; their results in order (None where one raised)."""
+    results: list = [None] * len(calls)
+
+    def run(index: int) -> None:
+        results[index] = calls[index]()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 def user(*content) -> list[dict]:

@@ -3,13 +3,11 @@ the prompts begin alike (the same images by their pixels), and answers exactly a
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 import ortllava
 
-from conftest import random_image, user
+from conftest import at_once, random_image, user
 
 GREEDY = dict(max_new_tokens=8, min_new_tokens=8)
 IMAGE, OTHER = random_image(640, 480, seed=41), random_image(640, 480, seed=42)  # the same size: the same token count
@@ -98,17 +96,8 @@ def test_generations_at_once_each_answer_as_alone(pipes):
     cached, fresh = pipes
     questions = [user(IMAGE if i % 2 else OTHER, f"Question number {i}?") for i in range(6)]
     want = [fresh.generate(messages=messages, **GREEDY).token_ids for messages in questions]
-    got: list = [None] * len(questions)
-
-    def ask(index: int) -> None:
-        got[index] = cached.generate(messages=questions[index], **GREEDY).token_ids
-
     for _ in range(2):  # the second round finds a kept cache
-        threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(questions))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        got = at_once([lambda messages=messages: cached.generate(messages=messages, **GREEDY).token_ids for messages in questions])
         assert got == want
 
 

@@ -13,7 +13,7 @@ import pytest
 import ortllava
 from ortllava import BundleError
 
-from conftest import random_image, save_png, session_config, without_packages
+from conftest import at_once, random_image, save_png, session_config, without_packages
 
 PROMPT = "[INST] <image>\nWhat is this? [/INST]"
 
@@ -117,8 +117,6 @@ def test_a_released_cache_goes_to_one_generation(mistral, monkeypatch):
 def test_generations_in_several_threads_are_those_run_one_by_one(tiny_store, config):
     """A Pipeline shared by threads (a server's workers): each generation keeps its own keys/values, so answers
     that run at the same time are the ones they give alone; a finished cache is reused by one generation only."""
-    import threading
-
     pipe = ortllava.load(tiny_store.get(config).bundle, provider="cpu")
     images = [random_image(300, 200, seed=61), random_image(250, 500, seed=62)]
     chats = [
@@ -127,16 +125,7 @@ def test_generations_in_several_threads_are_those_run_one_by_one(tiny_store, con
     ]
     alone = [pipe.generate(messages=chat, max_new_tokens=8, min_new_tokens=8).token_ids for chat in chats]
     for _ in range(2):
-        together: list = [None] * len(chats)
-
-        def answer(i: int) -> None:
-            together[i] = pipe.generate(messages=chats[i], max_new_tokens=8, min_new_tokens=8).token_ids
-
-        threads = [threading.Thread(target=answer, args=(i,)) for i in range(len(chats))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        together = at_once([lambda chat=chat: pipe.generate(messages=chat, max_new_tokens=8, min_new_tokens=8).token_ids for chat in chats])
         assert together == alone
 
 
