@@ -333,8 +333,9 @@ def _gather_last(g: _Graph, hidden: str, seqlens_k: str) -> list[str]:
 
     A first prompt is right-padded, so its last real token sits at `seqlens_k`; a decode step (S = 1) and a
     continued prompt (B = 1, past > 0) end at `S - 1`, which the min picks. The index is computed from data
-    only (positions by a cumulative sum, S - 1 as their maximum) and the row picked by a one-hot MatMul, so no
-    shape value crosses between host and device: with no copy nodes, CUDA graphs can capture the step.
+    only (positions by a cumulative sum, S - 1 as their maximum) and the row picked by Where + ReduceSum, so no
+    shape value crosses between host and device: with no copy nodes, CUDA graphs can capture the step. (Where, not a
+    one-hot MatMul: 0 × NaN is NaN, so a padding position's overflow would have reached the real row.)
     """
     (first,) = g.node("Slice", [hidden, g.const_i64("zero1", [0]), g.const_i64("one1", [1]), g.const_i64("axis2", [2])], 1, "last/first_feature")
     (first32,) = g.node("Cast", [first], 1, "last/float", to=TensorProto.FLOAT)  # positions past 2048 need fp32
@@ -347,7 +348,5 @@ def _gather_last(g: _Graph, hidden: str, seqlens_k: str) -> list[str]:
     (lengths3,) = g.node("Unsqueeze", [lengths, g.const_i64("axes12", [1, 2])], 1, "last/lengths3")  # [B, 1, 1]
     (index,) = g.node("Min", [lengths3, final], 1, "last/index")
     (hit,) = g.node("Equal", [positions, index], 1, "last/hit")  # [B, S, 1]
-    (onehot,) = g.node("Cast", [hit], 1, "last/onehot", to=helper.np_dtype_to_tensor_dtype(np.dtype(g.dtype)))
-    (row,) = g.node("Transpose", [onehot], 1, "last/row", perm=[0, 2, 1])  # [B, 1, S]
-    (picked,) = g.node("MatMul", [row, hidden], 1, "last/pick")  # [B, 1, D]
-    return g.node("Squeeze", [picked, g.const_i64("axis1__", [1])], 1, "last/squeeze")
+    (kept,) = g.node("Where", [hit, hidden, g.weight("zero_hidden", np.array(0, g.dtype))], 1, "last/keep")  # [B, S, D]
+    return g.node("ReduceSum", [kept, g.const_i64("axis1__", [1])], 1, "last/pick", keepdims=0)  # [B, D]

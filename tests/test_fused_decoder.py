@@ -193,3 +193,26 @@ def test_a_failed_cuda_graph_capture_falls_back_to_plain_steps(mistral, monkeypa
     with pytest.warns(UserWarning, match="a decode step under CUDA graphs failed .simulated: the capture failed.; continuing without CUDA graphs"):
         got = pipe.generate(prompt="[INST] Hi [/INST]", max_new_tokens=6, min_new_tokens=6).token_ids
     assert got == want and list(runs.values()) == [2]  # (after the failure, only uncaptured runs)
+
+
+def test_a_non_finite_padding_position_leaves_the_real_rows_alone(mistral):
+    """A batched prompt's padding positions (right of each row's real tokens) may hold anything, an fp16 overflow
+    say: the row's logits come from its last real token only (picked by Where, where a one-hot MatMul would spread
+    0 × NaN = NaN), and equal the row run alone."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(Path(mistral.bundle) / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    embeds_input, _, *kv_inputs = session.get_inputs()
+    width, (_, kv_heads, _, head_dim) = embeds_input.shape[2], kv_inputs[0].shape
+    embeds = np.random.default_rng(0).standard_normal((2, 5, width)).astype(np.float32)
+    embeds[1, 2:] = np.nan  # row 1 has 2 real tokens
+
+    def run(embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feed = {"inputs_embeds": embeds, "attention_mask": mask}
+        feed.update({i.name: np.zeros((len(embeds), kv_heads, 16, head_dim), np.float32) for i in kv_inputs})
+        return session.run(["logits"], feed)[0]
+
+    batched = run(embeds, np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], np.int64))
+    alone = run(embeds[1:, :2], np.ones((1, 2), np.int64))
+    assert np.isfinite(batched).all()
+    np.testing.assert_allclose(batched[1], alone[0], rtol=1e-5, atol=1e-5)
