@@ -18,7 +18,7 @@ from .image import ImageLike
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .processor import BatchFeature, Processor, is_chat_batch
-from .sampling import make_sampler, with_min_new_tokens, with_repetition_penalty
+from .sampling import make_sampler, with_min_new_tokens, with_no_repeat_ngrams, with_repetition_penalty
 from .runs import KeepCache, Prefill, Run, StreamChunk, collect, one_answer, stream_chunks
 from .sessions import BundleSessions
 from .settings import GenerationSettings, unsupported_generation_settings
@@ -155,9 +155,11 @@ class Pipeline:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         seed: int | None = None,
         min_new_tokens: int | None = None,
         repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
         stop: Sequence[str] | str | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
@@ -177,7 +179,9 @@ class Pipeline:
 
         Unset sampling arguments come from the bundle's generation config, then transformers' defaults.
         `max_length`, as transformers': the prompt's tokens (the padded batch's, images included) plus the new ones;
-        `max_new_tokens` wins where both are given. `min_new_tokens` forbids the EOS tokens until that many tokens are out. `stop` strings end a row's
+        `max_new_tokens` wins where both are given. `min_new_tokens` forbids the EOS tokens until that many tokens are out.
+        `min_p` (sampling) drops tokens less probable than `min_p` times the most probable one; `no_repeat_ngram_size=n`
+        forbids a token that would repeat an n-gram of the prompt (its ids as given) or the answer. `stop` strings end a row's
         answer where one appears (the text is cut before it; finish_reason "stop"). `eos_token_id` (one id or
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
@@ -189,8 +193,8 @@ class Pipeline:
         """
         settings = self.settings(
             max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            num_return_sequences=num_return_sequences, output_logits=output_logits,
+            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed, stop=stop,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, output_logits=output_logits,
             **others,  # (any other name is a TypeError listing the known ones)
         )
         model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
@@ -234,7 +238,8 @@ class Pipeline:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
 
         `system`: an optional system message. `defaults`: generation arguments for every turn (as `generate`'s:
-        max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, seed, min_new_tokens, repetition_penalty, stop,
+        max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, min_p, seed, min_new_tokens,
+        repetition_penalty, no_repeat_ngram_size, stop,
         eos_token_id, pad_token_id).
         """
         from .chat import ChatSession
@@ -309,8 +314,9 @@ class Pipeline:
         if copies > 1:  # each prompt's row n times, as the cache has them: rows 0..n-1 answer prompt 0 (transformers' order)
             input_ids, attention_mask = np.repeat(input_ids, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
 
-        sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed)
+        sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed, settings.min_p)
         sampler = with_min_new_tokens(sampler, eos, settings.min_new_tokens)
+        sampler = with_no_repeat_ngrams(sampler, input_ids, self.manifest.text.vocab_size, settings.no_repeat_ngram_size)
         sampler = with_repetition_penalty(sampler, input_ids, attention_mask, self.manifest.text.vocab_size, settings.repetition_penalty)
         return Run(
             self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], sampler, settings, eos, pad_id, metrics,

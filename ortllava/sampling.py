@@ -1,6 +1,7 @@
 """Samplers: small closures from last-position logits `[B, V]` to next tokens `[B]`.
 
-Warpers apply in transformers' order: temperature, then top-k, then top-p.
+Logits processors and warpers apply in transformers' order: the repetition penalty, no-repeat n-grams, min_new_tokens;
+then, when sampling, temperature, top-k, top-p and min-p.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ def greedy(logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=-1)
 
 
-def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Sampler:
+def make_sampler(
+    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None, min_p: float = 0.0,
+) -> Sampler:
     """Greedy unless `do_sample`; a sampler with a `seed` repeats exactly.
 
     Each row draws from its candidates only (top-k's, then top-p's, ascending token ids). With top-k a token
@@ -32,22 +35,24 @@ def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int =
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must lie in [0, 1], got {min_p}")
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> np.ndarray:
         draws = rng.random(logits.shape[0])  # one uniform number per row
         tokens = np.empty(logits.shape[0], dtype=np.int64)
         for row, (scores, draw) in enumerate(zip(logits, draws)):
-            candidates, probs = candidate_probs(scores, temperature, top_k, top_p)
+            candidates, probs = candidate_probs(scores, temperature, top_k, top_p, min_p)
             tokens[row] = candidates[min(int(np.count_nonzero(probs.cumsum() < draw)), len(probs) - 1)]
         return tokens
 
     return sample
 
 
-def candidate_probs(scores: np.ndarray, temperature: float, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+def candidate_probs(scores: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One row's logits `[V]` -> the tokens that may be drawn (ascending ids) and their probabilities (float64,
-    summing to 1): transformers' temperature, top-k and top-p warpers, then softmax."""
+    summing to 1): transformers' temperature, top-k, top-p and min-p warpers, then softmax."""
     candidates = _top_k(scores, top_k)
     values = scores[candidates].astype(np.float64) / temperature
     finite = np.isfinite(values)
@@ -57,6 +62,9 @@ def candidate_probs(scores: np.ndarray, temperature: float, top_k: int, top_p: f
     probs /= probs.sum()
     if top_p < 1.0:
         kept = _top_p(probs, top_p)
+        candidates, probs = candidates[kept], probs[kept] / probs[kept].sum()
+    if min_p > 0:  # (the ratio to the most probable token is the same before and after top-p's renormalizing)
+        kept = probs >= min_p * probs.max()
         candidates, probs = candidates[kept], probs[kept] / probs[kept].sum()
     return candidates, probs
 
@@ -118,6 +126,48 @@ def with_repetition_penalty(sampler: Sampler, prompt_ids: np.ndarray, prompt_mas
                 seen_at = np.concatenate([seen_at[:count], np.empty(max(count, len(new), 64), np.int64)])
             seen_at[count : count + len(new)] = new
             count += len(new)
+        return tokens
+
+    return sample
+
+
+def with_no_repeat_ngrams(sampler: Sampler, prompt_ids: np.ndarray, vocab_size: int, size: int) -> Sampler:
+    """transformers' `no_repeat_ngram_size`: a token that would complete an n-gram already in the row (its prompt
+    ids as given, padding and image tokens included, as transformers counts them; then its new tokens) is
+    forbidden. `prompt_ids`: `[B, T]`.
+
+    Each row keeps a table from every (n-1)-gram it holds to the tokens that followed it, so a step costs a lookup
+    and an insert per row, whatever the length.
+    """
+    if size <= 0:
+        return sampler
+    rows = [list(map(int, row)) for row in prompt_ids]  # each row's ids so far: its last n-1 are the next key
+    followers: list[dict[tuple[int, ...], set[int]]] = []
+    for ids in rows:
+        table: dict[tuple[int, ...], set[int]] = {}
+        for start in range(len(ids) - size + 1):
+            table.setdefault(tuple(ids[start : start + size - 1]), set()).add(ids[start + size - 1])
+        followers.append(table)
+    scores = None  # [B, V]: the masked logits, reused (the decoder's own buffer stays raw, for output_logits)
+
+    def sample(logits: np.ndarray) -> np.ndarray:
+        nonlocal scores
+        banned = [
+            [t for t in table.get(tuple(ids[len(ids) - size + 1 :]), ()) if t < vocab_size] if len(ids) >= size - 1 else []
+            for ids, table in zip(rows, followers)
+        ]
+        if any(banned):
+            if scores is None or scores.shape != logits.shape:
+                scores = np.empty_like(logits)
+            np.copyto(scores, logits)
+            for row, tokens in enumerate(banned):
+                scores[row, tokens] = -np.inf
+            logits = scores
+        tokens = sampler(logits)
+        for ids, table, token in zip(rows, followers, tokens.tolist()):
+            ids.append(token)
+            if len(ids) >= size:
+                table.setdefault(tuple(ids[len(ids) - size : -1]), set()).add(token)
         return tokens
 
     return sample

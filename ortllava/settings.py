@@ -29,7 +29,9 @@ class GenerationSettings:
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 1.0
+    min_p: float = 0.0  # sampling: drop tokens less probable than min_p times the most probable one (0: off)
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # n > 0: no n-gram (the prompt's included) occurs twice
     num_return_sequences: int = 1  # answers per prompt, each sampled on its own (needs do_sample)
     output_logits: bool = False  # each result keeps the raw logits each new token was picked from
     eos_token_id: int | tuple[int, ...] | None = None  # the tokens that end an answer; None: the bundle's EOS ids
@@ -96,7 +98,7 @@ class GenerationSettings:
         for name in ("do_sample", "output_logits"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "True or False")
-        for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("num_return_sequences", 1)):
+        for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("num_return_sequences", 1), ("no_repeat_ngram_size", 0)):
             if name == "max_new_tokens" and self.max_length is not None:
                 continue  # (None: max_length decides it)
             if not integer(getattr(self, name)) or getattr(self, name) < least:
@@ -112,6 +114,8 @@ class GenerationSettings:
                 fail("temperature", "a number > 0")
             if not number(self.top_p) or not 0 < self.top_p <= 1:
                 fail("top_p", "a number in (0, 1]")
+            if not number(self.min_p) or not 0 <= self.min_p <= 1:
+                fail("min_p", "a number in [0, 1] (0: off)")
         if self.num_return_sequences > 1 and not self.do_sample:  # (transformers' words)
             raise ValueError(
                 "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences` different "
@@ -157,10 +161,10 @@ _NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_log
 # does not apply: each with the values at which it does nothing.
 UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
-    "no_repeat_ngram_size": (0,), "bad_words_ids": ([],), "force_words_ids": ([],), "constraints": ([],),
+    "bad_words_ids": ([],), "force_words_ids": ([],), "constraints": ([],),
     "suppress_tokens": ([],), "begin_suppress_tokens": ([],), "sequence_bias": ({},), "forced_bos_token_id": (),
     "forced_eos_token_id": (), "min_length": (0,), "exponential_decay_length_penalty": (), "guidance_scale": (1,),
-    "min_p": (0,), "typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,), "top_h": (), "stop_strings": ([],),
+    "typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,), "top_h": (), "stop_strings": ([],),
     "max_time": (), "watermarking_config": (), "token_healing": (False,),
     # (transformers hands a decoder-only model's prompt ids to these as the "encoder" ids)
     "encoder_repetition_penalty": (1, 1.0), "encoder_no_repeat_ngram_size": (0,),

@@ -329,8 +329,11 @@ def test_generation_config_settings_not_implemented_are_warned_of(mistral, tmp_p
     shutil.copytree(mistral.bundle, copy)
     config = copy / "generation_config.json"
     settings = json.loads(config.read_text())
-    config.write_text(json.dumps({**settings, "no_repeat_ngram_size": 2, "num_beams": 1, "typical_p": 1.0, "max_length": 4096,
+    config.write_text(json.dumps({**settings, "typical_p": 0.5, "num_beams": 1, "min_p": 0.1, "no_repeat_ngram_size": 2, "max_length": 4096,
                                   "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 3}))
-    with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=3, which ortllava does not implement") as caught:
-        ortllava.load(copy, provider="cpu", verify=False)
-    assert len(caught) == 1 and "num_beams" not in str(caught[0].message)  # values that do nothing are not named
+    with pytest.warns(UserWarning, match=r"sets typical_p=0.5, encoder_no_repeat_ngram_size=3, which ortllava does not implement") as caught:
+        pipe = ortllava.load(copy, provider="cpu", verify=False)
+    message = str(caught[0].message)
+    assert len(caught) == 1 and "num_beams" not in message  # values that do nothing are not named
+    assert "min_p" not in message and " no_repeat_ngram_size" not in message  # implemented: applied, as transformers does
+    assert (pipe.settings().min_p, pipe.settings().no_repeat_ngram_size) == (0.1, 2)

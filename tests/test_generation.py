@@ -109,6 +109,34 @@ def test_repetition_penalty_matches_transformers(setup):
     assert got.token_ids == out[0, holed.shape[1] :].tolist()
 
 
+def test_no_repeat_ngram_size_matches_transformers(setup):
+    """Greedy answers with `no_repeat_ngram_size` as transformers': the prompt's n-grams count (its image tokens and
+    a batch row's left padding too, as transformers counts them), and the answer's own. (Other sizes: the
+    step-by-step test below.)"""
+    processor, model, pipe = setup
+    size = 2
+    batch = CASES["batch of three"]
+    got = [r.token_ids for r in pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, no_repeat_ngram_size=size)]
+    assert got == hf_generate(processor, model, batch, no_repeat_ngram_size=size)
+    # Where the unconstrained answer repeats an n-gram, the rule must have changed it (else it must not have).
+    prompts = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True)["input_ids"]
+    free = hf_generate(processor, model, batch)
+    binds = any(_repeats_an_ngram(list(prompt), answer, size) for prompt, answer in zip(prompts, free))
+    assert (got != free) == binds
+
+
+def _repeats_an_ngram(prompt: list[int], answer: list[int], size: int) -> bool:
+    """Whether one of `answer`'s tokens completes an n-gram that `prompt + answer` held before it."""
+    ids = prompt + answer
+    grams = {tuple(ids[i : i + size]) for i in range(len(prompt) - size + 1)}
+    for end in range(len(prompt), len(ids)):
+        gram = tuple(ids[end - size + 1 : end + 1])
+        if gram in grams:
+            return True
+        grams.add(gram)
+    return False
+
+
 def test_num_return_sequences_rows_as_transformers(setup):
     """Each prompt's n answers, in transformers' row order (prompt 0's n rows first), with the repetition penalty
     on each copy's own prompt. top_k=1 makes the sampling deterministic, so tokens compare exactly."""
@@ -287,6 +315,34 @@ def test_repetition_penalty_leaves_the_padding_out_as_transformers(penalty):
     assert seen["scores"][1, pad] == 2.0  # untouched: row 1 holds the pad id only as padding
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_no_repeat_ngrams_forbid_what_transformers_forbids(size):
+    """Step by step, over 3 rows of random ids from a small vocabulary (so n-grams repeat; some prompt ids lie past
+    the logits' width, as transformers allows): the scores the sampler sees are transformers' processor's."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    from ortllava.sampling import with_no_repeat_ngrams
+
+    vocab, rng = 12, np.random.default_rng(size)
+    ids = rng.integers(0, vocab + 3, size=(3, 20))
+    seen, forbidden = [], 0
+
+    def capture(scores):  # draws among the allowed tokens, so the answers go on repeating prefixes
+        seen.append(scores.copy())
+        return np.array([rng.choice(np.flatnonzero(np.isfinite(row))) for row in scores])
+
+    sample = with_no_repeat_ngrams(capture, ids, vocab, size)
+    reference = NoRepeatNGramLogitsProcessor(size)
+    for _ in range(15):
+        logits = rng.standard_normal((3, vocab)).astype(np.float32)
+        tokens = sample(logits)
+        want = reference(torch.tensor(ids), torch.tensor(logits)).numpy()
+        np.testing.assert_array_equal(seen[-1], want)
+        forbidden += int(np.isinf(want).sum())
+        ids = np.concatenate([ids, tokens[:, None]], axis=1)
+    assert forbidden > 0  # (the check can fail)
+
+
 def test_generation_settings_resolve_given_then_config_then_defaults():
     from ortllava.settings import GENERATION_ARGUMENTS, GenerationSettings
     from ortllava.hf_pipeline import GENERATION_KEYS
@@ -323,13 +379,16 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     assert set(GENERATION_KEYS) | {"stop", "output_logits"} == set(GENERATION_ARGUMENTS)
 
 
-@pytest.mark.parametrize("vocab, temperature, top_k, top_p", [
-    (32000, 0.7, 50, 1.0), (32000, 1.3, 50, 0.9), (32000, 1.0, 0, 0.8), (152064, 0.9, 0, 0.95), (600, 1.0, 600, 0.5), (600, 2.0, 5, 0.3),
+@pytest.mark.parametrize("vocab, temperature, top_k, top_p, min_p", [
+    (32000, 0.7, 50, 1.0, 0.0), (32000, 1.3, 50, 0.9, 0.0), (32000, 1.0, 0, 0.8, 0.0), (152064, 0.9, 0, 0.95, 0.0), (600, 1.0, 600, 0.5, 0.0),
+    (600, 2.0, 5, 0.3, 0.0), (32000, 1.0, 0, 1.0, 0.05), (32000, 0.8, 50, 0.9, 0.2), (600, 1.5, 0, 1.0, 0.5),
 ])
-def test_sampling_candidates_follow_transformers_warpers(vocab, temperature, top_k, top_p):
-    """The tokens a sampler may draw and their probabilities are those of transformers' temperature, top-k and
-    top-p warpers then softmax (ties at the top-k boundary kept)."""
-    from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+def test_sampling_candidates_follow_transformers_warpers(vocab, temperature, top_k, top_p, min_p):
+    """The tokens a sampler may draw and their probabilities are those of transformers' temperature, top-k,
+    top-p and min-p warpers then softmax (ties at the top-k boundary kept)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
 
     from ortllava.sampling import candidate_probs
 
@@ -341,9 +400,12 @@ def test_sampling_candidates_follow_transformers_warpers(vocab, temperature, top
         logits[:] = -np.inf
         logits[[7, 8, 9]] = [1.0, 2.0, 3.0]
     warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    warpers += [MinPLogitsWarper(min_p)] if min_p else []
     warped = LogitsProcessorList(warpers)(torch.zeros((1, 1), dtype=torch.long), torch.from_numpy(logits)[None])
     want = torch.softmax(warped.double(), dim=-1)[0].numpy()
-    candidates, probs = candidate_probs(logits, temperature, top_k, top_p)
+    candidates, probs = candidate_probs(logits, temperature, top_k, top_p, min_p)
+    if min_p:  # (the check can fail: min-p cuts tokens the other warpers keep)
+        assert len(candidates) < len(candidate_probs(logits, temperature, top_k, top_p)[0])
     assert candidates.tolist() == np.flatnonzero(want > 0).tolist()
     np.testing.assert_allclose(probs, want[candidates], rtol=1e-5, atol=1e-9)
 
