@@ -296,8 +296,9 @@ class Pipeline:
             inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask}
 
         max_length = settings.max_length
-        settings = settings.for_prompt(int(input_ids.shape[1]))  # max_length, where in force -> max_new_tokens
-        self._check_length(input_ids.shape[1], settings.max_new_tokens, max_length)
+        # max_length, where in force -> max_new_tokens; the default length, held to the room the prompt leaves
+        settings = settings.for_prompt(int(input_ids.shape[1]), self.sessions.decoder.max_length)
+        self._check_length(input_ids.shape[1], settings.max_new_tokens, max_length, settings.length_is_default)
         eos, pad_id = self._special_ids(settings)
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = int(input_ids.shape[1])
@@ -376,15 +377,21 @@ class Pipeline:
                 raise ValueError(f"{name} {outside[0]} is not in the model's vocabulary of {vocab}")
         return eos, pad
 
-    def _check_length(self, prompt_tokens: int, max_new_tokens: int, max_length: int | None = None) -> None:
+    def _check_length(self, prompt_tokens: int, max_new_tokens: int, max_length: int | None = None, default_length: bool = False) -> None:
         """A ContextLengthError where the prompt and its answer need more positions than the decoder serves
-        (`max_length`: the generation's, where it set `max_new_tokens`, named in the message instead)."""
+        (`max_length`: the generation's, where it set `max_new_tokens`, named in the message instead; `default_length`:
+        no one set the length, so only the prompt can be at fault)."""
         decoder = self.sessions.decoder
         limit = decoder.max_length  # the model's positions, fewer where the graph serves fewer, or the fixed buffers'
         needed = positions_needed(prompt_tokens, max_new_tokens)
         if needed > limit:
             what = f"the key/value buffers fixed at load by max_length={limit}" if decoder.fixed_capacity else f"the model's {limit}"
             asked = f"max_length is {max_length} ({max_new_tokens} new tokens)" if max_length is not None else f"max_new_tokens is {max_new_tokens}"
+            if default_length:
+                raise ContextLengthError(
+                    f"the prompt is {prompt_tokens} tokens (images included), beyond {what}: no room is left for an answer; "
+                    "shorten the prompt, or use smaller or fewer images"
+                )
             raise ContextLengthError(
                 f"the prompt is {prompt_tokens} tokens (images included) and {asked}: "
                 f"{needed} positions (the last new token takes none), beyond {what}; shorten the prompt, "

@@ -161,7 +161,7 @@ class ChatSession:
             # Advice only where it helps: there is a history, and without it the message and its answer would fit.
             system, history = self.messages[: self.system is not None], self.messages[self.system is not None :]
             alone_tokens = self.pipe.prepare(messages=[*system, message], pixel_values=False)[0]["input_ids"].shape[1]
-            alone = positions_needed(alone_tokens, settings.for_prompt(alone_tokens).max_new_tokens)
+            alone = positions_needed(alone_tokens, settings.for_prompt(alone_tokens, self.pipe.sessions.decoder.max_length).max_new_tokens)
             if not history or alone > self.pipe.sessions.decoder.max_length:
                 raise
             raise ContextLengthError(f"{error}. This conversation is full: reset() starts a new one (/reset in `ortllava chat`)") from None

@@ -162,7 +162,12 @@ def render(
             **plain_data(variables),
         )
     except jinja2.exceptions.TemplateError as error:
-        raise ChatTemplateError(f"the chat template refused the conversation: {error}") from error
+        strings = [str(m.get("role")) for m in chat if isinstance(m.get("content"), str)]
+        hint = (  # (the llava-hf templates read each message's content as a list of parts, as transformers' do)
+            f"; the {', '.join(dict.fromkeys(strings))} message(s) give their content as a string, which this template may not "
+            'read: give a list of parts, [{"type": "text", "text": ...}]' if strings and "'str object'" in str(error) else ""
+        )
+        raise ChatTemplateError(f"the chat template refused the conversation: {error}{hint}") from error
     return rendered if final_text is None else _cut_at_mark(rendered, final_text)
 
 

@@ -87,7 +87,7 @@ def _generate(args: argparse.Namespace) -> int:
 # Generation options of `generate` and `chat`: (flag, argparse options, help); each is `Pipeline.generate`'s argument
 # of the same name, unset (None) unless given.
 GENERATION_FLAGS = (
-    ("--max-new-tokens", dict(metavar="N", type=int), "default: the bundle's generation config, else 256"),
+    ("--max-new-tokens", dict(metavar="N", type=int), "default: the bundle's generation config, else 256 (fewer where a long prompt leaves less room)"),
     ("--do-sample", dict(action=argparse.BooleanOptionalAction), "sample the answer (default: as the bundle's generation config says, else greedy)"),
     ("--temperature", dict(metavar="T", type=float), "sampling: divide the logits by this"),
     ("--top-k", dict(metavar="K", type=int), "sampling: only the k most probable tokens (0: all)"),
@@ -131,12 +131,17 @@ def _print_timings(metrics, reason: str | None) -> None:
 def _info(args: argparse.Namespace) -> int:
     import time
 
-    from .manifest import read_manifest
+    from .manifest import BundleError, read_manifest
 
-    manifest = read_manifest(args.bundle, verify=not args.no_verify)
+    try:
+        manifest, damage = read_manifest(args.bundle, verify=not args.no_verify), None
+    except BundleError as error:  # a damaged file: still say what the bundle is (a bad manifest raises again here)
+        manifest, damage = read_manifest(args.bundle, check_files=False), error
     bundle = Path(args.bundle)
     if args.json:  # the manifest alone, for tools
         print(json.dumps(json.loads((bundle / "manifest.json").read_text()), indent=2))
+        if damage is not None:
+            raise damage
         return 0
     sizes = {p.name: p.stat().st_size for p in bundle.iterdir() if p.is_file()}
     text, vision = manifest.text, manifest.vision
@@ -150,7 +155,8 @@ def _info(args: argparse.Namespace) -> int:
     if decoder.quantization:
         q = decoder.quantization
         print(f"            weights {q.get('method')} {q.get('bits')}-bit, block {q.get('block_size')}, "
-              f"{'symmetric' if q.get('symmetric') else 'asymmetric'}, lm_head {'quantized' if q.get('quantize_lm_head') else 'kept'}")
+              f"{'symmetric' if q.get('symmetric') else 'asymmetric'}, lm_head {'quantized' if q.get('quantize_lm_head') else 'kept'}, "
+              f"accuracy level {q.get('accuracy_level') or 'the provider default'}")
     print(f"runs on     {_where_it_runs(decoder)}")
     print(f"vision      {vision.image_size} px tiles, {vision.patch_size} px patches, layers {vision.feature_layers}, "
           f"strategy {vision.select_strategy}, grid {vision.grid_pinpoints}")
@@ -167,6 +173,8 @@ def _info(args: argparse.Namespace) -> int:
         a = manifest.accuracy
         print(f"accuracy    vs {a['reference']}: top-1 agreement {a['top1_agreement'] * 100:.1f}% over {a['positions']} positions "
               f"({a['prompts']} prompts); logit diff max {a['max_abs_logit_diff']:.3g}, mean {a['mean_abs_logit_diff']:.3g}")
+    if damage is not None:
+        raise damage  # (after the report: the error is the last thing printed, and the exit status says so)
     if not args.no_load:
         from .api import load
 
@@ -188,6 +196,7 @@ def _where_it_runs(decoder) -> str:
     return "the CPU and CUDA providers"
 
 
+BUNDLE_HELP = "a bundle folder, as ortllava-export writes it"
 NO_VERIFY_HELP = "skip the sha256 check of every bundle file at load (~1 s per GB; files are still checked to exist)"
 CHAT_HELP = "commands: /image PATH_OR_URL (attach to the next message), /reset (forget the conversation), /quit"
 
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="answer a prompt about images")
-    gen.add_argument("bundle", type=Path)
+    gen.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     gen.add_argument("--image", action="append", help="image path or URL (repeat for several)")
     gen.add_argument("--prompt", required=True, help="the question ('-': read it from stdin)")
     gen.add_argument("--provider", default="auto", type=_provider, help="auto, cpu, cuda or cuda:N (GPU N)")
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.set_defaults(run=_generate)
 
     info = commands.add_parser("info", help="describe a bundle")
-    info.add_argument("bundle", type=Path)
+    info.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     info.add_argument("--json", action="store_true", help="print the manifest (JSON) instead of the report")
     info.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     info.add_argument("--no-load", action="store_true", help="skip timing a load of the bundle")
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     info.set_defaults(run=_info)
 
     chat = commands.add_parser("chat", help="talk with the model, keeping the conversation (stdin: lines, /image, /reset, /quit)")
-    chat.add_argument("bundle", type=Path)
+    chat.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     chat.add_argument("--provider", default="auto", type=_provider, help="auto, cpu, cuda or cuda:N (GPU N)")
     _add_generation_flags(chat)
     chat.add_argument("--system", help="a system message for the conversation")

@@ -113,7 +113,8 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image
     """Opens a path (or a `file://` URL), an http(s) URL, a `data:image/...;base64,` URI or a base64 string the way
     transformers' `load_image` does: EXIF-rotated, then `convert("RGB")`.
 
-    PIL images and arrays are returned as given; `to_rgb` converts them later, as the image processor does.
+    PIL images and arrays are returned as given (a tensor as its array); `to_rgb` converts them later, as the image
+    processor does.
     `timeout` (seconds) bounds a URL's download.
     """
     if isinstance(source, Image.Image):
@@ -124,8 +125,13 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image
         return source
     if isinstance(source, np.ndarray):
         return source
+    if hasattr(source, "__array__") and not isinstance(source, (str, os.PathLike)):  # a torch (or other) tensor, as transformers takes
+        try:
+            return np.asarray(source)
+        except Exception as error:  # (a GPU tensor, or one that needs grad, has no host array)
+            raise ImageLoadError(f"cannot read the {type(source).__name__} given as an array: {error} (give tensor.detach().cpu().numpy())") from error
     if not isinstance(source, (str, os.PathLike)):
-        raise ImageLoadError(f"unsupported image type {type(source).__name__}: give a PIL image, an array, a path or a URL")
+        raise ImageLoadError(f"unsupported image type {type(source).__name__}: give a PIL image, an array (or a tensor), a path or a URL")
     text = os.fspath(source)
     name = _shortened(text)
     data = _read_source(text, isinstance(source, str), timeout)
@@ -142,6 +148,8 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image
 def _read_source(text: str, may_be_base64: bool, timeout: float) -> bytes:
     """The bytes of an image source: a URL's download, a data URI's payload, a file's content, or a base64
     string's decoding (tried for a string that is no readable file, as transformers does)."""
+    if not text.strip():  # (Path("") is the current folder: "Is a directory" would say nothing useful)
+        raise ImageLoadError("an empty string was given as an image: give a path, a URL or base64 data")
     if text.startswith(("http://", "https://")):
         return fetch_url(text, timeout=timeout)
     if text.startswith("file://"):  # a local file as a URL (transformers reads no such URL; its path is plain here)

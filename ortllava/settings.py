@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -38,16 +38,27 @@ class GenerationSettings:
     pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
     seed: int | None = None  # the sampler's random seed
     stop: tuple[str, ...] = ()  # strings that end an answer where one appears (the text is cut before it)
+    # Neither the caller nor the generation config gave a length: max_new_tokens is DEFAULT_MAX_NEW_TOKENS, held to the
+    # room a prompt leaves (see for_prompt). Not an argument.
+    length_is_default: bool = field(default=False, repr=False)
 
     @classmethod
     def resolve(cls, given: Mapping[str, Any], generation_config: Mapping[str, Any], max_positions: int | None = None) -> GenerationSettings:
         """Each argument: the caller's value (None counts as unset), else the bundle's generation config (as
         transformers reads it), else the default above. An unknown name is a TypeError naming it. `max_positions`:
         the most the decoder serves, which a generation config's max_length (a model's context, say) is held to."""
-        unknown = sorted(set(given) - set(GENERATION_ARGUMENTS))
-        if unknown:
-            hints = "".join(f" ({name}: {_HINTS[name]})" for name in unknown if name in _HINTS)
-            raise TypeError(f"unknown generation argument(s): {', '.join(unknown)}{hints}; known: {', '.join(GENERATION_ARGUMENTS)}")
+        others = sorted(set(given) - set(GENERATION_ARGUMENTS))
+        unimplemented = [f"{name}={given[name]!r}" for name in others if name in _NO_OP_VALUES and not _does_nothing(name, given[name])]
+        unknown = [name for name in others if name not in _NO_OP_VALUES]
+        if unknown or unimplemented:
+            hints = "".join(f" ({name}: {_HINTS[name]})" for name in others if name in _HINTS and not _does_nothing(name, given[name]))
+            raise TypeError(
+                "; ".join(
+                    ([f"unknown generation argument(s): {', '.join(unknown)}"] if unknown else [])
+                    + ([f"transformers' {', '.join(unimplemented)}: not implemented by ortllava (taken only where it does nothing)"] if unimplemented else [])
+                )
+                + f"{hints}; known: {', '.join(GENERATION_ARGUMENTS)}"
+            )
         values = {}
         for name in GENERATION_ARGUMENTS:
             value = given.get(name)
@@ -73,6 +84,8 @@ class GenerationSettings:
             values["max_new_tokens"] = None
             if source is generation_config and max_positions is not None and isinstance(values["max_length"], int):
                 values["max_length"] = min(values["max_length"], max_positions + 1)  # (the last new token takes no position)
+        else:
+            values["length_is_default"] = True
         if isinstance(values.get("eos_token_id"), Iterable):
             values["eos_token_id"] = tuple(values["eos_token_id"])
         if "stop" in values:  # one string, or several
@@ -132,10 +145,15 @@ class GenerationSettings:
             fail("stop", "a non-empty string or a list of them")
 
 
-    def for_prompt(self, prompt_tokens: int) -> GenerationSettings:
+    def for_prompt(self, prompt_tokens: int, positions: int | None = None) -> GenerationSettings:
         """These settings for a prompt of `prompt_tokens` (the padded batch's length, images included): where
         `max_length` is in force, `max_new_tokens` becomes `max_length - prompt_tokens`, as transformers counts it
-        (a ValueError, in its words, where the prompt leaves no room)."""
+        (a ValueError, in its words, where the prompt leaves no room). Where the length is the default, it is held to
+        the room the prompt leaves in the decoder's `positions` (an answer may end at the last one), so a long prompt
+        gets a shorter answer rather than an error it did not ask for."""
+        if self.length_is_default and positions is not None:
+            room = positions - prompt_tokens + 1  # (the last new token takes no position)
+            return replace(self, max_new_tokens=max(1, min(self.max_new_tokens, room))) if room < self.max_new_tokens else self
         if self.max_length is None:
             return self
         if prompt_tokens >= self.max_length:
@@ -146,7 +164,7 @@ class GenerationSettings:
         return replace(self, max_new_tokens=self.max_length - prompt_tokens, max_length=None)
 
 
-GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings))
+GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings) if f.name != "length_is_default")
 _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "stop_strings": "give stop", "streamer": "use stream()",
     "num_beams": "beam search is not implemented",
@@ -169,6 +187,27 @@ UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     # (transformers hands a decoder-only model's prompt ids to these as the "encoder" ids)
     "encoder_repetition_penalty": (1, 1.0), "encoder_no_repeat_ngram_size": (0,),
 }
+
+
+# transformers' generate arguments that do nothing here at these values (their defaults, or beam search off), so
+# code written for transformers may pass them: each with the values taken (and ignored); None counts as unset, as for
+# every argument here.
+_CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
+    "return_dict_in_generate": (False,), "length_penalty": (1, 1.0), "early_stopping": (False,), "renormalize_logits": (False,),
+    "remove_invalid_values": (False,), "streamer": (), "generation_config": (), "logits_processor": (), "stopping_criteria": (),
+    "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (),
+}
+_NO_OP_VALUES = {**UNSUPPORTED_GENERATION_KEYS, **_CALL_ONLY_NO_OP_VALUES}
+
+
+def _does_nothing(name: str, value: Any) -> bool:
+    """Whether `name`, one of transformers' generate arguments that ortllava does not implement, is given at a value
+    where it does nothing (a name transformers does not have is never: it is a typo to name)."""
+    if name not in _NO_OP_VALUES:
+        return False
+    same = lambda a, b: a == b and isinstance(a, bool) == isinstance(b, bool)  # (True is no 1 here)
+    return value is None or any(same(value, no_op) for no_op in _NO_OP_VALUES[name])
 
 
 def unsupported_generation_settings(generation_config: Mapping[str, Any]) -> dict[str, Any]:

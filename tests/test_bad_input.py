@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import ortllava
@@ -93,6 +94,10 @@ def test_image_as_base64_or_a_data_uri(pipe, tmp_path):
         pipe.processor(text="<image>", images=[(tmp_path / "missing.png").as_uri()])
     with pytest.raises(ImageLoadError, match="must name a file on this machine"):
         pipe.processor(text="<image>", images=["file://server/share/a.png"])
+    with pytest.raises(ImageLoadError, match="an empty string was given as an image"):  # (not "Is a directory")
+        pipe.processor(text="<image>", images=[""])
+    with pytest.raises(ImageLoadError, match=r"cannot read the Tensor given as an array: .*detach\(\)"):  # a tensor with no host array
+        pipe.processor(text="<image>", images=[torch.zeros(3, 20, 20, requires_grad=True)])
 
 
 def test_empty_image_list_is_no_images(pipe):
@@ -140,6 +145,23 @@ def test_prompt_beyond_the_context_is_refused_up_front(pipe, monkeypatch):
         pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_new_tokens=limit)
     with pytest.raises(ortllava.ContextLengthError, match=rf"max_length is {limit * 2} \(\d+ new tokens\).*lower max_length$"):
         pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_length=limit * 2)
+
+
+def test_the_default_length_fits_the_room_a_long_prompt_leaves(mistral):
+    """Where no one set a length (no argument, no generation config), the default max_new_tokens is held to the
+    positions the prompt leaves, rather than refusing a prompt for a length the user never asked for; an explicit
+    max_new_tokens is still refused where it does not fit, and a prompt that alone fills the positions too."""
+    pipe = ortllava.load(mistral.bundle, provider="cpu", verify=False, max_length=300)
+    pipe.generation_config = {}  # (the tiny model's config sets no length either; made sure here)
+    prompt = "[INST] " + "hello " * 60 + "[/INST]"
+    prompt_tokens = pipe.processor(text=prompt)["input_ids"].shape[1]
+    assert pipe.settings().max_new_tokens > 300 - prompt_tokens + 1 and pipe.settings().length_is_default
+    result = pipe.generate(prompt=prompt, min_new_tokens=1000)  # (no EOS: the answer fills the room)
+    assert len(result.token_ids) == 300 - prompt_tokens + 1 and result.finish_reason == "length"
+    with pytest.raises(ortllava.ContextLengthError, match=r"max_new_tokens is 256"):
+        pipe.generate(prompt=prompt, max_new_tokens=256)
+    with pytest.raises(ortllava.ContextLengthError, match=r"no room is left for an answer; shorten the prompt"):
+        pipe.generate(prompt="[INST] " + "hello " * 400 + "[/INST]")
 
 
 def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch):
@@ -202,6 +224,16 @@ def test_damaged_bundle_names_the_file(mistral, tmp_path, damage):
         target.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="projector.onnx"):
         ortllava.load(copy, provider="cpu")
+
+
+def test_an_edited_generation_config_says_how_to_change_defaults(mistral, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    config = copy / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_new_tokens": 7}))
+    with pytest.raises(BundleError, match=r"generation_config.json does not match its sha256.*pass them to generate.*verify=False"):
+        ortllava.load(copy, provider="cpu")
+    assert ortllava.load(copy, provider="cpu", verify=False).settings().max_new_tokens == 7
 
 
 def _truncate(path):

@@ -44,6 +44,9 @@ def test_template_globals(mistral):
     pipe = ortllava.load(mistral.bundle, provider="cpu", verify=False)
     with pytest.raises(ChatTemplateError, match="Only system, user and assistant"):
         pipe.processor.apply_chat_template([{"role": "tool", "content": [{"type": "text", "text": "x"}]}])
+    # (transformers raises the same for string content in a template that reads parts; here it says what to give)
+    with pytest.raises(ChatTemplateError, match=r"the system message\(s\) give their content as a string.*\[\{\"type\": \"text\""):
+        pipe.processor.apply_chat_template([{"role": "system", "content": "be terse"}, {"role": "user", "content": [{"type": "text", "text": "x"}]}])
     template = "{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|{{ strftime_now('%Y') | length }}|{{ messages | tojson }}"
     rendered = pipe.processor.apply_chat_template([{"role": "user", "content": "é"}], chat_template=template)
     hf = AutoProcessor.from_pretrained(mistral.checkpoint)

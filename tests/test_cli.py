@@ -120,6 +120,19 @@ def test_cli_tells_what_to_do(mistral, tmp_path):
     assert out.returncode == 2 and "--provider: 'gpu': give auto, cpu, cuda or cuda:N" in out.stderr
 
 
+def test_info_describes_a_damaged_bundle_then_names_the_damage(mistral, tmp_path, capsys):
+    from ortllava import cli
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    (copy / "decoder.onnx").unlink()
+    assert cli.main(["info", str(copy)]) == 1
+    out, err = capsys.readouterr()
+    assert "MistralForCausalLM" in out and "accuracy" in out and "load " not in out  # the report, but nothing loaded
+    assert "is damaged: file decoder.onnx is missing" in err
+    assert cli.main(["info", str(copy), "--json"]) == 1 and json.loads(capsys.readouterr().out)["schema_version"] == 1
+
+
 def test_cli_leaves_unset_arguments_to_the_generation_config(mistral, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(mistral.bundle, copy)

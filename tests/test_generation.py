@@ -352,8 +352,15 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     assert (settings.max_new_tokens, settings.do_sample, settings.top_k) == (40, True, 5)  # from the config
     assert settings.temperature == 0.2 and settings.stop == ("###",)  # given; one stop string becomes a tuple
     assert settings.seed is None and settings.top_p == 1.0 and settings.min_new_tokens == 0  # "seed" is not read from a config
-    with pytest.raises(TypeError, match="num_beams"):
+    with pytest.raises(TypeError, match=r"transformers' num_beams=2: not implemented by ortllava.*beam search is not implemented"):
         GenerationSettings.resolve({"num_beams": 2}, config)
+    # transformers' arguments at values where they do nothing are taken, so code written for it runs unchanged.
+    no_ops = {"num_beams": 1, "use_cache": True, "length_penalty": 1.0, "streamer": None, "return_dict_in_generate": False, "typical_p": 1.0}
+    assert GenerationSettings.resolve(no_ops, config) == GenerationSettings.resolve({}, config)
+    for bad, message in (({"use_cache": False}, "use_cache=False: not implemented"), ({"num_beams": True}, "num_beams=True"),
+                         ({"max_new_token": 5}, "unknown generation argument.*: max_new_token;")):
+        with pytest.raises(TypeError, match=message):
+            GenerationSettings.resolve(bad, {})
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationSettings.resolve({"max_new_tokens": 0}, {})
     # A bad value is an error naming it, not a traceback later nor a silently different setting.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -52,6 +53,9 @@ def _variant_images() -> dict[str, object]:
         "array-ambiguous-rgba": rng.integers(0, 256, (4, 300, 3), dtype=np.uint8),
         "array-chw-rgba": rng.integers(0, 256, (4, 50, 60), dtype=np.uint8),
         "cmyk": random_image(300, 200, seed=16).convert("CMYK"),
+        # torch tensors, as transformers takes them (ortllava reads them as arrays, without importing torch)
+        "tensor-hwc": torch.from_numpy(rng.integers(0, 256, (240, 360, 3), dtype=np.uint8)),
+        "tensor-chw-float": torch.from_numpy(rng.integers(0, 256, (3, 200, 300)).astype(np.float32)),
     }
 
 
