@@ -8,6 +8,10 @@ the report covers the whole bundle: vision encoder, projector and decoder, at th
 
 PyTorch's side (`accuracy_references`) runs first and keeps only the continuations and their logits, so the
 exporter can let a model it loaded go before the bundle is loaded (not both copies of the weights at once).
+
+A checkpoint without a chat template (none of its own, and the registry's templates not installed) is asked
+plain prompts instead (`<image>` and the question): the report compares the two models on the same token ids,
+which it checks, so the prompt's format does not change what it measures (the manifest's `reference` says so).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime
 
 from ortllava.generate import positions_needed
 
@@ -33,9 +38,29 @@ PROMPTS = [
 @dataclass
 class AccuracyCase:
     question: str
-    messages: list  # the chat (an image and the question), as both sides read it
+    request: dict  # what both sides read: `messages=` (a chat with the image and the question) or `prompt=`, `images=`
+    input_ids: np.ndarray  # [T] int64: the prompt as transformers' processor tokenised it
     continuation: np.ndarray  # [NEW_TOKENS] int64: PyTorch's greedy continuation of the prompt
     logits: np.ndarray  # [NEW_TOKENS, V] float32: PyTorch's next-token logits along it (teacher forcing)
+
+
+PLAIN_REFERENCE_NOTE = " (plain prompts: the checkpoint has no chat template)"
+
+
+def prompt_request(processor, image, question: str) -> dict:
+    """A fixed prompt (an image and a question) as `Pipeline.prepare` takes it: chat messages, or, for a processor
+    without a chat template, the plain prompt `<image>\n{question}` (transformers' processor then adds its special
+    tokens, as ortllava's does)."""
+    if processor.chat_template:
+        return {"messages": [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]}
+    return {"prompt": f"{processor.image_token}\n{question}", "images": [image]}
+
+
+def torch_inputs(processor, request: dict) -> dict:
+    """transformers' processor outputs (PyTorch tensors) for a `prompt_request`."""
+    if "messages" in request:
+        return processor.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    return processor(text=request["prompt"], images=request["images"], return_tensors="pt")
 
 
 def accuracy_references(checkpoint) -> list[AccuracyCase]:
@@ -46,8 +71,8 @@ def accuracy_references(checkpoint) -> list[AccuracyCase]:
     context = model.config.text_config.max_position_embeddings
     cases, lengths = [], []
     for width, height, seed, question in PROMPTS:
-        messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        request = prompt_request(processor, photo(width, height, seed), question)
+        inputs = torch_inputs(processor, request)
         lengths.append(inputs["input_ids"].shape[1])
         if positions_needed(lengths[-1], NEW_TOKENS) > context:  # a model with a short context: the prompts that fit it
             continue
@@ -56,7 +81,8 @@ def accuracy_references(checkpoint) -> list[AccuracyCase]:
                 **inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
             )
         logits = torch.cat(out.logits, dim=0).float().numpy()
-        cases.append(AccuracyCase(question, messages, out.sequences[0, inputs["input_ids"].shape[1] :].numpy(), logits))
+        prompt_ids = inputs["input_ids"][0].numpy()
+        cases.append(AccuracyCase(question, request, prompt_ids, out.sequences[0, len(prompt_ids) :].numpy(), logits))
     if not cases:
         from .validate import ExportValidationError
 
@@ -81,7 +107,8 @@ def accuracy_report(references: list[AccuracyCase], bundle, provider: str = "cpu
     decoder, table = pipe.sessions.decoder, pipe.embed_table
     agree, worst, total_error, count = 0, 0.0, 0.0, 0
     for case in references:
-        ours_inputs, _ = pipe.prepare(messages=case.messages)
+        ours_inputs, _ = pipe.prepare(**case.request)
+        _check_same_tokens(case, ours_inputs["input_ids"][0])
         prompt_length = ours_inputs["input_ids"].shape[1]
         features = pipe.encode_images(ours_inputs["pixel_values"], ours_inputs["image_sizes"])
         embeds = pipe.embed(ours_inputs["input_ids"], features)
@@ -106,8 +133,26 @@ def accuracy_report(references: list[AccuracyCase], bundle, provider: str = "cpu
         worst = max(worst, float(error.max()))
         total_error += float(error.mean()) * len(reference)
         count += len(reference)
+    plain = any("messages" not in case.request for case in references)
     return {
-        "reference": "PyTorch fp32, teacher-forced on its own greedy continuation",
+        "reference": "PyTorch fp32, teacher-forced on its own greedy continuation" + (PLAIN_REFERENCE_NOTE if plain else ""),
+        "provider": f"the {provider} execution provider, onnxruntime {onnxruntime.__version__}, prepack=False",  # (CUDA, for fp16 bundles, rounds otherwise)
         "prompts": len(references), "positions": count,
         "top1_agreement": agree / count, "max_abs_logit_diff": worst, "mean_abs_logit_diff": total_error / count,
     }
+
+
+def _check_same_tokens(case: AccuracyCase, ours: np.ndarray) -> None:
+    """Both sides must read the prompt as the same token ids, or the report would compare different inputs (and
+    the bundle's processor would not be transformers')."""
+    theirs = case.input_ids
+    if len(ours) == len(theirs) and (ours == theirs).all():
+        return
+    from .validate import ExportValidationError
+
+    first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    raise ExportValidationError(
+        f"the bundle tokenises the accuracy prompt {case.question!r} differently from transformers: {len(ours)} tokens "
+        f"against {len(theirs)}, the first difference at position {first}; its processor (tokenizer, chat template or "
+        "image token count) does not read prompts as transformers does"
+    )

@@ -49,6 +49,9 @@ class BenchConfig:
     initializer_range: float = 0.02
 
 
+# The decode figure is (last token's arrival - first token's) / (new tokens - 1): it needs two tokens.
+MIN_NEW_TOKENS = 2
+
 CONFIGS = {
     # The speed issue's CPU model: tower 6 x 256 at 336 px; decoder 8 x 512, 8 heads, 4 KV heads, FFN 1408, 32k vocab.
     "cpu-mid": BenchConfig(512, 8, 8, 4, 1408, 32000, 256, 6, 4, 1024),
@@ -285,13 +288,15 @@ def bench(
     drift between separate runs; the report's top level describes the first, `precisions` each of them.
     `text_only` asks about no image: a short context, where the weights (not the keys/values) dominate a step.
     `kv_cache` ("auto", "float" or "int8") is the int4 bundles' key/value cache; the other precisions keep a float one.
+    `new_tokens` is at least 2: the decode figure is the time from the first token to the last, per token.
     """
+    if new_tokens < MIN_NEW_TOKENS:  # before anything is built or exported
+        raise ValueError(
+            f"--new-tokens must be >= {MIN_NEW_TOKENS} (the decode figure is the time from the first new token to the last), got {new_tokens}"
+        )
     import torch
 
-    import ortllava
-
     from .checkpoint import load_checkpoint
-    from .cli import export_bundle, plan_export
 
     precisions = [precision] if isinstance(precision, str) else list(precision)
     device = "cuda" if provider == "cuda" else "cpu"
@@ -303,13 +308,35 @@ def bench(
             raise RuntimeError("provider 'cuda' runs transformers on the GPU too: this torch sees no CUDA device")
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
 
     checkpoint = build_checkpoint(model, layers, device) if model in CONFIGS else load_checkpoint(model)
     scratch = None
     if bundle is None:
         scratch = tempfile.TemporaryDirectory(prefix="ortllava-bench-")
         bundle = Path(scratch.name) / "bundle"
+    try:
+        return _run_bench(
+            model, provider, device, precisions, checkpoint, Path(bundle), new_tokens, repeats, threads, output, cuda_graph,
+            max_length, int4, text_only, kv_cache,
+        )
+    finally:  # the temporary bundles go whether the run ends or fails
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _run_bench(
+    model: str, provider: str, device: str, precisions: list[str], checkpoint, bundle: Path, new_tokens: int, repeats: int,
+    threads: int, output: Path | None, cuda_graph: bool, max_length: int | None, int4: Int4Options | None, text_only: bool,
+    kv_cache: str,
+) -> dict:
+    """`bench`'s exports, runs and report, with the checkpoint loaded and the bundles' folder chosen."""
+    import torch
+
+    import ortllava
+
+    from .cli import export_bundle, plan_export
+
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     # One precision: the bundle is `bundle`; several: `bundle/<precision>` each.
     bundles = {p: Path(bundle) if len(precisions) == 1 else Path(bundle) / p for p in precisions}
     for name, path in bundles.items():
@@ -375,8 +402,6 @@ def bench(
     print_report(report)
     if output:
         Path(output).write_text(json.dumps(report, indent=2))
-    if scratch is not None:
-        scratch.cleanup()
     return report
 
 
@@ -438,12 +463,14 @@ def print_report(r: dict) -> None:
     print(f"{'decoder files (MB)':28}" + "".join(f"{runs[name]['decoder_file_bytes'] / 1e6:{width}.1f}" for name in names) + f"{'-':>{width}}")
     for name in names:
         run, ratios = runs[name], runs[name]["ratios"]
-        print(f"{name}: vs transformers end to end {ratios['end_to_end']:.2f}x, time to first token {ratios['time_to_first_token']:.2f}x, "
-              f"decode {ratios['decode']:.2f}x, preprocessing {ratios['preprocess']:.2f}x; "
+        print(f"{name}: end to end {ratios['end_to_end']:.2f}x transformers' time, time to first token {ratios['time_to_first_token']:.2f}x "
+              f"transformers', decode {ratios['decode']:.2f}x transformers' ms/token, preprocessing {ratios['preprocess']:.2f}x transformers' "
+              "(below 1: faster); "
               f"decode floor {run['decode_floor_ms']:.2f} ms/token ({run['decode_step_bytes'] / 2**20:.0f} MiB per step), "
               f"{run['fraction_of_floor'] * 100:.0f}% of it reached ({ratios['decode_vs_floor']:.2f}x the floor)")
     if len(names) > 1:
-        print("decode speed vs " + names[0] + ": " + ", ".join(f"{name} {runs[name]['ratios']['decode_speedup_vs_first']:.2f}x" for name in names[1:]))
+        print("decode speed vs " + names[0] + ": " + ", ".join(
+            f"{name} {runs[name]['ratios']['decode_speedup_vs_first']:.2f}x as fast" for name in names[1:]))
     print(f"memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s (measured in this run)")
     print("tokens identical to transformers: " + ", ".join(
         f"{name} {runs[name]['tokens_identical']} (the first {runs[name]['same_prefix_tokens']} of {r['new_tokens']} the same)" for name in names)

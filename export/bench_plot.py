@@ -64,7 +64,7 @@ def render_svg(report: dict) -> str:
     parts.append(_text(12, y, "one answer, end to end (ms)", weight="bold"))
     y += 12
     longest = max(sum(ms for _, ms in _segments(timings)) for _, timings, _ in rows)
-    scale = plot_width / longest
+    scale = plot_width / longest if longest > 0 else 0.0
     for label, timings, _ in rows:
         parts.append(_text(LABEL_WIDTH - 8, y + BAR_HEIGHT * 0.7, label, anchor="end"))
         x = LABEL_WIDTH
@@ -84,7 +84,7 @@ def render_svg(report: dict) -> str:
     parts.append(_text(12, y, f"decode (ms/token); black line: the floor at {report['bandwidth_gb_s']:.1f} GB/s measured", weight="bold"))
     y += 12
     longest = max(timings["decode_ms_per_token"] for _, timings, _ in rows)
-    scale = plot_width / longest
+    scale = plot_width / longest if longest > 0 else 0.0  # (a report of one new token has no decode time: no bars)
     for label, timings, floor in rows:
         ms = timings["decode_ms_per_token"]
         parts.append(_text(LABEL_WIDTH - 8, y + BAR_HEIGHT * 0.7, label, anchor="end"))

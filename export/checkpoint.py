@@ -35,6 +35,12 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
     from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
 
     if name == "tiny":
+        if Path("tiny").is_dir():  # "tiny" always names the built-in model: say so where it could mean that folder
+            print(
+                f"ortllava-export: warning: --model tiny is the built-in tiny random model, not the folder {Path('tiny').resolve()}; "
+                "to export that folder, pass --model ./tiny",
+                file=sys.stderr,
+            )
         if revision:
             raise FileNotFoundError(f"--revision {revision} names a hub revision, but 'tiny' is built here: leave it out")
         from .tiny import TinySpec, build_model, build_processor, build_tokenizer
@@ -48,6 +54,8 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
 
     name = os.path.expanduser(name)
     local = Path(name).exists()
+    if local and not Path(name).is_dir():
+        raise FileNotFoundError(f"{name} is a file, not a checkpoint folder: pass the checkpoint's folder (the one with config.json)")
     if local and not Path(name, "config.json").is_file():
         raise FileNotFoundError(f"{name} is a folder without config.json: not a Hugging Face checkpoint")
     if local and revision:

@@ -28,7 +28,10 @@ DEFAULT_HOME = Path("models") / "bundles"
 
 
 class Progress:
-    """Numbered stages on stderr, each with its time: `[3/7] Building the decoder: done in 2.1 s`."""
+    """Numbered stages on stderr, each with its time: `[3/7] Building the decoder: done in 2.1 s`.
+
+    An error raised inside a stage leaves the stage's label on it (`failed_stage`), so the message that reports
+    it can say which stage failed."""
 
     def __init__(self, total: int):
         self.total, self.index = total, 0
@@ -36,14 +39,33 @@ class Progress:
     @contextmanager
     def stage(self, text: str):
         self.index += 1
-        print(f"[{self.index}/{self.total}] {text} ...", file=sys.stderr, flush=True)
+        label = f"[{self.index}/{self.total}] {text}"
+        print(f"{label} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        yield
-        print(f"[{self.index}/{self.total}] {text}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        try:
+            yield
+        except Exception as error:
+            if failed_stage(error) is None:  # the innermost stage names it
+                with contextlib.suppress(AttributeError):  # (an exception type without a __dict__: unnamed)
+                    error.ortllava_export_stage = label
+            raise
+        print(f"{label}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def failed_stage(error: BaseException) -> str | None:
+    """The label of the export stage `error` was raised in (`[6/8] Validating ...`), or None."""
+    return getattr(error, "ortllava_export_stage", None)
 
 
 def default_output(model: str) -> Path:
-    return DEFAULT_HOME / re.sub(r"[^A-Za-z0-9._-]+", "--", model.rstrip("/").split("/")[-1] if Path(model).exists() else model)
+    """`models/bundles/<name>`: a local folder's own name (resolved, so `.`, `..` and `~/ckpt` name the folder),
+    else the hub id with its `/` made `--`."""
+    name = model
+    if model != "tiny":  # (the built-in model, even where a folder of that name exists: see load_checkpoint)
+        local = Path(os.path.expanduser(model))
+        if local.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:
+            name = local.resolve().name or "bundle"
+    return DEFAULT_HOME / re.sub(r"[^A-Za-z0-9._-]+", "--", name)
 
 
 PRECISIONS = ("fp32", "fp16", "int4")
@@ -110,31 +132,76 @@ def export_bundle(
     # Made first, so an output that cannot be written is found before the checkpoint loads.
     work = output.with_name(output.name + ".partial")
     created = [parent for parent in output.parents if not parent.exists()]  # nearest first
-    _clear_scratch(work)
-    work.mkdir(parents=True)
-    (work / SCRATCH_MARK).touch()
     try:
-        progress = Progress(_stage_count(plan))
-        with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
-            # Fused exports keep the decoder as stored (memory-mapped; the graph converts one weight at a time, PyTorch
-            # one module at a time: `computing_in_fp32`); the traced concat graph takes the dtype its weights have.
-            owned = not isinstance(model, Checkpoint)  # loaded here: its weights may be let go once the graphs are built
-            if not owned:
-                check_config(model.model.config)
-                checkpoint = model
-            else:
-                checkpoint = load_checkpoint(model, revision, stored_dtype=decoder == "gqa", check_config=check_config)
-        _export_into(work, checkpoint, plan, progress, release_weights=owned)
-        (work / SCRATCH_MARK).unlink()
-        _move_into_place(work, output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with _export_lock(output):  # one export at a time per --output: each would clear the other's scratch folder
+            check_output(output)  # again, now that no other export can change it
+            _clear_scratch(work)
+            work.mkdir()
+            (work / SCRATCH_MARK).touch()
+            try:
+                progress = Progress(_stage_count(plan))
+                with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
+                    # Fused exports keep the decoder as stored (memory-mapped; the graph converts one weight at a time,
+                    # PyTorch one module at a time: `computing_in_fp32`); the traced concat graph takes the dtype its
+                    # weights have.
+                    owned = not isinstance(model, Checkpoint)  # loaded here: its weights may be let go once the graphs are built
+                    if not owned:
+                        check_config(model.model.config)
+                        checkpoint = model
+                    else:
+                        checkpoint = load_checkpoint(model, revision, stored_dtype=decoder == "gqa", check_config=check_config)
+                _export_into(work, checkpoint, plan, progress, release_weights=owned)
+                (work / SCRATCH_MARK).unlink()
+                _move_into_place(work, output)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
         for parent in created:
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
     print(f"Bundle written to {output} in {time.perf_counter() - total:.1f} s", file=sys.stderr)
     return output
+
+
+@contextmanager
+def _export_lock(output: Path):
+    """Holds an exclusive lock on `DIR.lock` beside `output` for the block, and removes the file after; a second
+    export to the same `output` is refused (SystemExit) rather than deleting the first one's scratch folder.
+
+    `fcntl.flock` (Linux, macOS): the lock goes with the process, so a killed export leaves no stale lock, only the
+    empty file, which the next export takes over. Where there is no fcntl (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = output.with_name(output.name + ".lock")
+    for _ in range(3):
+        handle = open(lock, "a")  # (never truncated: a file another export holds stays as it is)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise SystemExit(f"another export is writing {output} (it holds {lock}); wait for it to finish, or choose another --output") from None
+        # The export that held it may have removed the file between our open and our lock: then this lock is on a
+        # file no one else will see, and a third export could lock a new one. Only a lock on the file at `lock` counts.
+        try:
+            held = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
+        except FileNotFoundError:
+            held = False
+        if held:
+            break
+        handle.close()
+    else:
+        raise SystemExit(f"another export is writing {output} (its lock {lock} keeps changing); try again")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before the lock is released: a waiting export then finds no file, or its own
+        handle.close()
 
 
 def _clear_scratch(work: Path) -> None:
@@ -192,6 +259,14 @@ def plan_export(precision: str, decoder: str, target: str, validate: bool, int4:
     else:
         int4 = None
     plan = ExportPlan(precision, decoder, target, validate, int4, kv_cache)
+    if int4 is not None and plan.half and int4.accuracy_level == 4:
+        # onnxruntime 1.32's CPU MatMulNBits at level 4 with fp16 activations gave logits off by 2-3.5 in a session
+        # without graph optimizations (prepack=False, and the accuracy report's), right with them; its CUDA kernel
+        # reads no accuracy level at all. So the option could only do harm here.
+        raise SystemExit(
+            "--accuracy-level 4 (int8 compute) is for fp32 activations: use --target cpu for it; with --target cuda's fp16 "
+            "activations the CUDA kernel ignores it, and onnxruntime's CPU kernel gives wrong logits in unoptimized sessions"
+        )
     plan = dataclasses.replace(plan, kv_cache=resolve_kv_cache(kv_cache, precision, decoder, plan.half))
     if plan.kv_cache == "int8" and (decoder != "gqa" or plan.half):
         raise SystemExit(
@@ -202,8 +277,9 @@ def plan_export(precision: str, decoder: str, target: str, validate: bool, int4:
 
 
 def check_output(output: Path) -> None:
-    """Refuses an `--output` (absolute) that is neither new, nor an empty folder, nor an earlier bundle (which is
-    replaced): a mistyped path must not delete someone's folder."""
+    """Refuses an `--output` (absolute) that is neither new, nor an empty folder, nor an earlier bundle with nothing
+    else in it (which is replaced): a mistyped path must not delete someone's folder, nor a bundle folder the files
+    someone put beside the bundle."""
     if output.is_symlink():
         raise SystemExit(f"--output {output} is a symbolic link; name the folder itself")
     if output == Path.cwd() or output in Path.cwd().parents:
@@ -212,20 +288,49 @@ def check_output(output: Path) -> None:
         return
     if not output.is_dir():
         raise SystemExit(f"--output {output} is a file, not a folder")
-    if any(output.iterdir()) and not _holds_a_bundle(output):
-        raise SystemExit(f"--output {output} is a folder that holds other things than a bundle; name a new or empty folder")
+    if any(output.iterdir()):
+        own = _bundle_entries(output)
+        if own is None:
+            raise SystemExit(f"--output {output} is a folder that holds other things than a bundle; name a new or empty folder")
+        if foreign := _foreign_entries(output, own):
+            raise SystemExit(
+                f"--output {output} holds an earlier bundle, and also {_list(foreign)}, which the bundle does not list: replacing "
+                "the bundle would delete them; move them away, or name a new or empty folder"
+            )
     earlier = output.with_name(output.name + ".earlier")  # where the earlier bundle is set aside while the new one moves in
-    if earlier.exists() and not (earlier.is_dir() and not earlier.is_symlink() and _holds_a_bundle(earlier)):
-        raise SystemExit(f"{earlier} exists and is not a bundle set aside by an export; move it away (the export uses that name)")
+    if earlier.exists():
+        own = _bundle_entries(earlier) if earlier.is_dir() and not earlier.is_symlink() else None
+        if own is None or _foreign_entries(earlier, own):
+            raise SystemExit(f"{earlier} exists and is not a bundle set aside by an export; move it away (the export uses that name)")
 
 
-def _holds_a_bundle(folder: Path) -> bool:
-    """Whether `folder` has an ortllava manifest (of any schema version: an older bundle may be replaced)."""
+def _bundle_entries(folder: Path) -> set[str] | None:
+    """The names in `folder` that belong to the ortllava bundle it holds (of any schema version: an older bundle
+    may be replaced): manifest.json and the files its manifest lists (every hashed file, each graph and its
+    external data). None when `folder` holds no bundle's manifest."""
     try:
         data = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"schema_version", "graphs", "files"} <= set(data)
+        return None
+    if not (isinstance(data, dict) and {"schema_version", "graphs", "files"} <= set(data)):
+        return None
+    listed = list(data["files"]) if isinstance(data["files"], (dict, list)) else []
+    for graph in data["graphs"].values() if isinstance(data["graphs"], dict) else []:
+        if isinstance(graph, dict):
+            listed += [graph.get("file"), *(graph.get("external_data") or [])]
+    # A listed file's first path part is the entry in `folder` (the manifest lists plain names; a path is kept whole).
+    return {MANIFEST_FILE} | {Path(name).parts[0] for name in listed if isinstance(name, str) and name and Path(name).parts}
+
+
+def _foreign_entries(folder: Path, own: set[str]) -> list[str]:
+    """The entries of `folder` that are not in `own` (its bundle's), sorted; folders with a trailing slash."""
+    return sorted(entry.name + "/" * entry.is_dir() for entry in folder.iterdir() if entry.name not in own)
+
+
+def _list(names: list[str], most: int = 5) -> str:
+    """`a, b/ and c`: the first `most` of `names`, and how many more."""
+    shown = names[:most] + ([f"{len(names) - most} more"] if len(names) > most else [])
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
 
 
 def _stage_count(plan: ExportPlan) -> int:
@@ -381,10 +486,11 @@ def main(argv: list[str] | None = None) -> int:
             args.decoder, args.target or "cuda", int4, args.kv_cache,
         )
     except (UnsupportedModelError, ExportValidationError, FileNotFoundError) as error:
-        print(f"ortllava-export: error: {error}", file=sys.stderr)
+        stage = failed_stage(error)
+        print(f"ortllava-export: error: {f'{stage} failed: ' if stage else ''}{error}", file=sys.stderr)
         return 1
     except OSError as error:  # e.g. the disk filled up (the unfinished bundle is removed)
-        print(f"ortllava-export: error: writing the bundle failed: {error}", file=sys.stderr)
+        print(f"ortllava-export: error: {failed_stage(error) or 'writing the bundle'} failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ortllava-export: interrupted; nothing was written", file=sys.stderr)

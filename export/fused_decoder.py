@@ -189,8 +189,7 @@ def build_fused_decoder(
     config = model.config.text_config
     text_model = model.model.language_model
     data_file = path.name + ".data"
-    itemsize = 0.6 if int4 else np.dtype(dtype).itemsize  # 4 bits plus a scale per block, roughly
-    external = sum(p.numel() for p in text_model.layers.parameters()) * itemsize > EXTERNAL_DATA_THRESHOLD
+    external = initializer_bytes(model, precision, int4) > EXTERNAL_DATA_THRESHOLD
     (path.parent / data_file).unlink(missing_ok=True)  # an earlier build's at this path
     with open(path.parent / data_file, "wb") if external else nullcontext() as data:
         g = _Graph(dtype, WeightWriter(data, data_file), int4)
@@ -204,6 +203,21 @@ def build_fused_decoder(
         quantization=int4.manifest_entry() if int4 else {},
         kv_dtype="int8" if kv_scales else "",
     )
+
+
+def initializer_bytes(model, precision: str = "fp32", int4: Int4Options | None = None) -> float:
+    """About how many bytes of initializers the fused decoder of `model` holds: the layers' weights (4 bits plus
+    a scale per block, ~0.6 B each, with `int4`), the final norm, the lm_head (4-bit only with `quantize_lm_head`:
+    a large vocabulary's lm_head can outweigh a few layers) and the two rotary tables (up to 131072 positions).
+    What decides whether the weights go to an external data file, so the graph stays under protobuf's 2 GiB."""
+    itemsize = np.dtype(_DTYPES[precision]).itemsize
+    quantized = 0.6 if int4 else itemsize  # 4 bits plus a scale per block, roughly
+    text_model, config = model.model.language_model, model.config.text_config
+    _, _, head_dim = text_geometry(model.config)
+    layers = sum(p.numel() for p in text_model.layers.parameters()) * quantized
+    lm_head = model.lm_head.weight.numel() * (quantized if int4 and int4.quantize_lm_head else itemsize)
+    rotary = 2 * _max_positions(config) * (head_dim // 2) * itemsize
+    return layers + lm_head + rotary + text_model.norm.weight.numel() * itemsize
 
 
 def _max_positions(config) -> int:
@@ -338,8 +352,12 @@ def _gather_last(g: _Graph, hidden: str, seqlens_k: str) -> list[str]:
     one-hot MatMul: 0 × NaN is NaN, so a padding position's overflow would have reached the real row.)
     """
     (first,) = g.node("Slice", [hidden, g.const_i64("zero1", [0]), g.const_i64("one1", [1]), g.const_i64("axis2", [2])], 1, "last/first_feature")
-    (first32,) = g.node("Cast", [first], 1, "last/float", to=TensorProto.FLOAT)  # positions past 2048 need fp32
-    (zeros,) = g.node("Mul", [first32, g.weight("zero_f32", np.array(0, np.float32), np.float32)], 1, "last/zeros")
+    # Ones of shape [B, S, 1] from the data, whatever its values: x == x gives 0 or 1 (a NaN × 0 would be NaN, and a
+    # non-finite hidden state would then pick no row: zero logits, a wrong answer, rather than non-finite ones).
+    # (Equal, not IsNaN: the CUDA provider has Equal for fp16.)
+    (ordered,) = g.node("Equal", [first, first], 1, "last/ordered")
+    (flag,) = g.node("Cast", [ordered], 1, "last/float", to=TensorProto.FLOAT)  # positions past 2048 need fp32
+    (zeros,) = g.node("Mul", [flag, g.weight("zero_f32", np.array(0, np.float32), np.float32)], 1, "last/zeros")
     (ones,) = g.node("Add", [zeros, g.weight("one_f32", np.array(1, np.float32), np.float32)], 1, "last/ones")  # [B, S, 1]
     (count,) = g.node("CumSum", [ones, g.weight("axis1_i32", np.array(1, np.int32), np.int32)], 1, "last/count")
     (positions,) = g.node("Sub", [count, g.weight("one_f32_", np.array(1, np.float32), np.float32)], 1, "last/positions")  # s

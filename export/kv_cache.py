@@ -50,17 +50,21 @@ def calibrate_kv_scales(checkpoint) -> KVScales:
     """Runs the calibration prompts through the PyTorch model and returns the int8 scales of every layer."""
     import torch
 
+    from .accuracy import prompt_request, torch_inputs
+    from .wrappers import output_cache
+
     model, processor = checkpoint.model, checkpoint.processor
     keys: list[np.ndarray] | None = None
     values: list[np.ndarray] | None = None
     dtype = next(model.parameters()).dtype
     for width, height, seed, question in CALIBRATION_PROMPTS:
-        messages = [{"role": "user", "content": [{"type": "image", "image": photo(width, height, seed)}, {"type": "text", "text": question}]}]
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        # (a plain prompt where the checkpoint has no chat template: the scales are the keys'/values' ranges over
+        # image prompts, which the template's few tokens hardly change)
+        inputs = torch_inputs(processor, prompt_request(processor, photo(width, height, seed), question))
         inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         with torch.no_grad():
             # Only the cache is wanted: one position's logits, not every position's (2k x vocab floats).
-            cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+            cache = output_cache(model(**inputs, use_cache=True, logits_to_keep=1))
         # [1, n_kv, T, head_dim] per layer -> largest |x| per head and channel: [n_kv, 1, head_dim]
         layer_keys = [layer.keys.abs().amax(dim=(0, 2))[:, None, :].float().numpy() for layer in cache.layers]
         layer_values = [layer.values.abs().amax(dim=(0, 2))[:, None, :].float().numpy() for layer in cache.layers]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -18,6 +19,14 @@ from torch import nn
 def cache_argument(language_model) -> str:
     """transformers 5 is renaming `past_key_values` to `cache`: the name this version's forward takes."""
     return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The key/value cache a transformers model output holds. transformers 5 is renaming its field from
+    `past_key_values` to `cache` (5.24 has `cache`, and reading the old name warns that it is deprecated; 5.0 has
+    only `past_key_values`): read whichever field this version's output has."""
+    fields = {field.name for field in dataclasses.fields(output)}
+    return output.cache if "cache" in fields else output.past_key_values
 
 
 def feature_layers(config) -> list[int]:

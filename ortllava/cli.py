@@ -172,7 +172,8 @@ def _info(args: argparse.Namespace) -> int:
     if manifest.accuracy:
         a = manifest.accuracy
         print(f"accuracy    vs {a['reference']}: top-1 agreement {a['top1_agreement'] * 100:.1f}% over {a['positions']} positions "
-              f"({a['prompts']} prompts); logit diff max {a['max_abs_logit_diff']:.3g}, mean {a['mean_abs_logit_diff']:.3g}")
+              f"({a['prompts']} prompts); logit diff max {a['max_abs_logit_diff']:.3g}, mean {a['mean_abs_logit_diff']:.3g}"
+              + (f"; measured with {a['provider']}" if a.get("provider") else ""))
     if damage is not None:
         raise damage  # (after the report: the error is the last thing printed, and the exit status says so)
     if not args.no_load:
@@ -280,6 +281,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    """`--new-tokens`: the decode figure is the time from the first new token to the last, so it needs two."""
+    value = _positive(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 2 (the decode figure needs two tokens), got {text!r}")
+    return value
+
+
 def _bench(args: argparse.Namespace) -> int:
     int4_options = {"--block-size": args.block_size is not None, "--quantize-lm-head": args.quantize_lm_head,
                     "--accuracy-level": args.accuracy_level is not None, "--kv-cache": args.kv_cache != "auto"}
@@ -359,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="ortllava against transformers on the same weights and inputs")
     bench.add_argument("model", help="checkpoint (hub id or folder) or a random shape: cpu-mid, mistral-7b, tiny")
-    bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="where both run (default: cpu; cuda: transformers in fp16 on the GPU)")
     bench.add_argument(
         "--precision", default=["fp32"], type=_precisions,
         help="fp32, fp16 or int4; several, comma-separated (fp32,int4), alternate in the same runs",
@@ -371,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         "--kv-cache", default="auto", choices=["auto", "float", "int8"], help="int4: the key/value cache (auto: int8 on the CPU, float on CUDA)",
     )
     bench.add_argument("--layers", type=_positive, help="decoder layers of a random shape (the floor ratio does not depend on it)")
-    bench.add_argument("--new-tokens", type=_positive, default=64)
-    bench.add_argument("--repeats", type=_positive, default=3)
+    bench.add_argument("--new-tokens", type=_at_least_two, default=64, help="tokens each run generates, at least 2 (default: 64)")
+    bench.add_argument("--repeats", type=_positive, default=3, help="runs of each contender, alternating; the table shows medians (default: 3)")
     bench.add_argument("--threads", type=_positive, help="CPU threads for both (default: all cores)")
     bench.add_argument("--bundle", type=Path, help="export here (or reuse the bundle found here) instead of a temporary folder")
     bench.add_argument("--json", type=Path, help="write the report here")

@@ -206,8 +206,8 @@ def _does_nothing(name: str, value: Any) -> bool:
     where it does nothing (a name transformers does not have is never: it is a typo to name)."""
     if name not in _NO_OP_VALUES:
         return False
-    same = lambda a, b: a == b and isinstance(a, bool) == isinstance(b, bool)  # (True is no 1 here)
-    return value is None or any(same(value, no_op) for no_op in _NO_OP_VALUES[name])
+    # (True is no 1 here: num_beams=True is a mistake to name, not beam search off)
+    return value is None or any(value == no_op and isinstance(value, bool) == isinstance(no_op, bool) for no_op in _NO_OP_VALUES[name])
 
 
 def unsupported_generation_settings(generation_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -96,3 +97,51 @@ def test_bench_reuses_only_its_own_bundle(tiny_store):
     assert "activations 'float32', not 'float16'" in bundle_mismatch(tiny.bundle, checkpoint, plan("int4", target="cuda"))
     checkpoint.source = "elsewhere"
     assert bundle_mismatch(tiny.bundle, checkpoint, plan("fp32")).startswith(f"source {str(tiny.checkpoint)!r}, not 'elsewhere'")
+
+
+def test_bench_needs_two_new_tokens():
+    """The decode figure is the time from the first new token to the last: one token has none (it divided by zero)."""
+    run = subprocess.run([sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--new-tokens", "1"], capture_output=True, text=True)
+    assert run.returncode == 2 and "argument --new-tokens: must be a whole number >= 2" in run.stderr  # (argparse, before any work)
+    from ortllava_export.bench import bench
+
+    with pytest.raises(ValueError, match=">= 2"):  # (the Python entry point checks it too)
+        bench("tiny", new_tokens=1)
+
+
+def test_bench_removes_its_temporary_bundles_when_it_fails(monkeypatch):
+    import tempfile
+
+    from ortllava_export import bench, cli
+
+    made = []  # (held here, so only an explicit cleanup removes the folder, not the object's finalizer)
+
+    class Recorded(tempfile.TemporaryDirectory):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench.tempfile, "TemporaryDirectory", Recorded)
+    monkeypatch.setattr(cli, "export_bundle", fail)
+    with pytest.raises(OSError, match="No space left"):
+        bench.bench("tiny", new_tokens=2, repeats=1, threads=1)
+    assert len(made) == 1 and not os.path.exists(made[0].name)
+
+
+def test_bench_ratio_lines_say_what_they_compare(capsys):
+    from ortllava_export.bench import print_report
+
+    timings = {"preprocess_s": 0.01, "vision_s": 0.02, "time_to_first_token_s": 0.1, "decode_ms_per_token": 5.0, "tokens_per_s": 200.0, "total_s": 0.5}
+    ratios = {"end_to_end": 0.05, "time_to_first_token": 0.3, "decode": 0.4, "preprocess": 0.2, "decode_vs_floor": 1.2, "decode_speedup_vs_first": 1.0}
+    run = {"ortllava": timings, "ratios": ratios, "decoder_file_bytes": 1e6, "decode_floor_ms": 4.0, "decode_step_bytes": 2**20,
+           "fraction_of_floor": 0.8, "tokens_identical": True, "same_prefix_tokens": 8, "kv_dtype": "float32"}
+    report = {"model": "tiny", "layers": 2, "provider": "cpu", "threads": 2, "prompt_tokens": 100, "new_tokens": 8, "repeats": 1,
+              "precisions": {"fp32": run, "int4": {**run, "ratios": {**ratios, "decode_speedup_vs_first": 3.0}}},
+              "transformers": {**timings, "vision_s": None}, "bandwidth_gb_s": 20.0, "peak_host_rss_mb": 100.0}
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "fp32: end to end 0.05x transformers' time, time to first token 0.30x transformers', decode 0.40x transformers' ms/token" in out
+    assert "decode speed vs fp32: int4 3.00x as fast" in out

@@ -58,6 +58,7 @@ def test_export_cli_tiny_end_to_end(tmp_path):
     assert "runs on     the CPU provider only (its fused decoder computes in fp32, which the CUDA provider's attention cannot)" in info.stdout
     accuracy = json.loads((bundle / "manifest.json").read_text())["accuracy"]
     assert f"top-1 agreement {accuracy['top1_agreement'] * 100:.1f}% over {accuracy['positions']} positions" in info.stdout
+    assert "measured with the cpu execution provider, onnxruntime" in info.stdout  # (where: CUDA rounds otherwise)
     assert re.search(r"^load +[0-9.]+ s on CPUExecutionProvider", info.stdout, re.M) and "size        decoder" in info.stdout
     prompt, image = "[INST] <image>\nHi [/INST]", random_image(100, 80)
     result = ortllava.load(bundle, provider="cpu").generate(prompt=prompt, images=[image], max_new_tokens=3)
@@ -114,8 +115,11 @@ def test_output_folder_is_replaced_only_when_it_holds_a_bundle(tmp_path, monkeyp
     with pytest.raises(SystemExit, match="holds other things than a bundle"):
         export_bundle("tiny", folder)
     bundle = export_bundle("tiny", tmp_path / "bundle")
-    (bundle / "stale.txt").write_text("from an earlier export")
-    assert export_bundle("tiny", bundle) == bundle and not (bundle / "stale.txt").exists()  # an earlier bundle is replaced
+    (bundle / "notes.txt").write_text("mine")  # beside an earlier bundle: it is not the bundle's, so not deleted
+    with pytest.raises(SystemExit, match="holds an earlier bundle, and also notes.txt, which the bundle does not list"):
+        export_bundle("tiny", bundle)
+    (bundle / "notes.txt").unlink()
+    assert export_bundle("tiny", bundle) == bundle  # an earlier bundle alone is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "mine"]  # no .partial or set-aside bundle left
     (tmp_path / "link").symlink_to(bundle)
     with pytest.raises(SystemExit, match="symbolic link"):
@@ -175,8 +179,8 @@ def test_validated_int4_export_lets_the_weights_go_first_and_ships_no_float_grap
     from ortllava_export.tiny import TinySpec, build_model, build_tokenizer
 
     model = build_model(TinySpec(), build_tokenizer("mistral"))
-    weights = sum(p.numel() for p in model.model.language_model.layers.parameters())
-    monkeypatch.setattr(fused_decoder, "EXTERNAL_DATA_THRESHOLD", weights * 2)  # fp32 (4 B) external, int4 (~0.6 B) inline
+    fp32, int4 = fused_decoder.initializer_bytes(model), fused_decoder.initializer_bytes(model, int4=Int4Options())
+    monkeypatch.setattr(fused_decoder, "EXTERNAL_DATA_THRESHOLD", (fp32 + int4) / 2)  # fp32 (4 B a weight) external, int4 (~0.6 B) inline
     loaded = []
     load = cli.load_checkpoint
     monkeypatch.setattr(cli, "load_checkpoint", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
@@ -426,6 +430,8 @@ def test_export_refuses_bad_options_before_loading(tmp_path):
 
     with pytest.raises(SystemExit, match="--block-size 1024: onnxruntime's MatMulNBits takes 16, 32, 64, 128 or 256"):
         export_bundle("tiny", tmp_path / "b", precision="int4", int4=Int4Options(block_size=1024))
+    with pytest.raises(SystemExit, match="--accuracy-level 4 .* is for fp32 activations: use --target cpu"):
+        export_bundle("tiny", tmp_path / "b", precision="int4", target="cuda", int4=Int4Options(accuracy_level=4))
     out = subprocess.run(
         [sys.executable, "-m", "ortllava_export.cli", "--model", "tiny", "--output", str(tmp_path / "b"), "--precision", "int4", "--block-size", "1024"],
         capture_output=True, text=True,
@@ -443,3 +449,181 @@ def test_export_refuses_bad_options_before_loading(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
+def _fake_bundle(folder, *extra):
+    """A folder that holds a bundle as far as the output checks look (a manifest and the files it lists), plus `extra`
+    entries (names ending in / are folders)."""
+    folder.mkdir(parents=True)
+    manifest = {"schema_version": 1, "files": {"decoder.onnx": "0" * 64, "embed_tokens.npy": "0" * 64},
+                "graphs": {"decoder": {"file": "decoder.onnx", "external_data": ["decoder.onnx.data"]}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("decoder.onnx", "decoder.onnx.data", "embed_tokens.npy", *extra):
+        (folder / name.rstrip("/")).mkdir() if name.endswith("/") else (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_an_earlier_bundle_is_replaced_only_without_other_files_beside_it(tmp_path):
+    """Replacing an earlier bundle deletes its folder: refused while the folder holds anything the manifest does not
+    list (someone's notes beside the bundle), naming those entries; the same for a bundle set aside as DIR.earlier."""
+    from ortllava_export.cli import check_output
+
+    bundle = _fake_bundle(tmp_path / "b", "my-notes/", "finetune.py")
+    with pytest.raises(SystemExit, match=r"holds an earlier bundle, and also finetune.py and my-notes/, which the bundle does not list"):
+        check_output(bundle)
+    shutil.rmtree(bundle / "my-notes")
+    (bundle / "finetune.py").unlink()
+    check_output(bundle)  # the bundle's own files only: it may be replaced
+    _fake_bundle(tmp_path / "b.earlier", "finetune.py")
+    with pytest.raises(SystemExit, match="b.earlier exists and is not a bundle set aside by an export"):
+        check_output(bundle)
+    assert (tmp_path / "b.earlier" / "finetune.py").is_file() and (bundle / "manifest.json").is_file()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="exports lock their output with fcntl (not on Windows)")
+def test_a_second_export_to_the_same_output_is_refused_while_the_first_writes(tmp_path):
+    """An export holds `DIR.lock`; another to the same DIR stops at once, leaving the first one's scratch folder."""
+    import fcntl
+
+    from ortllava_export.bundle import SCRATCH_MARK
+    from ortllava_export.cli import export_bundle
+
+    scratch = tmp_path / "b.partial"  # what the first export is writing
+    scratch.mkdir()
+    (scratch / SCRATCH_MARK).touch()
+    (scratch / "decoder.onnx").write_bytes(b"being written")
+    with open(tmp_path / "b.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match=f"another export is writing {re.escape(str(tmp_path / 'b'))}"):
+            export_bundle("tiny", tmp_path / "b", validate=False)
+    assert (scratch / "decoder.onnx").read_bytes() == b"being written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.lock", "b.partial"]  # (the lock file is the first export's)
+
+
+def test_a_checkpoint_without_any_chat_template_is_measured_on_plain_prompts(tmp_path, monkeypatch):
+    """No chat template of its own and the registry's missing (ORTLLAVA_TEMPLATES elsewhere): the bundle has no
+    template, and the int8 cache's calibration and the accuracy report ask plain `<image>` prompts instead of failing
+    (on the same token ids on both sides: an fp32 bundle agrees with PyTorch everywhere)."""
+    from ortllava_export import families
+    from ortllava_export.accuracy import accuracy_references, accuracy_report
+    from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.cli import export_bundle
+    from ortllava_export.kv_cache import calibrate_kv_scales
+    from ortllava_export.tiny import build_checkpoint
+
+    folder = build_checkpoint(tmp_path / "checkpoint")
+    (folder / "chat_template.jinja").unlink()
+    monkeypatch.setattr(families, "TEMPLATES_DIR", tmp_path / "no-templates")
+    checkpoint = load_checkpoint(str(folder))
+    assert checkpoint.chat_template_origin == "none"
+    scales = calibrate_kv_scales(checkpoint)
+    references = accuracy_references(checkpoint)
+    assert all(np.isfinite(k).all() and (k > 0).all() for k in scales.keys + scales.values)
+    bundle = export_bundle(checkpoint, tmp_path / "bundle", validate=False)
+    assert not (bundle / "chat_template.jinja").exists()
+    report = accuracy_report(references, bundle)
+    assert report["reference"].endswith("(plain prompts: the checkpoint has no chat template)")
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] < 1e-3
+
+
+def test_the_accuracy_report_refuses_prompts_the_two_sides_tokenised_differently(mistral):
+    from ortllava_export.accuracy import NEW_TOKENS, AccuracyCase, accuracy_report, prompt_request
+    from ortllava_export.photos import photo
+    from ortllava_export.validate import ExportValidationError
+
+    pipe = ortllava.load(mistral.bundle, provider="cpu")
+    request = prompt_request(pipe.processor, photo(300, 200, 1), "What is it?")
+    ids = pipe.prepare(**request)[0]["input_ids"][0]
+    vocab = pipe.manifest.text.vocab_size
+    shifted = ids.copy()
+    shifted[-2] += 1  # as if transformers had read one token differently
+    case = AccuracyCase("What is it?", request, shifted, np.zeros(NEW_TOKENS, np.int64), np.zeros((NEW_TOKENS, vocab), np.float32))
+    with pytest.raises(ExportValidationError, match=rf"tokenises the accuracy prompt 'What is it\?' differently .* position {len(ids) - 2}"):
+        accuracy_report([case], mistral.bundle)
+
+
+def test_export_names_a_file_given_as_the_model_and_warns_of_a_folder_named_tiny(tmp_path, monkeypatch, capsys):
+    from ortllava_export.checkpoint import load_checkpoint
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="model.safetensors is a file, not a checkpoint folder: pass the checkpoint's folder"):
+        load_checkpoint(str(weights))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert load_checkpoint("tiny").source == "tiny"
+    err = capsys.readouterr().err
+    assert "--model tiny is the built-in tiny random model, not the folder" in err and "pass --model ./tiny" in err
+
+
+def test_default_output_is_named_after_the_local_folder(tmp_path, monkeypatch):
+    from ortllava_export.cli import DEFAULT_HOME, default_output
+
+    (tmp_path / "work" / "ckpt").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "ckpt")
+    monkeypatch.setenv("HOME", str(tmp_path / "work"))
+    assert default_output(".") == DEFAULT_HOME / "ckpt"
+    assert default_output("..") == DEFAULT_HOME / "work"
+    assert default_output("~/ckpt") == DEFAULT_HOME / "ckpt"
+    assert default_output(str(tmp_path / "work" / "ckpt") + "/") == DEFAULT_HOME / "ckpt"
+    assert default_output("llava-hf/llava-v1.6-mistral-7b-hf") == DEFAULT_HOME / "llava-hf--llava-v1.6-mistral-7b-hf"
+    assert default_output("tiny") == DEFAULT_HOME / "tiny"
+
+
+def test_export_errors_name_the_stage_that_failed(tmp_path, monkeypatch, capsys):
+    from ortllava_export import cli
+
+    def too_large(*args, **kwargs):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(cli, "load_checkpoint", too_large)
+    assert cli.main(["--model", "tiny", "--output", str(tmp_path / "b")]) == 1
+    assert "ortllava-export: error: [1/8] Loading checkpoint tiny failed: [Errno 27] File too large" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_the_cache_of_a_model_output_does_not_warn():
+    """transformers 5.24 warns that `past_key_values` is deprecated (now `cache`); the calibration and the validation
+    references read the field this version has."""
+    import logging
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.kv_cache import calibrate_kv_scales
+    from ortllava_export.validate import _fused_decoder_cases
+
+    class Collected(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    checkpoint = load_checkpoint("tiny")
+    collected = Collected()
+    transformers_logger = hf_logging.get_logger("transformers")  # (it does not propagate to the root logger)
+    transformers_logger.addHandler(collected)
+    hf_logging.warning_once.cache_clear()  # (the warning shows once per process: an earlier test may have shown it)
+    try:
+        scales = calibrate_kv_scales(checkpoint)
+        with torch.no_grad():
+            _fused_decoder_cases(checkpoint.model)
+    finally:
+        transformers_logger.removeHandler(collected)
+    assert len(scales.keys) == checkpoint.model.config.text_config.num_hidden_layers
+    assert not [message for message in collected.messages if "deprecated" in message]
+
+
+def test_the_lm_head_counts_toward_external_data(tmp_path, monkeypatch):
+    """A few layers and a large vocabulary: the lm_head (and the rotary tables) can push the graph past protobuf's
+    2 GiB on their own, so they count in the external-data decision."""
+    from ortllava_export import fused_decoder
+    from ortllava_export.tiny import TinySpec, build_model, build_tokenizer
+
+    model = build_model(TinySpec(), build_tokenizer("mistral"))
+    layers = sum(p.numel() for p in model.model.language_model.layers.parameters()) * 4
+    monkeypatch.setattr(fused_decoder, "EXTERNAL_DATA_THRESHOLD", layers + 1)  # over the layers' fp32 bytes alone
+    spec = fused_decoder.build_fused_decoder(model, tmp_path / "decoder.onnx")
+    assert spec.external_data == ["decoder.onnx.data"]
+    assert (tmp_path / "decoder.onnx.data").stat().st_size >= model.lm_head.weight.numel() * 4

@@ -212,7 +212,14 @@ def test_a_non_finite_padding_position_leaves_the_real_rows_alone(mistral):
         feed.update({i.name: np.zeros((len(embeds), kv_heads, 16, head_dim), np.float32) for i in kv_inputs})
         return session.run(["logits"], feed)[0]
 
-    batched = run(embeds, np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], np.int64))
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], np.int64)
+    batched = run(embeds, mask)
     alone = run(embeds[1:, :2], np.ones((1, 2), np.int64))
     assert np.isfinite(batched).all()
+    np.testing.assert_allclose(batched[1], alone[0], rtol=1e-5, atol=1e-5)
+    # A real token's NaN does reach its row's logits (as non-finite logits, which the runtime refuses; not as
+    # some finite answer), and that row's only.
+    embeds[0, 4] = np.nan
+    batched = run(embeds, mask)
+    assert not np.isfinite(batched[0]).any()
     np.testing.assert_allclose(batched[1], alone[0], rtol=1e-5, atol=1e-5)

@@ -327,9 +327,9 @@ def test_no_repeat_ngrams_forbid_what_transformers_forbids(size):
     ids = rng.integers(0, vocab + 3, size=(3, 20))
     seen, forbidden = [], 0
 
-    def capture(scores):  # draws among the allowed tokens, so the answers go on repeating prefixes
+    def capture(scores):  # draws among the allowed tokens, so the answers go on repeating prefixes (any, once none is)
         seen.append(scores.copy())
-        return np.array([rng.choice(np.flatnonzero(np.isfinite(row))) for row in scores])
+        return np.array([rng.choice(np.flatnonzero(np.isfinite(row))) if np.isfinite(row).any() else 0 for row in scores])
 
     sample = with_no_repeat_ngrams(capture, ids, vocab, size)
     reference = NoRepeatNGramLogitsProcessor(size)
