@@ -179,6 +179,8 @@ def _export_lock(output: Path):
         yield
         return
     lock = output.with_name(output.name + ".lock")
+    if lock.is_symlink() or lock.exists() and not (lock.is_file() and lock.stat().st_size == 0):
+        raise SystemExit(f"{lock} exists and is not an export's lock (an empty file); move it away (the export uses that name)")
     for _ in range(3):
         handle = open(lock, "a")  # (never truncated: a file another export holds stays as it is)
         try:
@@ -259,7 +261,7 @@ def plan_export(precision: str, decoder: str, target: str, validate: bool, int4:
     else:
         int4 = None
     plan = ExportPlan(precision, decoder, target, validate, int4, kv_cache)
-    if int4 is not None and plan.half and int4.accuracy_level == 4:
+    if int4 is not None and plan.decoder_precision == "fp16" and int4.accuracy_level == 4:
         # onnxruntime 1.32's CPU MatMulNBits at level 4 with fp16 activations gave logits off by 2-3.5 in a session
         # without graph optimizations (prepack=False, and the accuracy report's), right with them; its CUDA kernel
         # reads no accuracy level at all. So the option could only do harm here.
@@ -322,9 +324,14 @@ def _bundle_entries(folder: Path) -> set[str] | None:
     return {MANIFEST_FILE} | {Path(name).parts[0] for name in listed if isinstance(name, str) and name and Path(name).parts}
 
 
+# What file browsers leave in any folder they show: not someone's work, so no reason to keep a bundle in place.
+OS_CLUTTER = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
 def _foreign_entries(folder: Path, own: set[str]) -> list[str]:
-    """The entries of `folder` that are not in `own` (its bundle's), sorted; folders with a trailing slash."""
-    return sorted(entry.name + "/" * entry.is_dir() for entry in folder.iterdir() if entry.name not in own)
+    """The entries of `folder` that are not in `own` (its bundle's) nor OS clutter, sorted; folders with a trailing
+    slash."""
+    return sorted(entry.name + "/" * entry.is_dir() for entry in folder.iterdir() if entry.name not in own | OS_CLUTTER)
 
 
 def _list(names: list[str], most: int = 5) -> str:

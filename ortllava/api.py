@@ -297,8 +297,15 @@ class Pipeline:
 
         max_length = settings.max_length
         # max_length, where in force -> max_new_tokens; the default length, held to the room the prompt leaves
+        default_new_tokens = settings.max_new_tokens
         settings = settings.for_prompt(int(input_ids.shape[1]), self.sessions.decoder.max_length)
         self._check_length(input_ids.shape[1], settings.max_new_tokens, max_length, settings.length_is_default)
+        if settings.length_is_default and settings.max_new_tokens < default_new_tokens:
+            warnings.warn(
+                f"the prompt ({input_ids.shape[1]} tokens) leaves room for {settings.max_new_tokens} new tokens of the default "
+                f"{default_new_tokens}: the answer may be cut there (a max_new_tokens you give is refused where it does not fit)",
+                stacklevel=3,
+            )
         eos, pad_id = self._special_ids(settings)
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = int(input_ids.shape[1])

@@ -480,8 +480,8 @@ def check_encodable(texts: Sequence[str]) -> None:
 
 
 def flatten_images(images: Any) -> list[ImageLike]:
-    """Images given singly, in a list, in a list per prompt, or as a 4-D array (one image per row, as
+    """Images given singly, in a list, in a list per prompt, or as a 4-D array or tensor (one image per row, as
     transformers reads it) -> one flat list, in order."""
-    if isinstance(images, (list, tuple)) or isinstance(images, np.ndarray) and images.ndim == 4:
+    if isinstance(images, (list, tuple)) or getattr(images, "ndim", None) == 4 and hasattr(images, "__array__"):  # (a tensor too)
         return [image for entry in images for image in flatten_images(entry)]
     return [images]

@@ -48,7 +48,7 @@ class GenerationSettings:
         transformers reads it), else the default above. An unknown name is a TypeError naming it. `max_positions`:
         the most the decoder serves, which a generation config's max_length (a model's context, say) is held to."""
         others = sorted(set(given) - set(GENERATION_ARGUMENTS))
-        unimplemented = [f"{name}={given[name]!r}" for name in others if name in _NO_OP_VALUES and not _does_nothing(name, given[name])]
+        unimplemented = [f"{name}={_shown(given[name])}" for name in others if name in _NO_OP_VALUES and not _does_nothing(name, given[name])]
         unknown = [name for name in others if name not in _NO_OP_VALUES]
         if unknown or unimplemented:
             hints = "".join(f" ({name}: {_HINTS[name]})" for name in others if name in _HINTS and not _does_nothing(name, given[name]))
@@ -206,8 +206,18 @@ def _does_nothing(name: str, value: Any) -> bool:
     where it does nothing (a name transformers does not have is never: it is a typo to name)."""
     if name not in _NO_OP_VALUES:
         return False
+    if value is None:
+        return True
+    if not isinstance(value, (bool, int, float, list, dict)):  # (an array, a model, a config: never a no-op value here)
+        return False
     # (True is no 1 here: num_beams=True is a mistake to name, not beam search off)
-    return value is None or any(value == no_op and isinstance(value, bool) == isinstance(no_op, bool) for no_op in _NO_OP_VALUES[name])
+    return any(value == no_op and isinstance(value, bool) == isinstance(no_op, bool) for no_op in _NO_OP_VALUES[name])
+
+
+def _shown(value: Any, most: int = 40) -> str:
+    """`value` as an error message names it: its repr, or its type where that is long (a model, a config)."""
+    text = repr(value)
+    return text if len(text) <= most else f"<{type(value).__name__}>"
 
 
 def unsupported_generation_settings(generation_config: Mapping[str, Any]) -> dict[str, Any]:

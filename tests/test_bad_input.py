@@ -156,7 +156,8 @@ def test_the_default_length_fits_the_room_a_long_prompt_leaves(mistral):
     prompt = "[INST] " + "hello " * 60 + "[/INST]"
     prompt_tokens = pipe.processor(text=prompt)["input_ids"].shape[1]
     assert pipe.settings().max_new_tokens > 300 - prompt_tokens + 1 and pipe.settings().length_is_default
-    result = pipe.generate(prompt=prompt, min_new_tokens=1000)  # (no EOS: the answer fills the room)
+    with pytest.warns(UserWarning, match=rf"the prompt \({prompt_tokens} tokens\) leaves room for {300 - prompt_tokens + 1} new tokens of the default 256"):
+        result = pipe.generate(prompt=prompt, min_new_tokens=1000)  # (no EOS: the answer fills the room)
     assert len(result.token_ids) == 300 - prompt_tokens + 1 and result.finish_reason == "length"
     with pytest.raises(ortllava.ContextLengthError, match=r"max_new_tokens is 256"):
         pipe.generate(prompt=prompt, max_new_tokens=256)

@@ -471,6 +471,7 @@ def test_an_earlier_bundle_is_replaced_only_without_other_files_beside_it(tmp_pa
         check_output(bundle)
     shutil.rmtree(bundle / "my-notes")
     (bundle / "finetune.py").unlink()
+    (bundle / ".DS_Store").write_bytes(b"x")  # (a file browser's: no reason to refuse)
     check_output(bundle)  # the bundle's own files only: it may be replaced
     _fake_bundle(tmp_path / "b.earlier", "finetune.py")
     with pytest.raises(SystemExit, match="b.earlier exists and is not a bundle set aside by an export"):
@@ -496,6 +497,14 @@ def test_a_second_export_to_the_same_output_is_refused_while_the_first_writes(tm
             export_bundle("tiny", tmp_path / "b", validate=False)
     assert (scratch / "decoder.onnx").read_bytes() == b"being written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.lock", "b.partial"]  # (the lock file is the first export's)
+    # A lock file a killed export left (empty, no one holding it) is taken over; anything else by that name is refused.
+    (tmp_path / "c.lock").touch()
+    bundle = export_bundle("tiny", tmp_path / "c", validate=False)
+    assert (bundle / "manifest.json").is_file() and not (tmp_path / "c.lock").exists()
+    (tmp_path / "d.lock").write_text("mine")
+    with pytest.raises(SystemExit, match="d.lock exists and is not an export's lock"):
+        export_bundle("tiny", tmp_path / "d", validate=False)
+    assert (tmp_path / "d.lock").read_text() == "mine"
 
 
 def test_a_checkpoint_without_any_chat_template_is_measured_on_plain_prompts(tmp_path, monkeypatch):

@@ -358,7 +358,9 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     no_ops = {"num_beams": 1, "use_cache": True, "length_penalty": 1.0, "streamer": None, "return_dict_in_generate": False, "typical_p": 1.0}
     assert GenerationSettings.resolve(no_ops, config) == GenerationSettings.resolve({}, config)
     for bad, message in (({"use_cache": False}, "use_cache=False: not implemented"), ({"num_beams": True}, "num_beams=True"),
-                         ({"max_new_token": 5}, "unknown generation argument.*: max_new_token;")):
+                         ({"max_new_token": 5}, "unknown generation argument.*: max_new_token;"),
+                         ({"bad_words_ids": np.array([[1, 2]])}, r"bad_words_ids=array\(\[\[1, 2\]\]\): not implemented"),
+                         ({"generation_config": list(range(50))}, r"generation_config=<list>: not implemented")):
         with pytest.raises(TypeError, match=message):
             GenerationSettings.resolve(bad, {})
     with pytest.raises(ValueError, match="max_new_tokens"):

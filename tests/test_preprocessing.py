@@ -93,6 +93,15 @@ def test_config_variants_bit_identical(variant):
     assert np.array_equal(ours(batch)["pixel_values"], hf(batch, return_tensors="np")["pixel_values"])
 
 
+def test_a_4d_array_or_tensor_is_one_image_per_row():
+    from ortllava.processor import flatten_images
+
+    batch = np.zeros((2, 3, 40, 50), np.uint8)
+    assert [image.shape for image in flatten_images(batch)] == [(3, 40, 50)] * 2
+    assert [tuple(image.shape) for image in flatten_images(torch.from_numpy(batch))] == [(3, 40, 50)] * 2
+    assert len(flatten_images([torch.from_numpy(batch[0])])) == 1
+
+
 def test_grayscale_array_is_rows_by_columns(hf_processor):
     """A 2-D array is [H, W] whatever H is (transformers takes no 2-D arrays: the reference is the same pixels as
     an "L" image)."""
