@@ -45,7 +45,8 @@ class GenerationSettings:
     @classmethod
     def resolve(cls, given: Mapping[str, Any], generation_config: Mapping[str, Any], max_positions: int | None = None) -> GenerationSettings:
         """Each argument: the caller's value (None counts as unset), else the bundle's generation config (as
-        transformers reads it), else the default above. An unknown name is a TypeError naming it. `max_positions`:
+        transformers reads it), else the default above. An unknown name is a TypeError naming it, as is one of
+        transformers' arguments that ortllava does not implement, unless at a value where it does nothing. `max_positions`:
         the most the decoder serves, which a generation config's max_length (a model's context, say) is held to."""
         others = sorted(set(given) - set(GENERATION_ARGUMENTS))
         unimplemented = [f"{name}={_shown(given[name])}" for name in others if name in _NO_OP_VALUES and not _does_nothing(name, given[name])]
@@ -153,7 +154,7 @@ class GenerationSettings:
         gets a shorter answer rather than an error it did not ask for."""
         if self.length_is_default and positions is not None:
             room = positions - prompt_tokens + 1  # (the last new token takes no position)
-            return replace(self, max_new_tokens=max(1, min(self.max_new_tokens, room))) if room < self.max_new_tokens else self
+            return replace(self, max_new_tokens=max(1, room)) if room < self.max_new_tokens else self  # (< 1: refused by the caller)
         if self.max_length is None:
             return self
         if prompt_tokens >= self.max_length:
