@@ -38,6 +38,7 @@ class Progress:
 
     @contextmanager
     def stage(self, text: str):
+        _stop_if_signalled()
         self.index += 1
         label = f"[{self.index}/{self.total}] {text}"
         print(f"{label} ...", file=sys.stderr, flush=True)
@@ -50,6 +51,22 @@ class Progress:
                     error.ortllava_export_stage = label
             raise
         print(f"{label}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+_SIGNALLED: list[int] = []  # the termination signals `main` received
+
+
+def _on_termination(signum: int, frame) -> None:
+    """SIGTERM's handler: unwinds the export as Ctrl-C does. The SystemExit it raises can be lost where the signal
+    lands in code that swallows exceptions (a finalizer, a bare except in a library), so the signal is also kept,
+    and the next stage or the final move refuses to go on (`_stop_if_signalled`)."""
+    _SIGNALLED.append(signum)
+    sys.exit(128 + signum)
+
+
+def _stop_if_signalled() -> None:
+    if _SIGNALLED:
+        sys.exit(128 + _SIGNALLED[0])
 
 
 def failed_stage(error: BaseException) -> str | None:
@@ -152,6 +169,7 @@ def export_bundle(
                     else:
                         checkpoint = load_checkpoint(model, revision, stored_dtype=decoder == "gqa", check_config=check_config)
                 _export_into(work, checkpoint, plan, progress, release_weights=owned)
+                _stop_if_signalled()  # (a termination whose exception something swallowed: no bundle, as for any other)
                 (work / SCRATCH_MARK).unlink()
                 _move_into_place(work, output)
             except BaseException:
@@ -484,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     from .validate import ExportValidationError
 
     # A termination signal (a timeout, a job scheduler) unwinds like Ctrl-C: the unfinished bundle is removed.
-    terminate = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    _SIGNALLED.clear()
+    terminate = signal.signal(signal.SIGTERM, _on_termination)
     try:
         block_size = args.block_size if args.block_size is not None else Int4Options.block_size
         int4 = Int4Options(block_size, not args.asymmetric, args.quantize_lm_head, args.accuracy_level)
