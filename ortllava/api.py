@@ -18,7 +18,8 @@ from .image import ImageLike
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .processor import BatchFeature, Processor, is_chat_batch
-from .sampling import make_sampler, with_min_new_tokens, with_no_repeat_ngrams, with_repetition_penalty
+from .logits_processors import for_settings, with_processors
+from .sampling import make_sampler
 from .runs import KeepCache, Prefill, Run, StreamChunk, collect, one_answer, stream_chunks
 from .sessions import BundleSessions
 from .settings import GenerationSettings, unsupported_generation_settings
@@ -156,10 +157,19 @@ class Pipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         min_p: float | None = None,
+        typical_p: float | None = None,
+        epsilon_cutoff: float | None = None,
+        eta_cutoff: float | None = None,
         seed: int | None = None,
         min_new_tokens: int | None = None,
+        min_length: int | None = None,
         repetition_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
+        bad_words_ids: Sequence[Sequence[int]] | None = None,
+        sequence_bias: Sequence[tuple[Sequence[int], float]] | dict[tuple[int, ...], float] | None = None,
+        suppress_tokens: Sequence[int] | None = None,
+        begin_suppress_tokens: Sequence[int] | None = None,
+        forced_eos_token_id: int | Sequence[int] | None = None,
         stop: Sequence[str] | str | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
@@ -179,21 +189,28 @@ class Pipeline:
 
         Unset sampling arguments come from the bundle's generation config, then transformers' defaults.
         `max_length`, as transformers': the prompt's tokens (the padded batch's, images included) plus the new ones;
-        `max_new_tokens` wins where both are given. `min_new_tokens` forbids the EOS tokens until that many tokens are out.
-        `min_p` (sampling) drops tokens less probable than `min_p` times the most probable one; `no_repeat_ngram_size=n`
-        forbids a token that would repeat an n-gram of the prompt (its ids as given) or the answer. `stop` strings end a row's
+        `max_new_tokens` wins where both are given. `min_new_tokens` forbids the EOS tokens until that many tokens are out
+        (`min_length`: until prompt and answer hold that many). Sampling's warpers, as transformers': `temperature`,
+        `top_k`, `top_p`, `min_p` (drops tokens less probable than `min_p` times the most probable one), `typical_p`,
+        `epsilon_cutoff`, `eta_cutoff`. `no_repeat_ngram_size=n` forbids a token that would repeat an n-gram of the prompt
+        (its ids as given) or the answer; `bad_words_ids` (token-id lists) are never completed, and `sequence_bias`
+        (`[[ids, bias], ...]`) adds each bias where its sequence would be completed (the prompt counts for both);
+        `suppress_tokens` are never picked, `begin_suppress_tokens` not as the first new token, and `forced_eos_token_id`
+        ends an answer that reaches `max_new_tokens` (its last token is that one). `stop` strings end a row's
         answer where one appears (the text is cut before it; finish_reason "stop"). `eos_token_id` (one id or
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
         images are encoded and the prompt prefilled once; its keys/values are copied for each answer).
-        `output_logits=True`: each result's `logits [len(token_ids), V]` are the raw logits (before the repetition
-        penalty, min_new_tokens and the warpers) each new token was picked from, as transformers' `output_logits`.
+        `output_logits=True`: each result's `logits [len(token_ids), V]` are the raw logits (before the logits processors
+        and the warpers above) each new token was picked from, as transformers' `output_logits`.
         Returns a `GenerationResult`, or a list of them for a batch; with `num_return_sequences=n` > 1, a list
         of n for one prompt and a list of such lists for a batch (as transformers' pipelines group them).
         """
         settings = self.settings(
-            max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed, stop=stop,
+            max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids, sequence_bias=sequence_bias,
+            suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens, forced_eos_token_id=forced_eos_token_id, seed=seed, stop=stop,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, output_logits=output_logits,
             **others,  # (any other name is a TypeError listing the known ones)
         )
@@ -238,9 +255,9 @@ class Pipeline:
         """A multi-turn chat that keeps its keys/values between turns (see `ortllava.chat.ChatSession`).
 
         `system`: an optional system message. `defaults`: generation arguments for every turn (as `generate`'s:
-        max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, min_p, seed, min_new_tokens,
-        repetition_penalty, no_repeat_ngram_size, stop,
-        eos_token_id, pad_token_id).
+        max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, min_p, typical_p,
+        epsilon_cutoff, eta_cutoff, seed, min_new_tokens, min_length, repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias,
+        suppress_tokens, begin_suppress_tokens, forced_eos_token_id, stop, eos_token_id, pad_token_id).
         """
         from .chat import ChatSession
 
@@ -322,10 +339,11 @@ class Pipeline:
         if copies > 1:  # each prompt's row n times, as the cache has them: rows 0..n-1 answer prompt 0 (transformers' order)
             input_ids, attention_mask = np.repeat(input_ids, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
 
-        sampler = make_sampler(settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed, settings.min_p)
-        sampler = with_min_new_tokens(sampler, eos, settings.min_new_tokens)
-        sampler = with_no_repeat_ngrams(sampler, input_ids, self.manifest.text.vocab_size, settings.no_repeat_ngram_size)
-        sampler = with_repetition_penalty(sampler, input_ids, attention_mask, self.manifest.text.vocab_size, settings.repetition_penalty)
+        sampler = make_sampler(
+            settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed, settings.min_p, settings.typical_p,
+            settings.epsilon_cutoff, settings.eta_cutoff,
+        )
+        sampler = with_processors(sampler, for_settings(settings, input_ids, attention_mask, eos, self.manifest.text.vocab_size))
         return Run(
             self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], sampler, settings, eos, pad_id, metrics,
             started, batched, keep_cache,

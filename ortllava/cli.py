@@ -93,12 +93,13 @@ GENERATION_FLAGS = (
     ("--top-k", dict(metavar="K", type=int), "sampling: only the k most probable tokens (0: all)"),
     ("--top-p", dict(metavar="P", type=float), "sampling: only the most probable tokens that hold this much of the probability"),
     ("--min-p", dict(metavar="P", type=float), "sampling: only tokens at least this fraction as probable as the most probable one"),
+    ("--typical-p", dict(metavar="P", type=float), "sampling: only the tokens whose information is nearest the entropy, this much of the probability"),
     ("--seed", dict(metavar="SEED", type=int), "sampling: the random seed (the same seed gives the same answer)"),
     ("--repetition-penalty", dict(metavar="R", type=float), "penalize tokens already in the prompt or answer (>1; as transformers: positive scores divided by it, negative ones multiplied)"),
     ("--no-repeat-ngram-size", dict(metavar="N", type=int), "no sequence of N tokens (the prompt's included) occurs twice"),
     ("--stop", dict(metavar="TEXT", action="append"), "a string that ends the answer where it appears (repeat for several)"),
 )
-SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "seed")
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "seed")
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:

@@ -21,8 +21,8 @@ message. `return_tensors=True` gives `generated_token_ids` (the prompt's ids, im
 ids) instead of text. The new text is found as transformers finds it: decode(prompt + new ids) with the
 decoded prompt removed from its start.
 
-Generation: `max_new_tokens`, `generate_kwargs={...}` (do_sample, temperature, top_k, top_p, min_p, min_new_tokens,
-repetition_penalty, no_repeat_ngram_size, seed, max_new_tokens, max_length, num_return_sequences: that many records per input),
+Generation: `max_new_tokens`, `generate_kwargs={...}` (`Pipeline.generate`'s arguments: do_sample, temperature, top_k,
+top_p, ..., max_new_tokens, max_length, num_return_sequences: that many records per input),
 `stop_sequence` (generation ends once the string appears; it stays in the text, as with transformers' stop strings;
 transformers matches them on token strings and can miss one next to a partial UTF-8 character, ortllava matches the
 decoded text). Combined as transformers combines them: generation settings given directly at construction

@@ -25,13 +25,25 @@ class GenerationSettings:
     # then max_new_tokens is max_length minus each call's prompt tokens.
     max_length: int | None = None
     min_new_tokens: int = 0  # the EOS tokens are forbidden until this many tokens are out
+    # The same, counting the prompt's tokens (the padded batch's, images included); as in transformers, only where
+    # min_new_tokens is not set (by the caller or the generation config).
+    min_length: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 1.0
     min_p: float = 0.0  # sampling: drop tokens less probable than min_p times the most probable one (0: off)
+    typical_p: float = 1.0  # sampling: keep the tokens whose information is nearest the entropy, this much mass (1: off)
+    epsilon_cutoff: float = 0.0  # sampling: drop tokens less probable than this (0: off)
+    eta_cutoff: float = 0.0  # sampling: drop tokens less probable than min(eta, sqrt(eta) * e^-entropy) (0: off)
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # n > 0: no n-gram (the prompt's included) occurs twice
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None  # token sequences never completed (the prompt counts)
+    # (token ids, bias) pairs: the bias is added to a sequence's last token where the row ends with the rest of it
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None
+    suppress_tokens: tuple[int, ...] | None = None  # tokens never picked
+    begin_suppress_tokens: tuple[int, ...] | None = None  # tokens not picked as the first new token
+    forced_eos_token_id: int | tuple[int, ...] | None = None  # the token(s) an answer that reaches max_new_tokens ends with
     num_return_sequences: int = 1  # answers per prompt, each sampled on its own (needs do_sample)
     output_logits: bool = False  # each result keeps the raw logits each new token was picked from
     eos_token_id: int | tuple[int, ...] | None = None  # the tokens that end an answer; None: the bundle's EOS ids
@@ -87,8 +99,24 @@ class GenerationSettings:
                 values["max_length"] = min(values["max_length"], max_positions + 1)  # (the last new token takes no position)
         else:
             values["length_is_default"] = True
-        if isinstance(values.get("eos_token_id"), Iterable):
-            values["eos_token_id"] = tuple(values["eos_token_id"])
+        if "min_new_tokens" in values and "min_length" in values:  # (transformers: min_new_tokens, once set, replaces min_length)
+            if given.get("min_length") is not None and given.get("min_new_tokens") is not None:
+                warnings.warn(
+                    f"Both `min_new_tokens` (={given['min_new_tokens']}) and `min_length` (={given['min_length']}) seem to have been "
+                    "set. `min_new_tokens` will take precedence.",
+                    stacklevel=4,
+                )
+            values.pop("min_length")
+        for name in ("eos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
+            if isinstance(values.get(name), Iterable) and not isinstance(values[name], (str, bytes, Mapping)):
+                values[name] = tuple(values[name])
+        if values.get("bad_words_ids") is not None:
+            values["bad_words_ids"] = _token_sequences("bad_words_ids", values["bad_words_ids"])
+        if values.get("sequence_bias") is not None:
+            values["sequence_bias"] = _sequence_biases(values["sequence_bias"])
+        for name in ("suppress_tokens", "begin_suppress_tokens"):  # (an empty list suppresses nothing)
+            if values.get(name) == ():
+                values[name] = None
         if "stop" in values:  # one string, or several
             stop = values["stop"]
             values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
@@ -112,7 +140,7 @@ class GenerationSettings:
         for name in ("do_sample", "output_logits"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "True or False")
-        for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("num_return_sequences", 1), ("no_repeat_ngram_size", 0)):
+        for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("min_length", 0), ("num_return_sequences", 1), ("no_repeat_ngram_size", 0)):
             if name == "max_new_tokens" and self.max_length is not None:
                 continue  # (None: max_length decides it)
             if not integer(getattr(self, name)) or getattr(self, name) < least:
@@ -130,6 +158,11 @@ class GenerationSettings:
                 fail("top_p", "a number in (0, 1]")
             if not number(self.min_p) or not 0 <= self.min_p <= 1:
                 fail("min_p", "a number in [0, 1] (0: off)")
+            if not number(self.typical_p) or not 0 < self.typical_p <= 1:
+                fail("typical_p", "a number in (0, 1] (1: off)")
+            for name in ("epsilon_cutoff", "eta_cutoff"):
+                if not number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                    fail(name, "a number in [0, 1) (0: off)")
         if self.num_return_sequences > 1 and not self.do_sample:  # (transformers' words)
             raise ValueError(
                 "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences` different "
@@ -137,9 +170,14 @@ class GenerationSettings:
             )
         if self.seed is not None and not (integer(self.seed) and self.seed >= 0):
             fail("seed", "an integer >= 0, or None (a fresh random seed)")
-        eos = self.eos_token_id
-        if eos is not None and not (integer(eos) and eos >= 0 or isinstance(eos, tuple) and all(integer(i) and i >= 0 for i in eos)):
-            fail("eos_token_id", "a token id or a list of them")
+        for name in ("eos_token_id", "forced_eos_token_id"):
+            ids = getattr(self, name)
+            if ids is not None and not (integer(ids) and ids >= 0 or isinstance(ids, tuple) and all(integer(i) and i >= 0 for i in ids)):
+                fail(name, "a token id or a list of them")
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            ids = getattr(self, name)
+            if ids is not None and not (isinstance(ids, tuple) and all(integer(i) and i >= 0 for i in ids)):
+                fail(name, "a list of token ids")
         if self.pad_token_id is not None and not (integer(self.pad_token_id) and self.pad_token_id >= 0):
             fail("pad_token_id", "a token id or None")
         if not all(isinstance(text, str) and text for text in self.stop):
@@ -180,10 +218,8 @@ _NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_log
 # does not apply: each with the values at which it does nothing.
 UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
-    "bad_words_ids": ([],), "force_words_ids": ([],), "constraints": ([],),
-    "suppress_tokens": ([],), "begin_suppress_tokens": ([],), "sequence_bias": ({},), "forced_bos_token_id": (),
-    "forced_eos_token_id": (), "min_length": (0,), "exponential_decay_length_penalty": (), "guidance_scale": (1,),
-    "typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,), "top_h": (), "stop_strings": ([],),
+    "force_words_ids": ([],), "constraints": ([],), "forced_bos_token_id": (), "exponential_decay_length_penalty": (),
+    "guidance_scale": (1,), "top_h": (), "stop_strings": ([],),
     "max_time": (), "watermarking_config": (), "token_healing": (False,),
     # (transformers hands a decoder-only model's prompt ids to these as the "encoder" ids)
     "encoder_repetition_penalty": (1, 1.0), "encoder_no_repeat_ngram_size": (0,),
@@ -227,3 +263,42 @@ def unsupported_generation_settings(generation_config: Mapping[str, Any]) -> dic
         key: value for key, value in generation_config.items()
         if key in UNSUPPORTED_GENERATION_KEYS and value is not None and value not in UNSUPPORTED_GENERATION_KEYS[key]
     }
+
+
+def _token_sequences(name: str, value: Any) -> tuple[tuple[int, ...], ...] | None:
+    """A list of token-id lists (transformers' `bad_words_ids`) as tuples (None for an empty one: nothing to ban); a
+    ValueError naming `name` where it is not such a list."""
+    try:
+        sequences = tuple(tuple(ids) for ids in value)
+    except TypeError:
+        sequences = None
+    if sequences == ():
+        return None
+    if sequences is None or not all(ids and all(_token_id(t) for t in ids) for ids in sequences):
+        raise ValueError(f"{name} must be a non-empty list of non-empty lists of token ids, got {_shown(value)}")
+    return tuple(tuple(int(t) for t in ids) for ids in sequences)
+
+
+def _sequence_biases(value: Any) -> tuple[tuple[tuple[int, ...], float], ...] | None:
+    """transformers' `sequence_bias`, given as `[[token ids, bias], ...]` (a generation config's form) or
+    `{(token ids): bias}`, as (token ids, bias) pairs (None for an empty one); a ValueError where it is neither."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    try:
+        pairs = [(tuple(ids), bias) for ids, bias in pairs]
+    except (TypeError, ValueError):
+        pairs = None
+    if pairs == []:
+        return None
+    if pairs is None or not all(
+        ids and all(_token_id(t) for t in ids) and isinstance(bias, (int, float, np.integer, np.floating)) and not isinstance(bias, bool)
+        and not math.isnan(bias) and bias != math.inf for ids, bias in pairs
+    ):
+        raise ValueError(
+            f"sequence_bias must be a non-empty list of [token ids, bias] pairs (or a dict of them), each bias a number "
+            f"(or -inf: never), got {_shown(value)}"
+        )
+    return tuple((tuple(int(t) for t in ids), float(bias)) for ids, bias in pairs)
+
+
+def _token_id(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0

@@ -362,11 +362,15 @@ def test_generation_config_settings_not_implemented_are_warned_of(mistral, tmp_p
     shutil.copytree(mistral.bundle, copy)
     config = copy / "generation_config.json"
     settings = json.loads(config.read_text())
-    config.write_text(json.dumps({**settings, "typical_p": 0.5, "num_beams": 1, "min_p": 0.1, "no_repeat_ngram_size": 2, "max_length": 4096,
-                                  "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 3}))
-    with pytest.warns(UserWarning, match=r"sets typical_p=0.5, encoder_no_repeat_ngram_size=3, which ortllava does not implement") as caught:
+    config.write_text(json.dumps({**settings, "guidance_scale": 1.5, "num_beams": 1, "min_p": 0.1, "no_repeat_ngram_size": 2, "max_length": 4096,
+                                  "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 3, "typical_p": 0.5,
+                                  "bad_words_ids": [[5, 6]], "sequence_bias": [[[7], -1.0]], "suppress_tokens": []}))
+    with pytest.warns(UserWarning, match=r"sets guidance_scale=1.5, encoder_no_repeat_ngram_size=3, which ortllava does not implement") as caught:
         pipe = ortllava.load(copy, provider="cpu", verify=False)
     message = str(caught[0].message)
     assert len(caught) == 1 and "num_beams" not in message  # values that do nothing are not named
-    assert "min_p" not in message and " no_repeat_ngram_size" not in message  # implemented: applied, as transformers does
-    assert (pipe.settings().min_p, pipe.settings().no_repeat_ngram_size) == (0.1, 2)
+    for implemented in ("min_p", " no_repeat_ngram_size", "typical_p", "bad_words_ids", "sequence_bias", "suppress_tokens"):
+        assert implemented not in message  # applied, as transformers does
+    settings = pipe.settings()
+    assert (settings.min_p, settings.no_repeat_ngram_size, settings.typical_p) == (0.1, 2, 0.5)
+    assert (settings.bad_words_ids, settings.sequence_bias, settings.suppress_tokens) == (((5, 6),), (((7,), -1.0),), None)

@@ -44,21 +44,24 @@ def test_cli_takes_generate_arguments_as_flags(mistral, pipe):
     settings; a sampling flag without sampling, and a value out of range, are refused by name."""
     cli = [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--prompt", "Tell a story", "--provider", "cpu", "--max-new-tokens", "8"]
     flags = ["--do-sample", "--temperature", "1.5", "--top-k", "0", "--seed", "3", "--repetition-penalty", "1.2", "--min-p", "0.01",
-             "--no-repeat-ngram-size", "2"]
+             "--no-repeat-ngram-size", "2", "--typical-p", "0.95"]
     sampled = subprocess.run([*cli, *flags], capture_output=True, text=True, check=True)
     messages = [{"role": "user", "content": [{"type": "text", "text": "Tell a story"}]}]
-    settings = dict(do_sample=True, temperature=1.5, top_k=0, seed=3, repetition_penalty=1.2, min_p=0.01, no_repeat_ngram_size=2)
+    settings = dict(do_sample=True, temperature=1.5, top_k=0, seed=3, repetition_penalty=1.2, min_p=0.01, no_repeat_ngram_size=2, typical_p=0.95)
     want = pipe.generate(messages=messages, max_new_tokens=8, **settings).text
     greedy = pipe.generate(messages=messages, max_new_tokens=8)
     assert sampled.stdout == want + "\n" and want != greedy.text
     # min_p reaches the sampler: at 1 only the most probable token may be drawn, so sampling gives the greedy answer.
     assert pipe.generate(messages=messages, max_new_tokens=8, do_sample=True, top_k=0, min_p=1.0, seed=5).token_ids == greedy.token_ids
+    # So does epsilon_cutoff (here only the most probable token reaches 0.99, or is kept as the most probable).
+    assert pipe.generate(messages=messages, max_new_tokens=8, do_sample=True, top_k=0, epsilon_cutoff=0.99, seed=5).token_ids == greedy.token_ids
     for extra, message in ((["--temperature", "0.7", "--seed", "1"], "--temperature, --seed only apply when sampling: add --do-sample"),
                            (["--top-k", "3"], "--top-k only applies when sampling: add --do-sample"),
                            (["--min-p", "0.1"], "--min-p only applies when sampling: add --do-sample"),
                            (["--do-sample", "--min-p", "1.5"], "min_p must be a number in [0, 1] (0: off)"),
                            (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size must be an integer >= 0"),
-                           (["--do-sample", "--top-p", "2"], "top_p must be a number in (0, 1]")):
+                           (["--do-sample", "--top-p", "2"], "top_p must be a number in (0, 1]"),
+                           (["--do-sample", "--typical-p", "0"], "typical_p must be a number in (0, 1] (1: off)")):
         for command in (cli, [sys.executable, "-m", "ortllava.cli", "chat", str(mistral.bundle), "--provider", "cpu"]):
             refused = subprocess.run([*command, *extra], capture_output=True, text=True, input="")
             assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr

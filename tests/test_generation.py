@@ -125,6 +125,35 @@ def test_no_repeat_ngram_size_matches_transformers(setup):
     assert (got != free) == binds
 
 
+def test_logits_processors_match_transformers(setup):
+    """Greedy answers with transformers' other logits processors on, all at once, token for token; each chosen to
+    bind on the unconstrained answers (a bigram of one banned, a token of another biased away, ...). Then min_length,
+    which counts the prompt (the padded batch's width, image tokens included)."""
+    processor, model, pipe = setup
+    batch = [user(IMAGES[2], "Describe."), user("What is a cat?"), user("Tell me a story about a cat.")]  # (short: left padding, an image)
+    free = hf_generate(processor, model, batch)
+    a, b, c = free
+    eos = pipe.manifest.tokens.eos_token_ids
+    forced = next(t for t in range(5, 100) if t not in eos and t not in a + b + c)
+    options = dict(
+        bad_words_ids=[[a[2], a[3]], [b[4]]], sequence_bias=[[[c[1]], -50.0], [[a[5], a[6]], -50.0], [[b[0]], 0.5]],
+        suppress_tokens=[b[1]], begin_suppress_tokens=[c[0]], forced_eos_token_id=forced,
+    )
+    got = [r.token_ids for r in pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **options)]
+    assert got == hf_generate(processor, model, batch, **options)
+    assert all(row[-1] == forced for row in got) and got[2][0] != c[0] and all(b[1] not in row for row in got)
+
+    width = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="np")["input_ids"].shape[1]
+    stop = a[3]  # row 0 ends at its 4th token (or earlier, where the token comes before) ...
+    end = a.index(stop)
+    options = {"eos_token_id": stop, "min_length": width + end + 2}  # ... unless min_length holds it back
+    got = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, **options)
+    want = hf_generate(processor, model, batch, **options, min_new_tokens=None)  # (one set, even to 0, replaces min_length)
+    pad = pipe._special_ids(pipe.settings(**options))[1]
+    assert [r.token_ids + [pad] * (len(want[0]) - len(r.token_ids)) for r in got] == want
+    assert len(got[0].token_ids) > end + 1
+
+
 def _repeats_an_ngram(prompt: list[int], answer: list[int], size: int) -> bool:
     """Whether one of `answer`'s tokens completes an n-gram that `prompt + answer` held before it."""
     ids = prompt + answer
@@ -291,58 +320,6 @@ def test_a_final_assistant_message_is_continued(setup):
     assert got.token_ids == out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("penalty", [1.3, 0.7])
-def test_repetition_penalty_leaves_the_padding_out_as_transformers(penalty):
-    """One step on logits where the pad token (held only by row 1's left padding) scores high."""
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
-
-    from ortllava.sampling import with_repetition_penalty
-
-    vocab, pad = 50, 0
-    input_ids = np.array([[5, 6, 7, 8, 5], [pad, pad, 9, 10, 11]])
-    mask = (np.arange(5) >= np.array([[0], [2]])).astype(np.int64)
-    logits = np.random.default_rng(0).standard_normal((2, vocab)).astype(np.float32)
-    logits[:, pad] = 2.0
-    seen = {}
-
-    def capture(scores):
-        seen["scores"] = scores.copy()
-        return scores.argmax(-1)
-
-    with_repetition_penalty(capture, input_ids, mask, vocab, penalty)(logits)
-    reference = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=torch.tensor(mask).argmax(1))
-    np.testing.assert_array_equal(seen["scores"], reference(torch.tensor(input_ids), torch.tensor(logits)).numpy())
-    assert seen["scores"][1, pad] == 2.0  # untouched: row 1 holds the pad id only as padding
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 4])
-def test_no_repeat_ngrams_forbid_what_transformers_forbids(size):
-    """Step by step, over 3 rows of random ids from a small vocabulary (so n-grams repeat; some prompt ids lie past
-    the logits' width, as transformers allows): the scores the sampler sees are transformers' processor's."""
-    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
-
-    from ortllava.sampling import with_no_repeat_ngrams
-
-    vocab, rng = 12, np.random.default_rng(size)
-    ids = rng.integers(0, vocab + 3, size=(3, 20))
-    seen, forbidden = [], 0
-
-    def capture(scores):  # draws among the allowed tokens, so the answers go on repeating prefixes (any, once none is)
-        seen.append(scores.copy())
-        return np.array([rng.choice(np.flatnonzero(np.isfinite(row))) if np.isfinite(row).any() else 0 for row in scores])
-
-    sample = with_no_repeat_ngrams(capture, ids, vocab, size)
-    reference = NoRepeatNGramLogitsProcessor(size)
-    for _ in range(15):
-        logits = rng.standard_normal((3, vocab)).astype(np.float32)
-        tokens = sample(logits)
-        want = reference(torch.tensor(ids), torch.tensor(logits)).numpy()
-        np.testing.assert_array_equal(seen[-1], want)
-        forbidden += int(np.isinf(want).sum())
-        ids = np.concatenate([ids, tokens[:, None]], axis=1)
-    assert forbidden > 0  # (the check can fail)
-
-
 def test_generation_settings_resolve_given_then_config_then_defaults():
     from ortllava.settings import GENERATION_ARGUMENTS, GenerationSettings
     from ortllava.hf_pipeline import GENERATION_KEYS
@@ -359,7 +336,7 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     assert GenerationSettings.resolve(no_ops, config) == GenerationSettings.resolve({}, config)
     for bad, message in (({"use_cache": False}, "use_cache=False: not implemented"), ({"num_beams": True}, "num_beams=True"),
                          ({"max_new_token": 5}, "unknown generation argument.*: max_new_token;"),
-                         ({"bad_words_ids": np.array([[1, 2]])}, r"bad_words_ids=array\(\[\[1, 2\]\]\): not implemented"),
+                         ({"force_words_ids": np.array([[1, 2]])}, r"force_words_ids=array\(\[\[1, 2\]\]\): not implemented"),
                          ({"generation_config": list(range(50))}, r"generation_config=<list>: not implemented")):
         with pytest.raises(TypeError, match=message):
             GenerationSettings.resolve(bad, {})
@@ -386,49 +363,3 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     assert GenerationSettings.resolve({"max_length": 10**6}, {}, max_positions=100).max_length == 10**6
     # one list of arguments: the HF-style pipeline takes the same ones (stop strings as its stop_sequence)
     assert set(GENERATION_KEYS) | {"stop", "output_logits"} == set(GENERATION_ARGUMENTS)
-
-
-@pytest.mark.parametrize("vocab, temperature, top_k, top_p, min_p", [
-    (32000, 0.7, 50, 1.0, 0.0), (32000, 1.3, 50, 0.9, 0.0), (32000, 1.0, 0, 0.8, 0.0), (152064, 0.9, 0, 0.95, 0.0), (600, 1.0, 600, 0.5, 0.0),
-    (600, 2.0, 5, 0.3, 0.0), (32000, 1.0, 0, 1.0, 0.05), (32000, 0.8, 50, 0.9, 0.2), (600, 1.5, 0, 1.0, 0.5),
-])
-def test_sampling_candidates_follow_transformers_warpers(vocab, temperature, top_k, top_p, min_p):
-    """The tokens a sampler may draw and their probabilities are those of transformers' temperature, top-k,
-    top-p and min-p warpers then softmax (ties at the top-k boundary kept)."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
-    )
-
-    from ortllava.sampling import candidate_probs
-
-    rng = np.random.default_rng(vocab + top_k)
-    logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
-    if top_p == 1.0:  # ties straddling the top-k boundary (top-p's boundary would cut ties in any order)
-        logits[rng.choice(vocab, 60, replace=False)] = np.sort(logits)[-40]
-    if top_k == 5:  # tokens forbidden as min_new_tokens forbids EOS, fewer finite ones than top_k
-        logits[:] = -np.inf
-        logits[[7, 8, 9]] = [1.0, 2.0, 3.0]
-    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
-    warpers += [MinPLogitsWarper(min_p)] if min_p else []
-    warped = LogitsProcessorList(warpers)(torch.zeros((1, 1), dtype=torch.long), torch.from_numpy(logits)[None])
-    want = torch.softmax(warped.double(), dim=-1)[0].numpy()
-    candidates, probs = candidate_probs(logits, temperature, top_k, top_p, min_p)
-    if min_p:  # (the check can fail: min-p cuts tokens the other warpers keep)
-        assert len(candidates) < len(candidate_probs(logits, temperature, top_k, top_p)[0])
-    assert candidates.tolist() == np.flatnonzero(want > 0).tolist()
-    np.testing.assert_allclose(probs, want[candidates], rtol=1e-5, atol=1e-9)
-
-
-def test_seeded_sampler_draws_each_row_from_its_probabilities():
-    from ortllava.sampling import candidate_probs, make_sampler
-
-    logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]], np.float32))
-    sample = make_sampler(do_sample=True, top_k=4, seed=0)
-    draws = np.stack([sample(logits) for _ in range(20000)])  # [draws, rows]
-    again = make_sampler(do_sample=True, top_k=4, seed=0)
-    assert np.array_equal(np.stack([again(logits) for _ in range(200)]), draws[:200])  # a seed repeats exactly
-    for row in range(2):
-        candidates, probs = candidate_probs(logits[row], 1.0, 4, 1.0)
-        frequencies = np.bincount(draws[:, row], minlength=5) / len(draws)
-        np.testing.assert_allclose(frequencies[candidates], probs, atol=0.01)
-        assert frequencies[np.setdiff1d(np.arange(5), candidates)].sum() == 0  # top-k's cut token is never drawn

@@ -1,0 +1,222 @@
+"""Logits processors: what transformers applies to the logits before any sampling (greedy too), in its order.
+
+Each processor changes a working copy of the last position's logits `[B, V]` in place (`__call__`), then hears the
+tokens picked from it (`picked`), which the stateful ones (the repetition penalty, n-grams, sequences) add to each
+row's history. `with_processors` puts them in front of a sampler: one copy of the decoder's logits a step, into a
+buffer it reuses, and none where no processor is on (the decoder's own buffer stays raw, for `output_logits`).
+
+Rows are the batch's (a prompt's copies under `num_return_sequences` included); `prompt_ids [B, T]` are each row's
+ids as transformers' `input_ids` hold them: left padding and image tokens included.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+from .sampling import Sampler
+from .settings import GenerationSettings
+
+
+class LogitsProcessor(Protocol):
+    def __call__(self, scores: np.ndarray) -> None:
+        """Changes `scores [B, V]` (float32, the step's working copy) in place."""
+
+    def picked(self, tokens: np.ndarray) -> None:
+        """Hears the step's tokens `[B]`, picked from the changed scores."""
+
+
+def with_processors(sampler: Sampler, processors: Iterable[LogitsProcessor | None]) -> Sampler:
+    """`sampler` behind `processors` (None: off), applied in the order given."""
+    processors = [p for p in processors if p is not None]
+    if not processors:
+        return sampler
+    scores: np.ndarray | None = None  # [B, V]: the processed logits, reused
+
+    def sample(logits: np.ndarray) -> np.ndarray:
+        nonlocal scores
+        if scores is None or scores.shape != logits.shape:
+            scores = np.empty_like(logits)
+        np.copyto(scores, logits)
+        for process in processors:
+            process(scores)
+        tokens = sampler(scores)
+        for process in processors:
+            process.picked(tokens)
+        return tokens
+
+    return sample
+
+
+class ForbidTokens:
+    """Sets `token_ids` to -inf for the first `steps` steps (None: every step). transformers' `min_new_tokens` and
+    `min_length` (the EOS ids, until that many tokens are out), `suppress_tokens` (always) and
+    `begin_suppress_tokens` (the first new token only)."""
+
+    def __init__(self, token_ids: Sequence[int], steps: int | None = None):
+        self.token_ids = np.array(sorted(set(token_ids)), dtype=np.int64)
+        self.steps = steps
+        self.done = 0
+
+    def __call__(self, scores: np.ndarray) -> None:
+        if self.steps is None or self.done < self.steps:
+            scores[:, self.token_ids[self.token_ids < scores.shape[1]]] = -np.inf  # (ids past the logits: nothing to forbid)
+
+    def picked(self, tokens: np.ndarray) -> None:
+        self.done += 1
+
+
+class ForceTokens:
+    """At step `step` (0: the first new token), only `token_ids` may be picked: transformers' `forced_eos_token_id`,
+    which ends an answer that reaches its last token with one of them."""
+
+    def __init__(self, token_ids: Sequence[int], step: int):
+        self.token_ids = np.array(sorted(set(token_ids)), dtype=np.int64)
+        self.step = step
+        self.done = 0
+
+    def __call__(self, scores: np.ndarray) -> None:
+        if self.done == self.step:
+            scores[:] = -np.inf
+            scores[:, self.token_ids] = 0.0
+
+    def picked(self, tokens: np.ndarray) -> None:
+        self.done += 1
+
+
+class RepetitionPenalty:
+    """transformers' repetition penalty: logits of tokens already in the row (the prompt included, less its leading
+    padding: the tokens before the first `prompt_mask != 0`, as transformers leaves out) are divided by `penalty` when
+    positive, multiplied when negative. `prompt_ids`, `prompt_mask`: `[B, T]`.
+
+    The tokens seen are kept as flat indices into `[B, V]` (a step touches only these), in a buffer that doubles when
+    full."""
+
+    def __init__(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, vocab_size: int, penalty: float):
+        batch = prompt_ids.shape[0]
+        self.penalty = penalty
+        self.vocab_size = vocab_size
+        self.seen = np.zeros(batch * vocab_size, dtype=bool)  # row b's token t at b * V + t
+        self.row_offsets = np.arange(batch) * vocab_size
+        counted = np.arange(prompt_ids.shape[1]) >= (prompt_mask != 0).argmax(axis=1)[:, None]  # (a row of zeros: all counted)
+        self.seen[(self.row_offsets[:, None] + np.clip(prompt_ids, 0, vocab_size - 1))[counted]] = True
+        self.seen_at = np.flatnonzero(self.seen)
+        self.count = len(self.seen_at)
+
+    def __call__(self, scores: np.ndarray) -> None:
+        flat = scores.reshape(-1)
+        held = self.seen_at[: self.count]
+        picked = flat[held]
+        flat[held] = np.where(picked < 0, picked * self.penalty, picked / self.penalty)
+
+    def picked(self, tokens: np.ndarray) -> None:
+        new = self.row_offsets + tokens
+        new = np.unique(new[~self.seen[new]])
+        if len(new):
+            self.seen[new] = True
+            if self.count + len(new) > len(self.seen_at):
+                self.seen_at = np.concatenate([self.seen_at[: self.count], np.empty(max(self.count, len(new), 64), np.int64)])
+            self.seen_at[self.count : self.count + len(new)] = new
+            self.count += len(new)
+
+
+class NoRepeatNGrams:
+    """transformers' `no_repeat_ngram_size`: a token that would complete an n-gram already in the row (its prompt ids
+    as given, padding and image tokens included, as transformers counts them; then its new tokens) is forbidden.
+
+    Each row keeps a table from every (n-1)-gram it holds to the tokens that followed it, so a step costs a lookup
+    and an insert per row, whatever the length."""
+
+    def __init__(self, prompt_ids: np.ndarray, size: int):
+        self.size = size
+        self.rows = [list(map(int, row)) for row in prompt_ids]  # each row's ids so far: its last n-1 are the next key
+        self.followers: list[dict[tuple[int, ...], set[int]]] = []
+        for ids in self.rows:
+            table: dict[tuple[int, ...], set[int]] = {}
+            for start in range(len(ids) - size + 1):
+                table.setdefault(tuple(ids[start : start + size - 1]), set()).add(ids[start + size - 1])
+            self.followers.append(table)
+
+    def __call__(self, scores: np.ndarray) -> None:
+        size, vocab = self.size, scores.shape[1]
+        for row, (ids, table) in enumerate(zip(self.rows, self.followers)):
+            if len(ids) >= size - 1:
+                banned = [t for t in table.get(tuple(ids[len(ids) - size + 1 :]), ()) if t < vocab]
+                if banned:
+                    scores[row, banned] = -np.inf
+
+    def picked(self, tokens: np.ndarray) -> None:
+        size = self.size
+        for ids, table, token in zip(self.rows, self.followers, tokens.tolist()):
+            ids.append(token)
+            if len(ids) >= size:
+                table.setdefault(tuple(ids[len(ids) - size : -1]), set()).add(token)
+
+
+class SequenceBias:
+    """transformers' `sequence_bias` (and `bad_words_ids`, a bias of -inf): a sequence's bias is added to its last
+    token's logit where the row's ids (prompt included) end with the rest of it; a one-token sequence's, always.
+    Biases of sequences that share a last token add up. `biases`: (token ids, bias) pairs."""
+
+    def __init__(self, biases: Sequence[tuple[Sequence[int], float]], prompt_ids: np.ndarray, vocab_size: int):
+        outside = sorted({t for ids, _ in biases for t in ids if t >= vocab_size})
+        if outside:
+            raise ValueError(f"the model's vocabulary has {vocab_size} tokens, but these are biased or banned: {outside}")
+        merged = {tuple(int(t) for t in ids): float(bias) for ids, bias in biases}  # (a sequence given twice: the last bias)
+        self.single = np.zeros(vocab_size, dtype=np.float32)  # [V]: one-token sequences' biases
+        self.has_single = False
+        self.longer: list[tuple[tuple[int, ...], int, float]] = []  # (prefix, last token, bias)
+        for ids, bias in merged.items():
+            if len(ids) == 1:
+                self.single[ids[0]] = bias
+                self.has_single = True
+            else:
+                self.longer.append((tuple(ids[:-1]), ids[-1], bias))
+        longest = max((len(prefix) for prefix, _, _ in self.longer), default=0)
+        self.tails = [list(map(int, row[max(0, len(row) - longest) :])) for row in prompt_ids] if longest else []
+        self.longest = longest
+
+    def __call__(self, scores: np.ndarray) -> None:
+        if self.has_single:
+            scores += self.single
+        for row, tail in enumerate(self.tails):
+            for prefix, last, bias in self.longer:
+                if len(prefix) <= len(tail) and tuple(tail[len(tail) - len(prefix) :]) == prefix:
+                    scores[row, last] += bias
+
+    def picked(self, tokens: np.ndarray) -> None:
+        for tail, token in zip(self.tails, tokens.tolist()):
+            tail.append(token)
+            if len(tail) > self.longest:
+                del tail[0]
+
+
+def bad_words(bad_words_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int], prompt_ids: np.ndarray, vocab_size: int) -> SequenceBias | None:
+    """transformers' `bad_words_ids`: sequences never completed (a one-token EOS sequence is left out, as transformers
+    leaves it, so an answer can still end)."""
+    banned = [tuple(ids) for ids in bad_words_ids if not (len(ids) == 1 and ids[0] in eos_token_ids)]
+    return SequenceBias([(ids, -np.inf) for ids in banned], prompt_ids, vocab_size) if banned else None
+
+
+def for_settings(settings: GenerationSettings, prompt_ids: np.ndarray, prompt_mask: np.ndarray, eos_token_ids: Sequence[int], vocab_size: int) -> list[LogitsProcessor]:
+    """The processors `settings` turn on, in transformers' order. `prompt_ids`, `prompt_mask`: `[B, T]`, one row per
+    answer; `settings.max_new_tokens` is the run's (after `for_prompt`)."""
+    prompt_width = prompt_ids.shape[1]
+    forced_eos = settings.forced_eos_token_id
+    forced_eos = [forced_eos] if isinstance(forced_eos, (int, np.integer)) else list(forced_eos or ())
+    outside = [i for i in forced_eos + list(settings.suppress_tokens or ()) + list(settings.begin_suppress_tokens or ()) if i >= vocab_size]
+    if outside:
+        raise ValueError(f"token {outside[0]} (forced or suppressed) is not in the model's vocabulary of {vocab_size}")
+    processors: list[LogitsProcessor | None] = [
+        SequenceBias(settings.sequence_bias, prompt_ids, vocab_size) if settings.sequence_bias else None,
+        RepetitionPenalty(prompt_ids, prompt_mask, vocab_size, settings.repetition_penalty) if settings.repetition_penalty != 1.0 else None,
+        NoRepeatNGrams(prompt_ids, settings.no_repeat_ngram_size) if settings.no_repeat_ngram_size > 0 else None,
+        bad_words(settings.bad_words_ids, eos_token_ids, prompt_ids, vocab_size) if settings.bad_words_ids else None,
+        ForbidTokens(eos_token_ids, settings.min_length - prompt_width) if settings.min_length > prompt_width and eos_token_ids else None,
+        ForbidTokens(eos_token_ids, settings.min_new_tokens) if settings.min_new_tokens > 0 and eos_token_ids else None,
+        ForceTokens(forced_eos, settings.max_new_tokens - 1) if forced_eos else None,
+        ForbidTokens(settings.suppress_tokens) if settings.suppress_tokens else None,
+        ForbidTokens(settings.begin_suppress_tokens, 1) if settings.begin_suppress_tokens else None,
+    ]
+    return [p for p in processors if p is not None]

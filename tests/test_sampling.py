@@ -1,0 +1,223 @@
+"""Logits processors and sampling warpers against transformers' own, on random logits (no model): the scores each
+step's sampler sees, step by step over a growing history, and the candidates a sampler draws from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    EpsilonLogitsWarper, EtaLogitsWarper, ForcedEOSTokenLogitsProcessor, LogitsProcessorList, MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor, MinPLogitsWarper, NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor, SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper,
+)
+
+from ortllava.logits_processors import for_settings, with_processors
+from ortllava.sampling import candidate_probs, make_sampler
+from ortllava.settings import GenerationSettings
+
+VOCAB, PROMPT, STEPS, EOS = 12, 20, 15, [3]  # a small vocabulary, so n-grams and sequences recur
+
+
+def _same_scores_step_by_step(settings: dict, reference, seed: int = 0, prompt_ids: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
+    """Runs ortllava's processors for `settings` and transformers' `reference` (a LogitsProcessorList) over 3 rows for
+    STEPS steps, each on fresh random logits, the history growing by the tokens drawn (at random among the allowed
+    ones, so answers go on repeating prefixes); asserts the sampler saw transformers' scores at each step. Returns
+    how many scores the processors changed, so a caller can check that they bound."""
+    rng = np.random.default_rng(seed)
+    ids = prompt_ids if prompt_ids is not None else rng.integers(0, VOCAB, size=(3, PROMPT))
+    mask = mask if mask is not None else np.ones_like(ids)
+    run_settings = GenerationSettings.resolve({"max_new_tokens": STEPS, **settings}, {})
+    seen: list[np.ndarray] = []
+
+    def capture(scores):
+        seen.append(scores.copy())
+        return np.array([rng.choice(np.flatnonzero(np.isfinite(row))) if np.isfinite(row).any() else 0 for row in scores])
+
+    sample = with_processors(capture, for_settings(run_settings, ids, mask, EOS, VOCAB))
+    changed = 0
+    for _ in range(STEPS):
+        logits = rng.standard_normal((3, VOCAB)).astype(np.float32)
+        tokens = sample(logits)
+        want = reference(torch.tensor(ids), torch.tensor(logits)).numpy()
+        np.testing.assert_array_equal(seen[-1], want)
+        changed += int((want != logits).sum())
+        ids = np.concatenate([ids, tokens[:, None]], axis=1)
+    return changed
+
+
+# (settings, transformers' processors). Sequences drawn from the small vocabulary, so prefixes match often.
+PROCESSORS = {
+    "repetition penalty": ({"repetition_penalty": 1.3}, [RepetitionPenaltyLogitsProcessor(1.3)]),
+    "repetition penalty < 1": ({"repetition_penalty": 0.7}, [RepetitionPenaltyLogitsProcessor(0.7)]),
+    "bad words": ({"bad_words_ids": [[5], [1, 2], [7, 7, 8], [3]]}, [NoBadWordsLogitsProcessor([[5], [1, 2], [7, 7, 8], [3]], EOS)]),
+    "sequence bias": (
+        {"sequence_bias": [[[4], 2.5], [[1, 2], -3.0], [[9, 2], 1.5], [[6, 0, 11], -1.0], [[4], -0.5]]},
+        [SequenceBiasLogitsProcessor([[[4], 2.5], [[1, 2], -3.0], [[9, 2], 1.5], [[6, 0, 11], -1.0], [[4], -0.5]])],
+    ),
+    "min_new_tokens": ({"min_new_tokens": 4}, [MinNewTokensLengthLogitsProcessor(PROMPT, 4, EOS)]),
+    "min_length": ({"min_length": PROMPT + 6}, [MinLengthLogitsProcessor(PROMPT + 6, EOS)]),
+    "forced eos": ({"forced_eos_token_id": [2, 9]}, [ForcedEOSTokenLogitsProcessor(PROMPT + STEPS, [2, 9])]),
+    "suppress tokens": ({"suppress_tokens": [0, 6, 6]}, [SuppressTokensLogitsProcessor([0, 6, 6])]),
+    "begin suppress tokens": ({"begin_suppress_tokens": [1, 10]}, [SuppressTokensAtBeginLogitsProcessor([1, 10], PROMPT)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSORS))
+def test_each_processor_changes_the_scores_as_transformers(name):
+    settings, reference = PROCESSORS[name]
+    assert _same_scores_step_by_step(settings, LogitsProcessorList(reference)) > 0  # (the check can fail)
+
+
+def test_processors_together_apply_in_transformers_order():
+    """All at once, in the order transformers' generate builds them: a bias, then a penalty that scales it, then bans."""
+    settings = {
+        "sequence_bias": [[[4], 2.5], [[1, 2], -3.0]], "repetition_penalty": 1.4, "no_repeat_ngram_size": 3,
+        "bad_words_ids": [[8, 8]], "min_length": PROMPT + 3, "forced_eos_token_id": 3,
+        "suppress_tokens": [6], "begin_suppress_tokens": [4],
+    }
+    reference = LogitsProcessorList([
+        SequenceBiasLogitsProcessor([[[4], 2.5], [[1, 2], -3.0]]), RepetitionPenaltyLogitsProcessor(1.4), NoRepeatNGramLogitsProcessor(3),
+        NoBadWordsLogitsProcessor([[8, 8]], EOS), MinLengthLogitsProcessor(PROMPT + 3, EOS),
+        ForcedEOSTokenLogitsProcessor(PROMPT + STEPS, 3), SuppressTokensLogitsProcessor([6]), SuppressTokensAtBeginLogitsProcessor([4], PROMPT),
+    ])
+    for seed in range(3):
+        assert _same_scores_step_by_step(settings, reference, seed) > 0
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_leaves_the_padding_out_as_transformers(penalty):
+    """Row 1 is left-padded with the pad id 0, which it holds nowhere else and which scores high: transformers
+    leaves the padding out of what was seen, and so must we."""
+    pad = 0
+    ids = np.random.default_rng(1).integers(1, VOCAB, size=(3, PROMPT))
+    ids[1, :5] = pad
+    mask = (ids != pad).astype(np.int64)
+    reference = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=torch.tensor(mask).argmax(1))
+    seen = {}
+
+    def capture(scores):
+        seen["scores"] = scores.copy()
+        return scores.argmax(-1)
+
+    logits = np.random.default_rng(0).standard_normal((3, VOCAB)).astype(np.float32)
+    logits[:, pad] = 2.0
+    settings = GenerationSettings.resolve({"repetition_penalty": penalty}, {})
+    with_processors(capture, for_settings(settings, ids, mask, EOS, VOCAB))(logits)
+    np.testing.assert_array_equal(seen["scores"], reference(torch.tensor(ids), torch.tensor(logits)).numpy())
+    assert seen["scores"][1, pad] == 2.0  # untouched: row 1 holds the pad id only as padding
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_no_repeat_ngrams_forbid_what_transformers_forbids(size):
+    """Some prompt ids lie past the logits' width, as transformers allows."""
+    changed = 0
+    for seed in range(4):
+        ids = np.random.default_rng(100 + seed).integers(0, VOCAB + 3, size=(3, PROMPT))
+        changed += _same_scores_step_by_step({"no_repeat_ngram_size": size}, NoRepeatNGramLogitsProcessor(size), seed, prompt_ids=ids)
+    assert changed > 0
+
+
+def test_processors_leave_the_raw_logits_alone_and_cost_nothing_when_off():
+    """The decoder's logits buffer stays raw (output_logits reads it), and with nothing on the sampler is the bare one."""
+    ids = np.zeros((1, 4), np.int64)
+    assert with_processors(make_sampler(), for_settings(GenerationSettings(), ids, np.ones_like(ids), EOS, VOCAB)) is make_sampler()
+    settings = GenerationSettings.resolve({"suppress_tokens": [5], "repetition_penalty": 2.0}, {})
+    sample = with_processors(make_sampler(), for_settings(settings, ids, np.ones_like(ids), EOS, VOCAB))
+    logits = np.arange(VOCAB, dtype=np.float32)[None] - 5  # token 5 scores 0 and token 0 (in the prompt) -5
+    raw = logits.copy()
+    assert sample(logits).tolist() == [11]
+    np.testing.assert_array_equal(logits, raw)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"bad_words_ids": [[1, 2], 3]}, "bad_words_ids must be a non-empty list of non-empty lists of token ids"),
+    ({"bad_words_ids": [[1, -2]]}, "bad_words_ids must be"),
+    ({"bad_words_ids": [[]]}, "bad_words_ids must be"),
+    ({"sequence_bias": [[[1, 2]]]}, r"sequence_bias must be a non-empty list of \[token ids, bias\] pairs"),
+    ({"sequence_bias": {(1,): "x"}}, "sequence_bias must be"),
+    ({"sequence_bias": [[[1], float("nan")]]}, "sequence_bias must be"),
+    ({"sequence_bias": [[[1], float("inf")]]}, r"each bias a number \(or -inf: never\)"),
+    ({"suppress_tokens": [1, "a"]}, "suppress_tokens must be a list of token ids"),
+    ({"begin_suppress_tokens": 4}, "begin_suppress_tokens must be a list of token ids"),
+    ({"forced_eos_token_id": [-1]}, "forced_eos_token_id must be a token id or a list of them"),
+    ({"min_length": -1}, "min_length must be an integer >= 0"),
+    ({"do_sample": True, "typical_p": 0}, r"typical_p must be a number in \(0, 1\]"),
+    ({"do_sample": True, "epsilon_cutoff": 1.0}, r"epsilon_cutoff must be a number in \[0, 1\)"),
+    ({"do_sample": True, "eta_cutoff": -0.1}, r"eta_cutoff must be a number in \[0, 1\)"),
+])
+def test_a_bad_processor_argument_is_an_error_naming_it(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationSettings.resolve(bad, {})
+
+
+def test_processor_arguments_take_transformers_forms_and_empty_ones_do_nothing():
+    as_list = GenerationSettings.resolve({"sequence_bias": [[[1, 2], -1.0], [[3], 2]]}, {}).sequence_bias
+    as_dict = GenerationSettings.resolve({"sequence_bias": {(1, 2): -1.0, (3,): 2.0}}, {}).sequence_bias
+    assert as_list == as_dict == (((1, 2), -1.0), ((3,), 2.0))
+    assert GenerationSettings.resolve({"bad_words_ids": np.array([[1, 2]])}, {}).bad_words_ids == ((1, 2),)
+    empty = {"bad_words_ids": [], "sequence_bias": {}, "suppress_tokens": [], "begin_suppress_tokens": []}
+    assert GenerationSettings.resolve(empty, {}) == GenerationSettings.resolve({}, {})
+    ids = np.zeros((1, 4), np.int64)
+    with pytest.raises(ValueError, match=r"vocabulary has 12 tokens, but these are biased or banned: \[12, 40\]"):
+        for_settings(GenerationSettings.resolve({"bad_words_ids": [[40], [1, 12]]}, {}), ids, np.ones_like(ids), EOS, VOCAB)
+    with pytest.raises(ValueError, match="token 12 .* is not in the model's vocabulary of 12"):
+        for_settings(GenerationSettings.resolve({"forced_eos_token_id": 12}, {}), ids, np.ones_like(ids), EOS, VOCAB)
+    # min_new_tokens, once set (to 0 too), replaces min_length, as in transformers (which warns where a caller gives both).
+    with pytest.warns(UserWarning, match="Both `min_new_tokens`"):
+        assert GenerationSettings.resolve({"min_new_tokens": 0, "min_length": 50}, {}).min_length == 0
+    assert GenerationSettings.resolve({"min_length": 50}, {"min_new_tokens": 2}).min_length == 0
+    assert GenerationSettings.resolve({"min_length": 50}, {}).min_length == 50
+    # A bad word that is one EOS token is left out, as transformers leaves it: the answer can still end.
+    assert for_settings(GenerationSettings.resolve({"bad_words_ids": [EOS]}, {}), ids, np.ones_like(ids), EOS, VOCAB) == []
+
+
+WARPERS = [  # (vocab, temperature, top_k, top_p, min_p, more)
+    (32000, 0.7, 50, 1.0, 0.0, {}), (32000, 1.3, 50, 0.9, 0.0, {}), (32000, 1.0, 0, 0.8, 0.0, {}), (152064, 0.9, 0, 0.95, 0.0, {}),
+    (600, 1.0, 600, 0.5, 0.0, {}), (600, 2.0, 5, 0.3, 0.0, {}), (32000, 1.0, 0, 1.0, 0.05, {}), (32000, 0.8, 50, 0.9, 0.2, {}),
+    (600, 1.5, 0, 1.0, 0.5, {}), (32000, 1.0, 0, 1.0, 0.0, {"typical_p": 0.9}), (32000, 0.8, 50, 1.0, 0.0, {"typical_p": 0.5}),
+    (600, 1.2, 0, 0.95, 0.0, {"typical_p": 0.3}), (32000, 4.0, 0, 1.0, 0.0, {"typical_p": 0.7}),  # (flat: a fine mass boundary)
+    (32000, 1.0, 0, 1.0, 0.0, {"epsilon_cutoff": 3e-4}),
+    (32000, 1.0, 50, 1.0, 0.0, {"epsilon_cutoff": 0.02}), (32000, 1.0, 0, 1.0, 0.0, {"eta_cutoff": 2e-3}),
+    (600, 0.7, 0, 1.0, 0.0, {"eta_cutoff": 0.05}), (32000, 1.0, 0, 0.95, 0.0, {"typical_p": 0.95, "epsilon_cutoff": 1e-4, "eta_cutoff": 1e-3}),
+]
+
+
+@pytest.mark.parametrize("vocab, temperature, top_k, top_p, min_p, more", WARPERS)
+def test_sampling_candidates_follow_transformers_warpers(vocab, temperature, top_k, top_p, min_p, more):
+    """The tokens a sampler may draw and their probabilities are those of transformers' temperature, top-k, top-p,
+    min-p, typical-p, epsilon and eta warpers then softmax (ties at the top-k boundary kept)."""
+    rng = np.random.default_rng(vocab + top_k + len(more))
+    logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
+    if top_p == 1.0 and not more:  # ties straddling the top-k boundary (top-p's boundary would cut ties in any order)
+        logits[rng.choice(vocab, 60, replace=False)] = np.sort(logits)[-40]
+    if top_k == 5:  # tokens forbidden as min_new_tokens forbids EOS, fewer finite ones than top_k
+        logits[:] = -np.inf
+        logits[[7, 8, 9]] = [1.0, 2.0, 3.0]
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    warpers += [MinPLogitsWarper(min_p)] if min_p else []
+    warpers += [TypicalLogitsWarper(more["typical_p"])] if "typical_p" in more else []
+    warpers += [EpsilonLogitsWarper(more["epsilon_cutoff"])] if "epsilon_cutoff" in more else []
+    warpers += [EtaLogitsWarper(more["eta_cutoff"])] if "eta_cutoff" in more else []
+    warped = LogitsProcessorList(warpers)(torch.zeros((1, 1), dtype=torch.long), torch.from_numpy(logits)[None])
+    want = torch.softmax(warped.double(), dim=-1)[0].numpy()
+    candidates, probs = candidate_probs(logits, temperature, top_k, top_p, min_p, **more)
+    if min_p or more:  # (the check can fail: these warpers cut tokens the others keep)
+        assert len(candidates) < len(candidate_probs(logits, temperature, top_k, top_p)[0])
+    assert candidates.tolist() == np.flatnonzero(want > 0).tolist()
+    np.testing.assert_allclose(probs, want[candidates], rtol=1e-5, atol=1e-9)
+
+
+def test_seeded_sampler_draws_each_row_from_its_probabilities():
+
+    logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]], np.float32))
+    sample = make_sampler(do_sample=True, top_k=4, seed=0)
+    draws = np.stack([sample(logits) for _ in range(20000)])  # [draws, rows]
+    again = make_sampler(do_sample=True, top_k=4, seed=0)
+    assert np.array_equal(np.stack([again(logits) for _ in range(200)]), draws[:200])  # a seed repeats exactly
+    for row in range(2):
+        candidates, probs = candidate_probs(logits[row], 1.0, 4, 1.0)
+        frequencies = np.bincount(draws[:, row], minlength=5) / len(draws)
+        np.testing.assert_allclose(frequencies[candidates], probs, atol=0.01)
+        assert frequencies[np.setdiff1d(np.arange(5), candidates)].sum() == 0  # top-k's cut token is never drawn
