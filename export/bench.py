@@ -26,7 +26,7 @@ from .photos import photo
 from .quantize import Int4Options
 
 if TYPE_CHECKING:
-    from .cli import ExportPlan
+    from .plan import ExportPlan
 
 
 @dataclass(frozen=True)
@@ -334,7 +334,8 @@ def _run_bench(
 
     import ortllava
 
-    from .cli import export_bundle, plan_export
+    from .cli import export_bundle
+    from .plan import plan_export
 
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     # One precision: the bundle is `bundle`; several: `bundle/<precision>` each.

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import importlib.util
-import json
 import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -18,13 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ortllava.settings import unsupported_generation_settings
-from ortllava.manifest import MANIFEST_FILE
 
-from .bundle import SCRATCH_MARK
 from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint
+from .output import DEFAULT_HOME, check_output, default_output, scratch_folder
+from .plan import DECODER_KINDS, PRECISIONS, TARGETS, ExportPlan, plan_export
 from .quantize import Int4Options
-
-DEFAULT_HOME = Path("models") / "bundles"
 
 
 class Progress:
@@ -74,49 +68,6 @@ def failed_stage(error: BaseException) -> str | None:
     return getattr(error, "ortllava_export_stage", None)
 
 
-def default_output(model: str) -> Path:
-    """`models/bundles/<name>`: a local folder's own name (resolved, so `.`, `..` and `~/ckpt` name the folder),
-    else the hub id with its `/` made `--`."""
-    name = model
-    if model != "tiny":  # (the built-in model, even where a folder of that name exists: see load_checkpoint)
-        local = Path(os.path.expanduser(model))
-        if local.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:
-            name = local.resolve().name or "bundle"
-    return DEFAULT_HOME / re.sub(r"[^A-Za-z0-9._-]+", "--", name)
-
-
-PRECISIONS = ("fp32", "fp16", "int4")
-DECODER_KINDS = ("gqa", "concat")
-TARGETS = ("cuda", "cpu")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportPlan:
-    """What an export writes, resolved from the options before anything heavy runs."""
-
-    precision: str  # fp32, fp16, int4
-    decoder: str  # gqa, concat
-    target: str  # int4: cuda (fp16 activations and vision) or cpu (fp32)
-    validate: bool
-    int4: Int4Options | None  # int4 only
-    kv_cache: str  # float or int8 ("auto" resolved)
-
-    @property
-    def half(self) -> bool:
-        """fp16 activations, vision encoder and projector."""
-        return self.precision == "fp16" or (self.precision == "int4" and self.target == "cuda")
-
-    @property
-    def decoder_precision(self) -> str:
-        return "fp16" if self.half and self.decoder == "gqa" else "fp32"
-
-    @property
-    def quantized(self) -> bool:
-        """The shipped decoder is quantized (4-bit weights, an int8 cache, or both); with validation, the float
-        graph is built (and validated) too."""
-        return self.precision == "int4" or self.kv_cache == "int8"
-
-
 def export_bundle(
     model: str | Checkpoint, output: Path, precision: str = "fp32", revision: str | None = None, validate: bool = True,
     decoder: str = "gqa", target: str = "cuda", int4: Int4Options | None = None, kv_cache: str = "auto",
@@ -145,217 +96,23 @@ def export_bundle(
         if decoder == "gqa" and (missing := unsupported_features(config)):
             raise UnsupportedModelError(f"the fused decoder does not implement this checkpoint's {'; '.join(missing)}: export it with --decoder concat")
 
-    # Write into a scratch folder beside the target, then move it in place: a failed export leaves no half bundle.
-    # Made first, so an output that cannot be written is found before the checkpoint loads.
-    work = output.with_name(output.name + ".partial")
-    created = [parent for parent in output.parents if not parent.exists()]  # nearest first
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with _export_lock(output):  # one export at a time per --output: each would clear the other's scratch folder
-            check_output(output)  # again, now that no other export can change it
-            _clear_scratch(work)
-            work.mkdir()
-            (work / SCRATCH_MARK).touch()
-            try:
-                progress = Progress(_stage_count(plan))
-                with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
-                    # Fused exports keep the decoder as stored (memory-mapped; the graph converts one weight at a time,
-                    # PyTorch one module at a time: `computing_in_fp32`); the traced concat graph takes the dtype its
-                    # weights have.
-                    owned = not isinstance(model, Checkpoint)  # loaded here: its weights may be let go once the graphs are built
-                    if not owned:
-                        check_config(model.model.config)
-                        checkpoint = model
-                    else:
-                        checkpoint = load_checkpoint(model, revision, stored_dtype=decoder == "gqa", check_config=check_config)
-                _export_into(work, checkpoint, plan, progress, release_weights=owned)
-                _stop_if_signalled()  # (a termination whose exception something swallowed: no bundle, as for any other)
-                (work / SCRATCH_MARK).unlink()
-                _move_into_place(work, output)
-            except BaseException:
-                shutil.rmtree(work, ignore_errors=True)
-                raise
-    except BaseException:
-        for parent in created:
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
+    # Written into a scratch folder beside `output`, then moved in place: a failed export leaves no half bundle.
+    with scratch_folder(output) as work:
+        progress = Progress(_stage_count(plan))
+        with progress.stage(f"Loading checkpoint {getattr(model, 'source', model)}"):
+            # Fused exports keep the decoder as stored (memory-mapped; the graph converts one weight at a time,
+            # PyTorch one module at a time: `computing_in_fp32`); the traced concat graph takes the dtype its
+            # weights have.
+            owned = not isinstance(model, Checkpoint)  # loaded here: its weights may be let go once the graphs are built
+            if not owned:
+                check_config(model.model.config)
+                checkpoint = model
+            else:
+                checkpoint = load_checkpoint(model, revision, stored_dtype=decoder == "gqa", check_config=check_config)
+        _export_into(work, checkpoint, plan, progress, release_weights=owned)
+        _stop_if_signalled()  # (a termination whose exception something swallowed: no bundle, as for any other)
     print(f"Bundle written to {output} in {time.perf_counter() - total:.1f} s", file=sys.stderr)
     return output
-
-
-@contextmanager
-def _export_lock(output: Path):
-    """Holds an exclusive lock on `DIR.lock` beside `output` for the block, and removes the file after; a second
-    export to the same `output` is refused (SystemExit) rather than deleting the first one's scratch folder.
-
-    `fcntl.flock` (Linux, macOS): the lock goes with the process, so a killed export leaves no stale lock, only the
-    empty file, which the next export takes over. Where there is no fcntl (Windows) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    lock = output.with_name(output.name + ".lock")
-    if lock.is_symlink() or lock.exists() and not (lock.is_file() and lock.stat().st_size == 0):
-        raise SystemExit(f"{lock} exists and is not an export's lock (an empty file); move it away (the export uses that name)")
-    for _ in range(3):
-        handle = open(lock, "a")  # (never truncated: a file another export holds stays as it is)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise SystemExit(f"another export is writing {output} (it holds {lock}); wait for it to finish, or choose another --output") from None
-        # The export that held it may have removed the file between our open and our lock: then this lock is on a
-        # file no one else will see, and a third export could lock a new one. Only a lock on the file at `lock` counts.
-        try:
-            held = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
-        except FileNotFoundError:
-            held = False
-        if held:
-            break
-        handle.close()
-    else:
-        raise SystemExit(f"another export is writing {output} (its lock {lock} keeps changing); try again")
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # before the lock is released: a waiting export then finds no file, or its own
-        handle.close()
-
-
-def _clear_scratch(work: Path) -> None:
-    """Removes what an interrupted export left at `work` (the scratch folder's name); a folder of that name
-    that is not such a leftover is refused, not deleted."""
-    if not work.exists():
-        return
-    if work.is_dir() and not work.is_symlink() and ((work / SCRATCH_MARK).is_file() or not any(work.iterdir())):
-        shutil.rmtree(work)
-        return
-    raise SystemExit(f"{work} exists and is not left over from an ortllava export; move it away (the export writes there first)")
-
-
-def _move_into_place(work: Path, output: Path) -> None:
-    """Puts the finished bundle `work` at `output`; an earlier bundle there is set aside first and restored if the
-    move fails, then deleted."""
-    earlier = None
-    if output.exists():
-        earlier = output.with_name(output.name + ".earlier")
-        shutil.rmtree(earlier, ignore_errors=True)
-        output.rename(earlier)
-    try:
-        work.rename(output)
-    except BaseException:
-        if earlier is not None:
-            earlier.rename(output)
-        raise
-    if earlier is not None:
-        shutil.rmtree(earlier)
-
-
-def plan_export(precision: str, decoder: str, target: str, validate: bool, int4: Int4Options | None, kv_cache: str) -> ExportPlan:
-    """The options checked and resolved; a combination that cannot work stops here (SystemExit naming it)."""
-    from .kv_cache import KV_CACHE_TYPES, resolve_kv_cache
-
-    if precision not in PRECISIONS:
-        raise SystemExit(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
-    if decoder not in DECODER_KINDS:
-        raise SystemExit(f"--decoder {decoder}: choose one of {', '.join(DECODER_KINDS)}")
-    if target not in TARGETS:
-        raise SystemExit(f"--target {target}: choose one of {', '.join(TARGETS)}")
-    if decoder == "concat" and precision == "fp16":
-        raise SystemExit("--decoder concat has fp32 activations (fp32 or int4 weights); use --decoder gqa for fp16")
-    if kv_cache not in KV_CACHE_TYPES:
-        raise SystemExit(f"--kv-cache {kv_cache}: choose one of {', '.join(KV_CACHE_TYPES)}")
-    if precision == "int4":
-        int4 = int4 or Int4Options()
-        if int4.block_size not in (16, 32, 64, 128, 256):
-            raise SystemExit(f"--block-size {int4.block_size}: onnxruntime's MatMulNBits takes 16, 32, 64, 128 or 256")
-        if decoder == "concat" and int4.quantize_lm_head:
-            raise SystemExit("--quantize-lm-head needs --decoder gqa (the concat graph's lm_head is a Gemm the quantizer leaves as it is)")
-        if int4.accuracy_level is None and (target == "cpu" or decoder == "concat"):
-            # fp32 activations on the CPU: MLAS's fast 4-bit kernels quantize each activation block to int8.
-            int4 = dataclasses.replace(int4, accuracy_level=4)
-    else:
-        int4 = None
-    plan = ExportPlan(precision, decoder, target, validate, int4, kv_cache)
-    if int4 is not None and plan.decoder_precision == "fp16" and int4.accuracy_level == 4:
-        # onnxruntime 1.32's CPU MatMulNBits at level 4 with fp16 activations gave logits off by 2-3.5 in a session
-        # without graph optimizations (prepack=False, and the accuracy report's), right with them; its CUDA kernel
-        # reads no accuracy level at all. So the option could only do harm here.
-        raise SystemExit(
-            "--accuracy-level 4 (int8 compute) is for fp32 activations: use --target cpu for it; with --target cuda's fp16 "
-            "activations the CUDA kernel ignores it, and onnxruntime's CPU kernel gives wrong logits in unoptimized sessions"
-        )
-    plan = dataclasses.replace(plan, kv_cache=resolve_kv_cache(kv_cache, precision, decoder, plan.half))
-    if plan.kv_cache == "int8" and (decoder != "gqa" or plan.half):
-        raise SystemExit(
-            "--kv-cache int8 needs the gqa decoder with fp32 activations (fp32, or int4 --target cpu): the int8 cache "
-            "is verified on the CPU provider only"
-        )
-    return plan
-
-
-def check_output(output: Path) -> None:
-    """Refuses an `--output` (absolute) that is neither new, nor an empty folder, nor an earlier bundle with nothing
-    else in it (which is replaced): a mistyped path must not delete someone's folder, nor a bundle folder the files
-    someone put beside the bundle."""
-    if output.is_symlink():
-        raise SystemExit(f"--output {output} is a symbolic link; name the folder itself")
-    if output == Path.cwd() or output in Path.cwd().parents:
-        raise SystemExit(f"--output {output} holds the current folder; name a new folder")
-    if not output.exists():
-        return
-    if not output.is_dir():
-        raise SystemExit(f"--output {output} is a file, not a folder")
-    if any(output.iterdir()):
-        own = _bundle_entries(output)
-        if own is None:
-            raise SystemExit(f"--output {output} is a folder that holds other things than a bundle; name a new or empty folder")
-        if foreign := _foreign_entries(output, own):
-            raise SystemExit(
-                f"--output {output} holds an earlier bundle, and also {_list(foreign)}, which the bundle does not list: replacing "
-                "the bundle would delete them; move them away, or name a new or empty folder"
-            )
-    earlier = output.with_name(output.name + ".earlier")  # where the earlier bundle is set aside while the new one moves in
-    if earlier.exists():
-        own = _bundle_entries(earlier) if earlier.is_dir() and not earlier.is_symlink() else None
-        if own is None or _foreign_entries(earlier, own):
-            raise SystemExit(f"{earlier} exists and is not a bundle set aside by an export; move it away (the export uses that name)")
-
-
-def _bundle_entries(folder: Path) -> set[str] | None:
-    """The names in `folder` that belong to the ortllava bundle it holds (of any schema version: an older bundle
-    may be replaced): manifest.json and the files its manifest lists (every hashed file, each graph and its
-    external data). None when `folder` holds no bundle's manifest."""
-    try:
-        data = json.loads((folder / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not (isinstance(data, dict) and {"schema_version", "graphs", "files"} <= set(data)):
-        return None
-    listed = list(data["files"]) if isinstance(data["files"], (dict, list)) else []
-    for graph in data["graphs"].values() if isinstance(data["graphs"], dict) else []:
-        if isinstance(graph, dict):
-            listed += [graph.get("file"), *(graph.get("external_data") or [])]
-    # A listed file's first path part is the entry in `folder` (the manifest lists plain names; a path is kept whole).
-    return {MANIFEST_FILE} | {Path(name).parts[0] for name in listed if isinstance(name, str) and name and Path(name).parts}
-
-
-# What file browsers leave in any folder they show: not someone's work, so no reason to keep a bundle in place.
-OS_CLUTTER = {".DS_Store", "Thumbs.db", "desktop.ini"}
-
-
-def _foreign_entries(folder: Path, own: set[str]) -> list[str]:
-    """The entries of `folder` that are not in `own` (its bundle's) nor OS clutter, sorted; folders with a trailing
-    slash."""
-    return sorted(entry.name + "/" * entry.is_dir() for entry in folder.iterdir() if entry.name not in own | OS_CLUTTER)
-
-
-def _list(names: list[str], most: int = 5) -> str:
-    """`a, b/ and c`: the first `most` of `names`, and how many more."""
-    shown = names[:most] + ([f"{len(names) - most} more"] if len(names) > most else [])
-    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
 
 
 def _stage_count(plan: ExportPlan) -> int:

@@ -79,7 +79,7 @@ def test_bench_reuses_only_its_own_bundle(tiny_store):
     """`--bundle` reuses the bundle it finds only when it is the one the run would export."""
     from ortllava_export.bench import bundle_mismatch
     from ortllava_export.checkpoint import load_checkpoint
-    from ortllava_export.cli import plan_export
+    from ortllava_export.plan import plan_export
     from ortllava_export.quantize import Int4Options
 
     tiny = tiny_store.get("mistral")
