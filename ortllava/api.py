@@ -20,7 +20,7 @@ from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .processor import BatchFeature, Processor, is_chat_batch
 from .logits_processors import for_settings, with_processors
 from .sampling import make_sampler
-from .runs import KeepCache, Prefill, Run, StreamChunk, collect, one_answer, stream_chunks
+from .runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
 from .sessions import BundleSessions
 from .settings import GenerationSettings, unsupported_generation_settings
 
@@ -174,6 +174,9 @@ class Pipeline:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         num_return_sequences: int | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        early_stopping: bool | str | None = None,
         output_logits: bool | None = None,
         input_ids: ArrayLike | None = None,
         attention_mask: ArrayLike | None = None,
@@ -201,6 +204,9 @@ class Pipeline:
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
         images are encoded and the prompt prefilled once; its keys/values are copied for each answer).
+        `num_beams=n` > 1: beam search, as transformers' (`length_penalty`, `early_stopping`; see
+        `ortllava.beam_search`), its best `num_return_sequences` (at most n) answers per prompt; not with sampling,
+        stop strings or output_logits, and not in a stream or a chat.
         `output_logits=True`: each result's `logits [len(token_ids), V]` are the raw logits (before the logits processors
         and the warpers above) each new token was picked from, as transformers' `output_logits`.
         Returns a `GenerationResult`, or a list of them for a batch; with `num_return_sequences=n` > 1, a list
@@ -211,12 +217,12 @@ class Pipeline:
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids, sequence_bias=sequence_bias,
             suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens, forced_eos_token_id=forced_eos_token_id, seed=seed, stop=stop,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, output_logits=output_logits,
-            **others,  # (any other name is a TypeError listing the known ones)
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, num_beams=num_beams,
+            length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, **others,  # (any other name is a TypeError listing the known ones)
         )
         model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
         run = self._start(None, settings, prompt, images, messages, model_inputs=model_inputs)
-        results = collect(run)
+        results = collect_beams(run) if settings.num_beams > 1 else collect(run)
         n = settings.num_return_sequences
         if n > 1:
             grouped = [results[start : start + n] for start in range(0, len(results), n)]
@@ -327,7 +333,8 @@ class Pipeline:
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = int(input_ids.shape[1])
 
-        copies = settings.num_return_sequences
+        # Rows per prompt: its beams (beam search), else its answers (num_return_sequences), each from one prefill.
+        copies = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
         vision_start, preprocessed = time.perf_counter(), metrics.preprocess_s
         if plan is None and self.prefix is not None and copies == 1 and input_ids.shape[0] == 1 and attention_mask.all():
             prefill, keep_cache = self._prefix_prefill(inputs, settings.max_new_tokens, metrics)
@@ -343,10 +350,10 @@ class Pipeline:
             settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed, settings.min_p, settings.typical_p,
             settings.epsilon_cutoff, settings.eta_cutoff,
         )
-        sampler = with_processors(sampler, for_settings(settings, input_ids, attention_mask, eos, self.manifest.text.vocab_size))
+        processors = for_settings(settings, input_ids, attention_mask, eos, self.manifest.text.vocab_size)
         return Run(
-            self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], sampler, settings, eos, pad_id, metrics,
-            started, batched, keep_cache,
+            self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], with_processors(sampler, processors), settings,
+            eos, pad_id, metrics, started, batched, keep_cache, processors=processors,
         )
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:

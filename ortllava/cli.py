@@ -61,8 +61,12 @@ def _generate(args: argparse.Namespace) -> int:
         if args.stream and answers != 1:
             raise ValueError("--stream prints one answer: leave out --num-return-sequences, or --stream")
         options["num_return_sequences"] = answers
-        if answers > 1 and not pipe.settings(**{**options, "num_return_sequences": 1}).do_sample:  # (checked before the images are read)
-            raise ValueError("--num-return-sequences gives several sampled answers: add --do-sample (greedy ones would all be the same)")
+        single = pipe.settings(**{**options, "num_return_sequences": 1})
+        if answers > 1 and not single.do_sample and single.num_beams == 1:  # (checked before the images are read)
+            raise ValueError(
+                "--num-return-sequences gives several sampled answers, or the best beams: add --do-sample or --num-beams "
+                "(greedy ones would all be the same)"
+            )
         pipe.settings(**options)
     if args.stream:
         for chunk in pipe.stream(**inputs, **options):
@@ -97,6 +101,7 @@ GENERATION_FLAGS = (
     ("--seed", dict(metavar="SEED", type=int), "sampling: the random seed (the same seed gives the same answer)"),
     ("--repetition-penalty", dict(metavar="R", type=float), "penalize tokens already in the prompt or answer (>1; as transformers: positive scores divided by it, negative ones multiplied)"),
     ("--no-repeat-ngram-size", dict(metavar="N", type=int), "no sequence of N tokens (the prompt's included) occurs twice"),
+    ("--num-beams", dict(metavar="N", type=int), "beam search over N hypotheses, as transformers' (not with --do-sample, --stream or chat)"),
     ("--stop", dict(metavar="TEXT", action="append"), "a string that ends the answer where it appears (repeat for several)"),
 )
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "seed")

@@ -7,7 +7,8 @@ Both kinds have one interface (gpt-fast's `prefill` / `decode_one_token`, with t
 - `reserve(cache, positions)` makes room (it may return a new, larger cache: use the one it returns);
 - `extend(inputs_embeds, cache)` appends several tokens to a one-row cache (the next turn of a chat);
 - `truncate(cache, length)` forgets a one-row cache's positions from `length` on;
-- `repeat_rows(cache, copies)` gives each row `copies` rows of its own (several answers from one prefill).
+- `repeat_rows(cache, copies)` gives each row `copies` rows of its own (several answers from one prefill);
+- `reorder_rows(cache, rows)` makes row i hold what row `rows[i]` held (beam search's hypotheses, each step).
 
 `FusedDecoder` ("gqa" bundles): GroupQueryAttention over key/value buffers preallocated to `capacity` and
 shared by past and present, so a step allocates nothing and moves no key/value bytes; every input and output
@@ -340,6 +341,25 @@ class FusedDecoder(_DecoderBase):
         self.release(cache)
         return repeated
 
+    def reorder_rows(self, cache: KVCache, rows: np.ndarray) -> None:
+        """Row i takes over what row `rows[i]` holds (keys/values, length, mask), in place: the buffers and their
+        bindings stay. Copies the held positions of every layer; on a device, through the host (slow: beam search
+        there pays a round trip of its cache a step)."""
+        if np.array_equal(rows, cache.state.rows):
+            return
+        held = int(cache.lengths.max())
+        for index, value in enumerate(cache.state.kv):
+            if self.device.type == "cpu":
+                buffer = cache.state.kv_host[index]
+                buffer[:, :, :held] = buffer[rows, :, :held]
+            else:
+                host = value.numpy()
+                host[:, :, :held] = host[rows, :, :held]
+                value.update_inplace(host)
+        cache.lengths[:] = cache.lengths[rows]
+        cache.state.mask[:] = cache.state.mask[rows]
+        self._sync(cache.state.mask_value, cache.state.mask)
+
     def reserve(self, cache: KVCache, positions: int) -> KVCache:
         """A cache with room for `positions` holding what `cache` holds (the same one when it fits)."""
         if positions <= cache.capacity:
@@ -438,6 +458,18 @@ class ConcatDecoder(_DecoderBase):
         batch = cache.batch * copies
         state = ConcatState([repeated(value) for value in cache.state.kv], np.repeat(cache.state.mask, copies, axis=0), cache.state.width)
         return KVCache(batch, cache.capacity, np.repeat(cache.lengths, copies), np.zeros((batch, 1, self.hidden_size), self.dtype), state)
+
+    def reorder_rows(self, cache: KVCache, rows: np.ndarray) -> None:
+        """Row i takes over what row `rows[i]` holds (see FusedDecoder)."""
+
+        def taken(value: Any) -> Any:
+            if isinstance(value, np.ndarray):
+                return value[rows]
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[rows]), self.device.type, self.device.id)
+
+        cache.state.kv = [taken(value) for value in cache.state.kv]
+        cache.state.mask = cache.state.mask[rows]
+        cache.lengths[:] = cache.lengths[rows]
 
     def _slice_positions(self, value: Any, width: int) -> Any:
         """Keeps the first `width` positions of a `[B, n_kv, P, head_dim]` array or OrtValue."""

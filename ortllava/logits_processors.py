@@ -2,7 +2,8 @@
 
 Each processor changes a working copy of the last position's logits `[B, V]` in place (`__call__`), then hears the
 tokens picked from it (`picked`), which the stateful ones (the repetition penalty, n-grams, sequences) add to each
-row's history. `with_processors` puts them in front of a sampler: one copy of the decoder's logits a step, into a
+row's history. Beam search, whose rows continue other rows, first has them take the rows' histories over
+(`reorder`). `with_processors` puts them in front of a sampler: one copy of the decoder's logits a step, into a
 buffer it reuses, and none where no processor is on (the decoder's own buffer stays raw, for `output_logits`).
 
 Rows are the batch's (a prompt's copies under `num_return_sequences` included); `prompt_ids [B, T]` are each row's
@@ -25,6 +26,9 @@ class LogitsProcessor(Protocol):
 
     def picked(self, tokens: np.ndarray) -> None:
         """Hears the step's tokens `[B]`, picked from the changed scores."""
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Row i's history becomes that of row `rows[i]` (beam search, before `picked`)."""
 
 
 def with_processors(sampler: Sampler, processors: Iterable[LogitsProcessor | None]) -> Sampler:
@@ -66,6 +70,9 @@ class ForbidTokens:
     def picked(self, tokens: np.ndarray) -> None:
         self.done += 1
 
+    def reorder(self, rows: np.ndarray) -> None:
+        pass  # (every row alike)
+
 
 class ForceTokens:
     """At step `step` (0: the first new token), only `token_ids` may be picked: transformers' `forced_eos_token_id`,
@@ -83,6 +90,9 @@ class ForceTokens:
 
     def picked(self, tokens: np.ndarray) -> None:
         self.done += 1
+
+    def reorder(self, rows: np.ndarray) -> None:
+        pass  # (every row alike)
 
 
 class RepetitionPenalty:
@@ -120,6 +130,11 @@ class RepetitionPenalty:
             self.seen_at[self.count : self.count + len(new)] = new
             self.count += len(new)
 
+    def reorder(self, rows: np.ndarray) -> None:
+        self.seen = self.seen.reshape(len(self.row_offsets), self.vocab_size)[rows].reshape(-1)
+        self.seen_at = np.flatnonzero(self.seen)
+        self.count = len(self.seen_at)
+
 
 class NoRepeatNGrams:
     """transformers' `no_repeat_ngram_size`: a token that would complete an n-gram already in the row (its prompt ids
@@ -152,6 +167,10 @@ class NoRepeatNGrams:
             ids.append(token)
             if len(ids) >= size:
                 table.setdefault(tuple(ids[len(ids) - size : -1]), set()).add(token)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self.rows = [list(self.rows[row]) for row in rows]
+        self.followers = [{key: set(tokens) for key, tokens in self.followers[row].items()} for row in rows]
 
 
 class SequenceBias:
@@ -190,6 +209,9 @@ class SequenceBias:
             tail.append(token)
             if len(tail) > self.longest:
                 del tail[0]
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self.tails = [list(self.tails[row]) for row in rows] if self.tails else []
 
 
 def bad_words(bad_words_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int], prompt_ids: np.ndarray, vocab_size: int) -> SequenceBias | None:

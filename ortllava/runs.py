@@ -13,8 +13,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .decoders import KVCache
+from .beam_search import beam_search
 from .detokenizer import StreamingDetokenizer
 from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode_loop
+from .logits_processors import LogitsProcessor
 from .sampling import Sampler
 from .settings import GenerationSettings
 
@@ -27,6 +29,8 @@ def one_answer(settings: GenerationSettings, streamed: bool = False, logits_from
     or logits along text pieces (`streamed`; `logits_from` names what gives them)."""
     if settings.num_return_sequences != 1:
         raise ValueError("one answer is given here: num_return_sequences must be 1 (use Pipeline.generate for several)")
+    if settings.num_beams != 1:
+        raise ValueError(f"beam search (num_beams={settings.num_beams}) gives its answers at the end: use Pipeline.generate for it, or num_beams=1")
     if streamed and settings.output_logits:
         raise ValueError(f"a stream gives text pieces: use {logits_from} for output_logits")
     return settings
@@ -60,21 +64,22 @@ class Run:
     batched: bool
     keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat, the prefix cache)
     tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (only runs that keep their cache)
+    processors: list[LogitsProcessor] = field(default_factory=list)  # the sampler's, which beam search applies itself
+
+    def embed_step(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """Writes the embeddings of `ids [B]` into `out [B, 1, D]` (the cache's step buffer)."""
+        table = self.embed_table
+        if table.dtype == out.dtype:  # ("clip": the ids are the sampler's, in range; "raise" would buffer the output)
+            np.take(table, ids, axis=0, out=out[:, 0], mode="clip")
+        else:
+            out[:, 0] = np.take(table, ids, axis=0)
 
     def loop(self) -> Iterator[Step]:
         """The decode loop's steps; closing this generator closes the loop (and releases or keeps the cache)."""
-        decoder, table = self.decoder, self.embed_table
-
-        def embed_step(ids: np.ndarray, out: np.ndarray) -> None:
-            if table.dtype == out.dtype:  # ("clip": the ids are the sampler's, in range; "raise" would buffer the output)
-                np.take(table, ids, axis=0, out=out[:, 0], mode="clip")
-            else:
-                out[:, 0] = np.take(table, ids, axis=0)
-
         hand_over = self.keep_cache  # a chat or the prefix cache keeps the cache with the token ids it holds
         keep = None if hand_over is None else (lambda cache: hand_over(cache, self.tokens))
 
-        steps = decode_loop(decoder, self.prefill, embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
+        steps = decode_loop(self.decoder, self.prefill, self.embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
         try:
             for step in steps:
                 if keep is not None and step.active[0]:  # only a kept cache needs them
@@ -120,6 +125,23 @@ def collect(run: Run) -> list[GenerationResult]:
             kept, logits[row] = np.stack(logits[row]), []  # (each row's copies go as its array is made)
         results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics, logits=kept))
     return results
+
+
+def collect_beams(run: Run) -> list[GenerationResult]:
+    """Runs a prepared beam search (`settings.num_beams > 1`; `run.batch` is prompts × beams) to the end: each
+    prompt's best `num_return_sequences` answers, best first, one `GenerationResult` each."""
+    settings = run.settings
+    answers = beam_search(
+        run.decoder, run.prefill, run.embed_step, run.processors, run.batch // settings.num_beams, settings.num_beams, settings.max_new_tokens,
+        run.eos, run.pad_id, settings.length_penalty, settings.early_stopping, settings.num_return_sequences, run.metrics, run.started,
+    )
+    run.metrics.total_s = time.perf_counter() - run.started
+    return [
+        GenerationResult(
+            text=run.answer_text(tokens), token_ids=tokens, finish_reason="stop" if tokens and tokens[-1] in run.eos else "length", metrics=run.metrics,
+        )
+        for prompt in answers.tokens for tokens in prompt
+    ]
 
 
 def stream_chunks(run: Run) -> Iterator[StreamChunk]:

@@ -44,7 +44,10 @@ class GenerationSettings:
     suppress_tokens: tuple[int, ...] | None = None  # tokens never picked
     begin_suppress_tokens: tuple[int, ...] | None = None  # tokens not picked as the first new token
     forced_eos_token_id: int | tuple[int, ...] | None = None  # the token(s) an answer that reaches max_new_tokens ends with
-    num_return_sequences: int = 1  # answers per prompt, each sampled on its own (needs do_sample)
+    num_return_sequences: int = 1  # answers per prompt: sampled each on its own, or the best beams (at most num_beams)
+    num_beams: int = 1  # > 1: beam search (greedy), keeping this many running hypotheses per prompt
+    length_penalty: float = 1.0  # beam search: a finished hypothesis scores its log-probability / length ** this
+    early_stopping: bool | str = False  # beam search: True, False (transformers' heuristic) or "never" (see beam_search.py)
     output_logits: bool = False  # each result keeps the raw logits each new token was picked from
     eos_token_id: int | tuple[int, ...] | None = None  # the tokens that end an answer; None: the bundle's EOS ids
     pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
@@ -140,7 +143,8 @@ class GenerationSettings:
         for name in ("do_sample", "output_logits"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "True or False")
-        for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("min_length", 0), ("num_return_sequences", 1), ("no_repeat_ngram_size", 0)):
+        least_values = (("max_new_tokens", 1), ("min_new_tokens", 0), ("min_length", 0), ("num_return_sequences", 1), ("no_repeat_ngram_size", 0), ("num_beams", 1))
+        for name, least in least_values:
             if name == "max_new_tokens" and self.max_length is not None:
                 continue  # (None: max_length decides it)
             if not integer(getattr(self, name)) or getattr(self, name) < least:
@@ -163,10 +167,22 @@ class GenerationSettings:
             for name in ("epsilon_cutoff", "eta_cutoff"):
                 if not number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                     fail(name, "a number in [0, 1) (0: off)")
-        if self.num_return_sequences > 1 and not self.do_sample:  # (transformers' words)
+        if not number(self.length_penalty):
+            fail("length_penalty", "a number")
+        if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
+            fail("early_stopping", 'True, False or "never"')
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError(f"beam sampling (do_sample=True with num_beams={self.num_beams}) is not implemented: use one or the other")
+        if self.num_beams > 1 and (self.stop or self.output_logits):
+            raise ValueError(f"{'stop strings' if self.stop else 'output_logits'}: not implemented for beam search (num_beams={self.num_beams})")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:  # (transformers' words)
+            raise ValueError(
+                f"`num_return_sequences` ({self.num_return_sequences}) has to be smaller or equal to `num_beams` ({self.num_beams})."
+            )
+        if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:  # (transformers' words)
             raise ValueError(
                 "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences` different "
-                f"than 1 (got {self.num_return_sequences}): its answers would all be the same; pass do_sample=True"
+                f"than 1 (got {self.num_return_sequences}): its answers would all be the same; pass do_sample=True or num_beams > 1"
             )
         if self.seed is not None and not (integer(self.seed) and self.seed >= 0):
             fail("seed", "an integer >= 0, or None (a fresh random seed)")
@@ -206,7 +222,7 @@ class GenerationSettings:
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings) if f.name != "length_is_default")
 _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "stop_strings": "give stop", "streamer": "use stream()",
-    "num_beams": "beam search is not implemented",
+    "num_beam_groups": "diverse beam search is not implemented",
 }
 # Arguments not read from a generation config: ortllava's own (a generation_config.json has no such keys), and
 # those that change what generate returns: num_return_sequences (a list per prompt, which a chat or a stream cannot
@@ -217,7 +233,7 @@ _NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_log
 # generation_config.json keys with which transformers' `generate` gives other tokens or outputs, and which ortllava
 # does not apply: each with the values at which it does nothing.
 UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
+    "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
     "force_words_ids": ([],), "constraints": ([],), "forced_bos_token_id": (), "exponential_decay_length_penalty": (),
     "guidance_scale": (1,), "top_h": (), "stop_strings": ([],),
     "max_time": (), "watermarking_config": (), "token_healing": (False,),
@@ -231,7 +247,7 @@ UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
 # every argument here.
 _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
-    "return_dict_in_generate": (False,), "length_penalty": (1, 1.0), "early_stopping": (False,), "renormalize_logits": (False,),
+    "return_dict_in_generate": (False,), "renormalize_logits": (False,),
     "remove_invalid_values": (False,), "streamer": (), "generation_config": (), "logits_processor": (), "stopping_criteria": (),
     "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (),
 }
@@ -247,7 +263,7 @@ def _does_nothing(name: str, value: Any) -> bool:
         return True
     if not isinstance(value, (bool, int, float, list, dict)):  # (an array, a model, a config: never a no-op value here)
         return False
-    # (True is no 1 here: num_beams=True is a mistake to name, not beam search off)
+    # (True is no 1 here: num_beam_groups=True is a mistake to name, not diverse beam search off)
     return any(value == no_op and isinstance(value, bool) == isinstance(no_op, bool) for no_op in _NO_OP_VALUES[name])
 
 

@@ -76,8 +76,13 @@ def test_cli_gives_several_sampled_answers(mistral, pipe):
     want = pipe.generate(messages=messages, max_new_tokens=6, do_sample=True, seed=5, num_return_sequences=3)
     assert out.stdout == "".join(f"--- answer {i} of 3 ---\n{result.text}\n" for i, result in enumerate(want, start=1))
     assert len({result.text for result in want}) > 1 and "finish:" in out.stderr
-    for extra, message in ((["--num-return-sequences", "2"], "--num-return-sequences gives several sampled answers: add --do-sample"),
+    # The best beams, with --num-beams.
+    out = subprocess.run([*cli, "--num-beams", "3", "--num-return-sequences", "2"], capture_output=True, text=True, check=True)
+    want = pipe.generate(messages=messages, max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    assert out.stdout == "".join(f"--- answer {i} of 2 ---\n{result.text}\n" for i, result in enumerate(want, start=1))
+    for extra, message in ((["--num-return-sequences", "2"], "--num-return-sequences gives several sampled answers, or the best beams: add --do-sample or --num-beams"),
                            (["--do-sample", "--num-return-sequences", "2", "--stream"], "--stream prints one answer"),
+                           (["--num-beams", "2", "--stream"], "beam search (num_beams=2) gives its answers at the end"),
                            (["--do-sample", "--num-return-sequences", "0"], "num_return_sequences must be an integer >= 1")):
         refused = subprocess.run([*cli, *extra], capture_output=True, text=True)
         assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr

@@ -154,6 +154,51 @@ def test_logits_processors_match_transformers(setup):
     assert len(got[0].token_ids) > end + 1
 
 
+def test_beam_search_answers_as_transformers(setup):
+    """Beam search's answers token for token, best first: over max_new_tokens (EOS held back), then ending at an EOS
+    (one the answers hold, so hypotheses finish at different lengths) under each early_stopping rule and length
+    penalty, with a processor (the repetition penalty applies to the log-probabilities) and several answers each."""
+    processor, model, pipe = setup
+    batch = [user(IMAGES[2], "Describe."), user("Tell me a story about a cat.")]  # (left padding, an image)
+    inputs = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+    width = inputs["input_ids"].shape[1]
+    free = hf_generate(processor, model, batch)
+    beams = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, num_beams=3, min_new_tokens=NEW_TOKENS)
+    ending = beams[0].token_ids[2]  # an EOS within the best answer: hypotheses end at it, or around it
+
+    def transformers_answers(options):
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, **options)
+        eos = options.get("eos_token_id", pipe.manifest.tokens.eos_token_ids)
+        eos = {eos} if isinstance(eos, int) else set(eos)
+        answers = []
+        for row in out[:, width:].tolist():  # (rows end with fill ids after an EOS, or after the longest answer)
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            answers.append(row[:end])
+        return answers
+
+    ended_early = False
+    for options in (
+        {"num_beams": 3, "min_new_tokens": NEW_TOKENS},
+        {"num_beams": 4, "num_return_sequences": 3, "min_new_tokens": NEW_TOKENS, "repetition_penalty": 1.3},
+        {"num_beams": 3, "eos_token_id": ending, "num_return_sequences": 2},
+        {"num_beams": 3, "eos_token_id": ending, "early_stopping": True, "length_penalty": 0.0},
+        {"num_beams": 2, "eos_token_id": ending, "early_stopping": "never", "length_penalty": 2.0, "num_return_sequences": 2},
+    ):
+        got = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, **options)
+        n = options.get("num_return_sequences", 1)
+        flat = [result for answers in got for result in answers] if n > 1 else got
+        want = transformers_answers(options)
+        assert [r.token_ids for r in flat] == want, options
+        assert [r.finish_reason for r in flat] == ["stop" if r.token_ids[-1] == options.get("eos_token_id") else "length" for r in flat]
+        ended_early |= any(len(r.token_ids) < NEW_TOKENS for r in flat)
+    assert ended_early  # (the check can fail: answers that an EOS ended, at different lengths)
+    assert [r.token_ids for r in beams] != free  # (beam search is not greedy search)
+    for refused in (lambda: pipe.stream(messages=batch[1], num_beams=2), lambda: pipe.chat(num_beams=2).send("Hi")):
+        with pytest.raises(ValueError, match=r"beam search \(num_beams=2\) gives its answers at the end: use Pipeline.generate"):
+            refused()
+
+
 def _repeats_an_ngram(prompt: list[int], answer: list[int], size: int) -> bool:
     """Whether one of `answer`'s tokens completes an n-gram that `prompt + answer` held before it."""
     ids = prompt + answer
@@ -329,12 +374,12 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     assert (settings.max_new_tokens, settings.do_sample, settings.top_k) == (40, True, 5)  # from the config
     assert settings.temperature == 0.2 and settings.stop == ("###",)  # given; one stop string becomes a tuple
     assert settings.seed is None and settings.top_p == 1.0 and settings.min_new_tokens == 0  # "seed" is not read from a config
-    with pytest.raises(TypeError, match=r"transformers' num_beams=2: not implemented by ortllava.*beam search is not implemented"):
-        GenerationSettings.resolve({"num_beams": 2}, config)
+    with pytest.raises(TypeError, match=r"transformers' num_beam_groups=2: not implemented by ortllava.*diverse beam search is not implemented"):
+        GenerationSettings.resolve({"num_beam_groups": 2}, config)
     # transformers' arguments at values where they do nothing are taken, so code written for it runs unchanged.
     no_ops = {"num_beams": 1, "use_cache": True, "length_penalty": 1.0, "streamer": None, "return_dict_in_generate": False, "typical_p": 1.0}
     assert GenerationSettings.resolve(no_ops, config) == GenerationSettings.resolve({}, config)
-    for bad, message in (({"use_cache": False}, "use_cache=False: not implemented"), ({"num_beams": True}, "num_beams=True"),
+    for bad, message in (({"use_cache": False}, "use_cache=False: not implemented"), ({"num_beam_groups": True}, "num_beam_groups=True"),
                          ({"max_new_token": 5}, "unknown generation argument.*: max_new_token;"),
                          ({"force_words_ids": np.array([[1, 2]])}, r"force_words_ids=array\(\[\[1, 2\]\]\): not implemented"),
                          ({"generation_config": list(range(50))}, r"generation_config=<list>: not implemented")):

@@ -289,8 +289,8 @@ def test_bad_calls_are_refused(pipes, mistral):
         ours()
     with pytest.raises(ValueError, match="defined twice"):
         ours(text=chat("Hi"), max_new_tokens=3, generate_kwargs={"max_new_tokens": 4})
-    with pytest.raises(TypeError, match="num_beams"):
-        ours(text=chat("Hi"), generate_kwargs={"num_beams": 2})
+    with pytest.raises(TypeError, match="num_beam_groups"):
+        ours(text=chat("Hi"), generate_kwargs={"num_beam_groups": 2})
     with pytest.raises(ValueError, match="image-text-to-text"):
         ortllava.pipeline("text-generation", model=mistral.bundle)
     with pytest.raises(ValueError, match="1 <image> token"):

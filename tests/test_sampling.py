@@ -146,8 +146,16 @@ def test_processors_leave_the_raw_logits_alone_and_cost_nothing_when_off():
     ({"do_sample": True, "typical_p": 0}, r"typical_p must be a number in \(0, 1\]"),
     ({"do_sample": True, "epsilon_cutoff": 1.0}, r"epsilon_cutoff must be a number in \[0, 1\)"),
     ({"do_sample": True, "eta_cutoff": -0.1}, r"eta_cutoff must be a number in \[0, 1\)"),
+    ({"num_beams": 0}, "num_beams must be an integer >= 1"),
+    ({"num_beams": True}, "num_beams must be an integer >= 1"),
+    ({"num_beams": 2, "do_sample": True}, r"beam sampling \(do_sample=True with num_beams=2\) is not implemented"),
+    ({"num_beams": 2, "num_return_sequences": 3}, r"`num_return_sequences` \(3\) has to be smaller or equal to `num_beams` \(2\)"),
+    ({"num_beams": 2, "stop": "x"}, r"stop strings: not implemented for beam search \(num_beams=2\)"),
+    ({"num_beams": 2, "output_logits": True}, "output_logits: not implemented for beam search"),
+    ({"length_penalty": "long"}, "length_penalty must be a number"),
+    ({"early_stopping": "sometimes"}, 'early_stopping must be True, False or "never"'),
 ])
-def test_a_bad_processor_argument_is_an_error_naming_it(bad, message):
+def test_a_bad_generation_argument_is_an_error_naming_it(bad, message):
     with pytest.raises(ValueError, match=message):
         GenerationSettings.resolve(bad, {})
 

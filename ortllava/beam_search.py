@@ -1,0 +1,146 @@
+"""Beam search (`num_beams > 1`, greedy): transformers' `_beam_search`, step for step, over ortllava's decoder.
+
+Terms, as transformers uses them. Each prompt keeps `num_beams` *running* hypotheses (rows `b * num_beams + i` of
+the cache) and up to `num_beams` *finished* ones. A step scores every continuation of every running hypothesis by
+its accumulated log-probability (the processors apply to the log-softmax, as in transformers), keeps the best
+`keep = max(2, 1 + n_eos) * num_beams` *candidates* of the prompt, and then:
+- the best `num_beams` candidates that do not end there (an EOS token, or the last new token) run on: the cache's
+  rows and the processors' histories are reordered to the hypotheses they continue (`reorder_rows`, `reorder`);
+- the candidates among the best `num_beams` that end there compete with the finished ones, each scored
+  `log-probability / new_tokens ** length_penalty`; the best `num_beams` stay finished.
+The search ends when no prompt can improve (`early_stopping`: True, all its finished slots full; False,
+transformers' heuristic on the best running score at the current length; "never", at the longest length where
+`length_penalty > 0`), or at `max_new_tokens`. Each prompt's answers are its best `num_return_sequences` finished
+hypotheses, best first.
+
+Scores are float32 as transformers computes them, -1e9 standing for "ruled out"; ties (rare on real logits) may
+break otherwise than torch's topk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .generate import GenerationMetrics
+from .logits_processors import LogitsProcessor
+
+RULED_OUT = np.float32(-1.0e9)
+
+
+@dataclass
+class BeamAnswers:
+    """Each prompt's best finished hypotheses, best first."""
+
+    tokens: list[list[list[int]]]  # [prompt][answer]: the new token ids (an EOS that ended one included)
+    scores: list[list[float]]  # [prompt][answer]: log-probability / length ** length_penalty
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """`[R, V]` float32 logits -> float32 log-probabilities (the log-sum-exp in float64, then rounded)."""
+    peak = logits.max(axis=1, keepdims=True)
+    shifted = logits - peak
+    total = np.log(np.exp(shifted.astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
+    return shifted - total
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """`[B, N]` -> `[B, k]` indices of each row's k largest, largest first (ties: the lower index first)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def beam_search(
+    decoder, prefill, embed, processors: list[LogitsProcessor], prompts: int, num_beams: int, max_new_tokens: int,
+    eos_token_ids: list[int], fill_id: int, length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
+    metrics: GenerationMetrics, started: float,
+) -> BeamAnswers:
+    """Runs the search. `prefill()` gives the prompts' logits and cache, each prompt's row already repeated
+    `num_beams` times (`[prompts * num_beams, V]`); `embed(ids [R], out [R, 1, D])` writes the next tokens'
+    embeddings into the cache's step buffer; `processors` were built for the repeated rows. `fill_id` pads a
+    hypothesis after its end (transformers' output rows; not in the answers)."""
+    nb, eos = num_beams, np.array(eos_token_ids, dtype=np.int64)
+    keep = max(2, 1 + len(eos)) * nb
+    prompt_offsets = (np.arange(prompts) * nb)[:, None]  # [P, 1]: each prompt's first row
+    # New tokens of each hypothesis, [P, beams, max_new_tokens], padded with fill_id.
+    running = np.full((prompts, nb, max_new_tokens), fill_id, dtype=np.int64)
+    running_scores = np.zeros((prompts, nb), np.float32)
+    running_scores[:, 1:] = RULED_OUT  # at first every row is the same: only one may continue
+    finished = np.full((prompts, nb, max_new_tokens), fill_id, dtype=np.int64)
+    finished_scores = np.full((prompts, nb), RULED_OUT, np.float32)
+    finished_lengths = np.zeros((prompts, nb), np.int64)
+    is_finished = np.zeros((prompts, nb), bool)
+    improvable = np.ones((prompts, 1), bool)  # transformers' is_early_stop_heuristic_unsatisfied
+    in_top_beams = np.arange(keep) < nb  # [keep]: candidates that may finish (the rest only back the running ones)
+
+    prefill_start = time.perf_counter()
+    logits, cache = prefill()
+    decode_start = time.perf_counter()
+    metrics.prefill_s = decode_start - prefill_start
+    metrics.time_to_first_token_s = decode_start - started
+    try:
+        for step in range(max_new_tokens):
+            if not np.isfinite(logits.sum()):
+                raise FloatingPointError(f"the decoder returned non-finite logits at new token {step + 1}; no answer is given rather than a wrong one")
+            log_probs = log_softmax(logits)  # [P * nb, V]
+            for process in processors:
+                process(log_probs)
+            vocab = log_probs.shape[1]
+            accumulated = (log_probs.reshape(prompts, nb, vocab) + running_scores[:, :, None]).reshape(prompts, nb * vocab)
+
+            # The best `keep` continuations of each prompt: which hypothesis each continues, and its token.
+            top = _top(accumulated, keep)  # [P, keep]
+            top_scores = np.take_along_axis(accumulated, top, axis=1)
+            source, tokens = top // vocab, top % vocab
+            candidates = np.take_along_axis(running, source[:, :, None], axis=1)  # [P, keep, max_new_tokens]
+            candidates[:, :, step] = tokens
+            ends = (tokens[:, :, None] == eos).any(axis=2) if len(eos) else np.zeros_like(tokens, dtype=bool)
+            ends |= step + 1 >= max_new_tokens  # [P, keep]
+
+            # Running on: the best `nb` candidates that do not end here.
+            running_candidates = top_scores + ends.astype(np.float32) * RULED_OUT
+            chosen = _top(running_candidates, nb)  # [P, nb]
+            running = np.take_along_axis(candidates, chosen[:, :, None], axis=1)
+            running_scores = np.take_along_axis(running_candidates, chosen, axis=1)
+            continued = np.take_along_axis(source, chosen, axis=1)  # [P, nb]: the hypothesis each row continues
+
+            # Finished: the best `nb` of those already finished and the top candidates that end here.
+            just_finished = ends & in_top_beams[None, :]
+            scores = top_scores / np.float32((step + 1) ** length_penalty)
+            if early_stopping is True:
+                scores += (is_finished.all(axis=1, keepdims=True)).astype(np.float32) * RULED_OUT
+            scores += (~improvable).astype(np.float32) * RULED_OUT
+            scores += (~just_finished).astype(np.float32) * RULED_OUT
+            merged_scores = np.concatenate([finished_scores, scores], axis=1)
+            best = _top(merged_scores, nb)
+            finished = np.take_along_axis(np.concatenate([finished, candidates], axis=1), best[:, :, None], axis=1)
+            finished_scores = np.take_along_axis(merged_scores, best, axis=1)
+            finished_lengths = np.take_along_axis(np.concatenate([finished_lengths, np.full((prompts, keep), step + 1)], axis=1), best, axis=1)
+            is_finished = np.take_along_axis(np.concatenate([is_finished, just_finished], axis=1), best, axis=1)
+            metrics.generated_tokens = step + 1
+
+            # Could a running hypothesis still beat a finished one? (transformers' _check_early_stop_heuristic)
+            best_length = max_new_tokens if early_stopping == "never" and length_penalty > 0 else step + 1
+            best_running = running_scores[:, :1] / np.float32(best_length**length_penalty)
+            worst_finished = np.where(is_finished, finished_scores.min(axis=1, keepdims=True), RULED_OUT)
+            improvable &= (best_running > worst_finished).any(axis=1, keepdims=True)
+            all_full = is_finished.all() and early_stopping is True
+            if not improvable.any() or all_full or ends.all():
+                break
+
+            rows = (prompt_offsets + continued).reshape(-1)
+            decoder.reorder_rows(cache, rows)
+            for process in processors:
+                process.reorder(rows)
+                process.picked(running[:, :, step].reshape(-1))
+            embed(running[:, :, step].reshape(-1), cache.step_embeds)
+            logits = decoder.step(cache)
+    finally:
+        metrics.decode_s = time.perf_counter() - decode_start
+        decoder.release(cache)
+    count = num_return_sequences
+    return BeamAnswers(
+        tokens=[[finished[p, i, : finished_lengths[p, i]].tolist() for i in range(count)] for p in range(prompts)],
+        scores=[[float(finished_scores[p, i]) for i in range(count)] for p in range(prompts)],
+    )
