@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from .generate import GenerationMetrics
+from .decoders import KVCache
+from .generate import Decoder, EmbedFn, GenerationMetrics, non_finite_hint
 from .logits_processors import LogitsProcessor
 
 RULED_OUT = np.float32(-1.0e9)
@@ -39,20 +41,27 @@ class BeamAnswers:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """`[R, V]` float32 logits -> float32 log-probabilities (the log-sum-exp in float64, then rounded)."""
-    peak = logits.max(axis=1, keepdims=True)
-    shifted = logits - peak
-    total = np.log(np.exp(shifted.astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
-    return shifted - total
+    """`[R, V]` float32 logits -> float32 log-probabilities (the exponentials summed in float64, then rounded)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    total = np.log(np.exp(shifted).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    shifted -= total
+    return shifted
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """`[B, N]` -> `[B, k]` indices of each row's k largest, largest first (ties: the lower index first)."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    """`[B, N]` -> `[B, k]` indices of each row's k largest, largest first (ties among them: the lower index first).
+    One partition of the row, then a sort of the k only (a row is num_beams x the vocabulary)."""
+    if k < scores.shape[1]:
+        picked = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        picked.sort(axis=1)
+    else:
+        picked = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    order = np.argsort(-np.take_along_axis(scores, picked, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(picked, order, axis=1)
 
 
 def beam_search(
-    decoder, prefill, embed, processors: list[LogitsProcessor], prompts: int, num_beams: int, max_new_tokens: int,
+    decoder: Decoder, prefill: Callable[[], tuple[np.ndarray, KVCache]], embed: EmbedFn, processors: list[LogitsProcessor], prompts: int, num_beams: int, max_new_tokens: int,
     eos_token_ids: list[int], fill_id: int, length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
     metrics: GenerationMetrics, started: float,
 ) -> BeamAnswers:
@@ -82,7 +91,7 @@ def beam_search(
     try:
         for step in range(max_new_tokens):
             if not np.isfinite(logits.sum()):
-                raise FloatingPointError(f"the decoder returned non-finite logits at new token {step + 1}; no answer is given rather than a wrong one")
+                raise FloatingPointError(f"the decoder returned non-finite logits at new token {step + 1}: {non_finite_hint(decoder)}")
             log_probs = log_softmax(logits)  # [P * nb, V]
             for process in processors:
                 process(log_probs)

@@ -84,7 +84,7 @@ def generate_step(
     """
     for step in range(max_new_tokens):
         if not np.isfinite(logits.sum()):  # one scalar: no per-step allocation
-            raise FloatingPointError(f"the decoder returned non-finite logits at new token {step + 1}: {_non_finite_hint(decoder)}")
+            raise FloatingPointError(f"the decoder returned non-finite logits at new token {step + 1}: {non_finite_hint(decoder)}")
         tokens = sampler(logits)
         yield tokens, logits
         if step + 1 == max_new_tokens:
@@ -93,7 +93,7 @@ def generate_step(
         logits = decoder.step(cache)
 
 
-def _non_finite_hint(decoder: Decoder) -> str:
+def non_finite_hint(decoder: Decoder) -> str:
     """Why a decoder's logits may not be finite, and what to do, by its precision."""
     if np.dtype(decoder.dtype) == np.float16:
         return "in fp16, an activation overflowed; no answer is given rather than a wrong one: use an fp32 bundle for this input"
