@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ortllava.settings import unsupported_generation_settings
+from ortllava.settings import shown_settings, unsupported_generation_settings
 
 from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint
 from .output import DEFAULT_HOME, check_output, default_output, scratch_folder
@@ -178,7 +178,7 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
         write_assets(checkpoint, work, np.float16 if plan.decoder_precision == "fp16" else np.float32)
     ignored = unsupported_generation_settings(checkpoint.model.generation_config.to_diff_dict())
     if ignored:
-        settings = ", ".join(f"{key}={value!r}" for key, value in ignored.items())
+        settings = shown_settings(ignored)
         print(f"      warning: the generation config sets {settings}, which the ortllava runtime does not implement", file=sys.stderr)
     if release_weights:  # (configs stay: the manifest reads them)
         checkpoint.model.to("meta")

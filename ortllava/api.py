@@ -22,7 +22,7 @@ from .logits_processors import for_settings, with_processors
 from .sampling import make_sampler
 from .runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
 from .sessions import BundleSessions
-from .settings import GenerationSettings, unsupported_generation_settings
+from .settings import GenerationSettings, shown_settings, unsupported_generation_settings
 
 if TYPE_CHECKING:
     from .chat import ChatSession
@@ -84,7 +84,7 @@ class Pipeline:
         ignored = unsupported_generation_settings(self.generation_config)
         if ignored:
             warnings.warn(
-                f"the bundle's {GENERATION_CONFIG_FILE} sets {', '.join(f'{k}={v!r}' for k, v in ignored.items())}, which "
+                f"the bundle's {GENERATION_CONFIG_FILE} sets {shown_settings(ignored)}, which "
                 "ortllava does not implement (or takes only as an argument): its answers can differ from those of transformers, "
                 "which applies them",
                 stacklevel=3,  # the caller of load()
@@ -193,7 +193,8 @@ class Pipeline:
         Unset sampling arguments come from the bundle's generation config, then transformers' defaults.
         `max_length`, as transformers': the prompt's tokens (the padded batch's, images included) plus the new ones;
         `max_new_tokens` wins where both are given. `min_new_tokens` forbids the EOS tokens until that many tokens are out
-        (`min_length`: until prompt and answer hold that many). Sampling's warpers, as transformers': `temperature`,
+        (`min_length`: until prompt and answer hold that many; as in transformers, a `min_new_tokens` set anywhere, even
+        to 0, replaces it). Sampling's warpers, as transformers': `temperature`,
         `top_k`, `top_p`, `min_p` (drops tokens less probable than `min_p` times the most probable one), `typical_p`,
         `epsilon_cutoff`, `eta_cutoff`. `no_repeat_ngram_size=n` forbids a token that would repeat an n-gram of the prompt
         (its ids as given) or the answer; `bad_words_ids` (token-id lists) are never completed, and `sequence_bias`
@@ -250,7 +251,7 @@ class Pipeline:
         batch = model_inputs["input_ids"].shape[0] > 1 if model_inputs is not None else is_batch(prompt, messages)
         if batch:
             raise ValueError("stream takes one prompt, one chat or one row of input_ids; use generate for batches")
-        settings = one_answer(self.settings(**kwargs), streamed=True)
+        settings = one_answer(self.settings(**kwargs), kwargs, streamed=True)
 
         def chunks() -> Iterator[StreamChunk]:
             yield from stream_chunks(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))

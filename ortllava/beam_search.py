@@ -13,8 +13,11 @@ transformers' heuristic on the best running score at the current length; "never"
 `length_penalty > 0`), or at `max_new_tokens`. Each prompt's answers are its best `num_return_sequences` finished
 hypotheses, best first.
 
-Scores are float32 as transformers computes them, -1e9 standing for "ruled out"; ties (rare on real logits) may
-break otherwise than torch's topk.
+Scores are float32 as transformers computes them, -1e9 standing for "ruled out". Two things can part the answers from
+transformers' on some inputs: ties (rare on real logits), which may break otherwise than torch's topk, and the
+log-softmax's rounding (its sum of exponentials is float64 here), within an ulp or two of torch's. Where fewer than
+`num_return_sequences` hypotheses ever finish with a score (every continuation forbidden), the missing answers are
+empty, where transformers' rows hold fill ids.
 """
 
 from __future__ import annotations

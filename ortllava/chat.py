@@ -47,7 +47,7 @@ class ChatSession:
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None, **defaults: Any):
-        one_answer(pipe.settings(**defaults))  # a wrong argument fails here, not at the first turn
+        one_answer(pipe.settings(**defaults), defaults)  # a wrong argument fails here, not at the first turn
         if system is not None and not isinstance(system, str):
             raise TypeError(f"system must be a string (the system message's text) or None, got {type(system).__name__}")
         if not pipe.processor.chat_template:
@@ -153,7 +153,8 @@ class ChatSession:
         defaults = self.defaults
         if any(generate_kwargs.get(name) is not None for name in LENGTH_ARGUMENTS):  # a turn's length replaces the session's
             defaults = {name: value for name, value in defaults.items() if name not in LENGTH_ARGUMENTS}
-        settings = one_answer(self.pipe.settings(**{**defaults, **generate_kwargs}), streamed, logits_from="send()")  # before any graph runs
+        given = {**defaults, **generate_kwargs}
+        settings = one_answer(self.pipe.settings(**given), given, streamed, logits_from="send()")  # before any graph runs
         messages = [*self.messages, message]
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
             return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)

@@ -131,6 +131,8 @@ class RepetitionPenalty:
             self.count += len(new)
 
     def reorder(self, rows: np.ndarray) -> None:
+        if np.array_equal(rows, np.arange(len(rows))):
+            return
         self.seen = self.seen.reshape(len(self.row_offsets), self.vocab_size)[rows].reshape(-1)
         self.seen_at = np.flatnonzero(self.seen)
         self.count = len(self.seen_at)
@@ -169,8 +171,18 @@ class NoRepeatNGrams:
                 table.setdefault(tuple(ids[len(ids) - size : -1]), set()).add(token)
 
     def reorder(self, rows: np.ndarray) -> None:
-        self.rows = [list(self.rows[row]) for row in rows]
-        self.followers = [{key: set(tokens) for key, tokens in self.followers[row].items()} for row in rows]
+        # A row continued once takes its history over as it is; only a row continued again needs a copy.
+        taken: set[int] = set()
+        ids, followers = [], []
+        for row in rows.tolist():
+            if row in taken:
+                ids.append(list(self.rows[row]))
+                followers.append({key: set(tokens) for key, tokens in self.followers[row].items()})
+            else:
+                taken.add(row)
+                ids.append(self.rows[row])
+                followers.append(self.followers[row])
+        self.rows, self.followers = ids, followers
 
 
 class SequenceBias:
@@ -227,9 +239,9 @@ def for_settings(settings: GenerationSettings, prompt_ids: np.ndarray, prompt_ma
     prompt_width = prompt_ids.shape[1]
     forced_eos = settings.forced_eos_token_id
     forced_eos = [forced_eos] if isinstance(forced_eos, (int, np.integer)) else list(forced_eos or ())
-    outside = [i for i in forced_eos + list(settings.suppress_tokens or ()) + list(settings.begin_suppress_tokens or ()) if i >= vocab_size]
+    outside = [i for i in forced_eos if i >= vocab_size]  # (suppressed ids past the vocabulary: nothing to suppress, as in transformers)
     if outside:
-        raise ValueError(f"token {outside[0]} (forced or suppressed) is not in the model's vocabulary of {vocab_size}")
+        raise ValueError(f"forced_eos_token_id {outside[0]} is not in the model's vocabulary of {vocab_size}")
     processors: list[LogitsProcessor | None] = [
         SequenceBias(settings.sequence_bias, prompt_ids, vocab_size) if settings.sequence_bias else None,
         RepetitionPenalty(prompt_ids, prompt_mask, vocab_size, settings.repetition_penalty) if settings.repetition_penalty != 1.0 else None,

@@ -7,8 +7,9 @@ row's text pieces as they become stable (`stream_chunks`); both end an answer at
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -24,13 +25,23 @@ Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through th
 KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)
 
 
-def one_answer(settings: GenerationSettings, streamed: bool = False, logits_from: str = "generate") -> GenerationSettings:
+def one_answer(
+    settings: GenerationSettings, given: Mapping[str, Any] | None = None, streamed: bool = False, logits_from: str = "generate",
+) -> GenerationSettings:
     """`settings`, refused where they ask for what one answer (a stream, a chat turn) cannot give: several answers,
-    or logits along text pieces (`streamed`; `logits_from` names what gives them)."""
+    beam search (given in `given`, the caller's arguments; one from the bundle's generation config gives way, with a
+    warning), or logits along text pieces (`streamed`; `logits_from` names what gives them)."""
     if settings.num_return_sequences != 1:
         raise ValueError("one answer is given here: num_return_sequences must be 1 (use Pipeline.generate for several)")
     if settings.num_beams != 1:
-        raise ValueError(f"beam search (num_beams={settings.num_beams}) gives its answers at the end: use Pipeline.generate for it, or num_beams=1")
+        if (given or {}).get("num_beams") is not None:
+            raise ValueError(f"beam search (num_beams={settings.num_beams}) gives its answers at the end: use Pipeline.generate for it, or num_beams=1")
+        warnings.warn(
+            f"the bundle's generation config sets num_beams={settings.num_beams}, but beam search gives its answers at the end: this "
+            "answer is searched without beams (num_beams=1 silences this)",
+            stacklevel=3,
+        )
+        settings = replace(settings, num_beams=1)
     if streamed and settings.output_logits:
         raise ValueError(f"a stream gives text pieces: use {logits_from} for output_logits")
     return settings

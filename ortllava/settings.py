@@ -103,13 +103,15 @@ class GenerationSettings:
         else:
             values["length_is_default"] = True
         if "min_new_tokens" in values and "min_length" in values:  # (transformers: min_new_tokens, once set, replaces min_length)
-            if given.get("min_length") is not None and given.get("min_new_tokens") is not None:
+            if values["min_length"] != 0:  # (and warns, as here, wherever each came from)
                 warnings.warn(
-                    f"Both `min_new_tokens` (={given['min_new_tokens']}) and `min_length` (={given['min_length']}) seem to have been "
+                    f"Both `min_new_tokens` (={values['min_new_tokens']}) and `min_length` (={values['min_length']}) seem to have been "
                     "set. `min_new_tokens` will take precedence.",
                     stacklevel=4,
                 )
             values.pop("min_length")
+        if given.get("num_beams") is None and values.get("do_sample") is True and values.get("num_beams", 1) != 1:
+            values.pop("num_beams")  # a generation config's beam sampling: not implemented, so sampling (warned of at load)
         for name in ("eos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
             if isinstance(values.get(name), Iterable) and not isinstance(values[name], (str, bytes, Mapping)):
                 values[name] = tuple(values[name])
@@ -125,7 +127,10 @@ class GenerationSettings:
             values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
         settings = replace(cls(), **values)
         settings._check()
-        return settings
+        # Plain Python values where numpy ones would behave otherwise (`np.True_ is True` is False; an integer's
+        # negative power is an error).
+        early_stopping = settings.early_stopping if settings.early_stopping == "never" else bool(settings.early_stopping)
+        return replace(settings, length_penalty=float(settings.length_penalty), early_stopping=early_stopping)
 
     def _check(self) -> None:
         """Each argument's type and range, so a bad one is an error naming it rather than a traceback (or a
@@ -172,7 +177,10 @@ class GenerationSettings:
         if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
             fail("early_stopping", 'True, False or "never"')
         if self.num_beams > 1 and self.do_sample:
-            raise ValueError(f"beam sampling (do_sample=True with num_beams={self.num_beams}) is not implemented: use one or the other")
+            raise ValueError(
+                f"beam sampling (do_sample=True with num_beams={self.num_beams}) is not implemented: pass do_sample=False for beam search, "
+                "or num_beams=1 to sample"
+            )
         if self.num_beams > 1 and (self.stop or self.output_logits):
             raise ValueError(f"{'stop strings' if self.stop else 'output_logits'}: not implemented for beam search (num_beams={self.num_beams})")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:  # (transformers' words)
@@ -274,11 +282,20 @@ def _shown(value: Any, most: int = 40) -> str:
 
 
 def unsupported_generation_settings(generation_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a generation config that would change transformers' answers and that ortllava ignores."""
-    return {
+    """The settings of a generation config that would change transformers' answers and that ortllava ignores (its
+    num_beams where it also sets do_sample: beam sampling; `resolve` leaves it out)."""
+    ignored = {
         key: value for key, value in generation_config.items()
         if key in UNSUPPORTED_GENERATION_KEYS and value is not None and value not in UNSUPPORTED_GENERATION_KEYS[key]
     }
+    if generation_config.get("do_sample") is True and generation_config.get("num_beams") not in (None, 1):
+        ignored["num_beams"] = generation_config["num_beams"]
+    return ignored
+
+
+def shown_settings(ignored: Mapping[str, Any]) -> str:
+    """`unsupported_generation_settings`' result as a warning names it: `a=1, num_beams=4 with do_sample=True (...)`."""
+    return ", ".join(f"{k}={v!r}" + (" with do_sample=True (beam sampling)" if k == "num_beams" else "") for k, v in ignored.items())
 
 
 def _token_sequences(name: str, value: Any) -> tuple[tuple[int, ...], ...] | None:

@@ -357,6 +357,37 @@ def test_bad_load_options_are_named(mistral):
         ortllava.load(mistral.bundle, provider="cpu", verify=False, max_length=0)
 
 
+def test_a_generation_config_with_beams(mistral, tmp_path):
+    """A bundle's num_beams applies to generate, as in transformers; a stream or a chat turn, which answer as they go,
+    search without beams, with a warning. With do_sample too (beam sampling, not implemented) it is warned of at load
+    and left out, so the config samples as before."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    config = copy / "generation_config.json"
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "num_beams": 3}))
+    pipe = ortllava.load(copy, provider="cpu", verify=False)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell a story"}]}]
+    assert pipe.settings().num_beams == 3
+    beams = pipe.generate(messages=messages, max_new_tokens=6)
+    assert beams.token_ids == pipe.generate(messages=messages, max_new_tokens=6, num_beams=3).token_ids
+    greedy = pipe.generate(messages=messages, max_new_tokens=6, num_beams=1)
+    with pytest.warns(UserWarning, match="sets num_beams=3, but beam search gives its answers at the end: this answer is searched without beams"):
+        streamed = "".join(chunk.text for chunk in pipe.stream(messages=messages, max_new_tokens=6))
+    assert streamed == greedy.text
+    with pytest.warns(UserWarning, match="searched without beams"):
+        assert pipe.chat().send("Tell a story", max_new_tokens=6).text == greedy.text
+    with pytest.raises(ValueError, match=r"beam search \(num_beams=2\) gives its answers at the end"):
+        pipe.stream(messages=messages, num_beams=2)
+    config.write_text(json.dumps({**settings, "num_beams": 3, "do_sample": True}))
+    with pytest.warns(UserWarning, match=r"sets num_beams=3 with do_sample=True \(beam sampling\), which ortllava does not implement"):
+        pipe = ortllava.load(copy, provider="cpu", verify=False)
+    assert (pipe.settings().num_beams, pipe.settings().do_sample) == (1, True)
+    with pytest.raises(ValueError, match="beam sampling .* pass do_sample=False for beam search"):
+        pipe.generate(messages=messages, num_beams=2)
+    assert pipe.settings(num_beams=2, do_sample=False).num_beams == 2
+
+
 def test_generation_config_settings_not_implemented_are_warned_of(mistral, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(mistral.bundle, copy)

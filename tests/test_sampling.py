@@ -170,12 +170,18 @@ def test_processor_arguments_take_transformers_forms_and_empty_ones_do_nothing()
     ids = np.zeros((1, 4), np.int64)
     with pytest.raises(ValueError, match=r"vocabulary has 12 tokens, but these are biased or banned: \[12, 40\]"):
         for_settings(GenerationSettings.resolve({"bad_words_ids": [[40], [1, 12]]}, {}), ids, np.ones_like(ids), EOS, VOCAB)
-    with pytest.raises(ValueError, match="token 12 .* is not in the model's vocabulary of 12"):
+    with pytest.raises(ValueError, match="forced_eos_token_id 12 is not in the model's vocabulary of 12"):
         for_settings(GenerationSettings.resolve({"forced_eos_token_id": 12}, {}), ids, np.ones_like(ids), EOS, VOCAB)
+    # Suppressed ids past the vocabulary suppress nothing, as in transformers (its mask covers the vocabulary only).
+    (suppress,) = for_settings(GenerationSettings.resolve({"suppress_tokens": [2, 40]}, {}), ids, np.ones_like(ids), EOS, VOCAB)
+    scores = np.zeros((1, VOCAB), np.float32)
+    suppress(scores)
+    assert np.isinf(scores).sum() == 1 and np.isinf(scores[0, 2])
     # min_new_tokens, once set (to 0 too), replaces min_length, as in transformers (which warns where a caller gives both).
     with pytest.warns(UserWarning, match="Both `min_new_tokens`"):
         assert GenerationSettings.resolve({"min_new_tokens": 0, "min_length": 50}, {}).min_length == 0
-    assert GenerationSettings.resolve({"min_length": 50}, {"min_new_tokens": 2}).min_length == 0
+    with pytest.warns(UserWarning, match="Both `min_new_tokens`"):  # (wherever each came from)
+        assert GenerationSettings.resolve({"min_length": 50}, {"min_new_tokens": 2}).min_length == 0
     assert GenerationSettings.resolve({"min_length": 50}, {}).min_length == 50
     # A bad word that is one EOS token is left out, as transformers leaves it: the answer can still end.
     assert for_settings(GenerationSettings.resolve({"bad_words_ids": [EOS]}, {}), ids, np.ones_like(ids), EOS, VOCAB) == []
@@ -229,3 +235,29 @@ def test_seeded_sampler_draws_each_row_from_its_probabilities():
         frequencies = np.bincount(draws[:, row], minlength=5) / len(draws)
         np.testing.assert_allclose(frequencies[candidates], probs, atol=0.01)
         assert frequencies[np.setdiff1d(np.arange(5), candidates)].sum() == 0  # top-k's cut token is never drawn
+
+
+@pytest.mark.parametrize("settings", [
+    {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}, {"no_repeat_ngram_size": 3},
+    {"sequence_bias": [[[3, 4], 5.0], [[2, 6, 4], 4.0], [[5], -2.0]]}, {"bad_words_ids": [[1, 2], [4, 7, 2]]},
+], ids=lambda settings: next(iter(settings)))
+def test_reorder_gives_each_row_the_history_it_continues(settings):
+    """Beam search's rows continue other rows: after `reorder(rows)` and `picked(tokens)`, each processor scores as one
+    built afresh from the rows' new histories (`history[rows] ++ tokens`), step after step."""
+    rng = np.random.default_rng(7)
+    resolved = GenerationSettings.resolve(settings, {})
+    history = rng.integers(0, VOCAB, size=(4, 12))
+    processors = for_settings(resolved, history, np.ones_like(history), EOS, VOCAB)
+    for _ in range(12):
+        rows, tokens = rng.integers(0, 4, size=4), rng.integers(0, VOCAB, size=4)
+        for process in processors:
+            process.reorder(rows)
+            process.picked(tokens)
+        history = np.concatenate([history[rows], tokens[:, None]], axis=1)
+        logits = rng.standard_normal((4, VOCAB)).astype(np.float32)
+        got, want = logits.copy(), logits.copy()
+        for process in processors:
+            process(got)
+        for process in for_settings(resolved, history, np.ones_like(history), EOS, VOCAB):
+            process(want)
+        np.testing.assert_array_equal(got, want)
