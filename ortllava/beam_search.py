@@ -31,6 +31,7 @@ import numpy as np
 from .decoders import KVCache
 from .generate import Decoder, EmbedFn, GenerationMetrics, non_finite_hint
 from .logits_processors import LogitsProcessor
+from .settings import GenerationSettings
 
 RULED_OUT = np.float32(-1.0e9)
 
@@ -64,15 +65,16 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def beam_search(
-    decoder: Decoder, prefill: Callable[[], tuple[np.ndarray, KVCache]], embed: EmbedFn, processors: list[LogitsProcessor], prompts: int, num_beams: int, max_new_tokens: int,
-    eos_token_ids: list[int], fill_id: int, length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
-    metrics: GenerationMetrics, started: float,
+    decoder: Decoder, prefill: Callable[[], tuple[np.ndarray, KVCache]], embed: EmbedFn, processors: list[LogitsProcessor], prompts: int,
+    settings: GenerationSettings, eos_token_ids: list[int], fill_id: int, metrics: GenerationMetrics, started: float,
 ) -> BeamAnswers:
-    """Runs the search. `prefill()` gives the prompts' logits and cache, each prompt's row already repeated
+    """Runs the search that `settings` ask for (num_beams, max_new_tokens, length_penalty, early_stopping,
+    num_return_sequences). `prefill()` gives the prompts' logits and cache, each prompt's row already repeated
     `num_beams` times (`[prompts * num_beams, V]`); `embed(ids [R], out [R, 1, D])` writes the next tokens'
     embeddings into the cache's step buffer; `processors` were built for the repeated rows. `fill_id` pads a
     hypothesis after its end (transformers' output rows; not in the answers)."""
-    nb, eos = num_beams, np.array(eos_token_ids, dtype=np.int64)
+    nb, max_new_tokens, eos = settings.num_beams, settings.max_new_tokens, np.array(eos_token_ids, dtype=np.int64)
+    length_penalty, early_stopping = settings.length_penalty, settings.early_stopping
     keep = max(2, 1 + len(eos)) * nb
     prompt_offsets = (np.arange(prompts) * nb)[:, None]  # [P, 1]: each prompt's first row
     # New tokens of each hypothesis, [P, beams, max_new_tokens], padded with fill_id.
@@ -151,7 +153,7 @@ def beam_search(
     finally:
         metrics.decode_s = time.perf_counter() - decode_start
         decoder.release(cache)
-    count = num_return_sequences
+    count = settings.num_return_sequences
     return BeamAnswers(
         tokens=[[finished[p, i, : finished_lengths[p, i]].tolist() for i in range(count)] for p in range(prompts)],
         scores=[[float(finished_scores[p, i]) for i in range(count)] for p in range(prompts)],

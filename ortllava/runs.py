@@ -143,8 +143,7 @@ def collect_beams(run: Run) -> list[GenerationResult]:
     prompt's best `num_return_sequences` answers, best first, one `GenerationResult` each."""
     settings = run.settings
     answers = beam_search(
-        run.decoder, run.prefill, run.embed_step, run.processors, run.batch // settings.num_beams, settings.num_beams, settings.max_new_tokens,
-        run.eos, run.pad_id, settings.length_penalty, settings.early_stopping, settings.num_return_sequences, run.metrics, run.started,
+        run.decoder, run.prefill, run.embed_step, run.processors, run.batch // settings.num_beams, settings, run.eos, run.pad_id, run.metrics, run.started,
     )
     run.metrics.total_s = time.perf_counter() - run.started
     return [

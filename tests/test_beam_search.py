@@ -79,8 +79,7 @@ def ours(prompts: np.ndarray, num_beams: int, eos: list[int], options: dict) -> 
 
     answers = beam_search(
         _Decoder(), lambda: (next_logits(torch.tensor(rows)).numpy(), cache), embed, for_settings(settings, rows, np.ones_like(rows), eos, VOCAB),
-        len(prompts), num_beams, NEW_TOKENS, eos, FILL, settings.length_penalty, settings.early_stopping, settings.num_return_sequences,
-        GenerationMetrics(), 0.0,
+        len(prompts), settings, eos, FILL, GenerationMetrics(), 0.0,
     )
     return [answer for prompt in answers.tokens for answer in prompt]
 
