@@ -12,7 +12,7 @@ from .decoders import ContextLengthError
 from .generate import GenerationMetrics, GenerationResult
 from .settings import GenerationSettings
 from .hf_pipeline import pipeline
-from .image import ImageLoadError
+from .image_source import ImageLoadError
 from .manifest import BundleError
 from .runs import StreamChunk
 

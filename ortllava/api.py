@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 from .features import embed, pack_images
 from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, positions_needed
-from .image import ImageLike
+from .image_source import ImageLike
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .processor import BatchFeature, Processor, is_chat_batch

@@ -25,7 +25,7 @@ import numpy as np
 
 from .decoders import ContextLengthError
 from .generate import GenerationMetrics, GenerationResult, positions_needed
-from .image import ImageLike, load_image
+from .image_source import ImageLike, load_image
 from .prefix import HeldCache, plan_from_held
 from .processor import flatten_images, images_in_messages
 from .runs import collect, one_answer, stream_chunks

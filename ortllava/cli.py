@@ -209,7 +209,7 @@ CHAT_HELP = "commands: /image PATH_OR_URL (attach to the next message), /reset (
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .image import ImageLoadError, load_image
+    from .image_source import ImageLoadError, load_image
 
     pipe = _load(args)
     session = pipe.chat(system=args.system, **_generation_options(args, pipe))
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # an answer the terminal's encoding cannot show is shown in part, never lost
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    from .image import ImageLoadError
+    from .image_source import ImageLoadError
     from .manifest import BundleError
 
     formatwarning = warnings.formatwarning

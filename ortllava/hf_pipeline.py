@@ -30,7 +30,7 @@ decoded text). Combined as transformers combines them: generation settings given
 `max_new_tokens` or `stop_sequence` replace the construction's `generate_kwargs` and `stop_sequence` whole. A call's
 other generation settings given directly are applied last (transformers ignores them with a warning); a call's
 direct `max_length` is refused (transformers hands it to the processor). `timeout` (seconds) applies to every http(s)
-image; without it, `ortllava.image.load_image`'s timeout and size limit apply.
+image; without it, `ortllava.image_source.load_image`'s timeout and size limit apply.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from PIL import Image, ImageOps
 
 from .api import Pipeline, load
 from .generate import GenerationResult
-from .image import URL_TIMEOUT_S, image_sizes, load_image
+from .image import image_sizes
+from .image_source import URL_TIMEOUT_S, load_image
 from .processor import flatten_images, images_in_messages
 from .sessions import is_provider
 from .settings import GENERATION_ARGUMENTS

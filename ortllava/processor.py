@@ -14,7 +14,8 @@ from tokenizers import Encoding, Tokenizer
 
 from . import chat_template as templates
 from .features import unpadded_shape
-from .image import ImageLike, ImageProcessor, ImageProcessorConfig, image_sizes, load_image, num_tiles, select_best_resolution
+from .image import ImageProcessor, ImageProcessorConfig, image_sizes, num_tiles, select_best_resolution
+from .image_source import ImageLike, load_image
 from .manifest import (
     CHAT_TEMPLATE_FILE,
     PREPROCESSOR_CONFIG_FILE,

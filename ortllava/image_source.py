@@ -1,0 +1,142 @@
+"""Image sources: what a caller may give as an image (a PIL image, an array or tensor, a path, a `file://`, http(s)
+or `data:` URL, a base64 string) opened as transformers' `load_image` opens it, with clear errors
+(`ImageLoadError`, naming the source) and a size and time limit on downloads."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import time
+import urllib.request
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageLike = Union[Image.Image, np.ndarray, str, Path]
+
+URL_TIMEOUT_S = 20.0
+URL_MAX_BYTES = 50 * 1024 * 1024
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read; the message names its source."""
+
+
+
+def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image:
+    """Opens a path (or a `file://` URL), an http(s) URL, a `data:image/...;base64,` URI or a base64 string the way
+    transformers' `load_image` does: EXIF-rotated, then `convert("RGB")`.
+
+    PIL images and arrays are returned as given (a tensor as its array); `to_rgb` converts them later, as the image
+    processor does.
+    `timeout` (seconds) bounds a URL's download.
+    """
+    if isinstance(source, Image.Image):
+        try:
+            source.load()  # (pixels a lazily opened image has not read yet; a closed image fails here)
+        except Exception as error:  # PIL raises many types for damaged files
+            raise ImageLoadError(f"cannot read the PIL image given: {error}") from error
+        return source
+    if isinstance(source, np.ndarray):
+        return source
+    if hasattr(source, "__array__") and not isinstance(source, (str, os.PathLike)):  # a torch (or other) tensor, as transformers takes
+        try:
+            return np.asarray(source)
+        except Exception as error:  # (a GPU tensor, or one that needs grad, has no host array)
+            raise ImageLoadError(f"cannot read the {type(source).__name__} given as an array: {error} (give tensor.detach().cpu().numpy())") from error
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageLoadError(f"unsupported image type {type(source).__name__}: give a PIL image, an array (or a tensor), a path or a URL")
+    text = os.fspath(source)
+    name = _shortened(text)
+    data = _read_source(text, isinstance(source, str), timeout)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except UnidentifiedImageError as error:
+        raise ImageLoadError(f"cannot decode image {name}: not in an image format PIL can read") from error
+    except Exception as error:  # PIL raises many types for damaged files
+        raise ImageLoadError(f"cannot decode image {name}: {error}") from error
+
+
+def _read_source(text: str, may_be_base64: bool, timeout: float) -> bytes:
+    """The bytes of an image source: a URL's download, a data URI's payload, a file's content, or a base64
+    string's decoding (tried for a string that is no readable file, as transformers does)."""
+    if not text.strip():  # (Path("") is the current folder: "Is a directory" would say nothing useful)
+        raise ImageLoadError("an empty string was given as an image: give a path, a URL or base64 data")
+    if text.startswith(("http://", "https://")):
+        return fetch_url(text, timeout=timeout)
+    if text.startswith("file://"):  # a local file as a URL (transformers reads no such URL; its path is plain here)
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        url = urlparse(text)
+        if url.netloc not in ("", "localhost"):
+            raise ImageLoadError(f"cannot read image {_shortened(text)}: a file:// URL must name a file on this machine")
+        text = url2pathname(url.path)
+        may_be_base64 = False
+    elif text.startswith("data:"):  # (transformers decodes a data:image/ URI's payload as base64, marked so or not)
+        header, _, payload = text.partition(",")
+        decoded = _decode_base64(payload) if header.startswith("data:image/") else None
+        if decoded is None:
+            raise ImageLoadError(f"cannot read image {_shortened(text)}: a data URI must be data:image/...;base64,<base64 data>")
+        return decoded
+    try:
+        return Path(text).read_bytes()
+    except OSError as error:
+        decoded = _decode_base64(text) if may_be_base64 else None
+        if decoded is None or not _looks_like_an_image(decoded):
+            raise ImageLoadError(f"cannot read image file {_shortened(text)}: {error.strerror or error}") from error
+        return decoded
+
+
+def _decode_base64(text: str) -> bytes | None:
+    """`text`'s base64 decoding (whitespace ignored), or None where it is not base64."""
+    compact = "".join(text.split())
+    if not compact or not _BASE64.fullmatch(compact):
+        return None
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4))
+    except ValueError:
+        return None
+
+
+def _looks_like_an_image(data: bytes) -> bool:
+    try:
+        Image.open(io.BytesIO(data))  # reads the header only
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types
+        return False
+
+
+def _shortened(text: str, most: int = 120) -> str:
+    """`text` for an error message: a base64 payload can be megabytes long."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
+
+
+def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
+    """Downloads `url` with a size limit and a time limit: `timeout` seconds for the connection and for each
+    wait on the server, and for the whole download, checked as data arrives (so a server that sends a byte
+    now and then is given up on after at most about twice `timeout`)."""
+    deadline = time.monotonic() + timeout
+    received: list[bytes] = []
+    size = 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) checked by caller
+            while block := response.read1(1 << 16):  # what has arrived, up to 64 KiB: one wait at most
+                received.append(block)
+                size += len(block)
+                if size > max_bytes:
+                    raise ImageLoadError(f"image {url} is larger than the {max_bytes} byte limit")
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(f"cannot fetch image {url}: the download took longer than {timeout:g} s")
+    except ImageLoadError:
+        raise
+    except Exception as error:
+        raise ImageLoadError(f"cannot fetch image {url}: {error}") from error
+    return b"".join(received)
