@@ -32,14 +32,18 @@ class LogitsProcessor(Protocol):
 
 
 def with_processors(sampler: Sampler, processors: Iterable[LogitsProcessor | None]) -> Sampler:
-    """`sampler` behind `processors` (None: off), applied in the order given."""
+    """`sampler` behind `processors` (None: off), applied in the order given. A processor whose work is over
+    (`expired`: min_new_tokens' EOS ban once that many tokens are out) is dropped, and once none is left the
+    logits go to the sampler uncopied."""
     processors = [p for p in processors if p is not None]
     if not processors:
         return sampler
     scores: np.ndarray | None = None  # [B, V]: the processed logits, reused
 
     def sample(logits: np.ndarray) -> np.ndarray:
-        nonlocal scores
+        nonlocal scores, processors
+        if not processors:
+            return sampler(logits)
         if scores is None or scores.shape != logits.shape:
             scores = np.empty_like(logits)
         np.copyto(scores, logits)
@@ -48,6 +52,8 @@ def with_processors(sampler: Sampler, processors: Iterable[LogitsProcessor | Non
         tokens = sampler(scores)
         for process in processors:
             process.picked(tokens)
+        if any(getattr(process, "expired", False) for process in processors):
+            processors = [p for p in processors if not getattr(p, "expired", False)]
         return tokens
 
     return sample
@@ -63,9 +69,13 @@ class ForbidTokens:
         self.steps = steps
         self.done = 0
 
+    @property
+    def expired(self) -> bool:
+        return self.steps is not None and self.done >= self.steps
+
     def __call__(self, scores: np.ndarray) -> None:
-        if self.steps is None or self.done < self.steps:
-            scores[:, self.token_ids[self.token_ids < scores.shape[1]]] = -np.inf  # (ids past the logits: nothing to forbid)
+        if not self.expired:
+            scores[:, self.token_ids] = -np.inf
 
     def picked(self, tokens: np.ndarray) -> None:
         self.done += 1
@@ -239,7 +249,7 @@ def for_settings(settings: GenerationSettings, prompt_ids: np.ndarray, prompt_ma
     prompt_width = prompt_ids.shape[1]
     forced_eos = settings.forced_eos_token_id
     forced_eos = [forced_eos] if isinstance(forced_eos, (int, np.integer)) else list(forced_eos or ())
-    outside = [i for i in forced_eos if i >= vocab_size]  # (suppressed ids past the vocabulary: nothing to suppress, as in transformers)
+    outside = [i for i in forced_eos if i >= vocab_size]  # (suppressed ids past it suppress nothing, as in transformers: left out below)
     if outside:
         raise ValueError(f"forced_eos_token_id {outside[0]} is not in the model's vocabulary of {vocab_size}")
     processors: list[LogitsProcessor | None] = [
@@ -250,7 +260,7 @@ def for_settings(settings: GenerationSettings, prompt_ids: np.ndarray, prompt_ma
         ForbidTokens(eos_token_ids, settings.min_length - prompt_width) if settings.min_length > prompt_width and eos_token_ids else None,
         ForbidTokens(eos_token_ids, settings.min_new_tokens) if settings.min_new_tokens > 0 and eos_token_ids else None,
         ForceTokens(forced_eos, settings.max_new_tokens - 1) if forced_eos else None,
-        ForbidTokens(settings.suppress_tokens) if settings.suppress_tokens else None,
-        ForbidTokens(settings.begin_suppress_tokens, 1) if settings.begin_suppress_tokens else None,
+        ForbidTokens(suppressed) if (suppressed := [i for i in settings.suppress_tokens or () if i < vocab_size]) else None,
+        ForbidTokens(at_begin, 1) if (at_begin := [i for i in settings.begin_suppress_tokens or () if i < vocab_size]) else None,
     ]
     return [p for p in processors if p is not None]

@@ -261,3 +261,16 @@ def test_reorder_gives_each_row_the_history_it_continues(settings):
         for process in for_settings(resolved, history, np.ones_like(history), EOS, VOCAB):
             process(want)
         np.testing.assert_array_equal(got, want)
+
+
+def test_an_expired_eos_ban_leaves_the_logits_uncopied():
+    """min_new_tokens' ban is over once that many tokens are out: from then on the sampler reads the decoder's
+    logits as they are (no copy a step for the rest of the answer)."""
+    ids = np.zeros((1, 4), np.int64)
+    seen = []
+    sample = with_processors(lambda scores: seen.append(scores) or scores.argmax(-1), for_settings(
+        GenerationSettings.resolve({"min_new_tokens": 2}, {}), ids, np.ones_like(ids), EOS, VOCAB))
+    logits = np.zeros((1, VOCAB), np.float32)
+    logits[0, EOS[0]] = 1.0
+    assert [int(sample(logits)[0]) for _ in range(3)] == [0, 0, EOS[0]]
+    assert seen[0] is not logits and seen[1] is not logits and seen[2] is logits
