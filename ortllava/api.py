@@ -205,9 +205,10 @@ class Pipeline:
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
         images are encoded and the prompt prefilled once; its keys/values are copied for each answer).
-        `num_beams=n` > 1: beam search, as transformers' (`length_penalty`, `early_stopping`; see
-        `ortllava.beam_search`), its best `num_return_sequences` (at most n) answers per prompt; not with sampling,
-        stop strings or output_logits, and not in a stream or a chat.
+        `num_beams=n` > 1: beam search, as transformers' (`length_penalty`, `early_stopping`; with `do_sample=True`, beam
+        sampling: the warpers apply and the hypotheses' continuations are drawn; see `ortllava.beam_search`), its best
+        `num_return_sequences` (at most n) answers per prompt; not with stop strings or output_logits, and not in a
+        stream or a chat.
         `output_logits=True`: each result's `logits [len(token_ids), V]` are the raw logits (before the logits processors
         and the warpers above) each new token was picked from, as transformers' `output_logits`.
         Returns a `GenerationResult`, or a list of them for a batch; with `num_return_sequences=n` > 1, a list

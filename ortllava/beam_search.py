@@ -1,9 +1,12 @@
-"""Beam search (`num_beams > 1`, greedy): transformers' `_beam_search`, step for step, over ortllava's decoder.
+"""Beam search (`num_beams > 1`): transformers' `_beam_search`, step for step, over ortllava's decoder; greedy, or
+beam sampling with `do_sample`.
 
 Terms, as transformers uses them. Each prompt keeps `num_beams` *running* hypotheses (rows `b * num_beams + i` of
 the cache) and up to `num_beams` *finished* ones. A step scores every continuation of every running hypothesis by
 its accumulated log-probability (the processors apply to the log-softmax, as in transformers), keeps the best
-`keep = max(2, 1 + n_eos) * num_beams` *candidates* of the prompt, and then:
+`keep = max(2, 1 + n_eos) * num_beams` *candidates* of the prompt (beam sampling: the warpers, each keeping at least
+`max(2, 1 + n_eos)` tokens a row, apply after the processors, and the candidates are drawn without replacement from
+the softmax of the prompt's accumulated scores, then ordered best first), and then:
 - the best `num_beams` candidates that do not end there (an EOS token, or the last new token) run on: the cache's
   rows and the processors' histories are reordered to the hypotheses they continue (`reorder_rows`, `reorder`);
 - the candidates among the best `num_beams` that end there compete with the finished ones, each scored
@@ -17,7 +20,10 @@ Scores are float32 as transformers computes them, -1e9 standing for "ruled out".
 transformers' on some inputs: ties (rare on real logits), which may break otherwise than torch's topk, and the
 log-softmax's rounding (its sum of exponentials is float64 here), within an ulp or two of torch's. Where fewer than
 `num_return_sequences` hypotheses ever finish with a score (every continuation forbidden), the missing answers are
-empty, where transformers' rows hold fill ids.
+empty, where transformers' rows hold fill ids. Beam sampling draws from ortllava's seeded generator (one uniform number
+per candidate), not torch's; where a prompt has fewer continuations with any probability than candidates to draw
+(a small `top_k` at the first step, when one hypothesis runs), the rest are its most probable others, ruled out in
+effect, where torch.multinomial raises an error.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 from .decoders import KVCache
 from .generate import Decoder, EmbedFn, GenerationMetrics, non_finite_hint
 from .logits_processors import LogitsProcessor
+from .sampling import draw_without_replacement, warped_scores
 from .settings import GenerationSettings
 
 RULED_OUT = np.float32(-1.0e9)
@@ -64,6 +71,24 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(picked, order, axis=1)
 
 
+def _drawn(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """`[B, N]` -> `[B, k]` indices drawn without replacement from each row's softmax (float32, as torch computes it),
+    then ordered by score, largest first. A row with fewer than k nonzero probabilities gives them all, then its
+    best others."""
+    picked = np.empty((len(scores), k), dtype=np.int64)
+    for row, out in zip(scores, picked):
+        top = row.max()
+        probs = np.exp(row - top) if np.isfinite(top) else np.zeros_like(row)  # (every continuation forbidden: none live)
+        live = np.flatnonzero(probs)  # (leaving the zeros out changes no draw: `draw_without_replacement`)
+        drawn = live[draw_without_replacement(probs[live], min(k, len(live)), rng)]
+        if len(drawn) < k:
+            rest = row.copy()
+            rest[drawn] = np.inf  # (first in `_top`'s order, so the others follow them)
+            drawn = _top(rest[None], k)[0]
+        out[:] = drawn[np.argsort(-row[drawn], kind="stable")]
+    return picked
+
+
 def beam_search(
     decoder: Decoder, prefill: Callable[[], tuple[np.ndarray, KVCache]], embed: EmbedFn, processors: list[LogitsProcessor], prompts: int,
     settings: GenerationSettings, eos_token_ids: list[int], fill_id: int, metrics: GenerationMetrics, started: float,
@@ -72,10 +97,16 @@ def beam_search(
     num_return_sequences). `prefill()` gives the prompts' logits and cache, each prompt's row already repeated
     `num_beams` times (`[prompts * num_beams, V]`); `embed(ids [R], out [R, 1, D])` writes the next tokens'
     embeddings into the cache's step buffer; `processors` were built for the repeated rows. `fill_id` pads a
-    hypothesis after its end (transformers' output rows; not in the answers)."""
+    hypothesis after its end (transformers' output rows; not in the answers). With `settings.do_sample`, the warpers
+    and candidates are drawn from a generator seeded with `settings.seed`."""
     nb, max_new_tokens, eos = settings.num_beams, settings.max_new_tokens, np.array(eos_token_ids, dtype=np.int64)
     length_penalty, early_stopping = settings.length_penalty, settings.early_stopping
     keep = max(2, 1 + len(eos)) * nb
+    rng = np.random.default_rng(settings.seed) if settings.do_sample else None
+    warpers = (
+        settings.temperature, settings.top_k, settings.top_p, settings.min_p, settings.typical_p, settings.epsilon_cutoff, settings.eta_cutoff,
+        max(2, 1 + len(eos)),  # (transformers' min_tokens_to_keep for beams: a continuation that is no EOS survives)
+    )
     prompt_offsets = (np.arange(prompts) * nb)[:, None]  # [P, 1]: each prompt's first row
     # New tokens of each hypothesis, [P, beams, max_new_tokens], padded with fill_id.
     running = np.full((prompts, nb, max_new_tokens), fill_id, dtype=np.int64)
@@ -100,11 +131,13 @@ def beam_search(
             log_probs = log_softmax(logits)  # [P * nb, V]
             for process in processors:
                 process(log_probs)
+            if rng is not None:
+                log_probs = warped_scores(log_probs, *warpers)
             vocab = log_probs.shape[1]
             accumulated = (log_probs.reshape(prompts, nb, vocab) + running_scores[:, :, None]).reshape(prompts, nb * vocab)
 
             # The best `keep` continuations of each prompt: which hypothesis each continues, and its token.
-            top = _top(accumulated, keep)  # [P, keep]
+            top = _top(accumulated, keep) if rng is None else _drawn(accumulated, keep, rng)  # [P, keep]
             top_scores = np.take_along_axis(accumulated, top, axis=1)
             source, tokens = top // vocab, top % vocab
             candidates = np.take_along_axis(running, source[:, :, None], axis=1)  # [P, keep, max_new_tokens]

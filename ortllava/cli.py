@@ -101,7 +101,7 @@ GENERATION_FLAGS = (
     ("--seed", dict(metavar="SEED", type=int), "sampling: the random seed (the same seed gives the same answer)"),
     ("--repetition-penalty", dict(metavar="R", type=float), "penalize tokens already in the prompt or answer (>1; as transformers: positive scores divided by it, negative ones multiplied)"),
     ("--no-repeat-ngram-size", dict(metavar="N", type=int), "no sequence of N tokens (the prompt's included) occurs twice"),
-    ("--num-beams", dict(metavar="N", type=int), "beam search over N hypotheses, as transformers' (not with --do-sample, --stream or chat)"),
+    ("--num-beams", dict(metavar="N", type=int), "beam search over N hypotheses, as transformers' (with --do-sample: beam sampling; not with --stream or chat)"),
     ("--stop", dict(metavar="TEXT", action="append"), "a string that ends the answer where it appears (repeat for several)"),
 )
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "seed")

@@ -33,8 +33,9 @@ class LogitsProcessor(Protocol):
 
 def with_processors(sampler: Sampler, processors: Iterable[LogitsProcessor | None]) -> Sampler:
     """`sampler` behind `processors` (None: off), applied in the order given. A processor whose work is over
-    (`expired`: min_new_tokens' EOS ban once that many tokens are out) is dropped, and once none is left the
-    logits go to the sampler uncopied."""
+    (`expired`: min_new_tokens' EOS ban once that many tokens are out) is dropped; one with nothing to do at this
+    step (`idle`: forced EOS before the last token) is left out of it; a step where none acts samples from the
+    logits uncopied."""
     processors = [p for p in processors if p is not None]
     if not processors:
         return sampler
@@ -44,12 +45,14 @@ def with_processors(sampler: Sampler, processors: Iterable[LogitsProcessor | Non
         nonlocal scores, processors
         if not processors:
             return sampler(logits)
-        if scores is None or scores.shape != logits.shape:
-            scores = np.empty_like(logits)
-        np.copyto(scores, logits)
-        for process in processors:
-            process(scores)
-        tokens = sampler(scores)
+        acting = [process for process in processors if not getattr(process, "idle", False)]
+        if acting:
+            if scores is None or scores.shape != logits.shape:
+                scores = np.empty_like(logits)
+            np.copyto(scores, logits)
+            for process in acting:
+                process(scores)
+        tokens = sampler(scores if acting else logits)
         for process in processors:
             process.picked(tokens)
         if any(getattr(process, "expired", False) for process in processors):
@@ -93,8 +96,12 @@ class ForceTokens:
         self.step = step
         self.done = 0
 
+    @property
+    def idle(self) -> bool:
+        return self.done != self.step
+
     def __call__(self, scores: np.ndarray) -> None:
-        if self.done == self.step:
+        if not self.idle:
             scores[:] = -np.inf
             scores[:, self.token_ids] = 0.0
 

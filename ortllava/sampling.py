@@ -1,7 +1,9 @@
 """Samplers: small closures from last-position logits `[B, V]` to next tokens `[B]`.
 
 A sampling one applies transformers' warpers in its order: temperature, top-k, top-p, min-p, typical-p, epsilon and eta
-cutoffs. The logits processors, which apply before any sampler (greedy too), are in logits_processors.py.
+cutoffs. The logits processors, which apply before any sampler (greedy too), are in logits_processors.py. Beam sampling
+(beam_search.py) takes the warpers' scores (`warped_scores`) and draws several continuations at once
+(`draw_without_replacement`).
 """
 
 from __future__ import annotations
@@ -59,14 +61,15 @@ def make_sampler(
 
 def candidate_probs(
     scores: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float = 0.0, typical_p: float = 1.0,
-    epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
+    epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0, min_keep: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One row's logits `[V]` -> the tokens that may be drawn (ascending ids) and their probabilities (float64,
     summing to 1): transformers' temperature, top-k, top-p, min-p, typical-p, epsilon and eta warpers, then softmax.
 
     Each warper sees the probabilities the ones before it left (renormalized, as transformers' softmax of the
-    filtered logits gives them); each keeps at least the most probable token."""
-    candidates = _top_k(scores, top_k)
+    filtered logits gives them); each keeps at least `min_keep` tokens (transformers' `min_tokens_to_keep`: 1 when
+    sampling, one more than the EOS ids in beam sampling), chosen as transformers chooses them."""
+    candidates = _top_k(scores, max(top_k, min_keep) if top_k else 0)
     values = scores[candidates].astype(np.float64) / temperature
     finite = np.isfinite(values)
     if not finite.all():  # -inf: tokens forbidden (min_new_tokens) are no candidates, even where top-k counts them
@@ -74,22 +77,60 @@ def candidate_probs(
     probs = np.exp(values - values.max())
     probs /= probs.sum()
     if top_p < 1.0:
-        kept = _top_p(probs, top_p)
+        kept = _top_p(probs, top_p, min_keep)
         candidates, probs = candidates[kept], probs[kept] / probs[kept].sum()
     if min_p > 0:  # (the ratio to the most probable token is the same before and after top-p's renormalizing)
-        kept = probs >= min_p * probs.max()
+        kept = (probs >= min_p * probs.max()) | _largest(probs, min_keep)
         candidates, probs = candidates[kept], probs[kept] / probs[kept].sum()
     if typical_p < 1.0:
-        kept = _typical(probs, typical_p)
+        kept = _typical(probs, typical_p, min_keep)
         candidates, probs = candidates[kept], probs[kept] / probs[kept].sum()
     if epsilon_cutoff > 0:
-        kept = (probs >= epsilon_cutoff) | (probs == probs.max())
+        kept = (probs >= epsilon_cutoff) | _largest(probs, min_keep)
         candidates, probs = candidates[kept], probs[kept] / probs[kept].sum()
     if eta_cutoff > 0:  # epsilon's cut, lowered where the distribution is flat: min(eps, sqrt(eps) * e^-entropy)
         entropy = -np.sum(probs * np.log(probs, where=probs > 0, out=np.zeros_like(probs)))
-        kept = (probs >= min(eta_cutoff, np.sqrt(eta_cutoff) * np.exp(-entropy))) | (probs == probs.max())
+        kept = (probs >= min(eta_cutoff, np.sqrt(eta_cutoff) * np.exp(-entropy))) | _largest(probs, min_keep)
         candidates, probs = candidates[kept], probs[kept] / probs[kept].sum()
     return candidates, probs
+
+
+def warped_scores(
+    scores: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float, typical_p: float, epsilon_cutoff: float,
+    eta_cutoff: float, min_keep: int,
+) -> np.ndarray:
+    """`[R, V]` float32 scores -> `[R, V]` float32 as transformers' warpers leave them: each row's candidates
+    (`candidate_probs`) at score / temperature, every other token at -inf. Beam sampling adds these to the
+    hypotheses' scores; a row costs what a sampled token does."""
+    warped = np.full_like(scores, -np.inf)
+    divisor = np.float32(temperature)
+    for row, out in zip(scores, warped):
+        candidates, _ = candidate_probs(row, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_keep)
+        out[candidates] = row[candidates] / divisor
+    return warped
+
+
+def draw_without_replacement(weights: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` distinct indices of `weights [N]` (>= 0, at least `count` of them > 0), drawn one after another, each
+    with probability its weight over the weights not yet drawn (torch.multinomial's law without replacement): one
+    uniform number per draw, inverse CDF. Zero weights are never drawn, so leaving them out changes nothing."""
+    remaining = weights.astype(np.float64)  # (a copy: drawn weights are zeroed)
+    picks = np.empty(count, dtype=np.int64)
+    for i in range(count):
+        cumulative = np.cumsum(remaining)
+        # The first index whose cumulative weight passes the draw: a zero weight never does (it adds nothing).
+        picks[i] = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(remaining) - 1)
+        remaining[picks[i]] = 0.0
+    return picks
+
+
+def _largest(values: np.ndarray, k: int) -> np.ndarray:
+    """`[len(values)]` bool: the values that reach the k-th largest (ties kept)."""
+    if k <= 1:
+        return values == values.max()
+    if k >= len(values):
+        return np.ones(len(values), dtype=bool)
+    return values >= np.partition(values, -k)[-k]
 
 
 def _top_k(scores: np.ndarray, top_k: int) -> np.ndarray:
@@ -100,9 +141,10 @@ def _top_k(scores: np.ndarray, top_k: int) -> np.ndarray:
     return np.flatnonzero(scores >= kth)
 
 
-def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """`[len(probs)]` bool: the smallest set of most probable tokens whose mass reaches `top_p` (at least one), by
-    transformers' rule: a token goes when the ascending cumulative mass up to it is <= 1 - top_p."""
+def _top_p(probs: np.ndarray, top_p: float, min_keep: int = 1) -> np.ndarray:
+    """`[len(probs)]` bool: the smallest set of most probable tokens whose mass reaches `top_p` (at least the
+    `min_keep` most probable), by transformers' rule: a token goes when the ascending cumulative mass up to it is
+    <= 1 - top_p."""
     # Only the most probable tokens can stay: when the 64 largest hold top_p of the mass, sorting them is enough
     # (any other token has at least that much mass above it); otherwise sort them all.
     if len(probs) > TOP_P_PROBE:
@@ -114,17 +156,20 @@ def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
     below = 1.0 - ordered[::-1].cumsum()[::-1] + ordered  # the mass up to each, from the least probable
     kept = np.zeros(len(probs), dtype=bool)
     kept[order[below > 1.0 - top_p]] = True
-    kept[order[-1]] = True
+    kept[order[-min_keep:]] = True
     return kept
 
 
-def _typical(probs: np.ndarray, mass: float) -> np.ndarray:
+def _typical(probs: np.ndarray, mass: float, min_keep: int = 1) -> np.ndarray:
     """`[len(probs)]` bool: transformers' typical-p set. Tokens in order of how far their information (-log p) lies
     from the entropy; kept up to and including the first at which the mass so far reaches `mass` (every token as
-    far as that one, ties included)."""
+    far as that one, ties included), and at least the `min_keep` nearest (as transformers keeps them: not the most
+    probable)."""
     log_probs = np.log(probs, where=probs > 0, out=np.full_like(probs, -np.inf))
     entropy = -np.sum(np.where(probs > 0, probs * log_probs, 0.0))
     distance = np.abs(-log_probs - entropy)  # (inf for a probability that underflowed to 0: last)
     order = np.argsort(distance, kind="stable")
     last = min(int(np.count_nonzero(probs[order].cumsum() < mass)), len(probs) - 1)
-    return distance <= distance[order[last]]
+    kept = distance <= distance[order[last]]
+    kept[order[:min_keep]] = True
+    return kept

@@ -45,7 +45,7 @@ class GenerationSettings:
     begin_suppress_tokens: tuple[int, ...] | None = None  # tokens not picked as the first new token
     forced_eos_token_id: int | tuple[int, ...] | None = None  # the token(s) an answer that reaches max_new_tokens ends with
     num_return_sequences: int = 1  # answers per prompt: sampled each on its own, or the best beams (at most num_beams)
-    num_beams: int = 1  # > 1: beam search (greedy), keeping this many running hypotheses per prompt
+    num_beams: int = 1  # > 1: beam search (beam sampling with do_sample), keeping this many running hypotheses per prompt
     length_penalty: float = 1.0  # beam search: a finished hypothesis scores its log-probability / length ** this
     early_stopping: bool | str = False  # beam search: True, False (transformers' heuristic) or "never" (see beam_search.py)
     output_logits: bool = False  # each result keeps the raw logits each new token was picked from
@@ -110,8 +110,6 @@ class GenerationSettings:
                     stacklevel=4,
                 )
             values.pop("min_length")
-        if given.get("num_beams") is None and values.get("do_sample") is True and values.get("num_beams", 1) != 1:
-            values.pop("num_beams")  # a generation config's beam sampling: not implemented, so sampling (warned of at load)
         for name in ("eos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
             if isinstance(values.get(name), Iterable) and not isinstance(values[name], (str, bytes, Mapping)):
                 values[name] = tuple(values[name])
@@ -176,11 +174,6 @@ class GenerationSettings:
             fail("length_penalty", "a number")
         if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
             fail("early_stopping", 'True, False or "never"')
-        if self.num_beams > 1 and self.do_sample:
-            raise ValueError(
-                f"beam sampling (do_sample=True with num_beams={self.num_beams}) is not implemented: pass do_sample=False for beam search, "
-                "or num_beams=1 to sample"
-            )
         if self.num_beams > 1 and (self.stop or self.output_logits):
             raise ValueError(f"{'stop strings' if self.stop else 'output_logits'}: not implemented for beam search (num_beams={self.num_beams})")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:  # (transformers' words)
@@ -282,20 +275,16 @@ def _shown(value: Any, most: int = 40) -> str:
 
 
 def unsupported_generation_settings(generation_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a generation config that would change transformers' answers and that ortllava ignores (its
-    num_beams where it also sets do_sample: beam sampling; `resolve` leaves it out)."""
-    ignored = {
+    """The settings of a generation config that would change transformers' answers and that ortllava ignores."""
+    return {
         key: value for key, value in generation_config.items()
         if key in UNSUPPORTED_GENERATION_KEYS and value is not None and value not in UNSUPPORTED_GENERATION_KEYS[key]
     }
-    if generation_config.get("do_sample") is True and generation_config.get("num_beams") not in (None, 1):
-        ignored["num_beams"] = generation_config["num_beams"]
-    return ignored
 
 
 def shown_settings(ignored: Mapping[str, Any]) -> str:
-    """`unsupported_generation_settings`' result as a warning names it: `a=1, num_beams=4 with do_sample=True (...)`."""
-    return ", ".join(f"{k}={v!r}" + (" with do_sample=True (beam sampling)" if k == "num_beams" else "") for k, v in ignored.items())
+    """`unsupported_generation_settings`' result as a warning names it: `a=1, b=[2]`."""
+    return ", ".join(f"{k}={v!r}" for k, v in ignored.items())
 
 
 def _token_sequences(name: str, value: Any) -> tuple[tuple[int, ...], ...] | None:

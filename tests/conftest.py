@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import ortllava
+from ortllava.sampling import draw_without_replacement
 
 # Configurations covering the three decoders, a single feature layer and a list of them, and both layouts.
 # Bundles get the fused ("gqa") decoder unless `decoder` says otherwise.
@@ -194,6 +195,28 @@ def at_once(calls: Sequence[Callable[[], Any]]) -> list:
     for thread in threads:
         thread.join()
     return results
+
+
+class SameDraws:
+    """torch.multinomial (without replacement) as ortllava draws: `draw_without_replacement` over each row's nonzero
+    probabilities, from a numpy generator seeded as ortllava's; fewer of them than draws is torch's error."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.calls = 0
+
+    def __call__(self, probs, num_samples: int, replacement: bool = False, **kwargs):
+        import torch
+
+        assert not replacement
+        self.calls += 1
+        rows = []
+        for row in probs.numpy():
+            live = np.flatnonzero(row)
+            if len(live) < num_samples:
+                raise RuntimeError("invalid multinomial distribution (with replacement=False, not enough non-negative category to sample)")
+            rows.append(live[draw_without_replacement(row[live], num_samples, self.rng)])
+        return torch.tensor(np.stack(rows))
 
 
 def user(*content) -> list[dict]:

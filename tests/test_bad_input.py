@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -359,8 +360,8 @@ def test_bad_load_options_are_named(mistral):
 
 def test_a_generation_config_with_beams(mistral, tmp_path):
     """A bundle's num_beams applies to generate, as in transformers; a stream or a chat turn, which answer as they go,
-    search without beams, with a warning. With do_sample too (beam sampling, not implemented) it is warned of at load
-    and left out, so the config samples as before."""
+    search without beams, with a warning. With do_sample too, generate samples beams (repeatably with a seed), and a
+    stream samples without them."""
     copy = tmp_path / "bundle"
     shutil.copytree(mistral.bundle, copy)
     config = copy / "generation_config.json"
@@ -380,12 +381,16 @@ def test_a_generation_config_with_beams(mistral, tmp_path):
     with pytest.raises(ValueError, match=r"beam search \(num_beams=2\) gives its answers at the end"):
         pipe.stream(messages=messages, num_beams=2)
     config.write_text(json.dumps({**settings, "num_beams": 3, "do_sample": True}))
-    with pytest.warns(UserWarning, match=r"sets num_beams=3 with do_sample=True \(beam sampling\), which ortllava does not implement"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (beam sampling is implemented: nothing to warn of at load)
         pipe = ortllava.load(copy, provider="cpu", verify=False)
-    assert (pipe.settings().num_beams, pipe.settings().do_sample) == (1, True)
-    with pytest.raises(ValueError, match="beam sampling .* pass do_sample=False for beam search"):
-        pipe.generate(messages=messages, num_beams=2)
-    assert pipe.settings(num_beams=2, do_sample=False).num_beams == 2
+    assert (pipe.settings().num_beams, pipe.settings().do_sample) == (3, True)
+    sampled = [pipe.generate(messages=messages, max_new_tokens=6, seed=seed, num_return_sequences=3) for seed in (0, 0, 1)]
+    assert [r.token_ids for r in sampled[0]] == [r.token_ids for r in sampled[1]]  # (a seed repeats)
+    assert len(sampled[0]) == 3 and all(r.token_ids for r in sampled[0] + sampled[2])
+    with pytest.warns(UserWarning, match="searched without beams"):
+        streamed = "".join(chunk.text for chunk in pipe.stream(messages=messages, max_new_tokens=6, seed=0))
+    assert streamed == pipe.generate(messages=messages, max_new_tokens=6, seed=0, num_beams=1).text
 
 
 def test_generation_config_settings_not_implemented_are_warned_of(mistral, tmp_path):

@@ -1,7 +1,8 @@
 """Beam search against transformers' `generate(num_beams=...)` on a stand-in language model (no LLaVA, no graphs):
 next-token logits from the last two tokens, so hypotheses diverge and meet again. Every early-stopping rule, length
 penalties of both signs, EOS sets, several answers, and each logits processor under beam reordering; the decoder's
-side is a stand-in that keeps each row's ids, so a wrong row reorder changes the answers."""
+side is a stand-in that keeps each row's ids, so a wrong row reorder changes the answers. Beam sampling, too, with
+transformers' `torch.multinomial` drawing from the same uniform numbers as ortllava's generator."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from ortllava.beam_search import beam_search
 from ortllava.generate import GenerationMetrics
 from ortllava.logits_processors import for_settings
 from ortllava.settings import GenerationSettings
+
+from conftest import SameDraws
 
 VOCAB, NEW_TOKENS, FILL = 11, 8, 10
 _rng = np.random.default_rng(0)
@@ -87,8 +90,8 @@ def ours(prompts: np.ndarray, num_beams: int, eos: list[int], options: dict) -> 
 def theirs(model: StandIn, prompts: np.ndarray, num_beams: int, eos: list[int], options: dict) -> list[list[int]]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor(prompts), num_beams=num_beams, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False, eos_token_id=eos,
-            pad_token_id=FILL, **options,
+            torch.tensor(prompts), num_beams=num_beams, max_new_tokens=NEW_TOKENS, use_cache=False, eos_token_id=eos, pad_token_id=FILL,
+            **{"do_sample": False, **options},
         )
     answers = []
     for row in out[:, prompts.shape[1] :].tolist():  # (fill ids after an EOS, or after the longest answer)
@@ -122,3 +125,40 @@ def test_beam_search_answers_as_transformers_on_a_stand_in_model(model, options)
     assert compared == 12
     if options.get("length_penalty", 1.0) <= 1.0:  # (the check can fail: answers that an EOS ended; a penalty above 1 keeps them long)
         assert ended > 0
+
+
+SAMPLED = [
+    {}, {"temperature": 0.6, "num_return_sequences": 2}, {"top_k": 6}, {"top_p": 0.98, "repetition_penalty": 1.5}, {"min_p": 0.01},
+    {"typical_p": 0.98, "early_stopping": True}, {"epsilon_cutoff": 3e-3}, {"eta_cutoff": 3e-3}, {"top_k": 8, "length_penalty": -1.0},
+]
+
+
+@pytest.mark.parametrize("options", SAMPLED, ids=[",".join(o) or "plain" for o in SAMPLED])
+def test_beam_sampling_answers_as_transformers_from_the_same_draws(model, options, monkeypatch):
+    """`do_sample=True` with `num_beams`: the warpers after the processors (keeping one more token than the EOS ids),
+    the candidates drawn from the accumulated scores' softmax and ordered best first. Where transformers cannot draw
+    (fewer live continuations than candidates, its error), ortllava still answers."""
+    compared, refused, differs_from_greedy, warped = 0, 0, False, False
+    no_warpers = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+    for seed, num_beams, eos in itertools.product(range(3), (2, 3), ([4], [4, 9], [])):
+        prompts = np.random.default_rng(seed).integers(0, VOCAB, size=(2, 5))
+        draws = SameDraws(seed)
+        monkeypatch.setattr(torch, "multinomial", draws)
+        sampled = {"do_sample": True, **options}
+        got = ours(prompts, num_beams, eos, {**sampled, "seed": seed})
+        try:
+            want = theirs(model, prompts, num_beams, eos, sampled)
+        except RuntimeError as error:
+            assert "not enough non-negative category" in str(error)
+            assert all(len(answer) for answer in got)
+            refused += 1
+            continue
+        assert draws.calls > 0
+        assert got == want, (seed, num_beams, eos)
+        others = {k: v for k, v in options.items() if k in ("num_return_sequences", "early_stopping", "length_penalty", "repetition_penalty")}
+        differs_from_greedy |= got != ours(prompts, num_beams, eos, others)
+        warped |= got != ours(prompts, num_beams, eos, {**sampled, "seed": seed, **no_warpers, **others})
+        compared += 1
+    assert compared >= 5, (compared, refused)
+    assert differs_from_greedy  # (the check can fail: sampling took other continuations than the best)
+    assert warped or set(options) <= {"num_return_sequences"}  # (each warper changed some answers; top_k=50 cuts nothing here)

@@ -11,7 +11,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 import ortllava
 
-from conftest import CONFIGS, NEW_TOKENS, hf_generate, random_image, user
+from conftest import CONFIGS, NEW_TOKENS, SameDraws, hf_generate, random_image, user
 
 IMAGES = [random_image(640, 480, seed=21), random_image(300, 900, seed=22), random_image(200, 200, seed=23)]
 
@@ -197,6 +197,25 @@ def test_beam_search_answers_as_transformers(setup):
     for refused in (lambda: pipe.stream(messages=batch[1], num_beams=2), lambda: pipe.chat(num_beams=2).send("Hi")):
         with pytest.raises(ValueError, match=r"beam search \(num_beams=2\) gives its answers at the end: use Pipeline.generate"):
             refused()
+
+
+def test_beam_sampling_answers_as_transformers_from_the_same_draws(setup, monkeypatch):
+    """Beam sampling (do_sample with num_beams) on the whole model, a padded batch with an image: transformers'
+    answers token for token where its torch.multinomial draws from the numbers ortllava's seeded generator gives."""
+    processor, model, pipe = setup
+    batch = [user(IMAGES[2], "Describe."), user("Tell me a story about a cat.")]
+    inputs = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+    options = {"num_beams": 3, "num_return_sequences": 2, "temperature": 1.5, "top_k": 40, "min_new_tokens": NEW_TOKENS, "max_new_tokens": NEW_TOKENS}
+    greedy = [r.token_ids for answers in pipe.generate(messages=batch, **{**options, "temperature": None, "top_k": None}) for r in answers]
+    for seed in range(2):
+        draws = SameDraws(seed)
+        monkeypatch.setattr(torch, "multinomial", draws)
+        with torch.no_grad():
+            want = model.generate(**inputs, do_sample=True, **options)[:, inputs["input_ids"].shape[1] :].tolist()
+        got = pipe.generate(messages=batch, do_sample=True, seed=seed, **options)
+        assert draws.calls == NEW_TOKENS  # (one draw of each prompt's candidates a step)
+        assert [r.token_ids for answers in got for r in answers] == want
+        assert want != greedy  # (the check can fail: the draws took other continuations than beam search's best)
 
 
 def _repeats_an_ngram(prompt: list[int], answer: list[int], size: int) -> bool:

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
 )
 
 from ortllava.logits_processors import for_settings, with_processors
-from ortllava.sampling import candidate_probs, make_sampler
+from ortllava.sampling import candidate_probs, draw_without_replacement, make_sampler, warped_scores
 from ortllava.settings import GenerationSettings
 
 VOCAB, PROMPT, STEPS, EOS = 12, 20, 15, [3]  # a small vocabulary, so n-grams and sequences recur
@@ -148,7 +148,6 @@ def test_processors_leave_the_raw_logits_alone_and_cost_nothing_when_off():
     ({"do_sample": True, "eta_cutoff": -0.1}, r"eta_cutoff must be a number in \[0, 1\)"),
     ({"num_beams": 0}, "num_beams must be an integer >= 1"),
     ({"num_beams": True}, "num_beams must be an integer >= 1"),
-    ({"num_beams": 2, "do_sample": True}, r"beam sampling \(do_sample=True with num_beams=2\) is not implemented"),
     ({"num_beams": 2, "num_return_sequences": 3}, r"`num_return_sequences` \(3\) has to be smaller or equal to `num_beams` \(2\)"),
     ({"num_beams": 2, "stop": "x"}, r"stop strings: not implemented for beam search \(num_beams=2\)"),
     ({"num_beams": 2, "output_logits": True}, "output_logits: not implemented for beam search"),
@@ -223,6 +222,47 @@ def test_sampling_candidates_follow_transformers_warpers(vocab, temperature, top
     np.testing.assert_allclose(probs, want[candidates], rtol=1e-5, atol=1e-9)
 
 
+MIN_KEEP_WARPERS = [  # (temperature, top_k, top_p, min_p, more): each alone would keep fewer than 3 tokens of a peaked row
+    (1.0, 1, 1.0, 0.0, {}), (0.7, 0, 0.5, 0.0, {}), (1.0, 0, 1.0, 0.5, {}), (1.0, 0, 1.0, 0.0, {"typical_p": 0.2}),
+    (1.0, 0, 1.0, 0.0, {"epsilon_cutoff": 0.1}), (1.0, 0, 1.0, 0.0, {"eta_cutoff": 0.2}),
+]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p, more", MIN_KEEP_WARPERS)
+def test_beam_sampling_warpers_keep_as_many_tokens_as_transformers(temperature, top_k, top_p, min_p, more):
+    """With `min_keep` (transformers' `min_tokens_to_keep`, which beam sampling sets to one more than the EOS ids),
+    each warper keeps transformers' tokens, and `warped_scores` gives transformers' warped scores."""
+    rng = np.random.default_rng(len(more) + top_k)
+    logits = (rng.standard_normal((2, 600)) * 2).astype(np.float32)
+    logits[:, 17] += 12.0  # one token takes nearly all the mass
+    keep = 3
+    warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + ([TopKLogitsWarper(top_k, min_tokens_to_keep=keep)] if top_k else [])
+    warpers += [TopPLogitsWarper(top_p, min_tokens_to_keep=keep)] if top_p < 1 else []
+    warpers += [MinPLogitsWarper(min_p, min_tokens_to_keep=keep)] if min_p else []
+    warpers += [TypicalLogitsWarper(more["typical_p"], min_tokens_to_keep=keep)] if "typical_p" in more else []
+    warpers += [EpsilonLogitsWarper(more["epsilon_cutoff"], min_tokens_to_keep=keep)] if "epsilon_cutoff" in more else []
+    warpers += [EtaLogitsWarper(more["eta_cutoff"], min_tokens_to_keep=keep)] if "eta_cutoff" in more else []
+    want = LogitsProcessorList(warpers)(torch.zeros((2, 1), dtype=torch.long), torch.from_numpy(logits)).numpy()
+    got = warped_scores(logits, temperature, top_k, top_p, min_p, more.get("typical_p", 1.0), more.get("epsilon_cutoff", 0.0), more.get("eta_cutoff", 0.0), keep)
+    for row in range(2):
+        assert np.flatnonzero(np.isfinite(got[row])).tolist() == np.flatnonzero(np.isfinite(want[row])).tolist()
+        assert len(candidate_probs(logits[row], temperature, top_k, top_p, min_p, **more)[0]) < keep  # (the check can fail)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_drawing_without_replacement_follows_multinomial_law():
+    """Each draw picks among the weights not yet drawn in proportion to them (torch.multinomial without replacement):
+    first-and-second pairs at their exact probabilities, never a zero weight, never one index twice; a seed repeats."""
+    weights = np.array([0.5, 0.0, 0.3, 0.2])
+    rng = np.random.default_rng(0)
+    pairs = np.stack([draw_without_replacement(weights, 2, rng) for _ in range(20000)])
+    assert (pairs[:, 0] != pairs[:, 1]).all() and not (pairs == 1).any()
+    for (first, second), want in {(0, 2): 0.5 * 0.3 / 0.5, (2, 0): 0.3 * 0.5 / 0.7, (3, 2): 0.2 * 0.3 / 0.8, (0, 3): 0.5 * 0.2 / 0.5}.items():
+        assert abs(np.mean((pairs[:, 0] == first) & (pairs[:, 1] == second)) - want) < 0.01, (first, second)
+    assert sorted(draw_without_replacement(weights, 3, np.random.default_rng(1)).tolist()) == [0, 2, 3]
+    assert np.array_equal(draw_without_replacement(weights, 3, np.random.default_rng(5)), draw_without_replacement(weights, 3, np.random.default_rng(5)))
+
+
 def test_seeded_sampler_draws_each_row_from_its_probabilities():
 
     logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]], np.float32))
@@ -274,3 +314,16 @@ def test_an_expired_eos_ban_leaves_the_logits_uncopied():
     logits[0, EOS[0]] = 1.0
     assert [int(sample(logits)[0]) for _ in range(3)] == [0, 0, EOS[0]]
     assert seen[0] is not logits and seen[1] is not logits and seen[2] is logits
+
+
+def test_forced_eos_copies_the_logits_only_at_the_last_step():
+    """forced_eos_token_id acts at the last new token only: the steps before it sample from the decoder's logits
+    as they are, and the last one from a copy holding only the EOS id."""
+    ids = np.zeros((1, 4), np.int64)
+    seen = []
+    sample = with_processors(lambda scores: seen.append(scores) or scores.argmax(-1), for_settings(
+        GenerationSettings.resolve({"forced_eos_token_id": EOS[0], "max_new_tokens": 3}, {}), ids, np.ones_like(ids), EOS, VOCAB))
+    logits = np.zeros((1, VOCAB), np.float32)
+    logits[0, 5] = 1.0
+    assert [int(sample(logits)[0]) for _ in range(3)] == [5, 5, EOS[0]]
+    assert seen[0] is logits and seen[1] is logits and seen[2] is not logits
