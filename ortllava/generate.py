@@ -3,7 +3,7 @@
 `generate_step` is a generator of next tokens and their logits (mlx-lm style); `decode_loop` runs the prefill and
 then `generate_step` with the EOS rule and timings, yielding each step to `runs.collect` (results) and
 `runs.stream_chunks` (text pieces), for `Pipeline.generate`, `Pipeline.stream` and chat sessions (which keep the cache
-for the next turn). The decoder (decoders.py) runs the graph over a `KVCache`, which holds the keys/values and each
+for the next turn). The decoder (the `decoders` package) runs the graph over a `KVCache`, which holds the keys/values and each
 row's length.
 """
 

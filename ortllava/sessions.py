@@ -1,4 +1,4 @@
-"""onnxruntime sessions of a bundle: provider choice, the vision path, and the decoder (decoders.py).
+"""onnxruntime sessions of a bundle: provider choice, the vision path, and the decoder (the `decoders` package).
 
 IO binding is always on with CUDA and for "gqa" decoders; for "concat" decoders on the CPU it can be
 chosen (host mode, numpy in and out, is the default there).

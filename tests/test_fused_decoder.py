@@ -84,7 +84,7 @@ def _prompt_then_steps(decoder, embeds: np.ndarray, mask: np.ndarray, steps: np.
 def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
     """A long one-row prompt prefilled in CPU chunks (a partial last one included) gives the logits and the
     next steps of one run over the whole prompt."""
-    import ortllava.decoders as decoders
+    import ortllava.decoders.fused as fused
 
     pipe = ortllava.load(tiny_store.get("mistral").bundle, provider="cpu")
     decoder = pipe.sessions.decoder
@@ -93,7 +93,7 @@ def test_chunked_cpu_prefill_equals_one_run(tiny_store, monkeypatch):
     steps = rng.standard_normal((3, 1, 1, pipe.manifest.text.hidden_size)).astype(np.float32)
 
     def run(chunk: int) -> list[np.ndarray]:
-        monkeypatch.setattr(decoders, "CPU_PREFILL_CHUNK", chunk)
+        monkeypatch.setattr(fused, "CPU_PREFILL_CHUNK", chunk)
         return _prompt_then_steps(decoder, embeds, np.ones((1, 1000), np.int64), steps, capacity=1010)
 
     extends = []  # the continuation runs

@@ -1,49 +1,17 @@
-"""The decoder graph driven step by step, for the two decoder kinds a bundle can hold.
-
-Both kinds have one interface (gpt-fast's `prefill` / `decode_one_token`, with the cache made explicit):
-- `start(inputs_embeds, attention_mask, capacity)` runs the prompt and returns the logits of each row's last
-  token and a `KVCache` with room for `capacity` positions;
-- `step(cache)` runs one new token per row, whose embeddings the caller has written into `cache.step_embeds`;
-- `reserve(cache, positions)` makes room (it may return a new, larger cache: use the one it returns);
-- `extend(inputs_embeds, cache)` appends several tokens to a one-row cache (the next turn of a chat);
-- `truncate(cache, length)` forgets a one-row cache's positions from `length` on;
-- `repeat_rows(cache, copies)` gives each row `copies` rows of its own (several answers from one prefill);
-- `reorder_rows(cache, rows)` makes row i hold what row `rows[i]` held (beam search's hypotheses, each step).
-
-`FusedDecoder` ("gqa" bundles): GroupQueryAttention over key/value buffers preallocated to `capacity` and
-shared by past and present, so a step allocates nothing and moves no key/value bytes; every input and output
-of a step is bound once (IO binding), and a step only writes the new token's embeddings and one mask entry
-per row. The buffers are reused by the next generation when they are large enough (one at a time: several
-threads may generate at once, each with its own cache).
-
-`ConcatDecoder` ("concat" bundles, the portable fallback): present = past ++ new, a new tensor each step.
-"""
+"""`FusedDecoder`: drives a "gqa" decoder graph (GroupQueryAttention over preallocated key/value buffers shared by
+past and present; see the package's docstring)."""
 
 from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import (
-    ATTENTION_MASK,
-    INPUTS_EMBEDS,
-    LOGITS,
-    POSITION_IDS,
-    Manifest,
-    past_key_name,
-    past_value_name,
-    present_key_name,
-    present_value_name,
-)
+from ..manifest import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, Manifest
+from .cache import ContextLengthError, Device, FusedState, KVCache, DecoderBase
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
-KV_DTYPES = {**NUMPY_DTYPES, "int8": np.int8}  # what a key/value buffer may hold
-CAPACITY_STEP = 256  # buffers grow in steps of this many positions, so nearby lengths reuse them
 # On the CPU, a one-row prompt (or a chat turn's continuation) longer than this runs in chunks of this many tokens: the CPU
 # GroupQueryAttention computes whole query x key rectangles, so chunks skip most of the causal upper triangle
 # (benchmark model, 2160 tokens, 2 threads, chunk sizes alternating in one process, median of 6: 878 ms
@@ -51,86 +19,7 @@ CAPACITY_STEP = 256  # buffers grow in steps of this many positions, so nearby l
 CPU_PREFILL_CHUNK = 384
 
 
-@dataclass
-class Device:
-    """Where IO-bound tensors live: ("cuda", 0) or ("cpu", 0)."""
-
-    type: str
-    id: int = 0
-
-
-class ContextLengthError(ValueError):
-    """The tokens to hold exceed what the decoder graph serves."""
-
-
-@dataclass
-class FusedState:
-    """What a "gqa" cache holds for `FusedDecoder`: its buffers, and the bindings every step reuses."""
-
-    kv: list[ort.OrtValue]  # per layer, key then value: [B, n_kv, C, head_dim], bound as both past and present
-    kv_host: list[np.ndarray] | None  # the same memory as numpy arrays (the CPU); None on a device
-    mask: np.ndarray  # [B, C] int64: 1 where a row holds a token (the graph works out lengths and positions from it)
-    rows: np.ndarray  # [B] int64, 0 .. B-1: a step's mask entries are (rows, lengths)
-    embeds_value: ort.OrtValue  # the step's `inputs_embeds [B, 1, D]` (on the CPU, `KVCache.step_embeds`' memory)
-    mask_value: ort.OrtValue  # `mask` as the graph reads it
-    logits_value: ort.OrtValue  # the step's `logits [B, V]` (on the host, except under CUDA graphs)
-    step_binding: ort.IOBinding | None = None  # made once, after the above
-    step_options: ort.RunOptions | None = None  # under CUDA graphs: this cache's graph id (or uncaptured, after a failure)
-
-
-@dataclass
-class ConcatState:
-    """What a "concat" cache holds for `ConcatDecoder`."""
-
-    kv: list[Any]  # per layer, key then value: [B, n_kv, width, head_dim], numpy arrays or device OrtValues
-    mask: np.ndarray  # [B, capacity] int64: the prompt's mask, then ones (a run passes its first `width` columns)
-    width: int = 0  # positions the keys/values hold (padding included)
-
-
-@dataclass
-class KVCache:
-    """The keys/values of one generation, and the per-step buffers that go with them."""
-
-    batch: int
-    capacity: int  # positions the cache can hold
-    lengths: np.ndarray  # [B] int64: real tokens held per row
-    step_embeds: np.ndarray  # [B, 1, D] host buffer: the caller writes the next tokens' embeddings here
-    state: FusedState | ConcatState  # what the decoder kind keeps
-    logits: np.ndarray | None = None  # [B, V] float32: the last step's logits (a reused buffer for "gqa")
-
-
-def served_positions(manifest: Manifest) -> int:
-    """Positions the bundle's decoder serves: the model's, fewer where its graph was built for fewer."""
-    text, spec = manifest.text, manifest.graphs["decoder"]
-    return min(spec.max_length or text.max_position_embeddings, text.max_position_embeddings)
-
-
-class _DecoderBase:
-    fixed_capacity: int | None = None  # set where the key/value buffers have one static length (FusedDecoder)
-
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: Device | None):
-        self.session = session
-        self.device = device
-        text = manifest.text
-        spec = manifest.graphs["decoder"]
-        self.num_layers = text.num_layers
-        self.kv_heads, self.head_dim, self.hidden_size, self.vocab_size = text.num_key_value_heads, text.head_dim, text.hidden_size, text.vocab_size
-        self.dtype = NUMPY_DTYPES[spec.dtype]
-        self.kv_dtype = KV_DTYPES[spec.kv_dtype or spec.dtype]
-        self.max_length = served_positions(manifest)
-        self.past_names = [n for layer in range(self.num_layers) for n in (past_key_name(layer), past_value_name(layer))]
-        self.present_names = [n for layer in range(self.num_layers) for n in (present_key_name(layer), present_value_name(layer))]
-
-    def check_length(self, positions: int) -> None:
-        if positions > self.max_length:
-            raise ContextLengthError(f"{positions} positions asked for; this decoder serves at most {self.max_length}")
-
-    def _capacity(self, needed: int) -> int:
-        self.check_length(needed)
-        return min(-(-needed // CAPACITY_STEP) * CAPACITY_STEP, self.max_length)
-
-
-class FusedDecoder(_DecoderBase):
+class FusedDecoder(DecoderBase):
     """Drives a "gqa" decoder graph: shared, preallocated key/value buffers; one IO binding per step."""
 
     def __init__(
@@ -385,133 +274,3 @@ class FusedDecoder(_DecoderBase):
         target.lengths[:] = np.repeat(source.lengths, copies)
         target.state.mask[:, : source.capacity] = np.repeat(source.state.mask, copies, axis=0)
         self._sync(target.state.mask_value, target.state.mask)
-
-
-class ConcatDecoder(_DecoderBase):
-    """Drives a "concat" decoder graph: each step returns present = past ++ new, fed back as the next past.
-
-    Host mode (`device=None`): numpy in and out. IO binding: the keys/values stay as device `OrtValue`s
-    between steps; only the last position's logits come back to the host.
-    """
-
-    def start(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, capacity: int) -> tuple[np.ndarray, KVCache]:
-        batch, length, _ = inputs_embeds.shape
-        capacity = max(capacity, length)
-        self.check_length(capacity)
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        if self.device is None:
-            empty = [np.zeros(shape, dtype=self.dtype) for _ in self.past_names]
-        else:
-            empty = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device.type, self.device.id) for _ in self.past_names]
-        # One mask for the whole answer: the prompt's, then ones; each run passes the columns in use.
-        mask = np.ones((batch, capacity), np.int64)
-        mask[:, :length] = attention_mask
-        cache = KVCache(batch, capacity, attention_mask.sum(axis=1).astype(np.int64), np.zeros((batch, 1, self.hidden_size), self.dtype), ConcatState(empty, mask))
-        positions = attention_mask.cumsum(axis=-1) - 1
-        positions = np.where(attention_mask == 0, 1, positions).astype(np.int64)  # as transformers: 1 where padded
-        return self._run(inputs_embeds, positions, cache), cache
-
-    def step(self, cache: KVCache) -> np.ndarray:
-        positions = cache.lengths[:, None].copy()
-        logits = self._run(cache.step_embeds, positions, cache)
-        cache.lengths += 1  # after the run: one that fails leaves the cache as it was
-        return logits
-
-    def extend(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
-        count = inputs_embeds.shape[1]
-        cache = self.reserve(cache, cache.state.width + count)
-        positions = (cache.lengths[0] + np.arange(count, dtype=np.int64))[None]
-        logits = self._run(inputs_embeds, positions, cache)
-        cache.lengths[0] += count
-        return logits
-
-    def truncate(self, cache: KVCache, length: int) -> None:
-        cut = int(cache.lengths[0]) - min(int(cache.lengths[0]), length)
-        if cut == 0:
-            return
-        width = cache.state.width - cut  # a one-row cache has no padding: width == length
-        cache.state.kv = [self._slice_positions(value, width) for value in cache.state.kv]
-        cache.state.width = width
-        cache.lengths[0] -= cut
-
-    def reserve(self, cache: KVCache, positions: int) -> KVCache:
-        if positions > cache.capacity:
-            self.check_length(positions)
-            mask = np.ones((cache.batch, positions), np.int64)
-            mask[:, : cache.capacity] = cache.state.mask
-            cache.state.mask, cache.capacity = mask, positions
-        return cache
-
-    def release(self, cache: KVCache) -> None:
-        pass  # nothing to reuse: every step makes new tensors
-
-    def repeat_rows(self, cache: KVCache, copies: int) -> KVCache:
-        """A cache of `cache.batch × copies` rows, row b's in rows b·copies … (b+1)·copies − 1 (see FusedDecoder)."""
-        if copies == 1:
-            return cache
-
-        def repeated(value: Any) -> Any:
-            if isinstance(value, np.ndarray):
-                return np.repeat(value, copies, axis=0)
-            return ort.OrtValue.ortvalue_from_numpy(np.repeat(value.numpy(), copies, axis=0), self.device.type, self.device.id)
-
-        batch = cache.batch * copies
-        state = ConcatState([repeated(value) for value in cache.state.kv], np.repeat(cache.state.mask, copies, axis=0), cache.state.width)
-        return KVCache(batch, cache.capacity, np.repeat(cache.lengths, copies), np.zeros((batch, 1, self.hidden_size), self.dtype), state)
-
-    def reorder_rows(self, cache: KVCache, rows: np.ndarray) -> None:
-        """Row i takes over what row `rows[i]` holds (see FusedDecoder)."""
-
-        def taken(value: Any) -> Any:
-            if isinstance(value, np.ndarray):
-                return value[rows]
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[rows]), self.device.type, self.device.id)
-
-        cache.state.kv = [taken(value) for value in cache.state.kv]
-        cache.state.mask = cache.state.mask[rows]
-        cache.lengths[:] = cache.lengths[rows]
-
-    def _slice_positions(self, value: Any, width: int) -> Any:
-        """Keeps the first `width` positions of a `[B, n_kv, P, head_dim]` array or OrtValue."""
-        if isinstance(value, np.ndarray):
-            return np.ascontiguousarray(value[:, :, :width])
-        kept = np.ascontiguousarray(value.numpy()[:, :, :width])
-        return ort.OrtValue.ortvalue_from_numpy(kept, self.device.type, self.device.id)
-
-    def _run(self, inputs_embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
-        width = cache.state.width + inputs_embeds.shape[1]
-        mask = cache.state.mask[:, :width]
-        if cache.batch > 1:
-            mask = np.ascontiguousarray(mask)  # onnxruntime reads inputs as contiguous arrays
-        feed_embeds = np.ascontiguousarray(inputs_embeds, dtype=self.dtype)
-        if self.device is None:
-            feed = {INPUTS_EMBEDS: feed_embeds, ATTENTION_MASK: mask, POSITION_IDS: positions}
-            feed.update(zip(self.past_names, cache.state.kv))
-            logits, *present = self.session.run([LOGITS] + self.present_names, feed)
-        else:
-            binding = self.session.io_binding()
-            binding.bind_cpu_input(INPUTS_EMBEDS, feed_embeds)
-            binding.bind_cpu_input(ATTENTION_MASK, mask)
-            binding.bind_cpu_input(POSITION_IDS, positions)
-            for name, value in zip(self.past_names, cache.state.kv):
-                binding.bind_ortvalue_input(name, value)
-            binding.bind_output(LOGITS, "cpu")  # only the last position's logits cross to the host
-            for name in self.present_names:
-                binding.bind_output(name, self.device.type, self.device.id)
-            self.session.run_with_iobinding(binding)
-            logits, *present = binding.get_outputs()
-            logits = logits.numpy()
-        cache.state.kv, cache.state.width = present, width
-        cache.logits = logits
-        return logits
-
-
-def make_decoder(
-    session: ort.InferenceSession, manifest: Manifest, device: Device | None, capacity: int | None = None, cuda_graph: bool = False,
-) -> FusedDecoder | ConcatDecoder:
-    kind = manifest.graphs["decoder"].kind or "concat"
-    if kind == "gqa":
-        return FusedDecoder(session, manifest, device, capacity, cuda_graph)
-    if kind == "concat":
-        return ConcatDecoder(session, manifest, device)
-    raise ValueError(f"decoder kind {kind!r} is unknown to this runtime (known: gqa, concat)")
