@@ -5,7 +5,7 @@ Terms, as transformers uses them. Each prompt keeps `num_beams` *running* hypoth
 the cache) and up to `num_beams` *finished* ones. A step scores every continuation of every running hypothesis by
 its accumulated log-probability (the processors apply to the log-softmax, as in transformers), keeps the best
 `keep = max(2, 1 + n_eos) * num_beams` *candidates* of the prompt (beam sampling: the warpers, each keeping at least
-`max(2, 1 + n_eos)` tokens a row, apply after the processors, and the candidates are drawn without replacement from
+`1 + n_eos` tokens a row (2 where no EOS is set), apply after the processors, and the candidates are drawn without replacement from
 the softmax of the prompt's accumulated scores, then ordered best first), and then:
 - the best `num_beams` candidates that do not end there (an EOS token, or the last new token) run on: the cache's
   rows and the processors' histories are reordered to the hypotheses they continue (`reorder_rows`, `reorder`);
@@ -103,9 +103,11 @@ def beam_search(
     length_penalty, early_stopping = settings.length_penalty, settings.early_stopping
     keep = max(2, 1 + len(eos)) * nb
     rng = np.random.default_rng(settings.seed) if settings.do_sample else None
+    # transformers' min_tokens_to_keep for beams, so that a continuation that is no EOS survives: one more than the EOS
+    # ids; 2 where there are none, but 1 where the caller gave an empty list (eos_token_id=[], a tensor of none there).
+    min_keep = len(eos) + 1 if len(eos) or settings.eos_token_id == () else 2
     warpers = (
-        settings.temperature, settings.top_k, settings.top_p, settings.min_p, settings.typical_p, settings.epsilon_cutoff, settings.eta_cutoff,
-        max(2, 1 + len(eos)),  # (transformers' min_tokens_to_keep for beams: a continuation that is no EOS survives)
+        settings.temperature, settings.top_k, settings.top_p, settings.min_p, settings.typical_p, settings.epsilon_cutoff, settings.eta_cutoff, min_keep,
     )
     prompt_offsets = (np.arange(prompts) * nb)[:, None]  # [P, 1]: each prompt's first row
     # New tokens of each hypothesis, [P, beams, max_new_tokens], padded with fill_id.

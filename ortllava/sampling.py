@@ -68,7 +68,8 @@ def candidate_probs(
 
     Each warper sees the probabilities the ones before it left (renormalized, as transformers' softmax of the
     filtered logits gives them); each keeps at least `min_keep` tokens (transformers' `min_tokens_to_keep`: 1 when
-    sampling, one more than the EOS ids in beam sampling), chosen as transformers chooses them."""
+    sampling, one more than the EOS ids in beam sampling), chosen by transformers' rule (where tokens tie at that
+    boundary, min-p keeps them all, and top-p's order among them may differ from torch's sort)."""
     candidates = _top_k(scores, max(top_k, min_keep) if top_k else 0)
     values = scores[candidates].astype(np.float64) / temperature
     finite = np.isfinite(values)
@@ -105,6 +106,8 @@ def warped_scores(
     warped = np.full_like(scores, -np.inf)
     divisor = np.float32(temperature)
     for row, out in zip(scores, warped):
+        if not np.isfinite(row.max()):  # every token forbidden (a hypothesis the bans end): it stays at -inf
+            continue
         candidates, _ = candidate_probs(row, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_keep)
         out[candidates] = row[candidates] / divisor
     return warped

@@ -124,15 +124,16 @@ class GenerationSettings:
             stop = values["stop"]
             values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
         settings = replace(cls(), **values)
-        settings._check()
+        settings._check(beams_given=given.get("num_beams") is not None)
         # Plain Python values where numpy ones would behave otherwise (`np.True_ is True` is False; an integer's
         # negative power is an error).
         early_stopping = settings.early_stopping if settings.early_stopping == "never" else bool(settings.early_stopping)
         return replace(settings, length_penalty=float(settings.length_penalty), early_stopping=early_stopping)
 
-    def _check(self) -> None:
+    def _check(self, beams_given: bool = True) -> None:
         """Each argument's type and range, so a bad one is an error naming it rather than a traceback (or a
-        silently different setting) later."""
+        silently different setting) later. `beams_given`: num_beams is the caller's (a generation config's gives way
+        in a stream or a chat, `runs.one_answer`, and is refused with stop strings or output_logits by `generate`)."""
 
         def fail(name: str, want: str) -> None:
             raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
@@ -174,7 +175,7 @@ class GenerationSettings:
             fail("length_penalty", "a number")
         if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
             fail("early_stopping", 'True, False or "never"')
-        if self.num_beams > 1 and (self.stop or self.output_logits):
+        if self.num_beams > 1 and (self.stop or self.output_logits) and beams_given:
             raise ValueError(f"{'stop strings' if self.stop else 'output_logits'}: not implemented for beam search (num_beams={self.num_beams})")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:  # (transformers' words)
             raise ValueError(

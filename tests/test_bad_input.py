@@ -385,12 +385,18 @@ def test_a_generation_config_with_beams(mistral, tmp_path):
         warnings.simplefilter("error")  # (beam sampling is implemented: nothing to warn of at load)
         pipe = ortllava.load(copy, provider="cpu", verify=False)
     assert (pipe.settings().num_beams, pipe.settings().do_sample) == (3, True)
-    sampled = [pipe.generate(messages=messages, max_new_tokens=6, seed=seed, num_return_sequences=3) for seed in (0, 0, 1)]
-    assert [r.token_ids for r in sampled[0]] == [r.token_ids for r in sampled[1]]  # (a seed repeats)
-    assert len(sampled[0]) == 3 and all(r.token_ids for r in sampled[0] + sampled[2])
+    sampled = [[r.token_ids for r in pipe.generate(messages=messages, max_new_tokens=6, seed=seed, num_return_sequences=3)] for seed in (0, 1)]
+    explicit = [r.token_ids for r in pipe.generate(messages=messages, max_new_tokens=6, seed=0, num_return_sequences=3, num_beams=3, do_sample=True)]
+    unbeamed = [r.token_ids for r in pipe.generate(messages=messages, max_new_tokens=6, seed=0, num_return_sequences=3, num_beams=1)]
+    assert sampled[0] == explicit and sampled[0] != unbeamed and sampled[0] != sampled[1]  # (the config's beams, sampled from the seed)
     with pytest.warns(UserWarning, match="searched without beams"):
-        streamed = "".join(chunk.text for chunk in pipe.stream(messages=messages, max_new_tokens=6, seed=0))
+        streamed = "".join(chunk.text for chunk in pipe.stream(messages=messages, max_new_tokens=6, seed=0, stop="\n\n"))
     assert streamed == pipe.generate(messages=messages, max_new_tokens=6, seed=0, num_beams=1).text
+    with pytest.warns(UserWarning, match="searched without beams"):  # (a chat takes stop strings and logits too)
+        assert pipe.chat(stop="\n\n").send("Tell a story", max_new_tokens=6, seed=0, output_logits=True).logits.shape[0] >= 1
+    for asked, name in (({"stop": "\n\n"}, "stop strings"), ({"output_logits": True}, "output_logits")):
+        with pytest.raises(ValueError, match=rf"generation config sets num_beams=3 \(beam search\), which does not take {name}: pass num_beams=1"):
+            pipe.generate(messages=messages, max_new_tokens=6, **asked)
 
 
 def test_generation_config_settings_not_implemented_are_warned_of(mistral, tmp_path):

@@ -73,7 +73,7 @@ class _Decoder:
 
 
 def ours(prompts: np.ndarray, num_beams: int, eos: list[int], options: dict) -> list[list[int]]:
-    settings = GenerationSettings.resolve({"max_new_tokens": NEW_TOKENS, "num_beams": num_beams, **options}, {})
+    settings = GenerationSettings.resolve({"max_new_tokens": NEW_TOKENS, "num_beams": num_beams, "eos_token_id": eos, **options}, {})
     rows = np.repeat(prompts, num_beams, axis=0)
     cache = _Cache(rows)
 
@@ -130,7 +130,9 @@ def test_beam_search_answers_as_transformers_on_a_stand_in_model(model, options)
 SAMPLED = [
     {}, {"temperature": 0.6, "num_return_sequences": 2}, {"top_k": 6}, {"top_p": 0.98, "repetition_penalty": 1.5}, {"min_p": 0.01},
     {"typical_p": 0.98, "early_stopping": True}, {"epsilon_cutoff": 3e-3}, {"eta_cutoff": 3e-3}, {"top_k": 8, "length_penalty": -1.0},
+    {"bad_words_ids": [[5, token] for token in range(VOCAB)]},  # (a hypothesis ending in 5 has every continuation forbidden)
 ]
+WARPERS = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 
 
 @pytest.mark.parametrize("options", SAMPLED, ids=[",".join(o) or "plain" for o in SAMPLED])
@@ -161,4 +163,31 @@ def test_beam_sampling_answers_as_transformers_from_the_same_draws(model, option
         compared += 1
     assert compared >= 5, (compared, refused)
     assert differs_from_greedy  # (the check can fail: sampling took other continuations than the best)
-    assert warped or set(options) <= {"num_return_sequences"}  # (each warper changed some answers; top_k=50 cuts nothing here)
+    assert warped or not set(options) & WARPERS - {"temperature"}  # (each warper changed some answers; top_k=50 cuts nothing here)
+
+
+def test_beam_sampling_keeps_one_more_token_than_the_eos_ids(model, monkeypatch):
+    """The warpers keep at least 1 + n_eos tokens a row: 2 with one EOS id, 3 with two, 1 with an explicitly empty
+    list (transformers' min_tokens_to_keep, from its EOS tensor), 2 where none is set. With the empty list, the case
+    below is one where min-p keeps fewer tokens than that and keeping one more gives other answers (the check can
+    fail); the others are where transformers can draw (min-p cuts less)."""
+    import ortllava.beam_search as module
+
+    warped = module.warped_scores
+    for seed, eos, min_p in ((6, [], 0.1), (2, [4], 0.02), (4, [4, 9], 0.02)):
+        prompts = np.random.default_rng(seed).integers(0, VOCAB, size=(2, 5))
+        options = {"do_sample": True, "min_p": min_p}
+        monkeypatch.setattr(torch, "multinomial", SameDraws(seed))
+        want = theirs(model, prompts, 2, eos, options)
+        kept = []
+        monkeypatch.setattr(module, "warped_scores", lambda scores, *args: kept.append(args[-1]) or warped(scores, *args))
+        assert ours(prompts, 2, eos, {**options, "seed": seed}) == want, (seed, eos)
+        assert set(kept) == {len(eos) + 1}
+        if not eos:
+            monkeypatch.setattr(module, "warped_scores", lambda scores, *args: warped(scores, *args[:-1], 2))
+            assert ours(prompts, 2, eos, {**options, "seed": seed}) != want
+    kept.clear()
+    settings = GenerationSettings.resolve({"max_new_tokens": 2, "num_beams": 2, "do_sample": True}, {})  # (no EOS at all)
+    beam_search(_Decoder(), lambda: (next_logits(torch.zeros((2, 2), dtype=torch.long)).numpy(), _Cache(np.zeros((2, 2), np.int64))),
+                lambda ids, out: None, [], 1, settings, [], FILL, GenerationMetrics(), 0.0)
+    assert set(kept) == {2}
