@@ -30,7 +30,8 @@ CHATS = {
 
 
 def parity(device: str, work: Path) -> dict:
-    """ortllava on `device` against transformers on the same device (same dtype), tiny random models."""
+    """ortllava on `device` against transformers on the same device (same dtype), tiny random models: greedy answers,
+    then beam search's."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     import ortllava
@@ -55,13 +56,16 @@ def parity(device: str, work: Path) -> dict:
                 for case, chats in CHATS.items():
                     inputs = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
                     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-                    with torch.no_grad():
-                        out = model.generate(**inputs, do_sample=False, max_new_tokens=16, min_new_tokens=16)
-                    want = [row.tolist() for row in out[:, inputs["input_ids"].shape[1] :].cpu()]
-                    got = [r.token_ids for r in pipe.generate(messages=chats, max_new_tokens=16, min_new_tokens=16)]
-                    agreement = float(np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(got, want)]))
-                    results[f"{name}: {case}"] = {"identical": got == want, "agreement": agreement}
-                    print(f"parity {name} {case}: identical={got == want} agreement={agreement:.2f}", flush=True)
+                    # Greedy, then beam search (each step reorders the cache's rows on the device: `reorder_rows`).
+                    for search, options in (("", {}), (" beams", {"num_beams": 3, "num_return_sequences": 2})):
+                        with torch.no_grad():
+                            out = model.generate(**inputs, do_sample=False, max_new_tokens=16, min_new_tokens=16, **options)
+                        want = [row.tolist() for row in out[:, inputs["input_ids"].shape[1] :].cpu()]
+                        answers = pipe.generate(messages=chats, max_new_tokens=16, min_new_tokens=16, **options)
+                        got = [r.token_ids for r in ([r for group in answers for r in group] if options else answers)]  # (a list per chat)
+                        agreement = float(np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(got, want)]))
+                        results[f"{name}: {case}{search}"] = {"identical": got == want, "agreement": agreement}
+                        print(f"parity {name} {case}{search}: identical={got == want} agreement={agreement:.2f}", flush=True)
                 results[f"{name}: device paths"] = device_paths(pipe)
                 print(f"parity {name} device paths: {results[f'{name}: device paths']}", flush=True)
             except Exception as error:  # noqa: BLE001 - report and go on with the next check
