@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")  # the graphs every bundle has
+KV_REORDER_GRAPH = "kv_reorder"  # beam search's row gather over the decoder's keys/values (bundles from 2026-11-27 on)
 T = TypeVar("T")
 
 # Files of a bundle (besides the graphs, whose names the manifest gives).
@@ -40,6 +41,7 @@ INPUTS_EMBEDS = "inputs_embeds"  # [B, S, D]
 ATTENTION_MASK = "attention_mask"  # [B, W] int64: W = P + S ("concat"); a "gqa" step's is its buffers' capacity
 POSITION_IDS = "position_ids"  # [B, S] int64
 LOGITS = "logits"  # [B, V], last position only
+KV_ROWS = "rows"  # [B] int64: kv_reorder's row b of each output is row rows[b] of its input
 
 
 def past_key_name(layer: int) -> str:
@@ -56,6 +58,14 @@ def present_key_name(layer: int) -> str:
 
 def present_value_name(layer: int) -> str:
     return f"present.{layer}.value"
+
+
+def reordered_key_name(layer: int) -> str:
+    return f"reordered.{layer}.key"
+
+
+def reordered_value_name(layer: int) -> str:
+    return f"reordered.{layer}.value"
 
 
 class BundleError(ValueError):
@@ -131,7 +141,7 @@ class Manifest:
     vision: VisionSpec
     text: TextSpec
     tokens: TokenSpec
-    graphs: dict[str, GraphSpec]  # "vision_encoder", "projector", "decoder"
+    graphs: dict[str, GraphSpec]  # "vision_encoder", "projector", "decoder"; "kv_reorder" in newer bundles
     special_tokens_map: dict[str, Any]  # what the chat template sees as bos_token, eos_token, ...
     precision: str
     provenance: dict[str, Any]
@@ -235,8 +245,9 @@ class Manifest:
         decoder = self.graphs["decoder"]
         if decoder.kind not in ("gqa", "concat"):
             fail("graphs.decoder.kind", "'gqa' or 'concat'", decoder.kind)
-        if decoder.kv_dtype not in ("", "int8", "float32", "float16"):
-            fail("graphs.decoder.kv_dtype", "'', 'int8', 'float32' or 'float16'", decoder.kv_dtype)
+        for name in ("decoder", KV_REORDER_GRAPH):
+            if name in self.graphs and self.graphs[name].kv_dtype not in ("", "int8", "float32", "float16"):
+                fail(f"graphs.{name}.kv_dtype", "'', 'int8', 'float32' or 'float16'", self.graphs[name].kv_dtype)
         whole("graphs.decoder.max_length", decoder.max_length, least=0)
         for file in self.files:
             if not _plain_file_name(file):

@@ -17,6 +17,7 @@ from .decoders import NUMPY_DTYPES, Device, make_decoder, served_positions
 from .manifest import (
     IMAGE_FEATURES,
     INPUTS_EMBEDS,
+    KV_REORDER_GRAPH,
     LOGITS,
     PIXEL_VALUES,
     POSITION_IDS,
@@ -221,7 +222,8 @@ CUDA_GRAPH_DEFAULT_LENGTH = 8192
 
 
 class BundleSessions:
-    """The three graphs of a bundle, loaded for one provider."""
+    """The graphs of a bundle, loaded for one provider: vision encoder, projector and decoder (and, where the
+    keys/values live on a device, beam search's row gather)."""
 
     def __init__(
         self, bundle: Path, manifest: Manifest, provider: str = "auto", io_binding: bool | None = None,
@@ -271,6 +273,9 @@ class BundleSessions:
         # Its float weights (an fp16 lm_head) still stay fp16 with prepack=False.
         spec = manifest.graphs["decoder"]
         sessions["decoder"] = self._decoder_session(bundle / spec.file, threads, prepack or bool(spec.quantization), fp16_as_stored(spec))
+        # Beam search's row gather, where the keys/values live on a device (on the host numpy gathers them).
+        if on_cuda and KV_REORDER_GRAPH in manifest.graphs:
+            sessions[KV_REORDER_GRAPH] = create_session(bundle / manifest.graphs[KV_REORDER_GRAPH].file, self.providers, threads, spin=False)
         for name, session in sessions.items():
             _check_io(session, manifest.graphs[name], name)
         _check_shapes(sessions, manifest)
@@ -278,7 +283,7 @@ class BundleSessions:
         self.vision = VisionPath(sessions["vision_encoder"], sessions["projector"], device, vision_dtype)
         if self.cuda_graph and not max_length:  # graphs replay fixed shapes: one buffer length for every generation
             max_length = min(CUDA_GRAPH_DEFAULT_LENGTH, served_positions(manifest))
-        self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph)
+        self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph, sessions.get(KV_REORDER_GRAPH))
 
     def _decoder_session(self, path: Path, threads: int | None, prepack: bool, fp16_as_stored: bool) -> ort.InferenceSession:
         if self.cuda_graph:

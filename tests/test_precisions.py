@@ -331,6 +331,35 @@ def test_copied_rows_continue_as_the_one_they_copy(bundles, name):
         np.testing.assert_allclose(copy.logits, alone.logits, rtol=1e-4, atol=1e-4 * np.abs(alone.logits).max())
 
 
+@pytest.mark.parametrize("name", ["fp32", "fp32-concat", "fp16", "kv8", "int4-concat"])
+def test_beam_search_reorders_rows_with_the_bundles_graph_as_on_a_device(bundles, tiny_store, name):
+    """On a device, beam search reorders the cache's rows with the bundle's `kv_reorder` graph (a gather into a
+    scratch copy, then back in order into the bound buffers; the concat decoder takes the gathered tensors). Run
+    here on the CPU provider with IO binding: the answers are those of numpy's reorder, for each kind of cache."""
+    import warnings
+
+    from ortllava.manifest import KV_REORDER_GRAPH
+    from ortllava.sessions import create_session
+
+    bundle = {"fp32": tiny_store.get("mistral").bundle, "fp32-concat": tiny_store.get("mistral-concat").bundle}.get(name) or bundles[name]
+    spec = read_manifest(bundle).graphs[KV_REORDER_GRAPH]
+    assert spec.inputs[0] == "rows" and len(spec.outputs) == 2 * read_manifest(bundle).text.num_layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fp16 bundle's "made for CUDA")
+        pipe = ortllava.load(bundle, provider="cpu", io_binding=True)
+    decoder = pipe.sessions.decoder
+    assert decoder.reorder is None  # (on the host, numpy reorders)
+    options = dict(prompt=PROMPT, images=[random_image(400, 300, seed=8)], max_new_tokens=8, min_new_tokens=8, num_beams=3, num_return_sequences=3)
+    want = [r.token_ids for r in pipe.generate(**options)]
+    decoder.reorder = create_session(Path(bundle) / spec.file, ["CPUExecutionProvider"])
+    runs = []
+    run = decoder.reorder.run_with_iobinding
+    decoder.reorder.run_with_iobinding = lambda binding, *args: runs.append(1) or run(binding, *args)
+    got = [r.token_ids for r in pipe.generate(**options)]
+    assert got == want
+    assert len(runs) >= 7 and len(set(map(tuple, want))) == 3  # (a reorder a step; the check can fail: the beams differ)
+
+
 @pytest.mark.parametrize("options", [dict(precision="fp16"), dict(precision="int4", target="cuda"), dict(decoder="concat")])
 def test_int8_cache_is_refused_where_it_is_not_verified(tmp_path, options):
     from ortllava_export.cli import export_bundle

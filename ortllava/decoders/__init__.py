@@ -37,10 +37,12 @@ __all__ = [
 
 def make_decoder(
     session: ort.InferenceSession, manifest: Manifest, device: Device | None, capacity: int | None = None, cuda_graph: bool = False,
+    reorder: ort.InferenceSession | None = None,
 ) -> FusedDecoder | ConcatDecoder:
+    """The decoder for the bundle's kind; `reorder`: its `kv_reorder` session, where the keys/values live on a device."""
     kind = manifest.graphs["decoder"].kind or "concat"
     if kind == "gqa":
-        return FusedDecoder(session, manifest, device, capacity, cuda_graph)
+        return FusedDecoder(session, manifest, device, capacity, cuda_graph, reorder)
     if kind == "concat":
-        return ConcatDecoder(session, manifest, device)
+        return ConcatDecoder(session, manifest, device, reorder)
     raise ValueError(f"decoder kind {kind!r} is unknown to this runtime (known: gqa, concat)")

@@ -9,7 +9,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..manifest import Manifest, past_key_name, past_value_name, present_key_name, present_value_name
+from ..manifest import (
+    KV_ROWS,
+    Manifest,
+    past_key_name,
+    past_value_name,
+    present_key_name,
+    present_value_name,
+    reordered_key_name,
+    reordered_value_name,
+)
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 KV_DTYPES = {**NUMPY_DTYPES, "int8": np.int8}  # what a key/value buffer may hold
@@ -40,6 +49,7 @@ class FusedState:
     mask_value: ort.OrtValue  # `mask` as the graph reads it
     logits_value: ort.OrtValue  # the step's `logits [B, V]` (on the host, except under CUDA graphs)
     step_binding: ort.IOBinding | None = None  # made once, after the above
+    scratch: list[ort.OrtValue] | None = None  # beam search with `kv_reorder`: a copy of `kv`'s shape, made at its first reorder
     step_options: ort.RunOptions | None = None  # under CUDA graphs: this cache's graph id (or uncaptured, after a failure)
 
 
@@ -72,13 +82,15 @@ def served_positions(manifest: Manifest) -> int:
 
 class DecoderBase:
     """Both kinds' shapes and limits, read from the manifest: layers, key/value heads, head size, widths, dtypes,
-    positions served, and the graph's past/present names."""
+    positions served, and the graph's past/present names. `reorder`: the bundle's `kv_reorder` graph, where the
+    keys/values live on a device (beam search gathers their rows there; on the host, numpy does)."""
 
     fixed_capacity: int | None = None  # set where the key/value buffers have one static length (FusedDecoder)
 
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: Device | None):
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: Device | None, reorder: ort.InferenceSession | None = None):
         self.session = session
         self.device = device
+        self.reorder = reorder
         text = manifest.text
         spec = manifest.graphs["decoder"]
         self.num_layers = text.num_layers
@@ -88,6 +100,21 @@ class DecoderBase:
         self.max_length = served_positions(manifest)
         self.past_names = [n for layer in range(self.num_layers) for n in (past_key_name(layer), past_value_name(layer))]
         self.present_names = [n for layer in range(self.num_layers) for n in (present_key_name(layer), present_value_name(layer))]
+        self.reordered_names = [n for layer in range(self.num_layers) for n in (reordered_key_name(layer), reordered_value_name(layer))]
+
+    def _gather_rows(self, sources: list[ort.OrtValue], rows: np.ndarray, targets: list[ort.OrtValue] | None) -> list[ort.OrtValue]:
+        """One run of `kv_reorder` where the keys/values live: row b of each result is row `rows[b]` of its source.
+        `targets`: buffers to write into (their shapes); None: new tensors on the device. Returns the results."""
+        binding = self.reorder.io_binding()
+        binding.bind_cpu_input(KV_ROWS, np.ascontiguousarray(rows, dtype=np.int64))
+        for index, (source, name) in enumerate(zip(sources, self.reordered_names)):
+            binding.bind_ortvalue_input(self.past_names[index], source)
+            if targets is None:
+                binding.bind_output(name, self.device.type, self.device.id)
+            else:
+                binding.bind_ortvalue_output(name, targets[index])
+        self.reorder.run_with_iobinding(binding)
+        return targets if targets is not None else binding.get_outputs()
 
     def check_length(self, positions: int) -> None:
         if positions > self.max_length:

@@ -83,14 +83,16 @@ class ConcatDecoder(DecoderBase):
         return KVCache(batch, cache.capacity, np.repeat(cache.lengths, copies), np.zeros((batch, 1, self.hidden_size), self.dtype), state)
 
     def reorder_rows(self, cache: KVCache, rows: np.ndarray) -> None:
-        """Row i takes over what row `rows[i]` holds (see FusedDecoder)."""
+        """Row i takes over what row `rows[i]` holds (see FusedDecoder): new tensors, gathered by the bundle's
+        `kv_reorder` graph where they live on a device (else through the host), by numpy on the host."""
 
         def taken(value: Any) -> Any:
             if isinstance(value, np.ndarray):
                 return value[rows]
             return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[rows]), self.device.type, self.device.id)
 
-        cache.state.kv = [taken(value) for value in cache.state.kv]
+        on_device = self.reorder is not None and self.device is not None
+        cache.state.kv = self._gather_rows(cache.state.kv, rows, None) if on_device else [taken(value) for value in cache.state.kv]
         cache.state.mask = cache.state.mask[rows]
         cache.lengths[:] = cache.lengths[rows]
 

@@ -24,8 +24,9 @@ class FusedDecoder(DecoderBase):
 
     def __init__(
         self, session: ort.InferenceSession, manifest: Manifest, device: Device | None, capacity: int | None = None, cuda_graph: bool = False,
+        reorder: ort.InferenceSession | None = None,
     ):
-        super().__init__(session, manifest, device)
+        super().__init__(session, manifest, device, reorder)
         self.device = device or Device("cpu")
         if capacity and capacity > self.max_length:
             warnings.warn(f"max_length={capacity} is more than the {self.max_length} positions this decoder serves: its buffers hold {self.max_length}", stacklevel=6)
@@ -48,6 +49,9 @@ class FusedDecoder(DecoderBase):
         if self.device.type == "cpu":
             return ort.OrtValue.ortvalue_from_numpy(array)
         return ort.OrtValue.ortvalue_from_numpy(array, self.device.type, self.device.id)
+
+    def _empty_like(self, value: ort.OrtValue) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(value.shape(), self.kv_dtype, self.device.type, self.device.id)
 
     def _sync(self, value: ort.OrtValue, array: np.ndarray) -> None:
         if self.device.type != "cpu":
@@ -232,16 +236,23 @@ class FusedDecoder(DecoderBase):
 
     def reorder_rows(self, cache: KVCache, rows: np.ndarray) -> None:
         """Row i takes over what row `rows[i]` holds (keys/values, length, mask), in place: the buffers and their
-        bindings stay. Copies the held positions of every layer; on a device, through the host (slow: beam search
-        there pays a round trip of its cache a step)."""
-        if np.array_equal(rows, cache.state.rows):
+        bindings stay. With the bundle's `kv_reorder` graph (loaded on a device), two runs where the buffers live:
+        the rows gathered into a scratch copy, then copied back in order; on the host, numpy copies the held
+        positions; on a device without the graph (an older bundle), they go through the host (a round trip of the
+        cache a step)."""
+        state = cache.state
+        if np.array_equal(rows, state.rows):
             return
         held = int(cache.lengths.max())
-        for index, value in enumerate(cache.state.kv):
-            if self.device.type == "cpu":
-                buffer = cache.state.kv_host[index]
+        if self.reorder is not None:
+            if state.scratch is None:  # (kept with the cache: the next beam search on it reuses it)
+                state.scratch = [self._empty_like(value) for value in state.kv]
+            self._gather_rows(self._gather_rows(state.kv, rows, state.scratch), state.rows, state.kv)
+        elif self.device.type == "cpu":
+            for buffer in state.kv_host:
                 buffer[:, :, :held] = buffer[rows, :, :held]
-            else:
+        else:
+            for value in state.kv:
                 host = value.numpy()
                 host[:, :, :held] = host[rows, :, :held]
                 value.update_inplace(host)
