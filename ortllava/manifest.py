@@ -249,6 +249,13 @@ class Manifest:
             if name in self.graphs and self.graphs[name].kv_dtype not in ("", "int8", "float32", "float16"):
                 fail(f"graphs.{name}.kv_dtype", "'', 'int8', 'float32' or 'float16'", self.graphs[name].kv_dtype)
         whole("graphs.decoder.max_length", decoder.max_length, least=0)
+        reorder = self.graphs.get(KV_REORDER_GRAPH)
+        if reorder is not None:  # (it gathers the decoder's own keys/values)
+            want = [KV_ROWS, *(name for name in decoder.inputs if name.startswith("past_key_values."))]
+            if reorder.inputs != want:
+                fail(f"graphs.{KV_REORDER_GRAPH}.inputs", f"the rows, then the decoder's keys/values ({want[:3]}...)", reorder.inputs)
+            if (reorder.kv_dtype or reorder.dtype) != (decoder.kv_dtype or decoder.dtype):
+                fail(f"graphs.{KV_REORDER_GRAPH}.kv_dtype", f"the decoder's key/value dtype, {decoder.kv_dtype or decoder.dtype!r}", reorder.kv_dtype or reorder.dtype)
         for file in self.files:
             if not _plain_file_name(file):
                 fail("a name in 'files'", "a file name inside the bundle", file)

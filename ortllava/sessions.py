@@ -149,6 +149,11 @@ def _check_shapes(sessions: dict[str, ort.InferenceSession], manifest: Manifest)
         expect(spec.file, past.name, "type", past.type, _ORT_TYPES[spec.kv_dtype or spec.dtype])
         expect(spec.file, past.name, "key/value heads", past.shape[1], text.num_key_value_heads)
         expect(spec.file, past.name, "head size", past.shape[3], text.head_dim)
+    if KV_REORDER_GRAPH in sessions:  # (its I/O names, checked against the manifest, are the decoder's past names)
+        reorder = io(KV_REORDER_GRAPH)
+        file = graphs[KV_REORDER_GRAPH].file
+        expect(file, "keys/values", "layer count", sum(1 for name in reorder if name.startswith("past_key_values.") and name.endswith(".key")), text.num_layers)
+        expect(file, past_key_name(0), "type", reorder[past_key_name(0)].type, _ORT_TYPES[spec.kv_dtype or spec.dtype])
     encoder, projector = io("vision_encoder"), io("projector")
     for graph, tensors in ((graphs["vision_encoder"], encoder), (graphs["projector"], projector)):
         first = next(iter(tensors.values()))
@@ -274,7 +279,7 @@ class BundleSessions:
         spec = manifest.graphs["decoder"]
         sessions["decoder"] = self._decoder_session(bundle / spec.file, threads, prepack or bool(spec.quantization), fp16_as_stored(spec))
         # Beam search's row gather, where the keys/values live on a device (on the host numpy gathers them).
-        if on_cuda and KV_REORDER_GRAPH in manifest.graphs:
+        if on_cuda and device is not None and KV_REORDER_GRAPH in manifest.graphs:
             sessions[KV_REORDER_GRAPH] = create_session(bundle / manifest.graphs[KV_REORDER_GRAPH].file, self.providers, threads, spin=False)
         for name, session in sessions.items():
             _check_io(session, manifest.graphs[name], name)

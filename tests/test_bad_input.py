@@ -296,7 +296,7 @@ def _edit_section(section, **values):
         ("manifest.json", _edit_section("text", head_dim=lambda n: n * 2), r"head size is \d+, the manifest says \d+"),
         ("manifest.json", _edit_section("text", vocab_size=lambda n: n + 1), r"logits's width is \d+, the manifest says \d+"),
         ("manifest.json", _edit_section("tokens", image_token_id=5), "the tokenizer gives <image> the id .*, the manifest says 5"),
-        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "decoder": {**m["graphs"]["decoder"], "dtype": "float16"}}}),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], **{g: {**m["graphs"][g], "dtype": "float16"} for g in ("decoder", "kv_reorder")}}}),
          r"inputs_embeds's type is tensor\(float\), the manifest says tensor\(float16\)"),
         ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "decoder": {**m["graphs"]["decoder"], "file": "../decoder.onnx"}}}),
          "graphs.decoder.file must be a file name inside the bundle"),
@@ -304,6 +304,10 @@ def _edit_section(section, **values):
          "'files' lists no sha256 for decoder.onnx, which graph decoder reads"),
         ("manifest.json", _edit_manifest(lambda m: {**m, "files": {k: v for k, v in m["files"].items() if k != "chat_template.jinja"}}),
          "holds chat_template.jinja, for which the manifest lists no sha256"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "kv_reorder": {**m["graphs"]["kv_reorder"], "inputs": ["rows"]}}}),
+         r"graphs.kv_reorder.inputs must be the rows, then the decoder's keys/values"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "kv_reorder": {**m["graphs"]["kv_reorder"], "kv_dtype": "int8"}}}),
+         r"graphs.kv_reorder.kv_dtype must be the decoder's key/value dtype, 'float32', got 'int8'"),
     ],
 )
 def test_damaged_files_are_named_without_hashing(mistral, tmp_path, name, damage, message):

@@ -333,9 +333,11 @@ def test_copied_rows_continue_as_the_one_they_copy(bundles, name):
 
 @pytest.mark.parametrize("name", ["fp32", "fp32-concat", "fp16", "kv8", "int4-concat"])
 def test_beam_search_reorders_rows_with_the_bundles_graph_as_on_a_device(bundles, tiny_store, name):
-    """On a device, beam search reorders the cache's rows with the bundle's `kv_reorder` graph (a gather into a
-    scratch copy, then back in order into the bound buffers; the concat decoder takes the gathered tensors). Run
-    here on the CPU provider with IO binding: the answers are those of numpy's reorder, for each kind of cache."""
+    """On a device, beam search reorders the cache's rows with the bundle's `kv_reorder` graph: a fused cache's rows
+    are gathered into a second set of buffers, which then swap with the first (one run a reorder), or, where the
+    buffers keep their addresses (CUDA graphs), are copied back (two runs); the concat decoder takes the gathered
+    tensors. Run here on the CPU provider with IO binding: the answers are those of numpy's reorder, for each kind
+    of cache, and the second set goes when the generation ends."""
     import warnings
 
     from ortllava.manifest import KV_REORDER_GRAPH
@@ -351,13 +353,27 @@ def test_beam_search_reorders_rows_with_the_bundles_graph_as_on_a_device(bundles
     assert decoder.reorder is None  # (on the host, numpy reorders)
     options = dict(prompt=PROMPT, images=[random_image(400, 300, seed=8)], max_new_tokens=8, min_new_tokens=8, num_beams=3, num_return_sequences=3)
     want = [r.token_ids for r in pipe.generate(**options)]
+    assert len(set(map(tuple, want))) == 3  # (the check can fail: the beams differ)
     decoder.reorder = create_session(Path(bundle) / spec.file, ["CPUExecutionProvider"])
-    runs = []
+    runs, reorders = [], []
     run = decoder.reorder.run_with_iobinding
     decoder.reorder.run_with_iobinding = lambda binding, *args: runs.append(1) or run(binding, *args)
-    got = [r.token_ids for r in pipe.generate(**options)]
-    assert got == want
-    assert len(runs) >= 7 and len(set(map(tuple, want))) == 3  # (a reorder a step; the check can fail: the beams differ)
+    fused = name not in ("fp32-concat", "int4-concat")
+    for keep_addresses in (False, True) if fused else (False,):
+        decoder.keep_buffer_addresses = keep_addresses
+        runs.clear()
+        if fused:
+            gather = decoder._gather_on_device
+            decoder._gather_on_device = lambda cache, rows: reorders.append(1) or gather(cache, rows)
+        got = [r.token_ids for r in pipe.generate(**options)]
+        assert got == want, keep_addresses
+        if fused:
+            assert len(reorders) >= 4 and len(runs) == (2 if keep_addresses else 1) * len(reorders)
+            assert decoder._spare.state.scratch is None  # (released with the generation)
+            del decoder._gather_on_device
+            reorders.clear()
+        else:
+            assert len(runs) >= 4
 
 
 @pytest.mark.parametrize("options", [dict(precision="fp16"), dict(precision="int4", target="cuda"), dict(decoder="concat")])

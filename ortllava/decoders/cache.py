@@ -49,7 +49,10 @@ class FusedState:
     mask_value: ort.OrtValue  # `mask` as the graph reads it
     logits_value: ort.OrtValue  # the step's `logits [B, V]` (on the host, except under CUDA graphs)
     step_binding: ort.IOBinding | None = None  # made once, after the above
-    scratch: list[ort.OrtValue] | None = None  # beam search with `kv_reorder`: a copy of `kv`'s shape, made at its first reorder
+    # Beam search with `kv_reorder`: a second set of buffers of `kv`'s shapes, made at the cache's first reorder and
+    # freed when it is released ([] where it did not fit); on the CPU with numpy arrays as `kv_host` has them.
+    scratch: list[ort.OrtValue] | None = None
+    scratch_host: list[np.ndarray] | None = None
     step_options: ort.RunOptions | None = None  # under CUDA graphs: this cache's graph id (or uncaptured, after a failure)
 
 

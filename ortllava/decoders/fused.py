@@ -41,6 +41,8 @@ class FusedDecoder(DecoderBase):
         self._graph_ids = 0
         self._uncaptured = ort.RunOptions()
         self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
+        # Beam search's reorder keeps the buffers where the step binding has them (a captured step reads them there).
+        self.keep_buffer_addresses = cuda_graph
 
     # -- buffers --------------------------------------------------------------------------------------
 
@@ -58,7 +60,8 @@ class FusedDecoder(DecoderBase):
             value.update_inplace(array)
 
     def release(self, cache: KVCache) -> None:
-        """Hands a finished generation's buffers back, for the next one to reuse."""
+        """Hands a finished generation's buffers back, for the next one to reuse (less beam search's second set)."""
+        cache.state.scratch = cache.state.scratch_host = None
         self._spare = cache
 
     def _new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -235,30 +238,54 @@ class FusedDecoder(DecoderBase):
         return repeated
 
     def reorder_rows(self, cache: KVCache, rows: np.ndarray) -> None:
-        """Row i takes over what row `rows[i]` holds (keys/values, length, mask), in place: the buffers and their
-        bindings stay. With the bundle's `kv_reorder` graph (loaded on a device), two runs where the buffers live:
-        the rows gathered into a scratch copy, then copied back in order; on the host, numpy copies the held
-        positions; on a device without the graph (an older bundle), they go through the host (a round trip of the
-        cache a step)."""
+        """Row i takes over what row `rows[i]` holds (keys/values, length, mask). On the host, numpy copies the held
+        positions in place. With the bundle's `kv_reorder` graph (loaded where the buffers are on a device), it
+        gathers them there (`_gather_on_device`); on a device without it (an older bundle), they go through the
+        host, a round trip of the cache a step."""
         state = cache.state
         if np.array_equal(rows, state.rows):
             return
-        held = int(cache.lengths.max())
-        if self.reorder is not None:
-            if state.scratch is None:  # (kept with the cache: the next beam search on it reuses it)
-                state.scratch = [self._empty_like(value) for value in state.kv]
-            self._gather_rows(self._gather_rows(state.kv, rows, state.scratch), state.rows, state.kv)
-        elif self.device.type == "cpu":
-            for buffer in state.kv_host:
-                buffer[:, :, :held] = buffer[rows, :, :held]
-        else:
-            for value in state.kv:
-                host = value.numpy()
-                host[:, :, :held] = host[rows, :, :held]
-                value.update_inplace(host)
+        if self.reorder is None or not self._gather_on_device(cache, rows):
+            held = int(cache.lengths.max())
+            if self.device.type == "cpu":
+                for buffer in state.kv_host:
+                    buffer[:, :, :held] = buffer[rows, :, :held]
+            else:
+                for value in state.kv:
+                    host = value.numpy()
+                    host[:, :, :held] = host[rows, :, :held]
+                    value.update_inplace(host)
         cache.lengths[:] = cache.lengths[rows]
         cache.state.mask[:] = cache.state.mask[rows]
         self._sync(cache.state.mask_value, cache.state.mask)
+
+    def _gather_on_device(self, cache: KVCache, rows: np.ndarray) -> bool:
+        """`kv_reorder` gathers the rows from the buffers into a second set of the same shapes (made at the cache's
+        first reorder, freed when it is released). Then the two sets swap and the step binding is rebound (one run a
+        step), or, where the buffers must keep their addresses (CUDA graphs), the result is copied back (a second
+        run). Whole capacities are copied: the graph's shapes are the buffers'. False where the second set does not
+        fit in the device's memory (warned of once per cache: the caller goes through the host)."""
+        state = cache.state
+        if state.scratch is None:
+            try:
+                if self.device.type == "cpu":  # (numpy-backed, as `kv_host`)
+                    state.scratch_host = [np.empty_like(buffer) for buffer in state.kv_host]
+                    state.scratch = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in state.scratch_host]
+                else:
+                    state.scratch = [self._empty_like(value) for value in state.kv]
+            except Exception as error:  # noqa: BLE001 - onnxruntime's own types (an allocation that failed)
+                warnings.warn(f"beam search reorders the key/value cache through the host: no room for a second copy on the device ({error})", stacklevel=6)
+                state.scratch = []
+        if not state.scratch:
+            return False
+        self._gather_rows(state.kv, rows, state.scratch)
+        if self.keep_buffer_addresses:
+            self._gather_rows(state.scratch, state.rows, state.kv)  # (rows in order: a copy)
+        else:
+            state.kv, state.scratch = state.scratch, state.kv
+            state.kv_host, state.scratch_host = state.scratch_host, state.kv_host
+            self._bind_cache(state.step_binding, cache)
+        return True
 
     def reserve(self, cache: KVCache, positions: int) -> KVCache:
         """A cache with room for `positions` holding what `cache` holds (the same one when it fits)."""
