@@ -8,7 +8,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..manifest import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, POSITION_IDS
-from .cache import ConcatState, KVCache, DecoderBase
+from .cache import ConcatState, DecoderBase, KVCache
+
 
 class ConcatDecoder(DecoderBase):
     """Drives a "concat" decoder graph: each step returns present = past ++ new, fed back as the next past.

@@ -10,6 +10,7 @@ import argparse
 import json
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch  # first: onnxruntime-gpu loads the CUDA libraries that torch brings
@@ -66,7 +67,7 @@ def parity(device: str, work: Path) -> dict:
                         agreement = float(np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(got, want)]))
                         results[f"{name}: {case}{search}"] = {"identical": got == want, "agreement": agreement}
                         print(f"parity {name} {case}{search}: identical={got == want} agreement={agreement:.2f}", flush=True)
-                results[f"{name}: device paths"] = device_paths(pipe)
+                results[f"{name}: device paths"] = device_paths(pipe, bundle)
                 print(f"parity {name} device paths: {results[f'{name}: device paths']}", flush=True)
             except Exception as error:  # noqa: BLE001 - report and go on with the next check
                 results[name] = {"error": repr(error)}
@@ -74,11 +75,14 @@ def parity(device: str, work: Path) -> dict:
     return results
 
 
-def device_paths(pipe) -> dict:
+def device_paths(pipe, bundle: Path) -> dict:
     """The runtime's own paths that keep keys/values on the device, each against ortllava's one-shot generate (which
     the parity above holds to transformers'): a chat's second turn reuses the first turn's cache (truncate, reserve,
     extend); `num_return_sequences` copies a prefilled cache's rows (`repeat_rows`), here sampled with top_k=1, so
-    each copy must give the greedy answer."""
+    each copy must give the greedy answer; beam search (its cache's rows gathered on the device each step) under CUDA
+    graphs, where the gathered rows are copied back into the captured step's buffers, as without them."""
+    import ortllava
+
     chat = CHATS["one image"][0]
     options = dict(max_new_tokens=12, min_new_tokens=12)
     session = pipe.chat(**options)
@@ -88,11 +92,17 @@ def device_paths(pipe) -> dict:
     fresh = pipe.generate(messages=history, **options)
     copies = pipe.generate(messages=chat, do_sample=True, top_k=1, num_return_sequences=2, **options)
     greedy = pipe.generate(messages=chat, **options)
+    beams = dict(num_beams=3, num_return_sequences=3, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (cuda_graph on the CPU, or with a concat decoder: runs without, warned of)
+        graphs = ortllava.load(bundle, provider=pipe.sessions.provider.removesuffix("ExecutionProvider").lower(), cuda_graph=True, max_length=4096)
+    under_graphs = [r.token_ids for r in graphs.generate(messages=chat, **beams)]
     return {
         "chat second turn as a fresh generate": second.token_ids == fresh.token_ids,
         "chat prefilled only the new tokens": second.metrics.prefilled_tokens < second.metrics.prompt_tokens,
         "copied caches give the greedy answer": [r.token_ids for r in copies] == [greedy.token_ids] * 2,
         "first turn as generate": first.token_ids == greedy.token_ids,
+        "beam search under CUDA graphs as without": under_graphs == [r.token_ids for r in pipe.generate(messages=chat, **beams)],
         # (beam search's rows are gathered on the device there; on the CPU, by numpy)
         "kv_reorder loaded where the cache is on a device": (pipe.sessions.decoder.reorder is not None) == (pipe.sessions.provider == "CUDAExecutionProvider"),
     }
