@@ -5,8 +5,8 @@ Terms, as transformers uses them. Each prompt keeps `num_beams` *running* hypoth
 the cache) and up to `num_beams` *finished* ones. A step scores every continuation of every running hypothesis by
 its accumulated log-probability (the processors apply to the log-softmax, as in transformers), keeps the best
 `keep = max(2, 1 + n_eos) * num_beams` *candidates* of the prompt (beam sampling: the warpers, each keeping at least
-`1 + n_eos` tokens a row (2 where no EOS is set), apply after the processors, and the candidates are drawn without replacement from
-the softmax of the prompt's accumulated scores, then ordered best first), and then:
+`1 + n_eos` tokens a row (2 where no EOS is set), apply after the processors, and the candidates are drawn without
+replacement from the softmax of the prompt's accumulated scores, then ordered best first), and then:
 - the best `num_beams` candidates that do not end there (an EOS token, or the last new token) run on: the cache's
   rows and the processors' histories are reordered to the hypotheses they continue (`reorder_rows`, `reorder`);
 - the candidates among the best `num_beams` that end there compete with the finished ones, each scored
