@@ -168,7 +168,9 @@ def _info(args: argparse.Namespace) -> int:
           f"strategy {vision.select_strategy}, grid {vision.grid_pinpoints}")
     for name, spec in manifest.graphs.items():
         files = [spec.file, *spec.external_data]
-        print(f"size        {name:15} {sum(sizes.get(f, 0) for f in files) / 2**20:10.1f} MiB  ({', '.join(files)})")
+        size = sum(sizes.get(f, 0) for f in files)
+        shown = f"{size / 2**20:10.1f} MiB" if size >= 2**20 // 10 else f"{size / 2**10:10.1f} KiB"  # (kv_reorder: a few KiB)
+        print(f"size        {name:15} {shown}  ({', '.join(files)})")
     print(f"size        {'embeddings':15} {sizes.get('embed_tokens.npy', 0) / 2**20:10.1f} MiB")
     if manifest.validation:
         graphs = " (the float graphs, before 4-bit quantization: the accuracy report measures the shipped one)" if decoder.quantization else ""
