@@ -484,7 +484,8 @@ def test_fp16_weights_left_as_stored_are_cast_as_they_are_read(bundles, tiny_sto
 
 def test_a_gpu_index_reaches_every_session_and_the_buffers(bundles, monkeypatch):
     """provider="cuda:1", simulated on the CPU (the CUDA provider listed, each session made on the CPU): every session
-    is asked for GPU 1, the CUDA-graph decoder session too, and the IO-bound buffers are placed there."""
+    is asked for GPU 1, the CUDA-graph decoder session and beam search's row gather too, and the IO-bound buffers are
+    placed there."""
     import onnxruntime as ort
 
     from ortllava import sessions as sessions_module
@@ -501,7 +502,8 @@ def test_a_gpu_index_reaches_every_session_and_the_buffers(bundles, monkeypatch)
     monkeypatch.setattr(sessions_module, "create_session", recording)
     pipe = ortllava.load(bundles["fp16"], provider="cuda:1", verify=False, cuda_graph=True)
     assert pipe.sessions.decoder.device == Device("cuda", 1) and pipe.sessions.decoder.cuda_graph
-    assert sorted(asked) == ["decoder.onnx", "projector.onnx", "vision_encoder.onnx"]
+    assert sorted(asked) == ["decoder.onnx", "kv_reorder.onnx", "projector.onnx", "vision_encoder.onnx"]  # (beam search's gather too)
+    assert pipe.sessions.decoder.reorder is not None and pipe.sessions.decoder.keep_buffer_addresses  # (a captured step's buffers stay)
     for name, providers in asked.items():
         assert providers[0][0] == "CUDAExecutionProvider" and providers[0][1]["device_id"] == 1, name
     assert asked["decoder.onnx"][0][1] == {"device_id": 1, "enable_cuda_graph": "1"}
