@@ -75,6 +75,9 @@ class KVCache:
     step_embeds: np.ndarray  # [B, 1, D] host buffer: the caller writes the next tokens' embeddings here
     state: FusedState | ConcatState  # what the decoder kind keeps
     logits: np.ndarray | None = None  # [B, V] float32: the last step's logits (a reused buffer for "gqa")
+    # Positions (in the kind's own layout) that `repeat_rows` copied: the same in every copy of a row, so a reorder
+    # between copies (beam search's hypotheses of one prompt) leaves them alone.
+    copied_until: int = 0
 
 
 def served_positions(manifest: Manifest) -> int:

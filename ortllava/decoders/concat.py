@@ -81,15 +81,19 @@ class ConcatDecoder(DecoderBase):
 
         batch = cache.batch * copies
         state = ConcatState([repeated(value) for value in cache.state.kv], np.repeat(cache.state.mask, copies, axis=0), cache.state.width)
-        return KVCache(batch, cache.capacity, np.repeat(cache.lengths, copies), np.zeros((batch, 1, self.hidden_size), self.dtype), state)
+        zeros = np.zeros((batch, 1, self.hidden_size), self.dtype)
+        return KVCache(batch, cache.capacity, np.repeat(cache.lengths, copies), zeros, state, copied_until=cache.state.width)
 
     def reorder_rows(self, cache: KVCache, rows: np.ndarray) -> None:
-        """Row i takes over what row `rows[i]` holds (see FusedDecoder): new tensors, gathered by the bundle's
-        `kv_reorder` graph where they live on a device (else through the host), by numpy on the host."""
+        """Row i takes over what row `rows[i]` holds (see FusedDecoder): on the host, numpy copies the positions after
+        those `repeat_rows` copied, in place; on a device, new tensors, gathered by the bundle's `kv_reorder` graph
+        (else through the host)."""
+        since = cache.copied_until
 
         def taken(value: Any) -> Any:
             if isinstance(value, np.ndarray):
-                return value[rows]
+                value[:, :, since:] = value[rows, :, since:]
+                return value
             return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[rows]), self.device.type, self.device.id)
 
         on_device = self.reorder is not None and self.device is not None
