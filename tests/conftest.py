@@ -75,6 +75,24 @@ def mistral(tiny_store) -> TinyModel:
     return tiny_store.get("mistral")
 
 
+@pytest.fixture(scope="session")
+def bundles(tiny_store, tmp_path_factory):
+    """fp16, int4 (CPU target: fp32 activations and, by default, an int8 key/value cache), int4 on the concat
+    decoder (float cache), and fp32 with an int8 key/value cache, from the tiny Mistral checkpoint (built once, for
+    test_precisions and test_device_paths)."""
+    from ortllava_export.cli import export_bundle
+    from ortllava_export.quantize import Int4Options
+
+    checkpoint = str(tiny_store.get("mistral").checkpoint)
+    root = tmp_path_factory.mktemp("fast")
+    return {
+        "fp16": export_bundle(checkpoint, root / "fp16", precision="fp16"),
+        "int4": export_bundle(checkpoint, root / "int4", precision="int4", target="cpu", int4=Int4Options(block_size=32)),
+        "int4-concat": export_bundle(checkpoint, root / "int4-concat", precision="int4", target="cpu", decoder="concat"),
+        "kv8": export_bundle(checkpoint, root / "kv8", precision="fp32", kv_cache="int8"),
+    }
+
+
 @pytest.fixture(scope="module")
 def pipe(mistral):
     """The tiny Mistral bundle loaded on the CPU, one per test module (a module's tests may patch it)."""
