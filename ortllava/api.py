@@ -222,10 +222,10 @@ class Pipeline:
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, num_beams=num_beams,
             length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, **others,  # (any other name is a TypeError listing the known ones)
         )
-        if settings.num_beams > 1 and (settings.stop or settings.output_logits):  # (a caller's num_beams is refused in `settings`)
+        if settings.not_for_beams:  # (a caller's num_beams is refused in `settings`)
             raise ValueError(
                 f"the bundle's generation config sets num_beams={settings.num_beams} (beam search), which does not take "
-                f"{'stop strings' if settings.stop else 'output_logits'}: pass num_beams=1"
+                f"{settings.not_for_beams}: pass num_beams=1"
             )
         model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
         run = self._start(None, settings, prompt, images, messages, model_inputs=model_inputs)

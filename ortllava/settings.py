@@ -175,8 +175,8 @@ class GenerationSettings:
             fail("length_penalty", "a number")
         if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
             fail("early_stopping", 'True, False or "never"')
-        if self.num_beams > 1 and (self.stop or self.output_logits) and beams_given:
-            raise ValueError(f"{'stop strings' if self.stop else 'output_logits'}: not implemented for beam search (num_beams={self.num_beams})")
+        if self.not_for_beams and beams_given:
+            raise ValueError(f"{self.not_for_beams}: not implemented for beam search (num_beams={self.num_beams})")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:  # (transformers' words)
             raise ValueError(
                 f"`num_return_sequences` ({self.num_return_sequences}) has to be smaller or equal to `num_beams` ({self.num_beams})."
@@ -201,6 +201,13 @@ class GenerationSettings:
         if not all(isinstance(text, str) and text for text in self.stop):
             fail("stop", "a non-empty string or a list of them")
 
+
+    @property
+    def not_for_beams(self) -> str | None:
+        """What these settings ask for that beam search does not give ("stop strings", "output_logits"), or None."""
+        if self.num_beams > 1 and (self.stop or self.output_logits):
+            return "stop strings" if self.stop else "output_logits"
+        return None
 
     def for_prompt(self, prompt_tokens: int, positions: int | None = None) -> GenerationSettings:
         """These settings for a prompt of `prompt_tokens` (the padded batch's length, images included): where
