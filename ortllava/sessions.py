@@ -104,9 +104,23 @@ def create_session(
     if fp16_as_stored and first == "CPUExecutionProvider":
         cast_fp16_weights_as_read(options)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for damaged graphs
         raise BundleError(f"onnxruntime cannot load graph {path.name}: {error}") from error
+    if first == "CUDAExecutionProvider" and session.get_providers()[0] != first:
+        # onnxruntime answers a CUDA provider it cannot start (its libraries missing, no such GPU) with a CPU session
+        # and a logged line; running on would fail at the first device buffer, or run on the CPU under CUDA's name.
+        device = providers[0][1].get("device_id", 0) if not isinstance(providers[0], str) else 0
+        raise CudaDidNotStart(
+            f"onnxruntime could not start its CUDA execution provider on GPU {device} for {path.name} (the session fell back "
+            f"to {session.get_providers()[0]}): check that this GPU exists and that the CUDA and cuDNN libraries "
+            "onnxruntime-gpu needs are installed (its log above says which); provider='cpu' runs on the CPU"
+        )
+    return session
+
+
+class CudaDidNotStart(RuntimeError):
+    """onnxruntime lists its CUDA provider but made a CPU session instead (`create_session`)."""
 
 
 def _check_io(session: ort.InferenceSession, spec: GraphSpec, name: str) -> None:
@@ -246,7 +260,19 @@ class BundleSessions:
             provider = "cpu"
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 warnings.warn(f"provider 'auto' runs this bundle on the CPU: {refusal}", stacklevel=4)  # the caller of load()
-        self.providers = resolve_providers(provider)
+        try:
+            self._load(bundle, manifest, resolve_providers(provider), io_binding, threads, max_length, cuda_graph, prepack, refusal)
+        except CudaDidNotStart as error:
+            if provider != "auto":
+                raise
+            warnings.warn(f"provider 'auto' runs this bundle on the CPU: {error}", stacklevel=4)  # the caller of load()
+            self._load(bundle, manifest, ["CPUExecutionProvider"], io_binding, threads, max_length, cuda_graph, prepack, refusal)
+
+    def _load(
+        self, bundle: Path, manifest: Manifest, providers: list, io_binding: bool | None, threads: int | None,
+        max_length: int | None, cuda_graph: bool, prepack: bool, refusal: str | None,
+    ) -> None:
+        self.providers = providers
         on_cuda = _provider_name(self.providers[0]) == "CUDAExecutionProvider"
         fused = manifest.graphs["decoder"].kind == "gqa"
         if io_binding is None:
@@ -256,7 +282,7 @@ class BundleSessions:
         if not on_cuda and manifest.graphs["decoder"].dtype == "float16":
             warnings.warn(
                 "this bundle's decoder has fp16 activations, made for CUDA; on the CPU it runs several times slower than "
-                "a CPU bundle (export with --precision fp32, or --precision int4 --target cpu)", stacklevel=4,  # the caller of load()
+                "a CPU bundle (export with --precision fp32, or --precision int4 --target cpu)", stacklevel=5,  # the caller of load()
             )
         if fused and not io_binding:
             raise ValueError("a 'gqa' decoder shares its key/value buffers through IO binding; io_binding=False is not possible")
@@ -273,7 +299,7 @@ class BundleSessions:
         # CUDA graphs replay the decode step; they need static shapes (a fixed buffer length) and a fused decoder.
         self.cuda_graph = bool(cuda_graph and on_cuda and fused)
         if cuda_graph and not self.cuda_graph:
-            warnings.warn("cuda_graph needs the CUDA provider and a 'gqa' decoder; running without CUDA graphs", stacklevel=4)  # the caller of load()
+            warnings.warn("cuda_graph needs the CUDA provider and a 'gqa' decoder; running without CUDA graphs", stacklevel=5)  # the caller of load()
         # MatMulNBits (4-bit weights) computes only from its repacked weights: without them it is ~30x slower.
         # Its float weights (an fp16 lm_head) still stay fp16 with prepack=False.
         spec = manifest.graphs["decoder"]
@@ -296,7 +322,7 @@ class BundleSessions:
                 cuda = ("CUDAExecutionProvider", {**self.providers[0][1], "enable_cuda_graph": "1"})
                 return create_session(path, [cuda, "CPUExecutionProvider"], threads, prepack)
             except BundleError as error:  # e.g. a node the CUDA provider does not take: graphs cannot be captured
-                warnings.warn(f"CUDA graphs unavailable for this decoder ({error}); running without them", stacklevel=5)  # the caller of load()
+                warnings.warn(f"CUDA graphs unavailable for this decoder ({error}); running without them", stacklevel=6)  # the caller of load()
                 self.cuda_graph = False
         return create_session(path, self.providers, threads, prepack, fp16_as_stored)
 

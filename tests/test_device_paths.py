@@ -105,3 +105,33 @@ def test_a_gpu_index_reaches_every_session_and_the_buffers(bundles, monkeypatch)
     for name, providers in asked.items():
         assert providers[0][0] == "CUDAExecutionProvider" and providers[0][1]["device_id"] == 1, name
     assert asked["decoder.onnx"][0][1] == {"device_id": 1, "enable_cuda_graph": "1"}
+
+
+def test_a_cuda_provider_that_falls_back_to_the_cpu(bundles, monkeypatch):
+    """onnxruntime answers a CUDA provider it cannot start (its libraries missing, no such GPU) with a CPU session and
+    a logged line. Where CUDA was asked for, ortllava stops there with an error naming the GPU, rather than failing
+    later in onnxruntime's words at the first device buffer or running on the CPU under CUDA's name; "auto" runs
+    on the CPU and warns why."""
+    import onnxruntime as ort
+
+    from ortllava import sessions as sessions_module
+
+    made = ort.InferenceSession
+
+    def fell_back(path, sess_options=None, providers=None):
+        return made(path, sess_options=sess_options, providers=["CPUExecutionProvider"])  # (what the fallback gives)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(sessions_module.ort, "InferenceSession", fell_back)
+    with pytest.raises(RuntimeError, match=r"could not start its CUDA execution provider on GPU 1 for vision_encoder\.onnx .*fell back to CPUExecutionProvider"):
+        ortllava.load(bundles["fp16"], provider="cuda:1", verify=False)
+    with pytest.warns(UserWarning, match="fp16 activations"):  # (the CPU provider asked for is no fallback)
+        ortllava.load(bundles["fp16"], provider="cpu", verify=False)
+    # provider="auto" (CUDA where onnxruntime lists it) runs on the CPU instead, saying why, where the caller is.
+    with pytest.warns(UserWarning) as caught:
+        pipe = ortllava.load(bundles["fp16"], verify=False)
+    assert pipe.provider == "CPUExecutionProvider" and pipe.sessions.device.type == "cpu"
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("provider 'auto' runs this bundle on the CPU: onnxruntime could not start its CUDA execution provider on GPU 0") for m in messages), messages
+    assert {Path(w.filename).name for w in caught} == {Path(__file__).name}
+    assert pipe.generate(PROMPT, images=[random_image(64, 48)], max_new_tokens=2).token_ids

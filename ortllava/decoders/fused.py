@@ -39,6 +39,7 @@ class FusedDecoder(DecoderBase):
         # (other shapes) run uncaptured (id -1). A failed capture turns graphs off for that cache's steps.
         self.cuda_graph = cuda_graph
         self._graph_ids = 0
+        self.graph_failures = 0  # decode steps whose run under a graph id failed (each turns graphs off for its cache)
         self._uncaptured = ort.RunOptions()
         self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
         # Beam search's reorder keeps the buffers where the step binding has them (a captured step reads them there).
@@ -195,6 +196,7 @@ class FusedDecoder(DecoderBase):
             self.session.run_with_iobinding(state.step_binding, state.step_options)
         except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
             warnings.warn(f"a decode step under CUDA graphs failed ({error}); continuing without CUDA graphs", stacklevel=3)
+            self.graph_failures += 1
             state.step_options = self._uncaptured
             self.session.run_with_iobinding(state.step_binding, self._uncaptured)
         return self._logits(cache)

@@ -80,32 +80,53 @@ def device_paths(pipe, bundle: Path) -> dict:
     the parity above holds to transformers'): a chat's second turn reuses the first turn's cache (truncate, reserve,
     extend); `num_return_sequences` copies a prefilled cache's rows (`repeat_rows`), here sampled with top_k=1, so
     each copy must give the greedy answer; beam search (its cache's rows gathered on the device each step) under CUDA
-    graphs, where the gathered rows are copied back into the captured step's buffers, as without them."""
+    graphs, where the gathered rows are copied back into the captured step's buffers, as without them. Each check
+    runs on its own (one that raises is recorded as its error); the CUDA-graph load records what it did: the warnings
+    it gave, whether graphs were on, and how many captured steps failed."""
     import ortllava
 
     chat = CHATS["one image"][0]
     options = dict(max_new_tokens=12, min_new_tokens=12)
-    session = pipe.chat(**options)
-    first = session.send(chat[0]["content"][1]["text"], images=[chat[0]["content"][0]["image"]])
-    second = session.send("And the colours?")
-    history = [*session.messages[:-1]]  # the two turns' messages, without the last answer
-    fresh = pipe.generate(messages=history, **options)
-    copies = pipe.generate(messages=chat, do_sample=True, top_k=1, num_return_sequences=2, **options)
+    results: dict = {}
+
+    def check(name: str, run) -> None:
+        try:
+            results[name] = run()
+        except Exception as error:  # noqa: BLE001 - recorded; the next check runs
+            results[name] = {"error": repr(error)}
+            traceback.print_exc()
+
     greedy = pipe.generate(messages=chat, **options)
+
+    def chat_turns() -> bool:
+        session = pipe.chat(**options)
+        first = session.send(chat[0]["content"][1]["text"], images=[chat[0]["content"][0]["image"]])
+        second = session.send("And the colours?")
+        fresh = pipe.generate(messages=session.messages[:-1], **options)  # the two turns' messages, without the last answer
+        results["first turn as generate"] = first.token_ids == greedy.token_ids
+        results["chat prefilled only the new tokens"] = second.metrics.prefilled_tokens < second.metrics.prompt_tokens
+        return second.token_ids == fresh.token_ids
+
+    check("chat second turn as a fresh generate", chat_turns)
+    check("copied caches give the greedy answer", lambda: [
+        r.token_ids for r in pipe.generate(messages=chat, do_sample=True, top_k=1, num_return_sequences=2, **options)
+    ] == [greedy.token_ids] * 2)
+    # (beam search's rows are gathered on the device there; on the CPU, by numpy)
+    check("kv_reorder loaded where the cache is on a device", lambda: (pipe.sessions.decoder.reorder is not None) == (pipe.sessions.provider == "CUDAExecutionProvider"))
     beams = dict(num_beams=3, num_return_sequences=3, **options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (cuda_graph on the CPU, or with a concat decoder: runs without, warned of)
-        graphs = ortllava.load(bundle, provider=pipe.sessions.provider.removesuffix("ExecutionProvider").lower(), cuda_graph=True, max_length=4096)
-    under_graphs = [r.token_ids for r in graphs.generate(messages=chat, **beams)]
-    return {
-        "chat second turn as a fresh generate": second.token_ids == fresh.token_ids,
-        "chat prefilled only the new tokens": second.metrics.prefilled_tokens < second.metrics.prompt_tokens,
-        "copied caches give the greedy answer": [r.token_ids for r in copies] == [greedy.token_ids] * 2,
-        "first turn as generate": first.token_ids == greedy.token_ids,
-        "beam search under CUDA graphs as without": under_graphs == [r.token_ids for r in pipe.generate(messages=chat, **beams)],
-        # (beam search's rows are gathered on the device there; on the CPU, by numpy)
-        "kv_reorder loaded where the cache is on a device": (pipe.sessions.decoder.reorder is not None) == (pipe.sessions.provider == "CUDAExecutionProvider"),
-    }
+
+    def beams_under_graphs() -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # (on the CPU, or with a concat decoder, graphs are off: warned of, recorded)
+            graphs = ortllava.load(bundle, provider=pipe.sessions.provider.removesuffix("ExecutionProvider").lower(), cuda_graph=True, max_length=4096)
+            under_graphs = [r.token_ids for r in graphs.generate(messages=chat, **beams)]
+        results["CUDA graphs on at load"] = graphs.sessions.cuda_graph
+        results["captured steps that failed"] = getattr(graphs.sessions.decoder, "graph_failures", None)
+        results["warnings under CUDA graphs"] = sorted({str(w.message)[:300] for w in caught})
+        return under_graphs == [r.token_ids for r in pipe.generate(messages=chat, **beams)]
+
+    check("beam search under CUDA graphs as without", beams_under_graphs)
+    return results
 
 
 def vision_profile(bundle: Path, device: str) -> dict:
@@ -174,7 +195,10 @@ def main() -> int:
             summary[f"bench_{name}"] = {"transformers": report["transformers"], "bandwidth_gb_s": report["bandwidth_gb_s"]}
             for precision, result in report["precisions"].items():
                 summary[f"bench_{name}"][precision] = {
-                    k: result[k] for k in ("ortllava", "ratios", "fraction_of_floor", "decode_floor_ms", "token_agreement", "same_prefix_tokens", "decoder_file_bytes")
+                    k: result[k] for k in (
+                        "ortllava", "ratios", "fraction_of_floor", "decode_floor_ms", "token_agreement", "same_prefix_tokens", "decoder_file_bytes",
+                        "decoder_providers", "cuda_graph_used",
+                    )
                 }
         except Exception as error:  # noqa: BLE001
             summary[f"bench_{name}"] = {"error": repr(error)}
