@@ -13,6 +13,7 @@ from torch.export import Dim
 from ortllava import manifest as names
 from ortllava.manifest import GraphSpec
 
+from .vision_fusions import fuse_vision_encoder
 from .wrappers import Decoder, Projector, VisionEncoder, text_geometry
 
 # Above this many bytes of weights a graph keeps them in an external data file (protobuf's limit is 2 GiB).
@@ -51,10 +52,11 @@ def export_vision_encoder(model, path: Path) -> GraphSpec:
     vision = model.config.vision_config
     pixels = torch.randn(TRACE_TILES, 3, vision.image_size, vision.image_size)
     model.model.vision_tower.config._attn_implementation = "sdpa"  # -> the fused Attention op
-    return _export(
+    spec = _export(
         VisionEncoder(model).eval(), (pixels,), ({0: Dim("tiles", min=1, max=1024)},),
         [names.PIXEL_VALUES], [names.IMAGE_FEATURES], path, opset=VISION_OPSET,
     )
+    return rewrite_graph(spec, path.parent, fuse_vision_encoder)
 
 
 def export_projector(model, path: Path) -> GraphSpec:
