@@ -46,7 +46,7 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
         from .tiny import TinySpec, build_model, build_processor, build_tokenizer
 
         spec = TinySpec()
-        tokenizer = build_tokenizer(spec.family)
+        tokenizer = build_tokenizer(spec.family, byte_fallback=spec.byte_fallback)
         model = build_model(spec, tokenizer)
         if check_config is not None:
             check_config(model.config)

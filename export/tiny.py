@@ -112,6 +112,7 @@ class TinySpec:
     vocab_size: int | None = None  # the model's vocabulary; None: the family's, else the tokenizer's length
     text_overrides: dict | None = None  # decoder config values over the family's (e.g. {"logits_scaling": 1.0})
     seed: int = 0
+    byte_fallback: bool = False  # a SentencePiece-style tokenizer with byte-fallback tokens, as Mistral's and Vicuna's
 
     def resolved(self) -> TinySpec:
         """This spec with every `None` replaced by the family's value."""
@@ -129,6 +130,7 @@ class TinySpec:
             vocab_size=self.vocab_size or family.vocab_size,
             text_overrides=self.text_overrides,
             seed=self.seed,
+            byte_fallback=self.byte_fallback,
         )
 
 
@@ -213,23 +215,28 @@ FAMILIES = {
 }
 
 
-def build_tokenizer(family: str = "mistral", vocab_size: int = 600):
-    """A byte-level BPE tokenizer trained on `CORPUS`, with `<image>` and the family's special tokens."""
+def build_tokenizer(family: str = "mistral", vocab_size: int = 600, byte_fallback: bool = False):
+    """A byte-level BPE tokenizer trained on `CORPUS`, with `<image>` and the family's special tokens; with
+    `byte_fallback`, a SentencePiece-style one instead (as Mistral's, Vicuna's and Yi's `tokenizer.json`: "▁" for
+    spaces, the 256 `<0x..>` byte tokens after the special ones for what the vocabulary lacks)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     spec = FAMILIES[family]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(spec.specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    if byte_fallback:
+        tokenizer = _sentencepiece_style(spec.specials, vocab_size)
+    else:
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(spec.specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
+        tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
     if spec.add_bos:
         bos = tokenizer.token_to_id(spec.bos)
         tokenizer.post_processor = processors.TemplateProcessing(single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B", special_tokens=[(spec.bos, bos)])
-    else:
+    elif not byte_fallback:
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -240,6 +247,29 @@ def build_tokenizer(family: str = "mistral", vocab_size: int = 600):
         padding_side="left",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def _sentencepiece_style(specials: tuple[str, ...], vocab_size: int):
+    """A BPE trained on `CORPUS` the way SentencePiece-converted tokenizers work: spaces as "▁" (normalized, with one
+    prepended), merges learned over that, the special tokens first, then the byte tokens `<0x00>`..`<0xFF>`, then
+    the learned pieces; decoding turns "▁" back into spaces, byte tokens into bytes, and strips the first space."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizer
+    trained.train_from_iterator(CORPUS * 4, trainer=trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False))
+    learned = json.loads(trained.to_str())["model"]
+    vocab = {token: index for index, token in enumerate(specials)}
+    vocab.update({f"<0x{byte:02X}>": len(specials) + byte for byte in range(256)})
+    for token, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    tokenizer.normalizer = normalizer
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return tokenizer
 
 
 def build_model(spec: TinySpec, tokenizer):
@@ -327,7 +357,7 @@ def build_checkpoint(folder: str | Path, spec: TinySpec | None = None, layout: s
     spec = spec or TinySpec()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.family)
+    tokenizer = build_tokenizer(spec.family, byte_fallback=spec.byte_fallback)
     model = build_model(spec, tokenizer)
     processor = build_processor(spec, tokenizer)
     model.save_pretrained(folder)

@@ -1,20 +1,30 @@
 """Streaming detokenization: token ids arriving one by one -> text pieces whose concatenation is the full decode.
 
 A piece is released only when it is stable: never while the text ends in an incomplete UTF-8 sequence
-(U+FFFD), and decoded over a window that starts one released piece back, so that decoders which treat
-the first token specially (SentencePiece's leading space) see the same context as a full decode.
+(U+FFFD), never right after a byte-fallback token (`holds`), and decoded over a window that starts one released
+piece back, so that decoders which treat the first token specially (SentencePiece's leading space) see the same
+context as a full decode.
+
+Byte-fallback tokens (`<0x0A>`, in SentencePiece vocabularies such as Mistral's, Vicuna's and Yi's) are decoded as
+a group: a run of them that is not valid UTF-8 as a whole becomes one U+FFFD per byte, also its bytes that formed a
+character before the next one came (`<0x0A>` is "\n", `<0x0A><0xBB>` is two U+FFFD). So text that ends in such a
+token may still change, and is held until a token of another kind follows (or the answer ends).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 REPLACEMENT = "\ufffd"
 
 
 class StreamingDetokenizer:
-    def __init__(self, decode: Callable[[Sequence[int]], str]):
+    """`decode`: ids -> text, as the full answer is decoded; `holds`: ids after which no text is released yet (the
+    tokenizer's byte-fallback tokens: `byte_fallback_ids`)."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], holds: Collection[int] = ()):
         self._decode = decode
+        self._holds = holds
         self.tokens: list[int] = []
         self._prefix = 0  # start of the decode window
         self._read = 0  # tokens up to here have been released
@@ -24,6 +34,8 @@ class StreamingDetokenizer:
     def add(self, token: int) -> str:
         """Adds one token; returns the newly stable text (often "", never a broken character)."""
         self.tokens.append(token)
+        if token in self._holds:  # the next token may turn this one's byte group into replacement characters
+            return ""
         before = self._released_window
         after = self._decode(self.tokens[self._prefix :])
         if len(after) <= len(before) or after.endswith(REPLACEMENT) or not after.startswith(before):
@@ -40,3 +52,16 @@ class StreamingDetokenizer:
         piece = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text += piece
         return piece
+
+
+def byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """The ids of a `tokenizers.Tokenizer`'s byte-fallback tokens (`<0x00>` ... `<0xFF>`), where its model falls back
+    to bytes; empty otherwise (byte-level BPE, as Llama-3's and Qwen's, shows an incomplete character as U+FFFD at
+    the end instead, which the detokenizer already holds back)."""
+    import json
+
+    model = json.loads(tokenizer.to_str()).get("model", {})
+    if not model.get("byte_fallback"):
+        return frozenset()
+    ids = (tokenizer.token_to_id(f"<0x{byte:02X}>") for byte in range(256))
+    return frozenset(i for i in ids if i is not None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -76,6 +76,7 @@ class Run:
     keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat, the prefix cache)
     tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (only runs that keep their cache)
     processors: list[LogitsProcessor] = field(default_factory=list)  # the sampler's, which beam search applies itself
+    held_tokens: Collection[int] = ()  # ids after which streamed text waits for the next token (byte-fallback ones)
 
     def embed_step(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Writes the embeddings of `ids [B]` into `out [B, 1, D]` (the cache's step buffer)."""
@@ -107,7 +108,7 @@ def collect(run: Run) -> list[GenerationResult]:
     answers: list[list[int]] = [[] for _ in range(batch)]
     logits: list[list[np.ndarray]] | None = [[] for _ in range(batch)] if run.settings.output_logits else None
     stopped = [False] * batch
-    detokenizers = [StreamingDetokenizer(run.answer_text) for _ in range(batch)] if stop else None
+    detokenizers = [StreamingDetokenizer(run.answer_text, run.held_tokens) for _ in range(batch)] if stop else None
     finders = [StopFinder(stop) for _ in range(batch)] if stop else None
     steps = run.loop()
     try:
@@ -158,7 +159,7 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
     """Runs a prepared one-row generation, yielding stable text pieces; the last chunk has the finish reason
     and the metrics. The decode loop is closed (its cache released or kept) before that last chunk."""
     stop = run.settings.stop
-    detokenizer = StreamingDetokenizer(run.answer_text)
+    detokenizer = StreamingDetokenizer(run.answer_text, run.held_tokens)
     find_stop = StopFinder(stop)
     released = 0  # characters of detokenizer.text already yielded
     reason = "length"

@@ -27,8 +27,9 @@ CONFIGS = {
     "qwen2": dict(family="qwen2", feature_layer=-2, layout="llava-hf"),
     "qwen2-layers": dict(family="qwen2", feature_layer=[-3, -1], layout="transformers"),
     # Family configs (export/tiny.py FAMILIES; tests/test_families.py). Vicuna and Yi have 4096 positions, but
-    # test_generation's two-image prompts are ~4.7k tokens, so these two are given 8192.
-    "vicuna": dict(family="vicuna", max_position_embeddings=8192, layout="transformers"),
+    # test_generation's two-image prompts are ~4.7k tokens, so these two are given 8192. Vicuna's tokenizer is
+    # SentencePiece-style with byte-fallback tokens, as llava-v1.6-vicuna's and -mistral's are.
+    "vicuna": dict(family="vicuna", max_position_embeddings=8192, layout="transformers", byte_fallback=True),
     "yi-34b": dict(family="yi", max_position_embeddings=8192, layout="transformers"),
     "llama3": dict(family="llama3", layout="llava-hf"),
     "qwen2-152k": dict(family="qwen2", vocab_size=152064, layout="llava-hf"),

@@ -218,3 +218,36 @@ def test_a_gpu_index_reaches_the_cuda_provider(monkeypatch):
     assert [_provider_for(device) for device in ("cuda:1", 2, -1, "cpu", "cuda", None)] == ["cuda:1", "cuda:2", "cpu", "cpu", "cuda", "auto"]
     with pytest.raises(ValueError, match="device must be"):
         _provider_for("gpu")
+
+
+def test_byte_fallback_tokens_stream_and_stop_as_the_whole_answer_decodes(tiny_store):
+    """A SentencePiece-style tokenizer decodes its byte-fallback tokens (`<0x0A>`) as a group: a group that is not
+    valid UTF-8 as a whole becomes one U+FFFD per byte, also bytes that had formed a character, so streamed text waits
+    after such a token. Sampled answers of the tiny Vicuna (whose small vocabulary makes byte tokens common): the
+    streamed pieces join to `generate`'s text, which is transformers' decode of the ids; a stop string after a
+    broken byte group stops the answer there."""
+    from transformers import AutoTokenizer
+
+    from ortllava.detokenizer import byte_fallback_ids
+
+    model = tiny_store.get("vicuna")
+    pipe = ortllava.load(model.bundle, provider="cpu")
+    theirs = AutoTokenizer.from_pretrained(model.checkpoint)
+    byte_ids = byte_fallback_ids(pipe.processor.tokenizer)
+    assert len(byte_ids) == 256 and byte_ids == {theirs.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    broken = []  # answers with a byte group decoded as replacement characters, and text after it
+    for seed in range(8):
+        kwargs = dict(prompt="USER: Tell me something. ASSISTANT:", max_new_tokens=40, min_new_tokens=40, do_sample=True, temperature=1.5, seed=seed)
+        result = pipe.generate(**kwargs)
+        assert result.text == theirs.decode(result.token_ids, skip_special_tokens=True)
+        assert "".join(chunk.text for chunk in pipe.stream(**kwargs)) == result.text
+        after = result.text.rstrip("\ufffd").rfind("\ufffd")
+        if after >= 0 and len(result.text) - after > 4:
+            broken.append((kwargs, result, after + 1))
+    assert broken, "no sampled answer had a broken byte group followed by text: the check above tested nothing new"
+    kwargs, full, start = broken[0]
+    stop = full.text[start : start + 3]
+    cut = pipe.generate(stop=[stop], **kwargs)
+    assert cut.text == full.text[: full.text.find(stop)] and cut.finish_reason == "stop" and len(cut.token_ids) < len(full.token_ids)
+    assert "".join(chunk.text for chunk in pipe.stream(stop=[stop], **kwargs)) == cut.text
+
