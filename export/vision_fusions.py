@@ -3,17 +3,16 @@ from the dynamo exporter's CLIP graph.
 
 Per encoder layer the exporter writes q, k and v as MatMul + bias Add, each Reshaped to `[tiles, S, heads,
 head_dim]` and Transposed to `[tiles, heads, S, head_dim]` for opset 23's `Attention`, whose output is Transposed
-and Reshaped back; then the out-projection and the MLP's two layers, each a MatMul + bias Add. The rewrites, each
-checked against the pattern it replaces (a node that does not match it exactly is left as it was):
+and Reshaped back (`S` = patches + 1, the class token). `attention_on_3d_inputs` gives `Attention` the
+`[tiles, S, heads * head_dim]` q, k and v, and it returns that shape itself (`q_num_heads` / `kv_num_heads`), so the
+four Transposes (copies) and their Reshapes go; a node that does not match the pattern exactly is left as it was.
+On the CPU benchmark tower (6 layers x 256, 5 tiles; docs/measurements.md) the Transposes were ~8 ms of ~410 with
+2 threads (~14 of ~650 with one).
 
-- `attention_on_3d_inputs`: `Attention` takes the `[tiles, S, heads * head_dim]` q, k and v and returns that shape
-  itself (`q_num_heads` / `kv_num_heads`), so the four Transposes (copies) and their Reshapes go.
-- `linear_as_gemm`: each MatMul + bias Add is a `Gemm` over `[tiles * S, hidden]` that starts from the bias.
-
-`S` = patches + 1 (the class token). On the CPU benchmark tower (6 layers x 256, 5 tiles, one thread) the Transposes
-took ~16 ms and the bias Adds ~40 ms of ~690 (docs/measurements.md). Tried and dropped, slower on the CPU there:
-q/k/v as one MatMul and a Split (the Split's copies cost more than the larger GEMM gains), and the residual Add
-with its LayerNormalization as `SkipLayerNormalization` (its CPU kernel took 45 ms where LayerNormalization took 8).
+Tried and dropped, no faster on the CPU there: each MatMul + bias Add as a Gemm over `[tiles * S, hidden]` (the
+Gemm took what the two had taken), q/k/v as one MatMul and a Split (the Split's copies cost more than the larger
+GEMM saved), and the residual Add with its LayerNormalization as `SkipLayerNormalization` (its CPU kernel took
+~45 ms where LayerNormalization took ~8, one thread).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import numpy as np
-import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 
@@ -141,48 +139,9 @@ def attention_on_3d_inputs(g: _Graph) -> int:
     return done
 
 
-def linear_as_gemm(g: _Graph) -> int:
-    """`MatMul(x, W) + b` over `[tiles, S, K]` as `Gemm(x, W, b)` over `[tiles * S, K]`: the GEMM starts from the
-    bias instead of a separate Add reading and writing the result again. Only where shape inference gives `x` a
-    fixed `S` (the back Reshape is to `[-1, S, N]`). Returns how many it rewrote."""
-    shapes = _inferred_shapes(g.model)
-    done = 0
-    for add in _current(g, lambda n: n.op_type == "Add"):
-        linear = _linear(g, add.output[0])
-        dims = shapes.get(linear[0].input[0]) if linear is not None else None
-        if dims is None or len(dims) != 3 or not isinstance(dims[1], int):
-            continue
-        matmul, _, weight, bias = linear
-        k, n = g.array(weight).shape
-        p = add.name or add.output[0]
-        rows, back = g.add_weight(f"{p}.rows_shape", np.array([-1, k], np.int64)), g.add_weight(f"{p}.shape", np.array([-1, dims[1], n], np.int64))
-        g.replace([matmul, add], [
-            helper.make_node("Reshape", [matmul.input[0], rows], [f"{p}.rows"], f"{p}/rows"),
-            helper.make_node("Gemm", [f"{p}.rows", weight, bias], [f"{p}.gemm"], f"{p}/gemm"),
-            helper.make_node("Reshape", [f"{p}.gemm", back], [add.output[0]], f"{p}/back"),
-        ])
-        done += 1
-    return done
-
-
-def _inferred_shapes(model: ModelProto) -> dict[str, list[int | str | None]]:
-    """Every intermediate tensor's shape as onnx's shape inference gives it (a dimension: its size, its symbol, or
-    None); empty where inference fails (the rewrites that need shapes then do nothing)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - e.g. a model over protobuf's 2 GiB; the rewrite is an optimization
-        return {}
-    shapes = {}
-    for info in inferred.graph.value_info:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
-    return shapes
-
-
 def fuse_vision_encoder(model: ModelProto) -> ModelProto:
-    """Both rewrites above; the model is changed in place and returned."""
+    """The rewrite above; the model is changed in place and returned."""
     g = _Graph(model)
     attention_on_3d_inputs(g)
-    linear_as_gemm(g)
     g.drop_unused_weights()
     return model

@@ -54,26 +54,23 @@ def _tiles(model: onnx.ModelProto, count: int = 3) -> np.ndarray:
 
 
 def test_the_bundle_vision_encoder_is_rewritten(mistral):
-    """Per layer: Attention on 3-D tensors (no Transposes around it), and every linear layer (q, k, v, out, fc1, fc2)
-    a Gemm with its bias."""
+    """Every layer's Attention on 3-D tensors: no Transposes or Reshapes around it."""
     model = onnx.load(str(mistral.bundle / read_manifest(mistral.bundle).graphs["vision_encoder"].file))
     ops = _ops(model)
     layers = ops["Attention"]
     assert layers >= 1 and ops["Transpose"] == 1  # (the patch embedding's, before the layers)
     assert all(helper.get_attribute_value(a) > 0 for n in model.graph.node if n.op_type == "Attention" for a in n.attribute if a.name == "q_num_heads")
-    assert ops["Gemm"] == 6 * layers and ops["MatMul"] == 0
-    assert ops["Add"] == 2 * layers + 1  # the residual sums and the position embedding's
+    assert ops["Reshape"] == 1  # (the patch embedding's too)
 
 
 def test_the_rewrites_compute_what_the_export_does(exported):
-    """Against the graph as exported, on other tile counts than the export traced (the Gemm's bias is added in
-    another order than the Add's, hence a float tolerance)."""
+    """Against the graph as exported, on other tile counts than the export traced."""
     from ortllava_export.vision_fusions import fuse_vision_encoder
 
     original, layers = exported
     fused = fuse_vision_encoder(copy.deepcopy(original))
     onnx.checker.check_model(fused)
-    assert _ops(fused)["Attention"] == layers and _ops(fused)["Transpose"] == 1 and _ops(fused)["Gemm"] == 6 * layers
+    assert _ops(fused)["Attention"] == layers and _ops(fused)["Transpose"] == 1
     for count in (1, 3):
         tiles = _tiles(original, count)
         (want,), (got,) = _run(original, tiles), _run(fused, tiles)
