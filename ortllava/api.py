@@ -213,6 +213,8 @@ class Pipeline:
         stream or a chat.
         `output_logits=True`: each result's `logits [len(token_ids), V]` are the raw logits (before the logits processors
         and the warpers above) each new token was picked from, as transformers' `output_logits`.
+        `generation_config=` (a transformers `GenerationConfig`, or a dict of its fields): its set fields as arguments,
+        under those given by name, over the bundle's generation config (as transformers 5 reads it).
         Returns a `GenerationResult`, or a list of them for a batch; with `num_return_sequences=n` > 1, a list
         of n for one prompt and a list of such lists for a batch (as transformers' pipelines group them).
         """

@@ -29,7 +29,7 @@ from .image_source import ImageLike, load_image
 from .prefix import HeldCache, plan_from_held
 from .processor import flatten_images, images_in_messages
 from .runs import collect, one_answer, stream_chunks
-from .settings import LENGTH_ARGUMENTS
+from .settings import LENGTH_ARGUMENTS, with_callers_generation_config
 
 if TYPE_CHECKING:
     from .api import Pipeline
@@ -54,7 +54,7 @@ class ChatSession:
             raise ValueError("this bundle has no chat template: a chat needs one")
         self.pipe = pipe
         self.system = system
-        self.defaults = defaults
+        self.defaults = with_callers_generation_config(defaults)
         self.messages: list[dict[str, Any]] = []
         self._held: HeldCache | None = None  # the keys/values after the last turn (image keys: the kept images)
         self._open: Generator[StreamChunk, None, None] | None = None  # the last stream (closing a finished one is a no-op)
@@ -150,7 +150,7 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
 
     def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any], streamed: bool) -> Run:
-        defaults = self.defaults
+        defaults, generate_kwargs = self.defaults, with_callers_generation_config(generate_kwargs)  # (a turn's config, under its arguments)
         if any(generate_kwargs.get(name) is not None for name in LENGTH_ARGUMENTS):  # a turn's length replaces the session's
             defaults = {name: value for name, value in defaults.items() if name not in LENGTH_ARGUMENTS}
         given = {**defaults, **generate_kwargs}

@@ -19,7 +19,7 @@ from .detokenizer import StreamingDetokenizer
 from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode_loop
 from .logits_processors import LogitsProcessor
 from .sampling import Sampler
-from .settings import GenerationSettings
+from .settings import GenerationSettings, with_callers_generation_config
 
 Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
 KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)
@@ -34,7 +34,7 @@ def one_answer(
     if settings.num_return_sequences != 1:
         raise ValueError("one answer is given here: num_return_sequences must be 1 (use Pipeline.generate for several)")
     if settings.num_beams != 1:
-        if (given or {}).get("num_beams") is not None:
+        if with_callers_generation_config(given or {}).get("num_beams") is not None:
             raise ValueError(f"beam search (num_beams={settings.num_beams}) gives its answers at the end: use Pipeline.generate for it, or num_beams=1")
         warnings.warn(
             f"the bundle's generation config sets num_beams={settings.num_beams}, but beam search gives its answers at the end: this "

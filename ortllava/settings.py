@@ -62,7 +62,10 @@ class GenerationSettings:
         """Each argument: the caller's value (None counts as unset), else the bundle's generation config (as
         transformers reads it), else the default above. An unknown name is a TypeError naming it, as is one of
         transformers' arguments that ortllava does not implement, unless at a value where it does nothing. `max_positions`:
-        the most the decoder serves, which a generation config's max_length (a model's context, say) is held to."""
+        the most the decoder serves, which a generation config's max_length (a model's context, say) is held to.
+        A `generation_config` among `given` (transformers' GenerationConfig, or a dict) is the caller's too, under
+        the other arguments (`with_callers_generation_config`)."""
+        given = with_callers_generation_config(given)
         others = sorted(set(given) - set(GENERATION_ARGUMENTS))
         unimplemented = [f"{name}={_shown(given[name])}" for name in others if name in _NO_OP_VALUES and not _does_nothing(name, given[name])]
         unknown = [name for name in others if name not in _NO_OP_VALUES]
@@ -254,11 +257,14 @@ UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
 # transformers' generate arguments that do nothing here at these values (their defaults, or beam search off), so
 # code written for transformers may pass them: each with the values taken (and ignored); None counts as unset, as for
 # every argument here.
+ANY_VALUE = object()  # (in a no-op values tuple: every value does nothing)
 _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
     "return_dict_in_generate": (False,), "renormalize_logits": (False,),
-    "remove_invalid_values": (False,), "streamer": (), "generation_config": (), "logits_processor": (), "stopping_criteria": (),
-    "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (),
+    "remove_invalid_values": (False,), "streamer": (), "logits_processor": (), "stopping_criteria": (),
+    "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
+    # (transformers reads these only to start a prompt where none is given; ortllava is always given one)
+    "bos_token_id": (ANY_VALUE,), "decoder_start_token_id": (ANY_VALUE,),
 }
 _NO_OP_VALUES = {**UNSUPPORTED_GENERATION_KEYS, **_CALL_ONLY_NO_OP_VALUES}
 
@@ -268,12 +274,28 @@ def _does_nothing(name: str, value: Any) -> bool:
     where it does nothing (a name transformers does not have is never: it is a typo to name)."""
     if name not in _NO_OP_VALUES:
         return False
-    if value is None:
+    if value is None or _NO_OP_VALUES[name] == (ANY_VALUE,):
         return True
     if not isinstance(value, (bool, int, float, list, dict)):  # (an array, a model, a config: never a no-op value here)
         return False
     # (True is no 1 here: num_beam_groups=True is a mistake to name, not diverse beam search off)
     return any(value == no_op and isinstance(value, bool) == isinstance(no_op, bool) for no_op in _NO_OP_VALUES[name])
+
+
+def with_callers_generation_config(given: Mapping[str, Any]) -> dict[str, Any]:
+    """`given` with its `generation_config` (transformers' `GenerationConfig`, or a dict of its fields) spread into
+    arguments, each under the one `given` names itself: transformers 5 reads a caller's config so (its unset fields
+    from the model's config, the generate arguments over it). A config's unset (None) fields, its
+    `transformers_version` and private fields are not arguments; the rest are checked as arguments are."""
+    config = given.get("generation_config")
+    if config is None:
+        return {k: v for k, v in given.items() if k != "generation_config"}
+    if hasattr(config, "to_dict") and not isinstance(config, Mapping):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig or a dict of its fields, got {_shown(config)}")
+    spread = {k: v for k, v in config.items() if v is not None and k != "transformers_version" and not str(k).startswith("_")}
+    return {**spread, **{k: v for k, v in given.items() if k != "generation_config" and v is not None}}
 
 
 def _shown(value: Any, most: int = 40) -> str:

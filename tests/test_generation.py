@@ -154,6 +154,24 @@ def test_logits_processors_match_transformers(setup):
     assert len(got[0].token_ids) > end + 1
 
 
+def test_a_generation_config_generates_as_in_transformers(setup):
+    """`generation_config=` (a transformers GenerationConfig, or a dict of its fields) as transformers 5 reads it: its
+    set fields over the bundle's config, the call's own arguments over it; token for token."""
+    import torch
+    from transformers import GenerationConfig
+
+    processor, model, pipe = setup
+    chat = user(IMAGES[1], "Describe.")
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, repetition_penalty=1.5, no_repeat_ngram_size=2, do_sample=False)
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    for call in ({}, {"repetition_penalty": 1.0, "max_new_tokens": 5}):
+        with torch.no_grad():
+            want = model.generate(**inputs, generation_config=config, **call)[0, inputs["input_ids"].shape[1] :].tolist()
+        assert pipe.generate(messages=chat, generation_config=config, **call).token_ids == want
+        as_dict = {k: v for k, v in config.to_dict().items() if v is not None}
+        assert pipe.generate(messages=chat, generation_config=as_dict, **call).token_ids == want
+
+
 def test_beam_search_answers_as_transformers(setup):
     """Beam search's answers token for token, best first: over max_new_tokens (EOS held back), then ending at an EOS
     (one the answers hold, so hypotheses finish at different lengths) under each early_stopping rule and length
@@ -398,10 +416,13 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     # transformers' arguments at values where they do nothing are taken, so code written for it runs unchanged.
     no_ops = {"num_beams": 1, "use_cache": True, "length_penalty": 1.0, "streamer": None, "return_dict_in_generate": False, "typical_p": 1.0}
     assert GenerationSettings.resolve(no_ops, config) == GenerationSettings.resolve({}, config)
+    assert GenerationSettings.resolve({"bos_token_id": 1, "generation_config": {"bos_token_id": np.int64(1), "_from_model_config": True}}, config) == GenerationSettings.resolve({}, config)
     for bad, message in (({"use_cache": False}, "use_cache=False: not implemented"), ({"num_beam_groups": True}, "num_beam_groups=True"),
                          ({"max_new_token": 5}, "unknown generation argument.*: max_new_token;"),
                          ({"force_words_ids": np.array([[1, 2]])}, r"force_words_ids=array\(\[\[1, 2\]\]\): not implemented"),
-                         ({"generation_config": list(range(50))}, r"generation_config=<list>: not implemented")):
+                         ({"generation_config": list(range(50))}, r"generation_config must be a transformers GenerationConfig or a dict of its fields, got <list>"),
+                         ({"generation_config": {"num_beam_groups": 2}}, r"num_beam_groups=2: not implemented"),
+                         ({"generation_config": {"max_new_token": 5}}, "unknown generation argument.*: max_new_token;")):
         with pytest.raises(TypeError, match=message):
             GenerationSettings.resolve(bad, {})
     with pytest.raises(ValueError, match="max_new_tokens"):
