@@ -157,9 +157,9 @@ class ImageTextToTextPipeline:
         stop = kwargs.pop("stop_sequence", None)
         if stop is not None:
             generate["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        unknown = set(generate) - set(GENERATION_KEYS) - {"stop"}
+        unknown = set(generate) - set(GENERATION_KEYS) - {"stop", "generation_config"}
         if unknown:
-            raise TypeError(f"unsupported generation argument(s): {', '.join(sorted(unknown))}; supported: {', '.join(GENERATION_KEYS)}, stop_sequence")
+            raise TypeError(f"unsupported generation argument(s): {', '.join(sorted(unknown))}; supported: {', '.join(GENERATION_KEYS)}, generation_config, stop_sequence")
 
         post = {}
         return_full_text = kwargs.pop("return_full_text", None)

@@ -186,6 +186,10 @@ def test_return_tensors_and_generate_kwargs(pipes):
     got = ours(text=messages, **kwargs)
     same(want, got)
     assert set(got[0]) == {"input_text", "generated_token_ids"}
+    from transformers import GenerationConfig  # (a generation config among them, as there)
+
+    config = dict(return_tensors=True, generate_kwargs={"generation_config": GenerationConfig(max_new_tokens=7, min_new_tokens=7, no_repeat_ngram_size=2)})
+    same(hf(text=messages, **config), ours(text=messages, **config))
 
 
 def test_max_length_in_generate_kwargs_as_transformers(pipes):
