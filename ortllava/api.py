@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import operator
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -24,6 +23,7 @@ from .sampling import make_sampler
 from .runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
 from .sessions import BundleSessions
 from .settings import GenerationSettings, shown_settings, unsupported_generation_settings
+from .warn import warn
 
 if TYPE_CHECKING:
     from .chat import ChatSession
@@ -72,10 +72,9 @@ class Pipeline:
         self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph, prepack)
         self.prefix = PrefixSlot(self.sessions.decoder) if prefix_cache else None
         if prefix_cache and self.sessions.decoder.kv_dtype == np.int8:
-            warnings.warn(
+            warn(
                 "this bundle's key/value cache is int8: with prefix_cache, an answer can differ from the same prompt's "
                 "without it (where each run begins changes which positions are rounded; see ortllava.prefix)",
-                stacklevel=3,  # the caller of load()
             )
         hidden = self.manifest.text.hidden_size
         vocab = self.manifest.text.vocab_size
@@ -85,11 +84,10 @@ class Pipeline:
         self.generation_config: dict[str, Any] = read_bundle_file(self.bundle, GENERATION_CONFIG_FILE, read_json_object) if has_config else {}
         ignored = unsupported_generation_settings(self.generation_config)
         if ignored:
-            warnings.warn(
+            warn(
                 f"the bundle's {GENERATION_CONFIG_FILE} sets {shown_settings(ignored)}, which "
                 "ortllava does not implement (or takes only as an argument): its answers can differ from those of transformers, "
                 "which applies them",
-                stacklevel=3,  # the caller of load()
             )
 
     @property
@@ -335,10 +333,9 @@ class Pipeline:
         settings = settings.for_prompt(int(input_ids.shape[1]), self.sessions.decoder.max_length)
         self._check_length(input_ids.shape[1], settings.max_new_tokens, max_length, settings.length_is_default)
         if settings.length_is_default and settings.max_new_tokens < default_new_tokens:
-            warnings.warn(
+            warn(
                 f"the prompt ({input_ids.shape[1]} tokens) leaves room for {settings.max_new_tokens} new tokens of the default "
-                f"{default_new_tokens}: the answer may be cut there (a max_new_tokens you give is refused where it does not fit)",
-                stacklevel=3,
+                f"{default_new_tokens}: the answer may be cut there (a max_new_tokens you give is refused where it does not fit)"
             )
         eos, pad_id = self._special_ids(settings)
         metrics.preprocess_s = time.perf_counter() - started

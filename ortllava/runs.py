@@ -7,7 +7,6 @@ row's text pieces as they become stable (`stream_chunks`); both end an answer at
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
@@ -20,6 +19,7 @@ from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode
 from .logits_processors import LogitsProcessor
 from .sampling import Sampler
 from .settings import GenerationSettings, with_callers_generation_config
+from .warn import warn
 
 Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
 KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)
@@ -36,10 +36,9 @@ def one_answer(
     if settings.num_beams != 1:
         if with_callers_generation_config(given or {}).get("num_beams") is not None:
             raise ValueError(f"beam search (num_beams={settings.num_beams}) gives its answers at the end: use Pipeline.generate for it, or num_beams=1")
-        warnings.warn(
+        warn(
             f"the bundle's generation config sets num_beams={settings.num_beams}, but beam search gives its answers at the end: this "
-            "answer is searched without beams (num_beams=1 silences this)",
-            stacklevel=3,
+            "answer is searched without beams (num_beams=1 silences this)"
         )
         settings = replace(settings, num_beams=1)
     if streamed and settings.output_logits:

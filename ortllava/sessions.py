@@ -6,7 +6,6 @@ chosen (host mode, numpy in and out, is the default there).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from .manifest import (
     Manifest,
     past_key_name,
 )
+from .warn import warn
 
 
 def is_provider(name: Any) -> bool:
@@ -259,13 +259,13 @@ class BundleSessions:
         if provider == "auto" and refusal:  # a CPU bundle runs on the CPU, also where onnxruntime has CUDA
             provider = "cpu"
             if "CUDAExecutionProvider" in ort.get_available_providers():
-                warnings.warn(f"provider 'auto' runs this bundle on the CPU: {refusal}", stacklevel=4)  # the caller of load()
+                warn(f"provider 'auto' runs this bundle on the CPU: {refusal}")
         try:
             self._load(bundle, manifest, resolve_providers(provider), io_binding, threads, max_length, cuda_graph, prepack, refusal)
         except CudaDidNotStart as error:
             if provider != "auto":
                 raise
-            warnings.warn(f"provider 'auto' runs this bundle on the CPU: {error}", stacklevel=4)  # the caller of load()
+            warn(f"provider 'auto' runs this bundle on the CPU: {error}")
             self._load(bundle, manifest, ["CPUExecutionProvider"], io_binding, threads, max_length, cuda_graph, prepack, refusal)
 
     def _load(
@@ -280,9 +280,9 @@ class BundleSessions:
         if on_cuda and refusal:
             raise BundleError(refusal)
         if not on_cuda and manifest.graphs["decoder"].dtype == "float16":
-            warnings.warn(
+            warn(
                 "this bundle's decoder has fp16 activations, made for CUDA; on the CPU it runs several times slower than "
-                "a CPU bundle (export with --precision fp32, or --precision int4 --target cpu)", stacklevel=5,  # the caller of load()
+                "a CPU bundle (export with --precision fp32, or --precision int4 --target cpu)",
             )
         if fused and not io_binding:
             raise ValueError("a 'gqa' decoder shares its key/value buffers through IO binding; io_binding=False is not possible")
@@ -299,7 +299,7 @@ class BundleSessions:
         # CUDA graphs replay the decode step; they need static shapes (a fixed buffer length) and a fused decoder.
         self.cuda_graph = bool(cuda_graph and on_cuda and fused)
         if cuda_graph and not self.cuda_graph:
-            warnings.warn("cuda_graph needs the CUDA provider and a 'gqa' decoder; running without CUDA graphs", stacklevel=5)  # the caller of load()
+            warn("cuda_graph needs the CUDA provider and a 'gqa' decoder; running without CUDA graphs")
         # MatMulNBits (4-bit weights) computes only from its repacked weights: without them it is ~30x slower.
         # Its float weights (an fp16 lm_head) still stay fp16 with prepack=False.
         spec = manifest.graphs["decoder"]
@@ -322,7 +322,7 @@ class BundleSessions:
                 cuda = ("CUDAExecutionProvider", {**self.providers[0][1], "enable_cuda_graph": "1"})
                 return create_session(path, [cuda, "CPUExecutionProvider"], threads, prepack)
             except BundleError as error:  # e.g. a node the CUDA provider does not take: graphs cannot be captured
-                warnings.warn(f"CUDA graphs unavailable for this decoder ({error}); running without them", stacklevel=6)  # the caller of load()
+                warn(f"CUDA graphs unavailable for this decoder ({error}); running without them")
                 self.cuda_graph = False
         return create_session(path, self.providers, threads, prepack, fp16_as_stored)
 

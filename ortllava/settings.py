@@ -5,11 +5,12 @@ from what the caller gives, then the bundle's generation config, then the defaul
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from .warn import warn
 
 DEFAULT_MAX_NEW_TOKENS = 256
 LENGTH_ARGUMENTS = ("max_new_tokens", "max_length")  # the two ways to say how long an answer may be
@@ -93,10 +94,9 @@ class GenerationSettings:
         source = given if any(given.get(name) is not None for name in LENGTH_ARGUMENTS) else generation_config
         if source.get("max_new_tokens") is not None:
             if source is given and given.get("max_length") is not None:
-                warnings.warn(
+                warn(
                     f"Both `max_new_tokens` (={given['max_new_tokens']}) and `max_length` (={given['max_length']}) seem to have been "
                     "set. `max_new_tokens` will take precedence.",
-                    stacklevel=4,  # the caller of generate, stream, send or settings
                 )
             values.pop("max_length", None)
         elif source.get("max_length") is not None:
@@ -107,10 +107,9 @@ class GenerationSettings:
             values["length_is_default"] = True
         if "min_new_tokens" in values and "min_length" in values:  # (transformers: min_new_tokens, once set, replaces min_length)
             if values["min_length"] != 0:  # (and warns, as here, wherever each came from)
-                warnings.warn(
+                warn(
                     f"Both `min_new_tokens` (={values['min_new_tokens']}) and `min_length` (={values['min_length']}) seem to have been "
-                    "set. `min_new_tokens` will take precedence.",
-                    stacklevel=4,
+                    "set. `min_new_tokens` will take precedence."
                 )
             values.pop("min_length")
         for name in ("eos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):

@@ -188,6 +188,18 @@ def test_stop_strings_and_arguments(setup):
     assert len(chat.messages) == 4  # failed turns leave the history as it was
 
 
+def test_warnings_point_at_the_callers_line(setup):
+    """A warning raised deep inside a turn (here: both lengths given, from the settings) is attributed to the line that
+    sent or streamed it, as transformers' and Python's own warnings are, not to ortllava's code."""
+    _, pipe = setup
+    session = pipe.chat()
+    for turn in (lambda: session.send("Hi", max_new_tokens=2, max_length=900), lambda: list(session.stream("Hi", max_new_tokens=2, max_length=900)),
+                 lambda: pipe.generate("Hi", max_new_tokens=2, max_length=900)):
+        with pytest.warns(UserWarning, match="Both `max_new_tokens`") as caught:
+            turn()
+        assert {os.path.basename(w.filename) for w in caught} == {os.path.basename(__file__)}
+
+
 def test_images_changed_after_sending_do_not_reach_the_conversation(setup):
     """A camera loop refills one frame buffer; a PIL image is resized in place: the conversation keeps what was sent."""
     _, pipe = setup

@@ -4,13 +4,13 @@ past and present; see the package's docstring)."""
 from __future__ import annotations
 
 import threading
-import warnings
 
 import numpy as np
 import onnxruntime as ort
 
 from ..manifest import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, Manifest
 from .cache import ContextLengthError, DecoderBase, Device, FusedState, KVCache
+from ..warn import warn
 
 # On the CPU, a one-row prompt (or a chat turn's continuation) longer than this runs in chunks of this many tokens: the CPU
 # GroupQueryAttention computes whole query x key rectangles, so chunks skip most of the causal upper triangle
@@ -29,7 +29,7 @@ class FusedDecoder(DecoderBase):
         super().__init__(session, manifest, device, reorder)
         self.device = device or Device("cpu")
         if capacity and capacity > self.max_length:
-            warnings.warn(f"max_length={capacity} is more than the {self.max_length} positions this decoder serves: its buffers hold {self.max_length}", stacklevel=6)
+            warn(f"max_length={capacity} is more than the {self.max_length} positions this decoder serves: its buffers hold {self.max_length}")
         self.fixed_capacity = min(capacity, self.max_length) if capacity else None  # static shapes: always this many positions
         if self.fixed_capacity:  # then no generation holds more: requests are checked against it up front
             self.max_length = self.fixed_capacity
@@ -195,7 +195,7 @@ class FusedDecoder(DecoderBase):
         try:
             self.session.run_with_iobinding(state.step_binding, state.step_options)
         except Exception as error:  # noqa: BLE001 - onnxruntime's own types; the step is rerun uncaptured
-            warnings.warn(f"a decode step under CUDA graphs failed ({error}); continuing without CUDA graphs", stacklevel=3)
+            warn(f"a decode step under CUDA graphs failed ({error}); continuing without CUDA graphs")
             self.graph_failures += 1
             state.step_options = self._uncaptured
             self.session.run_with_iobinding(state.step_binding, self._uncaptured)
@@ -280,7 +280,7 @@ class FusedDecoder(DecoderBase):
                 else:
                     state.scratch = [self._empty_like(value) for value in state.kv]
             except Exception as error:  # noqa: BLE001 - onnxruntime's own types (an allocation that failed)
-                warnings.warn(f"beam search reorders the key/value cache through the host: no room for a second copy on the device ({error})", stacklevel=6)
+                warn(f"beam search reorders the key/value cache through the host: no room for a second copy on the device ({error})")
                 state.scratch = []
         if not state.scratch:
             return False
