@@ -132,6 +132,12 @@ class ChatSession:
     def _user_message(self, text: str, images: Sequence[ImageLike] | ImageLike | None) -> dict[str, Any]:
         if not isinstance(text, str):
             raise TypeError(f"a chat message is a string, got {type(text).__name__}")
+        placeholder = self.pipe.processor.image_token
+        if placeholder in text:  # (else the mismatch is found over the whole history, and named in its counts)
+            raise ValueError(
+                f"the message's text holds {placeholder!r}, the image placeholder: give the images with images=[...] "
+                "(the chat template places them before the text)"
+            )
         images = [] if images is None else flatten_images(images)
         content: list[dict[str, Any]] = [{"type": "image", "image": self._kept_image(image)} for image in images]
         content.append({"type": "text", "text": text})

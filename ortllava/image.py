@@ -221,9 +221,10 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
         if image.min() < 0 or image.max() > 255:
             raise ImageLoadError(f"image values must lie in [0, 255], got [{image.min()}, {image.max()}]")
         return image.astype(np.uint8)
-    raise ImageLoadError(
-        f"image arrays must hold 0-255 pixel values (got dtype {image.dtype}); give uint8 pixels or a PIL image"
-    )
+    if np.issubdtype(image.dtype, np.number):  # (values with fractions, or NaN)
+        example = image.flat[int(np.flatnonzero(image != np.round(image))[0])].item()
+        raise ImageLoadError(f"image arrays must hold whole 0-255 pixel values, got {example!r} (dtype {image.dtype}); give uint8 pixels or a PIL image")
+    raise ImageLoadError(f"image arrays must hold 0-255 pixel values (got dtype {image.dtype}); give uint8 pixels or a PIL image")
 
 
 def _rgb_pil(image: Image.Image) -> Image.Image:

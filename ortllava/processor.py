@@ -450,9 +450,13 @@ def images_in_messages(messages: list[dict]) -> list[ImageLike]:
             if not isinstance(item, dict) or item.get("type") not in ("image", "image_url"):
                 continue
             item = _image_block(item)
-            source = next((item[key] for key in ("image", "url", "path", "base64") if key in item), None)
+            source = next((item[key] for key in ("image", "url", "path", "base64") if item.get(key) is not None), None)
             if source is None:
-                raise ValueError(f"an image item needs an 'image', 'url', 'path' or 'base64' key, got {sorted(item)}")
+                given = sorted(key for key in item if key != "type")
+                raise ValueError(
+                    f"an image item needs an 'image', 'url', 'path' or 'base64' key with an image in it, got "
+                    + (f"{', '.join(repr(key) for key in given)} set to None" if given else "none of them")
+                )
             found.append(source)
     return found
 

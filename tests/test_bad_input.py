@@ -42,6 +42,11 @@ def test_malformed_prompts_and_messages_are_named(pipe, monkeypatch):
         next(pipe.stream(prompt=[PROMPT, PROMPT], images=[random_image(100, 100)] * 2))
     with pytest.raises(ImageLoadError, match=r"image 0 is empty \(0x10 pixels\)"):
         pipe.generate(prompt=PROMPT, images=[np.zeros((0, 10, 3), np.uint8)])
+    with pytest.raises(ImageLoadError, match=r"whole 0-255 pixel values, got 127.5 \(dtype float64\)"):
+        pipe.generate(prompt=PROMPT, images=[np.full((20, 30, 3), 127.5)])
+    for item, named in (({"type": "image", "image": None}, "got 'image' set to None"), ({"type": "image"}, "got none of them")):
+        with pytest.raises(ValueError, match=f"an image item needs an 'image', 'url', 'path' or 'base64' key with an image in it, {named}"):
+            pipe.generate(messages=[{"role": "user", "content": [item, {"type": "text", "text": "What?"}]}])
 
 
 def test_final_assistant_message_without_text_is_named(pipe):

@@ -229,6 +229,8 @@ def test_failed_turns_keep_the_cache_and_the_history(setup, monkeypatch):
         chat.send("hi", images=[np.zeros((50, 60, 5), np.uint8)])
     with pytest.raises(TypeError, match="a chat message is a string"):
         chat.send(123)
+    with pytest.raises(ValueError, match=r"the message's text holds '<image>', the image placeholder: give the images with images="):
+        chat.send("What is in <image>?", images=[IMAGES[1]])
     assert chat.cached_tokens == cached and chat.messages == history
     # An error during the answer: neither send nor stream adds the turn to the history.
     decoder = type(pipe.sessions.decoder)
