@@ -454,7 +454,7 @@ def images_in_messages(messages: list[dict]) -> list[ImageLike]:
             if source is None:
                 given = sorted(key for key in item if key != "type")
                 raise ValueError(
-                    f"an image item needs an 'image', 'url', 'path' or 'base64' key with an image in it, got "
+                    "an image item needs an 'image', 'url', 'path' or 'base64' key with an image in it, got "
                     + (f"{', '.join(repr(key) for key in given)} set to None" if given else "none of them")
                 )
             found.append(source)
