@@ -452,7 +452,7 @@ def images_in_messages(messages: list[dict]) -> list[ImageLike]:
             item = _image_block(item)
             source = next((item[key] for key in ("image", "url", "path", "base64") if item.get(key) is not None), None)
             if source is None:
-                given = sorted(key for key in item if key != "type")
+                given = [key for key in ("image", "url", "path", "base64") if key in item]  # (each None)
                 raise ValueError(
                     "an image item needs an 'image', 'url', 'path' or 'base64' key with an image in it, got "
                     + (f"{', '.join(repr(key) for key in given)} set to None" if given else "none of them")
