@@ -24,7 +24,7 @@ def _load(args: argparse.Namespace):
         checks = "checking every file's sha256 (--no-verify skips it), then " if not args.no_verify else ""
         print(f"loading {size / 2**30:.1f} GiB of bundle files: {checks}creating the sessions ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    pipe = load(args.bundle, provider=args.provider, verify=not args.no_verify)
+    pipe = load(args.bundle, provider=args.provider, verify=not args.no_verify, threads=args.threads)
     if size > LONG_LOAD_BYTES:
         print(f"loaded in {time.perf_counter() - start:.1f} s on {pipe.provider}", file=sys.stderr, flush=True)
     return pipe
@@ -206,6 +206,7 @@ def _where_it_runs(decoder) -> str:
 
 
 BUNDLE_HELP = "a bundle folder, as ortllava-export writes it"
+THREADS_HELP = "CPU threads each graph runs on (default: onnxruntime's, one per core)"
 NO_VERIFY_HELP = "skip the sha256 check of every bundle file at load (~1 s per GB; files are still checked to exist)"
 CHAT_HELP = "commands: /image PATH_OR_URL (attach to the next message), /reset (forget the conversation), /quit"
 
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--image", action="append", help="image path or URL (repeat for several)")
     gen.add_argument("--prompt", required=True, help="the question ('-': read it from stdin)")
     gen.add_argument("--provider", default="auto", type=_provider, help="auto, cpu, cuda or cuda:N (GPU N)")
+    gen.add_argument("--threads", type=_positive, help=THREADS_HELP)
     _add_generation_flags(gen)
     gen.add_argument(
         "--num-return-sequences", metavar="N", type=int,
@@ -368,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     chat = commands.add_parser("chat", help="talk with the model, keeping the conversation (stdin: lines, /image, /reset, /quit)")
     chat.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     chat.add_argument("--provider", default="auto", type=_provider, help="auto, cpu, cuda or cuda:N (GPU N)")
+    chat.add_argument("--threads", type=_positive, help=THREADS_HELP)
     _add_generation_flags(chat)
     chat.add_argument("--system", help="a system message for the conversation")
     chat.add_argument("--timings", action="store_true", help="print tokens and timings to stderr after each answer")

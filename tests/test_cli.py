@@ -112,6 +112,11 @@ def test_cli_says_what_a_long_load_does(mistral, monkeypatch, capsys):
     assert "creating the sessions" in err and "sha256" not in err
     monkeypatch.undo()
     assert cli.main(command) == 0 and "loading" not in capsys.readouterr().err  # a small bundle loads quietly
+    from ortllava import api
+
+    loaded, load = [], api.load
+    monkeypatch.setattr(api, "load", lambda *args, **options: loaded.append(options) or load(*args, **options))
+    assert cli.main([*command, "--threads", "1"]) == 0 and loaded[0]["threads"] == 1  # (--threads: onnxruntime's threads)
 
 
 def test_cli_tells_what_to_do(mistral, tmp_path):
