@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .detokenizer import byte_fallback_ids
+from .detokenizer import held_token_ids
 from .features import embed, pack_images
 from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, positions_needed
@@ -68,7 +68,7 @@ class Pipeline:
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
-        self._byte_tokens = byte_fallback_ids(self.processor.tokenizer)  # (streamed text waits after them: detokenizer.py)
+        self._held_tokens = held_token_ids(self.processor.tokenizer)  # (streamed text waits after them: detokenizer.py)
         self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph, prepack)
         self.prefix = PrefixSlot(self.sessions.decoder) if prefix_cache else None
         if prefix_cache and self.sessions.decoder.kv_dtype == np.int8:
@@ -361,7 +361,7 @@ class Pipeline:
         processors = for_settings(settings, input_ids, attention_mask, eos, self.manifest.text.vocab_size)
         return Run(
             self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], with_processors(sampler, processors), settings,
-            eos, pad_id, metrics, started, batched, keep_cache, processors=processors, held_tokens=self._byte_tokens,
+            eos, pad_id, metrics, started, batched, keep_cache, processors=processors, held_tokens=self._held_tokens,
         )
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:

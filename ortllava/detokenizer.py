@@ -1,14 +1,16 @@
 """Streaming detokenization: token ids arriving one by one -> text pieces whose concatenation is the full decode.
 
 A piece is released only when it is stable: never while the text ends in an incomplete UTF-8 sequence
-(U+FFFD), never right after a byte-fallback token (`holds`), and decoded over a window that starts one released
+(U+FFFD), never right after a byte-fallback token or a special one (`holds`), and decoded over a window that starts one released
 piece back, so that decoders which treat the first token specially (SentencePiece's leading space) see the same
 context as a full decode.
 
 Byte-fallback tokens (`<0x0A>`, in SentencePiece vocabularies such as Mistral's, Vicuna's and Yi's) are decoded as
 a group: a run of them that is not valid UTF-8 as a whole becomes one U+FFFD per byte, also its bytes that formed a
 character before the next one came (`<0x0A>` is "\n", `<0x0A><0xBB>` is two U+FFFD). So text that ends in such a
-token may still change, and is held until a token of another kind follows (or the answer ends).
+token may still change, and is held until a token of another kind follows (or the answer ends). A special token
+between two byte tokens is dropped from the answer's text (`skip_special_tokens`), so their bytes join one group:
+text is held after special tokens too.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ REPLACEMENT = "\ufffd"
 
 
 class StreamingDetokenizer:
-    """`decode`: ids -> text, as the full answer is decoded; `holds`: ids after which no text is released yet (the
-    tokenizer's byte-fallback tokens: `byte_fallback_ids`)."""
+    """`decode`: ids -> text, as the full answer is decoded; `holds`: ids after which no text is released yet (a
+    byte-fallback tokenizer's byte and special tokens: `held_token_ids`)."""
 
     def __init__(self, decode: Callable[[Sequence[int]], str], holds: Collection[int] = ()):
         self._decode = decode
@@ -54,14 +56,15 @@ class StreamingDetokenizer:
         return piece
 
 
-def byte_fallback_ids(tokenizer) -> frozenset[int]:
-    """The ids of a `tokenizers.Tokenizer`'s byte-fallback tokens (`<0x00>` ... `<0xFF>`), where its model falls back
-    to bytes; empty otherwise (byte-level BPE, as Llama-3's and Qwen's, shows an incomplete character as U+FFFD at
-    the end instead, which the detokenizer already holds back)."""
-    import json
-
-    model = json.loads(tokenizer.to_str()).get("model", {})
-    if not model.get("byte_fallback"):
+def held_token_ids(tokenizer) -> frozenset[int]:
+    """The ids after which streamed text waits, for a `tokenizers.Tokenizer`: where its decoder groups byte-fallback
+    tokens (`ByteFallback`), those 256 `<0x..>` tokens and its special tokens (which `skip_special_tokens` drops, so
+    byte tokens on either side of one join a group); none otherwise (byte-level BPE, as Llama-3's and Qwen's, shows
+    an incomplete character as U+FFFD at the end instead, which the detokenizer holds back anyway)."""
+    decoder = tokenizer.decoder
+    groups_bytes = decoder is not None and b'"ByteFallback"' in decoder.__getstate__()
+    if not (groups_bytes or getattr(tokenizer.model, "byte_fallback", False)):
         return frozenset()
     ids = (tokenizer.token_to_id(f"<0x{byte:02X}>") for byte in range(256))
-    return frozenset(i for i in ids if i is not None)
+    specials = (index for index, token in tokenizer.get_added_tokens_decoder().items() if token.special)
+    return frozenset(i for i in (*ids, *specials) if i is not None)

@@ -224,17 +224,29 @@ def test_byte_fallback_tokens_stream_and_stop_as_the_whole_answer_decodes(tiny_s
     """A SentencePiece-style tokenizer decodes its byte-fallback tokens (`<0x0A>`) as a group: a group that is not
     valid UTF-8 as a whole becomes one U+FFFD per byte, also bytes that had formed a character, so streamed text waits
     after such a token. Sampled answers of the tiny Vicuna (whose small vocabulary makes byte tokens common): the
-    streamed pieces join to `generate`'s text, which is transformers' decode of the ids; a stop string after a
-    broken byte group stops the answer there."""
+    streamed pieces join to `generate`'s text, which is transformers' decode of the ids (and so for chosen sequences,
+    a special token among the bytes included); a stop string after a broken byte group stops the answer there."""
     from transformers import AutoTokenizer
 
-    from ortllava.detokenizer import byte_fallback_ids
+    from ortllava.detokenizer import StreamingDetokenizer, held_token_ids
 
     model = tiny_store.get("vicuna")
     pipe = ortllava.load(model.bundle, provider="cpu")
     theirs = AutoTokenizer.from_pretrained(model.checkpoint)
-    byte_ids = byte_fallback_ids(pipe.processor.tokenizer)
-    assert len(byte_ids) == 256 and byte_ids == {theirs.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    held = held_token_ids(pipe.processor.tokenizer)
+    byte_ids = {theirs.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    assert held == byte_ids | set(theirs.all_special_ids) and len(byte_ids) == 256
+    assert held_token_ids(ortllava.load(tiny_store.get("mistral").bundle, provider="cpu").processor.tokenizer) == set()  # (byte-level BPE)
+    # Deterministic cases: a byte group broken by the next byte, or by one on the far side of a special token that the
+    # answer's text drops (the two bytes then join one group); a valid character from two bytes; bytes at the end.
+    space_word, word = theirs.encode("A photo of a street at night", add_special_tokens=False)  # ("▁A▁photo▁...", "night")
+    newline, stray, c3, a9 = (theirs.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x0A, 0xBB, 0xC3, 0xA9))
+    for special in theirs.all_special_ids:
+        for ids in ([word, newline, stray, space_word, word], [word, newline, special, stray, space_word], [word, c3, a9, space_word],
+                    [space_word, c3, special, a9, word, newline], [word, newline]):
+            detokenizer = StreamingDetokenizer(pipe._answer_text, held)
+            pieces = [detokenizer.add(token) for token in ids] + [detokenizer.finalize()]
+            assert "".join(pieces) == pipe._answer_text(ids) == theirs.decode(ids, skip_special_tokens=True), ids
     broken = []  # answers with a byte group decoded as replacement characters, and text after it
     for seed in range(8):
         kwargs = dict(prompt="USER: Tell me something. ASSISTANT:", max_new_tokens=40, min_new_tokens=40, do_sample=True, temperature=1.5, seed=seed)
