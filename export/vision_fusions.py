@@ -52,11 +52,6 @@ class _Graph:
         users = self.consumers.get(name, [])
         return users[0] if len(users) == 1 and name not in self.outputs else None
 
-    def add_weight(self, name: str, value: np.ndarray) -> str:
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        self.weights[name] = self.graph.initializer[-1]
-        return name
-
     def replace(self, removed: list[NodeProto], added: list[NodeProto]) -> None:
         """Puts `added` where the last of `removed` was: the nodes replaced read nothing produced after it, and
         whatever reads their results comes after it."""
@@ -91,45 +86,36 @@ def _current(g: _Graph, wanted) -> Iterator[NodeProto]:
             yield node
 
 
-def _linear(g: _Graph, name: str) -> tuple[NodeProto, NodeProto, str, str] | None:
-    """(MatMul, Add, weight, bias) where `name` is `MatMul(x, weight) + bias`, the MatMul's result read only by
-    that Add, the weight a 2-D initializer and the bias a 1-D one."""
-    add = g.producer.get(name)
-    if add is None or add.op_type != "Add":
-        return None
-    for matmul_out, bias in (add.input, reversed(add.input)):
-        matmul = g.producer.get(matmul_out)
-        b, w = g.array(bias), (g.array(matmul.input[1]) if matmul is not None and matmul.op_type == "MatMul" else None)
-        if w is not None and w.ndim == 2 and b is not None and b.ndim == 1 and b.shape[0] == w.shape[1] and g.only_consumer(matmul_out) is add:
-            return matmul, add, matmul.input[1], bias
-    return None
-
-
 def attention_on_3d_inputs(g: _Graph) -> int:
     """Reshape -> Transpose(0, 2, 1, 3) -> Attention -> Transpose(0, 2, 1, 3) -> Reshape, as `Attention` on the 3-D
     tensors. Returns how many Attention nodes it rewrote."""
     done = 0
-    for attention in _current(g, lambda n: n.op_type == "Attention" and n.domain in ("", "ai.onnx")):
+    def is_4d_attention(node: NodeProto) -> bool:
+        return node.op_type == "Attention" and node.domain in ("", "ai.onnx") and _attribute(node, "q_num_heads") is None
+
+    for attention in _current(g, is_4d_attention):
         if len(attention.input) != 3 or len(attention.output) != 1 or _attribute(attention, "is_causal", 0):
             continue
-        sources, removed, heads = [], [], set()
-        for name in attention.input:
+        sources, removed, split = [], [], set()
+        for name in attention.input:  # each [tiles, S, heads * head_dim] -> Reshape [-1, S, heads, head_dim] -> Transpose
             transpose = g.producer.get(name)
             reshape = g.producer.get(transpose.input[0]) if transpose is not None and transpose.op_type == "Transpose" else None
             shape = g.array(reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" else None
-            if (shape is None or shape.shape != (4,) or list(_attribute(transpose, "perm", [])) != [0, 2, 1, 3]
+            if (shape is None or shape.shape != (4,) or not (shape[1:] > 0).all() or list(_attribute(transpose, "perm", [])) != [0, 2, 1, 3]
                     or g.only_consumer(transpose.output[0]) is not attention or g.only_consumer(reshape.output[0]) is not transpose):
                 break
             sources.append(reshape.input[0])
             removed += [reshape, transpose]
-            heads.add(int(shape[2]))
+            split.add((int(shape[1]), int(shape[2]), int(shape[3])))
         else:
             transpose = g.only_consumer(attention.output[0])
             reshape = g.only_consumer(transpose.output[0]) if transpose is not None and transpose.op_type == "Transpose" else None
             shape = g.array(reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" else None
-            if len(heads) != 1 or shape is None or shape.shape != (3,) or list(_attribute(transpose, "perm", [])) != [0, 2, 1, 3]:
+            if len(split) != 1 or shape is None or shape.shape != (3,) or list(_attribute(transpose, "perm", [])) != [0, 2, 1, 3]:
                 continue
-            (n_heads,) = heads
+            ((positions, n_heads, head_dim),) = split
+            if list(shape[1:]) != [positions, n_heads * head_dim]:  # (back to [tiles, S, heads * head_dim], as the 3-D op returns)
+                continue
             attrs = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
             fused = helper.make_node(
                 "Attention", sources, [reshape.output[0]], attention.name, q_num_heads=n_heads, kv_num_heads=n_heads, **attrs,

@@ -29,7 +29,10 @@ decoded text). Combined as transformers combines them: generation settings given
 (`max_new_tokens=`, `max_length=`, `do_sample=`, ...) apply to every call; a call's `generate_kwargs`,
 `max_new_tokens` or `stop_sequence` replace the construction's `generate_kwargs` and `stop_sequence` whole. A call's
 other generation settings given directly are applied last (transformers ignores them with a warning); a call's
-direct `max_length` is refused (transformers hands it to the processor). `timeout` (seconds) applies to every http(s)
+direct `max_length` is refused (transformers hands it to the processor). A `generation_config` (a transformers
+`GenerationConfig` or a dict of its fields; at construction, in a call's `generate_kwargs` or directly) is read as
+`Pipeline.generate` reads it; a call's replaces the construction's generation settings, as in transformers.
+`timeout` (seconds) applies to every http(s)
 image; without it, `ortllava.image_source.load_image`'s timeout and size limit apply.
 """
 
@@ -102,7 +105,7 @@ class ImageTextToTextPipeline:
         self.batch_size = batch_size or 1
         # As transformers: generation settings given directly apply to every call; the rest (generate_kwargs and
         # stop_sequence among them) are the defaults of the call's own arguments.
-        self._generation = {key: defaults.pop(key) for key in GENERATION_KEYS if key in defaults}
+        self._generation = {key: defaults.pop(key) for key in (*GENERATION_KEYS, "generation_config") if key in defaults}
         self._defaults = self._split(defaults)
 
     # ----------------------------------------------------------------------------------------------
@@ -116,7 +119,9 @@ class ImageTextToTextPipeline:
         # construction's whole, as transformers fuses a call's parameters with the construction's.
         options = {part: {**self._defaults[part], **given[part]} for part in ("post", "pre")}
         call_generate = given["generate"] if given["generate_given"] else self._defaults["generate"]
-        options["generate"] = {**self._generation, **call_generate, **given["direct"]}
+        call = {**call_generate, **given["direct"]}
+        # (a call's generation_config replaces the construction's generation settings, as transformers')
+        options["generate"] = call if "generation_config" in call else {**self._generation, **call}
         if _is_chat(text):
             if images is not None:
                 raise ValueError(
@@ -153,7 +158,7 @@ class ImageTextToTextPipeline:
             generate["max_new_tokens"] = max_new_tokens
         if "max_length" in kwargs:  # (a call's max_length goes to transformers' processor; at construction it is taken first)
             raise TypeError("a call's max_length goes in generate_kwargs={'max_length': ...} (or give max_new_tokens)")
-        direct = {key: kwargs.pop(key) for key in GENERATION_KEYS if key in kwargs}
+        direct = {key: kwargs.pop(key) for key in (*GENERATION_KEYS, "generation_config") if key in kwargs}
         stop = kwargs.pop("stop_sequence", None)
         if stop is not None:
             generate["stop"] = [stop] if isinstance(stop, str) else list(stop)

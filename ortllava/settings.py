@@ -66,12 +66,14 @@ class GenerationSettings:
         the most the decoder serves, which a generation config's max_length (a model's context, say) is held to.
         A `generation_config` among `given` (transformers' GenerationConfig, or a dict) is the caller's too, under
         the other arguments (`with_callers_generation_config`)."""
+        named_max_length = given.get("max_length")  # (a config's, the bundle's or the caller's, is held to the positions)
+        names = set(given) - {"generation_config"}  # (a misspelt name is named even at None)
         given = with_callers_generation_config(given)
-        others = sorted(set(given) - set(GENERATION_ARGUMENTS))
-        unimplemented = [f"{name}={_shown(given[name])}" for name in others if name in _NO_OP_VALUES and not _does_nothing(name, given[name])]
+        others = sorted((names | set(given)) - set(GENERATION_ARGUMENTS))
+        unimplemented = [f"{name}={_shown(given[name])}" for name in others if name in _NO_OP_VALUES and not _does_nothing(name, given.get(name))]
         unknown = [name for name in others if name not in _NO_OP_VALUES]
         if unknown or unimplemented:
-            hints = "".join(f" ({name}: {_HINTS[name]})" for name in others if name in _HINTS and not _does_nothing(name, given[name]))
+            hints = "".join(f" ({name}: {_HINTS[name]})" for name in others if name in _HINTS and not _does_nothing(name, given.get(name)))
             raise TypeError(
                 "; ".join(
                     ([f"unknown generation argument(s): {', '.join(unknown)}"] if unknown else [])
@@ -101,7 +103,7 @@ class GenerationSettings:
             values.pop("max_length", None)
         elif source.get("max_length") is not None:
             values["max_new_tokens"] = None
-            if source is generation_config and max_positions is not None and isinstance(values["max_length"], int):
+            if named_max_length is None and max_positions is not None and isinstance(values["max_length"], int):
                 values["max_length"] = min(values["max_length"], max_positions + 1)  # (the last new token takes no position)
         else:
             values["length_is_default"] = True
@@ -264,6 +266,16 @@ _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
     # (transformers reads these only to start a prompt where none is given; ortllava is always given one)
     "bos_token_id": (ANY_VALUE,), "decoder_start_token_id": (ANY_VALUE,),
+    # GenerationConfig fields that choose how transformers runs, not what it answers (its cache, compilation,
+    # batching), or tune an assistant model, which is refused above: whatever a config sets them to.
+    **dict.fromkeys(
+        ("cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile", "continuous_batching_config",
+         "prefill_chunk_size", "low_memory", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+         "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "max_matching_ngram_size"),
+        (ANY_VALUE,),
+    ),
+    # Speculative decoding without an assistant model: not implemented (only unset).
+    "prompt_lookup_num_tokens": (), "assistant_early_exit": (), "use_mtp": (False,), "speculation_type": (),
 }
 _NO_OP_VALUES = {**UNSUPPORTED_GENERATION_KEYS, **_CALL_ONLY_NO_OP_VALUES}
 
@@ -287,14 +299,15 @@ def with_callers_generation_config(given: Mapping[str, Any]) -> dict[str, Any]:
     from the model's config, the generate arguments over it). A config's unset (None) fields, its
     `transformers_version` and private fields are not arguments; the rest are checked as arguments are."""
     config = given.get("generation_config")
+    named = {k: v for k, v in given.items() if k != "generation_config" and v is not None}  # (None: unset, as everywhere here)
     if config is None:
-        return {k: v for k, v in given.items() if k != "generation_config"}
+        return named
     if hasattr(config, "to_dict") and not isinstance(config, Mapping):
         config = config.to_dict()
     if not isinstance(config, Mapping):
         raise TypeError(f"generation_config must be a transformers GenerationConfig or a dict of its fields, got {_shown(config)}")
     spread = {k: v for k, v in config.items() if v is not None and k != "transformers_version" and not str(k).startswith("_")}
-    return {**spread, **{k: v for k, v in given.items() if k != "generation_config" and v is not None}}
+    return {**spread, **named}
 
 
 def _shown(value: Any, most: int = 40) -> str:

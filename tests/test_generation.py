@@ -417,6 +417,18 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     no_ops = {"num_beams": 1, "use_cache": True, "length_penalty": 1.0, "streamer": None, "return_dict_in_generate": False, "typical_p": 1.0}
     assert GenerationSettings.resolve(no_ops, config) == GenerationSettings.resolve({}, config)
     assert GenerationSettings.resolve({"bos_token_id": 1, "generation_config": {"bos_token_id": np.int64(1), "_from_model_config": True}}, config) == GenerationSettings.resolve({}, config)
+    # A caller's GenerationConfig: fields that choose how transformers runs are taken; a config's max_length (a model's
+    # context, say) is held to the positions served, as the bundle's is, while a max_length named in the call is not.
+    from transformers import GenerationConfig
+
+    runs = GenerationConfig(cache_implementation="static", disable_compile=True, num_assistant_tokens=5, max_new_tokens=7)
+    assert GenerationSettings.resolve({"generation_config": runs}, config).max_new_tokens == 7
+    assert GenerationSettings.resolve({"generation_config": {"max_length": 10**5}}, {}, 4096).max_length == 4097
+    assert GenerationSettings.resolve({"max_length": 10**5}, {}, 4096).max_length == 10**5  # (refused later, at the prompt: ContextLengthError)
+    with pytest.raises(TypeError, match=r"prompt_lookup_num_tokens=10: not implemented"):
+        GenerationSettings.resolve({"generation_config": GenerationConfig(prompt_lookup_num_tokens=10)}, {})
+    with pytest.raises(TypeError, match="unknown generation argument.*: max_new_token;"):
+        GenerationSettings.resolve({"max_new_token": None}, {})  # (a misspelt name, even unset)
     for bad, message in (({"use_cache": False}, "use_cache=False: not implemented"), ({"num_beam_groups": True}, "num_beam_groups=True"),
                          ({"max_new_token": 5}, "unknown generation argument.*: max_new_token;"),
                          ({"force_words_ids": np.array([[1, 2]])}, r"force_words_ids=array\(\[\[1, 2\]\]\): not implemented"),

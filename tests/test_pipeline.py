@@ -178,7 +178,7 @@ def test_special_tokens_kept_show_a_batch_rows_padding(pipes):
     assert got[0]["generated_text"].endswith(ours.processor.decode([ours.processor.pad_token_id]))
 
 
-def test_return_tensors_and_generate_kwargs(pipes):
+def test_return_tensors_and_generate_kwargs(pipes, mistral):
     hf, ours = pipes
     messages = chat(pil(IMAGE), "What is shown in this image?")
     kwargs = dict(return_tensors=True, generate_kwargs={"max_new_tokens": 9, "min_new_tokens": 9, "repetition_penalty": 1.3})
@@ -190,6 +190,12 @@ def test_return_tensors_and_generate_kwargs(pipes):
 
     config = dict(return_tensors=True, generate_kwargs={"generation_config": GenerationConfig(max_new_tokens=7, min_new_tokens=7, no_repeat_ngram_size=2)})
     same(hf(text=messages, **config), ours(text=messages, **config))
+    # At construction, and a call's replacing the construction's generation settings whole.
+    built = GenerationConfig(max_new_tokens=5, min_new_tokens=5, repetition_penalty=1.3)
+    hf_built = transformers.pipeline("image-text-to-text", model=str(mistral.checkpoint), generation_config=built, max_new_tokens=6)
+    ours_built = ortllava.pipeline("image-text-to-text", model=mistral.bundle, device="cpu", generation_config=built, max_new_tokens=6)
+    for call in ({}, config):
+        same(hf_built(text=messages, **{"return_tensors": True, **call}), ours_built(text=messages, **{"return_tensors": True, **call}))
 
 
 def test_max_length_in_generate_kwargs_as_transformers(pipes):
