@@ -1,9 +1,9 @@
 """Streaming detokenization: token ids arriving one by one -> text pieces whose concatenation is the full decode.
 
 A piece is released only when it is stable: never while the text ends in an incomplete UTF-8 sequence
-(U+FFFD), never right after a byte-fallback token or a special one (`holds`), and decoded over a window that starts one released
-piece back, so that decoders which treat the first token specially (SentencePiece's leading space) see the same
-context as a full decode.
+(U+FFFD), never right after a byte-fallback token or a special one (`holds`), and decoded over a window that
+starts one released piece back, so that decoders which treat the first token specially (SentencePiece's leading
+space) see the same context as a full decode.
 
 Byte-fallback tokens (`<0x0A>`, in SentencePiece vocabularies such as Mistral's, Vicuna's and Yi's) are decoded as
 a group: a run of them that is not valid UTF-8 as a whole becomes one U+FFFD per byte, also its bytes that formed a

@@ -223,7 +223,9 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
         return image.astype(np.uint8)
     if np.issubdtype(image.dtype, np.number):  # (values with fractions, or NaN)
         example = image.flat[int(np.flatnonzero(image != np.round(image))[0])].item()
-        raise ImageLoadError(f"image arrays must hold whole 0-255 pixel values, got {example!r} (dtype {image.dtype}); give uint8 pixels or a PIL image")
+        raise ImageLoadError(
+            f"image arrays must hold whole 0-255 pixel values, got {example!r} (dtype {image.dtype}); give uint8 pixels or a PIL image"
+        )
     raise ImageLoadError(f"image arrays must hold 0-255 pixel values (got dtype {image.dtype}); give uint8 pixels or a PIL image")
 
 

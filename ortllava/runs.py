@@ -75,7 +75,7 @@ class Run:
     keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat, the prefix cache)
     tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (only runs that keep their cache)
     processors: list[LogitsProcessor] = field(default_factory=list)  # the sampler's, which beam search applies itself
-    held_tokens: Collection[int] = ()  # ids after which streamed text waits for the next token (byte-fallback ones)
+    held_tokens: Collection[int] = ()  # ids after which streamed text waits for the next token (detokenizer.held_token_ids)
 
     def embed_step(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Writes the embeddings of `ids [B]` into `out [B, 1, D]` (the cache's step buffer)."""
