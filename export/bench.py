@@ -421,7 +421,7 @@ def _precision_result(
         # What ran, not what was asked: the decoder session's providers, and whether its steps replayed CUDA graphs
         # (graphs asked for and on at load, and no step's capture or replay failed).
         "decoder_providers": pipe.sessions.decoder.session.get_providers(),
-        "cuda_graph_used": bool(pipe.sessions.cuda_graph and not getattr(pipe.sessions.decoder, "graph_failures", 0)),
+        "cuda_graph_used": bool(pipe.sessions.cuda_graph and not pipe.sessions.decoder.graph_failures),
         "tokens_identical": all(a.tokens == b.tokens for a, b in zip(hf_runs, ours_runs)),
         "token_agreement": float(np.mean([np.mean(np.array(a.tokens) == np.array(b.tokens)) for a, b in zip(hf_runs, ours_runs)])),
         # Greedy paths part for good at their first different token: how far they agree says more than the share.

@@ -24,11 +24,10 @@ import numpy as np
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 
-class _Graph:
+class _GraphIndex:
     """The model's nodes with their consumers and producers, and its initializers as arrays, for rewriting."""
 
     def __init__(self, model: ModelProto):
-        self.model = model
         self.graph = model.graph
         self.weights = {t.name: t for t in self.graph.initializer}
         self._index()
@@ -77,7 +76,7 @@ def _attribute(node: NodeProto, name: str, default=None):
     return default
 
 
-def _current(g: _Graph, wanted) -> Iterator[NodeProto]:
+def _current(g: _GraphIndex, wanted) -> Iterator[NodeProto]:
     """The nodes for which `wanted(node)` holds, each as the graph holds it when its turn comes (a rewrite
     copies the graph's nodes, so nodes listed before it are stale)."""
     for output in [n.output[0] for n in g.graph.node if wanted(n)]:
@@ -86,13 +85,14 @@ def _current(g: _Graph, wanted) -> Iterator[NodeProto]:
             yield node
 
 
-def attention_on_3d_inputs(g: _Graph) -> int:
+def attention_on_3d_inputs(g: _GraphIndex) -> int:
     """Reshape -> Transpose(0, 2, 1, 3) -> Attention -> Transpose(0, 2, 1, 3) -> Reshape, as `Attention` on the 3-D
     tensors. Returns how many Attention nodes it rewrote."""
-    done = 0
+
     def is_4d_attention(node: NodeProto) -> bool:
         return node.op_type == "Attention" and node.domain in ("", "ai.onnx") and _attribute(node, "q_num_heads") is None
 
+    done = 0
     for attention in _current(g, is_4d_attention):
         if len(attention.input) != 3 or len(attention.output) != 1 or _attribute(attention, "is_causal", 0):
             continue
@@ -127,7 +127,7 @@ def attention_on_3d_inputs(g: _Graph) -> int:
 
 def fuse_vision_encoder(model: ModelProto) -> ModelProto:
     """The rewrite above; the model is changed in place and returned."""
-    g = _Graph(model)
+    g = _GraphIndex(model)
     attention_on_3d_inputs(g)
     g.drop_unused_weights()
     return model

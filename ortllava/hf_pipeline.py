@@ -57,6 +57,7 @@ TASK = "image-text-to-text"
 # The generation settings the pipeline passes to `Pipeline.generate` (stop strings come as its `stop_sequence`;
 # its records have no place for logits, as transformers' have not).
 GENERATION_KEYS = tuple(name for name in GENERATION_ARGUMENTS if name not in ("stop", "output_logits"))
+_GENERATION_INPUTS = (*GENERATION_KEYS, "generation_config")  # what may be given directly, at construction or in a call
 
 
 def pipeline(task: str = TASK, model: str | os.PathLike | Pipeline | None = None, device: Any = None, provider: str | None = None, **kwargs: Any) -> ImageTextToTextPipeline:
@@ -105,7 +106,7 @@ class ImageTextToTextPipeline:
         self.batch_size = batch_size or 1
         # As transformers: generation settings given directly apply to every call; the rest (generate_kwargs and
         # stop_sequence among them) are the defaults of the call's own arguments.
-        self._generation = {key: defaults.pop(key) for key in (*GENERATION_KEYS, "generation_config") if key in defaults}
+        self._generation = {key: defaults.pop(key) for key in _GENERATION_INPUTS if key in defaults}
         self._defaults = self._split(defaults)
 
     # ----------------------------------------------------------------------------------------------
@@ -158,11 +159,11 @@ class ImageTextToTextPipeline:
             generate["max_new_tokens"] = max_new_tokens
         if "max_length" in kwargs:  # (a call's max_length goes to transformers' processor; at construction it is taken first)
             raise TypeError("a call's max_length goes in generate_kwargs={'max_length': ...} (or give max_new_tokens)")
-        direct = {key: kwargs.pop(key) for key in (*GENERATION_KEYS, "generation_config") if key in kwargs}
+        direct = {key: kwargs.pop(key) for key in _GENERATION_INPUTS if key in kwargs}
         stop = kwargs.pop("stop_sequence", None)
         if stop is not None:
             generate["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        unknown = set(generate) - set(GENERATION_KEYS) - {"stop", "generation_config"}
+        unknown = set(generate) - set(_GENERATION_INPUTS) - {"stop"}
         if unknown:
             raise TypeError(f"unsupported generation argument(s): {', '.join(sorted(unknown))}; supported: {', '.join(GENERATION_KEYS)}, generation_config, stop_sequence")
 

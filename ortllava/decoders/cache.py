@@ -97,6 +97,7 @@ class DecoderBase:
         self.session = session
         self.device = device
         self.reorder = reorder
+        self.graph_failures = 0  # decode steps whose run under a CUDA graph id failed (each turns graphs off for its cache)
         text = manifest.text
         spec = manifest.graphs["decoder"]
         self.num_layers = text.num_layers

@@ -39,7 +39,6 @@ class FusedDecoder(DecoderBase):
         # (other shapes) run uncaptured (id -1). A failed capture turns graphs off for that cache's steps.
         self.cuda_graph = cuda_graph
         self._graph_ids = 0
-        self.graph_failures = 0  # decode steps whose run under a graph id failed (each turns graphs off for its cache)
         self._uncaptured = ort.RunOptions()
         self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
         # Beam search's reorder keeps the buffers where the step binding has them (a captured step reads them there).

@@ -125,7 +125,7 @@ def device_paths(pipe, bundle: Path) -> dict:
             graphs = ortllava.load(bundle, provider=pipe.sessions.provider.removesuffix("ExecutionProvider").lower(), cuda_graph=True, max_length=4096)
             under_graphs = [r.token_ids for r in graphs.generate(messages=chat, **beams)]
         results["CUDA graphs on at load"] = graphs.sessions.cuda_graph
-        results["captured steps that failed"] = getattr(graphs.sessions.decoder, "graph_failures", None)
+        results["captured steps that failed"] = graphs.sessions.decoder.graph_failures
         results["warnings under CUDA graphs"] = sorted({str(w.message)[:300] for w in caught})
         return under_graphs == [r.token_ids for r in pipe.generate(messages=chat, **beams)]
 
