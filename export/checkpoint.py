@@ -34,6 +34,7 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
     import torch
     from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
 
+    name, local = model_source(name, revision)
     if name == "tiny":
         if Path("tiny").is_dir():  # "tiny" always names the built-in model: say so where it could mean that folder
             print(
@@ -41,8 +42,6 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
                 "to export that folder, pass --model ./tiny",
                 file=sys.stderr,
             )
-        if revision:
-            raise FileNotFoundError(f"--revision {revision} names a hub revision, but 'tiny' is built here: leave it out")
         from .tiny import TinySpec, build_model, build_processor, build_tokenizer
 
         spec = TinySpec()
@@ -52,20 +51,21 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
             check_config(model.config)
         return Checkpoint(model, build_processor(spec, tokenizer), check_supported(model.config), "tiny", None)
 
-    name = os.path.expanduser(name)
-    local = Path(name).exists()
-    if local and not Path(name).is_dir():
-        raise FileNotFoundError(f"{name} is a file, not a checkpoint folder: pass the checkpoint's folder (the one with config.json)")
-    if local and not Path(name, "config.json").is_file():
-        raise FileNotFoundError(f"{name} is a folder without config.json: not a Hugging Face checkpoint")
-    if local and revision:
-        raise FileNotFoundError(f"--revision {revision} names a hub revision, but {name} is a local folder: leave it out")
-    if not local and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):  # a path, never a hub id
-        raise FileNotFoundError(f"cannot load the model '{name}': there is no such folder")
+    # Offline (no network, or HF_HUB_OFFLINE), a hub id is read from the local cache only: huggingface_hub would
+    # otherwise retry every file for ~30 s before falling back to the cache or failing.
+    offline = None if local else hub_unreachable()
+    hub = dict(revision=revision, local_files_only=offline is not None)
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision)
+        config = AutoConfig.from_pretrained(name, **hub)
     except OSError as error:  # not a folder, and not a hub id that can be fetched (or is cached) here
-        where = "its config.json is unreadable" if local else "there is no such folder here, and as a hub id it failed"
+        if local:
+            where = "its config.json is unreadable"
+        elif offline:
+            where = f"there is no such folder here, it is not in the Hugging Face cache, and the hub cannot be reached ({offline})"
+        else:
+            where = "there is no such folder here, and as a hub id it failed"
+        if not local and Path(name.split("/")[0]).is_dir():  # perhaps a mistyped path rather than a hub id
+            where += f"; if you meant a path: {name.split('/')[0]} is a folder here, but it has no {name.split('/', 1)[1]}"
         raise FileNotFoundError(f"cannot load the model '{name}': {where} ({error})") from error
     except ValueError as error:  # e.g. a model type this transformers does not know, or config.json is not JSON
         raise UnsupportedModelError(f"cannot read the configuration of '{name}': {error}") from error
@@ -75,13 +75,13 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
     # Damaged files (a half-downloaded safetensors, a missing tokenizer) raise many types: each is named as the
     # part of the checkpoint it broke.
     try:
-        processor = AutoProcessor.from_pretrained(name, revision=revision)
+        processor = AutoProcessor.from_pretrained(name, **hub)
     except (ImportError, MemoryError):  # a missing package or memory is not a damaged file
         raise
     except Exception as error:  # noqa: BLE001
         raise FileNotFoundError(f"cannot load the processor of '{name}' (tokenizer and preprocessor files): {error}") from error
     try:
-        model = LlavaNextForConditionalGeneration.from_pretrained(name, revision=revision, dtype="auto" if stored_dtype else torch.float32).eval()
+        model = LlavaNextForConditionalGeneration.from_pretrained(name, **hub, dtype="auto" if stored_dtype else torch.float32).eval()
     except (ImportError, MemoryError):
         raise
     except Exception as error:  # noqa: BLE001
@@ -90,9 +90,66 @@ def load_checkpoint(name: str, revision: str | None = None, stored_dtype: bool =
         model.model.vision_tower.float()
         model.model.multi_modal_projector.float()
         model.model.image_newline.data = model.model.image_newline.data.float()
-    commit = getattr(config, "_commit_hash", None) or revision
+    commit = None if local else (_cached_commit(name, revision) or revision)
     origin = "checkpoint" if processor.chat_template else apply_default_template(processor, config.text_config.model_type, name)
     return Checkpoint(model, processor, family, name, commit, origin)
+
+
+def model_source(name: str, revision: str | None = None) -> tuple[str, bool]:
+    """`--model` checked without loading anything (the CLI calls it before importing torch): `(name, local)`, the
+    name with `~` expanded and whether it is a local folder. Raises FileNotFoundError for a file, a folder that is
+    not a checkpoint, a `--revision` given with a folder, and a name that can only be a path to a missing folder
+    (rather than spend the hub's retries on it as a hub id)."""
+    if name == "tiny":
+        if revision:
+            raise FileNotFoundError(f"--revision {revision} names a hub revision, but 'tiny' is built here: leave it out")
+        return name, False
+    name = os.path.expanduser(name)
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{name} is a file, not a checkpoint folder: pass the checkpoint's folder (the one with config.json)")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name} is a folder without config.json: not a Hugging Face checkpoint")
+        if revision:
+            raise FileNotFoundError(f"--revision {revision} names a hub revision, but {name} is a local folder: leave it out")
+        return name, True
+    # A LLaVA-NeXT hub id is `owner/name`; anything else that is not here is a path to a folder that does not exist.
+    parts = name.split("/")
+    if name.startswith(("/", ".", "~")) or "\\" in name or len(parts) != 2 or not all(parts):
+        hint = "" if len(parts) != 1 else " (a hub id is owner/name, such as llava-hf/llava-v1.6-mistral-7b-hf)"
+        raise FileNotFoundError(f"cannot load the model '{name}': there is no such folder{hint}")
+    return name, False
+
+
+def _cached_commit(name: str, revision: str | None) -> str | None:
+    """The hub commit a hub id's files were just read at: the snapshot folder of its cached config.json
+    (transformers 5 no longer keeps it on the config), or None."""
+    import re
+
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(name, "config.json", revision=revision)
+    found = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]", path) if isinstance(path, str) else None
+    return found.group(1) if found else None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (offline mode, or its host does not resolve), or None.
+    A resolver failure is immediate; a host that resolves but is blocked is left to huggingface_hub's own timeouts."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        return f"{host} does not resolve: {error}"
+    return None
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 from ortllava.manifest import KV_REORDER_GRAPH
 from ortllava.settings import shown_settings, unsupported_generation_settings
 
-from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint
+from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint, model_source
 from .output import DEFAULT_HOME, check_output, default_output, scratch_folder
 from .plan import DECODER_KINDS, PRECISIONS, TARGETS, ExportPlan, plan_export
 from .quantize import Int4Options
@@ -89,6 +89,8 @@ def export_bundle(
     from .fused_decoder import unsupported_features
 
     plan = plan_export(precision, decoder, target, validate, int4, kv_cache)
+    if not isinstance(model, Checkpoint):
+        model_source(model, revision)  # (a mistyped folder or a misplaced --revision: said before anything loads)
     output = Path(os.path.abspath(output))
     check_output(output)
     total = time.perf_counter()
@@ -254,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     given = [option for option, value in int4_only.items() if value is not None]
     if given and args.precision != "int4":
         parser.error(f"{', '.join(given)}: {'this option applies' if len(given) == 1 else 'these options apply'} to --precision int4 only")
+    try:  # before torch is imported: a mistyped folder is said at once
+        model_source(args.model, args.revision)
+    except FileNotFoundError as error:
+        print(f"ortllava-export: error: {error}", file=sys.stderr)
+        return 1
     missing = missing_dependencies()
     if missing:
         print(f"ortllava-export: error: needs {' and '.join(missing)}: pip install 'ortllava[export]' (torch: its CPU build is enough)", file=sys.stderr)

@@ -115,9 +115,17 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 def _generation_options(args: argparse.Namespace, pipe) -> dict:
     """The generation flags given, checked now (a bad value or a sampling flag without sampling is an error
     naming it, before any graph runs)."""
+    from .settings import SettingError
+
     given = {name: getattr(args, name) for name in (flag[2:].replace("-", "_") for flag, _, _ in GENERATION_FLAGS)}
     given = {name: value for name, value in given.items() if value is not None}
-    settings = pipe.settings(**given)
+    try:
+        settings = pipe.settings(**given)
+    except SettingError as error:  # said with the flag's name and as it was typed
+        if error.name not in given:
+            raise
+        value = error.value if error.name != "stop" else next(text for text in error.value if not text)
+        raise ValueError(f"--{error.name.replace('_', '-')} must be {error.want}, got {value!r}") from None
     idle = [f"--{name.replace('_', '-')}" for name in SAMPLING_ONLY if name in given and not settings.do_sample]
     if idle:
         raise ValueError(f"{', '.join(idle)} only {'apply' if len(idle) > 1 else 'applies'} when sampling: add --do-sample")
@@ -157,20 +165,22 @@ def _info(args: argparse.Namespace) -> int:
     print(f"source      {manifest.provenance.get('source')}{f' @ {revision}' if revision else ''}")
     print(f"decoder     {text.architecture}: {text.num_layers} layers, hidden {text.hidden_size}, "
           f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv, vocab {text.vocab_size}, "
-          f"{text.max_position_embeddings} positions ({decoder.kind} cache, {decoder.dtype}{', key/value cache ' + decoder.kv_dtype if decoder.kv_dtype else ''})")
+          f"{text.max_position_embeddings} positions; {decoder.dtype}, {DECODER_KINDS.get(decoder.kind, decoder.kind + ' decoder')}"
+          f"{', key/value cache ' + decoder.kv_dtype if decoder.kv_dtype else ''}")
     if decoder.quantization:
         q = decoder.quantization
         print(f"            weights {q.get('method')} {q.get('bits')}-bit, block {q.get('block_size')}, "
               f"{'symmetric' if q.get('symmetric') else 'asymmetric'}, lm_head {'quantized' if q.get('quantize_lm_head') else 'kept'}, "
               f"accuracy level {q.get('accuracy_level') or 'the provider default'}")
     print(f"runs on     {_where_it_runs(decoder)}")
-    print(f"vision      {vision.image_size} px tiles, {vision.patch_size} px patches, layers {vision.feature_layers}, "
-          f"strategy {vision.select_strategy}, grid {vision.grid_pinpoints}")
+    grids = ", ".join(f"{height}x{width}" for height, width in vision.grid_pinpoints)
+    print(f"vision      {vision.image_size} px tiles of {vision.patch_size} px patches; features from layer{'s' * (len(vision.feature_layers) > 1)} "
+          f"{', '.join(map(str, vision.feature_layers))} ({SELECT_STRATEGIES.get(vision.select_strategy, vision.select_strategy)}); anyres grids (height x width px) {grids}")
     for name, spec in manifest.graphs.items():
         files = [spec.file, *spec.external_data]
         size = sum(sizes.get(f, 0) for f in files)
         shown = f"{size / 2**20:10.1f} MiB" if size >= 2**20 // 10 else f"{size / 2**10:10.1f} KiB"  # (kv_reorder: a few KiB)
-        print(f"size        {name:15} {shown}  ({', '.join(files)})")
+        print(f"size        {name:15} {shown}  ({', '.join(files)}){GRAPH_ROLES.get(name, '')}")
     print(f"size        {'embeddings':15} {sizes.get('embed_tokens.npy', 0) / 2**20:10.1f} MiB")
     if manifest.validation:
         graphs = " (the float graphs, before 4-bit quantization: the accuracy report measures the shipped one)" if decoder.quantization else ""
@@ -193,6 +203,12 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# How `info` names a decoder kind, and what a graph other than the three main ones is for.
+DECODER_KINDS = {"gqa": "fused attention over preallocated key/value buffers (gqa)", "concat": "plain ONNX attention, portable (concat)"}
+GRAPH_ROLES = {"kv_reorder": "  beam search's row gather on a GPU"}
+SELECT_STRATEGIES = {"default": "class token dropped", "full": "class token kept"}
+
+
 def _where_it_runs(decoder) -> str:
     """The execution providers a bundle's decoder is for, and why where it is not for both."""
     from .sessions import not_for_cuda
@@ -208,7 +224,7 @@ def _where_it_runs(decoder) -> str:
 BUNDLE_HELP = "a bundle folder, as ortllava-export writes it"
 THREADS_HELP = "CPU threads each graph runs on (default: onnxruntime's, one per core)"
 NO_VERIFY_HELP = "skip the sha256 check of every bundle file at load (~1 s per GB; files are still checked to exist)"
-CHAT_HELP = "commands: /image PATH_OR_URL (attach to the next message), /reset (forget the conversation), /quit"
+CHAT_HELP = "commands: /image PATH_OR_URL (attach to the next message), /reset (forget the conversation), /quit; //text sends /text"
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -231,7 +247,9 @@ def _chat(args: argparse.Namespace) -> int:
         line = line.strip()
         if not line:
             continue
-        if line.startswith("/"):
+        if line.startswith("//"):  # a message that starts with "/" (such as a path), its first "/" doubled
+            line = line[1:]
+        elif line.startswith("/"):
             command, _, argument = line.partition(" ")
             argument = argument.strip()
             if command == "/quit":
@@ -350,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--threads", type=_positive, help=THREADS_HELP)
     _add_generation_flags(gen)
     gen.add_argument(
-        "--num-return-sequences", metavar="N", type=int,
+        "--num-return-sequences", metavar="N", type=_positive,
         help="sampling: N answers, each sampled on its own (the prompt runs once), printed under '--- answer i of N ---' lines",
     )
     gen.add_argument("--raw", action="store_true", help="use the prompt as written, without the chat template (images go where its <image> tokens are, or first)")

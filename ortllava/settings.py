@@ -16,6 +16,15 @@ DEFAULT_MAX_NEW_TOKENS = 256
 LENGTH_ARGUMENTS = ("max_new_tokens", "max_length")  # the two ways to say how long an answer may be
 
 
+class SettingError(ValueError):
+    """A generation argument of the wrong type or out of its range: `name` must be `want` (`or_else`: what else a
+    Python caller may pass, such as None), got `value`. The CLI says it with its flag's name."""
+
+    def __init__(self, name: str, want: str, or_else: str, value: Any):
+        super().__init__(f"{name} must be {want}{or_else}, got {value!r}")
+        self.name, self.want, self.value = name, want, value
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """One generation's arguments, named as transformers' `generate` names them, plus `seed` and `stop`; the
@@ -139,8 +148,8 @@ class GenerationSettings:
         silently different setting) later. `beams_given`: num_beams is the caller's (a generation config's gives way
         in a stream or a chat, `runs.one_answer`, and is refused with stop strings or output_logits by `generate`)."""
 
-        def fail(name: str, want: str) -> None:
-            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        def fail(name: str, want: str, or_else: str = "") -> None:
+            raise SettingError(name, want, or_else, getattr(self, name))
 
         def integer(value: Any) -> bool:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -191,7 +200,7 @@ class GenerationSettings:
                 f"than 1 (got {self.num_return_sequences}): its answers would all be the same; pass do_sample=True or num_beams > 1"
             )
         if self.seed is not None and not (integer(self.seed) and self.seed >= 0):
-            fail("seed", "an integer >= 0, or None (a fresh random seed)")
+            fail("seed", "an integer >= 0", ", or None (a fresh random seed)")
         for name in ("eos_token_id", "forced_eos_token_id"):
             ids = getattr(self, name)
             if ids is not None and not (integer(ids) and ids >= 0 or isinstance(ids, tuple) and all(integer(i) and i >= 0 for i in ids)):
@@ -203,7 +212,7 @@ class GenerationSettings:
         if self.pad_token_id is not None and not (integer(self.pad_token_id) and self.pad_token_id >= 0):
             fail("pad_token_id", "a token id or None")
         if not all(isinstance(text, str) and text for text in self.stop):
-            fail("stop", "a non-empty string or a list of them")
+            fail("stop", "a non-empty string", " or a list of them")
 
 
     @property

@@ -258,7 +258,7 @@ def test_failed_turns_keep_the_cache_and_the_history(setup, monkeypatch):
 def test_cli_chat(setup, tmp_path):
     tiny, pipe = setup
     path = save_png(IMAGES[1], tmp_path / "photo.png")
-    script = f"/image {tmp_path / 'missing.png'}\n/image {path}\nDescribe this.\n/bogus\nAnd more?\n/reset\nAnd more?\n/quit\nNever sent.\n"
+    script = f"/image {tmp_path / 'missing.png'}\n/image {path}\nDescribe this.\n/bogus\nAnd more?\n/reset\n//etc/hosts?\n/quit\nNever sent.\n"
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     out = subprocess.run(
         [sys.executable, "-m", "ortllava.cli", "chat", str(tiny.bundle), "--provider", "cpu", "--max-new-tokens", "6", "--timings", "--system", "Be brief."],
@@ -268,7 +268,7 @@ def test_cli_chat(setup, tmp_path):
     first = chat.send("Describe this.", images=[str(path)])
     second = chat.send("And more?")
     chat.reset()
-    third = chat.send("And more?")
+    third = chat.send("/etc/hosts?")  # (a doubled "/" sends a message that starts with one)
     assert out.stdout.decode("utf-8") == first.text + "\n" + second.text + "\n" + third.text + "\n"
     err = out.stderr.decode("utf-8")
     assert "cannot read image file" in err and "missing.png" in err and "unknown command" in err

@@ -58,10 +58,13 @@ def test_cli_takes_generate_arguments_as_flags(mistral, pipe):
     for extra, message in ((["--temperature", "0.7", "--seed", "1"], "--temperature, --seed only apply when sampling: add --do-sample"),
                            (["--top-k", "3"], "--top-k only applies when sampling: add --do-sample"),
                            (["--min-p", "0.1"], "--min-p only applies when sampling: add --do-sample"),
-                           (["--do-sample", "--min-p", "1.5"], "min_p must be a number in [0, 1] (0: off)"),
-                           (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size must be an integer >= 0"),
-                           (["--do-sample", "--top-p", "2"], "top_p must be a number in (0, 1]"),
-                           (["--do-sample", "--typical-p", "0"], "typical_p must be a number in (0, 1] (1: off)")):
+                           (["--do-sample", "--min-p", "1.5"], "error: --min-p must be a number in [0, 1] (0: off), got 1.5\n"),
+                           (["--no-repeat-ngram-size", "-1"], "error: --no-repeat-ngram-size must be an integer >= 0, got -1\n"),
+                           (["--do-sample", "--top-p", "2"], "error: --top-p must be a number in (0, 1], got 2.0\n"),
+                           (["--do-sample", "--typical-p", "0"], "error: --typical-p must be a number in (0, 1] (1: off), got 0.0\n"),
+                           # (the Python API's alternatives, None for a seed and a list of stop strings, are not said)
+                           (["--do-sample", "--seed", "-1"], "error: --seed must be an integer >= 0, got -1\n"),
+                           (["--stop", "a", "--stop="], "error: --stop must be a non-empty string, got ''\n")):
         for command in (cli, [sys.executable, "-m", "ortllava.cli", "chat", str(mistral.bundle), "--provider", "cpu"]):
             refused = subprocess.run([*command, *extra], capture_output=True, text=True, input="")
             assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
@@ -83,9 +86,9 @@ def test_cli_gives_several_sampled_answers(mistral, pipe):
     for extra, message in ((["--num-return-sequences", "2"], "--num-return-sequences gives several sampled answers, or the best beams: add --do-sample or --num-beams"),
                            (["--do-sample", "--num-return-sequences", "2", "--stream"], "--stream prints one answer"),
                            (["--num-beams", "2", "--stream"], "beam search (num_beams=2) gives its answers at the end"),
-                           (["--do-sample", "--num-return-sequences", "0"], "num_return_sequences must be an integer >= 1")):
+                           (["--do-sample", "--num-return-sequences", "0"], "argument --num-return-sequences: must be a whole number >= 1, got '0'")):
         refused = subprocess.run([*cli, *extra], capture_output=True, text=True)
-        assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
+        assert refused.returncode == (2 if "argument" in message else 1) and message in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_cli_output_the_terminal_cannot_encode_is_replaced_not_lost(mistral, pipe):

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -51,7 +52,8 @@ def test_export_cli_tiny_end_to_end(tmp_path):
     assert "[8/8] Measuring accuracy" in out.stderr and "Bundle written" in out.stderr
     assert json.loads((bundle / "manifest.json").read_text())["provenance"]["source"] == "tiny"
     info = subprocess.run([sys.executable, "-m", "ortllava.cli", "info", str(bundle)], capture_output=True, text=True, check=True)
-    assert "MistralForCausalLM" in info.stdout
+    assert "MistralForCausalLM" in info.stdout and "; float32, fused attention over preallocated key/value buffers (gqa)\n" in info.stdout
+    assert "features from layer -2 (class token dropped); anyres grids (height x width px) 336x672, 672x336, 672x672" in info.stdout
     assert "runs on     the CPU provider only (its fused decoder computes in fp32, which the CUDA provider's attention cannot)" in info.stdout
     accuracy = json.loads((bundle / "manifest.json").read_text())["accuracy"]
     assert f"top-1 agreement {accuracy['top1_agreement'] * 100:.1f}% over {accuracy['positions']} positions" in info.stdout
@@ -72,6 +74,55 @@ def test_export_cli_names_a_model_it_cannot_load(tmp_path, model):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"cannot load the model '{model}'" in out.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_offline_a_hub_id_is_read_from_the_cache_without_retries(tiny_store, tmp_path, monkeypatch):
+    """Where the hub's host does not resolve, a cached hub id loads from the cache, and one not cached fails at once
+    saying so: neither asks the network again (huggingface_hub would retry each file for ~30 s)."""
+    import shutil
+    import socket
+
+    from huggingface_hub import constants
+
+    from ortllava_export.checkpoint import load_checkpoint
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--someorg--tiny-llava" / "snapshots" / COMMIT  # the Hugging Face cache's layout
+    shutil.copytree(tiny_store.get("mistral").checkpoint, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    def no_network(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    retries = []  # huggingface_hub's backoff sleeps between tries of an unreachable host
+    monkeypatch.setattr(time, "sleep", retries.append)
+    checkpoint = load_checkpoint("someorg/tiny-llava")
+    assert checkpoint.source == "someorg/tiny-llava" and checkpoint.revision == COMMIT  # (the bundle's provenance)
+    with pytest.raises(FileNotFoundError, match=r"not in the Hugging Face cache, and the hub cannot be reached \(huggingface.co does not resolve"):
+        load_checkpoint("someorg/not-cached")
+    assert retries == []
+
+
+def test_a_missing_folder_is_named_before_torch_loads(tmp_path, monkeypatch):
+    """A name that can only be a path (or a one-word name: LLaVA-NeXT hub ids are owner/name) is refused by the CLI
+    before it imports torch; a two-part name whose first part is a folder here gets the hint it may be a mistyped path."""
+    from ortllava_export.checkpoint import model_source
+
+    with pytest.raises(FileNotFoundError, match=r"cannot load the model 'llava-ckpt': there is no such folder \(a hub id is owner/name"):
+        model_source("llava-ckpt")
+    assert model_source("llava-hf/llava-v1.6-mistral-7b-hf") == ("llava-hf/llava-v1.6-mistral-7b-hf", False)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    code = f"import sys; from ortllava_export.cli import main; rc = main({['--model', str(tmp_path / 'nope')]!r}); print('torch' in sys.modules); sys.exit(rc)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and out.stdout.strip() == "False"
+    assert out.stderr.strip() == f"ortllava-export: error: cannot load the model '{tmp_path / 'nope'}': there is no such folder"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    out = subprocess.run([sys.executable, "-m", "ortllava_export.cli", "--model", "models/llava"], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and "HF_HUB_OFFLINE is set" in out.stderr
+    assert "if you meant a path: models is a folder here, but it has no llava" in out.stderr
 
 
 def test_external_data_is_listed_hashed_and_loaded(tmp_path, monkeypatch):

@@ -195,6 +195,39 @@ def test_a_failed_cuda_graph_capture_falls_back_to_plain_steps(mistral, monkeypa
     assert got == want and list(runs.values()) == [2]  # (after the failure, only uncaptured runs)
 
 
+def test_cuda_graph_caches_are_kept_by_batch_size_and_come_back_when_dropped(mistral, monkeypatch):
+    """Simulated on the CPU. onnxruntime keeps a captured graph until the session ends, so a cache's buffers (which
+    its graph id reads) are reused rather than let go: by batch size, for released caches, and through a finalizer
+    for one dropped unreleased (a chat let go). Generations of alternating sizes, a dropped chat and two streams at
+    once make graph ids only for the caches in use at once (2 for one row, 1 for two), with the plain answers."""
+    import gc
+
+    plain = ortllava.load(mistral.bundle, provider="cpu", max_length=1024)
+    pipe = ortllava.load(mistral.bundle, provider="cpu", max_length=1024)
+    decoder = pipe.sessions.decoder
+    monkeypatch.setattr(decoder, "cuda_graph", True)  # (before its first cache: each cache gets a graph id)
+    prompt, sampled = "[INST] Hi [/INST]", dict(do_sample=True, seed=3, num_return_sequences=2)
+
+    def answers(p, **options):
+        results = p.generate(prompt=prompt, max_new_tokens=5, **options)
+        return [r.token_ids for r in results] if isinstance(results, list) else results.token_ids
+
+    for options in ({}, sampled, {}, sampled, {}):  # one row, then two, alternating
+        assert answers(pipe, **options) == answers(plain, **options)
+    assert decoder._graph_ids == 2  # one cache of each size, reused
+    chat = pipe.chat(max_new_tokens=4)
+    assert chat.send("Hello").token_ids == plain.chat(max_new_tokens=4).send("Hello").token_ids
+    del chat  # its cache, never released, comes back when it is collected
+    gc.collect()
+    assert answers(pipe) == answers(plain) and decoder._graph_ids == 2
+    first, second = pipe.stream(prompt=prompt, max_new_tokens=5), pipe.stream(prompt=prompt, max_new_tokens=5)
+    next(first), next(second)  # two one-row caches in use at once
+    assert [c.text for c in [*first, *second]] and decoder._graph_ids == 3
+    for _ in range(3):
+        assert answers(pipe) == answers(plain) and answers(pipe, **sampled) == answers(plain, **sampled)
+    assert decoder._graph_ids == 3 and sorted(len(kept) for kept in decoder._graph_caches.values()) == [1, 2]
+
+
 def test_a_non_finite_padding_position_leaves_the_real_rows_alone(mistral):
     """A batched prompt's padding positions (right of each row's real tokens) may hold anything, an fp16 overflow
     say: the row's logits come from its last real token only (picked by Where, where a one-hot MatMul would spread

@@ -3,7 +3,9 @@ past and present; see the package's docstring)."""
 
 from __future__ import annotations
 
+import collections
 import threading
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -34,6 +36,13 @@ class FusedDecoder(DecoderBase):
         if self.fixed_capacity:  # then no generation holds more: requests are checked against it up front
             self.max_length = self.fixed_capacity
         self._spare: KVCache | None = None  # the last cache, whose buffers the next generation may reuse
+        # Under CUDA graphs, each cache's decode step is captured under its own graph id, and onnxruntime keeps a
+        # captured graph (and the memory it ran in) until the session ends. So such caches are never let go: released
+        # ones wait here by batch size for the next generation of that size, and one dropped unreleased (a chat let
+        # go) comes back through `_dropped` (appended by its finalizer, which takes no lock). The graphs are then as
+        # many as the caches in use at once, not one more per generation.
+        self._graph_caches: dict[int, list[KVCache]] = {}
+        self._dropped: collections.deque[KVCache] = collections.deque()
         self._lock = threading.Lock()  # generations may run in several threads: the spare and graph ids go to one each
         # CUDA graphs: each cache's decode step is captured once (graph id per cache) and replayed; prompts
         # (other shapes) run uncaptured (id -1). A failed capture turns graphs off for that cache's steps.
@@ -62,11 +71,25 @@ class FusedDecoder(DecoderBase):
     def release(self, cache: KVCache) -> None:
         """Hands a finished generation's buffers back, for the next one to reuse (less beam search's second set)."""
         cache.state.scratch = cache.state.scratch_host = None
-        self._spare = cache
+        if not self.cuda_graph:
+            self._spare = cache
+            return
+        with self._lock:
+            kept = self._graph_caches.setdefault(cache.batch, [])
+            if not any(other is cache for other in kept):  # (released twice, it must still be handed out once)
+                kept.append(cache)
 
     def _new_cache(self, batch: int, capacity: int) -> KVCache:
         with self._lock:  # a cache in use is never handed out twice
-            spare, self._spare = self._spare, None
+            if self.cuda_graph:
+                while self._dropped:
+                    dropped = self._dropped.popleft()
+                    self._recover_when_dropped(dropped)  # (it may be dropped again)
+                    self._graph_caches.setdefault(dropped.batch, []).append(dropped)
+                kept = self._graph_caches.get(batch)
+                spare = kept.pop() if kept else None
+            else:
+                spare, self._spare = self._spare, None
         if spare is not None and spare.batch == batch and spare.capacity >= capacity:
             cache = spare
             cache.copied_until = 0
@@ -74,7 +97,7 @@ class FusedDecoder(DecoderBase):
             cache.state.mask[:] = 0
             self._sync(cache.state.mask_value, cache.state.mask)
             return cache
-        del spare  # let the old buffers go before allocating new ones
+        del spare  # let the old buffers go before allocating new ones (never a captured one: capacities are fixed)
         capacity = self.fixed_capacity or capacity  # (`_capacity` checked the request against it)
         kv_shape = (batch, self.kv_heads, capacity, self.head_dim)
         if self.device.type == "cpu":  # numpy arrays the OrtValues share: the host can read and write them
@@ -98,6 +121,7 @@ class FusedDecoder(DecoderBase):
                 graph_id = self._graph_ids
             state.step_options = ort.RunOptions()
             state.step_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self._recover_when_dropped(cache)
         # The decode step's binding, made once: every step reads and writes the same buffers.
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(INPUTS_EMBEDS, state.embeds_value)
@@ -105,6 +129,18 @@ class FusedDecoder(DecoderBase):
         self._bind_cache(binding, cache)
         state.step_binding = binding
         return cache
+
+    def _recover_when_dropped(self, cache: KVCache) -> None:
+        """Under CUDA graphs: when `cache` is garbage collected unreleased, its buffers (and so its captured graph)
+        come back as a new cache object through `_dropped`. The finalizer holds the parts, never the cache."""
+        parts = (cache.batch, cache.capacity, cache.step_embeds, cache.state, cache.logits)
+        weakref.finalize(cache, self._dropped_cache, self._dropped, parts).atexit = False
+
+    @staticmethod
+    def _dropped_cache(dropped: collections.deque, parts: tuple) -> None:
+        batch, capacity, step_embeds, state, logits = parts
+        state.scratch = state.scratch_host = None
+        dropped.append(KVCache(batch, capacity, np.zeros(batch, np.int64), step_embeds, state, logits))
 
     def _bind_cache(self, binding: ort.IOBinding, cache: KVCache) -> None:
         for past, present, value in zip(self.past_names, self.present_names, cache.state.kv):
