@@ -117,7 +117,7 @@ def model_source(name: str, revision: str | None = None) -> tuple[str, bool]:
     # A LLaVA-NeXT hub id is `owner/name`; anything else that is not here is a path to a folder that does not exist.
     parts = name.split("/")
     if name.startswith(("/", ".", "~")) or "\\" in name or len(parts) != 2 or not all(parts):
-        hint = "" if len(parts) != 1 else " (a hub id is owner/name, such as llava-hf/llava-v1.6-mistral-7b-hf)"
+        hint = " (a hub id is owner/name, such as llava-hf/llava-v1.6-mistral-7b-hf)" if len(parts) == 1 or "://" in name else ""
         raise FileNotFoundError(f"cannot load the model '{name}': there is no such folder{hint}")
     return name, False
 
@@ -135,16 +135,21 @@ def _cached_commit(name: str, revision: str | None) -> str | None:
 
 
 def hub_unreachable() -> str | None:
-    """Why the Hugging Face hub cannot be reached from here (offline mode, or its host does not resolve), or None.
-    A resolver failure is immediate; a host that resolves but is blocked is left to huggingface_hub's own timeouts."""
+    """Why the Hugging Face hub cannot be reached from here (offline mode, or its host, huggingface.co or
+    HF_ENDPOINT's, does not resolve), or None. Behind an HTTPS proxy the proxy resolves the host, so there is no
+    probe; a host that resolves but is blocked is left to huggingface_hub's own timeouts."""
     import socket
+    import urllib.request
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
-        return "HF_HUB_OFFLINE is set"
+        return "offline mode is set (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"
     host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    proxies = urllib.request.getproxies()
+    if (proxies.get("https") or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return None
     try:
         socket.getaddrinfo(host, 443)
     except OSError as error:

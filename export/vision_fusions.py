@@ -85,6 +85,37 @@ def _current(g: _GraphIndex, wanted) -> Iterator[NodeProto]:
             yield node
 
 
+def _swaps_heads(node: NodeProto | None) -> bool:
+    """`node` is Transpose(0, 2, 1, 3): `[tiles, S, heads, head_dim]` <-> `[tiles, heads, S, head_dim]`."""
+    return node is not None and node.op_type == "Transpose" and list(_attribute(node, "perm", [])) == [0, 2, 1, 3]
+
+
+def _constant_shape(g: _GraphIndex, node: NodeProto | None, rank: int) -> np.ndarray | None:
+    """The target shape of `node`, a Reshape to a constant shape of `rank` dimensions, else None."""
+    shape = g.array(node.input[1]) if node is not None and node.op_type == "Reshape" else None
+    return shape if shape is not None and shape.shape == (rank,) else None
+
+
+def _split_heads(g: _GraphIndex, name: str, reader: NodeProto) -> tuple[str, list[NodeProto], tuple[int, int, int]] | None:
+    """`name` as `reader` alone reads it: Reshape `[tiles, S, heads * head_dim]` to `[-1, S, heads, head_dim]`, then
+    Transpose(0, 2, 1, 3), each read by the next only. Returns the 3-D tensor, the two nodes and (S, heads, head_dim),
+    or None."""
+    transpose = g.producer.get(name)
+    reshape = g.producer.get(transpose.input[0]) if _swaps_heads(transpose) else None
+    shape = _constant_shape(g, reshape, 4)
+    if shape is None or not (shape[1:] > 0).all() or g.only_consumer(name) is not reader or g.only_consumer(reshape.output[0]) is not transpose:
+        return None
+    return reshape.input[0], [reshape, transpose], (int(shape[1]), int(shape[2]), int(shape[3]))
+
+
+def _merge_heads(g: _GraphIndex, name: str, positions: int, width: int) -> list[NodeProto] | None:
+    """The Transpose(0, 2, 1, 3) and Reshape to `[-1, positions, width]` that alone read `name`, or None."""
+    transpose = g.only_consumer(name)
+    reshape = g.only_consumer(transpose.output[0]) if _swaps_heads(transpose) else None
+    shape = _constant_shape(g, reshape, 3)
+    return [transpose, reshape] if shape is not None and list(shape[1:]) == [positions, width] else None
+
+
 def attention_on_3d_inputs(g: _GraphIndex) -> int:
     """Reshape -> Transpose(0, 2, 1, 3) -> Attention -> Transpose(0, 2, 1, 3) -> Reshape, as `Attention` on the 3-D
     tensors. Returns how many Attention nodes it rewrote."""
@@ -96,32 +127,20 @@ def attention_on_3d_inputs(g: _GraphIndex) -> int:
     for attention in _current(g, is_4d_attention):
         if len(attention.input) != 3 or len(attention.output) != 1 or _attribute(attention, "is_causal", 0):
             continue
-        sources, removed, split = [], [], set()
-        for name in attention.input:  # each [tiles, S, heads * head_dim] -> Reshape [-1, S, heads, head_dim] -> Transpose
-            transpose = g.producer.get(name)
-            reshape = g.producer.get(transpose.input[0]) if transpose is not None and transpose.op_type == "Transpose" else None
-            shape = g.array(reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" else None
-            if (shape is None or shape.shape != (4,) or not (shape[1:] > 0).all() or list(_attribute(transpose, "perm", [])) != [0, 2, 1, 3]
-                    or g.only_consumer(transpose.output[0]) is not attention or g.only_consumer(reshape.output[0]) is not transpose):
-                break
-            sources.append(reshape.input[0])
-            removed += [reshape, transpose]
-            split.add((int(shape[1]), int(shape[2]), int(shape[3])))
-        else:
-            transpose = g.only_consumer(attention.output[0])
-            reshape = g.only_consumer(transpose.output[0]) if transpose is not None and transpose.op_type == "Transpose" else None
-            shape = g.array(reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" else None
-            if len(split) != 1 or shape is None or shape.shape != (3,) or list(_attribute(transpose, "perm", [])) != [0, 2, 1, 3]:
-                continue
-            ((positions, n_heads, head_dim),) = split
-            if list(shape[1:]) != [positions, n_heads * head_dim]:  # (back to [tiles, S, heads * head_dim], as the 3-D op returns)
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
-            fused = helper.make_node(
-                "Attention", sources, [reshape.output[0]], attention.name, q_num_heads=n_heads, kv_num_heads=n_heads, **attrs,
-            )
-            g.replace([*removed, attention, transpose, reshape], [fused])
-            done += 1
+        splits = [_split_heads(g, name, attention) for name in attention.input]  # q, k, v
+        if any(split is None for split in splits) or len({dims for _, _, dims in splits}) != 1:
+            continue
+        positions, n_heads, head_dim = splits[0][2]
+        merge = _merge_heads(g, attention.output[0], positions, n_heads * head_dim)  # (as the 3-D op returns it)
+        if merge is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
+        fused = helper.make_node(
+            "Attention", [source for source, _, _ in splits], [merge[-1].output[0]], attention.name,
+            q_num_heads=n_heads, kv_num_heads=n_heads, **attrs,
+        )
+        g.replace([node for _, nodes, _ in splits for node in nodes] + [attention, *merge], [fused])
+        done += 1
     return done
 
 

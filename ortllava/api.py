@@ -259,7 +259,7 @@ class Pipeline:
         batch = model_inputs["input_ids"].shape[0] > 1 if model_inputs is not None else is_batch(prompt, messages)
         if batch:
             raise ValueError("stream takes one prompt, one chat or one row of input_ids; use generate for batches")
-        settings = one_answer(self.settings(**kwargs), kwargs, streamed=True)
+        settings = one_answer(self.settings(**kwargs), streamed=True)
 
         def chunks() -> Iterator[StreamChunk]:
             yield from stream_chunks(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))

@@ -19,6 +19,7 @@ cut back. With an int8 key/value cache the answers are not token for token those
 from __future__ import annotations
 
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import numpy as np
@@ -47,7 +48,7 @@ class ChatSession:
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None, **defaults: Any):
-        one_answer(pipe.settings(**defaults), defaults)  # a wrong argument fails here, not at the first turn
+        one_answer(pipe.settings(**defaults))  # a wrong argument fails here, not at the first turn
         if system is not None and not isinstance(system, str):
             raise TypeError(f"system must be a string (the system message's text) or None, got {type(system).__name__}")
         if not pipe.processor.chat_template:
@@ -56,7 +57,10 @@ class ChatSession:
         self.system = system
         self.defaults = with_callers_generation_config(defaults)
         self.messages: list[dict[str, Any]] = []
-        self._held: HeldCache | None = None  # the keys/values after the last turn (image keys: the kept images)
+        # The keys/values after the last turn (image keys: the kept images), in a box of their own that the finalizer
+        # reads: a session collected while it holds a cache hands it back (under CUDA graphs, a kept graph's buffers).
+        self._box = _HeldBox()
+        weakref.finalize(self, _release_held, self._box, pipe.sessions.decoder).atexit = False
         self._open: Generator[StreamChunk, None, None] | None = None  # the last stream (closing a finished one is a no-op)
         self.reset()
 
@@ -93,6 +97,14 @@ class ChatSession:
         if self._held is not None:
             self.pipe.sessions.decoder.release(self._held.cache)
             self._held = None
+
+    @property
+    def _held(self) -> HeldCache | None:
+        return self._box.held
+
+    @_held.setter
+    def _held(self, held: HeldCache | None) -> None:
+        self._box.held = held
 
     @property
     def cached_tokens(self) -> int:
@@ -160,7 +172,7 @@ class ChatSession:
         if any(generate_kwargs.get(name) is not None for name in LENGTH_ARGUMENTS):  # a turn's length replaces the session's
             defaults = {name: value for name, value in defaults.items() if name not in LENGTH_ARGUMENTS}
         given = {**defaults, **generate_kwargs}
-        settings = one_answer(self.pipe.settings(**given), given, streamed, logits_from="send()")  # before any graph runs
+        settings = one_answer(self.pipe.settings(**given), streamed, logits_from="send()")  # before any graph runs
         messages = [*self.messages, message]
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
             return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
@@ -195,6 +207,16 @@ class ChatSession:
             return plan_from_held(pipe, inputs, held, sources, _same_source, encode_from, max_new_tokens, metrics, hold)
 
         return plan
+
+
+class _HeldBox:
+    held: HeldCache | None = None
+
+
+def _release_held(box: _HeldBox, decoder) -> None:
+    """A collected `ChatSession`'s finalizer (it holds no reference to the session)."""
+    if box.held is not None:
+        decoder.release_from_finalizer(box.held.cache)
 
 
 def _same_source(a: Any, b: Any) -> bool:

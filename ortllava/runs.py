@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -18,29 +18,27 @@ from .detokenizer import StreamingDetokenizer
 from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode_loop
 from .logits_processors import LogitsProcessor
 from .sampling import Sampler
-from .settings import GenerationSettings, with_callers_generation_config
+from .settings import GenerationSettings
 from .warn import warn
 
 Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
 KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)
 
 
-def one_answer(
-    settings: GenerationSettings, given: Mapping[str, Any] | None = None, streamed: bool = False, logits_from: str = "generate",
-) -> GenerationSettings:
+def one_answer(settings: GenerationSettings, streamed: bool = False, logits_from: str = "generate") -> GenerationSettings:
     """`settings`, refused where they ask for what one answer (a stream, a chat turn) cannot give: several answers,
-    beam search (given in `given`, the caller's arguments; one from the bundle's generation config gives way, with a
-    warning), or logits along text pieces (`streamed`; `logits_from` names what gives them)."""
+    the caller's beam search (the bundle's generation config's gives way, with a warning), or logits along text
+    pieces (`streamed`; `logits_from` names what gives them)."""
     if settings.num_return_sequences != 1:
         raise ValueError("one answer is given here: num_return_sequences must be 1 (use Pipeline.generate for several)")
     if settings.num_beams != 1:
-        if with_callers_generation_config(given or {}).get("num_beams") is not None:
+        if settings.beams_are_callers:
             raise ValueError(f"beam search (num_beams={settings.num_beams}) gives its answers at the end: use Pipeline.generate for it, or num_beams=1")
         warn(
             f"the bundle's generation config sets num_beams={settings.num_beams}, but beam search gives its answers at the end: this "
             "answer is searched without beams (num_beams=1 silences this)"
         )
-        settings = replace(settings, num_beams=1)
+        settings = replace(settings, num_beams=1, beams_are_callers=False)
     if streamed and settings.output_logits:
         raise ValueError(f"a stream gives text pieces: use {logits_from} for output_logits")
     return settings

@@ -22,7 +22,10 @@ class SettingError(ValueError):
 
     def __init__(self, name: str, want: str, or_else: str, value: Any):
         super().__init__(f"{name} must be {want}{or_else}, got {value!r}")
-        self.name, self.want, self.value = name, want, value
+        self.name, self.want, self.or_else, self.value = name, want, or_else, value
+
+    def __reduce__(self):  # (pickled as it was made: a worker process's error reaches its parent)
+        return type(self), (self.name, self.want, self.or_else, self.value)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class GenerationSettings:
     # Neither the caller nor the generation config gave a length: max_new_tokens is DEFAULT_MAX_NEW_TOKENS, held to the
     # room a prompt leaves (see for_prompt). Not an argument.
     length_is_default: bool = field(default=False, repr=False)
+    # num_beams is the caller's (an argument, or the caller's generation config), not the bundle's generation config's:
+    # a stream or a chat turn refuses it (`runs.one_answer`) where the bundle's gives way. Not an argument.
+    beams_are_callers: bool = field(default=False, repr=False)
 
     @classmethod
     def resolve(cls, given: Mapping[str, Any], generation_config: Mapping[str, Any], max_positions: int | None = None) -> GenerationSettings:
@@ -136,17 +142,18 @@ class GenerationSettings:
         if "stop" in values:  # one string, or several
             stop = values["stop"]
             values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
+        values["beams_are_callers"] = given.get("num_beams") not in (None, 1)  # (1: no beams, whoever said so)
         settings = replace(cls(), **values)
-        settings._check(beams_given=given.get("num_beams") is not None)
+        settings._check()
         # Plain Python values where numpy ones would behave otherwise (`np.True_ is True` is False; an integer's
         # negative power is an error).
         early_stopping = settings.early_stopping if settings.early_stopping == "never" else bool(settings.early_stopping)
         return replace(settings, length_penalty=float(settings.length_penalty), early_stopping=early_stopping)
 
-    def _check(self, beams_given: bool = True) -> None:
+    def _check(self) -> None:
         """Each argument's type and range, so a bad one is an error naming it rather than a traceback (or a
-        silently different setting) later. `beams_given`: num_beams is the caller's (a generation config's gives way
-        in a stream or a chat, `runs.one_answer`, and is refused with stop strings or output_logits by `generate`)."""
+        silently different setting) later. Beam search with stop strings or output_logits is refused where num_beams
+        is the caller's (the bundle's gives way in a stream or a chat, `runs.one_answer`, and is refused by `generate`)."""
 
         def fail(name: str, want: str, or_else: str = "") -> None:
             raise SettingError(name, want, or_else, getattr(self, name))
@@ -188,7 +195,7 @@ class GenerationSettings:
             fail("length_penalty", "a number")
         if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
             fail("early_stopping", 'True, False or "never"')
-        if self.not_for_beams and beams_given:
+        if self.not_for_beams and self.beams_are_callers:
             raise ValueError(f"{self.not_for_beams}: not implemented for beam search (num_beams={self.num_beams})")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:  # (transformers' words)
             raise ValueError(
@@ -241,7 +248,7 @@ class GenerationSettings:
         return replace(self, max_new_tokens=self.max_length - prompt_tokens, max_length=None)
 
 
-GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings) if f.name != "length_is_default")
+GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings) if f.name not in ("length_is_default", "beams_are_callers"))
 _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "stop_strings": "give stop", "streamer": "use stream()",
     "num_beam_groups": "diverse beam search is not implemented",

@@ -138,8 +138,11 @@ def test_text_that_is_not_unicode_is_named(pipe, mistral):
     ],
 )
 def test_bad_generation_arguments_are_named(pipe, argument, message):
-    with pytest.raises(ValueError, match=message):
+    import pickle
+
+    with pytest.raises(ValueError, match=message) as caught:
         pipe.generate(prompt="[INST] hi [/INST]", max_new_tokens=3, **argument)
+    assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)  # (a worker process's error reaches its parent)
 
 
 def test_prompt_beyond_the_context_is_refused_up_front(pipe, monkeypatch):

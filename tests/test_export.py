@@ -84,7 +84,7 @@ def test_offline_a_hub_id_is_read_from_the_cache_without_retries(tiny_store, tmp
 
     from huggingface_hub import constants
 
-    from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.checkpoint import hub_unreachable, load_checkpoint
 
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
     snapshot = tmp_path / "hub" / "models--someorg--tiny-llava" / "snapshots" / COMMIT  # the Hugging Face cache's layout
@@ -92,6 +92,9 @@ def test_offline_a_hub_id_is_read_from_the_cache_without_retries(tiny_store, tmp
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # (whatever the environment says: here the host does not resolve)
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
     def no_network(host, *args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
@@ -103,6 +106,10 @@ def test_offline_a_hub_id_is_read_from_the_cache_without_retries(tiny_store, tmp
     with pytest.raises(FileNotFoundError, match=r"not in the Hugging Face cache, and the hub cannot be reached \(huggingface.co does not resolve"):
         load_checkpoint("someorg/not-cached")
     assert retries == []
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # behind a proxy, the proxy resolves the host
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert hub_unreachable() is None
 
 
 def test_a_missing_folder_is_named_before_torch_loads(tmp_path, monkeypatch):
@@ -121,7 +128,7 @@ def test_a_missing_folder_is_named_before_torch_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     out = subprocess.run([sys.executable, "-m", "ortllava_export.cli", "--model", "models/llava"], capture_output=True, text=True, env=env)
-    assert out.returncode == 1 and "HF_HUB_OFFLINE is set" in out.stderr
+    assert out.returncode == 1 and "offline mode is set (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)" in out.stderr
     assert "if you meant a path: models is a folder here, but it has no llava" in out.stderr
 
 

@@ -195,11 +195,12 @@ def test_a_failed_cuda_graph_capture_falls_back_to_plain_steps(mistral, monkeypa
     assert got == want and list(runs.values()) == [2]  # (after the failure, only uncaptured runs)
 
 
-def test_cuda_graph_caches_are_kept_by_batch_size_and_come_back_when_dropped(mistral, monkeypatch):
+def test_cuda_graph_caches_are_kept_by_batch_size(mistral, monkeypatch):
     """Simulated on the CPU. onnxruntime keeps a captured graph until the session ends, so a cache's buffers (which
-    its graph id reads) are reused rather than let go: by batch size, for released caches, and through a finalizer
-    for one dropped unreleased (a chat let go). Generations of alternating sizes, a dropped chat and two streams at
-    once make graph ids only for the caches in use at once (2 for one row, 1 for two), with the plain answers."""
+    its graph id reads) are reused rather than let go: by batch size, and a chat collected with its cache gives it
+    back (its finalizer). Generations of alternating sizes, a dropped chat and two streams at once make graph ids
+    only for the caches of each size in use at once, and give the plain answers; an unfinished stream collected in a
+    reference cycle with its chat never leaves one cache with two holders (two streams at once after it differ)."""
     import gc
 
     plain = ortllava.load(mistral.bundle, provider="cpu", max_length=1024)
@@ -212,6 +213,11 @@ def test_cuda_graph_caches_are_kept_by_batch_size_and_come_back_when_dropped(mis
         results = p.generate(prompt=prompt, max_new_tokens=5, **options)
         return [r.token_ids for r in results] if isinstance(results, list) else results.token_ids
 
+    def two_streams_at_once(p, prompts):
+        streams = [p.stream(prompt=text, max_new_tokens=5) for text in prompts]
+        texts = [next(stream).text for stream in streams]  # both caches taken before either finishes
+        return [text + "".join(chunk.text for chunk in stream) for text, stream in zip(texts, streams)]
+
     for options in ({}, sampled, {}, sampled, {}):  # one row, then two, alternating
         assert answers(pipe, **options) == answers(plain, **options)
     assert decoder._graph_ids == 2  # one cache of each size, reused
@@ -220,12 +226,22 @@ def test_cuda_graph_caches_are_kept_by_batch_size_and_come_back_when_dropped(mis
     del chat  # its cache, never released, comes back when it is collected
     gc.collect()
     assert answers(pipe) == answers(plain) and decoder._graph_ids == 2
-    first, second = pipe.stream(prompt=prompt, max_new_tokens=5), pipe.stream(prompt=prompt, max_new_tokens=5)
-    next(first), next(second)  # two one-row caches in use at once
-    assert [c.text for c in [*first, *second]] and decoder._graph_ids == 3
-    for _ in range(3):
+    prompts = [prompt, "[INST] Tell a story [/INST]"]
+    assert two_streams_at_once(pipe, prompts) == two_streams_at_once(plain, prompts) and decoder._graph_ids == 3
+    for _ in range(2):
         assert answers(pipe) == answers(plain) and answers(pipe, **sampled) == answers(plain, **sampled)
     assert decoder._graph_ids == 3 and sorted(len(kept) for kept in decoder._graph_caches.values()) == [1, 2]
+
+    chat = pipe.chat(max_new_tokens=6)
+    chat.send("Hello")
+    stream = chat.stream("More")
+    next(stream)  # unfinished: the turn holds the cache
+    chat.cycle, stream = (chat, stream), None  # the chat, its open stream and itself: collected only by gc
+    del chat
+    gc.collect()  # the chat's finalizer runs before the stream's own cleanup hands its cache back
+    assert two_streams_at_once(pipe, prompts) == two_streams_at_once(plain, prompts)
+    kept = [c for caches in decoder._graph_caches.values() for c in caches]
+    assert len({id(c.state) for c in kept}) == len(kept)  # no buffers kept twice
 
 
 def test_a_non_finite_padding_position_leaves_the_real_rows_alone(mistral):

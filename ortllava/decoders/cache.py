@@ -123,6 +123,9 @@ class DecoderBase:
         self.reorder.run_with_iobinding(binding)
         return targets if targets is not None else binding.get_outputs()
 
+    def release_from_finalizer(self, cache: KVCache) -> None:
+        """Takes back a cache whose holder was garbage collected (see `FusedDecoder`'s); most decoders let it go."""
+
     def check_length(self, positions: int) -> None:
         if positions > self.max_length:
             raise ContextLengthError(f"{positions} positions asked for; this decoder serves at most {self.max_length}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -37,10 +36,11 @@ class FusedDecoder(DecoderBase):
             self.max_length = self.fixed_capacity
         self._spare: KVCache | None = None  # the last cache, whose buffers the next generation may reuse
         # Under CUDA graphs, each cache's decode step is captured under its own graph id, and onnxruntime keeps a
-        # captured graph (and the memory it ran in) until the session ends. So such caches are never let go: released
-        # ones wait here by batch size for the next generation of that size, and one dropped unreleased (a chat let
-        # go) comes back through `_dropped` (appended by its finalizer, which takes no lock). The graphs are then as
-        # many as the caches in use at once, not one more per generation.
+        # captured graph (and the memory it ran in) until the session ends: it has no call to free one. So such caches
+        # are not let go: released ones wait here by batch size for the next generation of that size, and a chat
+        # collected with its cache gives it back through `_dropped` (`release_from_finalizer`). The graphs (and
+        # buffers kept) are then, for each batch size, as many as the caches of that size in use at once, rather than
+        # one more for each generation whose batch size differs from the last one's.
         self._graph_caches: dict[int, list[KVCache]] = {}
         self._dropped: collections.deque[KVCache] = collections.deque()
         self._lock = threading.Lock()  # generations may run in several threads: the spare and graph ids go to one each
@@ -70,22 +70,31 @@ class FusedDecoder(DecoderBase):
 
     def release(self, cache: KVCache) -> None:
         """Hands a finished generation's buffers back, for the next one to reuse (less beam search's second set)."""
-        cache.state.scratch = cache.state.scratch_host = None
         if not self.cuda_graph:
+            cache.state.scratch = cache.state.scratch_host = None
             self._spare = cache
             return
         with self._lock:
-            kept = self._graph_caches.setdefault(cache.batch, [])
-            if not any(other is cache for other in kept):  # (released twice, it must still be handed out once)
-                kept.append(cache)
+            self._keep(cache)
+
+    def release_from_finalizer(self, cache: KVCache) -> None:
+        """`release` for a finalizer (a chat collected with its cache): under CUDA graphs the cache joins the kept
+        ones at the next `_new_cache`. It takes no lock, since a collection may run while this thread holds it."""
+        if self.cuda_graph:
+            self._dropped.append(cache)  # (a deque's append is atomic)
+
+    def _keep(self, cache: KVCache) -> None:
+        """Under CUDA graphs, with the lock held: `cache` waits for the next generation of its batch size."""
+        cache.state.scratch = cache.state.scratch_host = None
+        kept = self._graph_caches.setdefault(cache.batch, [])
+        if not any(other is cache for other in kept):  # (released twice, it must still be handed out once)
+            kept.append(cache)
 
     def _new_cache(self, batch: int, capacity: int) -> KVCache:
         with self._lock:  # a cache in use is never handed out twice
             if self.cuda_graph:
                 while self._dropped:
-                    dropped = self._dropped.popleft()
-                    self._recover_when_dropped(dropped)  # (it may be dropped again)
-                    self._graph_caches.setdefault(dropped.batch, []).append(dropped)
+                    self._keep(self._dropped.popleft())
                 kept = self._graph_caches.get(batch)
                 spare = kept.pop() if kept else None
             else:
@@ -121,7 +130,6 @@ class FusedDecoder(DecoderBase):
                 graph_id = self._graph_ids
             state.step_options = ort.RunOptions()
             state.step_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-            self._recover_when_dropped(cache)
         # The decode step's binding, made once: every step reads and writes the same buffers.
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(INPUTS_EMBEDS, state.embeds_value)
@@ -129,18 +137,6 @@ class FusedDecoder(DecoderBase):
         self._bind_cache(binding, cache)
         state.step_binding = binding
         return cache
-
-    def _recover_when_dropped(self, cache: KVCache) -> None:
-        """Under CUDA graphs: when `cache` is garbage collected unreleased, its buffers (and so its captured graph)
-        come back as a new cache object through `_dropped`. The finalizer holds the parts, never the cache."""
-        parts = (cache.batch, cache.capacity, cache.step_embeds, cache.state, cache.logits)
-        weakref.finalize(cache, self._dropped_cache, self._dropped, parts).atexit = False
-
-    @staticmethod
-    def _dropped_cache(dropped: collections.deque, parts: tuple) -> None:
-        batch, capacity, step_embeds, state, logits = parts
-        state.scratch = state.scratch_host = None
-        dropped.append(KVCache(batch, capacity, np.zeros(batch, np.int64), step_embeds, state, logits))
 
     def _bind_cache(self, binding: ort.IOBinding, cache: KVCache) -> None:
         for past, present, value in zip(self.past_names, self.present_names, cache.state.kv):
