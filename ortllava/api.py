@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -454,7 +454,8 @@ def is_batch(prompt: Any, messages: Any) -> bool:
         raise ValueError("give either prompt=... or messages=..., not both and not neither")
     if messages is not None:
         if not isinstance(messages, (list, tuple)) or not messages:
-            raise TypeError(f"messages must be a non-empty list of message dicts (a chat) or of chats, got {type(messages).__name__}")
+            hint = "; a prompt string goes in Pipeline.generate(prompt=...)" if isinstance(messages, str) else ""
+            raise TypeError(f"messages must be a non-empty list of message dicts (a chat) or of chats, got {type(messages).__name__}{hint}")
         batched = is_chat_batch(messages)
         chats = messages if batched else [messages]
         for chat in chats:
@@ -465,17 +466,29 @@ def is_batch(prompt: Any, messages: Any) -> bool:
         return False
     if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(text, str) for text in prompt):
         hint = "; chat messages go in messages=..." if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (dict, list)) else ""
+        if isinstance(prompt, Mapping):  # (a processor's output, passed as one argument)
+            hint = "; a processor's output goes in as keyword arguments: generate(**inputs)"
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}{hint}")
     return True
 
 
 def load(bundle: str | Path, provider: str = "auto", **kwargs: Any) -> Pipeline:
     """Loads an exported bundle. `provider`: "auto" (CUDA when present and the bundle runs there), "cpu", "cuda" or
-    "cuda:N" (GPU N)."""
+    "cuda:N" (GPU N); the other options are `Pipeline`'s."""
+    if "device" in kwargs:  # (transformers' and ortllava.pipeline's name for it)
+        raise TypeError(f"load() takes provider=... ('auto', 'cpu', 'cuda' or 'cuda:N'), not device={kwargs['device']!r}")
     return Pipeline(bundle, provider=provider, **kwargs)
 
 
+# `Pipeline`'s options that `generate` below passes to the load of a bundle path (max_length is a generation argument there).
+LOAD_OPTIONS = ("provider", "verify", "io_binding", "threads", "cuda_graph", "prepack", "prefix_cache")
+
+
 def generate(bundle_or_pipe: str | Path | Pipeline, messages: Messages | Sequence[Messages], **kwargs: Any) -> GenerationResult | list[GenerationResult]:
-    """One-call generation from a bundle path (loaded on the fly) or a loaded `Pipeline`."""
-    pipe = bundle_or_pipe if isinstance(bundle_or_pipe, Pipeline) else load(bundle_or_pipe)
+    """One-call generation from a bundle path (loaded on the fly, with any of `LOAD_OPTIONS` among `kwargs`) or a
+    loaded `Pipeline`; the other `kwargs` are `Pipeline.generate`'s."""
+    options = {name: kwargs.pop(name) for name in LOAD_OPTIONS if name in kwargs}
+    if isinstance(bundle_or_pipe, Pipeline) and options:
+        raise TypeError(f"{', '.join(options)}: load options, and this pipeline is loaded already (give them to ortllava.load)")
+    pipe = bundle_or_pipe if isinstance(bundle_or_pipe, Pipeline) else load(bundle_or_pipe, **options)
     return pipe.generate(messages=messages, **kwargs)

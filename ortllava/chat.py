@@ -61,7 +61,9 @@ class ChatSession:
         # reads: a session collected while it holds a cache hands it back (under CUDA graphs, a kept graph's buffers).
         self._box = _HeldBox()
         weakref.finalize(self, _release_held, self._box, pipe.sessions.decoder).atexit = False
-        self._open: Generator[StreamChunk, None, None] | None = None  # the last stream (closing a finished one is a no-op)
+        # The last stream, held weakly: one the caller lets go (`break` out of a for loop over it) is closed at once,
+        # and its answer so far joins `messages` then, not at the next turn. (Closing a finished one is a no-op.)
+        self._open: weakref.ref[Generator[StreamChunk, None, None]] | None = None
         self.reset()
 
     # ----------------------------------------------------------------------------------------------
@@ -81,13 +83,13 @@ class ChatSession:
         """`send`, yielding text pieces as tokens arrive (the same `StreamChunk`s as `Pipeline.stream`; the
         last one carries the finish reason and the metrics). The pieces joined equal `send(...).text`.
 
-        A stream closed early (or left unfinished when the next turn starts) keeps the text it yielded as the
-        answer; one that fails (an error raised during the turn) adds nothing to the history, as with `send`; one
+        A stream closed early (`close()`, let go as by `break` out of a for loop, or left unfinished when the next
+        turn starts) keeps the text it yielded as the answer; one that fails (an error raised during the turn) adds nothing to the history, as with `send`; one
         never iterated never runs (its message does not join the history either).
         """
         self._close_open_stream()
         chunks = self._stream_turn(text, images, generate_kwargs)
-        self._open = chunks
+        self._open = weakref.ref(chunks)
         return chunks
 
     def reset(self) -> None:
@@ -137,8 +139,8 @@ class ChatSession:
 
     def _close_open_stream(self) -> None:
         """Closes the last stream if it is still open (a finished one closes as a no-op)."""
-        if self._open is not None:
-            stream, self._open = self._open, None
+        stream, self._open = self._open() if self._open is not None else None, None
+        if stream is not None:
             stream.close()
 
     def _user_message(self, text: str, images: Sequence[ImageLike] | ImageLike | None) -> dict[str, Any]:

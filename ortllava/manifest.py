@@ -286,7 +286,9 @@ def read_manifest(bundle: str | Path, verify: bool = True, check_files: bool = T
     bundle = Path(bundle)
     path = bundle / MANIFEST_FILE
     if not bundle.is_dir():
-        raise BundleError(f"{bundle} is not a bundle folder (it does not exist or is not a directory)")
+        hub_id = not bundle.exists() and len(bundle.parts) == 2 and not bundle.is_absolute()
+        hint = f"; if that is a hub id, export a bundle from it first: ortllava-export --model {bundle} --output DIR" if hub_id else ""
+        raise BundleError(f"{bundle} is not a bundle folder (it does not exist or is not a directory){hint}")
     if not path.is_file():
         raise BundleError(f"{bundle} is not an ortllava bundle: {MANIFEST_FILE} is missing")
     try:

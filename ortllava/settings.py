@@ -4,6 +4,7 @@ from what the caller gives, then the bundle's generation config, then the defaul
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
@@ -89,12 +90,16 @@ class GenerationSettings:
         unknown = [name for name in others if name not in _NO_OP_VALUES]
         if unknown or unimplemented:
             hints = "".join(f" ({name}: {_HINTS[name]})" for name in others if name in _HINTS and not _does_nothing(name, given.get(name)))
+            # A misspelt name gets the nearest known ones, and the whole list where none is near.
+            near = {name: difflib.get_close_matches(name, GENERATION_ARGUMENTS, n=2) for name in unknown}
+            guesses = "".join(f" ({name}: did you mean {' or '.join(matches)}?)" for name, matches in near.items() if matches)
+            listed = f"; known: {', '.join(GENERATION_ARGUMENTS)}" if any(not matches for matches in near.values()) else ""
             raise TypeError(
                 "; ".join(
                     ([f"unknown generation argument(s): {', '.join(unknown)}"] if unknown else [])
                     + ([f"transformers' {', '.join(unimplemented)}: not implemented by ortllava (taken only where it does nothing)"] if unimplemented else [])
                 )
-                + f"{hints}; known: {', '.join(GENERATION_ARGUMENTS)}"
+                + f"{guesses}{hints}{listed}"
             )
         values = {}
         for name in GENERATION_ARGUMENTS:
@@ -252,6 +257,10 @@ GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings) if f.nam
 _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "stop_strings": "give stop", "streamer": "use stream()",
     "num_beam_groups": "diverse beam search is not implemented",
+    "output_scores": "output_logits=True gives each result the raw logits of each new token",
+    "return_dict_in_generate": "results are objects already; output_logits=True adds the logits",
+    "logits_processor": "the generation arguments cover transformers' processors; a processor of your own is not taken",
+    "stopping_criteria": "give stop strings, eos_token_id or max_new_tokens",
 }
 # Arguments not read from a generation config: ortllava's own (a generation_config.json has no such keys), and
 # those that change what generate returns: num_return_sequences (a list per prompt, which a chat or a stream cannot
@@ -278,7 +287,7 @@ ANY_VALUE = object()  # (in a no-op values tuple: every value does nothing)
 _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
     "return_dict_in_generate": (False,), "renormalize_logits": (False,),
-    "remove_invalid_values": (False,), "streamer": (), "logits_processor": (), "stopping_criteria": (),
+    "remove_invalid_values": (False,), "streamer": (), "logits_processor": ([],), "stopping_criteria": ([],),
     "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
     # (transformers reads these only to start a prompt where none is given; ortllava is always given one)
     "bos_token_id": (ANY_VALUE,), "decoder_start_token_id": (ANY_VALUE,),

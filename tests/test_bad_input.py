@@ -145,6 +145,31 @@ def test_bad_generation_arguments_are_named(pipe, argument, message):
     assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)  # (a worker process's error reaches its parent)
 
 
+def test_habits_from_transformers_get_a_pointer(mistral, pipe):
+    """What a transformers user types first: each refusal says what to do instead, and what does nothing is taken."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    with pytest.raises(ortllava.BundleError, match="if that is a hub id, export a bundle from it first: ortllava-export --model llava-hf/x --output DIR"):
+        ortllava.load("llava-hf/x")
+    with pytest.raises(TypeError, match=r"load\(\) takes provider=... \('auto', 'cpu', 'cuda' or 'cuda:N'\), not device='cpu'"):
+        ortllava.load(mistral.bundle, device="cpu")
+    with pytest.raises(TypeError, match=r"got BatchFeature; a processor's output goes in as keyword arguments: generate\(\*\*inputs\)"):
+        pipe.generate(pipe.processor(text="hi", return_tensors="np"))
+    with pytest.raises(TypeError, match=r"got str; a prompt string goes in Pipeline.generate\(prompt=...\)"):
+        ortllava.generate(pipe, "hi")
+    # ortllava.generate on a bundle path takes load options; on a loaded pipeline it refuses them.
+    assert ortllava.generate(mistral.bundle, messages, provider="cpu", threads=1, max_new_tokens=3).token_ids == pipe.generate(messages=messages, max_new_tokens=3).token_ids
+    with pytest.raises(TypeError, match="provider: load options, and this pipeline is loaded already"):
+        ortllava.generate(pipe, messages, provider="cpu")
+    with pytest.raises(TypeError, match=r"max_new_token \(max_new_token: did you mean max_new_tokens or min_new_tokens\?\)$"):
+        pipe.generate(messages=messages, max_new_token=3)  # (the nearest names, not the whole list)
+    with pytest.raises(TypeError, match=r"output_scores=True.*\(output_scores: output_logits=True gives each result the raw logits"):
+        pipe.generate(messages=messages, output_scores=True)
+    empty = dict(logits_processor=LogitsProcessorList(), stopping_criteria=StoppingCriteriaList())  # (they do nothing: taken)
+    assert pipe.generate(messages=messages, max_new_tokens=3, **empty).token_ids == pipe.generate(messages=messages, max_new_tokens=3).token_ids
+
+
 def test_prompt_beyond_the_context_is_refused_up_front(pipe, monkeypatch):
     """Refused from the token count alone: neither the vision encoder nor the decoder runs."""
     limit = pipe.manifest.text.max_position_embeddings

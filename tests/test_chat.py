@@ -166,6 +166,12 @@ def test_stream_closed_early_keeps_what_was_shown(setup):
     result = chat.send("Go on.")  # the cache holds more than the history says: the prefix logic cuts it back
     assert result.token_ids == pipe.generate(messages=chat.messages[:-1], **GREEDY).token_ids
     assert result.metrics.prefilled_tokens < result.metrics.prompt_tokens
+    # A for loop left with `break` lets its stream go: the turn joins the history then (the session holds it weakly).
+    chat = pipe.chat(**GREEDY)
+    for chunk in chat.stream(*TURNS[0]):
+        if chunk.text:
+            break
+    assert len(chat.messages) == 2 and chat.messages[-1]["content"][0]["text"] == chunk.text
 
 
 def test_stop_strings_and_arguments(setup):

@@ -124,6 +124,10 @@ def device_paths(pipe, bundle: Path) -> dict:
             warnings.simplefilter("always")  # (on the CPU, or with a concat decoder, graphs are off: warned of, recorded)
             graphs = ortllava.load(bundle, provider=pipe.sessions.provider.removesuffix("ExecutionProvider").lower(), cuda_graph=True, max_length=4096)
             under_graphs = [r.token_ids for r in graphs.generate(messages=chat, **beams)]
+            # Greedy, beams, greedy again: the second greedy run reuses the first's cache and its captured graph.
+            again = [graphs.generate(messages=chat, **options).token_ids for _ in range(2)]
+        results["greedy under CUDA graphs, twice after beam search"] = again == [greedy.token_ids] * 2
+        results["graph ids made (2: one per batch size)"] = getattr(graphs.sessions.decoder, "_graph_ids", None)  # (a concat decoder has none)
         results["CUDA graphs on at load"] = graphs.sessions.cuda_graph
         results["captured steps that failed"] = graphs.sessions.decoder.graph_failures
         results["warnings under CUDA graphs"] = sorted({str(w.message)[:300] for w in caught})
