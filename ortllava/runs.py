@@ -46,12 +46,17 @@ def one_answer(settings: GenerationSettings, streamed: bool = False, logits_from
 
 @dataclass
 class StreamChunk:
-    """One piece of a streamed answer; the last chunk has `finish_reason` ("stop" or "length") and `metrics`."""
+    """One piece of a streamed answer; the last chunk has `finish_reason` ("stop" or "length") and `metrics`.
+
+    `token_ids`: the tokens generated since the previous chunk (a piece of text can take several, and a token with
+    no text of its own, such as the EOS, waits for the next chunk or the last one), so the chunks' `token_ids` joined
+    are the answer's, as `generate` gives them. `token`: the last of them, or None where there are none."""
 
     text: str
     token: int | None
     finish_reason: str | None = None
     metrics: GenerationMetrics | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -159,6 +164,7 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
     detokenizer = StreamingDetokenizer(run.answer_text, run.held_tokens)
     find_stop = StopFinder(stop)
     released = 0  # characters of detokenizer.text already yielded
+    pending: list[int] = []  # tokens since the last chunk
     reason = "length"
     ended = False  # an EOS token or a stop string ended the answer
     steps = run.loop()
@@ -166,6 +172,7 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
         for step in steps:
             token = int(step.tokens[0])
             detokenizer.add(token)
+            pending.append(token)
             if step.finished[0]:
                 detokenizer.finalize()
                 reason = "stop"
@@ -176,7 +183,8 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
             else:  # hold back a tail that could still grow into a stop string
                 end = len(text) - (_stop_prefix_overlap(text, stop) if stop and not step.finished[0] else 0)
             if end > released:
-                yield StreamChunk(text[released:end], token)
+                chunk, pending = StreamChunk(text[released:end], token, token_ids=pending), []
+                yield chunk
                 released = end
             if cut is not None or step.finished[0]:
                 ended = True
@@ -190,9 +198,10 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
         reason = "stop" if cut is not None else reason
         end = cut if cut is not None else len(text)
         if end > released:
-            yield StreamChunk(text[released:end], None)
+            chunk, pending = StreamChunk(text[released:end], pending[-1] if pending else None, token_ids=pending), []
+            yield chunk
     run.metrics.total_s = time.perf_counter() - run.started
-    yield StreamChunk("", None, reason, run.metrics)
+    yield StreamChunk("", pending[-1] if pending else None, reason, run.metrics, pending)
 
 
 class StopFinder:

@@ -427,14 +427,14 @@ def test_generation_settings_resolve_given_then_config_then_defaults():
     assert GenerationSettings.resolve({"max_length": 10**5}, {}, 4096).max_length == 10**5  # (refused later, at the prompt: ContextLengthError)
     with pytest.raises(TypeError, match=r"prompt_lookup_num_tokens=10: not implemented"):
         GenerationSettings.resolve({"generation_config": GenerationConfig(prompt_lookup_num_tokens=10)}, {})
-    with pytest.raises(TypeError, match="unknown generation argument.*: max_new_token;"):
+    with pytest.raises(TypeError, match=r"unknown generation argument.*: max_new_token \(max_new_token: did you mean max_new_tokens"):
         GenerationSettings.resolve({"max_new_token": None}, {})  # (a misspelt name, even unset)
     for bad, message in (({"use_cache": False}, "use_cache=False: not implemented"), ({"num_beam_groups": True}, "num_beam_groups=True"),
-                         ({"max_new_token": 5}, "unknown generation argument.*: max_new_token;"),
+                         ({"max_new_token": 5}, r"unknown generation argument.*: max_new_token \(max_new_token: did you mean max_new_tokens"),
                          ({"force_words_ids": np.array([[1, 2]])}, r"force_words_ids=array\(\[\[1, 2\]\]\): not implemented"),
                          ({"generation_config": list(range(50))}, r"generation_config must be a transformers GenerationConfig or a dict of its fields, got <list>"),
                          ({"generation_config": {"num_beam_groups": 2}}, r"num_beam_groups=2: not implemented"),
-                         ({"generation_config": {"max_new_token": 5}}, "unknown generation argument.*: max_new_token;")):
+                         ({"generation_config": {"max_new_token": 5}}, r"unknown generation argument.*: max_new_token \(max_new_token: did you mean max_new_tokens")):
         with pytest.raises(TypeError, match=message):
             GenerationSettings.resolve(bad, {})
     with pytest.raises(ValueError, match="max_new_tokens"):

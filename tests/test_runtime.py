@@ -156,9 +156,9 @@ def test_stream_pieces_join_to_the_generated_text(pipe, seed):
     result = pipe.generate(**kwargs)
     assert "".join(chunk.text for chunk in chunks) == result.text
     assert chunks[-1].finish_reason == result.finish_reason and chunks[-1].metrics is not None
-    # A chunk carries the token that released its text: in order, a subsequence of the answer's tokens.
-    remaining = iter(result.token_ids)
-    assert all(any(token == t for t in remaining) for token in (c.token for c in chunks[:-1] if c.token is not None))
+    # Each chunk carries the tokens since the last one, `token` the last of them: joined, the answer's tokens.
+    assert [t for chunk in chunks for t in chunk.token_ids] == result.token_ids
+    assert all(chunk.token == (chunk.token_ids[-1] if chunk.token_ids else None) for chunk in chunks)
 
 
 def test_stop_strings_cut_the_answer(pipe):
@@ -252,7 +252,9 @@ def test_byte_fallback_tokens_stream_and_stop_as_the_whole_answer_decodes(tiny_s
         kwargs = dict(prompt="USER: Tell me something. ASSISTANT:", max_new_tokens=40, min_new_tokens=40, do_sample=True, temperature=1.5, seed=seed)
         result = pipe.generate(**kwargs)
         assert result.text == theirs.decode(result.token_ids, skip_special_tokens=True)
-        assert "".join(chunk.text for chunk in pipe.stream(**kwargs)) == result.text
+        chunks = list(pipe.stream(**kwargs))
+        assert "".join(chunk.text for chunk in chunks) == result.text
+        assert [t for chunk in chunks for t in chunk.token_ids] == result.token_ids  # (a held byte's id comes with its text)
         after = result.text.rstrip("\ufffd").rfind("\ufffd")
         if after >= 0 and len(result.text) - after > 4:
             broken.append((kwargs, result, after + 1))
