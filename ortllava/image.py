@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from os import PathLike
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .image_source import ImageLoadError
+from .image_source import ImageLike, ImageLoadError, load_image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -334,8 +335,15 @@ class ImageProcessor:
         self._write_tiles(image, out)
         return out
 
-    def __call__(self, images: list[Image.Image | np.ndarray]) -> dict[str, np.ndarray]:
-        """-> `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w)."""
+    def __call__(self, images: ImageLike | list[ImageLike]) -> dict[str, np.ndarray]:
+        """An image or a list of them (PIL images, arrays, or what `load_image` opens: paths, URLs, base64) ->
+        `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w)."""
+        if not isinstance(images, (list, tuple)):  # one image, as transformers' image processor takes it
+            images = [images]
+        images = [load_image(image) if isinstance(image, (str, PathLike)) else image for image in images]
+        for index, image in enumerate(images):
+            if not isinstance(image, (Image.Image, np.ndarray)) and not hasattr(image, "__array__"):
+                raise TypeError(f"image {index} is a {type(image).__name__}: give PIL images, arrays, paths or URLs")
         sizes = image_sizes(images)
         if not images:
             return {"pixel_values": np.zeros((0, 0, 3, 0, 0), np.float32), "image_sizes": sizes}

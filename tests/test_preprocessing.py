@@ -112,6 +112,20 @@ def test_grayscale_array_is_rows_by_columns(hf_processor):
     assert np.array_equal(ours["pixel_values"], ref["pixel_values"])
 
 
+def test_the_image_processor_takes_one_image_or_paths(hf_processor, tmp_path):
+    """As transformers' image processor, one image alone is a batch of one; a path is opened as everywhere else here
+    (load_image); anything else is named."""
+    processor = ImageProcessor(ImageProcessorConfig.from_dict(hf_processor.image_processor.to_dict()))
+    image = random_image(210, 140, seed=5)
+    image.save(tmp_path / "photo.png")
+    ref = hf_processor.image_processor(image, return_tensors="np")
+    for given in (image, [str(tmp_path / "photo.png")], tmp_path / "photo.png"):
+        ours = processor(given)
+        assert np.array_equal(ours["pixel_values"], ref["pixel_values"]) and ours["image_sizes"].tolist() == [[140, 210]]
+    with pytest.raises(TypeError, match="image 1 is a NoneType: give PIL images, arrays, paths or URLs"):
+        processor([image, None])
+
+
 def test_tiles_matches_call():
     processor = ImageProcessor(ImageProcessorConfig.from_dict(LLAVA_V16))
     image = random_image(600, 400, seed=17)
