@@ -332,6 +332,12 @@ class Pipeline:
         default_new_tokens = settings.max_new_tokens
         settings = settings.for_prompt(int(input_ids.shape[1]), self.sessions.decoder.max_length)
         self._check_length(input_ids.shape[1], settings.max_new_tokens, max_length, settings.length_is_default)
+        least = max(settings.min_new_tokens, settings.min_length - int(input_ids.shape[1]))
+        if least > settings.max_new_tokens:  # (transformers' warning, for max_new_tokens)
+            warn(
+                f"Unfeasible length constraints: at least {least} new tokens asked for (min_new_tokens, or min_length less the "
+                f"prompt's {input_ids.shape[1]} tokens), but at most {settings.max_new_tokens}: the answer stops at {settings.max_new_tokens}"
+            )
         if settings.length_is_default and settings.max_new_tokens < default_new_tokens:
             warn(
                 f"the prompt ({input_ids.shape[1]} tokens) leaves room for {settings.max_new_tokens} new tokens of the default "

@@ -120,7 +120,9 @@ def _generation_options(args: argparse.Namespace, pipe) -> dict:
     given = {name: getattr(args, name) for name in (flag[2:].replace("-", "_") for flag, _, _ in GENERATION_FLAGS)}
     given = {name: value for name, value in given.items() if value is not None}
     try:
-        settings = pipe.settings(**given)
+        with warnings.catch_warnings():  # (a sampling flag without --do-sample is refused below, rather than warned of)
+            warnings.simplefilter("ignore")
+            settings = pipe.settings(**given)
     except SettingError as error:  # said with the flag's name and as it was typed
         if error.name not in given:
             raise

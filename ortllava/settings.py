@@ -150,6 +150,10 @@ class GenerationSettings:
         values["beams_are_callers"] = given.get("num_beams") not in (None, 1)  # (1: no beams, whoever said so)
         settings = replace(cls(), **values)
         settings._check()
+        defaults = cls()
+        idle = [f"{name}={given[name]!r}" for name in SAMPLING_ARGUMENTS if given.get(name) is not None and given[name] != getattr(defaults, name)]
+        if idle and not settings.do_sample:  # (as transformers warns of the caller's, not of a generation config's)
+            warn(f"do_sample is not True, so {', '.join(idle)} {'do' if len(idle) > 1 else 'does'} nothing (sampling only): pass do_sample=True to sample")
         # Plain Python values where numpy ones would behave otherwise (`np.True_ is True` is False; an integer's
         # negative power is an error).
         early_stopping = settings.early_stopping if settings.early_stopping == "never" else bool(settings.early_stopping)
@@ -253,6 +257,7 @@ class GenerationSettings:
         return replace(self, max_new_tokens=self.max_length - prompt_tokens, max_length=None)
 
 
+SAMPLING_ARGUMENTS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # (what they shape)
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings) if f.name not in ("length_is_default", "beams_are_callers"))
 _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "stop_strings": "give stop", "streamer": "use stream()",
