@@ -137,6 +137,14 @@ class Processor:
                     f"the prompts hold {sum(counts)} {self.image_token} token(s) but {len(flat_images)} image(s) were given; "
                     f"each {self.image_token} in the text takes one image, in order"
                 )
+            per_prompt = images is not None and isinstance(images, (list, tuple)) and len(images) == len(texts) > 1
+            if per_prompt and all(isinstance(entry, (list, tuple)) for entry in images):  # a list of images per prompt
+                for row, (count, entry) in enumerate(zip(counts, images)):  # (transformers flattens them: a shift goes unseen)
+                    if count != len(flatten_images(entry)):
+                        raise ValueError(
+                            f"prompt {row} holds {count} {self.image_token} token(s) but its list of images has "
+                            f"{len(flatten_images(entry))}: each prompt's list gives its own {self.image_token} tokens their images"
+                        )
         pixels = self.image_processor(flat_images) if images is not None and pixel_values else None
         sizes = None  # [n_images, 2], where there are images
         if images is not None:

@@ -28,6 +28,13 @@ def test_image_count_mismatch_names_both_counts(pipe):
         pipe.generate(prompt="[INST] <image> <image> [/INST]", images=[random_image(100, 100)])
     with pytest.raises(ValueError, match=r"1 <image> token\(s\) but 0 image"):
         pipe.generate(prompt=PROMPT)
+    # A list of images per prompt says which prompt each is for: a shift that the flat count would miss is named.
+    a, b, c = (random_image(90 + 10 * i, 80, seed=i) for i in range(3))
+    prompts = ["[INST] <image> <image> Two? [/INST]", "[INST] None? [/INST]", "[INST] <image> One? [/INST]"]
+    with pytest.raises(ValueError, match=r"prompt 0 holds 2 <image> token\(s\) but its list of images has 1"):
+        pipe.generate(prompt=prompts, images=[[a], [b], [c]], max_new_tokens=2)
+    nested = pipe.generate(prompt=prompts, images=[[a, b], [], [c]], max_new_tokens=2)
+    assert [r.token_ids for r in nested] == [r.token_ids for r in pipe.generate(prompt=prompts, images=[a, b, c], max_new_tokens=2)]
 
 
 def test_malformed_prompts_and_messages_are_named(pipe, monkeypatch):
