@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -115,6 +115,8 @@ class ImageTextToTextPipeline:
     def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> list:
         if images is None and text is None:
             raise ValueError("You must at least provide either text or images.")
+        if text is None and isinstance(images, Iterator):  # a generator of inputs (a dataset's rows): results as they come
+            return (self(item, **kwargs) for item in images)
         given = self._split(kwargs)
         # A call's generate_kwargs (or max_new_tokens, stop_sequence: transformers builds them into one) replace the
         # construction's whole, as transformers fuses a call's parameters with the construction's.

@@ -100,6 +100,15 @@ def test_batch_of_chats_gives_one_list_per_chat(pipes):
     same(want, ours(text=chats, max_new_tokens=8, return_full_text=False, batch_size=3))
 
 
+def test_a_generator_of_inputs_yields_each_result(pipes):
+    """As transformers' pipelines take a dataset's rows: an iterator of inputs gives an iterator of their results."""
+    hf, ours = pipes
+    chats = [chat(pil(IMAGE), "What is shown in this image?"), chat("Tell me a story about a cat.")]
+    got = ours((c for c in chats), max_new_tokens=6)
+    assert not isinstance(got, list)  # (lazy: each result as its input comes)
+    same(list(hf((c for c in chats), max_new_tokens=6)), list(got))
+
+
 def test_chat_as_first_positional_argument(pipes):
     hf, ours = pipes
     messages = chat(pil(OTHER), "What is this?")
