@@ -425,12 +425,17 @@ def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
     clients send `content=None`), and OpenAI `{"type": "image_url", "image_url": {"url": ...}}` blocks (or with
     the URL as a string) made `{"type": "image", "url": ...}`."""
     normalized = []
-    for message in conversation:
+    for index, message in enumerate(conversation):
         if not isinstance(message, dict):
             raise TypeError(f"chat messages must be dicts, got {message!r}")
         message = {key: value for key, value in message.items() if value is not None}
         if isinstance(message.get("content"), list):
             message["content"] = [_image_block(block) for block in message["content"]]
+            for block in message["content"]:  # (a template would render it as nothing: an answer to an empty message)
+                if isinstance(block, dict) and block.get("type") == "text" and not isinstance(block.get("text"), str):
+                    others = ", ".join(repr(key) for key in block if key != "type") or "none"
+                    what = f"is {type(block['text']).__name__}" if "text" in block else f"is missing (its other keys: {others})"
+                    raise ValueError(f"message {index} has a text item whose 'text' {what}: give {{'type': 'text', 'text': '...'}}")
         normalized.append(message)
     return normalized
 
