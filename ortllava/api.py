@@ -472,8 +472,10 @@ def is_batch(prompt: Any, messages: Any) -> bool:
         return False
     if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(text, str) for text in prompt):
         hint = "; chat messages go in messages=..." if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (dict, list)) else ""
-        if isinstance(prompt, Mapping):  # (a processor's output, passed as one argument)
+        if isinstance(prompt, Mapping) and "input_ids" in prompt:  # (a processor's output, passed as one argument)
             hint = "; a processor's output goes in as keyword arguments: generate(**inputs)"
+        elif isinstance(prompt, Mapping) and "role" in prompt:
+            hint = "; a chat goes in messages=[...], a list of such messages"
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}{hint}")
     return True
 
@@ -487,7 +489,7 @@ def load(bundle: str | Path, provider: str = "auto", **kwargs: Any) -> Pipeline:
 
 
 # `Pipeline`'s options that `generate` below passes to the load of a bundle path (max_length is a generation argument there).
-LOAD_OPTIONS = ("provider", "verify", "io_binding", "threads", "cuda_graph", "prepack", "prefix_cache")
+LOAD_OPTIONS = ("provider", "verify", "io_binding", "threads", "cuda_graph", "prepack", "prefix_cache", "device")  # (device: refused by load, with a pointer)
 
 
 def generate(bundle_or_pipe: str | Path | Pipeline, messages: Messages | Sequence[Messages], **kwargs: Any) -> GenerationResult | list[GenerationResult]:

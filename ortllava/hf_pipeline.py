@@ -38,6 +38,7 @@ image; without it, `ortllava.image_source.load_image`'s timeout and size limit a
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
@@ -115,8 +116,15 @@ class ImageTextToTextPipeline:
     def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> list:
         if images is None and text is None:
             raise ValueError("You must at least provide either text or images.")
-        if text is None and isinstance(images, Iterator):  # a generator of inputs (a dataset's rows): results as they come
-            return (self(item, **kwargs) for item in images)
+        if text is None and isinstance(images, Iterator):  # an iterator of inputs (a generator): results as they come
+            self._split(kwargs)  # (the call's arguments checked now, as transformers checks them)
+            first = next(images, None)
+            if first is None:
+                return iter(())
+            inputs = itertools.chain([first], images)
+            if isinstance(first, dict) and "role" in first:  # an iterator of messages is one chat, as transformers reads it
+                return self(list(inputs), **kwargs)
+            return (self(item, **kwargs) for item in inputs)
         given = self._split(kwargs)
         # A call's generate_kwargs (or max_new_tokens, stop_sequence: transformers builds them into one) replace the
         # construction's whole, as transformers fuses a call's parameters with the construction's.

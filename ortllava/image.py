@@ -338,8 +338,8 @@ class ImageProcessor:
     def __call__(self, images: ImageLike | list[ImageLike]) -> dict[str, np.ndarray]:
         """An image or a list of them (PIL images, arrays, or what `load_image` opens: paths, URLs, base64) ->
         `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w)."""
-        if not isinstance(images, (list, tuple)):  # one image, as transformers' image processor takes it
-            images = [images]
+        if not isinstance(images, (list, tuple)):  # one image, or a 4-D array of them, as transformers' image processor takes it
+            images = list(images) if getattr(images, "ndim", None) == 4 else [images]
         images = [load_image(image) if isinstance(image, (str, PathLike)) else image for image in images]
         for index, image in enumerate(images):
             if not isinstance(image, (Image.Image, np.ndarray)) and not hasattr(image, "__array__"):

@@ -432,9 +432,9 @@ def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
         if isinstance(message.get("content"), list):
             message["content"] = [_image_block(block) for block in message["content"]]
             for block in message["content"]:  # (a template would render it as nothing: an answer to an empty message)
-                if isinstance(block, dict) and block.get("type") == "text" and not isinstance(block.get("text"), str):
+                if isinstance(block, dict) and block.get("type") == "text" and block.get("text") is None:
                     others = ", ".join(repr(key) for key in block if key != "type") or "none"
-                    what = f"is {type(block['text']).__name__}" if "text" in block else f"is missing (its other keys: {others})"
+                    what = "is None" if "text" in block else f"is missing (its other keys: {others})"
                     raise ValueError(f"message {index} has a text item whose 'text' {what}: give {{'type': 'text', 'text': '...'}}")
         normalized.append(message)
     return normalized

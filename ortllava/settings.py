@@ -292,7 +292,7 @@ ANY_VALUE = object()  # (in a no-op values tuple: every value does nothing)
 _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
     "return_dict_in_generate": (False,), "renormalize_logits": (False,),
-    "remove_invalid_values": (False,), "streamer": (), "logits_processor": ([],), "stopping_criteria": ([],),
+    "remove_invalid_values": (False,), "streamer": (), "logits_processor": ([], ()), "stopping_criteria": ([], ()),
     "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
     # (transformers reads these only to start a prompt where none is given; ortllava is always given one)
     "bos_token_id": (ANY_VALUE,), "decoder_start_token_id": (ANY_VALUE,),

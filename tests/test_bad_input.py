@@ -55,7 +55,7 @@ def test_malformed_prompts_and_messages_are_named(pipe, monkeypatch):
         with pytest.raises(ValueError, match=f"an image item needs an 'image', 'url', 'path' or 'base64' key with an image in it, {named}"):
             pipe.generate(messages=[{"role": "user", "content": [item, {"type": "text", "text": "What?"}]}])
     # A text item without its text (transformers renders it as nothing, and answers an empty message).
-    for item, what in (({"type": "text", "content": "hi"}, r"is missing \(its other keys: 'content'\)"), ({"type": "text", "text": None}, "is NoneType")):
+    for item, what in (({"type": "text", "content": "hi"}, r"is missing \(its other keys: 'content'\)"), ({"type": "text", "text": None}, "is None")):
         with pytest.raises(ValueError, match=f"message 1 has a text item whose 'text' {what}: give"):
             pipe.generate(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": [item]}])
 

@@ -101,12 +101,16 @@ def test_batch_of_chats_gives_one_list_per_chat(pipes):
 
 
 def test_a_generator_of_inputs_yields_each_result(pipes):
-    """As transformers' pipelines take a dataset's rows: an iterator of inputs gives an iterator of their results."""
+    """As transformers' pipelines: an iterator of inputs gives an iterator of their results (its arguments checked at
+    the call), and an iterator of messages is one chat."""
     hf, ours = pipes
     chats = [chat(pil(IMAGE), "What is shown in this image?"), chat("Tell me a story about a cat.")]
     got = ours((c for c in chats), max_new_tokens=6)
     assert not isinstance(got, list)  # (lazy: each result as its input comes)
     same(list(hf((c for c in chats), max_new_tokens=6)), list(got))
+    same(hf((m for m in chats[1]), max_new_tokens=6), ours((m for m in chats[1]), max_new_tokens=6))
+    with pytest.raises(ValueError, match="'max_new_tokens' is defined twice"):
+        ours((c for c in chats), max_new_tokens=6, generate_kwargs={"max_new_tokens": 5})
 
 
 def test_chat_as_first_positional_argument(pipes):

@@ -124,7 +124,7 @@ def device_paths(pipe, bundle: Path) -> dict:
             warnings.simplefilter("always")  # (on the CPU, or with a concat decoder, graphs are off: warned of, recorded)
             graphs = ortllava.load(bundle, provider=pipe.sessions.provider.removesuffix("ExecutionProvider").lower(), cuda_graph=True, max_length=4096)
             under_graphs = [r.token_ids for r in graphs.generate(messages=chat, **beams)]
-            # Greedy, beams, greedy again: the second greedy run reuses the first's cache and its captured graph.
+            # Then greedy twice: the second reuses the first's one-row cache and its captured graph (2 graph ids in all).
             again = [graphs.generate(messages=chat, **options).token_ids for _ in range(2)]
         results["greedy under CUDA graphs, twice after beam search"] = again == [greedy.token_ids] * 2
         results["graph ids made (2: one per batch size)"] = getattr(graphs.sessions.decoder, "_graph_ids", None)  # (a concat decoder has none)
