@@ -68,7 +68,7 @@ class Pipeline:
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
-        self._held_tokens = held_token_ids(self.processor.tokenizer)  # (streamed text waits after them: detokenizer.py)
+        self._held_tokens = held_token_ids(self.processor.tokenizer.backend_tokenizer)  # (streamed text waits after them: detokenizer.py)
         self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph, prepack)
         self.prefix = PrefixSlot(self.sessions.decoder) if prefix_cache else None
         if prefix_cache and self.sessions.decoder.kv_dtype == np.int8:

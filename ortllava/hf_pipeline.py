@@ -291,11 +291,11 @@ class ImageTextToTextPipeline:
         """
         if item.add_special:
             return item.prompt
-        added = self.processor.tokenizer.encode("", add_special_tokens=True).ids
+        added = self.processor.tokenizer.encode("", add_special_tokens=True)
         if not added:
             return item.prompt
         bos = self.processor.bos_token
-        bos_id = self.processor.tokenizer.token_to_id(bos) if bos is not None else None
+        bos_id = self.processor.tokenizer.backend_tokenizer.token_to_id(bos) if bos is not None else None
         if added == [bos_id] and item.prompt.startswith(bos):
             return item.prompt[len(bos) :]
         raise NotImplementedError(f"this tokenizer adds {added} around a prompt; a chat template starting with {bos!r} cannot be run through it")
@@ -304,7 +304,7 @@ class ImageTextToTextPipeline:
         """The prompt's token ids as the processor makes them: each image token expanded, then tokenized."""
         sizes = image_sizes(item.images)
         (expanded,) = self.processor.expand_image_tokens([item.prompt], sizes)
-        return self.processor.tokenizer.encode(expanded, add_special_tokens=item.add_special).ids
+        return self.processor.tokenizer.encode(expanded, add_special_tokens=item.add_special)
 
     def _decode(self, ids: Sequence[int], skip_special_tokens: bool, clean_up: bool | None) -> str:
         return self.processor.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=clean_up)

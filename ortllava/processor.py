@@ -16,6 +16,7 @@ from . import chat_template as templates
 from .features import unpadded_shape
 from .image import ImageProcessor, ImageProcessorConfig, image_sizes, num_tiles, select_best_resolution
 from .image_source import ImageLike, load_image
+from .tokenizer import BatchFeature, BundleTokenizer, pad_ids
 from .manifest import (
     CHAT_TEMPLATE_FILE,
     PREPROCESSOR_CONFIG_FILE,
@@ -27,14 +28,11 @@ from .manifest import (
     read_json_object,
 )
 
-_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-
 class Processor:
     """Tokenizer, chat template and image processor of a bundle, shaped like `LlavaNextProcessor`."""
 
-    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, chat_template_source: str | None, manifest: Manifest):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: BundleTokenizer, image_processor: ImageProcessor, chat_template_source: str | None, manifest: Manifest):
+        self.tokenizer = tokenizer  # (its `backend_tokenizer`: the `tokenizers.Tokenizer` the processor calls)
         self.image_processor = image_processor
         self.chat_template = chat_template_source
         self.manifest = manifest
@@ -44,7 +42,7 @@ class Processor:
         self.bos_token = tokens.bos_token
         self.pad_token_id = tokens.pad_token_id
         self.padding_side = tokens.padding_side
-        self.truncation_side = "right"  # the tokenizer config's, where it sets one (from_bundle)
+        self.truncation_side = tokenizer.truncation_side
         vision = manifest.vision
         self.patch_size = vision.patch_size
         self.select_strategy = vision.select_strategy
@@ -53,10 +51,10 @@ class Processor:
 
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: Manifest) -> Processor:
-        tokenizer = read_bundle_file(bundle, TOKENIZER_FILE, lambda path: Tokenizer.from_file(str(path)))
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        image_id = tokenizer.token_to_id(manifest.tokens.image_token)
+        backend = read_bundle_file(bundle, TOKENIZER_FILE, lambda path: Tokenizer.from_file(str(path)))
+        backend.no_padding()
+        backend.no_truncation()
+        image_id = backend.token_to_id(manifest.tokens.image_token)
         if image_id != manifest.tokens.image_token_id:
             raise BundleError(
                 f"bundle {bundle} does not match its manifest: the tokenizer gives {manifest.tokens.image_token} the id {image_id}, "
@@ -66,11 +64,10 @@ class Processor:
         _check_grid(bundle, config, manifest)
         has_template = (bundle / CHAT_TEMPLATE_FILE).is_file()
         template = read_bundle_file(bundle, CHAT_TEMPLATE_FILE, _read_template) if has_template else None
-        processor = cls(tokenizer, ImageProcessor(config), template, manifest)
-        if (bundle / TOKENIZER_CONFIG_FILE).is_file():
-            side = read_bundle_file(bundle, TOKENIZER_CONFIG_FILE, read_json_object).get("truncation_side", "right")
-            processor.truncation_side = side if side in ("left", "right") else "right"
-        return processor
+        has_config = (bundle / TOKENIZER_CONFIG_FILE).is_file()
+        tokenizer_config = read_bundle_file(bundle, TOKENIZER_CONFIG_FILE, read_json_object) if has_config else {}
+        tokenizer = BundleTokenizer(backend, manifest, tokenizer_config)
+        return cls(tokenizer, ImageProcessor(config), template, manifest)
 
     # ----------------------------------------------------------------------------------------------
     # Image tokens
@@ -152,10 +149,10 @@ class Processor:
         if texts is not None:
             expanded = self.expand_image_tokens(texts, sizes)
             if truncate:  # (the special tokens are added after the cut, so that they stay)
-                encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=False)
+                encodings = self.tokenizer.backend_tokenizer.encode_batch(expanded, add_special_tokens=False)
                 ids = [self._truncated(encoding, max_length, add_special_tokens, row) for row, encoding in enumerate(encodings)]
             else:
-                ids = [encoding.ids for encoding in self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)]
+                ids = [encoding.ids for encoding in self.tokenizer.backend_tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)]
             data.update(self.pad(ids, padding=padding, padding_side=padding_side, max_length=max_length))
             if not return_attention_mask:
                 del data["attention_mask"]
@@ -171,7 +168,7 @@ class Processor:
         cut); a ValueError where that drops image tokens (the images' features would no longer match them, which
         transformers' processor refuses too)."""
         images = encoding.ids.count(self.image_token_id)
-        room = max(max_length - (self.tokenizer.num_special_tokens_to_add(False) if add_special_tokens else 0), 0)
+        room = max(max_length - (self.tokenizer.backend_tokenizer.num_special_tokens_to_add(False) if add_special_tokens else 0), 0)
         encoding.truncate(room, direction=self.truncation_side)
         dropped = images - encoding.ids.count(self.image_token_id)
         if dropped:
@@ -179,7 +176,7 @@ class Processor:
                 f"truncating prompt {row} to max_length={max_length} tokens would drop {dropped} of its {images} image tokens "
                 f"({self.image_token}, expanded per image): raise max_length, or shorten the text"
             )
-        return self.tokenizer.post_process(encoding, add_special_tokens=add_special_tokens).ids
+        return self.tokenizer.backend_tokenizer.post_process(encoding, add_special_tokens=add_special_tokens).ids
 
     def check_model_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None, image_sizes: Any = None) -> BatchFeature:
         """Model inputs made elsewhere (this processor's outputs, transformers' with `return_tensors="np"`, or one's
@@ -261,24 +258,7 @@ class Processor:
 
     def pad(self, ids: list[list[int]], padding: bool | str = True, padding_side: str | None = None, max_length: int | None = None) -> dict[str, np.ndarray]:
         """Ragged token ids -> `input_ids` and `attention_mask` `[B, T]` int64 (`padding`: see `__call__`)."""
-        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
-            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
-        if padding == "max_length" and max_length is None:
-            raise ValueError("padding='max_length' needs max_length")
-        longest = max(len(row) for row in ids)
-        if padding in (False, "do_not_pad") and any(len(row) != longest for row in ids):
-            raise ValueError("the prompts tokenize to different lengths: pass padding=True to pad them")
-        if padding == "max_length":
-            longest = max(longest, max_length)
-        side = padding_side or self.padding_side
-        pad_id = self.pad_token_id if self.pad_token_id is not None else 0
-        input_ids = np.full((len(ids), longest), pad_id, dtype=np.int64)
-        mask = np.zeros((len(ids), longest), dtype=np.int64)
-        for row, tokens in enumerate(ids):
-            span = slice(longest - len(tokens), longest) if side == "left" else slice(0, len(tokens))
-            input_ids[row, span] = tokens
-            mask[row, span] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return pad_ids(ids, self.pad_token_id, padding_side or self.padding_side, padding, max_length)
 
     # ----------------------------------------------------------------------------------------------
     # Chat
@@ -336,38 +316,12 @@ class Processor:
     # Decoding
 
     def decode(self, ids: int | Sequence[int] | np.ndarray, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
-        """The text of `ids`, as transformers' tokenizer `decode`: one id or a sequence gives a string; a batch (a
-        list of lists, a 2-D array or tensor) a list of strings. Special tokens are kept unless
-        `skip_special_tokens`. `clean_up_tokenization_spaces` (None: the tokenizer's setting) is never applied to a
-        BPE tokenizer, as in transformers 5 (it would remove real spaces before punctuation)."""
-        ids = _as_lists(ids)
-        if isinstance(ids, list) and ids and isinstance(ids[0], list):  # a batch
-            return [self._decode_one(row, skip_special_tokens, clean_up_tokenization_spaces) for row in ids]
-        return self._decode_one(ids, skip_special_tokens, clean_up_tokenization_spaces)
+        """The tokenizer's `decode` (as transformers' processor forwards it)."""
+        return self.tokenizer.decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
 
     def batch_decode(self, sequences: Sequence[Sequence[int]] | np.ndarray, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> list[str]:
-        """`decode` of a batch: a list of strings (one sequence gives a list of its one string, as transformers)."""
-        sequences = _as_lists(sequences)
-        if isinstance(sequences, list) and not sequences:
-            return []
-        texts = self.decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
-        return [texts] if isinstance(texts, str) else texts
-
-    def _decode_one(self, ids: int | list[int], skip_special_tokens: bool, clean_up_tokenization_spaces: bool | None) -> str:
-        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
-        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        clean = self.manifest.tokens.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
-        return clean_up_tokenization(text) if clean and type(self.tokenizer.model).__name__ != "BPE" else text
-
-
-class BatchFeature(dict):
-    """The processor's outputs: a dict whose entries are also attributes (`inputs.input_ids`), as transformers'."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+        """The tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
 
 
 def _read_template(path: Path) -> str:
@@ -409,15 +363,6 @@ def _truncates(truncation: bool | str | None, padding: bool | str, max_length: i
     if truncation in (True, "longest_first", "only_first"):
         return max_length is not None  # (without it transformers cuts to the model's maximum, which a bundle does not set)
     raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', got {truncation!r}")
-
-
-def _as_lists(ids: Any) -> Any:
-    """Token ids as Python ints and lists, from numpy arrays, tensors (anything with `tolist`) or sequences."""
-    if hasattr(ids, "tolist"):
-        return ids.tolist()
-    if isinstance(ids, (list, tuple)):
-        return [_as_lists(item) for item in ids] if ids and not isinstance(ids[0], (int, np.integer)) else list(ids)
-    return ids
 
 
 def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
@@ -472,13 +417,6 @@ def images_in_messages(messages: list[dict]) -> list[ImageLike]:
                 )
             found.append(source)
     return found
-
-
-def clean_up_tokenization(text: str) -> str:
-    """transformers' `clean_up_tokenization`: the spaces a tokenizer puts before punctuation and contractions."""
-    for old, new in _CLEANUPS:
-        text = text.replace(old, new)
-    return text
 
 
 def check_encodable(texts: Sequence[str]) -> None:

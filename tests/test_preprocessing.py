@@ -230,6 +230,42 @@ def test_decoding_as_transformers(hf_processor, pipe):
     assert " ," in pipe.processor.decode(ids[0], clean_up_tokenization_spaces=True)
 
 
+@pytest.mark.parametrize("config", ["mistral", "vicuna", "llama3"])
+def test_the_tokenizer_as_transformers(tiny_store, config):
+    """`processor.tokenizer` answers what transformers' tokenizer answers: a call (one text, several, padded, as
+    arrays), encode, decode, special tokens and their ids, token <-> id, sizes; the `tokenizers` object underneath is
+    `backend_tokenizer`, as there."""
+    import ortllava
+    from tokenizers import Tokenizer
+
+    model = tiny_store.get(config)
+    theirs = AutoProcessor.from_pretrained(model.checkpoint).tokenizer
+    ours = ortllava.load(model.bundle, provider="cpu", verify=False).processor.tokenizer
+    assert isinstance(ours.backend_tokenizer, Tokenizer)
+    texts = ["Hello there, how are you?", "A photo <image> of 3 cats."]
+    for call in (dict(text=texts[0]), dict(text=texts), dict(text=texts, padding=True), dict(text=texts, add_special_tokens=False),
+                 dict(text=texts, padding=True, padding_side="right"), dict(text=texts, padding="max_length", max_length=20),
+                 dict(text=texts, padding=True, return_tensors="np")):
+        got, want = ours(**call), theirs(**call)
+        assert list(got) == ["input_ids", "attention_mask"]
+        for key in got:
+            plain = (lambda v: v.tolist() if hasattr(v, "tolist") else v)
+            assert plain(got[key]) == plain(want[key]), (call, key)
+            assert isinstance(got[key], np.ndarray) == ("return_tensors" in call)
+    assert ours.encode(texts[1]) == theirs.encode(texts[1]) and ours.encode(texts[1], add_special_tokens=False) == theirs.encode(texts[1], add_special_tokens=False)
+    ids = theirs(texts, padding=True)["input_ids"]
+    for skip in (False, True):
+        assert ours.decode(ids[1], skip_special_tokens=skip) == theirs.decode(ids[1], skip_special_tokens=skip)
+        assert ours.batch_decode(ids, skip_special_tokens=skip) == theirs.batch_decode(ids, skip_special_tokens=skip)
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "vocab_size", "padding_side"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert len(ours) == len(theirs) and ours.get_vocab() == theirs.get_vocab() and set(ours.all_special_ids) == set(theirs.all_special_ids)
+    tokens = theirs.convert_ids_to_tokens(ids[0])
+    assert ours.convert_ids_to_tokens(ids[0]) == tokens and ours.convert_tokens_to_ids(tokens) == theirs.convert_tokens_to_ids(tokens)
+    assert ours.convert_tokens_to_ids("<image>") == theirs.convert_tokens_to_ids("<image>")
+    assert ours.token_to_id("<image>") == ours.backend_tokenizer.token_to_id("<image>")  # (the backend's own names read through)
+
+
 def test_batch_input_ids_identical_with_left_padding(hf_processor, pipe):
     prompts = ["[INST] <image>\nDescribe. [/INST]", "[INST] Only text here, somewhat longer. [/INST]", "[INST] <image> and <image>? [/INST]"]
     images = [CASES["wide"], CASES["tall"], CASES["gray"]]

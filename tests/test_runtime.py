@@ -194,7 +194,7 @@ def test_streaming_detokenizer_never_splits_a_character(pipe):
     from ortllava.detokenizer import StreamingDetokenizer
 
     text = "café 東京 😀 naïve → ∑"
-    ids = pipe.processor.tokenizer.encode(text, add_special_tokens=False).ids
+    ids = pipe.processor.tokenizer.encode(text, add_special_tokens=False)
     detokenizer = StreamingDetokenizer(pipe.processor.decode)
     pieces = [detokenizer.add(token) for token in ids] + [detokenizer.finalize()]
     assert "".join(pieces) == text

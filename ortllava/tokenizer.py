@@ -1,0 +1,199 @@
+"""`BundleTokenizer`: the bundle's `tokenizers.Tokenizer` with the names a transformers user reaches for
+(`tokenizer("text")`, `encode`, `decode`, `eos_token_id`, `convert_tokens_to_ids`, ...), as `processor.tokenizer`.
+
+It calls what transformers 5's tokenizers-backed tokenizer calls (`TokenizersBackend`: the same tokenizer.json), so
+ids and texts are the same; `backend_tokenizer` is the `tokenizers.Tokenizer` itself, as in transformers, and any
+other attribute is read from it (`token_to_id`, `encode_batch`, `model`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .manifest import Manifest
+
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+class BundleTokenizer:
+    """A bundle's tokenizer, called as transformers' tokenizer is (text in, `input_ids` and `attention_mask` out)."""
+
+    # The special tokens (set from the bundle's tokenizer config, else its manifest), None where there is none.
+    bos_token: str | None
+    bos_token_id: int | None
+    eos_token: str | None
+    eos_token_id: int | None
+    pad_token: str | None
+    pad_token_id: int | None
+    unk_token: str | None
+    unk_token_id: int | None
+
+    def __init__(self, backend: Tokenizer, manifest: Manifest, tokenizer_config: dict[str, Any] | None = None):
+        """`tokenizer_config`: the bundle's tokenizer_config.json (its truncation side, its `*_token` entries and extra
+        special tokens)."""
+        self.backend_tokenizer = backend
+        config = tokenizer_config or {}
+        tokens = manifest.tokens
+        self.padding_side = tokens.padding_side
+        self.truncation_side = config["truncation_side"] if config.get("truncation_side") in ("left", "right") else "right"
+        self.clean_up_tokenization_spaces = tokens.clean_up_tokenization_spaces
+        named = {name: _content(value) for name, value in config.items() if name.endswith("_token") and _content(value)}
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        extra = [_content(value) for value in (extra.values() if isinstance(extra, dict) else extra)]
+        self.all_special_tokens = list(dict.fromkeys(token for token in (*named.values(), *extra) if token))
+        # Each special token as the config names it, else (a bundle without one) from the manifest's ids.
+        fallback = {"bos": tokens.bos_token_id, "eos": tokens.eos_token_ids[0] if tokens.eos_token_ids else None, "pad": tokens.pad_token_id, "unk": None}
+        for kind, index in fallback.items():
+            token = named.get(f"{kind}_token") or (backend.id_to_token(index) if index is not None else None)
+            setattr(self, f"{kind}_token", token)
+            setattr(self, f"{kind}_token_id", backend.token_to_id(token) if token is not None else None)
+
+    def __getattr__(self, name: str) -> Any:  # (only for names not found above: the backend's own)
+        if name == "backend_tokenizer":  # (not set yet: never recurse)
+            raise AttributeError(name)
+        return getattr(self.backend_tokenizer, name)
+
+    # -- text -> ids ----------------------------------------------------------------------------------
+
+    def __call__(
+        self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool | str = False, padding_side: str | None = None,
+        max_length: int | None = None, return_tensors: str | None = None, return_attention_mask: bool = True,
+    ) -> BatchFeature:
+        """`input_ids` and `attention_mask`: lists for one text (lists of lists for several), as transformers gives
+        them without `return_tensors`; `[B, T]` int64 arrays with `return_tensors="np"` (the texts must then be as
+        long, or padded: `padding=True` to the longest, "max_length" to `max_length`, on `padding_side`).
+        Truncation is the processor's (`processor(text=..., truncation=True, max_length=...)`)."""
+        if return_tensors not in (None, "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a string or a non-empty list of strings")
+        ids = [encoding.ids for encoding in self.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if padding in (False, "do_not_pad") and return_tensors is None:
+            data = {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+        else:
+            data = pad_ids(ids, self.pad_token_id, padding_side or self.padding_side, padding, max_length)
+            if return_tensors is None:
+                data = {key: value.tolist() for key, value in data.items()}
+        if single and return_tensors is None:
+            data = {key: value[0] for key, value in data.items()}
+        if not return_attention_mask:
+            del data["attention_mask"]
+        return BatchFeature(data)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids of one text, as transformers' `encode`."""
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """A token's id (None where the vocabulary has no such token: transformers gives the unknown token's, if any)."""
+        if isinstance(tokens, str):
+            index = self.backend_tokenizer.token_to_id(tokens)
+            return index if index is not None else self.unk_token_id
+        return [self.convert_tokens_to_ids(token) for token in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | None | list[str | None]:
+        if isinstance(ids, (int, np.integer)):
+            return self.backend_tokenizer.id_to_token(int(ids))
+        return [self.backend_tokenizer.id_to_token(int(index)) for index in ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """The base vocabulary's size, without added tokens (transformers' `vocab_size`; `len()` counts them)."""
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """The ids of the tokens tokenizer_config.json names (bos, eos, unk, pad, image, and any extra ones), as transformers'."""
+        ids = (self.backend_tokenizer.token_to_id(token) for token in self.all_special_tokens)
+        return [index for index in ids if index is not None]
+
+    # -- ids -> text ----------------------------------------------------------------------------------
+
+    def decode(self, ids: int | Sequence[int] | np.ndarray, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
+        """The text of `ids`, as transformers' tokenizer `decode`: one id or a sequence gives a string; a batch (a
+        list of lists, a 2-D array or tensor) a list of strings. Special tokens are kept unless
+        `skip_special_tokens`. `clean_up_tokenization_spaces` (None: the tokenizer's setting) is never applied to a
+        BPE tokenizer, as in transformers 5 (it would remove real spaces before punctuation)."""
+        ids = as_lists(ids)
+        if isinstance(ids, list) and ids and isinstance(ids[0], list):  # a batch
+            return [self._decode_one(row, skip_special_tokens, clean_up_tokenization_spaces) for row in ids]
+        return self._decode_one(ids, skip_special_tokens, clean_up_tokenization_spaces)
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]] | np.ndarray, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> list[str]:
+        """`decode` of a batch: a list of strings (one sequence gives a list of its one string, as transformers)."""
+        sequences = as_lists(sequences)
+        if isinstance(sequences, list) and not sequences:
+            return []
+        texts = self.decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
+        return [texts] if isinstance(texts, str) else texts
+
+    def _decode_one(self, ids: int | list[int], skip_special_tokens: bool, clean_up_tokenization_spaces: bool | None) -> str:
+        ids = [int(ids)] if isinstance(ids, (int, np.integer)) else [int(i) for i in ids]
+        text = self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return clean_up_tokenization(text) if clean and type(self.backend_tokenizer.model).__name__ != "BPE" else text
+
+
+class BatchFeature(dict):
+    """The tokenizer's and the processor's outputs: a dict whose entries are also attributes (`inputs.input_ids`),
+    as transformers' `BatchEncoding` and `BatchFeature`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def pad_ids(ids: list[list[int]], pad_id: int | None, side: str, padding: bool | str = True, max_length: int | None = None) -> dict[str, np.ndarray]:
+    """Ragged token ids -> `input_ids` and `attention_mask` `[B, T]` int64: `padding` True or "longest" pads to the
+    longest row, "max_length" to `max_length` (or the longest, if longer), False or "do_not_pad" only checks the rows
+    are as long; on `side` ("left" or "right"), with `pad_id` (0 where the tokenizer has none; the mask leaves it out)."""
+    if padding not in (True, False, "longest", "max_length", "do_not_pad"):
+        raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+    if padding == "max_length" and max_length is None:
+        raise ValueError("padding='max_length' needs max_length")
+    longest = max(len(row) for row in ids)
+    if padding in (False, "do_not_pad") and any(len(row) != longest for row in ids):
+        raise ValueError("the prompts tokenize to different lengths: pass padding=True to pad them")
+    if padding == "max_length":
+        longest = max(longest, max_length)
+    input_ids = np.full((len(ids), longest), pad_id if pad_id is not None else 0, dtype=np.int64)
+    mask = np.zeros((len(ids), longest), dtype=np.int64)
+    for row, tokens in enumerate(ids):
+        span = slice(longest - len(tokens), longest) if side == "left" else slice(0, len(tokens))
+        input_ids[row, span] = tokens
+        mask[row, span] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def as_lists(ids: Any) -> Any:
+    """Token ids as Python ints and lists, from numpy arrays, tensors (anything with `tolist`) or sequences."""
+    if hasattr(ids, "tolist"):
+        return ids.tolist()
+    if isinstance(ids, (list, tuple)):
+        return [as_lists(item) for item in ids] if ids and not isinstance(ids[0], (int, np.integer)) else list(ids)
+    return ids
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization`: the spaces a tokenizer puts before punctuation and contractions."""
+    for old, new in _CLEANUPS:
+        text = text.replace(old, new)
+    return text
+
+
+def _content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json names it: a string, or an AddedToken dict with its "content"."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
