@@ -16,7 +16,6 @@ from . import chat_template as templates
 from .features import unpadded_shape
 from .image import ImageProcessor, ImageProcessorConfig, image_sizes, num_tiles, select_best_resolution
 from .image_source import ImageLike, load_image
-from .tokenizer import BatchFeature, BundleTokenizer, pad_ids
 from .manifest import (
     CHAT_TEMPLATE_FILE,
     PREPROCESSOR_CONFIG_FILE,
@@ -27,6 +26,8 @@ from .manifest import (
     read_bundle_file,
     read_json_object,
 )
+from .tokenizer import BatchFeature, BundleTokenizer, pad_ids
+
 
 class Processor:
     """Tokenizer, chat template and image processor of a bundle, shaped like `LlavaNextProcessor`."""
