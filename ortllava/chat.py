@@ -84,8 +84,9 @@ class ChatSession:
         last one carries the finish reason and the metrics). The pieces joined equal `send(...).text`.
 
         A stream closed early (`close()`, let go as by `break` out of a for loop, or left unfinished when the next
-        turn starts) keeps the text it yielded as the answer; one that fails (an error raised during the turn) adds nothing to the history, as with `send`; one
-        never iterated never runs (its message does not join the history either).
+        turn starts) keeps the text it yielded as the answer; one that fails (an error raised during the turn) adds
+        nothing to the history, as with `send`; one never iterated never runs (its message does not join the history
+        either).
         """
         self._close_open_stream()
         chunks = self._stream_turn(text, images, generate_kwargs)
