@@ -26,7 +26,7 @@ from .manifest import (
     read_bundle_file,
     read_json_object,
 )
-from .tokenizer import BatchFeature, BundleTokenizer, pad_ids
+from .tokenizer import BatchFeature, BundleTokenizer, pad_ids, truncates
 
 
 class Processor:
@@ -117,7 +117,7 @@ class Processor:
         """
         if return_tensors not in (None, "np"):
             raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
-        truncate = _truncates(truncation, padding, max_length)
+        truncate = truncates(truncation, padding, max_length)
         flat_images = [load_image(image) for image in flatten_images(images)] if images is not None else []
         if not flat_images:  # `[]` (or an empty list per prompt) is no images, as in a chat turn
             images = None
@@ -169,15 +169,14 @@ class Processor:
         cut); a ValueError where that drops image tokens (the images' features would no longer match them, which
         transformers' processor refuses too)."""
         images = encoding.ids.count(self.image_token_id)
-        room = max(max_length - (self.tokenizer.backend_tokenizer.num_special_tokens_to_add(False) if add_special_tokens else 0), 0)
-        encoding.truncate(room, direction=self.truncation_side)
-        dropped = images - encoding.ids.count(self.image_token_id)
+        ids = self.tokenizer.truncated(encoding, max_length, add_special_tokens, self.truncation_side)
+        dropped = images - ids.count(self.image_token_id)
         if dropped:
             raise ValueError(
                 f"truncating prompt {row} to max_length={max_length} tokens would drop {dropped} of its {images} image tokens "
                 f"({self.image_token}, expanded per image): raise max_length, or shorten the text"
             )
-        return self.tokenizer.backend_tokenizer.post_process(encoding, add_special_tokens=add_special_tokens).ids
+        return ids
 
     def check_model_inputs(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None, image_sizes: Any = None) -> BatchFeature:
         """Model inputs made elsewhere (this processor's outputs, transformers' with `return_tensors="np"`, or one's
@@ -350,20 +349,6 @@ def _check_grid(bundle: Path, config: ImageProcessorConfig, manifest: Manifest) 
     partial = [point for point in pinpoints if point[0] % tile or point[1] % tile]
     if partial:
         raise BundleError(f"bundle {bundle}: the grid resolutions {partial} in {PREPROCESSOR_CONFIG_FILE} are not multiples of its {tile} px tiles")
-
-
-def _truncates(truncation: bool | str | None, padding: bool | str, max_length: int | None) -> bool:
-    """Whether the processor call cuts prompts to `max_length`, by transformers' rule: as asked, and where unset,
-    when a `max_length` comes without padding."""
-    if max_length is not None and (not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or max_length < 1):
-        raise ValueError(f"max_length must be a positive number of tokens, got {max_length!r}")
-    if truncation in (False, "do_not_truncate"):
-        return False
-    if truncation is None:
-        return max_length is not None and padding in (False, "do_not_pad")
-    if truncation in (True, "longest_first", "only_first"):
-        return max_length is not None  # (without it transformers cuts to the model's maximum, which a bundle does not set)
-    raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', got {truncation!r}")
 
 
 def normalize_messages(conversation: Sequence[dict]) -> list[dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from .manifest import Manifest
 
@@ -60,19 +60,25 @@ class BundleTokenizer:
 
     def __call__(
         self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool | str = False, padding_side: str | None = None,
-        max_length: int | None = None, return_tensors: str | None = None, return_attention_mask: bool = True,
+        max_length: int | None = None, truncation: bool | str | None = None, return_tensors: str | None = None,
+        return_attention_mask: bool = True,
     ) -> BatchFeature:
         """`input_ids` and `attention_mask`: lists for one text (lists of lists for several), as transformers gives
         them without `return_tensors`; `[B, T]` int64 arrays with `return_tensors="np"` (the texts must then be as
-        long, or padded: `padding=True` to the longest, "max_length" to `max_length`, on `padding_side`).
-        Truncation is the processor's (`processor(text=..., truncation=True, max_length=...)`)."""
+        long, or padded: `padding=True` to the longest, "max_length" to `max_length`, on `padding_side`). `truncation`
+        (True, "longest_first" or "only_first") cuts each text to `max_length` tokens on `truncation_side`, and so does
+        a `max_length` given without padding or truncation, as in transformers."""
         if return_tensors not in (None, "np"):
             raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a non-empty list of strings")
-        ids = [encoding.ids for encoding in self.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if truncates(truncation, padding, max_length):  # (the special tokens are added after the cut, so that they stay)
+            encodings = self.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+            ids = [self.truncated(encoding, max_length, add_special_tokens) for encoding in encodings]
+        else:
+            ids = [encoding.ids for encoding in self.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
         if padding in (False, "do_not_pad") and return_tensors is None:
             data = {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
         else:
@@ -84,6 +90,14 @@ class BundleTokenizer:
         if not return_attention_mask:
             del data["attention_mask"]
         return BatchFeature(data)
+
+    def truncated(self, encoding: Encoding, max_length: int, add_special_tokens: bool, side: str | None = None) -> list[int]:
+        """The ids of `encoding` (made without special tokens) cut on `side` (default: `truncation_side`) so that, with
+        the special tokens added after, they are at most `max_length`, as the tokenizer's own truncation does (a BOS
+        is never cut)."""
+        room = max(max_length - (self.backend_tokenizer.num_special_tokens_to_add(False) if add_special_tokens else 0), 0)
+        encoding.truncate(room, direction=side or self.truncation_side)
+        return self.backend_tokenizer.post_process(encoding, add_special_tokens=add_special_tokens).ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The ids of one text, as transformers' `encode`."""
@@ -176,6 +190,20 @@ def pad_ids(ids: list[list[int]], pad_id: int | None, side: str, padding: bool |
         input_ids[row, span] = tokens
         mask[row, span] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def truncates(truncation: bool | str | None, padding: bool | str, max_length: int | None) -> bool:
+    """Whether a tokenizer or processor call cuts its texts to `max_length`, by transformers' rule: as asked, and
+    where unset, when a `max_length` comes without padding."""
+    if max_length is not None and (not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or max_length < 1):
+        raise ValueError(f"max_length must be a positive number of tokens, got {max_length!r}")
+    if truncation in (False, "do_not_truncate"):
+        return False
+    if truncation is None:
+        return max_length is not None and padding in (False, "do_not_pad")
+    if truncation in (True, "longest_first", "only_first"):
+        return max_length is not None  # (without it transformers cuts to the model's maximum, which a bundle does not set)
+    raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', got {truncation!r}")
 
 
 def as_lists(ids: Any) -> Any:

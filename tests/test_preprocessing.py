@@ -245,13 +245,17 @@ def test_the_tokenizer_as_transformers(tiny_store, config):
     texts = ["Hello there, how are you?", "A photo <image> of 3 cats."]
     for call in (dict(text=texts[0]), dict(text=texts), dict(text=texts, padding=True), dict(text=texts, add_special_tokens=False),
                  dict(text=texts, padding=True, padding_side="right"), dict(text=texts, padding="max_length", max_length=20),
-                 dict(text=texts, padding=True, return_tensors="np")):
+                 dict(text=texts, padding=True, return_tensors="np"), dict(text=texts, truncation=True, max_length=5),
+                 dict(text=texts[1], max_length=4), dict(text=texts, padding=True, truncation=True, max_length=6, add_special_tokens=False)):
         got, want = ours(**call), theirs(**call)
         assert list(got) == ["input_ids", "attention_mask"]
         for key in got:
             plain = (lambda v: v.tolist() if hasattr(v, "tolist") else v)
             assert plain(got[key]) == plain(want[key]), (call, key)
             assert isinstance(got[key], np.ndarray) == ("return_tensors" in call)
+    ours.truncation_side = theirs.truncation_side = "left"
+    assert ours(texts, truncation=True, max_length=5)["input_ids"] == theirs(texts, truncation=True, max_length=5)["input_ids"]
+    ours.truncation_side = theirs.truncation_side = "right"
     assert ours.encode(texts[1]) == theirs.encode(texts[1]) and ours.encode(texts[1], add_special_tokens=False) == theirs.encode(texts[1], add_special_tokens=False)
     ids = theirs(texts, padding=True)["input_ids"]
     for skip in (False, True):
