@@ -225,7 +225,8 @@ class ImageTextToTextPipeline:
             rendered = self.processor.apply_chat_template(messages, add_generation_prompt=not cont, continue_final_message=cont)
             sources = images_in_messages(messages)
             loaded = [_load_image(source, timeout) for source in sources]
-            add_special = not (self.processor.bos_token is not None and rendered.startswith(self.processor.bos_token))
+            bos = self.processor.tokenizer.bos_token
+            add_special = not (bos is not None and rendered.startswith(bos))
             prepared.append(_Item(messages, rendered, loaded, add_special, cont))
         results = self._run(prepared, options)
         outputs = [self._records([item], [answers], options) for item, answers in zip(prepared, results)]
@@ -267,7 +268,7 @@ class ImageTextToTextPipeline:
         # passes it, else the generation config's or the first EOS id, as generate picks it).
         post = options["post"]
         show_padding = post.get("skip_special_tokens", True) is False and post.get("return_type") != "tensors"
-        pad = options["generate"].get("pad_token_id", self.processor.pad_token_id)
+        pad = options["generate"].get("pad_token_id", self.processor.tokenizer.pad_token_id)
         if show_padding and pad is None:
             pad = self.model._special_ids(self.model.settings(**options["generate"]))[1]
         results = []
@@ -294,9 +295,8 @@ class ImageTextToTextPipeline:
         added = self.processor.tokenizer.encode("", add_special_tokens=True)
         if not added:
             return item.prompt
-        bos = self.processor.bos_token
-        bos_id = self.processor.tokenizer.backend_tokenizer.token_to_id(bos) if bos is not None else None
-        if added == [bos_id] and item.prompt.startswith(bos):
+        bos, bos_id = self.processor.tokenizer.bos_token, self.processor.tokenizer.bos_token_id
+        if bos is not None and added == [bos_id] and item.prompt.startswith(bos):
             return item.prompt[len(bos) :]
         raise NotImplementedError(f"this tokenizer adds {added} around a prompt; a chat template starting with {bos!r} cannot be run through it")
 

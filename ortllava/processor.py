@@ -33,6 +33,8 @@ class Processor:
     """Tokenizer, chat template and image processor of a bundle, shaped like `LlavaNextProcessor`."""
 
     def __init__(self, tokenizer: BundleTokenizer, image_processor: ImageProcessor, chat_template_source: str | None, manifest: Manifest):
+        # Its settings (padding_side, truncation_side, the special tokens) are read at each call, as transformers'
+        # processor reads them: `processor.tokenizer.padding_side = "left"` changes what the processor returns.
         self.tokenizer = tokenizer  # (its `backend_tokenizer`: the `tokenizers.Tokenizer` the processor calls)
         self.image_processor = image_processor
         self.chat_template = chat_template_source
@@ -40,10 +42,6 @@ class Processor:
         tokens = manifest.tokens
         self.image_token = tokens.image_token
         self.image_token_id = tokens.image_token_id
-        self.bos_token = tokens.bos_token
-        self.pad_token_id = tokens.pad_token_id
-        self.padding_side = tokens.padding_side
-        self.truncation_side = tokenizer.truncation_side
         vision = manifest.vision
         self.patch_size = vision.patch_size
         self.select_strategy = vision.select_strategy
@@ -169,7 +167,7 @@ class Processor:
         cut); a ValueError where that drops image tokens (the images' features would no longer match them, which
         transformers' processor refuses too)."""
         images = encoding.ids.count(self.image_token_id)
-        ids = self.tokenizer.truncated(encoding, max_length, add_special_tokens, self.truncation_side)
+        ids = self.tokenizer.truncated(encoding, max_length, add_special_tokens)
         dropped = images - ids.count(self.image_token_id)
         if dropped:
             raise ValueError(
@@ -258,7 +256,7 @@ class Processor:
 
     def pad(self, ids: list[list[int]], padding: bool | str = True, padding_side: str | None = None, max_length: int | None = None) -> dict[str, np.ndarray]:
         """Ragged token ids -> `input_ids` and `attention_mask` `[B, T]` int64 (`padding`: see `__call__`)."""
-        return pad_ids(ids, self.pad_token_id, padding_side or self.padding_side, padding, max_length)
+        return pad_ids(ids, self.tokenizer.pad_token_id, padding_side or self.tokenizer.padding_side, padding, max_length)
 
     # ----------------------------------------------------------------------------------------------
     # Chat
@@ -307,7 +305,8 @@ class Processor:
             return prompts if batched else prompts[0]
         images = [image for c in conversations for image in images_in_messages(c)]
         processor_kwargs.setdefault("padding", len(prompts) > 1)
-        if self.bos_token is not None and prompts[0].startswith(self.bos_token):  # (as transformers, even if asked otherwise)
+        bos = self.tokenizer.bos_token
+        if bos is not None and prompts[0].startswith(bos):  # (as transformers, even if asked otherwise)
             processor_kwargs["add_special_tokens"] = False
         inputs = self(text=prompts, images=images or None, return_tensors=return_tensors, pixel_values=pixel_values, **processor_kwargs)
         return inputs if return_dict else inputs["input_ids"]

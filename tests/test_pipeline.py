@@ -188,7 +188,7 @@ def test_special_tokens_kept_show_a_batch_rows_padding(pipes):
     want = hf(images=[IMAGE], text=prompts, **kwargs)
     got = ours(images=[IMAGE], text=prompts, **kwargs)
     same(want, got)
-    assert got[0]["generated_text"].endswith(ours.processor.decode([ours.processor.pad_token_id]))
+    assert got[0]["generated_text"].endswith(ours.processor.decode([ours.processor.tokenizer.pad_token_id]))
 
 
 def test_return_tensors_and_generate_kwargs(pipes, mistral):

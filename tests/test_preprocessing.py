@@ -175,6 +175,27 @@ def test_processor_call_as_transformers(hf_processor, pipe):
     assert pipe.processor.decode(ids.tolist()) == hf_processor.decode(ids.tolist())  # a list of lists is a batch too
 
 
+def test_tokenizer_settings_steer_the_processor(hf_processor, pipe):
+    """`processor.tokenizer.padding_side` (and `truncation_side`) set by hand change the processor's output, as in
+    transformers (the processor keeps no copy of them); a call's `padding_side` still wins."""
+    texts = ["[INST] <image>\nA longer question, with more words in it [/INST]", "[INST] <image> Hi [/INST]"]
+    images = [CASES["wide"], CASES["square"]]
+    default = pipe.processor.tokenizer.padding_side
+    try:
+        for side in ("left", "right"):
+            hf_processor.tokenizer.padding_side = pipe.processor.tokenizer.padding_side = side
+            want = hf_processor(images=images, text=texts, padding=True, return_tensors="np")
+            got = pipe.processor(images=images, text=texts, padding=True)
+            assert all(np.array_equal(got[key], want[key]) for key in ("input_ids", "attention_mask")), side
+            short = int(got["attention_mask"].sum(axis=1).argmin())  # (the row that is padded)
+            assert got["attention_mask"][short, 0 if side == "right" else -1] == 1 and got["attention_mask"][short, -1 if side == "right" else 0] == 0
+            other = "right" if side == "left" else "left"
+            override = pipe.processor(images=images, text=texts, padding=True, padding_side=other)
+            assert np.array_equal(override["input_ids"], hf_processor(images=images, text=texts, padding=True, padding_side=other, return_tensors="np")["input_ids"])
+    finally:
+        hf_processor.tokenizer.padding_side = pipe.processor.tokenizer.padding_side = default
+
+
 def test_truncation_as_transformers(hf_processor, pipe):
     """`max_length` without padding truncates, as `truncation=True` does; `truncation=False` keeps the whole prompt; a
     cut into an image's tokens is refused (transformers' processor refuses the mismatch too)."""
@@ -185,13 +206,13 @@ def test_truncation_as_transformers(hf_processor, pipe):
         got = pipe.processor(text=texts, **{"padding": True, **options})
         assert np.array_equal(got["input_ids"], want["input_ids"]) and np.array_equal(got["attention_mask"], want["attention_mask"]), options
     for side in ("left", "right"):  # the special tokens stay (a BOS is never cut)
-        hf_processor.tokenizer.truncation_side, pipe.processor.truncation_side = side, side
+        hf_processor.tokenizer.truncation_side = pipe.processor.tokenizer.truncation_side = side
         try:
             want = hf_processor(text=texts, max_length=8, truncation=True, padding=True, return_tensors="np")["input_ids"]
             assert np.array_equal(pipe.processor(text=texts, max_length=8, truncation=True, padding=True)["input_ids"], want), side
-            assert want[0, 0] == pipe.processor.tokenizer.token_to_id(pipe.processor.bos_token)
+            assert want[0, 0] == pipe.processor.tokenizer.bos_token_id
         finally:
-            hf_processor.tokenizer.truncation_side, pipe.processor.truncation_side = "right", "right"
+            hf_processor.tokenizer.truncation_side = pipe.processor.tokenizer.truncation_side = "right"
     one = pipe.processor(text=texts[0], max_length=8)  # no padding: truncated
     assert np.array_equal(one["input_ids"], hf_processor(text=texts[0], max_length=8, return_tensors="np")["input_ids"]) and one["input_ids"].shape == (1, 8)
     image, prompt = CASES["wide"], "[INST] <image>\nWhat is this? [/INST]"
