@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -17,7 +17,9 @@ from .generate import GenerationMetrics, GenerationResult, positions_needed
 from .image_source import ImageLike
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
-from .processor import BatchFeature, Processor, is_chat_batch
+from .inputs import given_model_inputs, is_batch, left_aligned, prepare_inputs
+from .processor import Processor
+from .tokenizer import BatchFeature
 from .logits_processors import for_settings, with_processors
 from .sampling import make_sampler
 from .runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
@@ -118,28 +120,8 @@ class Pipeline:
         pixel_values: bool = True,
     ) -> tuple[dict[str, np.ndarray], bool]:
         """Prompt text or chat messages (+ images) -> processor outputs, and whether the input was a batch
-        (`pixel_values=False`: `image_sizes` without the pixels, see `Processor.__call__`)."""
-        batched = is_batch(prompt, messages)
-        if messages is not None:
-            if images is not None:
-                raise ValueError("with messages=..., put the images inside the messages")
-            if not self.processor.chat_template:
-                raise ValueError("this bundle has no chat template: give prompt=... instead of messages=...")
-            # A chat that ends with an assistant message is continued, as transformers' pipeline does (one without
-            # content, such as a tool call, is not).
-            ends = {chat[-1]["role"] == "assistant" and chat[-1].get("content") is not None for chat in (messages if batched else [messages])}
-            if len(ends) > 1:
-                raise ValueError("in a batch of chats, every chat or none must end with an assistant message (to be continued)")
-            continued = ends.pop()
-            inputs = self.processor.apply_chat_template(
-                list(messages), add_generation_prompt=not continued, continue_final_message=continued, tokenize=True, return_dict=True,
-                pixel_values=pixel_values,
-            )
-            return inputs, batched
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        inputs = self.processor(text=prompt, images=images, padding=True, padding_side="left", pixel_values=pixel_values)
-        return inputs, batched
+        (`pixel_values=False`: `image_sizes` without the pixels; see `ortllava.inputs.prepare_inputs`)."""
+        return prepare_inputs(self.processor, prompt, images, messages, pixel_values)
 
     # ----------------------------------------------------------------------------------------------
     # Generation
@@ -229,7 +211,7 @@ class Pipeline:
                 f"the bundle's generation config sets num_beams={settings.num_beams} (beam search), which does not take "
                 f"{settings.not_for_beams}: pass num_beams=1"
             )
-        model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
+        model_inputs = given_model_inputs(self.processor, prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
         run = self._start(None, settings, prompt, images, messages, model_inputs=model_inputs)
         results = collect_beams(run) if settings.num_beams > 1 else collect(run)
         n = settings.num_return_sequences
@@ -255,7 +237,7 @@ class Pipeline:
         The pieces joined equal `generate(...).text` for the same arguments; the last chunk carries the
         finish reason and the metrics. The arguments are checked here; the work begins at the first chunk.
         """
-        model_inputs = self._model_inputs(prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
+        model_inputs = given_model_inputs(self.processor, prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
         batch = model_inputs["input_ids"].shape[0] > 1 if model_inputs is not None else is_batch(prompt, messages)
         if batch:
             raise ValueError("stream takes one prompt, one chat or one row of input_ids; use generate for batches")
@@ -286,18 +268,6 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------------
     # The shared machinery of generate, stream and chats
 
-    def _model_inputs(
-        self, prompt: Any, images: Any, messages: Any, input_ids: Any, attention_mask: Any, pixel_values: Any, image_sizes: Any,
-    ) -> BatchFeature | None:
-        """The caller's processor outputs, checked (None where a prompt or chat is given instead)."""
-        if input_ids is None:
-            if not (attention_mask is None and pixel_values is None and image_sizes is None):
-                raise ValueError("attention_mask, pixel_values and image_sizes come with input_ids")
-            return None
-        if not (prompt is None and images is None and messages is None):
-            raise ValueError("give either input_ids=... (processor outputs) or prompt=.../messages=..., not both")
-        return self.processor.check_model_inputs(input_ids, attention_mask, pixel_values, image_sizes)
-
     def _start(
         self,
         plan: PrefillPlan | None,
@@ -316,16 +286,8 @@ class Pipeline:
         started = time.perf_counter()
         metrics = GenerationMetrics()
         inputs, batched = (model_inputs, True) if model_inputs is not None else self.prepare(prompt, images, messages, pixel_values)
+        inputs = left_aligned(self.processor, inputs)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        empty = np.flatnonzero(attention_mask.sum(axis=1) == 0)
-        if len(empty):  # (a tokenizer without a BOS token turns an empty prompt into no tokens at all)
-            raise ValueError(f"prompt {int(empty[0])} of the batch is empty: it gives no tokens to start from")
-        # A chat batch is padded on the tokenizer's side; generation needs every prompt to end at the last column.
-        if not (attention_mask[:, -1] == 1).all():
-            ids = [row[mask == 1].tolist() for row, mask in zip(input_ids, attention_mask)]
-            padded = self.processor.pad(ids, padding=True, padding_side="left")
-            input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
-            inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask}
 
         max_length = settings.max_length
         # max_length, where in force -> max_new_tokens; the default length, held to the room the prompt leaves
@@ -451,33 +413,6 @@ def _array(path: Path, shape: tuple[int, ...], mmap: bool = False) -> np.ndarray
     if array.shape != shape:
         raise ValueError(f"its shape is {list(array.shape)}; the manifest's model wants {list(shape)}")
     return array
-
-
-def is_batch(prompt: Any, messages: Any) -> bool:
-    """Whether `prompt` (a string, or a list of them) or `messages` (a chat: a list of message dicts, or a
-    list of chats) is a batch; a TypeError or ValueError names what is malformed."""
-    if (prompt is None) == (messages is None):
-        raise ValueError("give either prompt=... or messages=..., not both and not neither")
-    if messages is not None:
-        if not isinstance(messages, (list, tuple)) or not messages:
-            hint = "; a prompt string goes in Pipeline.generate(prompt=...)" if isinstance(messages, str) else ""
-            raise TypeError(f"messages must be a non-empty list of message dicts (a chat) or of chats, got {type(messages).__name__}{hint}")
-        batched = is_chat_batch(messages)
-        chats = messages if batched else [messages]
-        for chat in chats:
-            if not isinstance(chat, (list, tuple)) or not chat or not all(isinstance(message, dict) and "role" in message for message in chat):
-                raise TypeError("each chat must be a non-empty list of messages: dicts with a 'role' (and a 'content')")
-        return batched
-    if isinstance(prompt, str):
-        return False
-    if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(text, str) for text in prompt):
-        hint = "; chat messages go in messages=..." if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (dict, list)) else ""
-        if isinstance(prompt, Mapping) and "input_ids" in prompt:  # (a processor's output, passed as one argument)
-            hint = "; a processor's output goes in as keyword arguments: generate(**inputs)"
-        elif isinstance(prompt, Mapping) and "role" in prompt:
-            hint = "; a chat goes in messages=[...], a list of such messages"
-        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}{hint}")
-    return True
 
 
 def load(bundle: str | Path, provider: str = "auto", **kwargs: Any) -> Pipeline:

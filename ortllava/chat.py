@@ -28,7 +28,7 @@ from .decoders import ContextLengthError
 from .generate import GenerationMetrics, GenerationResult, positions_needed
 from .image_source import ImageLike, load_image
 from .prefix import HeldCache, plan_from_held
-from .processor import flatten_images, images_in_messages
+from .inputs import flatten_images, images_in_messages
 from .runs import collect, one_answer, stream_chunks
 from .settings import LENGTH_ARGUMENTS, with_callers_generation_config
 

@@ -50,7 +50,7 @@ from .api import Pipeline, load
 from .generate import GenerationResult
 from .image import image_sizes
 from .image_source import URL_TIMEOUT_S, load_image
-from .processor import flatten_images, images_in_messages
+from .inputs import flatten_images, images_in_messages
 from .sessions import is_provider
 from .settings import GENERATION_ARGUMENTS
 

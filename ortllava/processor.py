@@ -26,6 +26,7 @@ from .manifest import (
     read_bundle_file,
     read_json_object,
 )
+from .inputs import check_encodable, flatten_images, images_in_messages, is_chat_batch, normalize_messages
 from .tokenizer import BatchFeature, BundleTokenizer, pad_ids, truncates
 
 
@@ -348,81 +349,3 @@ def _check_grid(bundle: Path, config: ImageProcessorConfig, manifest: Manifest) 
     partial = [point for point in pinpoints if point[0] % tile or point[1] % tile]
     if partial:
         raise BundleError(f"bundle {bundle}: the grid resolutions {partial} in {PREPROCESSOR_CONFIG_FILE} are not multiples of its {tile} px tiles")
-
-
-def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
-    """A chat as transformers' processors normalize it before rendering: the keys set to None dropped (as OpenAI
-    clients send `content=None`), and OpenAI `{"type": "image_url", "image_url": {"url": ...}}` blocks (or with
-    the URL as a string) made `{"type": "image", "url": ...}`."""
-    normalized = []
-    for index, message in enumerate(conversation):
-        if not isinstance(message, dict):
-            raise TypeError(f"chat messages must be dicts, got {message!r}")
-        message = {key: value for key, value in message.items() if value is not None}
-        if isinstance(message.get("content"), list):
-            message["content"] = [_image_block(block) for block in message["content"]]
-            for block in message["content"]:  # (a template would render it as nothing: an answer to an empty message)
-                if isinstance(block, dict) and block.get("type") == "text" and block.get("text") is None:
-                    others = ", ".join(repr(key) for key in block if key != "type") or "none"
-                    what = "is None" if "text" in block else f"is missing (its other keys: {others})"
-                    raise ValueError(f"message {index} has a text item whose 'text' {what}: give {{'type': 'text', 'text': '...'}}")
-        normalized.append(message)
-    return normalized
-
-
-def _image_block(block: Any) -> Any:
-    if isinstance(block, dict) and block.get("type") == "image_url" and "image_url" in block:
-        source = block["image_url"]
-        return {"type": "image", "url": source.get("url", "") if isinstance(source, dict) else source}
-    return block
-
-
-def is_chat_batch(messages: Sequence[Any]) -> bool:
-    """Whether `messages` is a list of chats (each a list of message dicts) rather than one chat."""
-    return bool(messages) and isinstance(messages[0], (list, tuple))
-
-
-def images_in_messages(messages: list[dict]) -> list[ImageLike]:
-    """The images of a Hugging Face chat, in order: content items of type "image" with "image", "path" or "url"."""
-    found = []
-    for message in messages:
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
-        for item in content:
-            if not isinstance(item, dict) or item.get("type") not in ("image", "image_url"):
-                continue
-            item = _image_block(item)
-            source = next((item[key] for key in ("image", "url", "path", "base64") if item.get(key) is not None), None)
-            if source is None:
-                given = [key for key in ("image", "url", "path", "base64") if key in item]  # (each None)
-                raise ValueError(
-                    "an image item needs an 'image', 'url', 'path' or 'base64' key with an image in it, got "
-                    + (f"{', '.join(repr(key) for key in given)} set to None" if given else "none of them")
-                )
-            found.append(source)
-    return found
-
-
-def check_encodable(texts: Sequence[str]) -> None:
-    """A ValueError naming the first prompt that is not valid Unicode text (lone surrogates: undecodable bytes
-    read with Python's `surrogateescape`, as from a terminal or a pipe), which the tokenizer cannot take."""
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"the text must be a string or a list of strings; item {index} is a {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            where = f"prompt {index}" if len(texts) > 1 else "the prompt"
-            raise ValueError(
-                f"{where} is not valid text: {text[max(error.start - 20, 0) : error.start]!r} is followed by "
-                f"{text[error.start : error.end]!r}, which is no character (bytes that are not UTF-8?)"
-            ) from None
-
-
-def flatten_images(images: Any) -> list[ImageLike]:
-    """Images given singly, in a list, in a list per prompt, or as a 4-D array or tensor (one image per row, as
-    transformers reads it) -> one flat list, in order."""
-    if isinstance(images, (list, tuple)) or getattr(images, "ndim", None) == 4 and hasattr(images, "__array__"):  # (a tensor too)
-        return [image for entry in images for image in flatten_images(entry)]
-    return [images]

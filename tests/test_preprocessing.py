@@ -94,7 +94,7 @@ def test_config_variants_bit_identical(variant):
 
 
 def test_a_4d_array_or_tensor_is_one_image_per_row():
-    from ortllava.processor import flatten_images
+    from ortllava.inputs import flatten_images
 
     batch = np.zeros((2, 3, 40, 50), np.uint8)
     assert [image.shape for image in flatten_images(batch)] == [(3, 40, 50)] * 2
