@@ -123,7 +123,7 @@ def collect(run: Run) -> list[GenerationResult]:
                     logits[row].append(step.logits[row].copy())  # (the buffer is the next step's)
                 if detokenizers is not None:
                     detokenizers[row].add(int(step.tokens[row]))
-                    stopped[row] = finders[row](detokenizers[row].text) is not None
+                    stopped[row] = finders[row](detokenizers[row].peek(), len(detokenizers[row].text)) is not None
             if all(stopped[row] or step.finished[row] for row in range(batch)):
                 break
     finally:
@@ -177,9 +177,10 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
                 detokenizer.finalize()
                 reason = "stop"
             text = detokenizer.text
-            cut = find_stop(text)
+            seen = detokenizer.peek()  # (`text`, and what follows it up to the last whole character)
+            cut = find_stop(seen, len(text))
             if cut is not None:
-                reason, end = "stop", cut
+                reason, end, text = "stop", cut, seen
             else:  # hold back a tail that could still grow into a stop string
                 end = len(text) - (_stop_prefix_overlap(text, stop) if stop and not step.finished[0] else 0)
             if end > released:
@@ -205,17 +206,19 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
 
 
 class StopFinder:
-    """Where the first stop string begins in a text that only grows (a detokenizer's released text): each call
-    searches only where a match not seen before can lie, so a token's search does not grow with the answer."""
+    """Where the first stop string begins in a text whose first `stable` characters only grow (a detokenizer's
+    `peek()`: its released text, then a tail that may still change): each call searches only where a match not
+    seen before can lie, so a token's search does not grow with the answer."""
 
     def __init__(self, stop: Sequence[str] | None):
         self.stop = [s for s in stop or () if s]
         self.longest = max(map(len, self.stop), default=0)
-        self._searched = 0  # characters searched: a new match ends past them
+        self._searched = 0  # stable characters searched: a new match ends past them
 
-    def __call__(self, text: str) -> int | None:
+    def __call__(self, text: str, stable: int | None = None) -> int | None:
+        """`stable`: how many of `text`'s characters will not change (default: all)."""
         start = max(0, self._searched - self.longest + 1)
-        self._searched = len(text)
+        self._searched = len(text) if stable is None else stable
         hits = [index for index in (text.find(s, start) for s in self.stop) if index >= 0]
         return min(hits) if hits else None
 

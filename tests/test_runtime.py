@@ -173,6 +173,38 @@ def test_stop_strings_cut_the_answer(pipe):
     assert "".join(c.text for c in streamed) == cut.text and streamed[-1].finish_reason == "stop"
 
 
+def test_a_stop_string_ending_inside_a_token_stops_at_that_token_as_transformers(pipe, mistral):
+    """A byte-level BPE token can hold whole characters and the first bytes of the next one ("ив" and half of a
+    letter): a stop string ending in its whole characters stops the answer at that token, as transformers'
+    `stop_strings` does, although the streamed text holds the token back (its last character is incomplete)."""
+    import torch
+    from transformers import AutoTokenizer, LlavaNextForConditionalGeneration
+
+    theirs = AutoTokenizer.from_pretrained(mistral.checkpoint)
+    tokenizer = pipe.processor.tokenizer
+    split = [  # tokens whose text alone is whole characters, then a character cut short (U+FFFD)
+        index for index in range(len(tokenizer))
+        if (text := tokenizer.decode([index])).endswith("\ufffd") and len(text.rstrip("\ufffd")) >= 2 and "\ufffd" not in text.rstrip("\ufffd")
+    ]
+    assert split, "the tiny vocabulary has no token that ends inside a character: the case is not exercised"
+    token = split[0]
+    stop = tokenizer.decode([token]).rstrip("\ufffd")[-2:]
+    prompt = "[INST] Say something. [/INST]"
+    kwargs = dict(prompt=prompt, max_new_tokens=6, sequence_bias={(token,): 100.0})  # (every new token is that one)
+    ours = pipe.generate(stop=[stop], **kwargs)
+    model = LlavaNextForConditionalGeneration.from_pretrained(mistral.checkpoint).eval()
+    inputs = theirs(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, do_sample=False, max_new_tokens=6, sequence_bias={(token,): 100.0}, stop_strings=[stop], tokenizer=theirs
+        )
+    assert ours.token_ids == out[0, inputs["input_ids"].shape[1] :].tolist() == [token], (stop, ours.token_ids)
+    assert ours.finish_reason == "stop" and ours.text == pipe._answer_text([token])[: pipe._answer_text([token]).find(stop)]
+    chunks = list(pipe.stream(stop=[stop], **kwargs))
+    assert "".join(chunk.text for chunk in chunks) == ours.text and chunks[-1].finish_reason == "stop"
+    assert [t for chunk in chunks for t in chunk.token_ids] == [token]
+
+
 def test_stop_finder_searches_a_growing_text_as_a_whole_search_would():
     """`StopFinder` looks only where a new match can lie (a text that grows by pieces); it finds what searching the
     whole text finds, matches across pieces included."""
