@@ -29,6 +29,15 @@ def write_assets(checkpoint: Checkpoint, out: Path, dtype=np.float32) -> None:
         processor.tokenizer.save_pretrained(scratch)
         for name in (m.TOKENIZER_FILE, m.TOKENIZER_CONFIG_FILE):
             (out / name).write_bytes((Path(scratch) / name).read_bytes())
+    # The tokenizer's own chat template (transformers 5 keeps it apart from the config, in a file the bundle's template
+    # would overwrite): in its config, where transformers reads it too, for `tokenizer.apply_chat_template`.
+    tokenizer_template = processor.tokenizer.chat_template
+    if isinstance(tokenizer_template, dict):
+        tokenizer_template = tokenizer_template.get("default")
+    if tokenizer_template:
+        tokenizer_config = json.loads((out / m.TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
+        tokenizer_config["chat_template"] = tokenizer_template
+        (out / m.TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False), encoding="utf-8")
     template = processor.chat_template
     if isinstance(template, dict):
         template = template.get("default")

@@ -164,11 +164,13 @@ class Pipeline:
         attention_mask: ArrayLike | None = None,
         pixel_values: ArrayLike | None = None,
         image_sizes: ArrayLike | None = None,
+        mm_token_type_ids: ArrayLike | None = None,
         **others: Any,
     ) -> GenerationResult | list[GenerationResult] | list[list[GenerationResult]]:
         """Answers a prompt (`str`, or a `list[str]` batch) or a chat (`messages`, or a list of chats); or, as
         transformers' `model.generate(**inputs)`, a processor's outputs: `input_ids [B, T]` (+ `attention_mask`,
-        and `pixel_values`, `image_sizes` where the ids hold image tokens; see `Processor.check_model_inputs`),
+        and `pixel_values`, `image_sizes` where the ids hold image tokens, and `mm_token_type_ids` where the processor
+        gave them; see `Processor.check_model_inputs`),
         which are always a batch (a list of results, one per row, as transformers' output has one row per input
         row; `token_ids` are the new tokens only).
 
@@ -211,7 +213,7 @@ class Pipeline:
                 f"the bundle's generation config sets num_beams={settings.num_beams} (beam search), which does not take "
                 f"{settings.not_for_beams}: pass num_beams=1"
             )
-        model_inputs = given_model_inputs(self.processor, prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
+        model_inputs = given_model_inputs(self.processor, prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes, mm_token_type_ids)
         run = self._start(None, settings, prompt, images, messages, model_inputs=model_inputs)
         results = collect_beams(run) if settings.num_beams > 1 else collect(run)
         n = settings.num_return_sequences
@@ -230,6 +232,7 @@ class Pipeline:
         attention_mask: ArrayLike | None = None,
         pixel_values: ArrayLike | None = None,
         image_sizes: ArrayLike | None = None,
+        mm_token_type_ids: ArrayLike | None = None,
         **kwargs: Any,
     ) -> Iterator[StreamChunk]:
         """`generate` for one prompt, chat or row of `input_ids`, yielding text pieces as tokens arrive.
@@ -237,7 +240,7 @@ class Pipeline:
         The pieces joined equal `generate(...).text` for the same arguments; the last chunk carries the
         finish reason and the metrics. The arguments are checked here; the work begins at the first chunk.
         """
-        model_inputs = given_model_inputs(self.processor, prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes)
+        model_inputs = given_model_inputs(self.processor, prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes, mm_token_type_ids)
         batch = model_inputs["input_ids"].shape[0] > 1 if model_inputs is not None else is_batch(prompt, messages)
         if batch:
             raise ValueError("stream takes one prompt, one chat or one row of input_ids; use generate for batches")

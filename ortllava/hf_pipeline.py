@@ -116,6 +116,11 @@ class ImageTextToTextPipeline:
     def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> list:
         if images is None and text is None:
             raise ValueError("You must at least provide either text or images.")
+        for given in (images, text):  # (a dict's keys would otherwise be read as prompts)
+            if isinstance(given, dict) and "role" in given:
+                raise TypeError("one message dict is not a chat: a chat is a list of messages (give [message])")
+        if text is not None and not isinstance(text, (str, list, tuple)):
+            raise TypeError(f"text must be a prompt string, a list of them, or a chat (a list of message dicts), got {type(text).__name__}")
         if text is None and isinstance(images, Iterator):  # an iterator of inputs (a generator): results as they come
             self._split(kwargs)  # (the call's arguments checked now, as transformers checks them)
             first = next(images, None)

@@ -242,6 +242,8 @@ def _rgb_pil(image: Image.Image) -> Image.Image:
 class ImageProcessor:
     """Anyres preprocessing of LLaVA-NeXT; `__call__` returns what `LlavaNextImageProcessorPil` returns."""
 
+    model_input_names = ["pixel_values", "image_sizes"]
+
     def __init__(self, config: ImageProcessorConfig):
         self.config = config
         self._mean = np.array(config.image_mean, dtype=np.float32)
@@ -335,9 +337,20 @@ class ImageProcessor:
         self._write_tiles(image, out)
         return out
 
-    def __call__(self, images: ImageLike | list[ImageLike]) -> dict[str, np.ndarray]:
+    def __getattr__(self, name: str) -> Any:
+        """The config's fields under transformers' names (`image_mean`, `size`, `crop_size`, `image_grid_pinpoints`, ...)."""
+        if name == "image_grid_pinpoints":
+            return self.config.grid_pinpoints
+        if name != "config" and name in ImageProcessorConfig.__dataclass_fields__:
+            return getattr(self.config, name)
+        raise AttributeError(f"ortllava's ImageProcessor has no attribute {name!r}")
+
+    def __call__(self, images: ImageLike | list[ImageLike], return_tensors: str | None = None) -> dict[str, np.ndarray]:
         """An image or a list of them (PIL images, arrays, or what `load_image` opens: paths, URLs, base64) ->
-        `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w)."""
+        `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w).
+        `return_tensors`: None or "np" (arrays either way)."""
+        if return_tensors not in (None, "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
         if not isinstance(images, (list, tuple)):  # one image, or a 4-D array of them, as transformers' image processor takes it
             images = list(images) if getattr(images, "ndim", None) == 4 else [images]
         images = [load_image(image) if isinstance(image, (str, PathLike)) else image for image in images]

@@ -49,16 +49,24 @@ def prepare_inputs(
 
 def given_model_inputs(
     processor: Processor, prompt: Any, images: Any, messages: Any, input_ids: Any, attention_mask: Any, pixel_values: Any, image_sizes: Any,
+    mm_token_type_ids: Any = None,
 ) -> BatchFeature | None:
     """The caller's processor outputs, checked (`Processor.check_model_inputs`); None where a prompt or chat is given
-    instead."""
+    instead. `mm_token_type_ids` (the processor's with `return_mm_token_type_ids=True`) must mark the image tokens;
+    the image tokens themselves say where the features go, so they are not needed."""
     if input_ids is None:
-        if not (attention_mask is None and pixel_values is None and image_sizes is None):
-            raise ValueError("attention_mask, pixel_values and image_sizes come with input_ids")
+        if not (attention_mask is None and pixel_values is None and image_sizes is None and mm_token_type_ids is None):
+            raise ValueError("attention_mask, pixel_values, image_sizes and mm_token_type_ids come with input_ids")
         return None
     if not (prompt is None and images is None and messages is None):
         raise ValueError("give either input_ids=... (processor outputs) or prompt=.../messages=..., not both")
-    return processor.check_model_inputs(input_ids, attention_mask, pixel_values, image_sizes)
+    inputs = processor.check_model_inputs(input_ids, attention_mask, pixel_values, image_sizes)
+    if mm_token_type_ids is not None:
+        types = np.asarray(mm_token_type_ids)
+        types = types[None] if types.ndim == 1 else types
+        if types.shape != inputs["input_ids"].shape or not np.array_equal(types != 0, inputs["input_ids"] == processor.image_token_id):
+            raise ValueError("mm_token_type_ids must be input_ids' shape, 1 at its image tokens and 0 elsewhere (as the processor gives them)")
+    return inputs
 
 
 def left_aligned(processor: Processor, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:

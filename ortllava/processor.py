@@ -33,6 +33,8 @@ from .tokenizer import BatchFeature, BundleTokenizer, pad_ids, truncates
 class Processor:
     """Tokenizer, chat template and image processor of a bundle, shaped like `LlavaNextProcessor`."""
 
+    model_input_names = ["pixel_values", "image_sizes", "input_ids", "attention_mask"]  # (what the call returns)
+
     def __init__(self, tokenizer: BundleTokenizer, image_processor: ImageProcessor, chat_template_source: str | None, manifest: Manifest):
         # Its settings (padding_side, truncation_side, the special tokens) are read at each call, as transformers'
         # processor reads them: `processor.tokenizer.padding_side = "left"` changes what the processor returns.
@@ -45,7 +47,7 @@ class Processor:
         self.image_token_id = tokens.image_token_id
         vision = manifest.vision
         self.patch_size = vision.patch_size
-        self.select_strategy = vision.select_strategy
+        self.vision_feature_select_strategy = vision.select_strategy  # ("default": the class token dropped)
         self.num_additional_image_tokens = vision.num_additional_image_tokens
         self.grid_pinpoints = image_processor.config.grid_pinpoints
 
@@ -66,7 +68,7 @@ class Processor:
         template = read_bundle_file(bundle, CHAT_TEMPLATE_FILE, _read_template) if has_template else None
         has_config = (bundle / TOKENIZER_CONFIG_FILE).is_file()
         tokenizer_config = read_bundle_file(bundle, TOKENIZER_CONFIG_FILE, read_json_object) if has_config else {}
-        tokenizer = BundleTokenizer(backend, manifest, tokenizer_config)
+        tokenizer = BundleTokenizer(backend, manifest, tokenizer_config, name_or_path=str(bundle))
         return cls(tokenizer, ImageProcessor(config), template, manifest)
 
     # ----------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ class Processor:
         # The grid's features unpadded back to the image's aspect ratio, as `pack_images` packs them.
         current_h, current_w = unpadded_shape((height, width), (patches_h * scale_h, patches_w * scale_w))
         count = current_h * current_w + current_h + patches_h * patches_w + self.num_additional_image_tokens
-        return count - 1 if self.select_strategy == "default" else count
+        return count - 1 if self.vision_feature_select_strategy == "default" else count
 
     def tile_counts(self, image_sizes: np.ndarray) -> list[int]:
         """Each image's tiles (the base image included) by its `[height, width]` (`image_sizes [n_images, 2]`)."""
@@ -102,6 +104,8 @@ class Processor:
         truncation: bool | str | None = None,
         return_attention_mask: bool = True,
         return_tensors: str | None = None,
+        pad_to_multiple_of: int | None = None,
+        return_mm_token_type_ids: bool = False,
         pixel_values: bool = True,
     ) -> BatchFeature:
         """`LlavaNextProcessor`'s call, with numpy arrays: -> `input_ids [B, T]`, `attention_mask [B, T]`, and
@@ -111,7 +115,9 @@ class Processor:
         if longer), on `padding_side` (default: the tokenizer's). `truncation` (True, "longest_first" or
         "only_first") cuts each prompt to `max_length` tokens on the tokenizer's `truncation_side`, and so does a
         `max_length` given without padding or truncation, as in transformers; a cut into an image's tokens is a
-        ValueError. `return_tensors`: None or "np" (arrays either way). `pixel_values=False` leaves the pixels out
+        ValueError. `return_tensors`: None or "np" (arrays either way). `pad_to_multiple_of`: a padded length rounded up
+        to a multiple of it. `return_mm_token_type_ids`: also `mm_token_type_ids [B, T]`, 1 at image tokens, as
+        transformers' (`Pipeline.generate` takes it back). `pixel_values=False` leaves the pixels out
         (`image_sizes` alone sets the token counts): a chat turn preprocesses only the images its cache does not hold.
         """
         if return_tensors not in (None, "np"):
@@ -122,6 +128,8 @@ class Processor:
             images = None
         if text is None and images is None:
             raise ValueError("give text, images or both")
+        if text is not None and not isinstance(text, (str, list, tuple)):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
         texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
         if texts is not None:
             check_encodable(texts)
@@ -153,9 +161,11 @@ class Processor:
                 ids = [self._truncated(encoding, max_length, add_special_tokens, row) for row, encoding in enumerate(encodings)]
             else:
                 ids = [encoding.ids for encoding in self.tokenizer.backend_tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)]
-            data.update(self.pad(ids, padding=padding, padding_side=padding_side, max_length=max_length))
+            data.update(self.pad(ids, padding=padding, padding_side=padding_side, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of))
             if not return_attention_mask:
                 del data["attention_mask"]
+            if return_mm_token_type_ids:
+                data["mm_token_type_ids"] = (data["input_ids"] == self.image_token_id).astype(np.int64)
         if pixels is not None:
             data.update(pixels)
         elif sizes is not None:
@@ -255,9 +265,12 @@ class Processor:
             expanded.append("".join(pieces))
         return expanded
 
-    def pad(self, ids: list[list[int]], padding: bool | str = True, padding_side: str | None = None, max_length: int | None = None) -> dict[str, np.ndarray]:
+    def pad(
+        self, ids: list[list[int]], padding: bool | str = True, padding_side: str | None = None, max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> dict[str, np.ndarray]:
         """Ragged token ids -> `input_ids` and `attention_mask` `[B, T]` int64 (`padding`: see `__call__`)."""
-        return pad_ids(ids, self.tokenizer.pad_token_id, padding_side or self.tokenizer.padding_side, padding, max_length)
+        return pad_ids(ids, self.tokenizer.pad_token_id, padding_side or self.tokenizer.padding_side, padding, max_length, pad_to_multiple_of)
 
     # ----------------------------------------------------------------------------------------------
     # Chat

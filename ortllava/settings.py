@@ -91,7 +91,7 @@ class GenerationSettings:
         if unknown or unimplemented:
             hints = "".join(f" ({name}: {_HINTS[name]})" for name in others if name in _HINTS and not _does_nothing(name, given.get(name)))
             # A misspelt name gets the nearest known ones, and the whole list where none is near.
-            near = {name: difflib.get_close_matches(name, GENERATION_ARGUMENTS, n=2) for name in unknown}
+            near = {name: difflib.get_close_matches(name, GENERATION_ARGUMENTS, n=2) for name in unknown if name not in _HINTS}
             guesses = "".join(f" ({name}: did you mean {' or '.join(matches)}?)" for name, matches in near.items() if matches)
             listed = f"; known: {', '.join(GENERATION_ARGUMENTS)}" if any(not matches for matches in near.values()) else ""
             raise TypeError(
@@ -266,6 +266,10 @@ _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "return_dict_in_generate": "results are objects already; output_logits=True adds the logits",
     "logits_processor": "the generation arguments cover transformers' processors; a processor of your own is not taken",
     "stopping_criteria": "give stop strings, eos_token_id or max_new_tokens",
+    # (Pipeline.generate's inputs under other names)
+    "image": "images=... takes the image(s)", "text": "a prompt string goes in prompt=... (a chat in messages=...)",
+    "position_ids": "the model inputs taken are input_ids, attention_mask, pixel_values, image_sizes and mm_token_type_ids",
+    "inputs_embeds": "the model inputs taken are input_ids, attention_mask, pixel_values, image_sizes and mm_token_type_ids",
 }
 # Arguments not read from a generation config: ortllava's own (a generation_config.json has no such keys), and
 # those that change what generate returns: num_return_sequences (a list per prompt, which a chat or a stream cannot

@@ -15,13 +15,17 @@ from tokenizers import Encoding, Tokenizer
 
 from .manifest import Manifest
 
+# transformers' named special tokens, in its order (`SPECIAL_TOKENS_ATTRIBUTES`); a model's own (`image_token`) follow.
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+VERY_LARGE_INTEGER = int(1e30)  # transformers' `model_max_length` where a tokenizer sets none
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 class BundleTokenizer:
     """A bundle's tokenizer, called as transformers' tokenizer is (text in, `input_ids` and `attention_mask` out)."""
 
-    # The special tokens (set from the bundle's tokenizer config, else its manifest), None where there is none.
+    # The special tokens (set from the bundle's tokenizer config, else its manifest), None where there is none; a
+    # model's own named ones (`image_token`, `image_token_id`) are attributes too, as in transformers.
     bos_token: str | None
     bos_token_id: int | None
     eos_token: str | None
@@ -30,47 +34,85 @@ class BundleTokenizer:
     pad_token_id: int | None
     unk_token: str | None
     unk_token_id: int | None
+    is_fast = True  # (transformers' name for a tokenizer backed by tokenizers' Tokenizer)
 
-    def __init__(self, backend: Tokenizer, manifest: Manifest, tokenizer_config: dict[str, Any] | None = None):
-        """`tokenizer_config`: the bundle's tokenizer_config.json (its truncation side, its `*_token` entries and extra
-        special tokens)."""
+    def __init__(self, backend: Tokenizer, manifest: Manifest, tokenizer_config: dict[str, Any] | None = None, name_or_path: str = ""):
+        """`tokenizer_config`: the bundle's tokenizer_config.json (its sides, `model_max_length`, the tokenizer's own chat
+        template, `*_token` entries and extra special tokens); `name_or_path`: where it was loaded from."""
         self.backend_tokenizer = backend
         config = tokenizer_config or {}
         tokens = manifest.tokens
+        self.name_or_path = name_or_path
         self.padding_side = tokens.padding_side
         self.truncation_side = config["truncation_side"] if config.get("truncation_side") in ("left", "right") else "right"
+        self.model_max_length = int(config.get("model_max_length") or VERY_LARGE_INTEGER)
+        # The tokenizer's own template, where the checkpoint's tokenizer has one (the bundle's, for images, is the processor's).
+        self.chat_template = config["chat_template"] if isinstance(config.get("chat_template"), str) else None
         self.clean_up_tokenization_spaces = tokens.clean_up_tokenization_spaces
         named = {name: _content(value) for name, value in config.items() if name.endswith("_token") and _content(value)}
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-        extra = [_content(value) for value in (extra.values() if isinstance(extra, dict) else extra)]
-        self.all_special_tokens = list(dict.fromkeys(token for token in (*named.values(), *extra) if token))
+        self.extra_special_tokens = [token for token in (_content(value) for value in (extra.values() if isinstance(extra, dict) else extra)) if token]
         # Each special token as the config names it, else (a bundle without one) from the manifest's ids.
-        fallback = {"bos": tokens.bos_token_id, "eos": tokens.eos_token_ids[0] if tokens.eos_token_ids else None, "pad": tokens.pad_token_id, "unk": None}
-        for kind, index in fallback.items():
-            token = named.get(f"{kind}_token") or (backend.id_to_token(index) if index is not None else None)
-            setattr(self, f"{kind}_token", token)
-            setattr(self, f"{kind}_token_id", backend.token_to_id(token) if token is not None else None)
+        fallback = {"bos_token": tokens.bos_token_id, "eos_token": tokens.eos_token_ids[0] if tokens.eos_token_ids else None, "pad_token": tokens.pad_token_id}
+        special = {}
+        for name in (*_NAMED_TOKENS, *(name for name in named if name not in _NAMED_TOKENS)):
+            index = fallback.get(name)
+            token = named.get(name) or (backend.id_to_token(index) if index is not None else None)
+            special[name] = token
+            setattr(self, name, token)
+            setattr(self, f"{name}_id", backend.token_to_id(token) if token is not None else None)
+        self.special_tokens_map = {name: token for name, token in special.items() if token is not None}
+        self.all_special_tokens = list(dict.fromkeys([*self.special_tokens_map.values(), *self.extra_special_tokens]))
+
+    @property
+    def padding_side(self) -> str:
+        """Where `padding=True` pads: "left" or "right" (settable, as in transformers)."""
+        return self._padding_side
+
+    @padding_side.setter
+    def padding_side(self, side: str) -> None:
+        self._padding_side = _side("padding_side", side)
+
+    @property
+    def truncation_side(self) -> str:
+        """Where truncation cuts: "left" or "right" (settable)."""
+        return self._truncation_side
+
+    @truncation_side.setter
+    def truncation_side(self, side: str) -> None:
+        self._truncation_side = _side("truncation_side", side)
 
     def __getattr__(self, name: str) -> Any:  # (only for names not found above: the backend's own)
-        if name == "backend_tokenizer":  # (not set yet: never recurse)
+        if name == "backend_tokenizer" or name.startswith("_"):  # (not set yet: never recurse)
             raise AttributeError(name)
-        return getattr(self.backend_tokenizer, name)
+        try:
+            return getattr(self.backend_tokenizer, name)
+        except AttributeError:
+            raise AttributeError(
+                f"ortllava's BundleTokenizer has no attribute {name!r} (nor has its backend_tokenizer, a tokenizers.Tokenizer): "
+                "it implements the transformers tokenizer calls that inference uses"
+            ) from None
 
     # -- text -> ids ----------------------------------------------------------------------------------
 
     def __call__(
-        self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool | str = False, padding_side: str | None = None,
-        max_length: int | None = None, truncation: bool | str | None = None, return_tensors: str | None = None,
-        return_attention_mask: bool = True,
+        self, text: str | Sequence[str], text_pair: Any = None, *, add_special_tokens: bool = True, padding: bool | str = False,
+        padding_side: str | None = None, max_length: int | None = None, truncation: bool | str | None = None,
+        pad_to_multiple_of: int | None = None, return_tensors: str | None = None, return_attention_mask: bool = True,
     ) -> BatchFeature:
         """`input_ids` and `attention_mask`: lists for one text (lists of lists for several), as transformers gives
         them without `return_tensors`; `[B, T]` int64 arrays with `return_tensors="np"` (the texts must then be as
-        long, or padded: `padding=True` to the longest, "max_length" to `max_length`, on `padding_side`). `truncation`
-        (True, "longest_first" or "only_first") cuts each text to `max_length` tokens on `truncation_side`, and so does
-        a `max_length` given without padding or truncation, as in transformers."""
+        long, or padded: `padding=True` to the longest, "max_length" to `max_length`, on `padding_side`, the length
+        rounded up to a multiple of `pad_to_multiple_of` where given). `truncation` (True, "longest_first" or
+        "only_first") cuts each text to `max_length` tokens on `truncation_side`, and so does a `max_length` given
+        without padding or truncation, as in transformers. Pairs of texts (`text_pair`) are not taken."""
         if return_tensors not in (None, "np"):
             raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
+        if text_pair is not None:
+            raise ValueError("text_pair: ortllava's tokenizer encodes single texts, not pairs (a second positional argument is a pair)")
         single = isinstance(text, str)
+        if not single and not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a string or a non-empty list of strings, got {type(text).__name__}")
         texts = [text] if single else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a non-empty list of strings")
@@ -82,7 +124,7 @@ class BundleTokenizer:
         if padding in (False, "do_not_pad") and return_tensors is None:
             data = {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
         else:
-            data = pad_ids(ids, self.pad_token_id, padding_side or self.padding_side, padding, max_length)
+            data = pad_ids(ids, self.pad_token_id, padding_side or self.padding_side, padding, max_length, pad_to_multiple_of)
             if return_tensors is None:
                 data = {key: value.tolist() for key, value in data.items()}
         if single and return_tensors is None:
@@ -99,9 +141,59 @@ class BundleTokenizer:
         encoding.truncate(room, direction=side or self.truncation_side)
         return self.backend_tokenizer.post_process(encoding, add_special_tokens=add_special_tokens).ids
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """The ids of one text, as transformers' `encode`."""
-        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(
+        self, text: str, text_pair: Any = None, add_special_tokens: bool = True, padding: bool | str = False, truncation: bool | str | None = None,
+        max_length: int | None = None, padding_side: str | None = None, return_tensors: str | None = None,
+    ) -> list[int] | np.ndarray:
+        """The ids of one text, as transformers' `encode`: a list, or with `return_tensors="np"` a `[1, T]` array."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes one text (a string), got {type(text).__name__}: tokenizer(texts) encodes several")
+        if text_pair is None and padding is False and truncation is None and max_length is None and return_tensors is None:
+            return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids  # (the common call, direct)
+        return self(
+            text, text_pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation, max_length=max_length,
+            padding_side=padding_side, return_tensors=return_tensors,
+        )["input_ids"]
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        """The tokens of `text` as strings (the vocabulary's spelling: `▁the`, `Ġthe`), as transformers' `tokenize`."""
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).tokens
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        """Token strings -> text, through the tokenizer's decoder."""
+        decoder = self.backend_tokenizer.decoder
+        return decoder.decode(list(tokens)) if decoder is not None else " ".join(tokens)
+
+    def apply_chat_template(
+        self, conversation: list[dict] | list[list[dict]], tools: list[dict] | None = None, documents: list[dict] | None = None,
+        chat_template: str | None = None, add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+        tokenize: bool = True, padding: bool | str = False, truncation: bool = False, max_length: int | None = None,
+        return_tensors: str | None = None, return_dict: bool = True, **kwargs: Any,
+    ) -> str | list[str] | list[int] | list[list[int]] | np.ndarray | BatchFeature:
+        """The chat template (`chat_template`, else the tokenizer's own) rendered and, by default, tokenized,
+        as transformers 5's tokenizer does (`return_dict=True`: `input_ids` and `attention_mask`). `kwargs` are the
+        template's variables. For chats with images: `processor.apply_chat_template`."""
+        from . import chat_template as templates  # (jinja2: imported when a template is used)
+        from .inputs import is_chat_batch, normalize_messages
+
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError(
+                "this bundle's tokenizer has no chat template of its own (transformers' refuses such a call too): pass "
+                "chat_template=..., or use processor.apply_chat_template (the model's template, which takes images as well)"
+            )
+        batched = is_chat_batch(conversation)
+        variables = {**self.special_tokens_map, **kwargs}
+        texts = [
+            templates.render(template, normalize_messages(chat), add_generation_prompt, continue_final_message, tools, documents, **variables)
+            for chat in (conversation if batched else [conversation])
+        ]
+        if not tokenize:
+            return texts if batched else texts[0]
+        # (the rendered text holds the BOS where the template writes it: no special tokens are added, as transformers)
+        out = self(texts if batched else texts[0], add_special_tokens=False, padding=padding, truncation=truncation or None,
+                   max_length=max_length, return_tensors=return_tensors)
+        return out if return_dict else out["input_ids"]
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
         """A token's id (None where the vocabulary has no such token: transformers gives the unknown token's, if any)."""
@@ -110,10 +202,11 @@ class BundleTokenizer:
             return index if index is not None else self.unk_token_id
         return [self.convert_tokens_to_ids(token) for token in tokens]
 
-    def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | None | list[str | None]:
+    def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> str | None | list[str | None]:
         if isinstance(ids, (int, np.integer)):
             return self.backend_tokenizer.id_to_token(int(ids))
-        return [self.backend_tokenizer.id_to_token(int(index)) for index in ids]
+        skipped = set(self.all_special_ids) if skip_special_tokens else ()
+        return [self.backend_tokenizer.id_to_token(int(index)) for index in ids if int(index) not in skipped]
 
     def get_vocab(self) -> dict[str, int]:
         return self.backend_tokenizer.get_vocab(with_added_tokens=True)
@@ -170,19 +263,27 @@ class BatchFeature(dict):
             raise AttributeError(name) from None
 
 
-def pad_ids(ids: list[list[int]], pad_id: int | None, side: str, padding: bool | str = True, max_length: int | None = None) -> dict[str, np.ndarray]:
+def pad_ids(
+    ids: list[list[int]], pad_id: int | None, side: str, padding: bool | str = True, max_length: int | None = None, multiple: int | None = None,
+) -> dict[str, np.ndarray]:
     """Ragged token ids -> `input_ids` and `attention_mask` `[B, T]` int64: `padding` True or "longest" pads to the
     longest row, "max_length" to `max_length` (or the longest, if longer), False or "do_not_pad" only checks the rows
-    are as long; on `side` ("left" or "right"), with `pad_id` (0 where the tokenizer has none; the mask leaves it out)."""
+    are as long; on `side` ("left" or "right"), with `pad_id` (0 where the tokenizer has none; the mask leaves it out).
+    `multiple` (transformers' `pad_to_multiple_of`): a padded length is rounded up to a multiple of it."""
     if padding not in (True, False, "longest", "max_length", "do_not_pad"):
         raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
     if padding == "max_length" and max_length is None:
         raise ValueError("padding='max_length' needs max_length")
+    if multiple is not None and (not isinstance(multiple, (int, np.integer)) or isinstance(multiple, bool) or multiple < 1):
+        raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
+    side = _side("padding_side", side)
     longest = max(len(row) for row in ids)
     if padding in (False, "do_not_pad") and any(len(row) != longest for row in ids):
         raise ValueError("the prompts tokenize to different lengths: pass padding=True to pad them")
     if padding == "max_length":
         longest = max(longest, max_length)
+    if multiple and padding not in (False, "do_not_pad"):
+        longest = -(-longest // multiple) * multiple
     input_ids = np.full((len(ids), longest), pad_id if pad_id is not None else 0, dtype=np.int64)
     mask = np.zeros((len(ids), longest), dtype=np.int64)
     for row, tokens in enumerate(ids):
@@ -208,6 +309,12 @@ def truncates(truncation: bool | str | None, padding: bool | str, max_length: in
 
 def as_lists(ids: Any) -> Any:
     """Token ids as Python ints and lists, from numpy arrays, tensors (anything with `tolist`) or sequences."""
+    first = ids[0] if isinstance(ids, (list, tuple)) and ids else ids
+    if hasattr(first, "token_ids") and hasattr(first, "text"):  # (transformers' generate gives ids; ortllava's gives results)
+        raise TypeError(
+            "these are GenerationResults (what Pipeline.generate returns), not token ids: each result's .text is its answer "
+            "already decoded (or decode result.token_ids, the new tokens)"
+        )
     if hasattr(ids, "tolist"):
         return ids.tolist()
     if isinstance(ids, (list, tuple)):
@@ -220,6 +327,13 @@ def clean_up_tokenization(text: str) -> str:
     for old, new in _CLEANUPS:
         text = text.replace(old, new)
     return text
+
+
+def _side(name: str, side: Any) -> str:
+    """A padding or truncation side, checked: "left" or "right"."""
+    if side not in ("left", "right"):
+        raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
+    return side
 
 
 def _content(value: Any) -> str | None:

@@ -177,6 +177,11 @@ def test_habits_from_transformers_get_a_pointer(mistral, pipe):
         pipe.generate(messages=messages, max_new_token=3)  # (the nearest names, not the whole list)
     with pytest.raises(TypeError, match=r"output_scores=True.*\(output_scores: output_logits=True gives each result the raw logits"):
         pipe.generate(messages=messages, output_scores=True)
+    for wrong, hint in (("image", r"\(image: images=\.\.\. takes the image\(s\)\)$"), ("text", r"\(text: a prompt string goes in prompt=")):
+        with pytest.raises(TypeError, match=f"unknown generation argument\\(s\\): {wrong} {hint}"):
+            pipe.generate(messages=messages, **{wrong: "x"})
+    with pytest.raises(TypeError, match="these are GenerationResults .* each result's .text is its answer"):
+        pipe.processor.batch_decode(pipe.generate(messages=[messages], max_new_tokens=2))
     empty = dict(logits_processor=LogitsProcessorList(), stopping_criteria=StoppingCriteriaList())  # (they do nothing: taken)
     assert pipe.generate(messages=messages, max_new_tokens=3, **empty).token_ids == pipe.generate(messages=messages, max_new_tokens=3).token_ids
 
@@ -249,6 +254,12 @@ def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch
     want = pipe.generate(**text, max_new_tokens=3)[0].token_ids
     assert pipe.generate(input_ids=text["input_ids"], attention_mask=text["attention_mask"].astype(np.float32), max_new_tokens=3)[0].token_ids == want
     assert pipe.generate(**text, pixel_values=[], image_sizes=[], max_new_tokens=3)[0].token_ids == want
+    # The processor's mm_token_type_ids (return_mm_token_type_ids=True) are taken back, checked against the image tokens.
+    typed = pipe.processor(images=[random_image(200, 200)], text=PROMPT, return_mm_token_type_ids=True)
+    plain = {key: value for key, value in typed.items() if key != "mm_token_type_ids"}
+    assert pipe.generate(**typed, max_new_tokens=3)[0].token_ids == pipe.generate(**plain, max_new_tokens=3)[0].token_ids
+    with pytest.raises(ValueError, match="mm_token_type_ids must be input_ids' shape, 1 at its image tokens"):
+        pipe.generate(**{**typed, "mm_token_type_ids": np.zeros_like(typed["mm_token_type_ids"])}, max_new_tokens=3)
 
 
 def test_pad_id_outside_the_vocabulary_is_refused_up_front(pipe, monkeypatch):

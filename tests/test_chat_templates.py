@@ -106,4 +106,4 @@ def test_a_template_that_writes_the_bos_gets_no_second_one(tiny_store):
     for processor_kwargs in (None, {"add_special_tokens": True}):
         got = ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, processor_kwargs=processor_kwargs)
         want = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, processor_kwargs=processor_kwargs, return_tensors="np")
-        assert np.array_equal(got, want) and int(np.sum(got == ours.tokenizer.token_to_id(ours.bos_token))) == 1
+        assert np.array_equal(got, want) and int(np.sum(got == ours.tokenizer.bos_token_id)) == 1

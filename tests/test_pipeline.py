@@ -318,6 +318,12 @@ def test_bad_calls_are_refused(pipes, mistral):
         ortllava.pipeline("text-generation", model=mistral.bundle)
     with pytest.raises(ValueError, match="1 <image> token"):
         ours(images=[IMAGE, OTHER], text="[INST] <image> [/INST]")
+    message = chat("Hi")[0]  # one message, not a chat: its keys were read as two prompts, answered
+    for call in (lambda: ours(text=message), lambda: ours(message)):
+        with pytest.raises(TypeError, match=r"one message dict is not a chat.*\[message\]"):
+            call()
+    with pytest.raises(TypeError, match="text must be a prompt string.*got int"):
+        ours(text=5)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -170,6 +170,17 @@ def test_processor_call_as_transformers(hf_processor, pipe):
     assert np.array_equal(pipe.processor(frames, two)["pixel_values"], hf_processor(frames, two, return_tensors="np")["pixel_values"])
     with pytest.raises(ValueError, match="ortllava returns numpy arrays"):
         pipe.processor(image, prompt, return_tensors="pt")
+    typed = dict(return_mm_token_type_ids=True, padding=True, pad_to_multiple_of=8)
+    want, got_typed = hf_processor([image], [prompt, "[INST] Hi [/INST]"], return_tensors="np", **typed), pipe.processor([image], [prompt, "[INST] Hi [/INST]"], **typed)
+    assert list(got_typed) == list(want) and all(np.array_equal(got_typed[key], want[key]) for key in want) and want["input_ids"].shape[1] % 8 == 0
+    for name in ("vision_feature_select_strategy", "model_input_names", "patch_size", "num_additional_image_tokens"):
+        assert getattr(pipe.processor, name) == getattr(hf_processor, name), name
+    ours_images, theirs_images = pipe.processor.image_processor, hf_processor.image_processor
+    for name in ("image_mean", "image_std", "image_grid_pinpoints", "model_input_names", "do_pad"):
+        assert list(np.ravel(getattr(ours_images, name))) == list(np.ravel(getattr(theirs_images, name))), name
+    assert ours_images.crop_size["height"] == theirs_images.crop_size["height"] and ours_images.size["shortest_edge"] == theirs_images.size["shortest_edge"]
+    alone = ours_images(image, return_tensors="np")
+    assert np.array_equal(alone["pixel_values"], theirs_images(image, return_tensors="np")["pixel_values"])
     ids = got["input_ids"]
     assert pipe.processor.decode(ids) == hf_processor.batch_decode(ids) and pipe.processor.decode(int(ids[0, 1])) == hf_processor.decode(int(ids[0, 1]))
     assert pipe.processor.decode(ids.tolist()) == hf_processor.decode(ids.tolist())  # a list of lists is a batch too
@@ -289,6 +300,38 @@ def test_the_tokenizer_as_transformers(tiny_store, config):
     assert ours.convert_ids_to_tokens(ids[0]) == tokens and ours.convert_tokens_to_ids(tokens) == theirs.convert_tokens_to_ids(tokens)
     assert ours.convert_tokens_to_ids("<image>") == theirs.convert_tokens_to_ids("<image>")
     assert ours.token_to_id("<image>") == ours.backend_tokenizer.token_to_id("<image>")  # (the backend's own names read through)
+    # The rest of what inference code reaches for, as transformers answers it.
+    for name in ("all_special_ids", "all_special_tokens", "special_tokens_map", "model_max_length", "image_token", "image_token_id",
+                 "sep_token", "cls_token", "mask_token", "is_fast", "truncation_side"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.convert_ids_to_tokens(ids[0], skip_special_tokens=True) == theirs.convert_ids_to_tokens(ids[0], skip_special_tokens=True)
+    assert ours.tokenize(texts[1]) == theirs.tokenize(texts[1]) and ours.convert_tokens_to_string(tokens) == theirs.convert_tokens_to_string(tokens)
+    assert np.array_equal(ours.encode(texts[0], return_tensors="np"), theirs.encode(texts[0], return_tensors="np"))
+    for multiple in (4, 8):
+        for padding in (True, "max_length"):
+            call = dict(padding=padding, max_length=17, pad_to_multiple_of=multiple, return_tensors="np")
+            assert np.array_equal(ours(texts, **call)["input_ids"], theirs(texts, **call)["input_ids"]), call
+    chats = [[{"role": "user", "content": [{"type": "text", "text": "Hi there"}]}], [{"role": "user", "content": "How are you?"}]]
+    assert ours.chat_template == theirs.chat_template  # (the checkpoint tokenizer's own: the exporter keeps it in tokenizer_config.json)
+    if theirs.chat_template is None:
+        with pytest.raises(ValueError, match="no chat template of its own"):
+            ours.apply_chat_template(chats[0])
+        ours.chat_template = theirs.chat_template = AutoProcessor.from_pretrained(model.checkpoint).chat_template
+    for options in (dict(tokenize=False), dict(), dict(add_generation_prompt=True, return_dict=False), dict(padding=True, return_tensors="np")):
+        for conversation in (chats[0], chats):
+            got, want = ours.apply_chat_template(conversation, **options), theirs.apply_chat_template(conversation, **options)
+            listed = (lambda v: v.tolist() if hasattr(v, "tolist") else v)
+            plain = (lambda v: {k: listed(x) for k, x in v.items()} if hasattr(v, "keys") else listed(v))
+            assert plain(got) == plain(want), (options, conversation)
+    for wrong, error in (("middle", ValueError), (None, ValueError)):
+        with pytest.raises(error, match="padding_side must be 'left' or 'right'"):
+            ours.padding_side = wrong
+    with pytest.raises(ValueError, match="text_pair"):
+        ours("a cat", "a dog")
+    with pytest.raises(TypeError, match="encode takes one text"):
+        ours.encode(texts)
+    with pytest.raises(AttributeError, match="BundleTokenizer has no attribute 'save_pretrained'"):
+        ours.save_pretrained
 
 
 def test_batch_input_ids_identical_with_left_padding(hf_processor, pipe):
