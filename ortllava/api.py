@@ -153,6 +153,7 @@ class Pipeline:
         begin_suppress_tokens: Sequence[int] | None = None,
         forced_eos_token_id: int | Sequence[int] | None = None,
         stop: Sequence[str] | str | None = None,
+        max_time: float | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         num_return_sequences: int | None = None,
@@ -185,7 +186,9 @@ class Pipeline:
         (`[[ids, bias], ...]`) adds each bias where its sequence would be completed (the prompt counts for both);
         `suppress_tokens` are never picked, `begin_suppress_tokens` not as the first new token, and `forced_eos_token_id`
         ends an answer that reaches `max_new_tokens` (its last token is that one). `stop` strings end a row's
-        answer where one appears (the text is cut before it; finish_reason "stop"). `eos_token_id` (one id or
+        answer where one appears (the text is cut before it; finish_reason "stop"). `max_time` (seconds, counted from the
+        call's start) ends the answers with the token of the step that crosses it, as transformers' (finish_reason
+        "length", as at max_new_tokens). `eos_token_id` (one id or
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
         images are encoded and the prompt prefilled once; its keys/values are copied for each answer).
@@ -204,7 +207,7 @@ class Pipeline:
             max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids, sequence_bias=sequence_bias,
-            suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens, forced_eos_token_id=forced_eos_token_id, seed=seed, stop=stop,
+            suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens, forced_eos_token_id=forced_eos_token_id, seed=seed, stop=stop, max_time=max_time,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, num_beams=num_beams,
             length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, **others,  # (any other name is a TypeError listing the known ones)
         )
@@ -257,7 +260,7 @@ class Pipeline:
         `system`: an optional system message. `defaults`: generation arguments for every turn (as `generate`'s:
         max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, min_p, typical_p,
         epsilon_cutoff, eta_cutoff, seed, min_new_tokens, min_length, repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias,
-        suppress_tokens, begin_suppress_tokens, forced_eos_token_id, stop, eos_token_id, pad_token_id, generation_config).
+        suppress_tokens, begin_suppress_tokens, forced_eos_token_id, stop, max_time, eos_token_id, pad_token_id, generation_config).
         """
         from .chat import ChatSession
 

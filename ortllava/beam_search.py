@@ -28,6 +28,7 @@ effect, where torch.multinomial raises an error.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -121,6 +122,7 @@ def beam_search(
     improvable = np.ones((prompts, 1), bool)  # transformers' is_early_stop_heuristic_unsatisfied
     in_top_beams = np.arange(keep) < nb  # [keep]: candidates that may finish (the rest only back the running ones)
 
+    deadline = started + settings.max_time if settings.max_time is not None else math.inf
     prefill_start = time.perf_counter()
     logits, cache = prefill()
     decode_start = time.perf_counter()
@@ -145,7 +147,8 @@ def beam_search(
             candidates = np.take_along_axis(running, source[:, :, None], axis=1)  # [P, keep, max_new_tokens]
             candidates[:, :, step] = tokens
             ends = (tokens[:, :, None] == eos).any(axis=2) if len(eos) else np.zeros_like(tokens, dtype=bool)
-            ends |= step + 1 >= max_new_tokens  # [P, keep]
+            # (max_time, as transformers' MaxTimeCriteria: every candidate ends here, as at max_new_tokens)
+            ends |= step + 1 >= max_new_tokens or time.perf_counter() > deadline  # [P, keep]
 
             # Running on: the best `nb` candidates that do not end here.
             running_candidates = top_scores + ends.astype(np.float32) * RULED_OUT

@@ -61,7 +61,7 @@ class GenerationMetrics:
 class GenerationResult:
     text: str
     token_ids: list[int]  # the new tokens, the stop token included when one ended the answer
-    finish_reason: str  # "stop" (an EOS token or a stop string) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (an EOS token or a stop string) or "length" (max_new_tokens, max_length or max_time)
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
     # [len(token_ids), V] float32 with output_logits=True: the raw logits each was picked from (left out of == and repr)
     logits: np.ndarray | None = field(default=None, compare=False, repr=False)

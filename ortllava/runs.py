@@ -6,6 +6,7 @@ row's text pieces as they become stable (`stream_chunks`); both end an answer at
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Iterator, Sequence
@@ -94,11 +95,15 @@ class Run:
         keep = None if hand_over is None else (lambda cache: hand_over(cache, self.tokens))
 
         steps = decode_loop(self.decoder, self.prefill, self.embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
+        max_time = self.settings.max_time
+        deadline = self.started + max_time if max_time is not None else math.inf
         try:
             for step in steps:
                 if keep is not None and step.active[0]:  # only a kept cache needs them
                     self.tokens.append(int(step.tokens[0]))
                 yield step
+                if time.perf_counter() > deadline:  # (as transformers' MaxTimeCriteria: this step's token is the last)
+                    break
         finally:
             steps.close()
 

@@ -67,6 +67,9 @@ class GenerationSettings:
     pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
     seed: int | None = None  # the sampler's random seed
     stop: tuple[str, ...] = ()  # strings that end an answer where one appears (the text is cut before it)
+    # Seconds from the call's start after which no new token is begun (transformers' MaxTimeCriteria): the answers end
+    # with the token of the step that crossed it, as at max_new_tokens (finish_reason "length").
+    max_time: float | None = None
     # Neither the caller nor the generation config gave a length: max_new_tokens is DEFAULT_MAX_NEW_TOKENS, held to the
     # room a prompt leaves (see for_prompt). Not an argument.
     length_is_default: bool = field(default=False, repr=False)
@@ -229,6 +232,8 @@ class GenerationSettings:
             fail("pad_token_id", "a token id or None")
         if not all(isinstance(text, str) and text for text in self.stop):
             fail("stop", "a non-empty string", " or a list of them")
+        if self.max_time is not None and not (number(self.max_time) and self.max_time > 0):
+            fail("max_time", "a number of seconds > 0", ", or None (no limit)")
 
 
     @property
@@ -283,7 +288,7 @@ UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
     "force_words_ids": ([],), "constraints": ([],), "forced_bos_token_id": (), "exponential_decay_length_penalty": (),
     "guidance_scale": (1,), "top_h": (), "stop_strings": ([],),
-    "max_time": (), "watermarking_config": (), "token_healing": (False,),
+    "watermarking_config": (), "token_healing": (False,),
     # (transformers hands a decoder-only model's prompt ids to these as the "encoder" ids)
     "encoder_repetition_penalty": (1, 1.0), "encoder_no_repeat_ngram_size": (0,),
 }

@@ -205,6 +205,32 @@ def test_a_stop_string_ending_inside_a_token_stops_at_that_token_as_transformers
     assert [t for chunk in chunks for t in chunk.token_ids] == [token]
 
 
+def test_max_time_ends_the_answers_as_transformers(pipe, mistral):
+    """`max_time` (transformers' MaxTimeCriteria): the step that crosses it gives the last token, for greedy
+    generation and beam search (whose candidates all end there); a stream ends alike; a generous one changes nothing."""
+    import torch
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(mistral.checkpoint)
+    model = LlavaNextForConditionalGeneration.from_pretrained(mistral.checkpoint).eval()
+    prompt, image = PROMPT, random_image(300, 200, seed=4)
+    inputs = processor(text=prompt, images=[image], return_tensors="pt")
+    for options in (dict(), dict(num_beams=2, num_return_sequences=2)):
+        with torch.no_grad():  # (1 ns: over before the first token is out)
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=8, min_new_tokens=8, max_time=1e-9, **options)
+        want = [row[inputs["input_ids"].shape[1] :].tolist() for row in out]
+        got = pipe.generate(prompt=prompt, images=[image], max_new_tokens=8, min_new_tokens=8, max_time=1e-9, **options)
+        got = got if isinstance(got, list) else [got]
+        assert [result.token_ids for result in got] == want and len(want[0]) == 1, options
+        assert all(result.finish_reason == "length" for result in got)
+    chunks = list(pipe.stream(prompt=prompt, images=[image], max_new_tokens=8, min_new_tokens=8, max_time=1e-9))
+    assert len([t for chunk in chunks for t in chunk.token_ids]) == 1 and chunks[-1].finish_reason == "length"
+    free = dict(prompt=prompt, images=[image], max_new_tokens=8, min_new_tokens=8)
+    assert pipe.generate(**free, max_time=600).token_ids == pipe.generate(**free).token_ids
+    with pytest.raises(ValueError, match="max_time must be a number of seconds > 0"):
+        pipe.generate(**free, max_time=0)
+
+
 def test_stop_finder_searches_a_growing_text_as_a_whole_search_would():
     """`StopFinder` looks only where a new match can lie (a text that grows by pieces); it finds what searching the
     whole text finds, matches across pieces included."""
