@@ -31,33 +31,38 @@ class StreamingDetokenizer:
         self._prefix = 0  # start of the decode window
         self._read = 0  # tokens up to here have been released
         self._released_window = ""  # decode of tokens[_prefix:_read]: changes only when text is released
-        self._tail = ""  # the decoded text after `text`, up to its last complete character ("" after a held token)
+        self._tail: str | None = ""  # the text after `text`, up to its last complete character (None: not decoded yet)
         self.text = ""  # everything released so far
 
     def add(self, token: int) -> str:
         """Adds one token; returns the newly stable text (often "", never a broken character)."""
         self.tokens.append(token)
-        self._tail = ""
         if token in self._holds:  # the next token may turn this one's byte group into replacement characters
+            self._tail = None  # (decoded only if asked for: `tail`)
             return ""
         before = self._released_window
         after = self._decode(self.tokens[self._prefix :])
         if len(after) <= len(before) or after.endswith(REPLACEMENT) or not after.startswith(before):
-            if after.startswith(before):
-                self._tail = after[len(before) :].rstrip(REPLACEMENT)
+            self._tail = after[len(before) :].rstrip(REPLACEMENT) if after.startswith(before) else ""
             return ""
+        self._tail = ""
         piece = after[len(before) :]
         self._prefix, self._read = self._read, len(self.tokens)
         self._released_window = self._decode(self.tokens[self._prefix : self._read])  # once per release, not per token
         self.text += piece
         return piece
 
-    def peek(self) -> str:
-        """`text` and, after it, the text of the tokens not released yet up to its last complete character (nothing
-        of it after a held token, whose byte group may still change): where a stop string is looked for, so that one
-        ending inside a token that also begins the next character is seen at that token, as transformers' stop
-        strings see it. Its tail may still change; `text` does not."""
-        return self.text + self._tail if self._tail else self.text
+    def tail(self) -> str:
+        """The text of the tokens not released yet, as it reads now, up to its last complete character: it follows
+        `text`, and may still change (the next token may complete a character, or turn a byte group into U+FFFD)
+        where `text` does not. A stop string is looked for in `text` + `tail()`, so that one ending inside a token
+        that also begins the next character, or in a byte token, is seen at that token, as transformers' stop strings
+        see it; that token then ends the answer, whose text is then what was seen."""
+        if self._tail is None:  # (after a held token)
+            before = self._released_window
+            after = self._decode(self.tokens[self._prefix :])
+            self._tail = after[len(before) :].rstrip(REPLACEMENT) if after.startswith(before) else ""
+        return self._tail
 
     def finalize(self) -> str:
         """The rest of the text once no more tokens will come."""

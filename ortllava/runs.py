@@ -128,7 +128,7 @@ def collect(run: Run) -> list[GenerationResult]:
                     logits[row].append(step.logits[row].copy())  # (the buffer is the next step's)
                 if detokenizers is not None:
                     detokenizers[row].add(int(step.tokens[row]))
-                    stopped[row] = finders[row](detokenizers[row].peek(), len(detokenizers[row].text)) is not None
+                    stopped[row] = finders[row](detokenizers[row].text, detokenizers[row].tail()) is not None
             if all(stopped[row] or step.finished[row] for row in range(batch)):
                 break
     finally:
@@ -182,10 +182,10 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
                 detokenizer.finalize()
                 reason = "stop"
             text = detokenizer.text
-            seen = detokenizer.peek()  # (`text`, and what follows it up to the last whole character)
-            cut = find_stop(seen, len(text))
+            tail = detokenizer.tail()  # (what follows `text` up to the last whole character: it may still change)
+            cut = find_stop(text, tail)
             if cut is not None:
-                reason, end, text = "stop", cut, seen
+                reason, end, text = "stop", cut, text + tail
             else:  # hold back a tail that could still grow into a stop string
                 end = len(text) - (_stop_prefix_overlap(text, stop) if stop and not step.finished[0] else 0)
             if end > released:
@@ -211,21 +211,22 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
 
 
 class StopFinder:
-    """Where the first stop string begins in a text whose first `stable` characters only grow (a detokenizer's
-    `peek()`: its released text, then a tail that may still change): each call searches only where a match not
-    seen before can lie, so a token's search does not grow with the answer."""
+    """Where the first stop string begins in `text + tail`, where `text` only grows (a detokenizer's released text)
+    and `tail` may change from call to call (its `tail()`): each call searches only where a match not seen before
+    can lie, so a token's search does not grow with the answer."""
 
     def __init__(self, stop: Sequence[str] | None):
         self.stop = [s for s in stop or () if s]
         self.longest = max(map(len, self.stop), default=0)
-        self._searched = 0  # stable characters searched: a new match ends past them
+        self._searched = 0  # characters of `text` searched: a new match ends past them
 
-    def __call__(self, text: str, stable: int | None = None) -> int | None:
-        """`stable`: how many of `text`'s characters will not change (default: all)."""
+    def __call__(self, text: str, tail: str = "") -> int | None:
         start = max(0, self._searched - self.longest + 1)
-        self._searched = len(text) if stable is None else stable
-        hits = [index for index in (text.find(s, start) for s in self.stop) if index >= 0]
-        return min(hits) if hits else None
+        self._searched = len(text)
+        window = text[start:] + tail if tail else text
+        offset = start if tail else 0
+        hits = [index for index in (window.find(s, start - offset) for s in self.stop) if index >= 0]
+        return offset + min(hits) if hits else None
 
 
 def _find_stop(text: str, stop: Sequence[str] | None) -> int | None:

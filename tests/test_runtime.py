@@ -173,29 +173,36 @@ def test_stop_strings_cut_the_answer(pipe):
     assert "".join(c.text for c in streamed) == cut.text and streamed[-1].finish_reason == "stop"
 
 
-def test_a_stop_string_ending_inside_a_token_stops_at_that_token_as_transformers(pipe, mistral):
-    """A byte-level BPE token can hold whole characters and the first bytes of the next one ("ив" and half of a
-    letter): a stop string ending in its whole characters stops the answer at that token, as transformers'
-    `stop_strings` does, although the streamed text holds the token back (its last character is incomplete)."""
+@pytest.mark.parametrize("config", ["mistral", "vicuna"])
+def test_a_stop_string_ending_inside_a_token_stops_at_that_token_as_transformers(tiny_store, config):
+    """A stop string stops the answer at the token where it ends, as transformers' `stop_strings` does, although the
+    streamed text holds that token back: a byte-level BPE token (Mistral's tiny vocabulary) that holds whole
+    characters and the first bytes of the next one ("ив" and half of a letter), or a byte-fallback token (Vicuna's
+    `<0x0A>`, "\n"), whose byte group the next token could still change."""
     import torch
     from transformers import AutoTokenizer, LlavaNextForConditionalGeneration
 
-    theirs = AutoTokenizer.from_pretrained(mistral.checkpoint)
+    model = tiny_store.get(config)
+    pipe = ortllava.load(model.bundle, provider="cpu")
+    theirs = AutoTokenizer.from_pretrained(model.checkpoint)
     tokenizer = pipe.processor.tokenizer
-    split = [  # tokens whose text alone is whole characters, then a character cut short (U+FFFD)
-        index for index in range(len(tokenizer))
-        if (text := tokenizer.decode([index])).endswith("\ufffd") and len(text.rstrip("\ufffd")) >= 2 and "\ufffd" not in text.rstrip("\ufffd")
-    ]
-    assert split, "the tiny vocabulary has no token that ends inside a character: the case is not exercised"
-    token = split[0]
-    stop = tokenizer.decode([token]).rstrip("\ufffd")[-2:]
-    prompt = "[INST] Say something. [/INST]"
+    if config == "vicuna":
+        token, stop = tokenizer.convert_tokens_to_ids("<0x0A>"), "\n"
+    else:
+        split = [  # tokens whose text alone is whole characters, then a character cut short (U+FFFD)
+            index for index in range(len(tokenizer))
+            if (text := tokenizer.decode([index])).endswith("\ufffd") and len(text.rstrip("\ufffd")) >= 2 and "\ufffd" not in text.rstrip("\ufffd")
+        ]
+        assert split, "the tiny vocabulary has no token that ends inside a character: the case is not exercised"
+        token = split[0]
+        stop = tokenizer.decode([token]).rstrip("\ufffd")[-2:]
+    prompt = "[INST] Say something. [/INST]" if config == "mistral" else "USER: Say something. ASSISTANT:"
     kwargs = dict(prompt=prompt, max_new_tokens=6, sequence_bias={(token,): 100.0})  # (every new token is that one)
     ours = pipe.generate(stop=[stop], **kwargs)
-    model = LlavaNextForConditionalGeneration.from_pretrained(mistral.checkpoint).eval()
+    reference = LlavaNextForConditionalGeneration.from_pretrained(model.checkpoint).eval()
     inputs = theirs(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(
+        out = reference.generate(
             **inputs, do_sample=False, max_new_tokens=6, sequence_bias={(token,): 100.0}, stop_strings=[stop], tokenizer=theirs
         )
     assert ours.token_ids == out[0, inputs["input_ids"].shape[1] :].tolist() == [token], (stop, ours.token_ids)
@@ -232,18 +239,20 @@ def test_max_time_ends_the_answers_as_transformers(pipe, mistral):
 
 
 def test_stop_finder_searches_a_growing_text_as_a_whole_search_would():
-    """`StopFinder` looks only where a new match can lie (a text that grows by pieces); it finds what searching the
-    whole text finds, matches across pieces included."""
+    """`StopFinder` looks only where a new match can lie (a text that grows by pieces, then a tail that may change from
+    call to call); it finds what searching the whole of text + tail finds, matches across pieces and into the tail
+    included."""
     from ortllava.runs import StopFinder, _find_stop
 
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    for _ in range(600):
         stop = ["".join(rng.choice(list("ab"), size=rng.integers(1, 5))) for _ in range(rng.integers(1, 3))]
         finder, text = StopFinder(stop), ""
         for _ in range(12):
             text += "".join(rng.choice(list("abc"), size=rng.integers(0, 4)))
-            found, want = finder(text), _find_stop(text, stop)
-            assert found == want, (stop, text)
+            tail = "".join(rng.choice(list("abc"), size=rng.integers(0, 3))) if rng.random() < 0.5 else ""
+            found, want = finder(text, tail), _find_stop(text + tail, stop)
+            assert found == want, (stop, text, tail)
             if want is not None:
                 break
 
