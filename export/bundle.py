@@ -29,8 +29,9 @@ def write_assets(checkpoint: Checkpoint, out: Path, dtype=np.float32) -> None:
         processor.tokenizer.save_pretrained(scratch)
         for name in (m.TOKENIZER_FILE, m.TOKENIZER_CONFIG_FILE):
             (out / name).write_bytes((Path(scratch) / name).read_bytes())
-    # The tokenizer's own chat template (transformers 5 keeps it apart from the config, in a file the bundle's template
-    # would overwrite): in its config, where transformers reads it too, for `tokenizer.apply_chat_template`.
+    # The tokenizer's own chat template, as transformers loaded it for this checkpoint (it saves it apart from the
+    # config, in a chat_template.jinja that the bundle's, the processor's, takes the place of): kept in the config,
+    # where the runtime's tokenizer reads it for `tokenizer.apply_chat_template`.
     tokenizer_template = processor.tokenizer.chat_template
     if isinstance(tokenizer_template, dict):
         tokenizer_template = tokenizer_template.get("default")

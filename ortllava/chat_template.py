@@ -138,6 +138,21 @@ def template_variables(template: str) -> frozenset[str]:
     return frozenset(jinja2.meta.find_undeclared_variables(compile_template(template).environment.parse(template)))
 
 
+def check_options(
+    conversations: list[list[dict]], add_generation_prompt: bool, continue_final_message: bool | str,
+    return_assistant_tokens_mask: bool = False, sanitize_control_tokens: bool = False,
+) -> None:
+    """A ValueError for what `apply_chat_template` (the processor's or the tokenizer's) cannot render: an empty chat,
+    both ways of ending one, or transformers' options that ortllava does not implement."""
+    if any(not chat for chat in conversations):
+        raise ValueError("a chat to render must hold at least one message")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt exclude each other: continue the final message, or add a new one's header")
+    for name, asked in (("return_assistant_tokens_mask", return_assistant_tokens_mask), ("sanitize_control_tokens", sanitize_control_tokens)):
+        if asked:
+            raise ValueError(f"{name}=True is not implemented by ortllava")
+
+
 def render(
     template: str, messages: list[dict], add_generation_prompt: bool = False, continue_final_message: bool | str = False,
     tools: list[dict] | None = None, documents: list[dict] | None = None, **variables: Any,

@@ -42,7 +42,7 @@ def prepare_inputs(
     continued = ends.pop()
     inputs = processor.apply_chat_template(
         list(messages), add_generation_prompt=not continued, continue_final_message=continued, tokenize=True, return_dict=True,
-        pixel_values=pixel_values,
+        pixel_values=pixel_values, processor_kwargs={"padding_side": "left"},
     )
     return inputs, batched
 

@@ -122,6 +122,7 @@ class Processor:
         """
         if return_tensors not in (None, "np"):
             raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
+        padding, max_length = self.tokenizer.padding_and_length(padding, truncation, max_length, pad_to_multiple_of)
         truncate = truncates(truncation, padding, max_length)
         flat_images = [load_image(image) for image in flatten_images(images)] if images is not None else []
         if not flat_images:  # `[]` (or an empty list per prompt) is no images, as in a chat turn
@@ -302,13 +303,9 @@ class Processor:
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this bundle has no chat template: pass chat_template=... or give a prompt string")
-        if continue_final_message and add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt exclude each other: continue the final message, or add a new one's header")
-        for name, asked in (("return_assistant_tokens_mask", return_assistant_tokens_mask), ("sanitize_control_tokens", sanitize_control_tokens)):
-            if asked:
-                raise ValueError(f"{name}=True is not implemented by ortllava")
         batched = is_chat_batch(conversation)
         conversations = [normalize_messages(c) for c in (conversation if batched else [conversation])]
+        templates.check_options(conversations, add_generation_prompt, continue_final_message, return_assistant_tokens_mask, sanitize_control_tokens)
         read = templates.template_variables(template)
         variables = {**self.manifest.special_tokens_map, **{k: v for k, v in kwargs.items() if k in read}}
         processor_kwargs = {**(processor_kwargs or {}), **{k: v for k, v in kwargs.items() if k not in read}}

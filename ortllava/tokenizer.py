@@ -18,6 +18,7 @@ from .manifest import Manifest
 # transformers' named special tokens, in its order (`SPECIAL_TOKENS_ATTRIBUTES`); a model's own (`image_token`) follow.
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 VERY_LARGE_INTEGER = int(1e30)  # transformers' `model_max_length` where a tokenizer sets none
+LARGE_INTEGER = int(1e20)  # a `model_max_length` above this bounds nothing (transformers' rule)
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
@@ -47,11 +48,14 @@ class BundleTokenizer:
         self.truncation_side = config["truncation_side"] if config.get("truncation_side") in ("left", "right") else "right"
         self.model_max_length = int(config.get("model_max_length") or VERY_LARGE_INTEGER)
         # The tokenizer's own template, where the checkpoint's tokenizer has one (the bundle's, for images, is the processor's).
-        self.chat_template = config["chat_template"] if isinstance(config.get("chat_template"), str) else None
+        self.chat_template = _default_template(config.get("chat_template"))
         self.clean_up_tokenization_spaces = tokens.clean_up_tokenization_spaces
         named = {name: _content(value) for name, value in config.items() if name.endswith("_token") and _content(value)}
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-        self.extra_special_tokens = [token for token in (_content(value) for value in (extra.values() if isinstance(extra, dict) else extra)) if token]
+        if isinstance(extra, dict):  # ({"image_token": "<image>"}: named tokens of the model's own, as transformers 5 reads them)
+            named.update({name: _content(value) for name, value in extra.items() if _content(value) and name not in named})
+            extra = []
+        self.extra_special_tokens = [token for token in (_content(value) for value in extra) if token]
         # Each special token as the config names it, else (a bundle without one) from the manifest's ids.
         fallback = {"bos_token": tokens.bos_token_id, "eos_token": tokens.eos_token_ids[0] if tokens.eos_token_ids else None, "pad_token": tokens.pad_token_id}
         special = {}
@@ -116,6 +120,7 @@ class BundleTokenizer:
         texts = [text] if single else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a non-empty list of strings")
+        padding, max_length = self.padding_and_length(padding, truncation, max_length, pad_to_multiple_of)
         if truncates(truncation, padding, max_length):  # (the special tokens are added after the cut, so that they stay)
             encodings = self.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
             ids = [self.truncated(encoding, max_length, add_special_tokens) for encoding in encodings]
@@ -123,6 +128,11 @@ class BundleTokenizer:
             ids = [encoding.ids for encoding in self.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
         if padding in (False, "do_not_pad") and return_tensors is None:
             data = {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+        elif padding == "max_length" and return_tensors is None:  # (lists: a row longer than max_length stays so, as in transformers)
+            target = -(-max_length // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else max_length
+            side = padding_side or self.padding_side
+            rows = [pad_ids([row], self.pad_token_id, side, "max_length", max(len(row), target)) for row in ids]
+            data = {key: [padded[key][0].tolist() for padded in rows] for key in ("input_ids", "attention_mask")}
         else:
             data = pad_ids(ids, self.pad_token_id, padding_side or self.padding_side, padding, max_length, pad_to_multiple_of)
             if return_tensors is None:
@@ -132,6 +142,26 @@ class BundleTokenizer:
         if not return_attention_mask:
             del data["attention_mask"]
         return BatchFeature(data)
+
+    def padding_and_length(
+        self, padding: bool | str, truncation: bool | str | None, max_length: int | None, pad_to_multiple_of: int | None = None,
+    ) -> tuple[bool | str, int | None]:
+        """(padding, max_length) as transformers settles them where no `max_length` is given: padding="max_length"
+        and truncation go to `model_max_length`, where the tokenizer sets one (where not, padding="max_length" pads
+        nothing and truncation cuts nothing); a ValueError, in transformers' words, where a truncated and padded
+        length is no multiple of `pad_to_multiple_of`."""
+        cuts = truncation not in (None, False, "do_not_truncate")
+        if max_length is None and (padding == "max_length" or cuts):
+            if self.model_max_length > LARGE_INTEGER:
+                padding = False if padding == "max_length" else padding
+            else:
+                max_length = self.model_max_length
+        if cuts and padding not in (False, "do_not_pad") and pad_to_multiple_of and max_length is not None and max_length % pad_to_multiple_of:
+            raise ValueError(
+                f"Truncation and padding are both activated but truncation length ({max_length}) is not a multiple of "
+                f"pad_to_multiple_of ({pad_to_multiple_of})."
+            )
+        return padding, max_length
 
     def truncated(self, encoding: Encoding, max_length: int, add_special_tokens: bool, side: str | None = None) -> list[int]:
         """The ids of `encoding` (made without special tokens) cut on `side` (default: `truncation_side`) so that, with
@@ -167,32 +197,34 @@ class BundleTokenizer:
     def apply_chat_template(
         self, conversation: list[dict] | list[list[dict]], tools: list[dict] | None = None, documents: list[dict] | None = None,
         chat_template: str | None = None, add_generation_prompt: bool = False, continue_final_message: bool | str = False,
-        tokenize: bool = True, padding: bool | str = False, truncation: bool = False, max_length: int | None = None,
-        return_tensors: str | None = None, return_dict: bool = True, **kwargs: Any,
+        tokenize: bool = True, sanitize_control_tokens: bool = False, padding: bool | str = False, truncation: bool = False,
+        max_length: int | None = None, return_tensors: str | None = None, return_dict: bool = True, return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: dict[str, Any] | None = None, **kwargs: Any,
     ) -> str | list[str] | list[int] | list[list[int]] | np.ndarray | BatchFeature:
         """The chat template (`chat_template`, else the tokenizer's own) rendered and, by default, tokenized,
         as transformers 5's tokenizer does (`return_dict=True`: `input_ids` and `attention_mask`). `kwargs` are the
-        template's variables. For chats with images: `processor.apply_chat_template`."""
+        template's variables; `tokenizer_kwargs` go to the tokenizer's call. For chats with images:
+        `processor.apply_chat_template`."""
         from . import chat_template as templates  # (jinja2: imported when a template is used)
         from .inputs import is_chat_batch, normalize_messages
 
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError(
-                "this bundle's tokenizer has no chat template of its own (transformers' refuses such a call too): pass "
-                "chat_template=..., or use processor.apply_chat_template (the model's template, which takes images as well)"
+                "this bundle's tokenizer has no chat template of its own (transformers' refuses such a call too; a bundle "
+                "exported before ortllava kept the tokenizer's template has none either: re-export it): pass chat_template=..., "
+                "or use processor.apply_chat_template (the model's template, which takes images as well)"
             )
         batched = is_chat_batch(conversation)
+        conversations = [normalize_messages(chat) for chat in (conversation if batched else [conversation])]
+        templates.check_options(conversations, add_generation_prompt, continue_final_message, return_assistant_tokens_mask, sanitize_control_tokens)
         variables = {**self.special_tokens_map, **kwargs}
-        texts = [
-            templates.render(template, normalize_messages(chat), add_generation_prompt, continue_final_message, tools, documents, **variables)
-            for chat in (conversation if batched else [conversation])
-        ]
+        texts = [templates.render(template, chat, add_generation_prompt, continue_final_message, tools, documents, **variables) for chat in conversations]
         if not tokenize:
             return texts if batched else texts[0]
         # (the rendered text holds the BOS where the template writes it: no special tokens are added, as transformers)
-        out = self(texts if batched else texts[0], add_special_tokens=False, padding=padding, truncation=truncation or None,
-                   max_length=max_length, return_tensors=return_tensors)
+        options = {"add_special_tokens": False, "padding": padding, "truncation": truncation, "max_length": max_length, **(tokenizer_kwargs or {})}
+        out = self(texts if batched else texts[0], return_tensors=return_tensors, **options)
         return out if return_dict else out["input_ids"]
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
@@ -303,7 +335,7 @@ def truncates(truncation: bool | str | None, padding: bool | str, max_length: in
     if truncation is None:
         return max_length is not None and padding in (False, "do_not_pad")
     if truncation in (True, "longest_first", "only_first"):
-        return max_length is not None  # (without it transformers cuts to the model's maximum, which a bundle does not set)
+        return max_length is not None  # (without one, `BundleTokenizer.padding_and_length` found no model_max_length)
     raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', got {truncation!r}")
 
 
@@ -334,6 +366,14 @@ def _side(name: str, side: Any) -> str:
     if side not in ("left", "right"):
         raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
     return side
+
+
+def _default_template(template: Any) -> str | None:
+    """A tokenizer config's chat template: a string, or of a list of named ones (`[{"name": ..., "template": ...}]`)
+    the one named "default"."""
+    if isinstance(template, list):
+        template = next((entry.get("template") for entry in template if isinstance(entry, dict) and entry.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _content(value: Any) -> str | None:

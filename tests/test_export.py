@@ -432,3 +432,29 @@ def test_the_lm_head_counts_toward_external_data(tmp_path, monkeypatch):
     spec = fused_decoder.build_fused_decoder(model, tmp_path / "decoder.onnx")
     assert spec.external_data == ["decoder.onnx.data"]
     assert (tmp_path / "decoder.onnx.data").stat().st_size >= model.lm_head.weight.numel() * 4
+
+
+def test_the_tokenizer_keeps_its_own_chat_template_beside_the_processors(tiny_store, tmp_path):
+    """A checkpoint whose tokenizer has a chat template of its own, unlike its processor's: the bundle's tokenizer
+    renders with it (`tokenizer.apply_chat_template`, as transformers' tokenizer of the checkpoint does), its
+    processor with the processor's."""
+    import shutil
+
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from ortllava_export.cli import export_bundle
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_store.get("llama3").checkpoint, checkpoint)  # (the llava-hf layout: no template file for the tokenizer)
+    config_file = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+    config_file.write_text(json.dumps(config))
+    theirs, their_processor = AutoTokenizer.from_pretrained(checkpoint), AutoProcessor.from_pretrained(checkpoint)
+    assert theirs.chat_template == config["chat_template"] != their_processor.chat_template  # (the case, as transformers loads it)
+    ours = ortllava.load(export_bundle(str(checkpoint), tmp_path / "bundle", validate=False), provider="cpu").processor
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]
+    assert ours.tokenizer.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False) == "<<user>> Hi there\n<<assistant>> Hello\n"
+    assert ours.tokenizer.apply_chat_template(chat)["input_ids"] == theirs.apply_chat_template(chat)["input_ids"]
+    listed = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    assert ours.apply_chat_template(listed, add_generation_prompt=True) == their_processor.apply_chat_template(listed, add_generation_prompt=True)

@@ -203,6 +203,8 @@ def test_tokenizer_settings_steer_the_processor(hf_processor, pipe):
             other = "right" if side == "left" else "left"
             override = pipe.processor(images=images, text=texts, padding=True, padding_side=other)
             assert np.array_equal(override["input_ids"], hf_processor(images=images, text=texts, padding=True, padding_side=other, return_tensors="np")["input_ids"])
+            chats = [[{"role": "user", "content": [{"type": "text", "text": text}]}] for text in ("Hi", "A longer question, with words")]
+            assert pipe.prepare(messages=chats)[0]["attention_mask"][:, -1].all()  # (generation's inputs: padded on the left, always)
     finally:
         hf_processor.tokenizer.padding_side = pipe.processor.tokenizer.padding_side = default
 
@@ -323,6 +325,24 @@ def test_the_tokenizer_as_transformers(tiny_store, config):
             listed = (lambda v: v.tolist() if hasattr(v, "tolist") else v)
             plain = (lambda v: {k: listed(x) for k, x in v.items()} if hasattr(v, "keys") else listed(v))
             assert plain(got) == plain(want), (options, conversation)
+    conversation = chats[1]
+    assert ours.apply_chat_template(conversation, max_length=5) == dict(theirs.apply_chat_template(conversation, max_length=5))  # (no cut)
+    with pytest.raises(ValueError):
+        theirs.apply_chat_template(conversation, add_generation_prompt=True, continue_final_message=True)
+    for options, message in ((dict(add_generation_prompt=True, continue_final_message=True), "exclude each other"),
+                             (dict(return_assistant_tokens_mask=True), "not implemented by ortllava"), (dict(conversation=[]), "at least one message")):
+        with pytest.raises(ValueError, match=message):
+            ours.apply_chat_template(**{"conversation": conversation, **options})
+    # A tokenizer whose model_max_length bounds it: truncation and padding="max_length" without a max_length use it.
+    ours.model_max_length = theirs.model_max_length = 6
+    try:
+        for call in (dict(truncation=True), dict(padding="max_length"), dict(padding="max_length", truncation=True, return_tensors="np")):
+            got, want = ours(texts, **call), theirs(texts, **call)
+            assert listed(got["input_ids"]) == listed(want["input_ids"]), call
+        with pytest.raises(ValueError, match=r"truncation length \(6\) is not a multiple of pad_to_multiple_of \(4\)"):
+            ours(texts, truncation=True, padding=True, pad_to_multiple_of=4)
+    finally:
+        ours.model_max_length = theirs.model_max_length = int(1e30)
     for wrong, error in (("middle", ValueError), (None, ValueError)):
         with pytest.raises(error, match="padding_side must be 'left' or 'right'"):
             ours.padding_side = wrong
@@ -332,6 +352,15 @@ def test_the_tokenizer_as_transformers(tiny_store, config):
         ours.encode(texts)
     with pytest.raises(AttributeError, match="BundleTokenizer has no attribute 'save_pretrained'"):
         ours.save_pretrained
+    # Older tokenizer configs: extra special tokens as a dict are named ones (as transformers 5 reads them), and a
+    # list of named chat templates gives its "default" one.
+    from ortllava.tokenizer import BundleTokenizer
+
+    pipe = ortllava.load(model.bundle, provider="cpu", verify=False)
+    config = {"bos_token": ours.bos_token, "extra_special_tokens": {"image_token": "<image>"}, "chat_template": [{"name": "default", "template": "T"}]}
+    older = BundleTokenizer(ours.backend_tokenizer, pipe.manifest, config)
+    assert older.image_token == "<image>" and older.image_token_id == ours.convert_tokens_to_ids("<image>") and older.special_tokens_map["image_token"] == "<image>"
+    assert older.chat_template == "T" and older.extra_special_tokens == []
 
 
 def test_batch_input_ids_identical_with_left_padding(hf_processor, pipe):
