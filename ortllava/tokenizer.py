@@ -150,6 +150,7 @@ class BundleTokenizer:
         and truncation go to `model_max_length`, where the tokenizer sets one (where not, padding="max_length" pads
         nothing and truncation cuts nothing); a ValueError, in transformers' words, where a truncated and padded
         length is no multiple of `pad_to_multiple_of`."""
+        _check_multiple(pad_to_multiple_of)
         cuts = truncation not in (None, False, "do_not_truncate")
         if max_length is None and (padding == "max_length" or cuts):
             if self.model_max_length > LARGE_INTEGER:
@@ -306,8 +307,7 @@ def pad_ids(
         raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
     if padding == "max_length" and max_length is None:
         raise ValueError("padding='max_length' needs max_length")
-    if multiple is not None and (not isinstance(multiple, (int, np.integer)) or isinstance(multiple, bool) or multiple < 1):
-        raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
+    _check_multiple(multiple)
     side = _side("padding_side", side)
     longest = max(len(row) for row in ids)
     if padding in (False, "do_not_pad") and any(len(row) != longest for row in ids):
@@ -359,6 +359,11 @@ def clean_up_tokenization(text: str) -> str:
     for old, new in _CLEANUPS:
         text = text.replace(old, new)
     return text
+
+
+def _check_multiple(multiple: Any) -> None:
+    if multiple is not None and (not isinstance(multiple, (int, np.integer)) or isinstance(multiple, bool) or multiple < 1):
+        raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
 
 
 def _side(name: str, side: Any) -> str:
