@@ -14,7 +14,7 @@ from .detokenizer import held_token_ids
 from .features import embed, pack_images
 from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, positions_needed
-from .image_source import ImageLike
+from .image_source import IMAGE_SOURCES, ImageLike, image_source_kinds
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .inputs import given_model_inputs, is_batch, left_aligned, prepare_inputs
@@ -43,7 +43,7 @@ class Pipeline:
     def __init__(
         self, bundle: str | Path, provider: str = "auto", verify: bool = True, io_binding: bool | None = None,
         threads: int | None = None, max_length: int | None = None, cuda_graph: bool = False, prepack: bool = True,
-        prefix_cache: bool = False,
+        prefix_cache: bool = False, image_sources: Sequence[str] = IMAGE_SOURCES,
     ):
         """`provider`: "auto" (CUDA when present and the bundle runs there, else the CPU), "cpu", "cuda" or "cuda:N"
         (GPU N; "cuda" is GPU 0). `verify`
@@ -62,6 +62,10 @@ class Pipeline:
         longest prefix it shares with it (the same images, by their pixels: a second question about an image skips
         the image's encoding and prefill); see `ortllava.prefix`. Off by default: where each run begins changes
         float rounding (the tokens were identical in every test), and it keeps one cache's memory.
+        `image_sources`: the kinds of image a string in a prompt's images or a chat's messages may name: "file" (a
+        path or file:// URL), "http" (an http(s) URL), "data" (a data: URI or base64). All by default, as
+        transformers; a server that takes chats from untrusted clients keeps only ("data",), so that no client
+        makes it read its files or fetch from the network (PIL images and arrays are always taken).
         """
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
@@ -70,6 +74,7 @@ class Pipeline:
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
+        self.processor.image_sources = image_source_kinds(image_sources)
         self._held_tokens = held_token_ids(self.processor.tokenizer.backend_tokenizer)  # (streamed text waits after them: detokenizer.py)
         self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph, prepack)
         self.prefix = PrefixSlot(self.sessions.decoder) if prefix_cache else None
@@ -430,7 +435,7 @@ def load(bundle: str | Path, provider: str = "auto", **kwargs: Any) -> Pipeline:
 
 
 # `Pipeline`'s options that `generate` below passes to the load of a bundle path (max_length is a generation argument there).
-LOAD_OPTIONS = ("provider", "verify", "io_binding", "threads", "cuda_graph", "prepack", "prefix_cache", "device")  # (device: refused by load, with a pointer)
+LOAD_OPTIONS = ("provider", "verify", "io_binding", "threads", "cuda_graph", "prepack", "prefix_cache", "image_sources", "device")  # (device: refused by load, with a pointer)
 
 
 def generate(bundle_or_pipe: str | Path | Pipeline, messages: Messages | Sequence[Messages], **kwargs: Any) -> GenerationResult | list[GenerationResult]:

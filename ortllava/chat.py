@@ -163,7 +163,7 @@ class ChatSession:
         that cannot be read or converted fails before any graph runs): an image of its own, which the caller's
         later changes to their object (a reused frame buffer, an in-place resize) do not reach, as the cache
         holds its features."""
-        kept = self.pipe.processor.image_processor.rgb_image(load_image(image))
+        kept = self.pipe.processor.image_processor.rgb_image(load_image(image, sources=self.pipe.processor.image_sources))
         return kept.copy() if kept is image else kept
 
     def _commit(self, message: dict[str, Any], answer: str) -> None:
@@ -197,7 +197,7 @@ class ChatSession:
 
             def encode_from(first: int) -> np.ndarray:
                 begun = time.perf_counter()
-                new_images = pipe.processor.image_processor([load_image(source) for source in sources[first:]])
+                new_images = pipe.processor.image_processor([load_image(source, sources=pipe.processor.image_sources) for source in sources[first:]])
                 metrics.preprocess_s += time.perf_counter() - begun
                 return pipe.encode_images(new_images["pixel_values"], new_images["image_sizes"])
 

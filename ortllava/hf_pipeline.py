@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -68,14 +68,14 @@ def pipeline(task: str = TASK, model: str | os.PathLike | Pipeline | None = None
     "cuda:0", an index, -1 for CPU) or `provider` ("auto", "cpu", "cuda"); default "auto".
     Other keyword arguments, as transformers takes them: generation settings applied to every call (`max_new_tokens`,
     `max_length`, `do_sample`, ...), `generate_kwargs` (used by the calls that give none of their own), `batch_size`;
-    and `Pipeline` options (`verify`, `io_binding`, `threads`, `prefix_cache`; for others, such as the key/value
+    and `Pipeline` options (`verify`, `io_binding`, `threads`, `prefix_cache`, `image_sources`; for others, such as the key/value
     buffers' `max_length`, pass `model=ortllava.load(bundle, ...)`).
     """
     if task != TASK:
         raise ValueError(f"ortllava.pipeline supports the task {TASK!r} only, got {task!r}")
     if model is None:
         raise ValueError("pass model=... : the folder of an exported bundle (or a loaded ortllava.Pipeline)")
-    load_options = {key: kwargs.pop(key) for key in ("verify", "io_binding", "threads", "prefix_cache") if key in kwargs}
+    load_options = {key: kwargs.pop(key) for key in ("verify", "io_binding", "threads", "prefix_cache", "image_sources") if key in kwargs}
     if isinstance(model, Pipeline):
         if load_options:
             raise TypeError(f"{', '.join(load_options)} apply when loading a bundle; model= is already loaded")
@@ -229,7 +229,7 @@ class ImageTextToTextPipeline:
                 cont = messages[-1]["role"] == "assistant"
             rendered = self.processor.apply_chat_template(messages, add_generation_prompt=not cont, continue_final_message=cont)
             sources = images_in_messages(messages)
-            loaded = [_load_image(source, timeout) for source in sources]
+            loaded = [_load_image(source, timeout, self.processor.image_sources) for source in sources]
             bos = self.processor.tokenizer.bos_token
             add_special = not (bos is not None and rendered.startswith(bos))
             prepared.append(_Item(messages, rendered, loaded, add_special, cont))
@@ -247,7 +247,7 @@ class ImageTextToTextPipeline:
         timeout = options["pre"].get("timeout")
         texts = [text] if isinstance(text, str) else list(text)
         flat = flatten_images(images) if images is not None else []
-        loaded = [_load_image(source, timeout, reload_pil=True) for source in flat]
+        loaded = [_load_image(source, timeout, self.processor.image_sources, reload_pil=True) for source in flat]
         counts = [prompt.count(self.processor.image_token) for prompt in texts]
         if sum(counts) != len(loaded):
             raise ValueError(
@@ -370,10 +370,11 @@ def _is_chat(arg: Any) -> bool:
     return isinstance(arg, (list, tuple)) and len(arg) > 0 and isinstance(arg[0], (list, tuple, dict))
 
 
-def _load_image(source: Any, timeout: float | None, reload_pil: bool = False) -> Any:
-    """`load_image`, with `timeout` (when given) for http(s) URLs. `reload_pil`: a PIL image too is EXIF-rotated and
+def _load_image(source: Any, timeout: float | None, sources: Collection[str], reload_pil: bool = False) -> Any:
+    """`load_image`, with `timeout` (when given) for http(s) URLs, of the kinds of source the pipeline takes
+    (`sources`, its `image_sources`). `reload_pil`: a PIL image too is EXIF-rotated and
     converted with `convert("RGB")` (transparency dropped, not composited on white), as transformers' pipeline
     reloads the images that come with prompt strings (those in chat messages it passes on as given)."""
     if reload_pil and isinstance(source, Image.Image):
         return ImageOps.exif_transpose(source).convert("RGB")
-    return load_image(source, timeout=URL_TIMEOUT_S if timeout is None else timeout)
+    return load_image(source, timeout=URL_TIMEOUT_S if timeout is None else timeout, sources=sources)

@@ -5,13 +5,15 @@ or `data:` URL, a base64 string) opened as transformers' `load_image` opens it, 
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import os
 import re
+import stat
 import time
 import urllib.request
 from pathlib import Path
-from typing import Union
+from typing import Collection, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,6 +22,10 @@ ImageLike = Union[Image.Image, np.ndarray, str, Path]
 
 URL_TIMEOUT_S = 20.0
 URL_MAX_BYTES = 50 * 1024 * 1024
+# The kinds of image source a string may name: "file" (a path, or a file:// URL), "http" (an http(s) URL) and "data"
+# (a data: URI, or base64). A server given images by untrusted clients accepts only "data" (see `Pipeline`'s
+# `image_sources`): a path would let a client read the server's files, a URL make it fetch from the network.
+IMAGE_SOURCES = ("file", "http", "data")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
 
@@ -27,14 +33,22 @@ class ImageLoadError(ValueError):
     """An image could not be read; the message names its source."""
 
 
+def image_source_kinds(kinds: Collection[str]) -> tuple[str, ...]:
+    """`kinds` checked: a collection of `IMAGE_SOURCES` names (a ValueError names one that is not)."""
+    if isinstance(kinds, str) or not all(kind in IMAGE_SOURCES for kind in kinds):
+        raise ValueError(f"image_sources must be a collection of {', '.join(map(repr, IMAGE_SOURCES))}, got {kinds!r}")
+    return tuple(kind for kind in IMAGE_SOURCES if kind in kinds)
 
-def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image:
+
+
+def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S, sources: Collection[str] = IMAGE_SOURCES) -> Image.Image:
     """Opens a path (or a `file://` URL), an http(s) URL, a `data:image/...;base64,` URI or a base64 string the way
     transformers' `load_image` does: EXIF-rotated, then `convert("RGB")`.
 
     PIL images and arrays are returned as given (a tensor as its array); `to_rgb` converts them later, as the image
     processor does.
-    `timeout` (seconds) bounds a URL's download.
+    `timeout` (seconds) bounds a URL's download. `sources`: the kinds of string source taken (`IMAGE_SOURCES`); one of
+    another kind is an ImageLoadError before anything is read (a path, then, is never looked up).
     """
     if isinstance(source, Image.Image):
         try:
@@ -53,7 +67,7 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image
         raise ImageLoadError(f"unsupported image type {type(source).__name__}: give a PIL image, an array (or a tensor), a path or a URL")
     text = os.fspath(source)
     name = _shortened(text)
-    data = _read_source(text, isinstance(source, str), timeout)
+    data = _read_source(text, isinstance(source, str), timeout, sources)
     try:
         image = Image.open(io.BytesIO(data))
         image = ImageOps.exif_transpose(image)
@@ -64,13 +78,27 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S) -> Image.Image
         raise ImageLoadError(f"cannot decode image {name}: {error}") from error
 
 
-def _read_source(text: str, may_be_base64: bool, timeout: float) -> bytes:
+def _read_source(text: str, may_be_base64: bool, timeout: float, sources: Collection[str] = IMAGE_SOURCES) -> bytes:
     """The bytes of an image source: a URL's download, a data URI's payload, a file's content, or a base64
-    string's decoding (tried for a string that is no readable file, as transformers does)."""
+    string's decoding (tried for a string that is no readable file, as transformers does); only of the kinds in
+    `sources`."""
     if not text.strip():  # (Path("") is the current folder: "Is a directory" would say nothing useful)
         raise ImageLoadError("an empty string was given as an image: give a path, a URL or base64 data")
+
+    def refused(what: str) -> ImageLoadError:
+        return ImageLoadError(f"{what} are not taken here (image sources taken: {', '.join(sources) or 'none'}): give the image itself, {_shortened(text, 60)}")
+
     if text.startswith(("http://", "https://")):
+        if "http" not in sources:
+            raise refused("image URLs")
         return fetch_url(text, timeout=timeout)
+    if text.startswith("data:") and "data" not in sources:
+        raise refused("data: URIs")
+    if "file" not in sources and not text.startswith("data:"):  # (no path is looked up: a client learns nothing of the files)
+        decoded = _decode_base64(text) if may_be_base64 and "data" in sources and not text.startswith("file://") else None
+        if decoded is None or not _looks_like_an_image(decoded):
+            raise refused("image paths")
+        return decoded
     if text.startswith("file://"):  # a local file as a URL (transformers reads no such URL; its path is plain here)
         from urllib.parse import urlparse
         from urllib.request import url2pathname
@@ -87,12 +115,21 @@ def _read_source(text: str, may_be_base64: bool, timeout: float) -> bytes:
             raise ImageLoadError(f"cannot read image {_shortened(text)}: a data URI must be data:image/...;base64,<base64 data>")
         return decoded
     try:
-        return Path(text).read_bytes()
+        return _read_file(Path(text))
     except OSError as error:
-        decoded = _decode_base64(text) if may_be_base64 else None
+        decoded = _decode_base64(text) if may_be_base64 and "data" in sources else None
         if decoded is None or not _looks_like_an_image(decoded):
             raise ImageLoadError(f"cannot read image file {_shortened(text)}: {error.strerror or error}") from error
         return decoded
+
+
+def _read_file(path: Path) -> bytes:
+    """A regular file's bytes; an OSError for anything else (a folder, a FIFO or a device such as /dev/zero would
+    block or never end)."""
+    with open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0))) as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return file.read()
 
 
 def _decode_base64(text: str) -> bytes | None:

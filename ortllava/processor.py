@@ -15,7 +15,7 @@ from tokenizers import Encoding, Tokenizer
 from . import chat_template as templates
 from .features import unpadded_shape
 from .image import ImageProcessor, ImageProcessorConfig, image_sizes, num_tiles, select_best_resolution
-from .image_source import ImageLike, load_image
+from .image_source import IMAGE_SOURCES, ImageLike, load_image
 from .manifest import (
     CHAT_TEMPLATE_FILE,
     PREPROCESSOR_CONFIG_FILE,
@@ -50,6 +50,7 @@ class Processor:
         self.vision_feature_select_strategy = vision.select_strategy  # ("default": the class token dropped)
         self.num_additional_image_tokens = vision.num_additional_image_tokens
         self.grid_pinpoints = image_processor.config.grid_pinpoints
+        self.image_sources: tuple[str, ...] = IMAGE_SOURCES  # the kinds of string an image may be given as (`load_image`)
 
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: Manifest) -> Processor:
@@ -124,7 +125,7 @@ class Processor:
             raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
         padding, max_length = self.tokenizer.padding_and_length(padding, truncation, max_length, pad_to_multiple_of)
         truncate = truncates(truncation, padding, max_length)
-        flat_images = [load_image(image) for image in flatten_images(images)] if images is not None else []
+        flat_images = [load_image(image, sources=self.image_sources) for image in flatten_images(images)] if images is not None else []
         if not flat_images:  # `[]` (or an empty list per prompt) is no images, as in a chat turn
             images = None
         if text is None and images is None:

@@ -117,6 +117,43 @@ def test_image_as_base64_or_a_data_uri(pipe, tmp_path):
         pipe.processor(text="<image>", images=[torch.zeros(3, 20, 20, requires_grad=True)])
 
 
+def test_image_sources_a_server_takes_from_untrusted_clients(mistral, pipe, tmp_path):
+    """`image_sources=("data",)`: images in prompts and chats come inline (base64, data URIs; PIL images and arrays
+    always), and a path or URL is refused before anything is read, whether the file exists or not (a client learns
+    nothing of the server's files). Whatever the sources, a path to a FIFO or a device is refused at once (reading
+    one would block, or never end)."""
+    import os
+    import threading
+
+    path = save_png(random_image(200, 150, seed=13), tmp_path / "photo.png")
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    inline = ortllava.load(mistral.bundle, provider="cpu", image_sources=("data",))
+    want = pipe.processor(text="<image>", images=[str(path)])["pixel_values"]
+    for source in (encoded, f"data:image/png;base64,{encoded}", random_image(200, 150, seed=13)):
+        np.testing.assert_array_equal(inline.processor(text="<image>", images=[source])["pixel_values"], want)
+    for source, what in ((str(path), "image paths"), (str(tmp_path / "missing.png"), "image paths"), (path.as_uri(), "image paths"),
+                         ("/etc/passwd", "image paths"), ("http://127.0.0.1:9/a.png", "image URLs")):
+        with pytest.raises(ImageLoadError, match=f"^{what} are not taken here \\(image sources taken: data\\)"):
+            inline.generate(prompt=PROMPT, images=[source], max_new_tokens=2)
+    chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}}, {"type": "text", "text": "Hi"}]}]
+    with pytest.raises(ImageLoadError, match="image paths are not taken here"):
+        inline.generate(messages=chat, max_new_tokens=2)
+    with pytest.raises(ImageLoadError, match="image paths are not taken here"):
+        inline.chat().send(chat[0]["content"][1]["text"], images=[str(path)], max_new_tokens=2)
+    with pytest.raises(ImageLoadError, match="image paths are not taken here"):
+        ortllava.pipeline(model=inline)(text=chat, max_new_tokens=2)
+    with pytest.raises(ValueError, match="image_sources must be a collection of 'file', 'http', 'data'"):
+        ortllava.load(mistral.bundle, provider="cpu", image_sources="data")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ImageLoadError, pipe.processor, text="<image>", images=[str(fifo)])))
+    reader.start()
+    reader.join(timeout=20)
+    assert not reader.is_alive(), "reading a FIFO as an image blocked"
+    assert outcome and "not a regular file" in str(outcome[0].value)
+
+
 def test_empty_image_list_is_no_images(pipe):
     text = "[INST] Hello there [/INST]"
     want = pipe.generate(prompt=text, max_new_tokens=4).token_ids
