@@ -110,10 +110,16 @@ def is_batch(prompt: Any, messages: Any) -> bool:
     return True
 
 
+# Content parts a LLaVA-NeXT chat template renders (after OpenAI's forms are mapped to them: `_image_block`).
+CONTENT_TYPES = ("text", "image")
+
+
 def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
     """A chat as transformers' processors normalize it before rendering: the keys set to None dropped (as OpenAI
     clients send `content=None`), and OpenAI `{"type": "image_url", "image_url": {"url": ...}}` blocks (or with
-    the URL as a string) made `{"type": "image", "url": ...}`."""
+    the URL as a string) made `{"type": "image", "url": ...}`; OpenAI's Responses forms too ("input_text",
+    "input_image"). A part of another type (or of none) is a ValueError: the template would render it as nothing,
+    and the answer would be to a message without it."""
     normalized = []
     for index, message in enumerate(conversation):
         if not isinstance(message, dict):
@@ -122,6 +128,12 @@ def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
         if isinstance(message.get("content"), list):
             message["content"] = [_image_block(block) for block in message["content"]]
             for block in message["content"]:  # (a template would render it as nothing: an answer to an empty message)
+                if isinstance(block, dict) and block.get("type") not in CONTENT_TYPES:
+                    kind = f"of type {block['type']!r}" if "type" in block else f"without a 'type' (its keys: {', '.join(map(repr, block))})"
+                    raise ValueError(
+                        f"message {index} has a content part {kind}, which the chat template would leave out: give "
+                        "{'type': 'text', 'text': ...} or {'type': 'image', 'image'|'url'|'path': ...} (or OpenAI's 'image_url')"
+                    )
                 if isinstance(block, dict) and block.get("type") == "text" and block.get("text") is None:
                     others = ", ".join(repr(key) for key in block if key != "type") or "none"
                     what = "is None" if "text" in block else f"is missing (its other keys: {others})"
@@ -131,9 +143,15 @@ def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
 
 
 def _image_block(block: Any) -> Any:
-    if isinstance(block, dict) and block.get("type") == "image_url" and "image_url" in block:
+    """OpenAI's content parts as transformers' (its Chat Completions "image_url"; its Responses API's "input_image" and
+    "input_text"); other parts as given."""
+    if isinstance(block, dict) and block.get("type") in ("image_url", "input_image"):
+        if "image_url" not in block:  # ({"type": "image_url", "url": ...}: the source under transformers' keys)
+            return {**block, "type": "image"}
         source = block["image_url"]
         return {"type": "image", "url": source.get("url", "") if isinstance(source, dict) else source}
+    if isinstance(block, dict) and block.get("type") == "input_text":
+        return {"type": "text", "text": block.get("text")}
     return block
 
 
@@ -150,7 +168,7 @@ def images_in_messages(messages: list[dict]) -> list[ImageLike]:
         if not isinstance(content, list):
             continue
         for item in content:
-            if not isinstance(item, dict) or item.get("type") not in ("image", "image_url"):
+            if not isinstance(item, dict) or item.get("type") not in ("image", "image_url", "input_image"):
                 continue
             item = _image_block(item)
             source = next((item[key] for key in ("image", "url", "path", "base64") if item.get(key) is not None), None)

@@ -68,6 +68,13 @@ def test_apply_chat_template_arguments_as_transformers(mistral):
     ]
     assert ours.apply_chat_template(openai, add_generation_prompt=True) == hf.apply_chat_template(openai, add_generation_prompt=True)
     assert ours.apply_chat_template(openai).count("<image>") == 1
+    # OpenAI's Responses forms render as their Chat Completions twins; a part the template would leave out is refused.
+    responses = [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}, {"type": "input_text", "text": "Hi"}]}]
+    assert ours.apply_chat_template(responses, add_generation_prompt=True) == hf.apply_chat_template(openai, add_generation_prompt=True)
+    for part, named in (({"type": "imag_url", "image_url": {"url": "x"}}, "of type 'imag_url'"), ({"text": "Hi"}, "without a 'type' \\(its keys: 'text'\\)"),
+                        ({"type": "video", "url": "v.mp4"}, "of type 'video'")):
+        with pytest.raises(ValueError, match=f"message 0 has a content part {named}, which the chat template would leave out"):
+            ours.apply_chat_template([{"role": "user", "content": [part, {"type": "text", "text": "Hi"}]}])
     template = "{% for m in messages %}{{ m.role }}{% if m.name is defined %}({{ m.name }}){% endif %}{% endfor %}|{{ tools | length }}"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert ours.apply_chat_template(openai, chat_template=template, tools=tools) == hf.apply_chat_template(openai, chat_template=template, tools=tools) == "user|1"
