@@ -341,6 +341,7 @@ class Pipeline:
         return Run(
             self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], with_processors(sampler, processors), settings,
             eos, pad_id, metrics, started, batched, keep_cache, processors=processors, held_tokens=self._held_tokens,
+            prompt_tokens=attention_mask.sum(axis=1).tolist(),
         )
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:

@@ -30,6 +30,9 @@ def positions_needed(prompt_tokens: int, max_new_tokens: int) -> int:
 
 @dataclass
 class GenerationMetrics:
+    """The timings and sizes of one generation: a batch's results share it (each result's own token counts are its
+    `prompt_tokens` and `len(token_ids)`)."""
+
     prompt_tokens: int = 0  # longest prompt of the batch, image tokens included
     prefilled_tokens: int = 0  # prompt tokens run through the decoder: all of them, or a chat turn's new ones
     generated_tokens: int = 0  # new tokens of the longest answer
@@ -65,6 +68,9 @@ class GenerationResult:
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
     # [len(token_ids), V] float32 with output_logits=True: the raw logits each was picked from (left out of == and repr)
     logits: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # This answer's prompt: its tokens, images included, without the batch's padding (with len(token_ids), an
+    # OpenAI-style usage count; a chat turn's prompt is the whole conversation)
+    prompt_tokens: int = 0
 
 
 def generate_step(

@@ -79,6 +79,7 @@ class Run:
     keep_cache: KeepCache | None = None  # given the cache at the end instead of the decoder (a chat, the prefix cache)
     tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (only runs that keep their cache)
     processors: list[LogitsProcessor] = field(default_factory=list)  # the sampler's, which beam search applies itself
+    prompt_tokens: Sequence[int] = ()  # each row's prompt tokens, without padding (for its result)
     held_tokens: Collection[int] = ()  # ids after which streamed text waits for the next token (detokenizer.held_token_ids)
 
     def embed_step(self, ids: np.ndarray, out: np.ndarray) -> None:
@@ -142,7 +143,10 @@ def collect(run: Run) -> list[GenerationResult]:
         kept = None
         if logits is not None:
             kept, logits[row] = np.stack(logits[row]), []  # (each row's copies go as its array is made)
-        results.append(GenerationResult(text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics, logits=kept))
+        results.append(GenerationResult(
+            text=text if cut is None else text[:cut], token_ids=answer, finish_reason=reason, metrics=run.metrics, logits=kept,
+            prompt_tokens=_row_prompt(run, row),
+        ))
     return results
 
 
@@ -157,9 +161,14 @@ def collect_beams(run: Run) -> list[GenerationResult]:
     return [
         GenerationResult(
             text=run.answer_text(tokens), token_ids=tokens, finish_reason="stop" if tokens and tokens[-1] in run.eos else "length", metrics=run.metrics,
+            prompt_tokens=_row_prompt(run, index * settings.num_beams),
         )
-        for prompt in answers.tokens for tokens in prompt
+        for index, prompt in enumerate(answers.tokens) for tokens in prompt
     ]
+
+
+def _row_prompt(run: Run, row: int) -> int:
+    return int(run.prompt_tokens[row]) if len(run.prompt_tokens) else run.metrics.prompt_tokens
 
 
 def stream_chunks(run: Run) -> Iterator[StreamChunk]:

@@ -238,6 +238,22 @@ def test_max_time_ends_the_answers_as_transformers(pipe, mistral):
         pipe.generate(**free, max_time=0)
 
 
+def test_each_result_counts_its_own_prompt_tokens(pipe):
+    """`result.prompt_tokens` is the answer's own prompt (images included, no padding), for a batch, several answers
+    per prompt and beam search alike; with `len(token_ids)`, a server's usage count."""
+    image = random_image(300, 200, seed=5)
+    prompts = [PROMPT, "[INST] A text-only question, a little longer than the other one, to be padded against. [/INST]"]
+    alone = [pipe.processor(text=prompts[0], images=[image])["input_ids"].shape[1], pipe.processor(text=prompts[1])["input_ids"].shape[1]]
+    assert alone[0] != alone[1]
+    batch = pipe.generate(prompt=prompts, images=[image], max_new_tokens=3)
+    assert [result.prompt_tokens for result in batch] == alone and batch[0].metrics.prompt_tokens == max(alone)
+    several = pipe.generate(prompt=prompts, images=[image], max_new_tokens=3, do_sample=True, seed=0, num_return_sequences=2)
+    assert [[result.prompt_tokens for result in answers] for answers in several] == [[alone[0]] * 2, [alone[1]] * 2]
+    beams = pipe.generate(prompt=prompts, images=[image], max_new_tokens=3, num_beams=2, num_return_sequences=2)
+    assert [[result.prompt_tokens for result in answers] for answers in beams] == [[alone[0]] * 2, [alone[1]] * 2]
+    assert pipe.generate(prompt=prompts[1], max_new_tokens=3).prompt_tokens == alone[1]
+
+
 def test_stop_finder_searches_a_growing_text_as_a_whole_search_would():
     """`StopFinder` looks only where a new match can lie (a text that grows by pieces, then a tail that may change from
     call to call); it finds what searching the whole of text + tail finds, matches across pieces and into the tail
