@@ -5,7 +5,8 @@ from __future__ import annotations
 import operator
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -35,6 +36,20 @@ Messages = list[dict[str, Any]]
 # (None: it goes back to the decoder). `Pipeline._fresh_prefill` embeds the whole prompt; a chat embeds only
 # what its cache does not hold yet.
 PrefillPlan = Callable[[dict[str, np.ndarray], int, GenerationMetrics], tuple[Prefill, KeepCache | None]]
+
+
+@dataclass
+class Request:
+    """A generation's inputs and settings, checked (`Pipeline._check_request`): processor outputs (`input_ids [B, T]`,
+    left-padded), whether they were a batch, the settings for their prompt, EOS and pad ids, and the metrics begun."""
+
+    inputs: Mapping[str, np.ndarray]
+    batched: bool
+    settings: GenerationSettings
+    eos: list[int]
+    pad_id: int
+    metrics: GenerationMetrics
+    started: float
 
 
 class Pipeline:
@@ -222,7 +237,7 @@ class Pipeline:
                 f"{settings.not_for_beams}: pass num_beams=1"
             )
         model_inputs = given_model_inputs(self.processor, prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes, mm_token_type_ids)
-        run = self._start(None, settings, prompt, images, messages, model_inputs=model_inputs)
+        run = self._start(None, self._check_request(settings, prompt, images, messages, model_inputs=model_inputs))
         results = collect_beams(run) if settings.num_beams > 1 else collect(run)
         n = settings.num_return_sequences
         if n > 1:
@@ -246,16 +261,19 @@ class Pipeline:
         """`generate` for one prompt, chat or row of `input_ids`, yielding text pieces as tokens arrive.
 
         The pieces joined equal `generate(...).text` for the same arguments; the last chunk carries the
-        finish reason and the metrics. The arguments are checked here; the work begins at the first chunk.
+        finish reason and the metrics. The arguments and inputs are checked here (images loaded and preprocessed,
+        the prompt's length checked: a caller's mistake is raised by this call); the graphs run from the first chunk,
+        and the timings count from this call.
         """
         model_inputs = given_model_inputs(self.processor, prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes, mm_token_type_ids)
         batch = model_inputs["input_ids"].shape[0] > 1 if model_inputs is not None else is_batch(prompt, messages)
         if batch:
             raise ValueError("stream takes one prompt, one chat or one row of input_ids; use generate for batches")
         settings = one_answer(self.settings(**kwargs), streamed=True)
+        request = self._check_request(settings, prompt, images, messages, model_inputs=model_inputs)
 
         def chunks() -> Iterator[StreamChunk]:
-            yield from stream_chunks(self._start(None, settings, prompt, images, messages, model_inputs=model_inputs))
+            yield from stream_chunks(self._start(None, request))
 
         return chunks()
 
@@ -279,46 +297,52 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------------
     # The shared machinery of generate, stream and chats
 
-    def _start(
+    def _check_request(
         self,
-        plan: PrefillPlan | None,
         settings: GenerationSettings,
         prompt: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | ImageLike | None = None,
         messages: Messages | Sequence[Messages] | None = None,
         pixel_values: bool = True,
         model_inputs: BatchFeature | None = None,
-    ) -> Run:
-        """Everything up to the first decoder call: inputs (`model_inputs` if given, else from the prompt or chat),
-        images, embeddings (through `plan`; by default `_prefix_prefill` for one prompt with `prefix_cache`, else
-        `_fresh_prefill`), sampler. `pixel_values=False` leaves
-        the images' pixels to `plan` (a chat turn preprocesses only the images it encodes; it adds that time to
-        `metrics.preprocess_s`)."""
+    ) -> Request:
+        """A generation's inputs (`model_inputs` if given, else from the prompt or chat, its images loaded and
+        preprocessed) and settings for its prompt, checked: what a caller gets wrong is raised here, before any graph
+        runs (a stream calls this at once, and the rest at its first chunk). `pixel_values=False` leaves the images'
+        pixels to the prefill plan (a chat turn preprocesses only the images it encodes)."""
         started = time.perf_counter()
         metrics = GenerationMetrics()
         inputs, batched = (model_inputs, True) if model_inputs is not None else self.prepare(prompt, images, messages, pixel_values)
         inputs = left_aligned(self.processor, inputs)
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        prompt_tokens = int(inputs["input_ids"].shape[1])
 
         max_length = settings.max_length
         # max_length, where in force -> max_new_tokens; the default length, held to the room the prompt leaves
         default_new_tokens = settings.max_new_tokens
-        settings = settings.for_prompt(int(input_ids.shape[1]), self.sessions.decoder.max_length)
-        self._check_length(input_ids.shape[1], settings.max_new_tokens, max_length, settings.length_is_default)
-        least = max(settings.min_new_tokens, settings.min_length - int(input_ids.shape[1]))
+        settings = settings.for_prompt(prompt_tokens, self.sessions.decoder.max_length)
+        self._check_length(prompt_tokens, settings.max_new_tokens, max_length, settings.length_is_default)
+        least = max(settings.min_new_tokens, settings.min_length - prompt_tokens)
         if least > settings.max_new_tokens:  # (transformers' warning, for max_new_tokens)
             warn(
                 f"Unfeasible length constraints: at least {least} new tokens asked for (min_new_tokens, or min_length less the "
-                f"prompt's {input_ids.shape[1]} tokens), but at most {settings.max_new_tokens}: the answer stops at {settings.max_new_tokens}"
+                f"prompt's {prompt_tokens} tokens), but at most {settings.max_new_tokens}: the answer stops at {settings.max_new_tokens}"
             )
         if settings.length_is_default and settings.max_new_tokens < default_new_tokens:
             warn(
-                f"the prompt ({input_ids.shape[1]} tokens) leaves room for {settings.max_new_tokens} new tokens of the default "
+                f"the prompt ({prompt_tokens} tokens) leaves room for {settings.max_new_tokens} new tokens of the default "
                 f"{default_new_tokens}: the answer may be cut there (a max_new_tokens you give is refused where it does not fit)"
             )
         eos, pad_id = self._special_ids(settings)
         metrics.preprocess_s = time.perf_counter() - started
-        metrics.prompt_tokens = int(input_ids.shape[1])
+        metrics.prompt_tokens = prompt_tokens
+        return Request(inputs, batched, settings, eos, pad_id, metrics, started)
+
+    def _start(self, plan: PrefillPlan | None, request: Request) -> Run:
+        """Everything up to the first decoder call, from a checked request: images and embeddings (through `plan`; by
+        default `_prefix_prefill` for one prompt with `prefix_cache`, else `_fresh_prefill`), sampler. A chat turn's
+        `plan` adds the time it preprocesses images to `metrics.preprocess_s`."""
+        inputs, settings, metrics = request.inputs, request.settings, request.metrics
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
 
         # Rows per prompt: its beams (beam search), else its answers (num_return_sequences), each from one prefill.
         copies = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
@@ -337,11 +361,11 @@ class Pipeline:
             settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed, settings.min_p, settings.typical_p,
             settings.epsilon_cutoff, settings.eta_cutoff,
         )
-        processors = for_settings(settings, input_ids, attention_mask, eos, self.manifest.text.vocab_size)
+        processors = for_settings(settings, input_ids, attention_mask, request.eos, self.manifest.text.vocab_size)
         return Run(
             self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], with_processors(sampler, processors), settings,
-            eos, pad_id, metrics, started, batched, keep_cache, processors=processors, held_tokens=self._held_tokens,
-            prompt_tokens=attention_mask.sum(axis=1).tolist(),
+            request.eos, request.pad_id, metrics, request.started, request.batched, keep_cache, processors=processors,
+            held_tokens=self._held_tokens, prompt_tokens=attention_mask.sum(axis=1).tolist(),
         )
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:

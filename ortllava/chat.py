@@ -33,7 +33,7 @@ from .runs import collect, one_answer, stream_chunks
 from .settings import LENGTH_ARGUMENTS, with_callers_generation_config
 
 if TYPE_CHECKING:
-    from .api import Pipeline
+    from .api import Pipeline, Request
     from .runs import Run, StreamChunk
 
 
@@ -74,7 +74,7 @@ class ChatSession:
         answer join `messages`. `generate_kwargs` override the session's defaults for this turn."""
         self._close_open_stream()
         message = self._user_message(text, images)
-        run = self._start(message, generate_kwargs, streamed=False)
+        run = self._start(*self._request(message, generate_kwargs, streamed=False))
         result = collect(run)[0]
         self._commit(message, result.text)
         return result
@@ -86,10 +86,12 @@ class ChatSession:
         A stream closed early (`close()`, let go as by `break` out of a for loop, or left unfinished when the next
         turn starts) keeps the text it yielded as the answer; one that fails (an error raised during the turn) adds
         nothing to the history, as with `send`; one never iterated never runs (its message does not join the history
-        either).
+        either). The turn's arguments, images and length are checked by this call (a caller's mistake is raised
+        here); the graphs run from the first chunk.
         """
         self._close_open_stream()
-        chunks = self._stream_turn(text, images, generate_kwargs)
+        message = self._user_message(text, images)
+        chunks = self._stream_turn(message, *self._request(message, generate_kwargs, streamed=True))
         self._open = weakref.ref(chunks)
         return chunks
 
@@ -117,9 +119,8 @@ class ChatSession:
     # ----------------------------------------------------------------------------------------------
     # Internals
 
-    def _stream_turn(self, text: str, images: Any, generate_kwargs: dict[str, Any]) -> Generator[StreamChunk, None, None]:
-        message = self._user_message(text, images)
-        run = self._start(message, generate_kwargs, streamed=True)
+    def _stream_turn(self, message: dict[str, Any], request: Request, messages: list[dict[str, Any]]) -> Generator[StreamChunk, None, None]:
+        run = self._start(request, messages)
         pieces: list[str] = []
         committed = closed_early = False
         chunks = stream_chunks(run)
@@ -170,7 +171,9 @@ class ChatSession:
         self.messages.append(message)
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
 
-    def _start(self, message: dict[str, Any], generate_kwargs: dict[str, Any], streamed: bool) -> Run:
+    def _request(self, message: dict[str, Any], generate_kwargs: dict[str, Any], streamed: bool) -> tuple[Request, list[dict[str, Any]]]:
+        """The turn's request, checked before any graph runs (`Pipeline._check_request`), and the conversation it
+        answers."""
         defaults, generate_kwargs = self.defaults, with_callers_generation_config(generate_kwargs)  # (a turn's config, under its arguments)
         if any(generate_kwargs.get(name) is not None for name in LENGTH_ARGUMENTS):  # a turn's length replaces the session's
             defaults = {name: value for name, value in defaults.items() if name not in LENGTH_ARGUMENTS}
@@ -178,7 +181,7 @@ class ChatSession:
         settings = one_answer(self.pipe.settings(**given), streamed, logits_from="send()")  # before any graph runs
         messages = [*self.messages, message]
         try:  # pixels are left out: the plan preprocesses only the images whose features the cache lacks
-            return self.pipe._start(self._plan(messages), settings, messages=messages, pixel_values=False)
+            return self.pipe._check_request(settings, messages=messages, pixel_values=False), messages
         except ContextLengthError as error:
             # Advice only where it helps: there is a history, and without it the message and its answer would fit.
             system, history = self.messages[: self.system is not None], self.messages[self.system is not None :]
@@ -187,6 +190,10 @@ class ChatSession:
             if not history or alone > self.pipe.sessions.decoder.max_length:
                 raise
             raise ContextLengthError(f"{error}. This conversation is full: reset() starts a new one (/reset in `ortllava chat`)") from None
+
+    def _start(self, request: Request, messages: list[dict[str, Any]]) -> Run:
+        """The turn's run: only what the kept cache lacks is prefilled (`_plan`)."""
+        return self.pipe._start(self._plan(messages), request)
 
     def _plan(self, messages: list[dict[str, Any]]):
         """The prefill plan of one turn (see `api.PrefillPlan`): only the tokens the cache lacks."""

@@ -275,14 +275,15 @@ def _chat(args: argparse.Namespace) -> int:
                 print(f"ortllava: unknown command {line!r}; {CHAT_HELP}", file=sys.stderr)
             continue
         images, pending = pending, []
-        stream = session.stream(line, images=images or None)
+        stream = chunk = None
         try:
-            chunk = None
+            stream = session.stream(line, images=images or None)  # (the turn is checked here: a bad line is said below)
             for chunk in stream:
                 print(chunk.text, end="", flush=True)
             print(flush=True)
         except KeyboardInterrupt:  # Ctrl-C stops the answer (what was shown stays in the conversation); at the prompt it quits
-            stream.close()
+            if stream is not None:
+                stream.close()
             print("\n[stopped]", file=sys.stderr)
             continue
         except (ImageLoadError, ValueError, RuntimeError, FloatingPointError) as error:

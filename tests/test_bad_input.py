@@ -283,6 +283,17 @@ def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch
         next(pipe.stream(input_ids=np.ones((2, 3), np.int64), max_new_tokens=2))
     with pytest.raises(TypeError, match="colour"):  # when called, not at the first chunk
         pipe.stream(prompt="Hi", colour="red")
+    # The inputs too: a server learns of a client's mistake before it answers (before it sends a first chunk).
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        pipe.stream(prompt=PROMPT, images=["/nonexistent/missing.png"])
+    with pytest.raises(ortllava.ContextLengthError):
+        pipe.stream(prompt="[INST] " + "word " * 10_000 + "[/INST]", max_new_tokens=2)
+    session = pipe.chat()
+    with pytest.raises(ValueError, match="max_new_tokens must be"):
+        session.stream("Hi", max_new_tokens=0)
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        session.stream("Hi", images=["/nonexistent/missing.png"])
+    assert session.messages == [] and "".join(chunk.text for chunk in session.stream("Hi", max_new_tokens=2)) == session.messages[-1]["content"][0]["text"]
     with pytest.raises(TypeError, match="system must be a string"):
         pipe.chat(system=["You are terse."])
     monkeypatch.undo()
