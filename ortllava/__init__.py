@@ -8,9 +8,10 @@
 
 from .api import Pipeline, generate, load
 from .chat import ChatSession
+from .chat_template import ChatTemplateError
 from .decoders import ContextLengthError
 from .generate import GenerationMetrics, GenerationResult
-from .settings import GenerationSettings
+from .settings import GenerationSettings, SettingError
 from .hf_pipeline import pipeline
 from .image_source import ImageLoadError
 from .manifest import BundleError
@@ -18,4 +19,7 @@ from .runs import StreamChunk
 
 __version__ = "0.1.0"
 
-__all__ = ["BundleError", "ChatSession", "ContextLengthError", "GenerationMetrics", "GenerationResult", "GenerationSettings", "ImageLoadError", "Pipeline", "StreamChunk", "generate", "load", "pipeline", "__version__"]
+__all__ = [
+    "BundleError", "ChatSession", "ChatTemplateError", "ContextLengthError", "GenerationMetrics", "GenerationResult", "GenerationSettings",
+    "ImageLoadError", "Pipeline", "SettingError", "StreamChunk", "generate", "load", "pipeline", "__version__",
+]
