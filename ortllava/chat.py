@@ -18,6 +18,8 @@ cut back. With an int8 key/value cache the answers are not token for token those
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
@@ -64,6 +66,9 @@ class ChatSession:
         # The last stream, held weakly: one the caller lets go (`break` out of a for loop over it) is closed at once,
         # and its answer so far joins `messages` then, not at the next turn. (Closing a finished one is a no-op.)
         self._open: weakref.ref[Generator[StreamChunk, None, None]] | None = None
+        # Held while a turn runs (a `send`, a stream being read, a `reset`): a second thread's turn is refused, not
+        # run over the same history and cache.
+        self._busy = threading.Lock()
         self.reset()
 
     # ----------------------------------------------------------------------------------------------
@@ -73,11 +78,12 @@ class ChatSession:
         """Answers `text` (with `images`, placed before it) given the conversation so far; the message and the
         answer join `messages`. `generate_kwargs` override the session's defaults for this turn."""
         self._close_open_stream()
-        message = self._user_message(text, images)
-        run = self._start(*self._request(message, generate_kwargs, streamed=False))
-        result = collect(run)[0]
-        self._commit(message, result.text)
-        return result
+        with self._turn():
+            message = self._user_message(text, images)
+            run = self._start(*self._request(message, generate_kwargs, streamed=False))
+            result = collect(run)[0]
+            self._commit(message, result.text)
+            return result
 
     def stream(self, text: str, images: Sequence[ImageLike] | ImageLike | None = None, **generate_kwargs: Any) -> Iterator[StreamChunk]:
         """`send`, yielding text pieces as tokens arrive (the same `StreamChunk`s as `Pipeline.stream`; the
@@ -90,18 +96,20 @@ class ChatSession:
         here); the graphs run from the first chunk.
         """
         self._close_open_stream()
-        message = self._user_message(text, images)
-        chunks = self._stream_turn(message, *self._request(message, generate_kwargs, streamed=True))
+        with self._turn():
+            message = self._user_message(text, images)
+            chunks = self._stream_turn(message, *self._request(message, generate_kwargs, streamed=True))
         self._open = weakref.ref(chunks)
         return chunks
 
     def reset(self) -> None:
         """Forgets the conversation (the system message stays) and hands the cache back to the decoder."""
         self._close_open_stream()
-        self.messages = [] if self.system is None else [{"role": "system", "content": [{"type": "text", "text": self.system}]}]
-        if self._held is not None:
-            self.pipe.sessions.decoder.release(self._held.cache)
-            self._held = None
+        with self._turn():
+            self.messages = [] if self.system is None else [{"role": "system", "content": [{"type": "text", "text": self.system}]}]
+            if self._held is not None:
+                self.pipe.sessions.decoder.release(self._held.cache)
+                self._held = None
 
     @property
     def _held(self) -> HeldCache | None:
@@ -120,6 +128,10 @@ class ChatSession:
     # Internals
 
     def _stream_turn(self, message: dict[str, Any], request: Request, messages: list[dict[str, Any]]) -> Generator[StreamChunk, None, None]:
+        with self._turn():  # (from the first chunk to the last, or the close)
+            yield from self._streamed_turn(message, request, messages)
+
+    def _streamed_turn(self, message: dict[str, Any], request: Request, messages: list[dict[str, Any]]) -> Generator[StreamChunk, None, None]:
         run = self._start(request, messages)
         pieces: list[str] = []
         committed = closed_early = False
@@ -143,7 +155,21 @@ class ChatSession:
         """Closes the last stream if it is still open (a finished one closes as a no-op)."""
         stream, self._open = self._open() if self._open is not None else None, None
         if stream is not None:
-            stream.close()
+            try:
+                stream.close()
+            except ValueError:  # ("generator already executing": another thread is reading it)
+                self._open = weakref.ref(stream)
+                raise RuntimeError(_BUSY) from None
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Holds the session for one turn; a RuntimeError where another thread holds it."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(_BUSY)
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def _user_message(self, text: str, images: Sequence[ImageLike] | ImageLike | None) -> dict[str, Any]:
         if not isinstance(text, str):
@@ -217,6 +243,12 @@ class ChatSession:
             return plan_from_held(pipe, inputs, held, sources, _same_source, encode_from, max_new_tokens, metrics, hold)
 
         return plan
+
+
+_BUSY = (
+    "this chat session is answering in another thread: a ChatSession is one conversation, for one thread at a time "
+    "(give each thread its own pipe.chat())"
+)
 
 
 class _HeldBox:

@@ -174,6 +174,36 @@ def test_stream_closed_early_keeps_what_was_shown(setup):
     assert len(chat.messages) == 2 and chat.messages[-1]["content"][0]["text"] == chunk.text
 
 
+def test_a_session_answers_one_thread_at_a_time(setup, monkeypatch):
+    """A second thread's turn on a session that is answering is refused (a RuntimeError that says so), not run over
+    the same history and cache; the first turn ends as if alone, and the session goes on."""
+    import threading
+    import time
+
+    _, pipe = setup
+    chat = pipe.chat(**GREEDY)
+    decoder, step = pipe.sessions.decoder, pipe.sessions.decoder.step
+    answering = threading.Event()
+
+    def slow_step(*args, **kwargs):
+        answering.set()
+        time.sleep(0.1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "step", slow_step)
+    results = []
+    first = threading.Thread(target=lambda: results.append(chat.send(*TURNS[0])))
+    first.start()
+    assert answering.wait(timeout=60)
+    for turn in (lambda: chat.send("Me too."), lambda: chat.stream("Me too."), chat.reset):
+        with pytest.raises(RuntimeError, match="answering in another thread: a ChatSession is one conversation, for one thread at a time"):
+            turn()
+    first.join(timeout=120)
+    monkeypatch.undo()
+    assert len(chat.messages) == 2 and results[0].token_ids == pipe.generate(messages=[chat.messages[0]], **GREEDY).token_ids
+    assert chat.send(*TURNS[1]).text == chat.messages[-1]["content"][0]["text"]
+
+
 def test_stop_strings_and_arguments(setup):
     _, pipe = setup
     plain = pipe.chat(**GREEDY).send(*TURNS[0])
