@@ -16,10 +16,11 @@ from .hf_pipeline import pipeline
 from .image_source import ImageLoadError
 from .manifest import BundleError
 from .runs import StreamChunk
+from .warn import GenerationWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BundleError", "ChatSession", "ChatTemplateError", "ContextLengthError", "GenerationMetrics", "GenerationResult", "GenerationSettings",
+    "BundleError", "ChatSession", "ChatTemplateError", "ContextLengthError", "GenerationMetrics", "GenerationResult", "GenerationSettings", "GenerationWarning",
     "ImageLoadError", "Pipeline", "SettingError", "StreamChunk", "generate", "load", "pipeline", "__version__",
 ]

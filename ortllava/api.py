@@ -26,7 +26,7 @@ from .sampling import make_sampler
 from .runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
 from .sessions import BundleSessions
 from .settings import GenerationSettings, shown_settings, unsupported_generation_settings
-from .warn import warn
+from .warn import GenerationWarning, warn
 
 if TYPE_CHECKING:
     from .chat import ChatSession
@@ -325,12 +325,14 @@ class Pipeline:
         if least > settings.max_new_tokens:  # (transformers' warning, for max_new_tokens)
             warn(
                 f"Unfeasible length constraints: at least {least} new tokens asked for (min_new_tokens, or min_length less the "
-                f"prompt's {prompt_tokens} tokens), but at most {settings.max_new_tokens}: the answer stops at {settings.max_new_tokens}"
+                f"prompt's {prompt_tokens} tokens), but at most {settings.max_new_tokens}: the answer stops at {settings.max_new_tokens}",
+                GenerationWarning,
             )
         if settings.length_is_default and settings.max_new_tokens < default_new_tokens:
             warn(
                 f"the prompt ({prompt_tokens} tokens) leaves room for {settings.max_new_tokens} new tokens of the default "
-                f"{default_new_tokens}: the answer may be cut there (a max_new_tokens you give is refused where it does not fit)"
+                f"{default_new_tokens}: the answer may be cut there (a max_new_tokens you give is refused where it does not fit)",
+                GenerationWarning,
             )
         eos, pad_id = self._special_ids(settings)
         metrics.preprocess_s = time.perf_counter() - started

@@ -20,7 +20,7 @@ from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode
 from .logits_processors import LogitsProcessor
 from .sampling import Sampler
 from .settings import GenerationSettings
-from .warn import warn
+from .warn import GenerationWarning, warn
 
 Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
 KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)
@@ -37,7 +37,8 @@ def one_answer(settings: GenerationSettings, streamed: bool = False, logits_from
             raise ValueError(f"beam search (num_beams={settings.num_beams}) gives its answers at the end: use Pipeline.generate for it, or num_beams=1")
         warn(
             f"the bundle's generation config sets num_beams={settings.num_beams}, but beam search gives its answers at the end: this "
-            "answer is searched without beams (num_beams=1 silences this)"
+            "answer is searched without beams (num_beams=1 silences this)",
+            GenerationWarning,
         )
         settings = replace(settings, num_beams=1, beams_are_callers=False)
     if streamed and settings.output_logits:

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .warn import warn
+from .warn import GenerationWarning, warn
 
 DEFAULT_MAX_NEW_TOKENS = 256
 LENGTH_ARGUMENTS = ("max_new_tokens", "max_length")  # the two ways to say how long an answer may be
@@ -122,6 +122,7 @@ class GenerationSettings:
                 warn(
                     f"Both `max_new_tokens` (={given['max_new_tokens']}) and `max_length` (={given['max_length']}) seem to have been "
                     "set. `max_new_tokens` will take precedence.",
+                    GenerationWarning,
                 )
             values.pop("max_length", None)
         elif source.get("max_length") is not None:
@@ -134,7 +135,8 @@ class GenerationSettings:
             if values["min_length"] != 0:  # (and warns, as here, wherever each came from)
                 warn(
                     f"Both `min_new_tokens` (={values['min_new_tokens']}) and `min_length` (={values['min_length']}) seem to have been "
-                    "set. `min_new_tokens` will take precedence."
+                    "set. `min_new_tokens` will take precedence.",
+                    GenerationWarning,
                 )
             values.pop("min_length")
         for name in ("eos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
@@ -156,7 +158,10 @@ class GenerationSettings:
         defaults = cls()
         idle = [f"{name}={given[name]!r}" for name in SAMPLING_ARGUMENTS if given.get(name) is not None and given[name] != getattr(defaults, name)]
         if idle and not settings.do_sample:  # (as transformers warns of the caller's, not of a generation config's)
-            warn(f"do_sample is not True, so {', '.join(idle)} {'do' if len(idle) > 1 else 'does'} nothing (sampling only): pass do_sample=True to sample")
+            warn(
+                f"do_sample is not True, so {', '.join(idle)} {'do' if len(idle) > 1 else 'does'} nothing (sampling only): pass do_sample=True to sample",
+                GenerationWarning,
+            )
         # Plain Python values where numpy ones would behave otherwise (`np.True_ is True` is False; an integer's
         # negative power is an error).
         early_stopping = settings.early_stopping if settings.early_stopping == "never" else bool(settings.early_stopping)

@@ -10,6 +10,12 @@ import warnings
 _PACKAGE = os.path.dirname(__file__) + os.sep  # (not resolved: code loaded through a symlink names its files so)
 
 
+class GenerationWarning(UserWarning):
+    """A warning about one call's arguments or length (a prompt that leaves the default answer less room, sampling
+    arguments without sampling, ...): each call that meets the case warns again, so a server may filter them by this
+    category (`warnings.filterwarnings("ignore", category=ortllava.GenerationWarning)`)."""
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """`warnings.warn(message, category)` at the first caller outside ortllava."""
     frame, level = sys._getframe(1), 2  # (level 1 is this function; 2 the code that called it)

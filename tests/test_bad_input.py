@@ -243,7 +243,7 @@ def test_the_default_length_fits_the_room_a_long_prompt_leaves(mistral):
     prompt = "[INST] " + "hello " * 60 + "[/INST]"
     prompt_tokens = pipe.processor(text=prompt)["input_ids"].shape[1]
     assert pipe.settings().max_new_tokens > 300 - prompt_tokens + 1 and pipe.settings().length_is_default
-    with pytest.warns(UserWarning, match=rf"the prompt \({prompt_tokens} tokens\) leaves room for {300 - prompt_tokens + 1} new tokens of the default 256"):
+    with pytest.warns(ortllava.GenerationWarning, match=rf"the prompt \({prompt_tokens} tokens\) leaves room for {300 - prompt_tokens + 1} new tokens of the default 256"):
         result = pipe.generate(prompt=prompt, min_new_tokens=1000)  # (no EOS: the answer fills the room)
     assert len(result.token_ids) == 300 - prompt_tokens + 1 and result.finish_reason == "length"
     with pytest.raises(ortllava.ContextLengthError, match=r"max_new_tokens is 256"):
@@ -480,7 +480,7 @@ def test_a_generation_config_with_beams(mistral, tmp_path):
     beams = pipe.generate(messages=messages, max_new_tokens=6)
     assert beams.token_ids == pipe.generate(messages=messages, max_new_tokens=6, num_beams=3).token_ids
     greedy = pipe.generate(messages=messages, max_new_tokens=6, num_beams=1)
-    with pytest.warns(UserWarning, match="sets num_beams=3, but beam search gives its answers at the end: this answer is searched without beams"):
+    with pytest.warns(ortllava.GenerationWarning, match="sets num_beams=3, but beam search gives its answers at the end: this answer is searched without beams"):
         streamed = "".join(chunk.text for chunk in pipe.stream(messages=messages, max_new_tokens=6))
     assert streamed == greedy.text
     with pytest.warns(UserWarning, match="searched without beams"):
