@@ -171,11 +171,26 @@ def render(
             raise TypeError(f"chat messages must be dicts, got {message!r}")
     chat = _alias_reasoning(chat)
     final_text = _mark_final_message(chat, template, continue_final_message) if continue_final_message else None
-    try:
-        rendered = compile_template(template).render(
-            messages=chat, tools=plain_data(tools), documents=plain_data(documents), add_generation_prompt=add_generation_prompt,
+
+    def rendered_with(messages: list[dict]) -> str:
+        return compile_template(template).render(
+            messages=messages, tools=plain_data(tools), documents=plain_data(documents), add_generation_prompt=add_generation_prompt,
             **plain_data(variables),
         )
+
+    # A template that reads each message's content as a list of parts (the llava-hf ones) refuses OpenAI's string
+    # content, or an assistant turn without any (a tool call's), or renders a string's text as nothing: the chat is
+    # then rendered with that content given as parts (where transformers' would fail, or leave the text out).
+    plain = "type" in template and any(not isinstance(message.get("content"), list) for message in chat)  # (one that reads parts)
+    try:
+        try:
+            rendered = rendered_with(chat)
+        except jinja2.exceptions.TemplateError:
+            if not plain:
+                raise
+            rendered = None
+        if plain and (rendered is None or _leaves_out_text(rendered, chat)):
+            rendered = rendered_with([_as_parts(message) for message in chat])
     except jinja2.exceptions.TemplateError as error:
         strings = [str(m.get("role")) for m in chat if isinstance(m.get("content"), str)]
         hint = (  # (the llava-hf templates read each message's content as a list of parts, as transformers' do)
@@ -184,6 +199,20 @@ def render(
         )
         raise ChatTemplateError(f"the chat template refused the conversation: {error}{hint}") from error
     return rendered if final_text is None else _cut_at_mark(rendered, final_text)
+
+
+def _leaves_out_text(rendered: str, chat: list[dict]) -> bool:
+    """Whether a message's string content is not in the rendered text (a template that iterates parts reads a string
+    as characters, and renders none of them)."""
+    return any(isinstance(message.get("content"), str) and message["content"].strip() not in rendered for message in chat)
+
+
+def _as_parts(message: dict) -> dict:
+    """A message whose content is a string, or missing (an empty text), with it as a list of parts (`[{"type": "text", ...}]`)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return message
+    return {**message, "content": [{"type": "text", "text": "" if content is None else str(content)}]}
 
 
 def _mark_final_message(chat: list[dict], template: str, field: bool | str) -> str:

@@ -30,11 +30,18 @@ TEMPLATES = {"mistral": MISTRAL_TEMPLATE, "vicuna (generation block)": VICUNA_TE
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_template_renders_as_transformers(mistral, template, conversation, add_generation_prompt):
-    if template == "vicuna (generation block)" and conversation == "string content":
-        pytest.skip("the vicuna template iterates content items")
+    """As transformers renders it; string content, whose text the vicuna template (reading parts) leaves out there, as
+    transformers renders the same content given as parts."""
     hf = AutoProcessor.from_pretrained(mistral.checkpoint)
     pipe = ortllava.load(mistral.bundle, provider="cpu", verify=False)
     messages = CONVERSATIONS[conversation]
+    if template == "vicuna (generation block)" and conversation == "string content":
+        dropped = hf.apply_chat_template(messages, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt)
+        assert messages[0]["content"] not in dropped  # (the case: transformers renders the message without its text)
+        messages_as_parts = [{**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]} for m in messages]
+        want = hf.apply_chat_template(messages_as_parts, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt)
+        assert pipe.processor.apply_chat_template(messages, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt) == want
+        return
     want = hf.apply_chat_template(messages, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt)
     got = pipe.processor.apply_chat_template(messages, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt)
     assert got == want
@@ -44,12 +51,18 @@ def test_template_globals(mistral):
     pipe = ortllava.load(mistral.bundle, provider="cpu", verify=False)
     with pytest.raises(ChatTemplateError, match="Only system, user and assistant"):
         pipe.processor.apply_chat_template([{"role": "tool", "content": [{"type": "text", "text": "x"}]}])
-    # (transformers raises the same for string content in a template that reads parts; here it says what to give)
-    with pytest.raises(ChatTemplateError, match=r"the system message\(s\) give their content as a string.*\[\{\"type\": \"text\""):
-        pipe.processor.apply_chat_template([{"role": "system", "content": "be terse"}, {"role": "user", "content": [{"type": "text", "text": "x"}]}])
+    # OpenAI's forms that a template reading parts refuses (in transformers too): string content, an assistant turn
+    # without content (a tool call's), rendered as the same content given as parts.
+    hf = AutoProcessor.from_pretrained(mistral.checkpoint)
+    openai = [{"role": "system", "content": "be terse"}, {"role": "user", "content": [{"type": "text", "text": "x"}]},
+              {"role": "assistant", "content": None, "tool_calls": []}, {"role": "user", "content": "y"}]
+    as_parts = [{"role": "system", "content": [{"type": "text", "text": "be terse"}]}, openai[1], {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+                {"role": "user", "content": [{"type": "text", "text": "y"}]}]
+    with pytest.raises(Exception):
+        hf.apply_chat_template(openai)
+    assert pipe.processor.apply_chat_template(openai, add_generation_prompt=True) == hf.apply_chat_template(as_parts, add_generation_prompt=True)
     template = "{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|{{ strftime_now('%Y') | length }}|{{ messages | tojson }}"
     rendered = pipe.processor.apply_chat_template([{"role": "user", "content": "é"}], chat_template=template)
-    hf = AutoProcessor.from_pretrained(mistral.checkpoint)
     assert rendered == hf.apply_chat_template([{"role": "user", "content": "é"}], chat_template=template) == '<s>1|4|[{"role": "user", "content": "é"}]'
 
 
