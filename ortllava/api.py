@@ -320,7 +320,8 @@ class Pipeline:
         # max_length, where in force -> max_new_tokens; the default length, held to the room the prompt leaves
         default_new_tokens = settings.max_new_tokens
         settings = settings.for_prompt(prompt_tokens, self.sessions.decoder.max_length)
-        self._check_length(prompt_tokens, settings.max_new_tokens, max_length, settings.length_is_default)
+        images = bool((inputs["input_ids"] == self.processor.image_token_id).any())
+        self._check_length(prompt_tokens, settings.max_new_tokens, max_length, settings.length_is_default, images)
         least = max(settings.min_new_tokens, settings.min_length - prompt_tokens)
         if least > settings.max_new_tokens:  # (transformers' warning, for max_new_tokens)
             warn(
@@ -423,25 +424,26 @@ class Pipeline:
                 raise ValueError(f"{name} {outside[0]} is not in the model's vocabulary of {vocab}")
         return eos, pad
 
-    def _check_length(self, prompt_tokens: int, max_new_tokens: int, max_length: int | None = None, default_length: bool = False) -> None:
+    def _check_length(
+        self, prompt_tokens: int, max_new_tokens: int, max_length: int | None = None, default_length: bool = False, images: bool = True,
+    ) -> None:
         """A ContextLengthError where the prompt and its answer need more positions than the decoder serves
         (`max_length`: the generation's, where it set `max_new_tokens`, named in the message instead; `default_length`:
-        no one set the length, so only the prompt can be at fault)."""
+        no one set the length, so only the prompt can be at fault; `images`: whether the prompt holds any)."""
         decoder = self.sessions.decoder
         limit = decoder.max_length  # the model's positions, fewer where the graph serves fewer, or the fixed buffers'
         needed = positions_needed(prompt_tokens, max_new_tokens)
         if needed > limit:
             what = f"the key/value buffers fixed at load by max_length={limit}" if decoder.fixed_capacity else f"the model's {limit}"
             asked = f"max_length is {max_length} ({max_new_tokens} new tokens)" if max_length is not None else f"max_new_tokens is {max_new_tokens}"
+            counted, fewer = (" (images included)", ", or use smaller or fewer images") if images else ("", "")
             if default_length:
                 raise ContextLengthError(
-                    f"the prompt is {prompt_tokens} tokens (images included), beyond {what}: no room is left for an answer; "
-                    "shorten the prompt, or use smaller or fewer images"
+                    f"the prompt is {prompt_tokens} tokens{counted}, beyond {what}: no room is left for an answer; shorten the prompt{fewer}"
                 )
             raise ContextLengthError(
-                f"the prompt is {prompt_tokens} tokens (images included) and {asked}: "
-                f"{needed} positions (the last new token takes none), beyond {what}; shorten the prompt, "
-                f"use smaller or fewer images, or lower {'max_length' if max_length is not None else 'max_new_tokens'}"
+                f"the prompt is {prompt_tokens} tokens{counted} and {asked}: {needed} positions (the last new token takes none), "
+                f"beyond {what}; shorten the prompt{fewer}, or lower {'max_length' if max_length is not None else 'max_new_tokens'}"
             )
 
 

@@ -228,8 +228,10 @@ def test_prompt_beyond_the_context_is_refused_up_front(pipe, monkeypatch):
     limit = pipe.manifest.text.max_position_embeddings
     monkeypatch.setattr(pipe, "encode_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
     monkeypatch.setattr(pipe.sessions.decoder, "start", lambda *a, **k: pytest.fail("the decoder ran"))
-    with pytest.raises(ortllava.ContextLengthError, match=rf"beyond the model's {limit}"):
+    with pytest.raises(ortllava.ContextLengthError, match=rf"\(images included\) and .* beyond the model's {limit}; .*smaller or fewer images"):
         pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_new_tokens=limit)
+    with pytest.raises(ortllava.ContextLengthError, match=rf"^the prompt is \d+ tokens and .* beyond the model's {limit}; shorten the prompt, or lower max_new_tokens$"):
+        pipe.generate(prompt="[INST] Hi [/INST]", max_new_tokens=limit)  # (no image: none to make smaller)
     with pytest.raises(ortllava.ContextLengthError, match=rf"max_length is {limit * 2} \(\d+ new tokens\).*lower max_length$"):
         pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_length=limit * 2)
 
