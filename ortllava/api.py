@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from .detokenizer import held_token_ids
 from .features import embed, pack_images
 from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, positions_needed
-from .image_source import IMAGE_SOURCES, ImageLike, image_source_kinds
+from .image_source import IMAGE_SOURCES, ImageLike
 from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .inputs import given_model_inputs, is_batch, left_aligned, prepare_inputs
@@ -41,7 +42,8 @@ PrefillPlan = Callable[[dict[str, np.ndarray], int, GenerationMetrics], tuple[Pr
 @dataclass
 class Request:
     """A generation's inputs and settings, checked (`Pipeline._check_request`): processor outputs (`input_ids [B, T]`,
-    left-padded), whether they were a batch, the settings for their prompt, EOS and pad ids, and the metrics begun."""
+    left-padded), whether they were a batch, the settings for their prompt, EOS and pad ids, and the metrics begun
+    (`preprocess_s` counted)."""
 
     inputs: Mapping[str, np.ndarray]
     batched: bool
@@ -49,7 +51,6 @@ class Request:
     eos: list[int]
     pad_id: int
     metrics: GenerationMetrics
-    started: float
 
 
 class Pipeline:
@@ -89,7 +90,7 @@ class Pipeline:
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         self.processor = Processor.from_bundle(self.bundle, self.manifest)
-        self.processor.image_sources = image_source_kinds(image_sources)
+        self.processor.image_sources = image_sources
         self._held_tokens = held_token_ids(self.processor.tokenizer.backend_tokenizer)  # (streamed text waits after them: detokenizer.py)
         self.sessions = BundleSessions(self.bundle, self.manifest, provider, io_binding, threads, max_length, cuda_graph, prepack)
         self.prefix = PrefixSlot(self.sessions.decoder) if prefix_cache else None
@@ -206,9 +207,9 @@ class Pipeline:
         (`[[ids, bias], ...]`) adds each bias where its sequence would be completed (the prompt counts for both);
         `suppress_tokens` are never picked, `begin_suppress_tokens` not as the first new token, and `forced_eos_token_id`
         ends an answer that reaches `max_new_tokens` (its last token is that one). `stop` strings end a row's
-        answer where one appears (the text is cut before it; finish_reason "stop"). `max_time` (seconds, counted from the
-        call's start) ends the answers with the token of the step that crosses it, as transformers' (finish_reason
-        "length", as at max_new_tokens). `eos_token_id` (one id or
+        answer where one appears (the text is cut before it; finish_reason "stop"). `max_time` (seconds, counted once the
+        inputs are preprocessed, as transformers' generate counts them) ends the answers with the token of the step
+        that crosses it (finish_reason "length", as at max_new_tokens). `eos_token_id` (one id or
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
         images are encoded and the prompt prefilled once; its keys/values are copied for each answer).
@@ -338,7 +339,7 @@ class Pipeline:
         eos, pad_id = self._special_ids(settings)
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = prompt_tokens
-        return Request(inputs, batched, settings, eos, pad_id, metrics, started)
+        return Request(inputs, batched, settings, eos, pad_id, metrics)
 
     def _start(self, plan: PrefillPlan | None, request: Request) -> Run:
         """Everything up to the first decoder call, from a checked request: images and embeddings (through `plan`; by
@@ -346,6 +347,12 @@ class Pipeline:
         `plan` adds the time it preprocesses images to `metrics.preprocess_s`."""
         inputs, settings, metrics = request.inputs, request.settings, request.metrics
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        # The clocks: the timings count the preprocessing and what follows from here, not a wait in between (a stream
+        # checked when called, read later); max_time counts from here, as transformers' from its generate's start,
+        # which gets inputs already preprocessed.
+        begun = time.perf_counter()
+        started = begun - metrics.preprocess_s
+        deadline = begun + settings.max_time if settings.max_time is not None else math.inf
 
         # Rows per prompt: its beams (beam search), else its answers (num_return_sequences), each from one prefill.
         copies = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
@@ -367,8 +374,8 @@ class Pipeline:
         processors = for_settings(settings, input_ids, attention_mask, request.eos, self.manifest.text.vocab_size)
         return Run(
             self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], with_processors(sampler, processors), settings,
-            request.eos, request.pad_id, metrics, request.started, request.batched, keep_cache, processors=processors,
-            held_tokens=self._held_tokens, prompt_tokens=attention_mask.sum(axis=1).tolist(),
+            request.eos, request.pad_id, metrics, started, request.batched, keep_cache, processors=processors,
+            held_tokens=self._held_tokens, prompt_tokens=attention_mask.sum(axis=1).tolist(), deadline=deadline,
         )
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:

@@ -93,13 +93,14 @@ def _drawn(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 def beam_search(
     decoder: Decoder, prefill: Callable[[], tuple[np.ndarray, KVCache]], embed: EmbedFn, processors: list[LogitsProcessor], prompts: int,
     settings: GenerationSettings, eos_token_ids: list[int], fill_id: int, metrics: GenerationMetrics, started: float,
+    deadline: float = math.inf,
 ) -> BeamAnswers:
     """Runs the search that `settings` ask for (num_beams, max_new_tokens, length_penalty, early_stopping,
     num_return_sequences). `prefill()` gives the prompts' logits and cache, each prompt's row already repeated
     `num_beams` times (`[prompts * num_beams, V]`); `embed(ids [R], out [R, 1, D])` writes the next tokens'
     embeddings into the cache's step buffer; `processors` were built for the repeated rows. `fill_id` pads a
     hypothesis after its end (transformers' output rows; not in the answers). With `settings.do_sample`, the warpers
-    and candidates are drawn from a generator seeded with `settings.seed`."""
+    and candidates are drawn from a generator seeded with `settings.seed`. `deadline` (perf_counter): max_time's end."""
     nb, max_new_tokens, eos = settings.num_beams, settings.max_new_tokens, np.array(eos_token_ids, dtype=np.int64)
     length_penalty, early_stopping = settings.length_penalty, settings.early_stopping
     keep = max(2, 1 + len(eos)) * nb
@@ -122,7 +123,6 @@ def beam_search(
     improvable = np.ones((prompts, 1), bool)  # transformers' is_early_stop_heuristic_unsatisfied
     in_top_beams = np.arange(keep) < nb  # [keep]: candidates that may finish (the rest only back the running ones)
 
-    deadline = started + settings.max_time if settings.max_time is not None else math.inf
     prefill_start = time.perf_counter()
     logits, cache = prefill()
     decode_start = time.perf_counter()

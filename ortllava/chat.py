@@ -19,6 +19,7 @@ cut back. With an int8 key/value cache the answers are not token for token those
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import time
 import weakref
@@ -66,6 +67,7 @@ class ChatSession:
         # The last stream, held weakly: one the caller lets go (`break` out of a for loop over it) is closed at once,
         # and its answer so far joins `messages` then, not at the next turn. (Closing a finished one is a no-op.)
         self._open: weakref.ref[Generator[StreamChunk, None, None]] | None = None
+        self._open_thread = 0  # the thread that opened it: only that one closes it to begin a turn
         # Held while a turn runs (a `send`, a stream being read, a `reset`): a second thread's turn is refused, not
         # run over the same history and cache.
         self._busy = threading.Lock()
@@ -99,7 +101,7 @@ class ChatSession:
         with self._turn():
             message = self._user_message(text, images)
             chunks = self._stream_turn(message, *self._request(message, generate_kwargs, streamed=True))
-        self._open = weakref.ref(chunks)
+        self._open, self._open_thread = weakref.ref(chunks), threading.get_ident()
         return chunks
 
     def reset(self) -> None:
@@ -152,8 +154,12 @@ class ChatSession:
                 self._commit(message, "".join(pieces))
 
     def _close_open_stream(self) -> None:
-        """Closes the last stream if it is still open (a finished one closes as a no-op)."""
-        stream, self._open = self._open() if self._open is not None else None, None
+        """Closes the last stream if it is still open (a finished one closes as a no-op); a RuntimeError where another
+        thread opened it and has not finished it (read or not, it is that thread's turn)."""
+        stream = self._open() if self._open is not None else None
+        if stream is not None and inspect.getgeneratorstate(stream) != inspect.GEN_CLOSED and self._open_thread != threading.get_ident():
+            raise RuntimeError(_BUSY)
+        self._open = None
         if stream is not None:
             try:
                 stream.close()

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import jinja2
 import jinja2.ext
@@ -189,7 +189,7 @@ def render(
             if not plain:
                 raise
             rendered = None
-        if plain and (rendered is None or _leaves_out_text(rendered, chat)):
+        if plain and (rendered is None or _leaves_out_text(rendered_with, chat)):
             rendered = rendered_with([_as_parts(message) for message in chat])
     except jinja2.exceptions.TemplateError as error:
         strings = [str(m.get("role")) for m in chat if isinstance(m.get("content"), str)]
@@ -201,10 +201,15 @@ def render(
     return rendered if final_text is None else _cut_at_mark(rendered, final_text)
 
 
-def _leaves_out_text(rendered: str, chat: list[dict]) -> bool:
-    """Whether a message's string content is not in the rendered text (a template that iterates parts reads a string
-    as characters, and renders none of them)."""
-    return any(isinstance(message.get("content"), str) and message["content"].strip() not in rendered for message in chat)
+def _leaves_out_text(rendered_with: Callable[[list[dict]], str], chat: list[dict]) -> bool:
+    """Whether the template renders a message's string content as nothing (one that iterates parts reads a string as
+    characters, and renders none of them): each such content given as a mark of its own, one mark is missing."""
+    marks = {index: f"ORTLLAVA{index}CONTENT" for index, message in enumerate(chat) if isinstance(message.get("content"), str)}
+    try:
+        rendered = rendered_with([{**message, "content": marks[index]} if index in marks else message for index, message in enumerate(chat)])
+    except jinja2.exceptions.TemplateError:  # (one that reads the text itself, and refuses a mark: it renders strings)
+        return False
+    return any(mark not in rendered for mark in marks.values())
 
 
 def _as_parts(message: dict) -> dict:

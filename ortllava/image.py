@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image_source import ImageLike, ImageLoadError, load_image
+from .image_source import IMAGE_SOURCES, ImageLike, ImageLoadError, load_image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -246,6 +246,7 @@ class ImageProcessor:
 
     def __init__(self, config: ImageProcessorConfig):
         self.config = config
+        self.image_sources: tuple[str, ...] = IMAGE_SOURCES  # the kinds of string an image may be given as (`load_image`)
         self._mean = np.array(config.image_mean, dtype=np.float32)
         self._std = np.array(config.image_std, dtype=np.float32)
         self._table = self._value_table()
@@ -353,7 +354,7 @@ class ImageProcessor:
             raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
         if not isinstance(images, (list, tuple)):  # one image, or a 4-D array of them, as transformers' image processor takes it
             images = list(images) if getattr(images, "ndim", None) == 4 else [images]
-        images = [load_image(image) if isinstance(image, (str, PathLike)) else image for image in images]
+        images = [load_image(image, sources=self.image_sources) if isinstance(image, (str, PathLike)) else image for image in images]
         for index, image in enumerate(images):
             if not isinstance(image, (Image.Image, np.ndarray)) and not hasattr(image, "__array__"):
                 raise TypeError(f"image {index} is a {type(image).__name__}: give PIL images, arrays, paths or URLs")

@@ -118,8 +118,8 @@ def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
     """A chat as transformers' processors normalize it before rendering: the keys set to None dropped (as OpenAI
     clients send `content=None`), and OpenAI `{"type": "image_url", "image_url": {"url": ...}}` blocks (or with
     the URL as a string) made `{"type": "image", "url": ...}`; OpenAI's Responses forms too ("input_text",
-    "input_image"). A part of another type (or of none) is a ValueError: the template would render it as nothing,
-    and the answer would be to a message without it."""
+    "output_text", "input_image"). A part of another type (or of none) is a ValueError: the template would render it
+    as nothing, and the answer would be to a message without it."""
     normalized = []
     for index, message in enumerate(conversation):
         if not isinstance(message, dict):
@@ -146,11 +146,13 @@ def _image_block(block: Any) -> Any:
     """OpenAI's content parts as transformers' (its Chat Completions "image_url"; its Responses API's "input_image" and
     "input_text"); other parts as given."""
     if isinstance(block, dict) and block.get("type") in ("image_url", "input_image"):
+        if "file_id" in block and "image_url" not in block:
+            raise ValueError(f"an {block['type']} part with a file_id ({block['file_id']!r}): give the image itself (image_url with a URL or data: URI)")
         if "image_url" not in block:  # ({"type": "image_url", "url": ...}: the source under transformers' keys)
             return {**block, "type": "image"}
         source = block["image_url"]
         return {"type": "image", "url": source.get("url", "") if isinstance(source, dict) else source}
-    if isinstance(block, dict) and block.get("type") == "input_text":
+    if isinstance(block, dict) and block.get("type") in ("input_text", "output_text"):
         return {"type": "text", "text": block.get("text")}
     return block
 

@@ -15,7 +15,7 @@ from tokenizers import Encoding, Tokenizer
 from . import chat_template as templates
 from .features import unpadded_shape
 from .image import ImageProcessor, ImageProcessorConfig, image_sizes, num_tiles, select_best_resolution
-from .image_source import IMAGE_SOURCES, ImageLike, load_image
+from .image_source import ImageLike, image_source_kinds, load_image
 from .manifest import (
     CHAT_TEMPLATE_FILE,
     PREPROCESSOR_CONFIG_FILE,
@@ -50,7 +50,15 @@ class Processor:
         self.vision_feature_select_strategy = vision.select_strategy  # ("default": the class token dropped)
         self.num_additional_image_tokens = vision.num_additional_image_tokens
         self.grid_pinpoints = image_processor.config.grid_pinpoints
-        self.image_sources: tuple[str, ...] = IMAGE_SOURCES  # the kinds of string an image may be given as (`load_image`)
+
+    @property
+    def image_sources(self) -> tuple[str, ...]:
+        """The kinds of string an image may be given as (`image_source.IMAGE_SOURCES`): the image processor's."""
+        return self.image_processor.image_sources
+
+    @image_sources.setter
+    def image_sources(self, kinds: tuple[str, ...]) -> None:
+        self.image_processor.image_sources = image_source_kinds(kinds)
 
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: Manifest) -> Processor:

@@ -81,6 +81,7 @@ class Run:
     tokens: list[int] = field(default_factory=list)  # row 0's new tokens so far (only runs that keep their cache)
     processors: list[LogitsProcessor] = field(default_factory=list)  # the sampler's, which beam search applies itself
     prompt_tokens: Sequence[int] = ()  # each row's prompt tokens, without padding (for its result)
+    deadline: float = math.inf  # max_time's end (perf_counter): the step that crosses it gives the last token
     held_tokens: Collection[int] = ()  # ids after which streamed text waits for the next token (detokenizer.held_token_ids)
 
     def embed_step(self, ids: np.ndarray, out: np.ndarray) -> None:
@@ -97,8 +98,7 @@ class Run:
         keep = None if hand_over is None else (lambda cache: hand_over(cache, self.tokens))
 
         steps = decode_loop(self.decoder, self.prefill, self.embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
-        max_time = self.settings.max_time
-        deadline = self.started + max_time if max_time is not None else math.inf
+        deadline = self.deadline
         try:
             for step in steps:
                 if keep is not None and step.active[0]:  # only a kept cache needs them
@@ -157,6 +157,7 @@ def collect_beams(run: Run) -> list[GenerationResult]:
     settings = run.settings
     answers = beam_search(
         run.decoder, run.prefill, run.embed_step, run.processors, run.batch // settings.num_beams, settings, run.eos, run.pad_id, run.metrics, run.started,
+        run.deadline,
     )
     run.metrics.total_s = time.perf_counter() - run.started
     return [

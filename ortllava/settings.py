@@ -67,8 +67,8 @@ class GenerationSettings:
     pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
     seed: int | None = None  # the sampler's random seed
     stop: tuple[str, ...] = ()  # strings that end an answer where one appears (the text is cut before it)
-    # Seconds from the call's start after which no new token is begun (transformers' MaxTimeCriteria): the answers end
-    # with the token of the step that crossed it, as at max_new_tokens (finish_reason "length").
+    # Seconds, from the end of preprocessing, after which no new token is begun (transformers' MaxTimeCriteria): the
+    # answers end with the token of the step that crossed it, as at max_new_tokens (finish_reason "length").
     max_time: float | None = None
     # Neither the caller nor the generation config gave a length: max_new_tokens is DEFAULT_MAX_NEW_TOKENS, held to the
     # room a prompt leaves (see for_prompt). Not an argument.

@@ -207,7 +207,7 @@ class BundleTokenizer:
         template's variables; `tokenizer_kwargs` go to the tokenizer's call. For chats with images:
         `processor.apply_chat_template`."""
         from . import chat_template as templates  # (jinja2: imported when a template is used)
-        from .inputs import is_chat_batch, normalize_messages
+        from .inputs import is_chat_batch
 
         template = chat_template or self.chat_template
         if template is None:
@@ -217,7 +217,7 @@ class BundleTokenizer:
                 "or use processor.apply_chat_template (the model's template, which takes images as well)"
             )
         batched = is_chat_batch(conversation)
-        conversations = [normalize_messages(chat) for chat in (conversation if batched else [conversation])]
+        conversations = [list(chat) for chat in (conversation if batched else [conversation])]  # (as given: transformers' tokenizer normalizes nothing)
         templates.check_options(conversations, add_generation_prompt, continue_final_message, return_assistant_tokens_mask, sanitize_control_tokens)
         variables = {**self.special_tokens_map, **kwargs}
         texts = [templates.render(template, chat, add_generation_prompt, continue_final_message, tools, documents, **variables) for chat in conversations]

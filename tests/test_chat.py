@@ -202,6 +202,17 @@ def test_a_session_answers_one_thread_at_a_time(setup, monkeypatch):
     monkeypatch.undo()
     assert len(chat.messages) == 2 and results[0].token_ids == pipe.generate(messages=[chat.messages[0]], **GREEDY).token_ids
     assert chat.send(*TURNS[1]).text == chat.messages[-1]["content"][0]["text"]
+    # A stream another thread opened is its turn until it ends, read or not: between chunks, and before the first.
+    for read_first in (True, False):
+        opened = []
+        reader = threading.Thread(target=lambda: opened.append(chat.stream("Go on.")) or (read_first and next(opened[0])))
+        reader.start()
+        reader.join(timeout=60)
+        with pytest.raises(RuntimeError, match="answering in another thread"):
+            chat.send("Me too.")
+        chunks = list(opened[0])  # (read on, here: the turn ends as if alone)
+        assert chunks and chunks[-1].finish_reason is not None
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 4 and chat.send("Last.").text
 
 
 def test_stop_strings_and_arguments(setup):

@@ -61,6 +61,13 @@ def test_template_globals(mistral):
     with pytest.raises(Exception):
         hf.apply_chat_template(openai)
     assert pipe.processor.apply_chat_template(openai, add_generation_prompt=True) == hf.apply_chat_template(as_parts, add_generation_prompt=True)
+    # A template that reads parts leaves a string's text out even where the same words are elsewhere in the prompt.
+    repeated = [{"role": "user", "content": [{"type": "text", "text": "Say hello"}]}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": [{"type": "text", "text": "again"}]}]
+    repeated_parts = [repeated[0], {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}, repeated[2]]
+    vicuna = TEMPLATES["vicuna (generation block)"]
+    assert "hello " not in hf.apply_chat_template(repeated, chat_template=vicuna).replace("Say hello", "")  # (the case: the answer is left out there)
+    assert pipe.processor.apply_chat_template(repeated, chat_template=vicuna) == hf.apply_chat_template(repeated_parts, chat_template=vicuna)
     template = "{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|{{ strftime_now('%Y') | length }}|{{ messages | tojson }}"
     rendered = pipe.processor.apply_chat_template([{"role": "user", "content": "é"}], chat_template=template)
     assert rendered == hf.apply_chat_template([{"role": "user", "content": "é"}], chat_template=template) == '<s>1|4|[{"role": "user", "content": "é"}]'
@@ -84,6 +91,11 @@ def test_apply_chat_template_arguments_as_transformers(mistral):
     # OpenAI's Responses forms render as their Chat Completions twins; a part the template would leave out is refused.
     responses = [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}, {"type": "input_text", "text": "Hi"}]}]
     assert ours.apply_chat_template(responses, add_generation_prompt=True) == hf.apply_chat_template(openai, add_generation_prompt=True)
+    history = [*responses, {"role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]}, {"role": "user", "content": [{"type": "input_text", "text": "More"}]}]
+    as_parts = [openai[0], {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}, {"role": "user", "content": [{"type": "text", "text": "More"}]}]
+    assert ours.apply_chat_template(history) == hf.apply_chat_template(as_parts)
+    with pytest.raises(ValueError, match="an input_image part with a file_id \\('file-1'\\): give the image itself"):
+        ours.apply_chat_template([{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}])
     for part, named in (({"type": "imag_url", "image_url": {"url": "x"}}, "of type 'imag_url'"), ({"text": "Hi"}, "without a 'type' \\(its keys: 'text'\\)"),
                         ({"type": "video", "url": "v.mp4"}, "of type 'video'")):
         with pytest.raises(ValueError, match=f"message 0 has a content part {named}, which the chat template would leave out"):

@@ -319,14 +319,21 @@ def test_the_tokenizer_as_transformers(tiny_store, config):
         with pytest.raises(ValueError, match="no chat template of its own"):
             ours.apply_chat_template(chats[0])
         ours.chat_template = theirs.chat_template = AutoProcessor.from_pretrained(model.checkpoint).chat_template
+    # (a template that reads content parts renders a string's text as nothing in transformers; here as the same text
+    # given as a part)
+    reads_parts = "How are you?" not in theirs.apply_chat_template(chats[1], tokenize=False)
+    as_parts = [chats[0], [{"role": "user", "content": [{"type": "text", "text": "How are you?"}]}]] if reads_parts else chats
     for options in (dict(tokenize=False), dict(), dict(add_generation_prompt=True, return_dict=False), dict(padding=True, return_tensors="np")):
-        for conversation in (chats[0], chats):
-            got, want = ours.apply_chat_template(conversation, **options), theirs.apply_chat_template(conversation, **options)
+        for conversation, same in ((chats[0], chats[0]), (chats, as_parts)):
+            got, want = ours.apply_chat_template(conversation, **options), theirs.apply_chat_template(same, **options)
             listed = (lambda v: v.tolist() if hasattr(v, "tolist") else v)
             plain = (lambda v: {k: listed(x) for k, x in v.items()} if hasattr(v, "keys") else listed(v))
             assert plain(got) == plain(want), (options, conversation)
     conversation = chats[1]
-    assert ours.apply_chat_template(conversation, max_length=5) == dict(theirs.apply_chat_template(conversation, max_length=5))  # (no cut)
+    assert ours.apply_chat_template(conversation, max_length=5) == dict(theirs.apply_chat_template(as_parts[1], max_length=5))  # (no cut)
+    parts = [{"role": "user", "content": [{"type": "thinking", "text": "hm"}, {"type": "text", "text": "Hi"}]}]  # (types a text template may read)
+    template = "{% for m in messages %}{% for p in m['content'] %}{{ p['type'] }}={{ p['text'] }};{% endfor %}{% endfor %}"
+    assert ours.apply_chat_template(parts, chat_template=template, tokenize=False) == theirs.apply_chat_template(parts, chat_template=template, tokenize=False) == "thinking=hm;text=Hi;"
     with pytest.raises(ValueError):
         theirs.apply_chat_template(conversation, add_generation_prompt=True, continue_final_message=True)
     for options, message in ((dict(add_generation_prompt=True, continue_final_message=True), "exclude each other"),

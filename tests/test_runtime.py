@@ -234,6 +234,14 @@ def test_max_time_ends_the_answers_as_transformers(pipe, mistral):
     assert len([t for chunk in chunks for t in chunk.token_ids]) == 1 and chunks[-1].finish_reason == "length"
     free = dict(prompt=prompt, images=[image], max_new_tokens=8, min_new_tokens=8)
     assert pipe.generate(**free, max_time=600).token_ids == pipe.generate(**free).token_ids
+    # A stream's clock starts at its first chunk, not at the call that checked it: a wait in between counts for neither
+    # max_time nor the timings.
+    import time
+
+    stream = pipe.stream(**free, max_time=0.5)
+    time.sleep(0.8)
+    chunks = list(stream)
+    assert len([t for chunk in chunks for t in chunk.token_ids]) == 8 and chunks[-1].metrics.total_s < 0.7
     with pytest.raises(ValueError, match="max_time must be a number of seconds > 0"):
         pipe.generate(**free, max_time=0)
 
