@@ -142,6 +142,8 @@ def test_image_sources_a_server_takes_from_untrusted_clients(mistral, pipe, tmp_
         inline.chat().send(chat[0]["content"][1]["text"], images=[str(path)], max_new_tokens=2)
     with pytest.raises(ImageLoadError, match="image paths are not taken here"):
         ortllava.pipeline(model=inline)(text=chat, max_new_tokens=2)
+    with pytest.raises(ImageLoadError, match="image paths are not taken here"):
+        inline.processor.image_processor(str(path))
     with pytest.raises(ValueError, match="image_sources must be a collection of 'file', 'http', 'data'"):
         ortllava.load(mistral.bundle, provider="cpu", image_sources="data")
     fifo = tmp_path / "fifo"
