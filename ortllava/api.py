@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import operator
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -263,8 +263,8 @@ class Pipeline:
 
         The pieces joined equal `generate(...).text` for the same arguments; the last chunk carries the
         finish reason and the metrics. The arguments and inputs are checked here (images loaded and preprocessed,
-        the prompt's length checked: a caller's mistake is raised by this call); the graphs run from the first chunk,
-        and the timings count from this call.
+        the prompt's length checked: a caller's mistake is raised by this call); the graphs run from the first chunk.
+        The timings (and `max_time`) leave out a wait between this call and the first chunk.
         """
         model_inputs = given_model_inputs(self.processor, prompt, images, messages, input_ids, attention_mask, pixel_values, image_sizes, mm_token_type_ids)
         batch = model_inputs["input_ids"].shape[0] > 1 if model_inputs is not None else is_batch(prompt, messages)
