@@ -193,7 +193,7 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
                 detokenizer.finalize()
                 reason = "stop"
             text = detokenizer.text
-            tail = detokenizer.tail()  # (what follows `text` up to the last whole character: it may still change)
+            tail = detokenizer.tail() if stop else ""  # (what follows `text` up to the last whole character: it may still change)
             cut = find_stop(text, tail)
             if cut is not None:
                 reason, end, text = "stop", cut, text + tail
