@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .image_source import IMAGE_SOURCES, ImageLike, ImageLoadError, load_image
+from .tokenizer import check_return_tensors
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -350,8 +351,7 @@ class ImageProcessor:
         """An image or a list of them (PIL images, arrays, or what `load_image` opens: paths, URLs, base64) ->
         `pixel_values [n_images, max_tiles, 3, S, S]` (missing tiles zero) and `image_sizes [n_images, 2]` (h, w).
         `return_tensors`: None or "np" (arrays either way)."""
-        if return_tensors not in (None, "np"):
-            raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
+        check_return_tensors(return_tensors)
         if not isinstance(images, (list, tuple)):  # one image, or a 4-D array of them, as transformers' image processor takes it
             images = list(images) if getattr(images, "ndim", None) == 4 else [images]
         images = [load_image(image, sources=self.image_sources) if isinstance(image, (str, PathLike)) else image for image in images]

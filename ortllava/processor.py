@@ -27,7 +27,7 @@ from .manifest import (
     read_json_object,
 )
 from .inputs import check_encodable, flatten_images, images_in_messages, is_chat_batch, normalize_messages
-from .tokenizer import BatchFeature, BundleTokenizer, pad_ids, truncates
+from .tokenizer import BatchFeature, BundleTokenizer, check_return_tensors, pad_ids, truncates
 
 
 class Processor:
@@ -129,8 +129,7 @@ class Processor:
         transformers' (`Pipeline.generate` takes it back). `pixel_values=False` leaves the pixels out
         (`image_sizes` alone sets the token counts): a chat turn preprocesses only the images its cache does not hold.
         """
-        if return_tensors not in (None, "np"):
-            raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
+        check_return_tensors(return_tensors)
         padding, max_length = self.tokenizer.padding_and_length(padding, truncation, max_length, pad_to_multiple_of)
         truncate = truncates(truncation, padding, max_length)
         flat_images = [load_image(image, sources=self.image_sources) for image in flatten_images(images)] if images is not None else []

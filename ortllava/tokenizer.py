@@ -110,8 +110,7 @@ class BundleTokenizer:
         rounded up to a multiple of `pad_to_multiple_of` where given). `truncation` (True, "longest_first" or
         "only_first") cuts each text to `max_length` tokens on `truncation_side`, and so does a `max_length` given
         without padding or truncation, as in transformers. Pairs of texts (`text_pair`) are not taken."""
-        if return_tensors not in (None, "np"):
-            raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
+        check_return_tensors(return_tensors)
         if text_pair is not None:
             raise ValueError("text_pair: ortllava's tokenizer encodes single texts, not pairs (a second positional argument is a pair)")
         single = isinstance(text, str)
@@ -359,6 +358,12 @@ def clean_up_tokenization(text: str) -> str:
     for old, new in _CLEANUPS:
         text = text.replace(old, new)
     return text
+
+
+def check_return_tensors(return_tensors: Any) -> None:
+    """A ValueError for a `return_tensors` other than None or "np": ortllava's outputs are numpy arrays either way."""
+    if return_tensors not in (None, "np"):
+        raise ValueError(f"return_tensors={return_tensors!r}: ortllava returns numpy arrays (None or 'np')")
 
 
 def _check_multiple(multiple: Any) -> None:
