@@ -1,13 +1,17 @@
-"""The GPU check, as one script: CUDA parity on tiny models, then `ortllava bench` on a Mistral-7B-shaped model.
+"""The GPU check, as one script: CUDA parity on tiny models, then `ortllava bench` on a Mistral-7B-shaped model,
+with profiles of where the time goes (profiles.py).
 
-Run on the GPU machine by scripts/gpu/run.sh (after onnxruntime-gpu is installed); `--device cpu --layers 1`
-runs the same steps small on the CPU, to test this script. Writes JSON results and prints a summary.
+Run on the GPU machine by scripts/gpu/run.sh (after onnxruntime-gpu is installed); `--device cpu --model tiny
+--layers 2` runs the same steps small on the CPU, to test this script. Writes JSON results and prints a summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import os
 import time
 import traceback
 import warnings
@@ -18,6 +22,8 @@ import torch  # first: onnxruntime-gpu loads the CUDA libraries that torch bring
 import numpy as np
 import onnxruntime as ort
 from ortllava_export.photos import photo
+from ortllava_export.quantize import Int4Options
+from profiles import kernel_profile, prefill_floor, vision_profile
 
 
 CHATS = {
@@ -30,7 +36,53 @@ CHATS = {
 }
 
 
-def parity(device: str, work: Path) -> dict:
+PARITY_RUNS = [("gqa", "fp16"), ("gqa", "fp32"), ("concat", "fp32")]
+# GroupQueryAttention's decode kernels on CUDA, by onnxruntime 1.31's switches (read when a session is made). Without
+# XQA, an SM90 GPU took cuDNN's attention (2026-11-28, H200); the last pins onnxruntime's own flash decoding.
+DECODE_KERNELS = {
+    "XQA, onnxruntime's default": {},
+    "cuDNN": {"ORT_ENABLE_XQA": "0"},
+    "flash decoding": {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"},
+}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """`values` set in os.environ inside the block, the earlier values (or their absence) back after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# A parting where transformers' own scores for the two tokens differ by less than this share of the scores' spread
+# (standard deviation) is a near-tie: fp16 rounding in either implementation may decide it (on the CPU provider,
+# seed 2 of the Yi-style case parts at 1.0% of the spread; kernels' faults move logits by far more).
+NEAR_TIE = 0.02
+
+
+def divergence(got: list[list[int]], want: list[list[int]], scores) -> list[dict]:
+    """For each row where ortllava's greedy tokens leave transformers': the step, both tokens, the margin between
+    those two tokens in transformers' own scores at that step, and whether that is a near-tie (`NEAR_TIE`)."""
+    rows = []
+    for row, (a, b) in enumerate(zip(got, want)):
+        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if step is None:
+            continue
+        step_scores = scores[step][row].float()
+        margin = float(step_scores[b[step]] - step_scores[a[step]])
+        spread = float(step_scores[torch.isfinite(step_scores)].std())
+        rows.append({"row": row, "step": step, "ours": a[step], "theirs": b[step], "margin": margin, "score_std": spread, "near_tie": margin < NEAR_TIE * spread})
+    return rows
+
+
+def parity(device: str, work: Path, families: list[str]) -> dict:
     """ortllava on `device` against transformers on the same device (same dtype), tiny random models: greedy answers,
     then beam search's."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
@@ -41,34 +93,52 @@ def parity(device: str, work: Path) -> dict:
 
     provider = "cuda" if device == "cuda" else "cpu"
     results = {}
-    for family in ("mistral",):  # its 1024-token sliding window is the riskiest kernel option
-        checkpoint = build_checkpoint(work / f"{family}-checkpoint", TinySpec(family=family))
+    exported: set[Path] = set()
+    # mistral: its 1024-token sliding window is the riskiest kernel option. yi-h128: no window and 128-wide heads (2
+    # query heads a KV head), the decode kernels' case that Mistral-7B-shaped models take, under each decode kernel.
+    # At this width fp16 greedy answers meet near-ties: transformers' own top-1/top-2 margins (fp32, CPU) fall to
+    # 0.008 here (a logit spread of 4.5), and to 0.003-0.04 for seeds 1-6; where tokens part, `divergence` says
+    # whether at such a tie.
+    specs = {
+        "mistral": (TinySpec(family="mistral"), PARITY_RUNS, {"": {}}),
+        "yi-h128": (TinySpec(family="yi", hidden_size=512), [("gqa", "fp16")], DECODE_KERNELS),
+    }
+    for family, (spec, runs, kernels) in ((name, specs[name]) for name in families):
+        checkpoint = build_checkpoint(work / f"{family}-checkpoint", spec)
         processor = AutoProcessor.from_pretrained(checkpoint)
         processor.tokenizer.padding_side = "left"
-        for decoder, precision in (("gqa", "fp16"), ("gqa", "fp32"), ("concat", "fp32")):
+        for (decoder, precision), (kernel, env) in itertools.product(runs, kernels.items()):
             if device == "cuda" and decoder == "gqa" and precision == "fp32":
                 continue  # refused on CUDA by design (ortllava.sessions.cuda_refusal: its GroupQueryAttention is fp16)
-            name = f"{family}/{decoder}/{precision}"
+            name = f"{family}/{decoder}/{precision}" + (f" ({kernel})" if kernel else "")
             try:
-                bundle = export_bundle(str(checkpoint), work / f"{family}-{decoder}-{precision}", precision=precision, decoder=decoder, validate=False)
+                bundle = work / f"{family}-{decoder}-{precision}"
+                if bundle not in exported:  # (once for all the decode kernels)
+                    exported.add(export_bundle(str(checkpoint), bundle, precision=precision, decoder=decoder, validate=False))
                 dtype = torch.float16 if precision == "fp16" else torch.float32
                 model = LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-                pipe = ortllava.load(bundle, provider=provider)
+                with environment(env):  # (onnxruntime reads its kernel switches when a session is made)
+                    pipe = ortllava.load(bundle, provider=provider)
                 for case, chats in CHATS.items():
                     inputs = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
                     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
                     # Greedy, then beam search (each step reorders the cache's rows on the device: `reorder_rows`).
                     for search, options in (("", {}), (" beams", {"num_beams": 3, "num_return_sequences": 2})):
                         with torch.no_grad():
-                            out = model.generate(**inputs, do_sample=False, max_new_tokens=16, min_new_tokens=16, **options)
-                        want = [row.tolist() for row in out[:, inputs["input_ids"].shape[1] :].cpu()]
+                            out = model.generate(
+                                **inputs, do_sample=False, max_new_tokens=16, min_new_tokens=16, output_scores=True, return_dict_in_generate=True, **options,
+                            )
+                        want = [row.tolist() for row in out.sequences[:, inputs["input_ids"].shape[1] :].cpu()]
                         answers = pipe.generate(messages=chats, max_new_tokens=16, min_new_tokens=16, **options)
                         got = [r.token_ids for r in ([r for group in answers for r in group] if options else answers)]  # (a list per chat)
                         agreement = float(np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(got, want)]))
                         results[f"{name}: {case}{search}"] = {"identical": got == want, "agreement": agreement}
-                        print(f"parity {name} {case}{search}: identical={got == want} agreement={agreement:.2f}", flush=True)
-                results[f"{name}: device paths"] = device_paths(pipe, bundle)
-                print(f"parity {name} device paths: {results[f'{name}: device paths']}", flush=True)
+                        if not options and got != want:  # a near-tie in transformers' own scores, or a kernel's fault?
+                            results[f"{name}: {case}{search}"]["divergence"] = divergence(got, want, out.scores)
+                        print(f"parity {name} {case}{search}: {results[f'{name}: {case}{search}']}", flush=True)
+                if family == "mistral":
+                    results[f"{name}: device paths"] = device_paths(pipe, bundle)
+                    print(f"parity {name} device paths: {results[f'{name}: device paths']}", flush=True)
             except Exception as error:  # noqa: BLE001 - report and go on with the next check
                 results[name] = {"error": repr(error)}
                 traceback.print_exc()
@@ -137,47 +207,39 @@ def device_paths(pipe, bundle: Path) -> dict:
     return results
 
 
-def vision_profile(bundle: Path, device: str) -> dict:
-    """Where the vision encoder's time goes on `device`: per op type and provider, 5 tiles, from onnxruntime's profiler."""
-    import collections
-    import tempfile
-
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "vision")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(bundle / "vision_encoder.onnx"), options, providers=providers)
-    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
-    tiles = np.random.default_rng(0).standard_normal((5, 3, 336, 336)).astype(dtype)
-    for _ in range(3):
-        session.run(None, {"pixel_values": tiles})
-    start = time.perf_counter()
-    for _ in range(5):
-        session.run(None, {"pixel_values": tiles})
-    per_run_ms = (time.perf_counter() - start) / 5 * 1000
-    events = json.loads(Path(session.end_profiling()).read_text())
-    totals = collections.Counter()
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            args = event.get("args", {})
-            totals[f"{args.get('op_name')}@{args.get('provider')}"] += event["dur"] / 8 / 1000  # ms per run
-    top = dict(totals.most_common(12))
-    print(f"vision encoder, 5 tiles: {per_run_ms:.1f} ms per run; top ops (ms/run): {top}", flush=True)
-    return {"per_run_ms": per_run_ms, "top_ops_ms": top}
+def kernel_profiles(args, summary: dict, bundles: Path) -> None:
+    """Where the GPU's time goes, kernel by kernel (`kernel_profile`), for each of `--kernel-runs`; into `summary`."""
+    for label in args.kernel_runs.split(","):
+        precision, *words = label.split()
+        options = {"cuda_graph": True} if "graph" in words else {}
+        env = DECODE_KERNELS["cuDNN"] if "cudnn" in words else DECODE_KERNELS["flash decoding"] if "flash" in words else {}
+        tag = "-".join([precision, *words])
+        try:
+            with environment(env):
+                summary.setdefault("kernel_profile", {})[label] = kernel_profile(bundles / precision, args.device, args.work, tag, **options)
+        except Exception as error:  # noqa: BLE001
+            summary.setdefault("kernel_profile", {})[label] = {"error": repr(error)}
+            traceback.print_exc()
+        for trace in args.work.glob("trace-*.json.gz"):  # (kept as they come: a run may be cut short)
+            trace.replace(args.out / trace.name)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--model", default="mistral-7b", help="ortllava bench's random configuration (tiny: to test this script on the CPU)")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--parity", default="mistral,yi-h128", help="the tiny models of the parity step (comma-separated)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ortllava-gpu"))
-    parser.add_argument("--skip", default="", help="comma-separated steps to skip: parity,plain,profile,graph")
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip: parity,plain,graph,graph_cudnn,graph_flash,int4_b128,profile,floor,kernels")
+    parser.add_argument("--kernel-runs", default="fp16,int4,fp16 graph,int4 graph", help="the kernel profiles, comma-separated: a bundle (fp16, int4), then 'graph' for CUDA graphs, 'cudnn' or 'flash' for that decode kernel")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    from ortllava_export.bench import bench
+    from ortllava_export.bench import CONFIGS, bench
 
     summary = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(), "torch": torch.__version__}
     if args.device == "cuda":
@@ -185,22 +247,33 @@ def main() -> int:
     print(summary, flush=True)
     start = time.perf_counter()
     if "parity" not in skip:
-        summary["parity"] = parity(args.device, args.work)
+        summary["parity"] = parity(args.device, args.work, args.parity.split(","))
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     provider = "cuda" if args.device == "cuda" else "cpu"
     # fp16 and int4 from one checkpoint, alternating in the same runs (their ratio is the int4 target); then
     # both again with CUDA graphs, reusing the bundles.
     bundles = args.work / "b7"
-    runs = [("plain", dict(cuda_graph=False)), ("graph", dict(cuda_graph=True))]
-    for name, options in runs:
+    # (name, bench's options, environment for the run): "graph_cudnn" and "graph_flash" decode with the other kernels
+    # of DECODE_KERNELS (the same bundles, in the same process); "int4_b128": an int4 bundle with 128 input rows a scale
+    # (the default is 32), under CUDA graphs.
+    both = dict(precision=["fp16", "int4"], bundle=bundles)
+    runs = [
+        ("plain", dict(cuda_graph=False, **both), {}),
+        ("graph", dict(cuda_graph=True, **both), {}),
+        ("graph_cudnn", dict(cuda_graph=True, **both), DECODE_KERNELS["cuDNN"]),
+        ("graph_flash", dict(cuda_graph=True, **both), DECODE_KERNELS["flash decoding"]),
+        ("int4_b128", dict(cuda_graph=True, precision=["int4"], bundle=args.work / "b7-int4-b128", int4=Int4Options(block_size=128)), {}),
+    ]
+    for name, options, env in runs:
+        if name == "int4_b128" and "kernels" not in skip:  # (the kernels of the default bundles before the extra export)
+            kernel_profiles(args, summary, bundles)
+            skip.add("kernels")
         if name in skip:
             continue
         try:
-            report = bench(
-                "mistral-7b", provider=provider, precision=["fp16", "int4"], layers=args.layers, repeats=3, max_length=4096,
-                output=args.out / f"bench_{name}.json", bundle=bundles, **options,
-            )
-            summary[f"bench_{name}"] = {"transformers": report["transformers"], "bandwidth_gb_s": report["bandwidth_gb_s"]}
+            with environment(env):
+                report = bench(args.model, provider=provider, layers=args.layers, repeats=3, max_length=4096, output=args.out / f"bench_{name}.json", **options)
+            summary[f"bench_{name}"] = {"environment": env, "transformers": report["transformers"], "bandwidth_gb_s": report["bandwidth_gb_s"]}
             for precision, result in report["precisions"].items():
                 summary[f"bench_{name}"][precision] = {
                     k: result[k] for k in (
@@ -211,14 +284,23 @@ def main() -> int:
         except Exception as error:  # noqa: BLE001
             summary[f"bench_{name}"] = {"error": repr(error)}
             traceback.print_exc()
-        if name == "plain" and "profile" not in skip:
+        if name in ("plain", "graph") and "profile" not in skip and "vision_profile" not in summary:
             try:
                 summary["vision_profile"] = vision_profile(bundles / "fp16", args.device)
             except Exception as error:  # noqa: BLE001
                 summary["vision_profile"] = {"error": repr(error)}
                 traceback.print_exc()
+        if name in ("plain", "graph") and "floor" not in skip and "prefill_floor" not in summary:
+            try:
+                prompt_tokens = json.loads((args.out / f"bench_{name}.json").read_text())["prompt_tokens"]
+                summary["prefill_floor"] = prefill_floor(args.device, CONFIGS[args.model], prompt_tokens, layers=args.layers)
+            except Exception as error:  # noqa: BLE001
+                summary["prefill_floor"] = {"error": repr(error)}
+                traceback.print_exc()
         print(f"[{time.perf_counter() - start:.0f} s] {name} done", flush=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))  # kept if a later step runs out of time
+    if "kernels" not in skip:
+        kernel_profiles(args, summary, bundles)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps(summary, indent=2, default=str))
     return 0
