@@ -45,6 +45,11 @@ DECODE_KERNELS = {
     "flash decoding": {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"},
 }
 
+# MatMulNBits' (4-bit weights) kernels on CUDA: onnxruntime 1.31's default for one row, `MatMulFloat4BitsKernelM1`, read
+# its weights at ~52% of the H200's bandwidth (2026-11-28); ORT_FPA_INTB_GEMM=1 turns on its fpA_intB path (CUTLASS GEMM
+# and a GEMV for decoding) for fp16 activations and weights without zero points, as ours are. Read when a session is made.
+INT4_KERNELS = {"fpA_intB": {"ORT_FPA_INTB_GEMM": "1"}}
+
 
 @contextlib.contextmanager
 def environment(values: dict[str, str]):
@@ -213,6 +218,7 @@ def kernel_profiles(args, summary: dict, bundles: Path) -> None:
         precision, *words = label.split()
         options = {"cuda_graph": True} if "graph" in words else {}
         env = DECODE_KERNELS["cuDNN"] if "cudnn" in words else DECODE_KERNELS["flash decoding"] if "flash" in words else {}
+        env = {**env, **(INT4_KERNELS["fpA_intB"] if "fpa" in words else {})}
         tag = "-".join([precision, *words])
         try:
             with environment(env):
@@ -233,8 +239,8 @@ def main() -> int:
     parser.add_argument("--parity", default="mistral,yi-h128", help="the tiny models of the parity step (comma-separated)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ortllava-gpu"))
-    parser.add_argument("--skip", default="", help="comma-separated steps to skip: parity,plain,graph,graph_cudnn,graph_flash,int4_b128,profile,floor,kernels")
-    parser.add_argument("--kernel-runs", default="fp16,int4,fp16 graph,int4 graph", help="the kernel profiles, comma-separated: a bundle (fp16, int4), then 'graph' for CUDA graphs, 'cudnn' or 'flash' for that decode kernel")
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip: parity,plain,graph,graph_cudnn,graph_flash,graph_fpa_intb,int4_b128,profile,floor,kernels")
+    parser.add_argument("--kernel-runs", default="fp16,int4,fp16 graph,int4 graph", help="the kernel profiles, comma-separated: a bundle (fp16, int4), then 'graph' for CUDA graphs, 'cudnn' or 'flash' for that decode kernel, 'fpa' for the fpA_intB int4 kernels")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -254,7 +260,8 @@ def main() -> int:
     # both again with CUDA graphs, reusing the bundles.
     bundles = args.work / "b7"
     # (name, bench's options, environment for the run): "graph_cudnn" and "graph_flash" decode with the other kernels
-    # of DECODE_KERNELS (the same bundles, in the same process); "int4_b128": an int4 bundle with 128 input rows a scale
+    # of DECODE_KERNELS, "graph_fpa_intb" multiplies 4-bit weights with INT4_KERNELS' (the same bundles, in the same
+    # process; fp16 is its baseline there); "int4_b128": an int4 bundle with 128 input rows a scale
     # (the default is 32), under CUDA graphs.
     both = dict(precision=["fp16", "int4"], bundle=bundles)
     runs = [
@@ -262,10 +269,11 @@ def main() -> int:
         ("graph", dict(cuda_graph=True, **both), {}),
         ("graph_cudnn", dict(cuda_graph=True, **both), DECODE_KERNELS["cuDNN"]),
         ("graph_flash", dict(cuda_graph=True, **both), DECODE_KERNELS["flash decoding"]),
+        ("graph_fpa_intb", dict(cuda_graph=True, **both), INT4_KERNELS["fpA_intB"]),
         ("int4_b128", dict(cuda_graph=True, precision=["int4"], bundle=args.work / "b7-int4-b128", int4=Int4Options(block_size=128)), {}),
     ]
     for name, options, env in runs:
-        if name == "int4_b128" and "kernels" not in skip:  # (the kernels of the default bundles before the extra export)
+        if name in ("graph_fpa_intb", "int4_b128") and "kernels" not in skip:  # (the kernels before the riskier runs)
             kernel_profiles(args, summary, bundles)
             skip.add("kernels")
         if name in skip:
