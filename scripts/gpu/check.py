@@ -256,13 +256,12 @@ def main() -> int:
         summary["parity"] = parity(args.device, args.work, args.parity.split(","))
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     provider = "cuda" if args.device == "cuda" else "cpu"
-    # fp16 and int4 from one checkpoint, alternating in the same runs (their ratio is the int4 target); then
-    # both again with CUDA graphs, reusing the bundles.
+    # fp16 and int4 from one checkpoint, alternating in the same runs (their ratio is the int4 target); the runs after
+    # the first reuse the bundles. Each run: (name, bench's options, environment). "graph_cudnn" and "graph_flash"
+    # decode with the other kernels of DECODE_KERNELS, "graph_fpa_intb" multiplies the 4-bit weights with INT4_KERNELS'
+    # (fp16, unaffected, is the baseline in the same runs); "int4_b128": an int4 bundle with 128 input rows a scale
+    # (the default is 32). All but "plain" under CUDA graphs.
     bundles = args.work / "b7"
-    # (name, bench's options, environment for the run): "graph_cudnn" and "graph_flash" decode with the other kernels
-    # of DECODE_KERNELS, "graph_fpa_intb" multiplies 4-bit weights with INT4_KERNELS' (the same bundles, in the same
-    # process; fp16 is its baseline there); "int4_b128": an int4 bundle with 128 input rows a scale
-    # (the default is 32), under CUDA graphs.
     both = dict(precision=["fp16", "int4"], bundle=bundles)
     runs = [
         ("plain", dict(cuda_graph=False, **both), {}),
