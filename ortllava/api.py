@@ -321,8 +321,7 @@ class Pipeline:
         # max_length, where in force -> max_new_tokens; the default length, held to the room the prompt leaves
         default_new_tokens = settings.max_new_tokens
         settings = settings.for_prompt(prompt_tokens, self.sessions.decoder.max_length)
-        images = bool((inputs["input_ids"] == self.processor.image_token_id).any())
-        self._check_length(prompt_tokens, settings.max_new_tokens, max_length, settings.length_is_default, images)
+        self._check_length(inputs["input_ids"], settings.max_new_tokens, max_length, settings.length_is_default)
         least = max(settings.min_new_tokens, settings.min_length - prompt_tokens)
         if least > settings.max_new_tokens:  # (transformers' warning, for max_new_tokens)
             warn(
@@ -431,16 +430,16 @@ class Pipeline:
                 raise ValueError(f"{name} {outside[0]} is not in the model's vocabulary of {vocab}")
         return eos, pad
 
-    def _check_length(
-        self, prompt_tokens: int, max_new_tokens: int, max_length: int | None = None, default_length: bool = False, images: bool = True,
-    ) -> None:
-        """A ContextLengthError where the prompt and its answer need more positions than the decoder serves
-        (`max_length`: the generation's, where it set `max_new_tokens`, named in the message instead; `default_length`:
-        no one set the length, so only the prompt can be at fault; `images`: whether the prompt holds any)."""
+    def _check_length(self, input_ids: np.ndarray, max_new_tokens: int, max_length: int | None = None, default_length: bool = False) -> None:
+        """A ContextLengthError where the prompt (`input_ids [B, T]`) and its answer need more positions than the decoder
+        serves (`max_length`: the generation's, where it set `max_new_tokens`, named in the message instead;
+        `default_length`: no one set the length, so only the prompt can be at fault)."""
         decoder = self.sessions.decoder
         limit = decoder.max_length  # the model's positions, fewer where the graph serves fewer, or the fixed buffers'
+        prompt_tokens = int(input_ids.shape[1])
         needed = positions_needed(prompt_tokens, max_new_tokens)
         if needed > limit:
+            images = bool((input_ids == self.processor.image_token_id).any())  # (the advice names images only where there are some)
             what = f"the key/value buffers fixed at load by max_length={limit}" if decoder.fixed_capacity else f"the model's {limit}"
             asked = f"max_length is {max_length} ({max_new_tokens} new tokens)" if max_length is not None else f"max_new_tokens is {max_new_tokens}"
             counted, fewer = (" (images included)", ", or use smaller or fewer images") if images else ("", "")

@@ -130,28 +130,25 @@ class ChatSession:
     # Internals
 
     def _stream_turn(self, message: dict[str, Any], request: Request, messages: list[dict[str, Any]]) -> Generator[StreamChunk, None, None]:
-        with self._turn():  # (from the first chunk to the last, or the close)
-            yield from self._streamed_turn(message, request, messages)
-
-    def _streamed_turn(self, message: dict[str, Any], request: Request, messages: list[dict[str, Any]]) -> Generator[StreamChunk, None, None]:
-        run = self._start(request, messages)
-        pieces: list[str] = []
-        committed = closed_early = False
-        chunks = stream_chunks(run)
-        try:
-            for chunk in chunks:
-                pieces.append(chunk.text)
-                if chunk.finish_reason is not None:  # the loop is closed and the cache kept by now
+        with self._turn():  # (held from the first chunk to the last, or the close)
+            run = self._start(request, messages)
+            pieces: list[str] = []
+            committed = closed_early = False
+            chunks = stream_chunks(run)
+            try:
+                for chunk in chunks:
+                    pieces.append(chunk.text)
+                    if chunk.finish_reason is not None:  # the loop is closed and the cache kept by now
+                        self._commit(message, "".join(pieces))
+                        committed = True
+                    yield chunk
+            except (GeneratorExit, KeyboardInterrupt):  # closed by the consumer, the next turn or Ctrl-C; an error is not a close
+                closed_early = True
+                raise
+            finally:
+                chunks.close()
+                if closed_early and not committed and run.tokens:  # what was shown is the answer
                     self._commit(message, "".join(pieces))
-                    committed = True
-                yield chunk
-        except (GeneratorExit, KeyboardInterrupt):  # closed by the consumer, the next turn or Ctrl-C; an error is not a close
-            closed_early = True
-            raise
-        finally:
-            chunks.close()
-            if closed_early and not committed and run.tokens:  # what was shown is the answer
-                self._commit(message, "".join(pieces))
 
     def _close_open_stream(self) -> None:
         """Closes the last stream if it is still open (a finished one closes as a no-op); a RuntimeError where another

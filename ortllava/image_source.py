@@ -40,7 +40,6 @@ def image_source_kinds(kinds: Collection[str]) -> tuple[str, ...]:
     return tuple(kind for kind in IMAGE_SOURCES if kind in kinds)
 
 
-
 def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S, sources: Collection[str] = IMAGE_SOURCES) -> Image.Image:
     """Opens a path (or a `file://` URL), an http(s) URL, a `data:image/...;base64,` URI or a base64 string the way
     transformers' `load_image` does: EXIF-rotated, then `convert("RGB")`.

@@ -58,6 +58,7 @@ def kernel_trace(run, device: str, work: Path, name: str) -> dict:
     events = json.loads(trace.read_text()).get("traceEvents", [])
     with gzip.open(work / f"trace-{name}.json.gz", "wt") as kept:
         json.dump(events, kept)
+    trace.unlink()  # (the compressed copy is the one kept)
     per_name: collections.Counter = collections.Counter()
     counts: collections.Counter = collections.Counter()
     spans = []
