@@ -89,7 +89,9 @@ def generate_step(
     array then holds, straight into the cache's step buffer.
     """
     for step in range(max_new_tokens):
-        if not np.isfinite(logits.sum()):  # one scalar: no per-step allocation
+        # Non-finite iff some logit is (or they overflow a float32 sum): one scalar, no per-step allocation. (einsum's
+        # plain loop: half the time of numpy's pairwise sum, ~15 us for 32k logits on this CPU, a decode step's most.)
+        if not np.isfinite(np.einsum("bv->", logits)):
             raise FloatingPointError(f"the decoder returned non-finite logits at new token {step + 1}: {non_finite_hint(decoder)}")
         tokens = sampler(logits)
         yield tokens, logits
@@ -142,7 +144,8 @@ def decode_loop(
     prefill_start = time.perf_counter()
     logits, cache = prefill()
     batch = cache.batch
-    eos = np.array(eos_token_ids, dtype=np.int64)[None, :]  # [1, n_eos]: compared with each row's token
+    is_eos = np.zeros(max([logits.shape[-1], *(i + 1 for i in eos_token_ids)]), dtype=bool)  # [V]: looked up by token id
+    is_eos[eos_token_ids] = True
     finished = np.zeros(batch, dtype=bool)
     steps = generate_step(decoder, logits, cache, embed, sampler, max_new_tokens)
     decode_start = prefill_start
@@ -154,7 +157,7 @@ def decode_loop(
                 metrics.time_to_first_token_s = decode_start - started
             active = ~finished
             tokens[finished] = pad_token_id  # in place: the generator embeds this array for the next step
-            finished = finished | (tokens[:, None] == eos).any(axis=1)  # (np.isin: ~13 us a step; this ~1)
+            finished = finished | is_eos[tokens]  # (np.isin: ~13 us a step; comparing with each EOS id: ~5; this ~1)
             metrics.generated_tokens = index + 1
             yield Step(tokens, active, finished, step_logits)
             if finished.all():

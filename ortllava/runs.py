@@ -88,7 +88,7 @@ class Run:
         """Writes the embeddings of `ids [B]` into `out [B, 1, D]` (the cache's step buffer)."""
         table = self.embed_table
         if table.dtype == out.dtype:  # ("clip": the ids are the sampler's, in range; "raise" would buffer the output)
-            np.take(table, ids, axis=0, out=out[:, 0], mode="clip")
+            table.take(ids, axis=0, out=out[:, 0], mode="clip")
         else:
             out[:, 0] = np.take(table, ids, axis=0)
 
@@ -122,16 +122,18 @@ def collect(run: Run) -> list[GenerationResult]:
     steps = run.loop()
     try:
         for step in steps:
-            for row in np.flatnonzero(step.active):
-                if stopped[row]:
+            tokens = step.tokens.tolist()
+            for row, active in enumerate(step.active.tolist()):
+                if not active or stopped[row]:
                     continue
-                answers[row].append(int(step.tokens[row]))
+                answers[row].append(tokens[row])
                 if logits is not None:
                     logits[row].append(step.logits[row].copy())  # (the buffer is the next step's)
                 if detokenizers is not None:
-                    detokenizers[row].add(int(step.tokens[row]))
+                    detokenizers[row].add(tokens[row])
                     stopped[row] = finders[row](detokenizers[row].text, detokenizers[row].tail()) is not None
-            if all(stopped[row] or step.finished[row] for row in range(batch)):
+            # (Without stop strings the loop ends itself once every row has hit an EOS token.)
+            if detokenizers is not None and all(stopped[row] or step.finished[row] for row in range(batch)):
                 break
     finally:
         steps.close()
