@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ortllava.manifest import KV_REORDER_GRAPH
+from ortllava.manifest import FEATURE_SPLICE_GRAPH, KV_REORDER_GRAPH
 from ortllava.settings import shown_settings, unsupported_generation_settings
 
 from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint, model_source
@@ -138,6 +138,7 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
     from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
     from .fused_decoder import build_fused_decoder
     from .kv_cache import calibrate_kv_scales
+    from .feature_splice import build_feature_splice
     from .kv_reorder import build_kv_reorder
     from .quantize import quantize_decoder
     from .validate import check, references
@@ -201,6 +202,8 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
         with stage(f"Quantizing the decoder: {quantized_parts}"):
             quantize_decoder(graphs["decoder"], work, int4)
     graphs[KV_REORDER_GRAPH] = build_kv_reorder(work / "kv_reorder.onnx", graphs["decoder"])
+    if decoder == "gqa":  # (the runtime gathers a prompt's embeddings on the device for a fused decoder only)
+        graphs[FEATURE_SPLICE_GRAPH] = build_feature_splice(work / "feature_splice.onnx", graphs["projector"], graphs["decoder"])
     with stage("Hashing files and writing the manifest"):
         manifest = build_manifest(checkpoint, graphs, work, plan.precision, validation)
         write_manifest(manifest, work)

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .detokenizer import held_token_ids
-from .features import embed, pack_images
+from .features import ProjectedImages, embed, splice_index
 from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, positions_needed
 from .image_source import IMAGE_SOURCES, ImageLike
@@ -30,6 +30,8 @@ from .settings import GenerationSettings, shown_settings, unsupported_generation
 from .warn import GenerationWarning, warn
 
 if TYPE_CHECKING:
+    import onnxruntime as ort
+
     from .chat import ChatSession
 
 Messages = list[dict[str, Any]]
@@ -121,17 +123,43 @@ class Pipeline:
     # Inputs
 
     def encode_images(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> np.ndarray:
-        """`pixel_values [n_images, max_tiles, 3, S, S]` -> packed features `[n_features, D]`, all tiles in one run."""
-        vision = self.manifest.vision
-        tile = self.processor.image_processor.config.tile_size
+        """`pixel_values [n_images, max_tiles, 3, S, S]` -> packed features `[n_features, D]`, all tiles in one run
+        (transformers' `get_image_features`, concatenated)."""
+        return self.project_images(pixel_values, image_sizes).pack()
+
+    def project_images(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> ProjectedImages:
+        """`pixel_values [n_images, max_tiles, 3, S, S]` -> every tile's projected features `[n_tiles, p*p, D]`
+        (all tiles in one run) with what packing them takes: `embed` packs them straight into the embeddings."""
+        tiles, sizes, counts = self._tiles(pixel_values, image_sizes)
+        tile_size = self.processor.image_processor.config.tile_size
+        return ProjectedImages(self.sessions.vision(tiles), sizes, counts, self.image_newline, self.manifest.vision.grid_pinpoints, tile_size)
+
+    def _tiles(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
+        """Every image's tiles, all together `[n_tiles, 3, S, S]` (the padding tiles left out), each image's
+        (height, width) and its number of tiles."""
         counts = self.processor.tile_counts(image_sizes)
         tiles = np.concatenate([pixels[:count] for pixels, count in zip(pixel_values, counts)], axis=0)
-        projected = self.sessions.vision(tiles)
-        return pack_images(projected, image_sizes, counts, self.image_newline, vision.grid_pinpoints, tile)
+        return tiles, [tuple(size) for size in np.asarray(image_sizes).tolist()], counts
 
-    def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
-        """`input_ids [B, T]` -> `inputs_embeds [B, T, D]` in the decoder's dtype, images spliced in."""
+    def embed(self, input_ids: np.ndarray, image_features: np.ndarray | ProjectedImages | None = None) -> np.ndarray:
+        """`input_ids [B, T]` -> `inputs_embeds [B, T, D]` in the decoder's dtype, images spliced in (packed
+        features `[n_features, D]`, or `project_images`' output, packed as they are written)."""
         return embed(input_ids, self.embed_table, self.manifest.tokens.image_token_id, image_features, self.sessions.decoder.dtype)
+
+    def _embed_on_device(self, input_ids: np.ndarray, pixel_values: np.ndarray, image_sizes: np.ndarray) -> ort.OrtValue:
+        """`embed` with the images' features kept on the device: the bundle's `feature_splice` gathers the prompt's
+        embeddings `[B, T, D]` there from the projector's output and the text's embeddings (uploaded: a few rows).
+        For prompts without padding (the decoder takes them as they are)."""
+        tiles, sizes, counts = self._tiles(pixel_values, image_sizes)
+        projected = self.sessions.vision.on_device(tiles)
+        index, text_ids = splice_index(
+            input_ids, self.manifest.tokens.image_token_id, sizes, counts, projected.shape()[1], self.manifest.vision.grid_pinpoints,
+            self.processor.image_processor.config.tile_size,
+        )
+        host_rows = np.empty((1 + len(text_ids), self.embed_table.shape[1]), self.sessions.decoder.dtype)
+        host_rows[0] = self.image_newline
+        host_rows[1:] = self.embed_table[text_ids]
+        return self.sessions.splice(projected, host_rows, index)
 
     def prepare(
         self,
@@ -381,9 +409,12 @@ class Pipeline:
         """The whole prompt: every image through the vision path, every token embedded, a new cache. `copies`: each
         prompt's keys/values repeated that many times after its prefill (`num_return_sequences`: the images and the
         prompt run once)."""
-        features = self.encode_images(inputs["pixel_values"], inputs["image_sizes"]) if "pixel_values" in inputs else None
-        inputs_embeds = self.embed(inputs["input_ids"], features)
         attention_mask = inputs["attention_mask"]
+        if "pixel_values" in inputs and self.sessions.splice is not None and attention_mask.all():
+            inputs_embeds = self._embed_on_device(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"])
+        else:
+            features = self.project_images(inputs["pixel_values"], inputs["image_sizes"]) if "pixel_values" in inputs else None
+            inputs_embeds = self.embed(inputs["input_ids"], features)
         capacity = positions_needed(attention_mask.shape[1], max_new_tokens)
         metrics.prefilled_tokens = int(attention_mask.shape[1])
         decoder = self.sessions.decoder
@@ -407,8 +438,8 @@ class Pipeline:
             keys = [pixel_digest(pixels[:count], size) for pixels, count, size in zip(inputs["pixel_values"], self.processor.tile_counts(sizes), sizes)]
         metrics.preprocess_s += time.perf_counter() - begun
 
-        def encode_from(first: int) -> np.ndarray:
-            return self.encode_images(inputs["pixel_values"][first:], inputs["image_sizes"][first:])
+        def encode_from(first: int) -> ProjectedImages:
+            return self.project_images(inputs["pixel_values"][first:], inputs["image_sizes"][first:])
 
         return plan_from_held(self, inputs, self.prefix.take(), keys, operator.eq, encode_from, max_new_tokens, metrics, self.prefix.put)
 

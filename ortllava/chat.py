@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .decoders import ContextLengthError
+from .features import ProjectedImages
 from .generate import GenerationMetrics, GenerationResult, positions_needed
 from .image_source import ImageLike, load_image
 from .prefix import HeldCache, plan_from_held
@@ -231,11 +232,11 @@ class ChatSession:
         def plan(inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics):
             pipe = self.pipe
 
-            def encode_from(first: int) -> np.ndarray:
+            def encode_from(first: int) -> ProjectedImages:
                 begun = time.perf_counter()
                 new_images = pipe.processor.image_processor([load_image(source, sources=pipe.processor.image_sources) for source in sources[first:]])
                 metrics.preprocess_s += time.perf_counter() - begun
-                return pipe.encode_images(new_images["pixel_values"], new_images["image_sizes"])
+                return pipe.project_images(new_images["pixel_values"], new_images["image_sizes"])
 
             def hold(held: HeldCache) -> None:
                 self._held = held

@@ -182,7 +182,7 @@ def _info(args: argparse.Namespace) -> int:
     for name, spec in manifest.graphs.items():
         files = [spec.file, *spec.external_data]
         size = sum(sizes.get(f, 0) for f in files)
-        shown = f"{size / 2**20:10.1f} MiB" if size >= 2**20 // 10 else f"{size / 2**10:10.1f} KiB"  # (kv_reorder: a few KiB)
+        shown = f"{size / 2**20:10.1f} MiB" if size >= 2**20 // 10 else f"{size / 2**10:10.1f} KiB"  # (kv_reorder, feature_splice: a few KiB)
         print(f"size        {name:15} {shown}  ({', '.join(files)}){GRAPH_ROLES.get(name, '')}")
     print(f"size        {'embeddings':15} {sizes.get('embed_tokens.npy', 0) / 2**20:10.1f} MiB")
     if manifest.validation:
@@ -208,7 +208,7 @@ def _info(args: argparse.Namespace) -> int:
 
 # How `info` names a decoder kind, and what a graph other than the three main ones is for.
 DECODER_KINDS = {"gqa": "fused attention over preallocated key/value buffers (gqa)", "concat": "plain ONNX attention, portable (concat)"}
-GRAPH_ROLES = {"kv_reorder": "  beam search's row gather on a GPU"}
+GRAPH_ROLES = {"kv_reorder": "  beam search's row gather on a GPU", "feature_splice": "  image features into the prompt's embeddings on a GPU"}
 SELECT_STRATEGIES = {"default": "class token dropped", "full": "class token kept"}
 
 

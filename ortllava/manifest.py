@@ -17,6 +17,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")  # the graphs every bundle has
 KV_REORDER_GRAPH = "kv_reorder"  # beam search's row gather over the decoder's keys/values (bundles from 2026-11-27 on)
+FEATURE_SPLICE_GRAPH = "feature_splice"  # a prompt's embeddings gathered on the device (bundles from 2026-11-28 on)
 T = TypeVar("T")
 
 # Files of a bundle (besides the graphs, whose names the manifest gives).
@@ -42,6 +43,9 @@ ATTENTION_MASK = "attention_mask"  # [B, W] int64: W = P + S ("concat"); a "gqa"
 POSITION_IDS = "position_ids"  # [B, S] int64
 LOGITS = "logits"  # [B, V], last position only
 KV_ROWS = "rows"  # [B] int64: kv_reorder's row b of each output is row rows[b] of its input
+SPLICE_HOST_ROWS = "host_rows"  # [1 + n_text, D]: feature_splice's image_newline, then the prompt's text embeddings
+SPLICE_INDEX = "splice_index"  # [B, T] int64: feature_splice's source row of each embedding (features.splice_index)
+FEATURE_SPLICE_INPUTS = [PROJECTED_FEATURES, SPLICE_HOST_ROWS, SPLICE_INDEX]
 
 
 def past_key_name(layer: int) -> str:
@@ -141,7 +145,7 @@ class Manifest:
     vision: VisionSpec
     text: TextSpec
     tokens: TokenSpec
-    graphs: dict[str, GraphSpec]  # "vision_encoder", "projector", "decoder"; "kv_reorder" in newer bundles
+    graphs: dict[str, GraphSpec]  # "vision_encoder", "projector", "decoder"; "kv_reorder" and "feature_splice" in newer bundles
     special_tokens_map: dict[str, Any]  # what the chat template sees as bos_token, eos_token, ...
     precision: str
     provenance: dict[str, Any]
@@ -256,6 +260,12 @@ class Manifest:
                 fail(f"graphs.{KV_REORDER_GRAPH}.inputs", f"the rows, then the decoder's keys/values ({want[:3]}...)", reorder.inputs)
             if (reorder.kv_dtype or reorder.dtype) != (decoder.kv_dtype or decoder.dtype):
                 fail(f"graphs.{KV_REORDER_GRAPH}.kv_dtype", f"the decoder's key/value dtype, {decoder.kv_dtype or decoder.dtype!r}", reorder.kv_dtype or reorder.dtype)
+        splice = self.graphs.get(FEATURE_SPLICE_GRAPH)
+        if splice is not None:  # (it takes the projector's output and gives the decoder's input, in the decoder's dtype)
+            if splice.inputs != FEATURE_SPLICE_INPUTS or splice.outputs != [INPUTS_EMBEDS]:
+                fail(f"graphs.{FEATURE_SPLICE_GRAPH}", f"inputs {FEATURE_SPLICE_INPUTS} and outputs {[INPUTS_EMBEDS]}", (splice.inputs, splice.outputs))
+            if splice.dtype != decoder.dtype:
+                fail(f"graphs.{FEATURE_SPLICE_GRAPH}.dtype", f"the decoder's dtype, {decoder.dtype!r}", splice.dtype)
         for file in self.files:
             if not _plain_file_name(file):
                 fail("a name in 'files'", "a file name inside the bundle", file)

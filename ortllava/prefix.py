@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .decoders import KVCache
+from .features import ProjectedImages
 from .generate import positions_needed
 
 if TYPE_CHECKING:
@@ -74,13 +75,13 @@ def reusable_length(
 
 def plan_from_held(
     pipe: Pipeline, inputs: dict[str, np.ndarray], held: HeldCache | None, image_keys: Sequence[Any], same_image: Callable[[Any, Any], bool],
-    encode_from: Callable[[int], np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, hold: Callable[[HeldCache], None],
+    encode_from: Callable[[int], ProjectedImages], max_new_tokens: int, metrics: GenerationMetrics, hold: Callable[[HeldCache], None],
 ) -> tuple[Prefill, KeepCache]:
     """The prefill of a one-row prompt (`inputs`: the processor's, `input_ids [1, T]`) from `held`, a cache taken
     from its keeper (a chat, the pipeline's `PrefixSlot`), and what to do with the cache at the end.
 
-    `image_keys`: one per image of the prompt, compared with `held`'s by `same_image`. `encode_from(i)`: the packed
-    features `[n_features, D]` of the prompt's images from the i-th on (only those run through the vision path).
+    `image_keys`: one per image of the prompt, compared with `held`'s by `same_image`. `encode_from(i)`: the projected
+    features of the prompt's images from the i-th on (only those run through the vision path: `project_images`).
     `hold` gives the keeper a cache: this generation's at the end, or, where the generation fails before its
     answer begins, what `held` still holds (it is never lost to a failed prompt).
     """

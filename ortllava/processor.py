@@ -89,7 +89,7 @@ class Processor:
         best_h, best_w = select_best_resolution((height, width), self.grid_pinpoints)
         scale_h, scale_w = best_h // tile, best_w // tile
         patches_h = patches_w = tile // self.patch_size
-        # The grid's features unpadded back to the image's aspect ratio, as `pack_images` packs them.
+        # The grid's features unpadded back to the image's aspect ratio, as `pack_image` packs them.
         current_h, current_w = unpadded_shape((height, width), (patches_h * scale_h, patches_w * scale_w))
         count = current_h * current_w + current_h + patches_h * patches_w + self.num_additional_image_tokens
         return count - 1 if self.vision_feature_select_strategy == "default" else count

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from .decoders import NUMPY_DTYPES, Device, make_decoder, served_positions
 from .manifest import (
+    FEATURE_SPLICE_GRAPH,
     IMAGE_FEATURES,
     INPUTS_EMBEDS,
     KV_REORDER_GRAPH,
@@ -21,6 +22,8 @@ from .manifest import (
     PIXEL_VALUES,
     POSITION_IDS,
     PROJECTED_FEATURES,
+    SPLICE_HOST_ROWS,
+    SPLICE_INDEX,
     BundleError,
     GraphSpec,
     Manifest,
@@ -168,6 +171,10 @@ def _check_shapes(sessions: dict[str, ort.InferenceSession], manifest: Manifest)
         file = graphs[KV_REORDER_GRAPH].file
         expect(file, "keys/values", "layer count", sum(1 for name in reorder if name.startswith("past_key_values.") and name.endswith(".key")), text.num_layers)
         expect(file, past_key_name(0), "type", reorder[past_key_name(0)].type, _ORT_TYPES[spec.kv_dtype or spec.dtype])
+    if FEATURE_SPLICE_GRAPH in sessions:  # (the projector's output in, the decoder's input out)
+        splice, file = io(FEATURE_SPLICE_GRAPH), graphs[FEATURE_SPLICE_GRAPH].file
+        expect(file, PROJECTED_FEATURES, "type", splice[PROJECTED_FEATURES].type, _ORT_TYPES[graphs["projector"].dtype])
+        expect(file, INPUTS_EMBEDS, "type", splice[INPUTS_EMBEDS].type, _ORT_TYPES[spec.dtype])
     encoder, projector = io("vision_encoder"), io("projector")
     for graph, tensors in ((graphs["vision_encoder"], encoder), (graphs["projector"], projector)):
         first = next(iter(tensors.values()))
@@ -195,7 +202,16 @@ class VisionPath:
             (features,) = self.encoder.run([IMAGE_FEATURES], {PIXEL_VALUES: tiles})
             (projected,) = self.projector.run([PROJECTED_FEATURES], {IMAGE_FEATURES: features})
             return projected
-        # The encoder's output stays on the device and feeds the projector directly.
+        return self._bound(tiles, Device("cpu")).numpy()
+
+    def on_device(self, tiles: np.ndarray) -> ort.OrtValue:
+        """`[n_tiles, 3, S, S]` -> projected features `[n_tiles, n_patches, D]`, left on the device (IO binding only)."""
+        assert self.device is not None, "on_device needs IO binding"
+        return self._bound(np.ascontiguousarray(tiles, dtype=self.dtype), self.device)
+
+    def _bound(self, tiles: np.ndarray, to: Device) -> ort.OrtValue:
+        """Both runs with IO binding: the encoder's output stays on the device and feeds the projector directly; the
+        projector's goes `to` the host or stays."""
         binding = self.encoder.io_binding()
         binding.bind_cpu_input(PIXEL_VALUES, tiles)
         binding.bind_output(IMAGE_FEATURES, self.device.type, self.device.id)
@@ -203,9 +219,28 @@ class VisionPath:
         features = binding.get_outputs()[0]
         binding = self.projector.io_binding()
         binding.bind_ortvalue_input(IMAGE_FEATURES, features)
-        binding.bind_output(PROJECTED_FEATURES, "cpu")
+        binding.bind_output(PROJECTED_FEATURES, to.type, to.id)
         self.projector.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return binding.get_outputs()[0]
+
+
+class FeatureSplice:
+    """The bundle's `feature_splice` graph on the device: projected features `[n_tiles, n_patches, D]` (on the
+    device), `host_rows [1 + n_text, D]` and `splice_index [B, T]` -> the prompt's embeddings `[B, T, D]`, on the
+    device, for the decoder's prompt run (features.splice_index says which row each is)."""
+
+    def __init__(self, session: ort.InferenceSession, device: Device):
+        self.session = session
+        self.device = device
+
+    def __call__(self, projected: ort.OrtValue, host_rows: np.ndarray, index: np.ndarray) -> ort.OrtValue:
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(PROJECTED_FEATURES, projected)
+        binding.bind_cpu_input(SPLICE_HOST_ROWS, host_rows)
+        binding.bind_cpu_input(SPLICE_INDEX, index)
+        binding.bind_output(INPUTS_EMBEDS, self.device.type, self.device.id)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
 
 def cuda_refusal(decoder: GraphSpec) -> str | None:
@@ -307,11 +342,16 @@ class BundleSessions:
         # Beam search's row gather, where the keys/values live on a device (on the host numpy gathers them).
         if on_cuda and device is not None and KV_REORDER_GRAPH in manifest.graphs:
             sessions[KV_REORDER_GRAPH] = create_session(bundle / manifest.graphs[KV_REORDER_GRAPH].file, self.providers, threads, spin=False)
+        # The prompt's embeddings gathered on the device (a fused decoder, whose prompt run takes them there); on the
+        # host numpy packs and splices them.
+        if on_cuda and device is not None and fused and FEATURE_SPLICE_GRAPH in manifest.graphs:
+            sessions[FEATURE_SPLICE_GRAPH] = create_session(bundle / manifest.graphs[FEATURE_SPLICE_GRAPH].file, self.providers, threads, spin=False)
         for name, session in sessions.items():
             _check_io(session, manifest.graphs[name], name)
         _check_shapes(sessions, manifest)
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
         self.vision = VisionPath(sessions["vision_encoder"], sessions["projector"], device, vision_dtype)
+        self.splice = FeatureSplice(sessions[FEATURE_SPLICE_GRAPH], device) if FEATURE_SPLICE_GRAPH in sessions else None
         if self.cuda_graph and not max_length:  # graphs replay fixed shapes: one buffer length for every generation
             max_length = min(CUDA_GRAPH_DEFAULT_LENGTH, served_positions(manifest))
         self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph, sessions.get(KV_REORDER_GRAPH))

@@ -97,7 +97,7 @@ def _edit_section(section, **values):
         ("manifest.json", _edit_section("text", head_dim=lambda n: n * 2), r"head size is \d+, the manifest says \d+"),
         ("manifest.json", _edit_section("text", vocab_size=lambda n: n + 1), r"logits's width is \d+, the manifest says \d+"),
         ("manifest.json", _edit_section("tokens", image_token_id=5), "the tokenizer gives <image> the id .*, the manifest says 5"),
-        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], **{g: {**m["graphs"][g], "dtype": "float16"} for g in ("decoder", "kv_reorder")}}}),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], **{g: {**m["graphs"][g], "dtype": "float16"} for g in ("decoder", "kv_reorder", "feature_splice")}}}),
          r"inputs_embeds's type is tensor\(float\), the manifest says tensor\(float16\)"),
         ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "decoder": {**m["graphs"]["decoder"], "file": "../decoder.onnx"}}}),
          "graphs.decoder.file must be a file name inside the bundle"),
@@ -109,6 +109,10 @@ def _edit_section(section, **values):
          r"graphs.kv_reorder.inputs must be the rows, then the decoder's keys/values"),
         ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "kv_reorder": {**m["graphs"]["kv_reorder"], "kv_dtype": "int8"}}}),
          r"graphs.kv_reorder.kv_dtype must be the decoder's key/value dtype, 'float32', got 'int8'"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "feature_splice": {**m["graphs"]["feature_splice"], "inputs": ["splice_index"]}}}),
+         r"graphs.feature_splice must be inputs \['projected_features', 'host_rows', 'splice_index'\] and outputs \['inputs_embeds'\]"),
+        ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "feature_splice": {**m["graphs"]["feature_splice"], "dtype": "float16"}}}),
+         r"graphs.feature_splice.dtype must be the decoder's dtype, 'float32', got 'float16'"),
     ],
 )
 def test_damaged_files_are_named_without_hashing(mistral, tmp_path, name, damage, message):

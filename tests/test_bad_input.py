@@ -35,7 +35,7 @@ def test_image_count_mismatch_names_both_counts(pipe):
 
 
 def test_malformed_prompts_and_messages_are_named(pipe, monkeypatch):
-    monkeypatch.setattr(pipe, "encode_images", lambda *a: pytest.fail("the vision encoder ran"))
+    monkeypatch.setattr(pipe, "project_images", lambda *a: pytest.fail("the vision encoder ran"))
     for prompt in (123, b"[INST] hi [/INST]", [], ["ok", 5]):
         with pytest.raises(TypeError, match="prompt must be a string or a non-empty list of strings"):
             pipe.generate(prompt=prompt)
@@ -225,7 +225,7 @@ def test_habits_from_transformers_get_a_pointer(mistral, pipe):
 def test_prompt_beyond_the_context_is_refused_up_front(pipe, monkeypatch):
     """Refused from the token count alone: neither the vision encoder nor the decoder runs."""
     limit = pipe.manifest.text.max_position_embeddings
-    monkeypatch.setattr(pipe, "encode_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
+    monkeypatch.setattr(pipe, "project_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
     monkeypatch.setattr(pipe.sessions.decoder, "start", lambda *a, **k: pytest.fail("the decoder ran"))
     with pytest.raises(ortllava.ContextLengthError, match=rf"\(images included\) and .* beyond the model's {limit}; .*smaller or fewer images"):
         pipe.generate(prompt=PROMPT, images=[random_image(1000, 700)], max_new_tokens=limit)
@@ -312,7 +312,7 @@ def test_bad_processor_outputs_are_named_before_any_graph_runs(pipe, monkeypatch
 
 
 def test_pad_id_outside_the_vocabulary_is_refused_up_front(pipe, monkeypatch):
-    monkeypatch.setattr(pipe, "encode_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
+    monkeypatch.setattr(pipe, "project_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
     with pytest.raises(ValueError, match=f"pad_token_id 1000000 is not in the model's vocabulary of {pipe.manifest.text.vocab_size}"):
         pipe.generate(prompt=PROMPT, images=[random_image(200, 200)], pad_token_id=10**6)
 

@@ -58,13 +58,13 @@ def prompt_ids(pipe, messages) -> list[int]:
 def test_turns_equal_recomputation_and_prefill_only_new_tokens(setup, monkeypatch):
     tiny, pipe = setup
     encoded: list[list[list[int]]] = []  # per call of the vision path: the sizes of the images it encoded
-    encode = pipe.encode_images
+    encode = pipe.project_images
 
     def spy(pixel_values, image_sizes):
         encoded.append(image_sizes.tolist())
         return encode(pixel_values, image_sizes)
 
-    monkeypatch.setattr(pipe, "encode_images", spy)
+    monkeypatch.setattr(pipe, "project_images", spy)
     preprocessed = SpyImageProcessor(pipe.processor.image_processor)  # the sizes of the images each call preprocessed
     monkeypatch.setattr(pipe.processor, "image_processor", preprocessed)
     chat = pipe.chat(system="You are terse.", **GREEDY)

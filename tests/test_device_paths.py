@@ -1,7 +1,8 @@
 """The paths that keep keys/values where a device would hold them, run on the CPU provider for each kind of cache
 (fp32, fp16, int8, concat): a prefilled cache's rows copied (`num_return_sequences`), beam search's rows reordered
-by the bundle's `kv_reorder` graph, and every session and buffer placed on a GPU index (`cuda:1`, simulated). The
-GPU check (scripts/gpu/check.py) runs the same paths on CUDA."""
+by the bundle's `kv_reorder` graph, the prompt's embeddings gathered by its `feature_splice` graph, and every
+session and buffer placed on a GPU index (`cuda:1`, simulated). The GPU check (scripts/gpu/check.py) runs the same
+paths on CUDA."""
 
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def test_beam_search_reorders_rows_with_the_bundles_graph_as_on_a_device(bundles
 
 def test_a_gpu_index_reaches_every_session_and_the_buffers(bundles, monkeypatch):
     """provider="cuda:1", simulated on the CPU (the CUDA provider listed, each session made on the CPU): every session
-    is asked for GPU 1, the CUDA-graph decoder session and beam search's row gather too, and the IO-bound buffers are
-    placed there."""
+    is asked for GPU 1, the CUDA-graph decoder session, beam search's row gather and the prompt's embedding gather
+    too, and the IO-bound buffers are placed there."""
     import onnxruntime as ort
 
     from ortllava import sessions as sessions_module
@@ -100,8 +101,10 @@ def test_a_gpu_index_reaches_every_session_and_the_buffers(bundles, monkeypatch)
     monkeypatch.setattr(sessions_module, "create_session", recording)
     pipe = ortllava.load(bundles["fp16"], provider="cuda:1", verify=False, cuda_graph=True)
     assert pipe.sessions.decoder.device == Device("cuda", 1) and pipe.sessions.decoder.cuda_graph
-    assert sorted(asked) == ["decoder.onnx", "kv_reorder.onnx", "projector.onnx", "vision_encoder.onnx"]  # (beam search's gather too)
+    # (beam search's gather and the prompt's embeddings' too)
+    assert sorted(asked) == ["decoder.onnx", "feature_splice.onnx", "kv_reorder.onnx", "projector.onnx", "vision_encoder.onnx"]
     assert pipe.sessions.decoder.reorder is not None and pipe.sessions.decoder.keep_buffer_addresses  # (a captured step's buffers stay)
+    assert pipe.sessions.splice is not None and pipe.sessions.splice.device == Device("cuda", 1)
     for name, providers in asked.items():
         assert providers[0][0] == "CUDAExecutionProvider" and providers[0][1]["device_id"] == 1, name
     assert asked["decoder.onnx"][0][1] == {"device_id": 1, "enable_cuda_graph": "1"}
@@ -135,3 +138,63 @@ def test_a_cuda_provider_that_falls_back_to_the_cpu(bundles, monkeypatch):
     assert any(m.startswith("provider 'auto' runs this bundle on the CPU: onnxruntime could not start its CUDA execution provider on GPU 0") for m in messages), messages
     assert {Path(w.filename).name for w in caught} == {Path(__file__).name}
     assert pipe.generate(PROMPT, images=[random_image(64, 48)], max_new_tokens=2).token_ids
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16"])
+def test_prompt_embeddings_gathered_where_the_decoder_runs(bundles, tiny_store, name):
+    """On a device, the projector's features stay there: the bundle's `feature_splice` gathers the prompt's
+    embeddings from them and the text's (run here on the CPU provider with IO binding). The answers and their
+    logits are the host path's exactly (the same embeddings, bit for bit), for one image, two, and a long prompt the
+    CPU cuts into chunks; a padded batch takes the host path, and so does a prompt without images."""
+    import warnings
+
+    from ortllava.manifest import FEATURE_SPLICE_GRAPH
+    from ortllava.sessions import FeatureSplice, create_session
+
+    bundle = tiny_store.get("mistral").bundle if name == "fp32" else bundles[name]
+    spec = read_manifest(bundle).graphs[FEATURE_SPLICE_GRAPH]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fp16 bundle's "made for CUDA")
+        pipe = ortllava.load(bundle, provider="cpu", io_binding=True)
+    assert pipe.sessions.splice is None  # (on the host, numpy packs and splices)
+    first, second = random_image(400, 300, seed=8), random_image(300, 500, seed=9)
+    cases = [
+        dict(prompt=PROMPT, images=[first]),
+        dict(prompt="[INST] <image>\n<image>\nCompare them. [/INST]", images=[first, second]),
+        dict(prompt=[PROMPT, "[INST] <image>\nAnd this one, described at more length? [/INST]"], images=[[first], [second]]),  # padded
+        dict(prompt="[INST] No image here. [/INST]"),
+    ]
+    options = dict(max_new_tokens=5, min_new_tokens=5, output_logits=True)
+    want = [pipe.generate(**case, **options) for case in cases]
+    splice = FeatureSplice(create_session(Path(bundle) / spec.file, ["CPUExecutionProvider"]), pipe.sessions.device)
+    runs = []
+    pipe.sessions.splice = splice
+    run = splice.session.run_with_iobinding
+    splice.session.run_with_iobinding = lambda binding, *args: runs.append(1) or run(binding, *args)
+    vision = pipe.sessions.vision
+    to_host = type(vision).__call__
+    downloads = []
+    type(vision).__call__ = lambda self, tiles: downloads.append(len(tiles)) or to_host(self, tiles)
+    try:
+        for case, expected in zip(cases, want):
+            runs.clear(), downloads.clear()
+            got = pipe.generate(**case, **options)
+            padded = isinstance(case["prompt"], list)
+            for ours, theirs in zip(got if padded else [got], expected if padded else [expected]):
+                assert ours.token_ids == theirs.token_ids
+                np.testing.assert_array_equal(ours.logits, theirs.logits)
+            on_device = "images" in case and not padded
+            assert (runs, bool(downloads)) == (([1], False) if on_device else ([], "images" in case)), case
+        # A prompt longer than the CPU's prefill chunk: its embeddings come back to the host to be cut (exactly).
+        from ortllava.decoders import fused
+
+        chunk, fused.CPU_PREFILL_CHUNK = fused.CPU_PREFILL_CHUNK, 16
+        try:
+            runs.clear()
+            got = pipe.generate(**cases[0], **options)
+        finally:
+            fused.CPU_PREFILL_CHUNK = chunk
+        assert runs == [1] and got.token_ids == want[0].token_ids
+        np.testing.assert_allclose(got.logits, want[0].logits, rtol=1e-4, atol=1e-4 * np.abs(want[0].logits).max())  # (other runs: other rounding)
+    finally:
+        type(vision).__call__ = to_host

@@ -121,7 +121,7 @@ def test_a_failed_generation_leaves_the_kept_cache(pipes, monkeypatch):
         raise RuntimeError("the vision encoder failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(cached, "encode_images", failing)
+        patch.setattr(cached, "project_images", failing)
         with pytest.raises(RuntimeError, match="the vision encoder failed"):
             cached.generate(messages=user(OTHER, "And this one?"), **GREEDY)
     assert cached.prefix.cached_tokens > 0

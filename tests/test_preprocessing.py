@@ -386,3 +386,50 @@ def test_packed_features_match_transformers(mistral, pipe):
     expected_rows = sum(pipe.processor.num_image_tokens(*size) for size in inputs["image_sizes"].tolist())
     assert ours.shape[0] == expected_rows
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_images_packed_into_the_embeddings_as_packed_apart(pipe):
+    """`embed` packs projected tiles straight into their `<image>` rows (the main path); the result must be the
+    packed features spliced in, bit for bit: a batch (left padding, two images in one row, each image's tokens
+    after the other's with no text between), into fp16 embeddings, and a prompt whose image tokens text splits."""
+    from ortllava.features import embed
+
+    prompts = ["[INST] <image>\nDescribe. [/INST]", "[INST] Text only, and longer than the first one. [/INST]", "[INST] <image><image> [/INST]"]
+    images = [CASES["wide"], CASES["tall"], CASES["strip-wide"]]
+    inputs = pipe.processor(text=prompts, images=images, padding=True)
+    projected = pipe.project_images(inputs["pixel_values"], inputs["image_sizes"])
+    packed = projected.pack()
+    assert projected.lengths() == [pipe.processor.num_image_tokens(*size) for size in inputs["image_sizes"].tolist()]
+    ids, table, image_id = inputs["input_ids"], pipe.embed_table, pipe.manifest.tokens.image_token_id
+    for dtype in (np.float32, np.float16):
+        np.testing.assert_array_equal(embed(ids, table, image_id, projected, dtype), embed(ids, table, image_id, packed, dtype))
+    split = ids[:1].copy()  # the first image's tokens, a text token in their middle: packed apart, then spliced
+    row = np.flatnonzero(split[0] == image_id)
+    split = np.insert(split, row[len(row) // 2], 5, axis=1)
+    first = pipe.project_images(inputs["pixel_values"][:1], inputs["image_sizes"][:1])
+    np.testing.assert_array_equal(embed(split, table, image_id, first), embed(split, table, image_id, first.pack()))
+    with pytest.raises(ValueError, match="image tokens but the images gave"):
+        embed(ids[:1], table, image_id, projected)
+
+
+def test_the_splice_index_gathers_the_embeddings_embed_writes(pipe):
+    """The device path's index (`feature_splice` gathers by it): rows [newline, text embeddings, every tile's
+    features] taken by it are `embed`'s output bit for bit, for a batch (left padding, two images back to back) and a
+    prompt whose image tokens text splits; a wrong count of image tokens is refused in `embed`'s words."""
+    from ortllava.features import embed, splice_index
+
+    prompts = ["[INST] <image>\nDescribe. [/INST]", "[INST] Text only, and longer than the first one. [/INST]", "[INST] <image><image> [/INST]"]
+    inputs = pipe.processor(text=prompts, images=[CASES["wide"], CASES["tall"], CASES["strip-wide"]], padding=True)
+    split = inputs["input_ids"][:1]
+    row = np.flatnonzero(split[0] == pipe.manifest.tokens.image_token_id)
+    split = np.insert(split, row[len(row) // 3], 5, axis=1)
+    image_id, table = pipe.manifest.tokens.image_token_id, pipe.embed_table
+    for ids, images in ((inputs["input_ids"], slice(None)), (split, slice(0, 1))):
+        projected = pipe.project_images(inputs["pixel_values"][images], inputs["image_sizes"][images])
+        tiles = projected.tiles
+        index, text_ids = splice_index(ids, image_id, projected.image_sizes, projected.tiles_per_image, tiles.shape[1], projected.grid_pinpoints, projected.tile_size)
+        assert index.shape == ids.shape and text_ids.tolist() == ids[ids != image_id].tolist()
+        rows = np.concatenate([pipe.image_newline[None], table[text_ids], tiles.reshape(-1, tiles.shape[-1])])
+        np.testing.assert_array_equal(rows[index], embed(ids, table, image_id, projected))
+    with pytest.raises(ValueError, match="image tokens but the images gave"):
+        splice_index(inputs["input_ids"][:1], image_id, projected.image_sizes * 2, projected.tiles_per_image * 2, tiles.shape[1], projected.grid_pinpoints, projected.tile_size)

@@ -144,10 +144,14 @@ class FusedDecoder(DecoderBase):
             binding.bind_ortvalue_output(present, value)  # the same memory: the op writes in place
         binding.bind_ortvalue_output(LOGITS, cache.state.logits_value)
 
-    def _run(self, inputs_embeds: np.ndarray, mask: np.ndarray, cache: KVCache) -> np.ndarray:
-        """One run with freshly bound embeddings and mask (prompts); the cache stays bound in place."""
+    def _run(self, inputs_embeds: np.ndarray | ort.OrtValue, mask: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One run with freshly bound embeddings (from the host, or where the device holds them) and mask (prompts);
+        the cache stays bound in place."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
+        if isinstance(inputs_embeds, ort.OrtValue):
+            binding.bind_ortvalue_input(INPUTS_EMBEDS, inputs_embeds)
+        else:
+            binding.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
         binding.bind_cpu_input(ATTENTION_MASK, mask)
         self._bind_cache(binding, cache)
         self.session.run_with_iobinding(binding, self._uncaptured if self.cuda_graph else None)
@@ -160,18 +164,22 @@ class FusedDecoder(DecoderBase):
 
     # -- the interface --------------------------------------------------------------------------------
 
-    def start(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, capacity: int) -> tuple[np.ndarray, KVCache]:
-        """`inputs_embeds [B, T, D]` (padded on either side), `attention_mask [B, T]` -> logits `[B, V]`, cache."""
-        batch, length, _ = inputs_embeds.shape
+    def start(self, inputs_embeds: np.ndarray | ort.OrtValue, attention_mask: np.ndarray, capacity: int) -> tuple[np.ndarray, KVCache]:
+        """`inputs_embeds [B, T, D]` (padded on either side; or an OrtValue where the device holds them, as the bundle's
+        `feature_splice` leaves them), `attention_mask [B, T]` -> logits `[B, V]`, cache."""
+        on_device = isinstance(inputs_embeds, ort.OrtValue)
+        batch, length, _ = inputs_embeds.shape() if on_device else inputs_embeds.shape
         cache = self._new_cache(batch, self._capacity(max(capacity, length)))
         real = attention_mask.astype(bool)
         counts = real.sum(axis=1)
+        chunk = self._prefill_chunk
+        if on_device and (not real.all() or batch == 1 and chunk and counts[0] > chunk):  # (moved or cut below: on the host)
+            inputs_embeds = inputs_embeds.numpy()
         if not real.all():  # the op reads each row's tokens from the start: move them there
             packed = np.zeros_like(inputs_embeds)
             for row in range(batch):
                 packed[row, : counts[row]] = inputs_embeds[row, real[row]]
             inputs_embeds = packed
-        chunk = self._prefill_chunk
         if batch == 1 and chunk and counts[0] > chunk:  # (the op continues several tokens for one row only)
             self._first_prompt(inputs_embeds[:, :chunk], counts.clip(max=chunk), cache)
             return self.extend(inputs_embeds[:, chunk : int(counts[0])], cache), cache
@@ -182,9 +190,9 @@ class FusedDecoder(DecoderBase):
         """Tokens per run of a long one-row prompt or continuation (0: all at once); see CPU_PREFILL_CHUNK."""
         return CPU_PREFILL_CHUNK if self.device.type == "cpu" else 0
 
-    def _first_prompt(self, inputs_embeds: np.ndarray, counts: np.ndarray, cache: KVCache) -> np.ndarray:
+    def _first_prompt(self, inputs_embeds: np.ndarray | ort.OrtValue, counts: np.ndarray, cache: KVCache) -> np.ndarray:
         """Runs `inputs_embeds [B, S, D]` (row b's `counts[b]` tokens first) into an empty cache."""
-        batch, length, _ = inputs_embeds.shape
+        batch, length, _ = inputs_embeds.shape() if isinstance(inputs_embeds, ort.OrtValue) else inputs_embeds.shape
         cache.lengths[:] = counts
         mask = cache.state.mask
         mask[:] = 0

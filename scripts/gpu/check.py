@@ -192,6 +192,18 @@ def device_paths(pipe, bundle: Path) -> dict:
     ] == [greedy.token_ids] * 2)
     # (beam search's rows are gathered on the device there; on the CPU, by numpy)
     check("kv_reorder loaded where the cache is on a device", lambda: (pipe.sessions.decoder.reorder is not None) == (pipe.sessions.provider == "CUDAExecutionProvider"))
+    # (the prompt's embeddings are gathered on the device for a gqa decoder there; on the CPU, numpy splices them)
+    on_device = pipe.sessions.provider == "CUDAExecutionProvider" and pipe.manifest.graphs["decoder"].kind == "gqa"
+    check("feature_splice loaded where a gqa decoder is on a device", lambda: (pipe.sessions.splice is not None) == on_device)
+
+    def spliced_on_the_host() -> bool:
+        splice, pipe.sessions.splice = pipe.sessions.splice, None
+        try:
+            return pipe.generate(messages=chat, **options).token_ids == greedy.token_ids
+        finally:
+            pipe.sessions.splice = splice
+
+    check("embeddings spliced on the host give the device's answer", spliced_on_the_host)
     beams = dict(num_beams=3, num_return_sequences=3, **options)
 
     def beams_under_graphs() -> bool:
