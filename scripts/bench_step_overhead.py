@@ -72,6 +72,8 @@ def main() -> int:
     if args.tokens < 2:
         parser.error("--tokens: at least 2")
     pipe = ortllava.load(args.bundle, provider="cpu", verify=False, max_length=args.tokens + 64)
+    if pipe.manifest.graphs["decoder"].kind != "gqa":
+        parser.error("a bundle with a 'gqa' decoder (the one whose buffers this script fills)")
     no_op_runs(pipe)
     messages = MESSAGES if args.batch == 1 else [MESSAGES] * args.batch
     print(f"decode loop, host time per step (us), onnxruntime's run a no-op; {args.tokens} tokens, batch {args.batch}, {args.repeats} runs")

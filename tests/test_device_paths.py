@@ -144,8 +144,8 @@ def test_a_cuda_provider_that_falls_back_to_the_cpu(bundles, monkeypatch):
 def test_prompt_embeddings_gathered_where_the_decoder_runs(bundles, tiny_store, name):
     """On a device, the projector's features stay there: the bundle's `feature_splice` gathers the prompt's
     embeddings from them and the text's (run here on the CPU provider with IO binding). The answers and their
-    logits are the host path's exactly (the same embeddings, bit for bit), for one image, two, and a long prompt the
-    CPU cuts into chunks; a padded batch takes the host path, and so does a prompt without images."""
+    logits are the host path's exactly (the same embeddings, bit for bit), for one image, two, a batch of two, and a
+    long prompt the CPU cuts into chunks; a padded batch takes the host path, and so does a prompt without images."""
     import warnings
 
     from ortllava.manifest import FEATURE_SPLICE_GRAPH
@@ -161,6 +161,7 @@ def test_prompt_embeddings_gathered_where_the_decoder_runs(bundles, tiny_store, 
     cases = [
         dict(prompt=PROMPT, images=[first]),
         dict(prompt="[INST] <image>\n<image>\nCompare them. [/INST]", images=[first, second]),
+        dict(prompt=[PROMPT, PROMPT], images=[[first], [random_image(400, 300, seed=10)]]),  # a batch without padding
         dict(prompt=[PROMPT, "[INST] <image>\nAnd this one, described at more length? [/INST]"], images=[[first], [second]]),  # padded
         dict(prompt="[INST] No image here. [/INST]"),
     ]
@@ -179,11 +180,11 @@ def test_prompt_embeddings_gathered_where_the_decoder_runs(bundles, tiny_store, 
         for case, expected in zip(cases, want):
             runs.clear(), downloads.clear()
             got = pipe.generate(**case, **options)
-            padded = isinstance(case["prompt"], list)
-            for ours, theirs in zip(got if padded else [got], expected if padded else [expected]):
+            batch = isinstance(case["prompt"], list)
+            for ours, theirs in zip(got if batch else [got], expected if batch else [expected]):
                 assert ours.token_ids == theirs.token_ids
                 np.testing.assert_array_equal(ours.logits, theirs.logits)
-            on_device = "images" in case and not padded
+            on_device = "images" in case and not (batch and case["prompt"][0] != case["prompt"][1])  # (padded: on the host)
             assert (runs, bool(downloads)) == (([1], False) if on_device else ([], "images" in case)), case
         # A prompt longer than the CPU's prefill chunk: its embeddings come back to the host to be cut (exactly).
         from ortllava.decoders import fused
