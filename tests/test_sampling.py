@@ -222,6 +222,28 @@ def test_sampling_candidates_follow_transformers_warpers(vocab, temperature, top
     np.testing.assert_allclose(probs, want[candidates], rtol=1e-5, atol=1e-9)
 
 
+def test_top_k_from_chunk_maxima_keeps_what_a_whole_partition_keeps():
+    """`_top_k` looks for the k-th largest score only among those reaching the least of k chunk maxima: the tokens it
+    keeps must be the definition's (every score reaching the k-th largest of all), for any vocabulary and k, with
+    ties at the boundary, and with -inf filling whole chunks (min_new_tokens and bans forbid tokens so)."""
+    from ortllava.sampling import _top_k
+
+    rng = np.random.default_rng(0)
+    for case in range(2000):
+        vocab = int(rng.integers(1, 300))
+        top_k = int(rng.integers(0, vocab + 2))
+        if case % 4 == 0:
+            scores = rng.standard_normal(vocab)
+        elif case % 4 == 1:  # many ties
+            scores = rng.integers(-3, 3, vocab).astype(np.float64)
+        else:  # most tokens forbidden, scattered or in a block
+            scores = rng.standard_normal(vocab)
+            scores[rng.random(vocab) < 0.7 if case % 4 == 2 else np.arange(vocab) >= max(1, vocab // 10)] = -np.inf
+        scores = scores.astype(np.float32)
+        want = np.flatnonzero(scores >= np.partition(scores, -top_k)[-top_k]) if 0 < top_k < vocab else np.arange(vocab)
+        assert _top_k(scores, top_k).tolist() == want.tolist(), (case, vocab, top_k)
+
+
 MIN_KEEP_WARPERS = [  # (temperature, top_k, top_p, min_p, more): each alone would keep fewer than 3 tokens of a peaked row
     (1.0, 1, 1.0, 0.0, {}), (0.7, 0, 0.5, 0.0, {}), (1.0, 0, 1.0, 0.5, {}), (1.0, 0, 1.0, 0.0, {"typical_p": 0.2}),
     (1.0, 0, 1.0, 0.0, {"epsilon_cutoff": 0.1}), (1.0, 0, 1.0, 0.0, {"eta_cutoff": 0.2}),
