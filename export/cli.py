@@ -136,9 +136,9 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
     from .accuracy import accuracy_references, accuracy_report
     from .bundle import build_manifest, write_assets, write_manifest
     from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
+    from .feature_splice import build_feature_splice
     from .fused_decoder import build_fused_decoder
     from .kv_cache import calibrate_kv_scales
-    from .feature_splice import build_feature_splice
     from .kv_reorder import build_kv_reorder
     from .quantize import quantize_decoder
     from .validate import check, references

@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")  # the graphs every bundle has
 KV_REORDER_GRAPH = "kv_reorder"  # beam search's row gather over the decoder's keys/values (bundles from 2026-11-27 on)
-FEATURE_SPLICE_GRAPH = "feature_splice"  # a prompt's embeddings gathered on the device (bundles from 2026-11-28 on)
+FEATURE_SPLICE_GRAPH = "feature_splice"  # a prompt's embeddings gathered on the device (gqa bundles from 2026-11-28 on)
 T = TypeVar("T")
 
 # Files of a bundle (besides the graphs, whose names the manifest gives).

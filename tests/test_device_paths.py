@@ -141,15 +141,16 @@ def test_a_cuda_provider_that_falls_back_to_the_cpu(bundles, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["fp32", "fp16"])
-def test_prompt_embeddings_gathered_where_the_decoder_runs(bundles, tiny_store, name):
+def test_prompt_embeddings_gathered_where_the_decoder_runs(bundles, tiny_store, monkeypatch, name):
     """On a device, the projector's features stay there: the bundle's `feature_splice` gathers the prompt's
     embeddings from them and the text's (run here on the CPU provider with IO binding). The answers and their
     logits are the host path's exactly (the same embeddings, bit for bit), for one image, two, a batch of two, and a
     long prompt the CPU cuts into chunks; a padded batch takes the host path, and so does a prompt without images."""
     import warnings
 
+    from ortllava.decoders import fused
     from ortllava.manifest import FEATURE_SPLICE_GRAPH
-    from ortllava.sessions import FeatureSplice, create_session
+    from ortllava.sessions import FeatureSplice, VisionPath, create_session
 
     bundle = tiny_store.get("mistral").bundle if name == "fp32" else bundles[name]
     spec = read_manifest(bundle).graphs[FEATURE_SPLICE_GRAPH]
@@ -168,34 +169,24 @@ def test_prompt_embeddings_gathered_where_the_decoder_runs(bundles, tiny_store, 
     options = dict(max_new_tokens=5, min_new_tokens=5, output_logits=True)
     want = [pipe.generate(**case, **options) for case in cases]
     splice = FeatureSplice(create_session(Path(bundle) / spec.file, ["CPUExecutionProvider"]), pipe.sessions.device)
-    runs = []
+    runs, downloads = [], []
     pipe.sessions.splice = splice
     run = splice.session.run_with_iobinding
     splice.session.run_with_iobinding = lambda binding, *args: runs.append(1) or run(binding, *args)
-    vision = pipe.sessions.vision
-    to_host = type(vision).__call__
-    downloads = []
-    type(vision).__call__ = lambda self, tiles: downloads.append(len(tiles)) or to_host(self, tiles)
-    try:
-        for case, expected in zip(cases, want):
-            runs.clear(), downloads.clear()
-            got = pipe.generate(**case, **options)
-            batch = isinstance(case["prompt"], list)
-            for ours, theirs in zip(got if batch else [got], expected if batch else [expected]):
-                assert ours.token_ids == theirs.token_ids
-                np.testing.assert_array_equal(ours.logits, theirs.logits)
-            on_device = "images" in case and not (batch and case["prompt"][0] != case["prompt"][1])  # (padded: on the host)
-            assert (runs, bool(downloads)) == (([1], False) if on_device else ([], "images" in case)), case
-        # A prompt longer than the CPU's prefill chunk: its embeddings come back to the host to be cut (exactly).
-        from ortllava.decoders import fused
-
-        chunk, fused.CPU_PREFILL_CHUNK = fused.CPU_PREFILL_CHUNK, 16
-        try:
-            runs.clear()
-            got = pipe.generate(**cases[0], **options)
-        finally:
-            fused.CPU_PREFILL_CHUNK = chunk
-        assert runs == [1] and got.token_ids == want[0].token_ids
-        np.testing.assert_allclose(got.logits, want[0].logits, rtol=1e-4, atol=1e-4 * np.abs(want[0].logits).max())  # (other runs: other rounding)
-    finally:
-        type(vision).__call__ = to_host
+    to_host = VisionPath.__call__
+    monkeypatch.setattr(VisionPath, "__call__", lambda self, tiles: downloads.append(len(tiles)) or to_host(self, tiles))
+    for case, expected in zip(cases, want):
+        runs.clear(), downloads.clear()
+        got = pipe.generate(**case, **options)
+        batch = isinstance(case["prompt"], list)
+        for ours, theirs in zip(got if batch else [got], expected if batch else [expected]):
+            assert ours.token_ids == theirs.token_ids
+            np.testing.assert_array_equal(ours.logits, theirs.logits)
+        on_device = "images" in case and not (batch and case["prompt"][0] != case["prompt"][1])  # (padded: on the host)
+        assert (runs, bool(downloads)) == (([1], False) if on_device else ([], "images" in case)), case
+    # A prompt longer than the CPU's prefill chunk: its embeddings come back to the host to be cut (exactly).
+    monkeypatch.setattr(fused, "CPU_PREFILL_CHUNK", 16)
+    runs.clear()
+    got = pipe.generate(**cases[0], **options)
+    assert runs == [1] and got.token_ids == want[0].token_ids
+    np.testing.assert_allclose(got.logits, want[0].logits, rtol=1e-4, atol=1e-4 * np.abs(want[0].logits).max())  # (other runs: other rounding)
