@@ -10,6 +10,8 @@ An image becomes `1 + rows * cols` tiles: `[n_tiles, 3, image_size, image_size]`
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -169,9 +171,31 @@ def num_tiles(image_size: tuple[int, int], grid_pinpoints: list[list[int]], tile
 # - the source image is resized with PIL straight from its RGB PIL form (no numpy round trip) and only
 #   the two resizes that change pixels are run (fit-to-grid and base tile); same-size resizes are skipped
 #   because PIL returns an identical copy for them;
+# - the two resizes run side by side, the base tile's on a helper thread (PIL lets go of the GIL while it
+#   resamples): a 600x400 photo's took 12.3 ms one after the other and 8.0 side by side on this 2-core machine;
 # - rescale + normalize depend only on (channel, uint8 value), so they are done as one table lookup per
 #   channel into a table built with exactly transformers' operations and dtypes; the lookup also does the
 #   HWC -> CHW transpose and writes straight into the preallocated batch `[n_images, max_tiles, 3, S, S]`.
+
+_RESIZER: ThreadPoolExecutor | None = None  # the helper thread for base tiles, made at the first image
+
+
+def _forget_resizer() -> None:
+    global _RESIZER
+    _RESIZER = None
+
+
+# A forked child has the executor but not its thread (work sent to it would wait forever): it makes its own.
+os.register_at_fork(after_in_child=_forget_resizer)
+
+
+def _resize_beside(image: Image.Image, size: tuple[int, int], resample: int) -> Future:
+    """`_resize` on the helper thread; `.result()` gives it. `image` must be loaded (PIL loads a lazily opened file
+    on first use, which two threads must not do at once)."""
+    global _RESIZER
+    if _RESIZER is None:
+        _RESIZER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ortllava-resize")
+    return _RESIZER.submit(_resize, image, size, resample)
 
 
 def _resize(image: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:
@@ -306,9 +330,11 @@ class ImageProcessor:
         """One image -> its tiles written into `out` (`[n_tiles, 3, S, S]` float32): base image, then grid row by row."""
         cfg = self.config
         source = self.rgb_image(image)
+        source.load()  # (before two threads read it)
         width, height = source.size
         tile = cfg.tile_size
 
+        base = _resize_beside(source, cfg.base_size, cfg.resample)
         best = select_best_resolution((height, width), cfg.grid_pinpoints)
         fitted = np.asarray(_resize(source, fit_size((height, width), best), cfg.resample))
         if fitted.shape[:2] == best:
@@ -318,7 +344,7 @@ class ImageProcessor:
             padded = np.zeros((best[0], best[1], 3), dtype=np.uint8)
             padded[top : top + fitted.shape[0], left : left + fitted.shape[1]] = fitted
 
-        pieces = [np.asarray(_resize(source, cfg.base_size, cfg.resample))]
+        pieces = [np.asarray(base.result())]
         pieces += [padded[i : i + tile, j : j + tile] for i in range(0, best[0], tile) for j in range(0, best[1], tile)]
         if len(pieces) != len(out):
             raise AssertionError(f"expected {len(out)} tiles, made {len(pieces)}")

@@ -433,3 +433,20 @@ def test_the_splice_index_gathers_the_embeddings_embed_writes(pipe):
         np.testing.assert_array_equal(rows[index], embed(ids, table, image_id, projected))
     with pytest.raises(ValueError, match="image tokens but the images gave"):
         splice_index(inputs["input_ids"][:1], image_id, projected.image_sizes * 2, projected.tiles_per_image * 2, tiles.shape[1], projected.grid_pinpoints, projected.tile_size)
+
+
+def test_preprocessing_in_a_forked_child_after_the_parent_preprocessed(pipe):
+    """The base tile is resized on a helper thread, which a forked child does not inherit: the child must make its
+    own rather than wait forever for the parent's (a server that forks workers after a warm-up does this)."""
+    import os
+    import signal
+
+    processor = pipe.processor.image_processor
+    image = random_image(600, 400, seed=3)
+    want = processor([image])["pixel_values"]
+    pid = os.fork()
+    if pid == 0:  # the child: killed by the alarm if it hangs
+        signal.alarm(60)
+        os._exit(0 if np.array_equal(processor([image])["pixel_values"], want) else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
