@@ -108,13 +108,12 @@ class ProjectedImages:
         """Each image's packed rows (its `<image>` tokens)."""
         return [packed_length(tiles, size, self.grid_pinpoints, self.tile_size) for tiles, size in self.images()]
 
-    def pack(self, out: np.ndarray | None = None) -> np.ndarray:
-        """Packed features `[sum(n_features), D]`, image after image (into `out` where given)."""
-        if out is None:
-            out = np.empty((sum(self.lengths()), self.tiles.shape[-1]), self.tiles.dtype)
+    def pack(self) -> np.ndarray:
+        """Packed features `[sum(n_features), D]`, image after image."""
+        lengths = self.lengths()
+        out = np.empty((sum(lengths), self.tiles.shape[-1]), self.tiles.dtype)
         start = 0
-        for tiles, size in self.images():
-            length = packed_length(tiles, size, self.grid_pinpoints, self.tile_size)
+        for (tiles, size), length in zip(self.images(), lengths):
             pack_image(tiles, size, self.image_newline, self.grid_pinpoints, self.tile_size, out[start : start + length])
             start += length
         return out
@@ -134,8 +133,7 @@ def embed(
     n_image_tokens = int(is_image.sum())
     lengths = image_features.lengths() if isinstance(image_features, ProjectedImages) else None
     n_features = 0 if image_features is None else sum(lengths) if lengths is not None else len(image_features)
-    if n_image_tokens != n_features:
-        raise ValueError(f"the prompt has {n_image_tokens} image tokens but the images gave {n_features} features")
+    _check_feature_count(n_image_tokens, n_features)
     out = np.empty((*input_ids.shape, embed_table.shape[1]), dtype or embed_table.dtype)
     flat = out.reshape(-1, embed_table.shape[1])
     if not n_image_tokens:
@@ -172,9 +170,14 @@ def splice_index(
     first_tile_row = 1 + len(text_ids)
     rows = np.arange(first_tile_row, first_tile_row + sum(tiles_per_image) * patches, dtype=np.int64).reshape(-1, patches, 1)
     packed = ProjectedImages(rows, image_sizes, tiles_per_image, np.zeros(1, np.int64), grid_pinpoints, tile_size).pack()
-    if len(packed) != int(is_image.sum()):
-        raise ValueError(f"the prompt has {int(is_image.sum())} image tokens but the images gave {len(packed)} features")
+    _check_feature_count(int(is_image.sum()), len(packed))
     index = np.empty(len(flat), np.int64)
     index[~is_image] = np.arange(1, first_tile_row)
     index[is_image] = packed[:, 0]
     return index.reshape(input_ids.shape), text_ids
+
+
+def _check_feature_count(image_tokens: int, features: int) -> None:
+    """A ValueError where the prompt's `<image>` tokens and its images' packed features differ in number."""
+    if image_tokens != features:
+        raise ValueError(f"the prompt has {image_tokens} image tokens but the images gave {features} features")

@@ -20,6 +20,11 @@ from ..warn import warn
 CPU_PREFILL_CHUNK = 384
 
 
+def _shape(embeds: np.ndarray | ort.OrtValue) -> tuple[int, ...]:
+    """The shape of prompt embeddings held by the host (an array) or by the device (an OrtValue)."""
+    return tuple(embeds.shape()) if isinstance(embeds, ort.OrtValue) else embeds.shape
+
+
 class FusedDecoder(DecoderBase):
     """Drives a "gqa" decoder graph: shared, preallocated key/value buffers; one IO binding per step."""
 
@@ -168,7 +173,7 @@ class FusedDecoder(DecoderBase):
         """`inputs_embeds [B, T, D]` (padded on either side; or an OrtValue where the device holds them, as the bundle's
         `feature_splice` leaves them), `attention_mask [B, T]` -> logits `[B, V]`, cache."""
         on_device = isinstance(inputs_embeds, ort.OrtValue)
-        batch, length, _ = inputs_embeds.shape() if on_device else inputs_embeds.shape
+        batch, length, _ = _shape(inputs_embeds)
         cache = self._new_cache(batch, self._capacity(max(capacity, length)))
         real = attention_mask.astype(bool)
         counts = real.sum(axis=1)
@@ -192,7 +197,7 @@ class FusedDecoder(DecoderBase):
 
     def _first_prompt(self, inputs_embeds: np.ndarray | ort.OrtValue, counts: np.ndarray, cache: KVCache) -> np.ndarray:
         """Runs `inputs_embeds [B, S, D]` (row b's `counts[b]` tokens first) into an empty cache."""
-        batch, length, _ = inputs_embeds.shape() if isinstance(inputs_embeds, ort.OrtValue) else inputs_embeds.shape
+        batch, length, _ = _shape(inputs_embeds)
         cache.lengths[:] = counts
         mask = cache.state.mask
         mask[:] = 0
