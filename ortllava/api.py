@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .caller_hooks import CallerCriterion, CallerHooks, CallerProcessor
 from .detokenizer import held_token_ids
 from .features import ProjectedImages, embed, splice_index
 from .decoders import ContextLengthError, KVCache
@@ -210,6 +211,8 @@ class Pipeline:
         length_penalty: float | None = None,
         early_stopping: bool | str | None = None,
         output_logits: bool | None = None,
+        logits_processor: CallerProcessor | Sequence[CallerProcessor] | None = None,
+        stopping_criteria: CallerCriterion | Sequence[CallerCriterion] | None = None,
         input_ids: ArrayLike | None = None,
         attention_mask: ArrayLike | None = None,
         pixel_values: ArrayLike | None = None,
@@ -247,6 +250,11 @@ class Pipeline:
         stream or a chat.
         `output_logits=True`: each result's `logits [len(token_ids), V]` are the raw logits (before the logits processors
         and the warpers above) each new token was picked from, as transformers' `output_logits`.
+        `logits_processor` and `stopping_criteria`: the caller's own, as transformers calls them but over numpy arrays
+        (`fn(input_ids [B, T + n], scores [B, V]) -> scores`, applied after the processors above and before the warpers;
+        `fn(input_ids, logits) -> bool or [B] bool` after each new token, a row marked True ending there with
+        finish_reason "stop"; see `ortllava.caller_hooks`). A criterion that reads a `threading.Event` cancels the
+        generation from another thread. Criteria are not taken with beam search.
         `generation_config=` (a transformers `GenerationConfig`, or a dict of its fields): its set fields as arguments,
         under those given by name, over the bundle's generation config (as transformers 5 reads it).
         Returns a `GenerationResult`, or a list of them for a batch; with `num_return_sequences=n` > 1, a list
@@ -258,7 +266,8 @@ class Pipeline:
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids, sequence_bias=sequence_bias,
             suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens, forced_eos_token_id=forced_eos_token_id, seed=seed, stop=stop, max_time=max_time,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, num_beams=num_beams,
-            length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, **others,  # (any other name is a TypeError listing the known ones)
+            length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria, **others,  # (any other name is a TypeError listing the known ones)
         )
         if settings.not_for_beams:  # (a caller's num_beams is refused in `settings`)
             raise ValueError(
@@ -312,7 +321,8 @@ class Pipeline:
         `system`: an optional system message. `defaults`: generation arguments for every turn (as `generate`'s:
         max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, min_p, typical_p,
         epsilon_cutoff, eta_cutoff, seed, min_new_tokens, min_length, repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias,
-        suppress_tokens, begin_suppress_tokens, forced_eos_token_id, stop, max_time, eos_token_id, pad_token_id, generation_config).
+        suppress_tokens, begin_suppress_tokens, forced_eos_token_id, stop, max_time, eos_token_id, pad_token_id, logits_processor,
+        stopping_criteria, generation_config).
         """
         from .chat import ChatSession
 
@@ -399,10 +409,14 @@ class Pipeline:
             settings.epsilon_cutoff, settings.eta_cutoff,
         )
         processors = for_settings(settings, input_ids, attention_mask, request.eos, self.manifest.text.vocab_size)
+        hooks = None
+        if settings.logits_processor or settings.stopping_criteria:  # (the caller's: after ortllava's, as transformers merges them)
+            hooks = CallerHooks(input_ids, settings.max_new_tokens, settings.logits_processor, settings.stopping_criteria)
+            processors.append(hooks)
         return Run(
             self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], with_processors(sampler, processors), settings,
             request.eos, request.pad_id, metrics, started, request.batched, keep_cache, processors=processors,
-            held_tokens=self._held_tokens, prompt_tokens=attention_mask.sum(axis=1).tolist(), deadline=deadline,
+            held_tokens=self._held_tokens, prompt_tokens=attention_mask.sum(axis=1).tolist(), deadline=deadline, hooks=hooks,
         )
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .decoders import KVCache
 from .beam_search import beam_search
+from .caller_hooks import CallerHooks
 from .detokenizer import StreamingDetokenizer
 from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode_loop
 from .logits_processors import LogitsProcessor
@@ -83,6 +84,7 @@ class Run:
     prompt_tokens: Sequence[int] = ()  # each row's prompt tokens, without padding (for its result)
     deadline: float = math.inf  # max_time's end (perf_counter): the step that crosses it gives the last token
     held_tokens: Collection[int] = ()  # ids after which streamed text waits for the next token (detokenizer.held_token_ids)
+    hooks: CallerHooks | None = None  # the caller's logits processors and stopping criteria (also among `processors`)
 
     def embed_step(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Writes the embeddings of `ids [B]` into `out [B, 1, D]` (the cache's step buffer)."""
@@ -97,7 +99,11 @@ class Run:
         hand_over = self.keep_cache  # a chat or the prefix cache keeps the cache with the token ids it holds
         keep = None if hand_over is None else (lambda cache: hand_over(cache, self.tokens))
 
-        steps = decode_loop(self.decoder, self.prefill, self.embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started, keep)
+        stop_rows = self.hooks.stop_rows if self.hooks is not None and self.hooks.criteria else None
+        steps = decode_loop(
+            self.decoder, self.prefill, self.embed_step, self.sampler, self.settings.max_new_tokens, self.eos, self.pad_id, self.metrics, self.started,
+            keep, stop_rows,
+        )
         deadline = self.deadline
         try:
             for step in steps:
@@ -142,7 +148,8 @@ def collect(run: Run) -> list[GenerationResult]:
     for row, answer in enumerate(answers):
         text = run.answer_text(answer)
         cut = _find_stop(text, stop) if stop else None
-        reason = "stop" if cut is not None or (answer and answer[-1] in run.eos) else "length"
+        by_criterion = run.hooks is not None and bool(run.hooks.stopped[row])
+        reason = "stop" if cut is not None or by_criterion or (answer and answer[-1] in run.eos) else "length"
         kept = None
         if logits is not None:
             kept, logits[row] = np.stack(logits[row]), []  # (each row's copies go as its array is made)

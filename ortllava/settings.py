@@ -7,10 +7,11 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from .caller_hooks import check_callables
 from .warn import GenerationWarning, warn
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -70,6 +71,10 @@ class GenerationSettings:
     # Seconds, from the end of preprocessing, after which no new token is begun (transformers' MaxTimeCriteria): the
     # answers end with the token of the step that crossed it, as at max_new_tokens (finish_reason "length").
     max_time: float | None = None
+    # The caller's callables over numpy arrays, as transformers' arguments of these names (see ortllava.caller_hooks):
+    # processors (input_ids, scores) -> scores, after ortllava's own; criteria (input_ids, logits) -> bool or [B] bool.
+    logits_processor: tuple[Callable, ...] = ()
+    stopping_criteria: tuple[Callable, ...] = ()
     # Neither the caller nor the generation config gave a length: max_new_tokens is DEFAULT_MAX_NEW_TOKENS, held to the
     # room a prompt leaves (see for_prompt). Not an argument.
     length_is_default: bool = field(default=False, repr=False)
@@ -149,6 +154,8 @@ class GenerationSettings:
         for name in ("suppress_tokens", "begin_suppress_tokens"):  # (an empty list suppresses nothing)
             if values.get(name) == ():
                 values[name] = None
+        for name in ("logits_processor", "stopping_criteria"):
+            values[name] = check_callables(name, values.get(name))
         if "stop" in values:  # one string, or several
             stop = values["stop"]
             values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
@@ -243,9 +250,10 @@ class GenerationSettings:
 
     @property
     def not_for_beams(self) -> str | None:
-        """What these settings ask for that beam search does not give ("stop strings", "output_logits"), or None."""
-        if self.num_beams > 1 and (self.stop or self.output_logits):
-            return "stop strings" if self.stop else "output_logits"
+        """What these settings ask for that beam search does not give ("stop strings", "output_logits",
+        "stopping_criteria"), or None."""
+        if self.num_beams > 1 and (self.stop or self.output_logits or self.stopping_criteria):
+            return "stop strings" if self.stop else "output_logits" if self.output_logits else "stopping_criteria"
         return None
 
     def for_prompt(self, prompt_tokens: int, positions: int | None = None) -> GenerationSettings:
@@ -274,8 +282,6 @@ _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
     "num_beam_groups": "diverse beam search is not implemented",
     "output_scores": "output_logits=True gives each result the raw logits of each new token",
     "return_dict_in_generate": "results are objects already; output_logits=True adds the logits",
-    "logits_processor": "the generation arguments cover transformers' processors; a processor of your own is not taken",
-    "stopping_criteria": "give stop strings, eos_token_id or max_new_tokens",
     # (Pipeline.generate's inputs under other names)
     "image": "images=... takes the image(s)", "text": "a prompt string goes in prompt=... (a chat in messages=...)",
     "position_ids": "the model inputs taken are input_ids, attention_mask, pixel_values, image_sizes and mm_token_type_ids",
@@ -284,8 +290,8 @@ _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
 # Arguments not read from a generation config: ortllava's own (a generation_config.json has no such keys), and
 # those that change what generate returns: num_return_sequences (a list per prompt, which a chat or a stream cannot
 # give; a config that sets it is warned of at load, see below) and output_logits (transformers returns its logits
-# only with return_dict_in_generate), so only a caller asks for them.
-_NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_logits"}
+# only with return_dict_in_generate), so only a caller asks for them; and the caller's callables.
+_NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_logits", "logits_processor", "stopping_criteria"}
 
 # generation_config.json keys with which transformers' `generate` gives other tokens or outputs, and which ortllava
 # does not apply: each with the values at which it does nothing.
@@ -306,7 +312,7 @@ ANY_VALUE = object()  # (in a no-op values tuple: every value does nothing)
 _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
     "return_dict_in_generate": (False,), "renormalize_logits": (False,),
-    "remove_invalid_values": (False,), "streamer": (), "logits_processor": ([], ()), "stopping_criteria": ([], ()),
+    "remove_invalid_values": (False,), "streamer": (),
     "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
     # (transformers reads these only to start a prompt where none is given; ortllava is always given one)
     "bos_token_id": (ANY_VALUE,), "decoder_start_token_id": (ANY_VALUE,),
