@@ -14,14 +14,15 @@ from numpy.typing import ArrayLike
 
 from .caller_hooks import CallerCriterion, CallerHooks, CallerProcessor
 from .detokenizer import held_token_ids
-from .features import ProjectedImages, embed, splice_index
+from .features import ProjectedImages
 from .decoders import ContextLengthError, KVCache
 from .generate import GenerationMetrics, GenerationResult, positions_needed
 from .image_source import IMAGE_SOURCES, ImageLike
-from .manifest import EMBED_TOKENS_FILE, GENERATION_CONFIG_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
+from .manifest import GENERATION_CONFIG_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .inputs import given_model_inputs, is_batch, left_aligned, prepare_inputs
 from .processor import Processor
+from .prompt_embedder import PromptEmbedder
 from .tokenizer import BatchFeature
 from .logits_processors import for_settings, with_processors
 from .sampling import make_sampler
@@ -31,8 +32,6 @@ from .settings import GenerationSettings, shown_settings, unsupported_generation
 from .warn import GenerationWarning, warn
 
 if TYPE_CHECKING:
-    import onnxruntime as ort
-
     from .chat import ChatSession
 
 Messages = list[dict[str, Any]]
@@ -102,10 +101,7 @@ class Pipeline:
                 "this bundle's key/value cache is int8: with prefix_cache, an answer can differ from the same prompt's "
                 "without it (where each run begins changes which positions are rounded; see ortllava.prefix)",
             )
-        hidden = self.manifest.text.hidden_size
-        vocab = self.manifest.text.vocab_size
-        self.embed_table = read_bundle_file(self.bundle, EMBED_TOKENS_FILE, lambda path: _array(path, (vocab, hidden), mmap=True))  # [V, D]
-        self.image_newline = read_bundle_file(self.bundle, IMAGE_NEWLINE_FILE, lambda path: _array(path, (hidden,)))  # [D]
+        self.embedder = PromptEmbedder(self.bundle, self.manifest, self.processor, self.sessions)
         has_config = (self.bundle / GENERATION_CONFIG_FILE).is_file()
         self.generation_config: dict[str, Any] = read_bundle_file(self.bundle, GENERATION_CONFIG_FILE, read_json_object) if has_config else {}
         ignored = unsupported_generation_settings(self.generation_config)
@@ -131,36 +127,22 @@ class Pipeline:
     def project_images(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> ProjectedImages:
         """`pixel_values [n_images, max_tiles, 3, S, S]` -> every tile's projected features `[n_tiles, p*p, D]`
         (all tiles in one run) with what packing them takes: `embed` packs them straight into the embeddings."""
-        tiles, sizes, counts = self._tiles(pixel_values, image_sizes)
-        tile_size = self.processor.image_processor.config.tile_size
-        return ProjectedImages(self.sessions.vision(tiles), sizes, counts, self.image_newline, self.manifest.vision.grid_pinpoints, tile_size)
-
-    def _tiles(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
-        """Every image's tiles, all together `[n_tiles, 3, S, S]` (the padding tiles left out), each image's
-        (height, width) and its number of tiles."""
-        counts = self.processor.tile_counts(image_sizes)
-        tiles = np.concatenate([pixels[:count] for pixels, count in zip(pixel_values, counts)], axis=0)
-        return tiles, [tuple(size) for size in np.asarray(image_sizes).tolist()], counts
+        return self.embedder.project_images(pixel_values, image_sizes)
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray | ProjectedImages | None = None) -> np.ndarray:
         """`input_ids [B, T]` -> `inputs_embeds [B, T, D]` in the decoder's dtype, images spliced in (packed
         features `[n_features, D]`, or `project_images`' output, packed as they are written)."""
-        return embed(input_ids, self.embed_table, self.manifest.tokens.image_token_id, image_features, self.sessions.decoder.dtype)
+        return self.embedder.embed(input_ids, image_features)
 
-    def _embed_on_device(self, input_ids: np.ndarray, pixel_values: np.ndarray, image_sizes: np.ndarray) -> ort.OrtValue:
-        """`embed` with the images' features kept on the device: the bundle's `feature_splice` gathers the prompt's
-        embeddings `[B, T, D]` there from the projector's output and the text's embeddings (uploaded: a few rows).
-        For prompts without padding (the decoder takes them as they are)."""
-        tiles, sizes, counts = self._tiles(pixel_values, image_sizes)
-        projected = self.sessions.vision.on_device(tiles)
-        index, text_ids = splice_index(
-            input_ids, self.manifest.tokens.image_token_id, sizes, counts, projected.shape()[1], self.manifest.vision.grid_pinpoints,
-            self.processor.image_processor.config.tile_size,
-        )
-        host_rows = np.empty((1 + len(text_ids), self.embed_table.shape[1]), self.sessions.decoder.dtype)
-        host_rows[0] = self.image_newline
-        host_rows[1:] = self.embed_table[text_ids]
-        return self.sessions.splice(projected, host_rows, index)
+    @property
+    def embed_table(self) -> np.ndarray:
+        """`[V, D]`: the token embeddings (memory-mapped from the bundle)."""
+        return self.embedder.embed_table
+
+    @property
+    def image_newline(self) -> np.ndarray:
+        """`[D]`: the feature that closes each row of an image's packed grid."""
+        return self.embedder.image_newline
 
     def prepare(
         self,
@@ -425,7 +407,7 @@ class Pipeline:
         prompt run once)."""
         attention_mask = inputs["attention_mask"]
         if "pixel_values" in inputs and self.sessions.splice is not None and attention_mask.all():
-            inputs_embeds = self._embed_on_device(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"])
+            inputs_embeds = self.embedder.on_device(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"])
         else:
             features = self.project_images(inputs["pixel_values"], inputs["image_sizes"]) if "pixel_values" in inputs else None
             inputs_embeds = self.embed(inputs["input_ids"], features)
@@ -496,14 +478,6 @@ class Pipeline:
                 f"the prompt is {prompt_tokens} tokens{counted} and {asked}: {needed} positions (the last new token takes none), "
                 f"beyond {what}; shorten the prompt{fewer}, or lower {'max_length' if max_length is not None else 'max_new_tokens'}"
             )
-
-
-def _array(path: Path, shape: tuple[int, ...], mmap: bool = False) -> np.ndarray:
-    """A `.npy` array of `shape`; a ValueError if it has another."""
-    array = np.load(path, mmap_mode="r" if mmap else None)
-    if array.shape != shape:
-        raise ValueError(f"its shape is {list(array.shape)}; the manifest's model wants {list(shape)}")
-    return array
 
 
 def load(bundle: str | Path, provider: str = "auto", **kwargs: Any) -> Pipeline:
