@@ -193,6 +193,7 @@ class Pipeline:
         length_penalty: float | None = None,
         early_stopping: bool | str | None = None,
         output_logits: bool | None = None,
+        streamer: Any = None,
         logits_processor: CallerProcessor | Sequence[CallerProcessor] | None = None,
         stopping_criteria: CallerCriterion | Sequence[CallerCriterion] | None = None,
         input_ids: ArrayLike | None = None,
@@ -237,6 +238,9 @@ class Pipeline:
         `fn(input_ids, logits) -> bool or [B] bool` after each new token, a row marked True ending there with
         finish_reason "stop"; see `ortllava.caller_hooks`). A criterion that reads a `threading.Event` cancels the
         generation from another thread. Criteria are not taken with beam search.
+        `streamer` (transformers' `TextStreamer` or `TextIteratorStreamer` over `pipe.processor.tokenizer`, or any object
+        with `put` and `end`): given the prompts' ids `[B, T]`, then each step's tokens `[B]`, then `end()`, as transformers
+        gives them (not with beam search; `stream()` gives text pieces itself).
         `generation_config=` (a transformers `GenerationConfig`, or a dict of its fields): its set fields as arguments,
         under those given by name, over the bundle's generation config (as transformers 5 reads it).
         Returns a `GenerationResult`, or a list of them for a batch; with `num_return_sequences=n` > 1, a list
@@ -248,7 +252,7 @@ class Pipeline:
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids, sequence_bias=sequence_bias,
             suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens, forced_eos_token_id=forced_eos_token_id, seed=seed, stop=stop, max_time=max_time,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, num_beams=num_beams,
-            length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, logits_processor=logits_processor,
+            length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, streamer=streamer, logits_processor=logits_processor,
             stopping_criteria=stopping_criteria, **others,  # (any other name is a TypeError listing the known ones)
         )
         if settings.not_for_beams:  # (a caller's num_beams is refused in `settings`)
@@ -304,7 +308,7 @@ class Pipeline:
         max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, min_p, typical_p,
         epsilon_cutoff, eta_cutoff, seed, min_new_tokens, min_length, repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias,
         suppress_tokens, begin_suppress_tokens, forced_eos_token_id, stop, max_time, eos_token_id, pad_token_id, logits_processor,
-        stopping_criteria, generation_config).
+        stopping_criteria, streamer (for `send`), generation_config).
         """
         from .chat import ChatSession
 
@@ -399,6 +403,7 @@ class Pipeline:
             self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], with_processors(sampler, processors), settings,
             request.eos, request.pad_id, metrics, started, request.batched, keep_cache, processors=processors,
             held_tokens=self._held_tokens, prompt_tokens=attention_mask.sum(axis=1).tolist(), deadline=deadline, hooks=hooks,
+            prompt_ids=input_ids,
         )
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:

@@ -44,6 +44,8 @@ def one_answer(settings: GenerationSettings, streamed: bool = False, logits_from
         settings = replace(settings, num_beams=1, beams_are_callers=False)
     if streamed and settings.output_logits:
         raise ValueError(f"a stream gives text pieces: use {logits_from} for output_logits")
+    if streamed and settings.streamer is not None:
+        raise ValueError(f"a stream gives its text pieces itself: a streamer is for {logits_from}")
     return settings
 
 
@@ -85,6 +87,7 @@ class Run:
     deadline: float = math.inf  # max_time's end (perf_counter): the step that crosses it gives the last token
     held_tokens: Collection[int] = ()  # ids after which streamed text waits for the next token (detokenizer.held_token_ids)
     hooks: CallerHooks | None = None  # the caller's logits processors and stopping criteria (also among `processors`)
+    prompt_ids: np.ndarray | None = None  # [B, T]: the rows' prompts, as transformers' input_ids (for a streamer's first put)
 
     def embed_step(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Writes the embeddings of `ids [B]` into `out [B, 1, D]` (the cache's step buffer)."""
@@ -125,9 +128,14 @@ def collect(run: Run) -> list[GenerationResult]:
     stopped = [False] * batch
     detokenizers = [StreamingDetokenizer(run.answer_text, run.held_tokens) for _ in range(batch)] if stop else None
     finders = [StopFinder(stop) for _ in range(batch)] if stop else None
+    streamer = run.settings.streamer
+    if streamer is not None:  # (transformers' first put: the prompts, before the prefill)
+        streamer.put(run.prompt_ids)
     steps = run.loop()
     try:
         for step in steps:
+            if streamer is not None:  # every row's token, the pad id for rows that have ended (a copy: it may be kept)
+                streamer.put(step.tokens.copy())
             tokens = step.tokens.tolist()
             for row, active in enumerate(step.active.tolist()):
                 if not active or stopped[row]:
@@ -143,6 +151,8 @@ def collect(run: Run) -> list[GenerationResult]:
                 break
     finally:
         steps.close()
+        if streamer is not None:  # (also after an error: a consumer waiting on a TextIteratorStreamer is let go)
+            streamer.end()
     run.metrics.total_s = time.perf_counter() - run.started
     results = []
     for row, answer in enumerate(answers):

@@ -75,6 +75,9 @@ class GenerationSettings:
     # processors (input_ids, scores) -> scores, after ortllava's own; criteria (input_ids, logits) -> bool or [B] bool.
     logits_processor: tuple[Callable, ...] = ()
     stopping_criteria: tuple[Callable, ...] = ()
+    # Given the prompt's ids `[B, T]`, then each step's new tokens `[B]` (`put`), and told the end (`end`), as
+    # transformers' streamers are (TextStreamer, TextIteratorStreamer); `generate` only (`stream()` streams itself).
+    streamer: Any = None
     # Neither the caller nor the generation config gave a length: max_new_tokens is DEFAULT_MAX_NEW_TOKENS, held to the
     # room a prompt leaves (see for_prompt). Not an argument.
     length_is_default: bool = field(default=False, repr=False)
@@ -156,6 +159,9 @@ class GenerationSettings:
                 values[name] = None
         for name in ("logits_processor", "stopping_criteria"):
             values[name] = check_callables(name, values.get(name))
+        streamer = values.get("streamer")
+        if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+            raise TypeError(f"streamer must have put(token_ids) and end() methods, as transformers' TextStreamer has; got {type(streamer).__name__}")
         if "stop" in values:  # one string, or several
             stop = values["stop"]
             values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
@@ -251,9 +257,11 @@ class GenerationSettings:
     @property
     def not_for_beams(self) -> str | None:
         """What these settings ask for that beam search does not give ("stop strings", "output_logits",
-        "stopping_criteria"), or None."""
-        if self.num_beams > 1 and (self.stop or self.output_logits or self.stopping_criteria):
-            return "stop strings" if self.stop else "output_logits" if self.output_logits else "stopping_criteria"
+        "stopping_criteria", "streamer"), or None."""
+        if self.num_beams > 1:
+            asked = [("stop strings", self.stop), ("output_logits", self.output_logits), ("stopping_criteria", self.stopping_criteria),
+                     ("streamer", self.streamer is not None)]
+            return next((name for name, given in asked if given), None)
         return None
 
     def for_prompt(self, prompt_tokens: int, positions: int | None = None) -> GenerationSettings:
@@ -278,7 +286,7 @@ class GenerationSettings:
 SAMPLING_ARGUMENTS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # (what they shape)
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings) if f.name not in ("length_is_default", "beams_are_callers"))
 _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
-    "stop_strings": "give stop", "streamer": "use stream()",
+    "stop_strings": "give stop",
     "num_beam_groups": "diverse beam search is not implemented",
     "output_scores": "output_logits=True gives each result the raw logits of each new token",
     "return_dict_in_generate": "results are objects already; output_logits=True adds the logits",
@@ -291,7 +299,7 @@ _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
 # those that change what generate returns: num_return_sequences (a list per prompt, which a chat or a stream cannot
 # give; a config that sets it is warned of at load, see below) and output_logits (transformers returns its logits
 # only with return_dict_in_generate), so only a caller asks for them; and the caller's callables.
-_NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_logits", "logits_processor", "stopping_criteria"}
+_NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_logits", "logits_processor", "stopping_criteria", "streamer"}
 
 # generation_config.json keys with which transformers' `generate` gives other tokens or outputs, and which ortllava
 # does not apply: each with the values at which it does nothing.
@@ -312,7 +320,7 @@ ANY_VALUE = object()  # (in a no-op values tuple: every value does nothing)
 _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
     "return_dict_in_generate": (False,), "renormalize_logits": (False,),
-    "remove_invalid_values": (False,), "streamer": (),
+    "remove_invalid_values": (False,),
     "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
     # (transformers reads these only to start a prompt where none is given; ortllava is always given one)
     "bos_token_id": (ANY_VALUE,), "decoder_start_token_id": (ANY_VALUE,),

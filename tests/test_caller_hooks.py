@@ -1,5 +1,5 @@
-"""The caller's own `logits_processor` and `stopping_criteria` (numpy twins of torch ones) against transformers': the
-ids they are called with, bit for bit, and the greedy and beam answers, token for token."""
+"""The caller's own `logits_processor` and `stopping_criteria` (numpy twins of torch ones) and `streamer` against
+transformers': the ids they are given, bit for bit, and the greedy and beam answers, token for token."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteriaList
+from transformers import (
+    AutoProcessor, LlavaNextForConditionalGeneration, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteriaList, TextIteratorStreamer,
+)
 
 import ortllava
 
@@ -162,3 +164,52 @@ def test_bad_callables_are_refused_clearly(setup):
         scores[:, 0] = -np.inf
 
     assert 0 not in pipe.generate(messages=chat, max_new_tokens=4, logits_processor=ban_first).token_ids
+
+
+class RecordingStreamer:
+    """What transformers' streamers are given: each `put`'s array, and how many times `end` was called."""
+
+    def __init__(self):
+        self.puts: list[np.ndarray] = []
+        self.ends = 0
+
+    def put(self, value):
+        self.puts.append(_copied(value))
+
+    def end(self):
+        self.ends += 1
+
+
+def test_a_streamer_is_given_what_transformers_gives_it(setup):
+    """The prompts' ids `[B, T]`, then each step's tokens `[B]` (the pad id for a row that has ended), then `end()`; and
+    transformers' own TextIteratorStreamer over ortllava's tokenizer, read in another thread, gives the answer's text."""
+    processor, model, pipe = setup
+    inputs = processor.apply_chat_template(BATCH, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+    free = hf_generate(processor, model, BATCH)
+    token = free[0][2]  # (row 0 ends early: the others are streamed on, row 0 as the pad id)
+    theirs, ours = RecordingStreamer(), RecordingStreamer()
+    with torch.no_grad():
+        model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=token, streamer=theirs)
+    got = pipe.generate(messages=BATCH, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=token, streamer=ours)
+    assert len(ours.puts) == len(theirs.puts) > 2 and ours.ends == theirs.ends == 1
+    for a, b in zip(ours.puts, theirs.puts):
+        assert a.dtype == np.int64 and np.array_equal(a, b)
+    assert [int(put[0]) for put in ours.puts[1 : 1 + len(got[0].token_ids)]] == got[0].token_ids
+
+    streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(pipe.generate(messages=BATCH[0], max_new_tokens=NEW_TOKENS, streamer=streamer)))
+    worker.start()
+    text = "".join(streamer)
+    worker.join(timeout=60)
+    assert text == results[0].text and text
+    # A chat turn takes one too; a stream, beam search, or an object without put and end do not.
+    streamed = RecordingStreamer()
+    reply = pipe.chat(max_new_tokens=4).send("Hello", streamer=streamed)
+    assert [int(put[0]) for put in streamed.puts[1:]] == reply.token_ids and streamed.ends == 1
+    with pytest.raises(ValueError, match="a stream gives its text pieces itself: a streamer is for generate"):
+        pipe.stream(messages=BATCH[1], streamer=RecordingStreamer())
+    with pytest.raises(ValueError, match=r"streamer: not implemented for beam search \(num_beams=2\)"):
+        pipe.generate(messages=BATCH[1], num_beams=2, streamer=RecordingStreamer())
+    with pytest.raises(TypeError, match="streamer must have put\\(token_ids\\) and end\\(\\) methods, as transformers' TextStreamer has; got list"):
+        pipe.generate(messages=BATCH[1], streamer=[])
