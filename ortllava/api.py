@@ -237,7 +237,7 @@ class Pipeline:
         (`fn(input_ids [B, T + n], scores [B, V]) -> scores`, applied after the processors above and before the warpers;
         `fn(input_ids, logits) -> bool or [B] bool` after each new token, a row marked True ending there with
         finish_reason "stop"; see `ortllava.caller_hooks`). A criterion that reads a `threading.Event` cancels the
-        generation from another thread. Criteria are not taken with beam search.
+        generation from another thread (under beam search, a criterion ends the candidates it marks, as transformers').
         `streamer` (transformers' `TextStreamer` or `TextIteratorStreamer` over `pipe.processor.tokenizer`, or any object
         with `put` and `end`): given the prompts' ids `[B, T]`, then each step's tokens `[B]`, then `end()`, as transformers
         gives them (not with beam search; `stream()` gives text pieces itself).

@@ -7,7 +7,8 @@ its accumulated log-probability (the processors apply to the log-softmax, as in 
 `keep = max(2, 1 + n_eos) * num_beams` *candidates* of the prompt (beam sampling: the warpers, each keeping at least
 `1 + n_eos` tokens a row (2 where no EOS is set), apply after the processors, and the candidates are drawn without
 replacement from the softmax of the prompt's accumulated scores, then ordered best first), and then:
-- the best `num_beams` candidates that do not end there (an EOS token, or the last new token) run on: the cache's
+- the best `num_beams` candidates that do not end there (an EOS token, the last new token, or the caller's stopping
+  criteria, called on every candidate's ids as transformers calls them) run on: the cache's
   rows and the processors' histories are reordered to the hypotheses they continue (`reorder_rows`, `reorder`);
 - the candidates among the best `num_beams` that end there compete with the finished ones, each scored
   `log-probability / new_tokens ** length_penalty`; the best `num_beams` stay finished.
@@ -50,6 +51,7 @@ class BeamAnswers:
 
     tokens: list[list[list[int]]]  # [prompt][answer]: the new token ids (an EOS that ended one included)
     scores: list[list[float]]  # [prompt][answer]: log-probability / length ** length_penalty
+    stopped: list[list[bool]]  # [prompt][answer]: the caller's stopping criteria ended it
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -93,14 +95,16 @@ def _drawn(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 def beam_search(
     decoder: Decoder, prefill: Callable[[], tuple[np.ndarray, KVCache]], embed: EmbedFn, processors: list[LogitsProcessor], prompts: int,
     settings: GenerationSettings, eos_token_ids: list[int], fill_id: int, metrics: GenerationMetrics, started: float,
-    deadline: float = math.inf,
+    deadline: float = math.inf, stop_candidates: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> BeamAnswers:
     """Runs the search that `settings` ask for (num_beams, max_new_tokens, length_penalty, early_stopping,
     num_return_sequences). `prefill()` gives the prompts' logits and cache, each prompt's row already repeated
     `num_beams` times (`[prompts * num_beams, V]`); `embed(ids [R], out [R, 1, D])` writes the next tokens'
     embeddings into the cache's step buffer; `processors` were built for the repeated rows. `fill_id` pads a
     hypothesis after its end (transformers' output rows; not in the answers). With `settings.do_sample`, the warpers
-    and candidates are drawn from a generator seeded with `settings.seed`. `deadline` (perf_counter): max_time's end."""
+    and candidates are drawn from a generator seeded with `settings.seed`. `deadline` (perf_counter): max_time's end.
+    `stop_candidates(new_tokens [P, keep, n], logits [P * keep, V])`: which candidates the caller's stopping criteria
+    end (`[P, keep]` bool; the logits are those of the hypothesis each continues)."""
     nb, max_new_tokens, eos = settings.num_beams, settings.max_new_tokens, np.array(eos_token_ids, dtype=np.int64)
     length_penalty, early_stopping = settings.length_penalty, settings.early_stopping
     keep = max(2, 1 + len(eos)) * nb
@@ -120,6 +124,7 @@ def beam_search(
     finished_scores = np.full((prompts, nb), RULED_OUT, np.float32)
     finished_lengths = np.zeros((prompts, nb), np.int64)
     is_finished = np.zeros((prompts, nb), bool)
+    finished_stopped = np.zeros((prompts, nb), bool)  # a finished hypothesis the caller's criteria ended
     improvable = np.ones((prompts, 1), bool)  # transformers' is_early_stop_heuristic_unsatisfied
     in_top_beams = np.arange(keep) < nb  # [keep]: candidates that may finish (the rest only back the running ones)
 
@@ -149,6 +154,10 @@ def beam_search(
             ends = (tokens[:, :, None] == eos).any(axis=2) if len(eos) else np.zeros_like(tokens, dtype=bool)
             # (max_time, as transformers' MaxTimeCriteria: every candidate ends here, as at max_new_tokens)
             ends |= step + 1 >= max_new_tokens or time.perf_counter() > deadline  # [P, keep]
+            stopped = np.zeros_like(ends)
+            if stop_candidates is not None:
+                stopped = stop_candidates(candidates[:, :, : step + 1], logits[(prompt_offsets + source).reshape(-1)])
+                ends |= stopped
 
             # Running on: the best `nb` candidates that do not end here.
             running_candidates = top_scores + ends.astype(np.float32) * RULED_OUT
@@ -170,6 +179,7 @@ def beam_search(
             finished_scores = np.take_along_axis(merged_scores, best, axis=1)
             finished_lengths = np.take_along_axis(np.concatenate([finished_lengths, np.full((prompts, keep), step + 1)], axis=1), best, axis=1)
             is_finished = np.take_along_axis(np.concatenate([is_finished, just_finished], axis=1), best, axis=1)
+            finished_stopped = np.take_along_axis(np.concatenate([finished_stopped, stopped], axis=1), best, axis=1)
             metrics.generated_tokens = step + 1
 
             # Could a running hypothesis still beat a finished one? (transformers' _check_early_stop_heuristic)
@@ -195,4 +205,5 @@ def beam_search(
     return BeamAnswers(
         tokens=[[finished[p, i, : finished_lengths[p, i]].tolist() for i in range(count)] for p in range(prompts)],
         scores=[[float(finished_scores[p, i]) for i in range(count)] for p in range(prompts)],
+        stopped=[[bool(finished_stopped[p, i]) for i in range(count)] for p in range(prompts)],
     )

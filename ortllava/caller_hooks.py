@@ -9,7 +9,8 @@
 - a stopping criterion: `fn(input_ids, logits) -> bool or [B] bool`, called after each new token with `input_ids
   [B, T + n + 1]` (the new token included) and the logits it was picked from: a row it marks True ends there
   (finish_reason "stop"), as a row that hit an EOS token. A criterion that reads an `Event` set by another thread
-  cancels a generation that does not stream.
+  cancels a generation that does not stream. Under beam search it is called on every candidate continuation (each
+  prompt's best `keep`, as transformers' beam search calls it): a candidate it marks ends there, as at an EOS.
 
 `input_ids` is each row as transformers' `input_ids` hold it: the left-padded prompt with its image tokens, then the
 new tokens, a row that has ended being fed the pad id. The arrays are views into one buffer that the next step
@@ -39,6 +40,7 @@ class CallerHooks:
         batch, width = prompt_ids.shape
         self.ids = np.empty((batch, width + max_new_tokens), np.int64)  # [B, T + max_new_tokens]: filled up to `length`
         self.ids[:, :width] = prompt_ids
+        self.width = width  # T
         self.length = width
         self.processors = tuple(processors)
         self.criteria = tuple(criteria)
@@ -81,7 +83,22 @@ class CallerHooks:
         """After a step (its pad ids in place): the rows the criteria end, `[B]` bool, or None where none does."""
         if not self.criteria:
             return None
-        ids = self.input_ids()
+        ended = self._ended(self.input_ids(), logits)
+        if not ended.any():
+            return None
+        self.stopped |= ended
+        return ended
+
+    def stop_candidates(self, new_tokens: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """Beam search: which candidates the criteria end, `[P, keep]` bool. `new_tokens [P, keep, n]`: each prompt's
+        candidates' tokens (the step's last); `logits [P * keep, V]`: those of the hypotheses they continue."""
+        prompts, keep, count = new_tokens.shape
+        beams = self.ids.shape[0] // prompts  # (the rows of a prompt, its beams, share its prompt)
+        ids = np.concatenate([np.repeat(self.ids[::beams, : self.width], keep, axis=0), new_tokens.reshape(prompts * keep, count)], axis=1)
+        return self._ended(ids, logits).reshape(prompts, keep)
+
+    def _ended(self, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """`[B]` bool: the rows of `ids [B, T + n]` that some criterion ends."""
         batch = ids.shape[0]
         ended = np.zeros(batch, bool)
         for criterion in self.criteria:
@@ -91,9 +108,6 @@ class CallerHooks:
                     f"the stopping criterion {_name(criterion)} returned {verdict.dtype} of shape {verdict.shape}: it must return a bool, or one bool a row ([{batch}])"
                 )
             ended |= verdict.astype(bool)
-        if not ended.any():
-            return None
-        self.stopped |= ended
         return ended
 
 

@@ -174,17 +174,18 @@ def collect_beams(run: Run) -> list[GenerationResult]:
     """Runs a prepared beam search (`settings.num_beams > 1`; `run.batch` is prompts × beams) to the end: each
     prompt's best `num_return_sequences` answers, best first, one `GenerationResult` each."""
     settings = run.settings
+    stop_candidates = run.hooks.stop_candidates if run.hooks is not None and run.hooks.criteria else None
     answers = beam_search(
         run.decoder, run.prefill, run.embed_step, run.processors, run.batch // settings.num_beams, settings, run.eos, run.pad_id, run.metrics, run.started,
-        run.deadline,
+        run.deadline, stop_candidates,
     )
     run.metrics.total_s = time.perf_counter() - run.started
     return [
         GenerationResult(
-            text=run.answer_text(tokens), token_ids=tokens, finish_reason="stop" if tokens and tokens[-1] in run.eos else "length", metrics=run.metrics,
-            prompt_tokens=_row_prompt(run, index * settings.num_beams),
+            text=run.answer_text(tokens), token_ids=tokens, finish_reason="stop" if stopped or tokens and tokens[-1] in run.eos else "length",
+            metrics=run.metrics, prompt_tokens=_row_prompt(run, index * settings.num_beams),
         )
-        for index, prompt in enumerate(answers.tokens) for tokens in prompt
+        for index, (prompt, prompt_stopped) in enumerate(zip(answers.tokens, answers.stopped)) for tokens, stopped in zip(prompt, prompt_stopped)
     ]
 
 

@@ -256,11 +256,9 @@ class GenerationSettings:
 
     @property
     def not_for_beams(self) -> str | None:
-        """What these settings ask for that beam search does not give ("stop strings", "output_logits",
-        "stopping_criteria", "streamer"), or None."""
+        """What these settings ask for that beam search does not give ("stop strings", "output_logits", "streamer"), or None."""
         if self.num_beams > 1:
-            asked = [("stop strings", self.stop), ("output_logits", self.output_logits), ("stopping_criteria", self.stopping_criteria),
-                     ("streamer", self.streamer is not None)]
+            asked = [("stop strings", self.stop), ("output_logits", self.output_logits), ("streamer", self.streamer is not None)]
             return next((name for name, given in asked if given), None)
         return None
 

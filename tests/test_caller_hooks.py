@@ -123,6 +123,28 @@ def test_beam_search_applies_a_logits_processor_as_transformers(setup):
     assert len(ours.seen) == len(theirs.seen) and all(np.array_equal(a, b) for a, b in zip(ours.seen, theirs.seen))
 
 
+def test_beam_search_ends_the_candidates_a_criterion_ends_as_transformers(setup):
+    """Under beam search a criterion is called on every candidate continuation (the prompt's ids, then the candidate's);
+    a candidate it ends finishes there, as at an EOS token."""
+    processor, model, pipe = setup
+    batch = BATCH[:2]
+    inputs = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+    free = pipe.generate(messages=batch, num_beams=3, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    token = free[0].token_ids[2]
+    theirs, ours = TwinCriterion(token), TwinCriterion(token)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, do_sample=False, num_beams=3, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, stopping_criteria=StoppingCriteriaList([theirs]),
+        )
+    got = pipe.generate(messages=batch, num_beams=3, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, stopping_criteria=ours)
+    pad = pipe._special_ids(pipe.settings())[1]
+    want = out[:, inputs["input_ids"].shape[1] :].tolist()
+    assert [r.token_ids + [pad] * (len(want[0]) - len(r.token_ids)) for r in got] == want
+    assert len(got[0].token_ids) < NEW_TOKENS and got[0].token_ids[-1] == token and got[0].finish_reason == "stop"
+    assert [r.finish_reason for r in got] == ["stop" if r.token_ids[-1] == token else "length" for r in got]
+    assert len(ours.seen) == len(theirs.seen) and all(np.array_equal(a, b) for a, b in zip(ours.seen, theirs.seen))
+
+
 def test_a_criterion_cancels_a_generation_from_another_thread(setup):
     processor, model, pipe = setup
     cancel, reached = threading.Event(), threading.Event()
@@ -157,8 +179,6 @@ def test_bad_callables_are_refused_clearly(setup):
         pipe.generate(messages=chat, max_new_tokens=2, logits_processor=lambda ids, scores: scores[:, :3])
     with pytest.raises(ValueError, match=r"the stopping criterion .*<lambda> returned bool of shape \(2,\): it must return a bool, or one bool a row \(\[1\]\)"):
         pipe.generate(messages=chat, max_new_tokens=2, stopping_criteria=lambda ids, logits: np.array([True, False]))
-    with pytest.raises(ValueError, match=r"stopping_criteria: not implemented for beam search \(num_beams=2\)"):
-        pipe.generate(messages=chat, num_beams=2, stopping_criteria=lambda ids, logits: False)
     # A processor that changes the scores in place and returns None is taken.
     def ban_first(ids, scores):
         scores[:, 0] = -np.inf
