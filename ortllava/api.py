@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .caller_hooks import CallerCriterion, CallerHooks, CallerProcessor
+from .caller_hooks import CallerCriterion, CallerHooks, CallerProcessor, PrefixConstrained
 from .detokenizer import held_token_ids
 from .features import ProjectedImages
 from .decoders import ContextLengthError, KVCache
@@ -194,6 +194,7 @@ class Pipeline:
         early_stopping: bool | str | None = None,
         output_logits: bool | None = None,
         streamer: Any = None,
+        prefix_allowed_tokens_fn: Callable[[int, np.ndarray], Sequence[int]] | None = None,
         logits_processor: CallerProcessor | Sequence[CallerProcessor] | None = None,
         stopping_criteria: CallerCriterion | Sequence[CallerCriterion] | None = None,
         input_ids: ArrayLike | None = None,
@@ -238,6 +239,8 @@ class Pipeline:
         `fn(input_ids, logits) -> bool or [B] bool` after each new token, a row marked True ending there with
         finish_reason "stop"; see `ortllava.caller_hooks`). A criterion that reads a `threading.Event` cancels the
         generation from another thread (under beam search, a criterion ends the candidates it marks, as transformers').
+        `prefix_allowed_tokens_fn(prompt_index, ids [T + n]) -> token ids`: the tokens each row may take next, as
+        transformers' (constrained generation).
         `streamer` (transformers' `TextStreamer` or `TextIteratorStreamer` over `pipe.processor.tokenizer`, or any object
         with `put` and `end`): given the prompts' ids `[B, T]`, then each step's tokens `[B]`, then `end()`, as transformers
         gives them (not with beam search; `stream()` gives text pieces itself).
@@ -252,7 +255,8 @@ class Pipeline:
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids, sequence_bias=sequence_bias,
             suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens, forced_eos_token_id=forced_eos_token_id, seed=seed, stop=stop, max_time=max_time,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, num_beams=num_beams,
-            length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, streamer=streamer, logits_processor=logits_processor,
+            length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, streamer=streamer,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, logits_processor=logits_processor,
             stopping_criteria=stopping_criteria, **others,  # (any other name is a TypeError listing the known ones)
         )
         if settings.not_for_beams:  # (a caller's num_beams is refused in `settings`)
@@ -394,10 +398,13 @@ class Pipeline:
             settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed, settings.min_p, settings.typical_p,
             settings.epsilon_cutoff, settings.eta_cutoff,
         )
-        processors = for_settings(settings, input_ids, attention_mask, request.eos, self.manifest.text.vocab_size)
-        hooks = None
-        if settings.logits_processor or settings.stopping_criteria:  # (the caller's: after ortllava's, as transformers merges them)
+        hooks = constraint = None
+        if settings.logits_processor or settings.stopping_criteria or settings.prefix_allowed_tokens_fn:
             hooks = CallerHooks(input_ids, settings.max_new_tokens, settings.logits_processor, settings.stopping_criteria)
+        if settings.prefix_allowed_tokens_fn is not None:
+            constraint = PrefixConstrained(hooks, settings.prefix_allowed_tokens_fn, copies)
+        processors = for_settings(settings, input_ids, attention_mask, request.eos, self.manifest.text.vocab_size, constraint)
+        if hooks is not None:  # (the caller's processors: after ortllava's, as transformers merges them)
             processors.append(hooks)
         return Run(
             self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], with_processors(sampler, processors), settings,

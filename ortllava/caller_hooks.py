@@ -6,6 +6,8 @@
   place"). They run after ortllava's own processors and before the sampling warpers (temperature, top-k, ...), in the
   order given, as transformers merges a caller's list. Under beam search they get each hypothesis' ids and the
   log-probabilities, as transformers' beam search gives them.
+- `prefix_allowed_tokens_fn(prompt_index, ids) -> allowed token ids`: the tokens a row may take next, asked for each
+  row with its ids `[T + n]` (`PrefixConstrained`; among ortllava's own processors, where transformers puts it).
 - a stopping criterion: `fn(input_ids, logits) -> bool or [B] bool`, called after each new token with `input_ids
   [B, T + n + 1]` (the new token included) and the logits it was picked from: a row it marks True ends there
   (finish_reason "stop"), as a row that hit an EOS token. A criterion that reads an `Event` set by another thread
@@ -109,6 +111,36 @@ class CallerHooks:
                 )
             ended |= verdict.astype(bool)
         return ended
+
+
+class PrefixConstrained:
+    """transformers' `PrefixConstrainedLogitsProcessor`: each row may take only the tokens `allowed(prompt_index, ids)`
+    gives for its ids so far (read from `hooks`, which follows the rows); where none of them is possible in any row of a
+    prompt (every one already at -inf), they are forced with a score of 0, as transformers does. `rows_per_prompt`:
+    each prompt's answers or beams."""
+
+    def __init__(self, hooks: CallerHooks, allowed: Callable[[int, np.ndarray], Any], rows_per_prompt: int):
+        self.hooks, self.allowed, self.rows_per_prompt = hooks, allowed, rows_per_prompt
+
+    def __call__(self, scores: np.ndarray) -> None:
+        ids = self.hooks.input_ids()
+        mask = np.full_like(scores, -np.inf)  # [B, V]: 0 where the row may go
+        for row in range(len(scores)):
+            tokens = self.allowed(row // self.rows_per_prompt, ids[row])
+            if len(tokens) == 0:
+                raise ValueError(
+                    f"prefix_allowed_tokens_fn returned no token for prompt {row // self.rows_per_prompt}: the constraint cannot be met"
+                )
+            mask[row, np.asarray(tokens, dtype=np.int64)] = 0
+        constrained = scores + mask
+        stuck = np.isneginf(constrained.max(axis=-1)).reshape(-1, self.rows_per_prompt).all(axis=-1)  # [prompts]
+        np.copyto(scores, np.where(np.repeat(stuck, self.rows_per_prompt)[:, None], mask, constrained))
+
+    def picked(self, tokens: np.ndarray) -> None:  # (the hooks hold the ids)
+        pass
+
+    def reorder(self, rows: np.ndarray) -> None:
+        pass
 
 
 def check_callables(name: str, given: Any) -> tuple[Callable, ...]:

@@ -250,9 +250,13 @@ def bad_words(bad_words_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[in
     return SequenceBias([(ids, -np.inf) for ids in banned], prompt_ids, vocab_size) if banned else None
 
 
-def for_settings(settings: GenerationSettings, prompt_ids: np.ndarray, prompt_mask: np.ndarray, eos_token_ids: Sequence[int], vocab_size: int) -> list[LogitsProcessor]:
+def for_settings(
+    settings: GenerationSettings, prompt_ids: np.ndarray, prompt_mask: np.ndarray, eos_token_ids: Sequence[int], vocab_size: int,
+    prefix_constraint: LogitsProcessor | None = None,
+) -> list[LogitsProcessor]:
     """The processors `settings` turn on, in transformers' order. `prompt_ids`, `prompt_mask`: `[B, T]`, one row per
-    answer; `settings.max_new_tokens` is the run's (after `for_prompt`)."""
+    answer; `settings.max_new_tokens` is the run's (after `for_prompt`). `prefix_constraint`: the caller's
+    `prefix_allowed_tokens_fn` as a processor (`caller_hooks.PrefixConstrained`), put where transformers puts it."""
     prompt_width = prompt_ids.shape[1]
     forced_eos = settings.forced_eos_token_id
     forced_eos = [forced_eos] if isinstance(forced_eos, (int, np.integer)) else list(forced_eos or ())
@@ -266,6 +270,7 @@ def for_settings(settings: GenerationSettings, prompt_ids: np.ndarray, prompt_ma
         bad_words(settings.bad_words_ids, eos_token_ids, prompt_ids, vocab_size) if settings.bad_words_ids else None,
         ForbidTokens(eos_token_ids, settings.min_length - prompt_width) if settings.min_length > prompt_width and eos_token_ids else None,
         ForbidTokens(eos_token_ids, settings.min_new_tokens) if settings.min_new_tokens > 0 and eos_token_ids else None,
+        prefix_constraint,
         ForceTokens(forced_eos, settings.max_new_tokens - 1) if forced_eos else None,
         ForbidTokens(suppressed) if (suppressed := [i for i in settings.suppress_tokens or () if i < vocab_size]) else None,
         ForbidTokens(at_begin, 1) if (at_begin := [i for i in settings.begin_suppress_tokens or () if i < vocab_size]) else None,

@@ -78,6 +78,8 @@ class GenerationSettings:
     # Given the prompt's ids `[B, T]`, then each step's new tokens `[B]` (`put`), and told the end (`end`), as
     # transformers' streamers are (TextStreamer, TextIteratorStreamer); `generate` only (`stream()` streams itself).
     streamer: Any = None
+    # (prompt index, a row's ids [T + n]) -> the token ids it may take next (transformers' prefix_allowed_tokens_fn)
+    prefix_allowed_tokens_fn: Callable | None = None
     # Neither the caller nor the generation config gave a length: max_new_tokens is DEFAULT_MAX_NEW_TOKENS, held to the
     # room a prompt leaves (see for_prompt). Not an argument.
     length_is_default: bool = field(default=False, repr=False)
@@ -159,6 +161,8 @@ class GenerationSettings:
                 values[name] = None
         for name in ("logits_processor", "stopping_criteria"):
             values[name] = check_callables(name, values.get(name))
+        if values.get("prefix_allowed_tokens_fn") is not None and not callable(values["prefix_allowed_tokens_fn"]):
+            raise TypeError(f"prefix_allowed_tokens_fn must be a callable (prompt index, ids) -> allowed token ids, got {type(values['prefix_allowed_tokens_fn']).__name__}")
         streamer = values.get("streamer")
         if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
             raise TypeError(f"streamer must have put(token_ids) and end() methods, as transformers' TextStreamer has; got {type(streamer).__name__}")
@@ -297,7 +301,9 @@ _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
 # those that change what generate returns: num_return_sequences (a list per prompt, which a chat or a stream cannot
 # give; a config that sets it is warned of at load, see below) and output_logits (transformers returns its logits
 # only with return_dict_in_generate), so only a caller asks for them; and the caller's callables.
-_NOT_IN_GENERATION_CONFIG = {"seed", "stop", "num_return_sequences", "output_logits", "logits_processor", "stopping_criteria", "streamer"}
+_NOT_IN_GENERATION_CONFIG = {
+    "seed", "stop", "num_return_sequences", "output_logits", "logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn",
+}
 
 # generation_config.json keys with which transformers' `generate` gives other tokens or outputs, and which ortllava
 # does not apply: each with the values at which it does nothing.
@@ -319,7 +325,7 @@ _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
     "return_dict_in_generate": (False,), "renormalize_logits": (False,),
     "remove_invalid_values": (False,),
-    "prefix_allowed_tokens_fn": (), "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
+    "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
     # (transformers reads these only to start a prompt where none is given; ortllava is always given one)
     "bos_token_id": (ANY_VALUE,), "decoder_start_token_id": (ANY_VALUE,),
     # GenerationConfig fields that choose how transformers runs, not what it answers (its cache, compilation,

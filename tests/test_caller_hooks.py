@@ -233,3 +233,37 @@ def test_a_streamer_is_given_what_transformers_gives_it(setup):
         pipe.generate(messages=BATCH[1], num_beams=2, streamer=RecordingStreamer())
     with pytest.raises(TypeError, match="streamer must have put\\(token_ids\\) and end\\(\\) methods, as transformers' TextStreamer has; got list"):
         pipe.generate(messages=BATCH[1], streamer=[])
+
+
+def test_prefix_allowed_tokens_fn_constrains_as_transformers(setup):
+    """transformers' `prefix_allowed_tokens_fn(batch_id, ids)`: the same calls (prompt index, each row's ids) and the same
+    answers, greedy and beam search; a prompt whose rows can take none of their allowed tokens takes them at score 0."""
+    processor, model, pipe = setup
+    vocab = pipe.manifest.text.vocab_size
+    inputs = processor.apply_chat_template(BATCH, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+
+    def allowed_by(calls: list):
+        def allowed(batch_id, ids):  # every third token, shifted by the prompt and the row's last token
+            calls.append((batch_id, _copied(ids)))
+            return [t for t in range(vocab) if (t + int(ids[-1]) + batch_id) % 3 == 0]
+        return allowed
+
+    free = hf_generate(processor, model, BATCH)
+    for options in ({}, {"num_beams": 2}):
+        theirs, ours = [], []
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=8, min_new_tokens=8, prefix_allowed_tokens_fn=allowed_by(theirs), **options)
+        got = pipe.generate(messages=BATCH, max_new_tokens=8, min_new_tokens=8, prefix_allowed_tokens_fn=allowed_by(ours), **options)
+        assert [r.token_ids for r in got] == out[:, inputs["input_ids"].shape[1] :].tolist(), options
+        assert len(ours) == len(theirs) and all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(ours, theirs))
+    assert [r.token_ids for r in got] != [row[:8] for row in free]  # (it binds)
+    with pytest.raises(ValueError, match="prefix_allowed_tokens_fn returned no token for prompt 0: the constraint cannot be met"):
+        pipe.generate(messages=BATCH[1], max_new_tokens=2, prefix_allowed_tokens_fn=lambda batch_id, ids: [])
+    with pytest.raises(TypeError, match="prefix_allowed_tokens_fn must be a callable"):
+        pipe.generate(messages=BATCH[1], prefix_allowed_tokens_fn=[1, 2])
+    # Allowed tokens that are all forbidden (here by suppress_tokens) are taken at score 0, as transformers takes them.
+    banned = list(range(0, vocab, 2))
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=3, min_new_tokens=3, suppress_tokens=banned, prefix_allowed_tokens_fn=lambda b, ids: banned[:5])
+    got = pipe.generate(messages=BATCH, max_new_tokens=3, min_new_tokens=3, suppress_tokens=banned, prefix_allowed_tokens_fn=lambda b, ids: banned[:5])
+    assert [r.token_ids for r in got] == out[:, inputs["input_ids"].shape[1] :].tolist()
