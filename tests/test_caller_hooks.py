@@ -257,6 +257,14 @@ def test_prefix_allowed_tokens_fn_constrains_as_transformers(setup):
         assert [r.token_ids for r in got] == out[:, inputs["input_ids"].shape[1] :].tolist(), options
         assert len(ours) == len(theirs) and all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(ours, theirs))
     assert [r.token_ids for r in got] != [row[:8] for row in free]  # (it binds)
+    # Sampled answers (num_return_sequences): each prompt's rows are asked with its index, as transformers asks.
+    theirs, ours = [], []
+    with torch.no_grad():
+        model.generate(**inputs, do_sample=True, num_return_sequences=2, max_new_tokens=2, prefix_allowed_tokens_fn=allowed_by(theirs))
+    pipe.generate(messages=BATCH, do_sample=True, num_return_sequences=2, max_new_tokens=2, prefix_allowed_tokens_fn=allowed_by(ours))
+    first = 2 * len(BATCH)  # (the first step's calls, before the draws part)
+    assert [b for b, _ in ours[:first]] == [b for b, _ in theirs[:first]] == [0, 0, 1, 1, 2, 2]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(ours[:first], theirs[:first]))
     with pytest.raises(ValueError, match="prefix_allowed_tokens_fn returned no token for prompt 0: the constraint cannot be met"):
         pipe.generate(messages=BATCH[1], max_new_tokens=2, prefix_allowed_tokens_fn=lambda batch_id, ids: [])
     with pytest.raises(TypeError, match="prefix_allowed_tokens_fn must be a callable"):
