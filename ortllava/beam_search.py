@@ -142,6 +142,8 @@ def beam_search(
                 process(log_probs)
             if rng is not None:
                 log_probs = warped_scores(log_probs, *warpers)
+            if settings.renormalize_logits:  # (transformers' LogitNormalization, after the warpers)
+                log_probs = log_softmax(log_probs)
             vocab = log_probs.shape[1]
             accumulated = (log_probs.reshape(prompts, nb, vocab) + running_scores[:, :, None]).reshape(prompts, nb * vocab)
 

@@ -63,6 +63,9 @@ class GenerationSettings:
     num_beams: int = 1  # > 1: beam search (beam sampling with do_sample), keeping this many running hypotheses per prompt
     length_penalty: float = 1.0  # beam search: a finished hypothesis scores its log-probability / length ** this
     early_stopping: bool | str = False  # beam search: True, False (transformers' heuristic) or "never" (see beam_search.py)
+    # The processed scores log-softmaxed again, last (transformers' LogitNormalization): it changes beam search's scores
+    # where processors or warpers apply, and no greedy or sampled token.
+    renormalize_logits: bool = False
     output_logits: bool = False  # each result keeps the raw logits each new token was picked from
     eos_token_id: int | tuple[int, ...] | None = None  # the tokens that end an answer; None: the bundle's EOS ids
     pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
@@ -198,7 +201,7 @@ class GenerationSettings:
         def number(value: Any) -> bool:  # a finite one (a NaN passes no comparison, so no range check)
             return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
-        for name in ("do_sample", "output_logits"):
+        for name in ("do_sample", "output_logits", "renormalize_logits"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "True or False")
         least_values = (("max_new_tokens", 1), ("min_new_tokens", 0), ("min_length", 0), ("num_return_sequences", 1), ("no_repeat_ngram_size", 0), ("num_beams", 1))
@@ -323,7 +326,7 @@ UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
 ANY_VALUE = object()  # (in a no-op values tuple: every value does nothing)
 _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
-    "return_dict_in_generate": (False,), "renormalize_logits": (False,),
+    "return_dict_in_generate": (False,),
     "remove_invalid_values": (False,),
     "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
     # (transformers reads these only to start a prompt where none is given; ortllava is always given one)

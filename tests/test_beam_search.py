@@ -105,6 +105,7 @@ OPTIONS = [
     {"length_penalty": -1.0}, {"no_repeat_ngram_size": 2, "num_return_sequences": 2}, {"sequence_bias": [[[3, 4], 5.0], [[2, 6, 4], 4.0], [[0, 3, 7], 6.0], [[5], -2.0]]},
     {"bad_words_ids": [[1, 2], [6], [4, 7, 2], [3, 0, 5]]}, {"repetition_penalty": 1.5}, {"min_length": 9}, {"min_new_tokens": 3},
     {"forced_eos_token_id": 7}, {"suppress_tokens": [8]}, {"begin_suppress_tokens": [2, 9]},
+    {"repetition_penalty": 1.5, "renormalize_logits": True}, {"sequence_bias": [[[3, 4], 5.0], [[5], -2.0]], "renormalize_logits": True},
 ]
 
 
@@ -131,6 +132,7 @@ SAMPLED = [
     {}, {"temperature": 0.6, "num_return_sequences": 2}, {"top_k": 6}, {"top_p": 0.98, "repetition_penalty": 1.5}, {"min_p": 0.01},
     {"typical_p": 0.98, "early_stopping": True}, {"epsilon_cutoff": 3e-3}, {"eta_cutoff": 3e-3}, {"top_k": 8, "length_penalty": -1.0},
     {"bad_words_ids": [[5, token] for token in range(VOCAB)]},  # (a hypothesis ending in 5 has every continuation forbidden)
+    {"top_k": 6, "renormalize_logits": True},
 ]
 WARPERS = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 
