@@ -312,7 +312,7 @@ class Pipeline:
         max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, min_p, typical_p,
         epsilon_cutoff, eta_cutoff, seed, min_new_tokens, min_length, repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias,
         suppress_tokens, begin_suppress_tokens, forced_eos_token_id, stop, max_time, eos_token_id, pad_token_id, logits_processor,
-        stopping_criteria, streamer (for `send`), generation_config).
+        stopping_criteria, prefix_allowed_tokens_fn, streamer (for `send`), generation_config).
         """
         from .chat import ChatSession
 
