@@ -112,6 +112,34 @@ class ForceTokens:
         pass  # (every row alike)
 
 
+class DecayLengthPenalty:
+    """transformers' `exponential_decay_length_penalty=(start, factor)`: once more than `start` new tokens are out (n of
+    them), each EOS logit x grows by |x| * (factor ** (n - start) - 1), so an answer tends to end there without a hard
+    cut; a non-finite EOS logit is left as it is."""
+
+    def __init__(self, start: int, factor: float, eos_token_ids: Sequence[int]):
+        self.start, self.factor = int(start), float(factor)
+        self.eos = np.array(sorted(set(eos_token_ids)), dtype=np.int64)
+        self.done = 0  # new tokens so far
+
+    @property
+    def idle(self) -> bool:
+        return self.done <= self.start
+
+    def __call__(self, scores: np.ndarray) -> None:
+        if self.idle:
+            return
+        eos = scores[:, self.eos]
+        growth = np.abs(eos) * (self.factor ** (self.done - self.start) - 1)  # (float32, the factor rounded to it, as torch)
+        scores[:, self.eos] = eos + np.where(np.isfinite(eos), growth, 0)
+
+    def picked(self, tokens: np.ndarray) -> None:
+        self.done += 1
+
+    def reorder(self, rows: np.ndarray) -> None:
+        pass  # (every row alike)
+
+
 class RepetitionPenalty:
     """transformers' repetition penalty: logits of tokens already in the row (the prompt included, less its leading
     padding: the tokens before the first `prompt_mask != 0`, as transformers leaves out) are divided by `penalty` when
@@ -272,6 +300,7 @@ def for_settings(
         ForbidTokens(eos_token_ids, settings.min_new_tokens) if settings.min_new_tokens > 0 and eos_token_ids else None,
         prefix_constraint,
         ForceTokens(forced_eos, settings.max_new_tokens - 1) if forced_eos else None,
+        DecayLengthPenalty(*settings.exponential_decay_length_penalty, eos_token_ids) if settings.exponential_decay_length_penalty and eos_token_ids else None,
         ForbidTokens(suppressed) if (suppressed := [i for i in settings.suppress_tokens or () if i < vocab_size]) else None,
         ForbidTokens(at_begin, 1) if (at_begin := [i for i in settings.begin_suppress_tokens or () if i < vocab_size]) else None,
     ]

@@ -59,6 +59,8 @@ class GenerationSettings:
     suppress_tokens: tuple[int, ...] | None = None  # tokens never picked
     begin_suppress_tokens: tuple[int, ...] | None = None  # tokens not picked as the first new token
     forced_eos_token_id: int | tuple[int, ...] | None = None  # the token(s) an answer that reaches max_new_tokens ends with
+    # (start, factor): past `start` new tokens, the EOS logits grow by a factor a token (see logits_processors.DecayLengthPenalty)
+    exponential_decay_length_penalty: tuple[int, float] | None = None
     num_return_sequences: int = 1  # answers per prompt: sampled each on its own, or the best beams (at most num_beams)
     num_beams: int = 1  # > 1: beam search (beam sampling with do_sample), keeping this many running hypotheses per prompt
     length_penalty: float = 1.0  # beam search: a finished hypothesis scores its log-probability / length ** this
@@ -152,7 +154,7 @@ class GenerationSettings:
                     GenerationWarning,
                 )
             values.pop("min_length")
-        for name in ("eos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
+        for name in ("eos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "exponential_decay_length_penalty"):
             if isinstance(values.get(name), Iterable) and not isinstance(values[name], (str, bytes, Mapping)):
                 values[name] = tuple(values[name])
         if values.get("bad_words_ids") is not None:
@@ -257,6 +259,9 @@ class GenerationSettings:
             fail("pad_token_id", "a token id or None")
         if not all(isinstance(text, str) and text for text in self.stop):
             fail("stop", "a non-empty string", " or a list of them")
+        decay = self.exponential_decay_length_penalty
+        if decay is not None and not (isinstance(decay, tuple) and len(decay) == 2 and integer(decay[0]) and decay[0] >= 0 and number(decay[1])):
+            fail("exponential_decay_length_penalty", "a pair (start: an integer >= 0, factor: a number)", ", or None")
         if self.max_time is not None and not (number(self.max_time) and self.max_time > 0):
             fail("max_time", "a number of seconds > 0", ", or None (no limit)")
 
@@ -312,7 +317,7 @@ _NOT_IN_GENERATION_CONFIG = {
 # does not apply: each with the values at which it does nothing.
 UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
-    "force_words_ids": ([],), "constraints": ([],), "forced_bos_token_id": (), "exponential_decay_length_penalty": (),
+    "force_words_ids": ([],), "constraints": ([],), "forced_bos_token_id": (),
     "guidance_scale": (1,), "top_h": (), "stop_strings": ([],),
     "watermarking_config": (), "token_healing": (False,),
     # (transformers hands a decoder-only model's prompt ids to these as the "encoder" ids)

@@ -106,6 +106,7 @@ OPTIONS = [
     {"bad_words_ids": [[1, 2], [6], [4, 7, 2], [3, 0, 5]]}, {"repetition_penalty": 1.5}, {"min_length": 9}, {"min_new_tokens": 3},
     {"forced_eos_token_id": 7}, {"suppress_tokens": [8]}, {"begin_suppress_tokens": [2, 9]},
     {"repetition_penalty": 1.5, "renormalize_logits": True}, {"sequence_bias": [[[3, 4], 5.0], [[5], -2.0]], "renormalize_logits": True},
+    {"exponential_decay_length_penalty": (2, 1.6)},
 ]
 
 

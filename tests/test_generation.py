@@ -154,6 +154,27 @@ def test_logits_processors_match_transformers(setup):
     assert len(got[0].token_ids) > end + 1
 
 
+def test_exponential_decay_length_penalty_matches_transformers(setup):
+    """Past `start` new tokens the EOS logits grow a factor a token: the answers end where transformers' end, earlier
+    than without it."""
+    processor, model, pipe = setup
+    batch = CASES["batch of three"]
+    free = hf_generate(processor, model, batch)
+    def first(row: list[int], token: int) -> int:
+        return row.index(token) if token in row else len(row)
+
+    stop = max(sorted(set(free[0])), key=lambda token: min(first(row, token) for row in free))  # an EOS every row reaches late, if at all
+    options = {"eos_token_id": stop, "min_new_tokens": 0}
+    plain = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, **options)
+    options["exponential_decay_length_penalty"] = (1, 3.0)
+    got = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, **options)
+    want = hf_generate(processor, model, batch, **options)
+    pad = pipe._special_ids(pipe.settings(**options))[1]
+    assert [r.token_ids + [pad] * (len(want[0]) - len(r.token_ids)) for r in got] == want
+    if max(len(r.token_ids) for r in plain) > 2:  # (it binds; not where every row ends at once: a model that repeats one token)
+        assert sum(len(r.token_ids) for r in got) < sum(len(r.token_ids) for r in plain)
+
+
 def test_a_generation_config_generates_as_in_transformers(setup):
     """`generation_config=` (a transformers GenerationConfig, or a dict of its fields) as transformers 5 reads it: its
     set fields over the bundle's config, the call's own arguments over it; token for token."""
