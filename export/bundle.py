@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ortllava import manifest as m
-from ortllava.manifest import GraphSpec, Manifest, TextSpec, TokenSpec, VisionSpec, sha256_file
+from ortllava.bundle import manifest as m
+from ortllava.bundle.manifest import GraphSpec, Manifest, TextSpec, TokenSpec, VisionSpec, sha256_file
 
 from .checkpoint import Checkpoint
 
@@ -68,7 +68,7 @@ def _eos_ids(checkpoint: Checkpoint) -> list[int]:
 
 
 def build_manifest(checkpoint: Checkpoint, graphs: dict[str, GraphSpec], out: Path, precision: str, validation: dict) -> Manifest:
-    from .wrappers import feature_layers, text_geometry  # (torch: imported when used, so the CLI starts without it)
+    from .graphs.wrappers import feature_layers, text_geometry  # (torch: imported when used, so the CLI starts without it)
 
     model, processor = checkpoint.model, checkpoint.processor
     config, tokenizer = model.config, processor.tokenizer

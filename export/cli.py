@@ -13,13 +13,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ortllava.manifest import FEATURE_SPLICE_GRAPH, KV_REORDER_GRAPH
-from ortllava.settings import shown_settings, unsupported_generation_settings
+from ortllava.bundle.manifest import FEATURE_SPLICE_GRAPH, KV_REORDER_GRAPH
+from ortllava.generation.settings import shown_settings, unsupported_generation_settings
 
 from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint, model_source
+from .graphs.quantize import Int4Options
 from .output import DEFAULT_HOME, check_output, default_output, scratch_folder
 from .plan import DECODER_KINDS, PRECISIONS, TARGETS, ExportPlan, plan_export
-from .quantize import Int4Options
 
 
 class Progress:
@@ -86,7 +86,7 @@ def export_bundle(
     `output` must be new, an empty folder, or an earlier bundle (replaced once the new one is complete).
     """
     from .families import UnsupportedModelError
-    from .fused_decoder import unsupported_features
+    from .graphs.fused_decoder import unsupported_features
 
     plan = plan_export(precision, decoder, target, validate, int4, kv_cache)
     if not isinstance(model, Checkpoint):
@@ -133,15 +133,15 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
     """
     import numpy as np
 
-    from .accuracy import accuracy_references, accuracy_report
     from .bundle import build_manifest, write_assets, write_manifest
-    from .convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
-    from .feature_splice import build_feature_splice
-    from .fused_decoder import build_fused_decoder
-    from .kv_cache import calibrate_kv_scales
-    from .kv_reorder import build_kv_reorder
-    from .quantize import quantize_decoder
-    from .validate import check, references
+    from .checks.accuracy import accuracy_references, accuracy_report
+    from .checks.validate import check, references
+    from .graphs.convert import convert_to_fp16, export_decoder, export_projector, export_vision_encoder
+    from .graphs.feature_splice import build_feature_splice
+    from .graphs.fused_decoder import build_fused_decoder
+    from .graphs.kv_cache import calibrate_kv_scales
+    from .graphs.kv_reorder import build_kv_reorder
+    from .graphs.quantize import quantize_decoder
 
     stage, int4, decoder = progress.stage, plan.int4, plan.decoder
     dtype = np.float16 if plan.half else np.float32
@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"ortllava-export: error: needs {' and '.join(missing)}: pip install 'ortllava[export]' (torch: its CPU build is enough)", file=sys.stderr)
         return 1
+    from .checks.validate import ExportValidationError
     from .families import UnsupportedModelError
-    from .validate import ExportValidationError
 
     # A termination signal (a timeout, a job scheduler) unwinds like Ctrl-C: the unfinished bundle is removed.
     _SIGNALLED.clear()

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ortllava.manifest import MANIFEST_FILE
+from ortllava.bundle.manifest import MANIFEST_FILE
 
 from .bundle import SCRATCH_MARK
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .quantize import Int4Options
+from .graphs.quantize import Int4Options
 
 PRECISIONS = ("fp32", "fp16", "int4")
 DECODER_KINDS = ("gqa", "concat")
@@ -41,7 +41,7 @@ class ExportPlan:
 
 def plan_export(precision: str, decoder: str, target: str, validate: bool, int4: Int4Options | None, kv_cache: str) -> ExportPlan:
     """The options checked and resolved; a combination that cannot work stops here (SystemExit naming it)."""
-    from .kv_cache import KV_CACHE_TYPES, resolve_kv_cache
+    from .graphs.kv_cache import KV_CACHE_TYPES, resolve_kv_cache
 
     if precision not in PRECISIONS:
         raise SystemExit(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")

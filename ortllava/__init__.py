@@ -7,15 +7,15 @@
 """
 
 from .api import Pipeline, generate, load
+from .bundle.manifest import BundleError
 from .chat import ChatSession
-from .chat_template import ChatTemplateError
 from .decoders import ContextLengthError
-from .generate import GenerationMetrics, GenerationResult
-from .settings import GenerationSettings, SettingError
+from .generation.generate import GenerationMetrics, GenerationResult
+from .generation.runs import StreamChunk
+from .generation.settings import GenerationSettings, SettingError
 from .hf_pipeline import pipeline
-from .image_source import ImageLoadError
-from .manifest import BundleError
-from .runs import StreamChunk
+from .preprocess.chat_template import ChatTemplateError
+from .preprocess.image_source import ImageLoadError
 from .warn import GenerationWarning
 
 __version__ = "0.1.0"

@@ -12,23 +12,23 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .caller_hooks import CallerCriterion, CallerHooks, CallerProcessor, PrefixConstrained
-from .detokenizer import held_token_ids
-from .features import ProjectedImages
+from .bundle.manifest import GENERATION_CONFIG_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
+from .bundle.sessions import BundleSessions
 from .decoders import ContextLengthError, KVCache
-from .generate import GenerationMetrics, GenerationResult, positions_needed
-from .image_source import IMAGE_SOURCES, ImageLike
-from .manifest import GENERATION_CONFIG_FILE, Manifest, read_bundle_file, read_json_object, read_manifest
+from .embedding.features import ProjectedImages
+from .embedding.prompt_embedder import PromptEmbedder
+from .generation.caller_hooks import CallerCriterion, CallerHooks, CallerProcessor, PrefixConstrained
+from .generation.detokenizer import held_token_ids
+from .generation.generate import GenerationMetrics, GenerationResult, positions_needed
+from .generation.logits_processors import for_settings, with_processors
+from .generation.runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
+from .generation.sampling import make_sampler
+from .generation.settings import GenerationSettings, shown_settings, unsupported_generation_settings
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
-from .inputs import given_model_inputs, is_batch, left_aligned, prepare_inputs
-from .processor import Processor
-from .prompt_embedder import PromptEmbedder
-from .tokenizer import BatchFeature
-from .logits_processors import for_settings, with_processors
-from .sampling import make_sampler
-from .runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
-from .sessions import BundleSessions
-from .settings import GenerationSettings, shown_settings, unsupported_generation_settings
+from .preprocess.image_source import IMAGE_SOURCES, ImageLike
+from .preprocess.inputs import given_model_inputs, is_batch, left_aligned, prepare_inputs
+from .preprocess.processor import Processor
+from .preprocess.tokenizer import BatchFeature
 from .warn import GenerationWarning, warn
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class Pipeline:
         pixel_values: bool = True,
     ) -> tuple[dict[str, np.ndarray], bool]:
         """Prompt text or chat messages (+ images) -> processor outputs, and whether the input was a batch
-        (`pixel_values=False`: `image_sizes` without the pixels; see `ortllava.inputs.prepare_inputs`)."""
+        (`pixel_values=False`: `image_sizes` without the pixels; see `ortllava.preprocess.inputs.prepare_inputs`)."""
         return prepare_inputs(self.processor, prompt, images, messages, pixel_values)
 
     # ----------------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ class Pipeline:
         `num_return_sequences` (with `do_sample=True`): that many answers per prompt, each sampled on its own (the
         images are encoded and the prompt prefilled once; its keys/values are copied for each answer).
         `num_beams=n` > 1: beam search, as transformers' (`length_penalty`, `early_stopping`; with `do_sample=True`, beam
-        sampling: the warpers apply and the hypotheses' continuations are drawn; see `ortllava.beam_search`), its best
+        sampling: the warpers apply and the hypotheses' continuations are drawn; see `ortllava.generation.beam_search`), its best
         `num_return_sequences` (at most n) answers per prompt; not with stop strings or output_logits, and not in a
         stream or a chat.
         `output_logits=True`: each result's `logits [len(token_ids), V]` are the raw logits (before the logits processors
@@ -237,7 +237,7 @@ class Pipeline:
         `logits_processor` and `stopping_criteria`: the caller's own, as transformers calls them but over numpy arrays
         (`fn(input_ids [B, T + n], scores [B, V]) -> scores`, applied after the processors above and before the warpers;
         `fn(input_ids, logits) -> bool or [B] bool` after each new token, a row marked True ending there with
-        finish_reason "stop"; see `ortllava.caller_hooks`). A criterion that reads a `threading.Event` cancels the
+        finish_reason "stop"; see `ortllava.generation.caller_hooks`). A criterion that reads a `threading.Event` cancels the
         generation from another thread (under beam search, a criterion ends the candidates it marks, as transformers').
         `prefix_allowed_tokens_fn(prompt_index, ids [T + n]) -> token ids`: the tokens each row may take next, as
         transformers' (constrained generation).

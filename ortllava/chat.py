@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .decoders import ContextLengthError
-from .features import ProjectedImages
-from .generate import GenerationMetrics, GenerationResult, positions_needed
-from .image_source import ImageLike, load_image
+from .embedding.features import ProjectedImages
+from .generation.generate import GenerationMetrics, GenerationResult, positions_needed
+from .generation.runs import collect, one_answer, stream_chunks
+from .generation.settings import LENGTH_ARGUMENTS, with_callers_generation_config
 from .prefix import HeldCache, plan_from_held
-from .inputs import flatten_images, images_in_messages
-from .runs import collect, one_answer, stream_chunks
-from .settings import LENGTH_ARGUMENTS, with_callers_generation_config
+from .preprocess.image_source import ImageLike, load_image
+from .preprocess.inputs import flatten_images, images_in_messages
 
 if TYPE_CHECKING:
     from .api import Pipeline, Request
-    from .runs import Run, StreamChunk
+    from .generation.runs import Run, StreamChunk
 
 
 class ChatSession:

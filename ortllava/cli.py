@@ -116,7 +116,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 def _generation_options(args: argparse.Namespace, pipe) -> dict:
     """The generation flags given, checked now (a bad value or a sampling flag without sampling is an error
     naming it, before any graph runs)."""
-    from .settings import SettingError
+    from .generation.settings import SettingError
 
     given = {name: getattr(args, name) for name in (flag[2:].replace("-", "_") for flag, _, _ in GENERATION_FLAGS)}
     given = {name: value for name, value in given.items() if value is not None}
@@ -148,7 +148,7 @@ def _print_timings(metrics, reason: str | None) -> None:
 def _info(args: argparse.Namespace) -> int:
     import time
 
-    from .manifest import BundleError, read_manifest
+    from .bundle.manifest import BundleError, read_manifest
 
     try:
         manifest, damage = read_manifest(args.bundle, verify=not args.no_verify), None
@@ -214,7 +214,7 @@ SELECT_STRATEGIES = {"default": "class token dropped", "full": "class token kept
 
 def _where_it_runs(decoder) -> str:
     """The execution providers a bundle's decoder is for, and why where it is not for both."""
-    from .sessions import not_for_cuda
+    from .bundle.sessions import not_for_cuda
 
     reasons = not_for_cuda(decoder)
     if reasons:
@@ -231,7 +231,7 @@ CHAT_HELP = "commands: /image PATH_OR_URL (attach to the next message), /reset (
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .image_source import ImageLoadError, load_image
+    from .preprocess.image_source import ImageLoadError, load_image
 
     pipe = _load(args)
     session = pipe.chat(system=args.system, **_generation_options(args, pipe))
@@ -336,9 +336,9 @@ def _bench(args: argparse.Namespace) -> int:
     missing = missing_dependencies()
     if missing:  # the benchmark exports the model and runs transformers too
         raise RuntimeError(f"ortllava bench needs {' and '.join(missing)}: pip install 'ortllava[export]' (torch: its CPU build is enough)")
-    from ortllava_export.bench import bench
-    from ortllava_export.bench_plot import write_svg
-    from ortllava_export.quantize import Int4Options
+    from ortllava_export.bench.plot import write_svg
+    from ortllava_export.bench.run import bench
+    from ortllava_export.graphs.quantize import Int4Options
     report = bench(
         args.model, provider=args.provider, precision=args.precision, layers=args.layers, new_tokens=args.new_tokens,
         repeats=args.repeats, threads=args.threads, output=args.json, bundle=args.bundle, cuda_graph=args.cuda_graph,
@@ -354,7 +354,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _provider(value: str) -> str:
     """An argparse type: "auto", "cpu", "cuda" or "cuda:N" (GPU N)."""
-    from .sessions import is_provider
+    from .bundle.sessions import is_provider
 
     if is_provider(value):
         return value
@@ -428,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # an answer the terminal's encoding cannot show is shown in part, never lost
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    from .image_source import ImageLoadError
-    from .manifest import BundleError
+    from .bundle.manifest import BundleError
+    from .preprocess.image_source import ImageLoadError
 
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *rest, **named: f"ortllava: warning: {message}\n"  # not a source line

@@ -33,7 +33,7 @@ direct `max_length` is refused (transformers hands it to the processor). A `gene
 `GenerationConfig` or a dict of its fields; at construction, in a call's `generate_kwargs` or directly) is read as
 `Pipeline.generate` reads it; a call's replaces the construction's generation settings, as in transformers.
 `timeout` (seconds) applies to every http(s)
-image; without it, `ortllava.image_source.load_image`'s timeout and size limit apply.
+image; without it, `ortllava.preprocess.image_source.load_image`'s timeout and size limit apply.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .api import Pipeline, load
-from .generate import GenerationResult
-from .image import image_sizes
-from .image_source import URL_TIMEOUT_S, load_image
-from .inputs import flatten_images, images_in_messages
-from .sessions import is_provider
-from .settings import GENERATION_ARGUMENTS
+from .bundle.sessions import is_provider
+from .generation.generate import GenerationResult
+from .generation.settings import GENERATION_ARGUMENTS
+from .preprocess.image import image_sizes
+from .preprocess.image_source import URL_TIMEOUT_S, load_image
+from .preprocess.inputs import flatten_images, images_in_messages
 
 TASK = "image-text-to-text"
 # The generation settings the pipeline passes to `Pipeline.generate` (stop strings come as its `stop_sequence`;

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .decoders import KVCache
-from .features import ProjectedImages
-from .generate import positions_needed
+from .embedding.features import ProjectedImages
+from .generation.generate import positions_needed
 
 if TYPE_CHECKING:
     from .api import Pipeline
-    from .generate import Decoder, GenerationMetrics
-    from .processor import Processor
-    from .runs import KeepCache, Prefill
+    from .generation.generate import Decoder, GenerationMetrics
+    from .generation.runs import KeepCache, Prefill
+    from .preprocess.processor import Processor
 
 
 @dataclass

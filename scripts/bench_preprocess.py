@@ -63,7 +63,7 @@ def photo(width: int, height: int, path: str | None = None, seed: int = 0):
 def processors():
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from ortllava.image import ImageProcessor, ImageProcessorConfig
+    from ortllava.preprocess.image import ImageProcessor, ImageProcessorConfig
 
     hf = LlavaNextImageProcessorPil(**CONFIG)
     ours = ImageProcessor(ImageProcessorConfig.from_dict(hf.to_dict()))

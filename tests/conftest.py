@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import ortllava
-from ortllava.sampling import draw_without_replacement
+from ortllava.generation.sampling import draw_without_replacement
 
 # Configurations covering the three decoders, a single feature layer and a list of them, and both layouts.
 # Bundles get the fused ("gqa") decoder unless `decoder` says otherwise.
@@ -82,7 +82,7 @@ def bundles(tiny_store, tmp_path_factory):
     decoder (float cache), and fp32 with an int8 key/value cache, from the tiny Mistral checkpoint (built once, for
     test_precisions and test_device_paths)."""
     from ortllava_export.cli import export_bundle
-    from ortllava_export.quantize import Int4Options
+    from ortllava_export.graphs.quantize import Int4Options
 
     checkpoint = str(tiny_store.get("mistral").checkpoint)
     root = tmp_path_factory.mktemp("fast")

@@ -14,10 +14,10 @@ import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from ortllava.beam_search import beam_search
-from ortllava.generate import GenerationMetrics
-from ortllava.logits_processors import for_settings
-from ortllava.settings import GenerationSettings
+from ortllava.generation.beam_search import beam_search
+from ortllava.generation.generate import GenerationMetrics
+from ortllava.generation.logits_processors import for_settings
+from ortllava.generation.settings import GenerationSettings
 
 from conftest import SameDraws
 
@@ -174,7 +174,7 @@ def test_beam_sampling_keeps_one_more_token_than_the_eos_ids(model, monkeypatch)
     list (transformers' min_tokens_to_keep, from its EOS tensor), 2 where none is set. With the empty list, the case
     below is one where min-p keeps fewer tokens than that and keeping one more gives other answers (the check can
     fail); the others are where transformers can draw (min-p cuts less)."""
-    import ortllava.beam_search as module
+    import ortllava.generation.beam_search as module
 
     warped = module.warped_scores
     for seed, eos, min_p in ((6, [], 0.1), (2, [4], 0.02), (4, [4, 9], 0.02)):

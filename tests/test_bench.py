@@ -77,10 +77,10 @@ def test_bench_refuses_what_it_would_only_find_out_at_the_end(tmp_path):
 
 def test_bench_reuses_only_its_own_bundle(tiny_store):
     """`--bundle` reuses the bundle it finds only when it is the one the run would export."""
-    from ortllava_export.bench import bundle_mismatch
+    from ortllava_export.bench.run import bundle_mismatch
     from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.graphs.quantize import Int4Options
     from ortllava_export.plan import plan_export
-    from ortllava_export.quantize import Int4Options
 
     tiny = tiny_store.get("mistral")
     checkpoint = load_checkpoint(str(tiny.checkpoint))
@@ -103,7 +103,7 @@ def test_bench_needs_two_new_tokens():
     """The decode figure is the time from the first new token to the last: one token has none (it divided by zero)."""
     run = subprocess.run([sys.executable, "-m", "ortllava.cli", "bench", "tiny", "--new-tokens", "1"], capture_output=True, text=True)
     assert run.returncode == 2 and "argument --new-tokens: must be a whole number >= 2" in run.stderr  # (argparse, before any work)
-    from ortllava_export.bench import bench
+    from ortllava_export.bench.run import bench
 
     with pytest.raises(ValueError, match=">= 2"):  # (the Python entry point checks it too)
         bench("tiny", new_tokens=1)
@@ -112,7 +112,8 @@ def test_bench_needs_two_new_tokens():
 def test_bench_removes_its_temporary_bundles_when_it_fails(monkeypatch):
     import tempfile
 
-    from ortllava_export import bench, cli
+    from ortllava_export import cli
+    from ortllava_export.bench import run as bench
 
     made = []  # (held here, so only an explicit cleanup removes the folder, not the object's finalizer)
 
@@ -132,7 +133,7 @@ def test_bench_removes_its_temporary_bundles_when_it_fails(monkeypatch):
 
 
 def test_bench_ratio_lines_say_what_they_compare(capsys):
-    from ortllava_export.bench import print_report
+    from ortllava_export.bench.run import print_report
 
     timings = {"preprocess_s": 0.01, "vision_s": 0.02, "time_to_first_token_s": 0.1, "decode_ms_per_token": 5.0, "tokens_per_s": 200.0, "total_s": 0.5}
     ratios = {"end_to_end": 0.05, "time_to_first_token": 0.3, "decode": 0.4, "preprocess": 0.2, "decode_vs_floor": 1.2, "decode_speedup_vs_first": 1.0}

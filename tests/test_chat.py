@@ -14,7 +14,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 import ortllava
 from ortllava.chat import ChatSession
-from ortllava.image import image_hw
+from ortllava.preprocess.image import image_hw
 
 from conftest import random_image, save_png
 

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoProcessor
 
 import ortllava
-from ortllava.chat_template import ChatTemplateError
+from ortllava.preprocess.chat_template import ChatTemplateError
 from ortllava_export.tiny import CHATML_TEMPLATE, MISTRAL_TEMPLATE, VICUNA_TEMPLATE
 
 from conftest import random_image

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ortllava
-from ortllava.manifest import read_manifest
+from ortllava.bundle.manifest import read_manifest
 
 from conftest import PROMPT, random_image
 
@@ -45,8 +45,8 @@ def test_beam_search_reorders_rows_with_the_bundles_graph_as_on_a_device(bundles
     of cache, and the second set goes when the generation ends."""
     import warnings
 
-    from ortllava.manifest import KV_REORDER_GRAPH
-    from ortllava.sessions import create_session
+    from ortllava.bundle.manifest import KV_REORDER_GRAPH
+    from ortllava.bundle.sessions import create_session
 
     bundle = {"fp32": tiny_store.get("mistral").bundle, "fp32-concat": tiny_store.get("mistral-concat").bundle}.get(name) or bundles[name]
     spec = read_manifest(bundle).graphs[KV_REORDER_GRAPH]
@@ -87,7 +87,7 @@ def test_a_gpu_index_reaches_every_session_and_the_buffers(bundles, monkeypatch)
     too, and the IO-bound buffers are placed there."""
     import onnxruntime as ort
 
-    from ortllava import sessions as sessions_module
+    from ortllava.bundle import sessions as sessions_module
     from ortllava.decoders import Device
 
     asked = {}
@@ -117,7 +117,7 @@ def test_a_cuda_provider_that_falls_back_to_the_cpu(bundles, monkeypatch):
     on the CPU and warns why."""
     import onnxruntime as ort
 
-    from ortllava import sessions as sessions_module
+    from ortllava.bundle import sessions as sessions_module
 
     made = ort.InferenceSession
 
@@ -148,9 +148,9 @@ def test_prompt_embeddings_gathered_where_the_decoder_runs(bundles, tiny_store, 
     long prompt the CPU cuts into chunks; a padded batch takes the host path, and so does a prompt without images."""
     import warnings
 
+    from ortllava.bundle.manifest import FEATURE_SPLICE_GRAPH
+    from ortllava.bundle.sessions import FeatureSplice, VisionPath, create_session
     from ortllava.decoders import fused
-    from ortllava.manifest import FEATURE_SPLICE_GRAPH
-    from ortllava.sessions import FeatureSplice, VisionPath, create_session
 
     bundle = tiny_store.get("mistral").bundle if name == "fp32" else bundles[name]
     spec = read_manifest(bundle).graphs[FEATURE_SPLICE_GRAPH]

@@ -13,9 +13,9 @@ import pytest
 from transformers import LlavaNextConfig
 
 import ortllava
-from ortllava.manifest import read_manifest
+from ortllava.bundle.manifest import read_manifest
 from ortllava_export.families import UnsupportedModelError, check_supported
-from ortllava_export.quantize import Int4Options
+from ortllava_export.graphs.quantize import Int4Options
 
 from conftest import random_image, transformers_greedy, without_packages
 
@@ -63,8 +63,8 @@ def test_export_cli_tiny_end_to_end(tmp_path):
 
 
 def test_external_data_is_listed_hashed_and_loaded(tmp_path, monkeypatch):
-    from ortllava_export import convert, fused_decoder
     from ortllava_export.cli import export_bundle
+    from ortllava_export.graphs import convert, fused_decoder
 
     for module in (convert, fused_decoder):  # as if every graph were over the limit
         monkeypatch.setattr(module, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -88,9 +88,9 @@ def test_external_data_is_listed_hashed_and_loaded(tmp_path, monkeypatch):
 def test_non_finite_logits_fail_the_export_and_leave_nothing(tmp_path, monkeypatch):
     """The quantized decoder that ships is not the validated float graph: the accuracy report runs it and refuses
     it when its logits are not finite (here: int4 scales broken on purpose)."""
-    from ortllava_export import fused_decoder
+    from ortllava_export.checks.validate import ExportValidationError
     from ortllava_export.cli import export_bundle
-    from ortllava_export.validate import ExportValidationError
+    from ortllava_export.graphs import fused_decoder
 
     quantize = fused_decoder.quantize_weight
 
@@ -108,7 +108,9 @@ def test_validated_int4_export_lets_the_weights_go_first_and_ships_no_float_grap
     """The float graph (validated) streams its weights to decoder.float.onnx.data, the int4 graph (small enough
     to stay inline) is decoder.onnx; only the latter ships. The PyTorch weights the export loaded are let go
     before any onnxruntime session loads a graph; the stages are numbered 1 to 10 in order."""
-    from ortllava_export import accuracy, cli, fused_decoder, validate
+    from ortllava_export import cli
+    from ortllava_export.checks import accuracy, validate
+    from ortllava_export.graphs import fused_decoder
     from ortllava_export.tiny import TinySpec, build_model, build_tokenizer
 
     model = build_model(TinySpec(), build_tokenizer("mistral"))
@@ -153,7 +155,7 @@ def test_fused_decoder_refuses_what_it_does_not_implement(tmp_path, overrides, n
 def test_rotary_scalings_the_fused_decoder_serves():
     """Scalings whose tables depend on the position only are built; longrope (two tables, switched by the
     sequence length) is refused."""
-    from ortllava_export.fused_decoder import unsupported_features
+    from ortllava_export.graphs.fused_decoder import unsupported_features
 
     def config(rope):
         return LlavaNextConfig(text_config={"model_type": "llama", "max_position_embeddings": 4096, "rope_scaling": rope})
@@ -200,11 +202,11 @@ def test_a_narrow_checkpoint_computes_as_its_fp32_copy(tmp_path, family, stored)
     import torch
     from transformers import LlavaNextForConditionalGeneration
 
-    from ortllava_export.accuracy import accuracy_references
     from ortllava_export.checkpoint import computing_in_fp32, load_checkpoint
-    from ortllava_export.kv_cache import calibrate_kv_scales
+    from ortllava_export.checks.accuracy import accuracy_references
+    from ortllava_export.checks.validate import references
+    from ortllava_export.graphs.kv_cache import calibrate_kv_scales
     from ortllava_export.tiny import TinySpec, build_checkpoint
-    from ortllava_export.validate import references
 
     checkpoint = build_checkpoint(tmp_path / "checkpoint", TinySpec(family=family))
     LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=getattr(torch, stored)).save_pretrained(checkpoint)
@@ -255,8 +257,8 @@ def test_export_cli_without_its_dependencies_says_what_to_install(tmp_path):
     """A runtime-only install (no torch, transformers, onnx, onnxscript) has the ortllava-export command and
     `ortllava bench` too: they say what to install instead of failing in an import."""
     script = without_packages("torch", "transformers", "onnx", "onnxscript") + textwrap.dedent(f"""
-        from ortllava_export.cli import main
         from ortllava.cli import main as runtime_main
+        from ortllava_export.cli import main
         code = main(["--model", "tiny", "--output", {str(tmp_path / "b")!r}])
         print("bench:", file=sys.stderr)
         sys.exit(code * 10 + runtime_main(["bench", "tiny"]))
@@ -273,9 +275,9 @@ def test_export_cli_without_its_dependencies_says_what_to_install(tmp_path):
 def test_validation_catches_a_subtly_wrong_graph(tmp_path, monkeypatch, fault):
     """The fp32 tolerance leaves room for summation order only: small wiring faults fail the export, and no bundle
     is written."""
-    from ortllava_export import fused_decoder
+    from ortllava_export.checks.validate import ExportValidationError
     from ortllava_export.cli import export_bundle
-    from ortllava_export.validate import ExportValidationError
+    from ortllava_export.graphs import fused_decoder
 
     if fault.startswith("rotary"):
         tables = fused_decoder._rotary_tables
@@ -336,10 +338,10 @@ def test_a_checkpoint_without_any_chat_template_is_measured_on_plain_prompts(tmp
     template, and the int8 cache's calibration and the accuracy report ask plain `<image>` prompts instead of failing
     (on the same token ids on both sides: an fp32 bundle agrees with PyTorch everywhere)."""
     from ortllava_export import families
-    from ortllava_export.accuracy import accuracy_references, accuracy_report
     from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.checks.accuracy import accuracy_references, accuracy_report
     from ortllava_export.cli import export_bundle
-    from ortllava_export.kv_cache import calibrate_kv_scales
+    from ortllava_export.graphs.kv_cache import calibrate_kv_scales
     from ortllava_export.tiny import build_checkpoint
 
     folder = build_checkpoint(tmp_path / "checkpoint")
@@ -358,9 +360,9 @@ def test_a_checkpoint_without_any_chat_template_is_measured_on_plain_prompts(tmp
 
 
 def test_the_accuracy_report_refuses_prompts_the_two_sides_tokenised_differently(mistral):
-    from ortllava_export.accuracy import NEW_TOKENS, AccuracyCase, accuracy_report, prompt_request
+    from ortllava_export.checks.accuracy import NEW_TOKENS, AccuracyCase, accuracy_report, prompt_request
+    from ortllava_export.checks.validate import ExportValidationError
     from ortllava_export.photos import photo
-    from ortllava_export.validate import ExportValidationError
 
     pipe = ortllava.load(mistral.bundle, provider="cpu")
     request = prompt_request(pipe.processor, photo(300, 200, 1), "What is it?")
@@ -394,8 +396,8 @@ def test_reading_the_cache_of_a_model_output_does_not_warn():
     from transformers.utils import logging as hf_logging
 
     from ortllava_export.checkpoint import load_checkpoint
-    from ortllava_export.kv_cache import calibrate_kv_scales
-    from ortllava_export.validate import _fused_decoder_cases
+    from ortllava_export.checks.validate import _fused_decoder_cases
+    from ortllava_export.graphs.kv_cache import calibrate_kv_scales
 
     class Collected(logging.Handler):
         def __init__(self):
@@ -423,7 +425,7 @@ def test_reading_the_cache_of_a_model_output_does_not_warn():
 def test_the_lm_head_counts_toward_external_data(tmp_path, monkeypatch):
     """A few layers and a large vocabulary: the lm_head (and the rotary tables) can push the graph past protobuf's
     2 GiB on their own, so they count in the external-data decision."""
-    from ortllava_export import fused_decoder
+    from ortllava_export.graphs import fused_decoder
     from ortllava_export.tiny import TinySpec, build_model, build_tokenizer
 
     model = build_model(TinySpec(), build_tokenizer("mistral"))

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ortllava.manifest import read_manifest
+from ortllava.bundle.manifest import read_manifest
 
 
 def test_output_folder_is_replaced_only_when_it_holds_a_bundle(tmp_path, monkeypatch):

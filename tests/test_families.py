@@ -22,7 +22,7 @@ import pytest
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 import ortllava
-from ortllava.manifest import read_manifest
+from ortllava.bundle.manifest import read_manifest
 from ortllava_export import families as registry
 from ortllava_export import tiny
 from ortllava_export.checkpoint import apply_default_template

@@ -167,7 +167,7 @@ def test_non_finite_logits_are_an_error_not_an_answer(mistral, monkeypatch):
         pipe.generate(prompt="[INST] Hi [/INST]", max_new_tokens=4, min_new_tokens=4)
     from types import SimpleNamespace
 
-    from ortllava.generate import non_finite_hint
+    from ortllava.generation.generate import non_finite_hint
 
     assert non_finite_hint(SimpleNamespace(dtype=np.float16)).startswith("in fp16, an activation overflowed")  # an fp16 bundle's
 

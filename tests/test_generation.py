@@ -316,7 +316,7 @@ def test_num_return_sequences_samples_each_answer_on_its_own(setup):
     with pytest.raises(ValueError, match="num_return_sequences"):
         pipe.chat().send("Hi", do_sample=True, num_return_sequences=2)
     # Only a caller asks for several answers: a generation config's num_return_sequences is not read (its load warns).
-    from ortllava.settings import GenerationSettings, unsupported_generation_settings
+    from ortllava.generation.settings import GenerationSettings, unsupported_generation_settings
 
     config = {"do_sample": True, "num_return_sequences": 3}
     assert GenerationSettings.resolve({}, config).num_return_sequences == 1
@@ -424,7 +424,7 @@ def test_a_final_assistant_message_is_continued(setup):
 
 
 def test_generation_settings_resolve_given_then_config_then_defaults():
-    from ortllava.settings import GENERATION_ARGUMENTS, GenerationSettings
+    from ortllava.generation.settings import GENERATION_ARGUMENTS, GenerationSettings
     from ortllava.hf_pipeline import GENERATION_KEYS
 
     config = {"max_new_tokens": 40, "do_sample": True, "top_k": 5, "temperature": 0.7, "seed": 3, "eos_token_id": 2}

@@ -2,7 +2,7 @@
 
 The same tiny checkpoint on both sides (its bundle for ortllava): the same call must give the same
 structure, keys and values (greedy). Images come as PIL images, paths and http URLs (a local server in
-a thread); URL fetching keeps `ortllava.image_source`'s timeout and size limit.
+a thread); URL fetching keeps `ortllava.preprocess.image_source`'s timeout and size limit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image
 
 import ortllava
 from ortllava import ImageLoadError
-from ortllava import image_source as image_module
+from ortllava.preprocess import image_source as image_module
 
 from conftest import random_image, save_png
 

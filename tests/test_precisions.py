@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import ortllava
-from ortllava.manifest import read_manifest
+from ortllava.bundle.manifest import read_manifest
 
 from conftest import PROMPT, one_prefill_and_grown_extend, random_image, session_config
 
-# Floors for the accuracy report (export/accuracy.py: 3 prompts x 24 teacher-forced positions against the fp32
+# Floors for the accuracy report (export/checks/accuracy.py: 3 prompts x 24 teacher-forced positions against the fp32
 # PyTorch model), set from measurement on the tiny Mistral checkpoint of conftest:
 # - fp16: measured 100% top-1, max |logit diff| 0.021 (0.024 in a default session). Half precision keeps ~3
 #   significant digits and this model's logit gaps are wide (initializer_range 0.2), so anything below 95% or
@@ -54,8 +54,8 @@ def test_accuracy_report_measures_against_pytorch(tiny_store, monkeypatch):
     """The report's figures come from comparing with PyTorch: half a logit added to one vocabulary entry at every
     decode step shows as a largest difference of 0.5 (the clean fp32 bundle's is ~1e-5)."""
     from ortllava.decoders import FusedDecoder
-    from ortllava_export.accuracy import accuracy_references, accuracy_report
     from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.checks.accuracy import accuracy_references, accuracy_report
 
     tiny = tiny_store.get("mistral")
     references = accuracy_references(load_checkpoint(str(tiny.checkpoint)))
@@ -76,10 +76,10 @@ def test_accuracy_report_measures_against_pytorch(tiny_store, monkeypatch):
 def test_accuracy_report_of_a_short_context_model(tiny_store):
     """A model whose context holds some of the accuracy prompts is measured on those; one that holds none is
     refused with the way out (the prompts are ~1-3k tokens with their images)."""
-    from ortllava_export.accuracy import NEW_TOKENS, PROMPTS, accuracy_references, accuracy_report
     from ortllava_export.checkpoint import load_checkpoint
+    from ortllava_export.checks.accuracy import NEW_TOKENS, PROMPTS, accuracy_references, accuracy_report
+    from ortllava_export.checks.validate import ExportValidationError
     from ortllava_export.photos import photo
-    from ortllava_export.validate import ExportValidationError
 
     tiny = tiny_store.get("mistral")
     checkpoint = load_checkpoint(str(tiny.checkpoint))
@@ -129,7 +129,7 @@ def test_int4_bundle_holds_matmulnbits_and_is_smaller(bundles, tiny_store):
     assert [node.name for node in float_linears] == ["lm_head"]  # kept in float unless --quantize-lm-head
     # --kv-cache auto: int8 for int4 with fp32 activations on the gqa decoder; float for the rest
     assert [read_manifest(bundles[name]).graphs["decoder"].kv_dtype for name in ("int4", "int4-concat", "fp16")] == ["int8", "", ""]
-    from ortllava.sessions import not_for_cuda  # what `ortllava info` says of where each runs
+    from ortllava.bundle.sessions import not_for_cuda  # what `ortllava info` says of where each runs
 
     assert not_for_cuda(manifest.graphs["decoder"]) == [
         "its fused decoder computes in fp32 (its weights are 4-bit, its activations fp32), which the CUDA provider's attention cannot",
@@ -150,7 +150,7 @@ def test_concat_int4_streams_weight_by_weight_to_onnxruntimes_result(tiny_store,
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    from ortllava_export.quantize import Int4Options, quantize_decoder
+    from ortllava_export.graphs.quantize import Int4Options, quantize_decoder
 
     bundle = tiny_store.get("mistral-concat").bundle
     spec = read_manifest(bundle).graphs["decoder"]
@@ -347,7 +347,7 @@ def test_fp16_weights_left_as_stored_are_cast_as_they_are_read(bundles, tiny_sto
     import onnx
     import onnxruntime as ort
 
-    from ortllava import sessions
+    from ortllava.bundle import sessions
     from ortllava_export.cli import export_bundle
 
     def most_weights_in_fp32_at_once(graph_file: str, feed: dict) -> tuple[int, int]:

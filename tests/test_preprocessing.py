@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from ortllava.image import ImageProcessor, ImageProcessorConfig
+from ortllava.preprocess.image import ImageProcessor, ImageProcessorConfig
 
 from conftest import features_ours_and_transformers, image_cases, random_image
 
@@ -94,7 +94,7 @@ def test_config_variants_bit_identical(variant):
 
 
 def test_a_4d_array_or_tensor_is_one_image_per_row():
-    from ortllava.inputs import flatten_images
+    from ortllava.preprocess.inputs import flatten_images
 
     batch = np.zeros((2, 3, 40, 50), np.uint8)
     assert [image.shape for image in flatten_images(batch)] == [(3, 40, 50)] * 2
@@ -361,7 +361,7 @@ def test_the_tokenizer_as_transformers(tiny_store, config):
         ours.save_pretrained
     # Older tokenizer configs: extra special tokens as a dict are named ones (as transformers 5 reads them), and a
     # list of named chat templates gives its "default" one.
-    from ortllava.tokenizer import BundleTokenizer
+    from ortllava.preprocess.tokenizer import BundleTokenizer
 
     pipe = ortllava.load(model.bundle, provider="cpu", verify=False)
     config = {"bos_token": ours.bos_token, "extra_special_tokens": {"image_token": "<image>"}, "chat_template": [{"name": "default", "template": "T"}]}
@@ -392,7 +392,7 @@ def test_images_packed_into_the_embeddings_as_packed_apart(pipe):
     """`embed` packs projected tiles straight into their `<image>` rows (the main path); the result must be the
     packed features spliced in, bit for bit: a batch (left padding, two images in one row, each image's tokens
     after the other's with no text between), into fp16 embeddings, and a prompt whose image tokens text splits."""
-    from ortllava.features import embed
+    from ortllava.embedding.features import embed
 
     prompts = ["[INST] <image>\nDescribe. [/INST]", "[INST] Text only, and longer than the first one. [/INST]", "[INST] <image><image> [/INST]"]
     images = [CASES["wide"], CASES["tall"], CASES["strip-wide"]]
@@ -416,7 +416,7 @@ def test_the_splice_index_gathers_the_embeddings_embed_writes(pipe):
     """The device path's index (`feature_splice` gathers by it): rows [newline, text embeddings, every tile's
     features] taken by it are `embed`'s output bit for bit, for a batch (left padding, two images back to back) and a
     prompt whose image tokens text splits; a wrong count of image tokens is refused in `embed`'s words."""
-    from ortllava.features import embed, splice_index
+    from ortllava.embedding.features import embed, splice_index
 
     prompts = ["[INST] <image>\nDescribe. [/INST]", "[INST] Text only, and longer than the first one. [/INST]", "[INST] <image><image> [/INST]"]
     inputs = pipe.processor(text=prompts, images=[CASES["wide"], CASES["tall"], CASES["strip-wide"]], padding=True)

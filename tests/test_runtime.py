@@ -66,8 +66,8 @@ def test_auto_runs_a_cpu_bundle_on_the_cpu_where_cuda_is_present(mistral, monkey
     CUDA provider cannot run (or has not been verified on), load on the CPU; provider="cuda" names the reason."""
     import dataclasses
 
-    from ortllava import sessions
-    from ortllava.manifest import read_manifest
+    from ortllava.bundle import sessions
+    from ortllava.bundle.manifest import read_manifest
 
     monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.warns(UserWarning, match="provider 'auto' runs this bundle on the CPU: this bundle is made for the CPU: its fused decoder computes in fp32") as caught:
@@ -266,7 +266,7 @@ def test_stop_finder_searches_a_growing_text_as_a_whole_search_would():
     """`StopFinder` looks only where a new match can lie (a text that grows by pieces, then a tail that may change from
     call to call); it finds what searching the whole of text + tail finds, matches across pieces and into the tail
     included."""
-    from ortllava.runs import StopFinder, _find_stop
+    from ortllava.generation.runs import StopFinder, _find_stop
 
     rng = np.random.default_rng(0)
     for _ in range(600):
@@ -282,7 +282,7 @@ def test_stop_finder_searches_a_growing_text_as_a_whole_search_would():
 
 
 def test_streaming_detokenizer_never_splits_a_character(pipe):
-    from ortllava.detokenizer import StreamingDetokenizer
+    from ortllava.generation.detokenizer import StreamingDetokenizer
 
     text = "café 東京 😀 naïve → ∑"
     ids = pipe.processor.tokenizer.encode(text, add_special_tokens=False)
@@ -298,8 +298,8 @@ def test_a_gpu_index_reaches_the_cuda_provider(monkeypatch):
     """"cuda:N" (and transformers' device forms: "cuda:N", an index) select GPU N; "cuda" is GPU 0, as there."""
     import onnxruntime as ort
 
+    from ortllava.bundle.sessions import resolve_providers
     from ortllava.hf_pipeline import _provider_for
-    from ortllava.sessions import resolve_providers
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert resolve_providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
@@ -319,7 +319,7 @@ def test_byte_fallback_tokens_stream_and_stop_as_the_whole_answer_decodes(tiny_s
     a special token among the bytes included); a stop string after a broken byte group stops the answer there."""
     from transformers import AutoTokenizer
 
-    from ortllava.detokenizer import StreamingDetokenizer, held_token_ids
+    from ortllava.generation.detokenizer import StreamingDetokenizer, held_token_ids
 
     model = tiny_store.get("vicuna")
     pipe = ortllava.load(model.bundle, provider="cpu")

@@ -13,9 +13,9 @@ from transformers.generation.logits_process import (
     SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper,
 )
 
-from ortllava.logits_processors import for_settings, with_processors
-from ortllava.sampling import candidate_probs, draw_without_replacement, make_sampler, warped_scores
-from ortllava.settings import GenerationSettings
+from ortllava.generation.logits_processors import for_settings, with_processors
+from ortllava.generation.sampling import candidate_probs, draw_without_replacement, make_sampler, warped_scores
+from ortllava.generation.settings import GenerationSettings
 
 VOCAB, PROMPT, STEPS, EOS = 12, 20, 15, [3]  # a small vocabulary, so n-grams and sequences recur
 
@@ -226,7 +226,7 @@ def test_top_k_from_chunk_maxima_keeps_what_a_whole_partition_keeps():
     """`_top_k` looks for the k-th largest score only among those reaching the least of k chunk maxima: the tokens it
     keeps must be the definition's (every score reaching the k-th largest of all), for any vocabulary and k, with
     ties at the boundary, and with -inf filling whole chunks (min_new_tokens and bans forbid tokens so)."""
-    from ortllava.sampling import _top_k
+    from ortllava.generation.sampling import _top_k
 
     rng = np.random.default_rng(0)
     for case in range(2000):

@@ -1,4 +1,4 @@
-"""The vision encoder's graph rewrites (export/vision_fusions.py): what they produce, that the rewritten graph computes
+"""The vision encoder's graph rewrites (export/graphs/vision_fusions.py): what they produce, that the rewritten graph computes
 what the exported one does, and that a node outside the patterns is left as it was. (That the bundle's vision
 features match transformers' is test_pipeline's and the export's validation.)"""
 
@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from ortllava.manifest import read_manifest
+from ortllava.bundle.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,9 @@ def exported(mistral, tmp_path_factory):
     from torch.export import Dim
     from transformers import LlavaNextForConditionalGeneration
 
-    from ortllava import manifest as names
-    from ortllava_export.convert import VISION_OPSET, _export
-    from ortllava_export.wrappers import VisionEncoder
+    from ortllava.bundle import manifest as names
+    from ortllava_export.graphs.convert import VISION_OPSET, _export
+    from ortllava_export.graphs.wrappers import VisionEncoder
 
     model = LlavaNextForConditionalGeneration.from_pretrained(mistral.checkpoint).eval()
     model.model.vision_tower.config._attn_implementation = "sdpa"  # (as export_vision_encoder)
@@ -65,7 +65,7 @@ def test_the_bundle_vision_encoder_is_rewritten(mistral):
 
 def test_the_rewrites_compute_what_the_export_does(exported):
     """Against the graph as exported, on other tile counts than the export traced."""
-    from ortllava_export.vision_fusions import fuse_vision_encoder
+    from ortllava_export.graphs.vision_fusions import fuse_vision_encoder
 
     original, layers = exported
     fused = fuse_vision_encoder(copy.deepcopy(original))
@@ -84,7 +84,7 @@ def test_a_node_outside_the_patterns_is_left_alone(exported):
     """A tensor inside a pattern that something else also reads (here: the first layer's transposed query, made a
     graph output) keeps that layer's Attention as exported; the other layers are still rewritten, and the graph still
     computes the same."""
-    from ortllava_export.vision_fusions import fuse_vision_encoder
+    from ortllava_export.graphs.vision_fusions import fuse_vision_encoder
 
     original, layers = exported
     first_attention = next(n for n in original.graph.node if n.op_type == "Attention")

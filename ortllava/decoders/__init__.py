@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
-from ..manifest import Manifest
+from ..bundle.manifest import Manifest
 from .cache import KV_DTYPES, NUMPY_DTYPES, ConcatState, ContextLengthError, Device, FusedState, KVCache, served_positions
 from .concat import ConcatDecoder
 from .fused import CPU_PREFILL_CHUNK, FusedDecoder

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..manifest import (
+from ..bundle.manifest import (
     KV_ROWS,
     Manifest,
     past_key_name,

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..manifest import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, POSITION_IDS
+from ..bundle.manifest import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, POSITION_IDS
 from .cache import ConcatState, DecoderBase, KVCache
 
 

@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
-from ..manifest import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, Manifest
-from .cache import ContextLengthError, DecoderBase, Device, FusedState, KVCache
+from ..bundle.manifest import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, Manifest
 from ..warn import warn
+from .cache import ContextLengthError, DecoderBase, Device, FusedState, KVCache
 
 # On the CPU, a one-row prompt (or a chat turn's continuation) longer than this runs in chunks of this many tokens: the CPU
 # GroupQueryAttention computes whole query x key rectangles, so chunks skip most of the causal upper triangle

@@ -22,7 +22,7 @@ import torch  # first: onnxruntime-gpu loads the CUDA libraries that torch bring
 import numpy as np
 import onnxruntime as ort
 from ortllava_export.photos import photo
-from ortllava_export.quantize import Int4Options
+from ortllava_export.graphs.quantize import Int4Options
 from profiles import kernel_profile, prefill_floor, vision_profile
 
 
@@ -114,7 +114,7 @@ def parity(device: str, work: Path, families: list[str]) -> dict:
         processor.tokenizer.padding_side = "left"
         for (decoder, precision), (kernel, env) in itertools.product(runs, kernels.items()):
             if device == "cuda" and decoder == "gqa" and precision == "fp32":
-                continue  # refused on CUDA by design (ortllava.sessions.cuda_refusal: its GroupQueryAttention is fp16)
+                continue  # refused on CUDA by design (ortllava.bundle.sessions.cuda_refusal: its GroupQueryAttention is fp16)
             name = f"{family}/{decoder}/{precision}" + (f" ({kernel})" if kernel else "")
             try:
                 bundle = work / f"{family}-{decoder}-{precision}"
@@ -257,7 +257,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    from ortllava_export.bench import CONFIGS, bench
+    from ortllava_export.bench.run import CONFIGS, bench
 
     summary = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(), "torch": torch.__version__}
     if args.device == "cuda":

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .decoders import ConcatDecoder, FusedDecoder, KVCache
+from ..decoders import ConcatDecoder, FusedDecoder, KVCache
 from .sampling import Sampler
 
 Decoder = FusedDecoder | ConcatDecoder

@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from .decoders import KVCache
+from ..decoders import KVCache
 from .generate import Decoder, EmbedFn, GenerationMetrics, non_finite_hint
 from .logits_processors import LogitsProcessor
 from .sampling import draw_without_replacement, warped_scores

@@ -14,8 +14,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from ortllava import manifest as names
-from ortllava.manifest import GraphSpec
+from ortllava.bundle import manifest as names
+from ortllava.bundle.manifest import GraphSpec
 
 from .fused_decoder import IR_VERSION
 

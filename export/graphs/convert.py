@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from ortllava import manifest as names
-from ortllava.manifest import GraphSpec
+from ortllava.bundle import manifest as names
+from ortllava.bundle.manifest import GraphSpec
 
 from .vision_fusions import fuse_vision_encoder
 from .wrappers import Decoder, Projector, VisionEncoder, text_geometry

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .image import grid_shape
+from ..preprocess.image import grid_shape
 
 
 def unpadded_shape(original_size: tuple[int, int], grid_shape: tuple[int, int]) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ortllava.manifest import GraphSpec
+from ortllava.bundle.manifest import GraphSpec
 
 
 @dataclass

@@ -18,7 +18,7 @@ I/O spec (`kind = "gqa"`):
 
 Per layer: SkipSimplifiedLayerNorm -> packed QKV MatMul (+ bias) -> attention (GroupQueryAttention, rotary
 inside, sliding window where the layer has one; with fp32 activations or an int8 cache, an `If` between it and
-a second form for decode steps or prompts: export/attention.py) -> o_proj -> SkipSimplifiedLayerNorm ->
+a second form for decode steps or prompts: export/graphs/attention.py) -> o_proj -> SkipSimplifiedLayerNorm ->
 gate/up MatMul -> SiLU * up -> down (with `Int4Options`, each of these MatMuls is a `MatMulNBits` over 4-bit
 blocks, quantized as the weight is read). Granite's multipliers (embedding, attention scale, residual) are folded in as constants; its
 logits_scaling is not: LlavaNextForConditionalGeneration's own lm_head does not apply it.
@@ -35,8 +35,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ortllava import manifest as names
-from ortllava.manifest import GraphSpec
+from ortllava.bundle import manifest as names
+from ortllava.bundle.manifest import GraphSpec
 
 from .attention import float_cache_attention, float_step_prelude, int8_cache_attention, int8_cache_prelude, op_attention
 from .kv_cache import KVScales
@@ -182,7 +182,7 @@ def build_fused_decoder(
     """Writes the fused decoder of `model` (a LlavaNextForConditionalGeneration) to `path`; returns its spec.
 
     `precision` is the activations' (and float weights') dtype; `int4` quantizes the linear layers' weights;
-    `kv_scales` makes the key/value buffers int8 with those per-channel scales (export/kv_cache.py).
+    `kv_scales` makes the key/value buffers int8 with those per-channel scales (export/graphs/kv_cache.py).
     Large models stream their weights to `path.data` as they are converted (bounded memory).
     """
     dtype = _DTYPES[precision]
@@ -249,7 +249,7 @@ def _build(g: _Graph, model, config, text_model, kv_scales: KVScales | None = No
     (width,) = g.node("Gather", [mask_shape, g.const_i64("index1", 1)], 1, "mask/width", axis=0)
     (total_length,) = g.node("Cast", [width], ["total_sequence_length"], "mask/total", to=TensorProto.INT32)
 
-    # The attention's form (export/attention.py): int8 cache; float cache with fp32 activations (CPU bundles:
+    # The attention's form (export/graphs/attention.py): int8 cache; float cache with fp32 activations (CPU bundles:
     # decode steps in standard ops); or the op alone (fp16, CUDA).
     int8_inputs, steps = None, None
     if kv_scales is not None:

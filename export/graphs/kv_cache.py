@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .photos import photo
+from ..photos import photo
 
 KV_CACHE_TYPES = ("auto", "float", "int8")
 # Values up to this factor beyond the largest calibrated one still fit; the rounding step grows by as much.
@@ -50,7 +50,7 @@ def calibrate_kv_scales(checkpoint) -> KVScales:
     """Runs the calibration prompts through the PyTorch model and returns the int8 scales of every layer."""
     import torch
 
-    from .accuracy import prompt_request, torch_inputs
+    from ..checks.accuracy import prompt_request, torch_inputs
     from .wrappers import output_cache
 
     model, processor = checkpoint.model, checkpoint.processor

@@ -5,7 +5,7 @@ stay on the device and go into the prompt's embeddings there.
 then the embeddings of the prompt's text tokens, in order) and `splice_index [B, T]` int64 -> `inputs_embeds [B, T,
 D]`, all in the decoder's dtype: embedding (b, t) is row `splice_index[b, t]` of `host_rows` followed
 by the flattened features (one Gather). The runtime computes the index with the host path's own packing
-(`ortllava.features.splice_index`), so both give the same embeddings, bit for bit. Without it, the features would
+(`ortllava.embedding.features.splice_index`), so both give the same embeddings, bit for bit. Without it, the features would
 go to the host, be packed and spliced there, and the embeddings come back: on the H200, 1.7 ms down, 11.5 ms of
 host work with the GPU idle and 2.4 ms up for one photo on a 7B model. One graph serves every prompt; a few hundred bytes.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from ortllava import manifest as names
-from ortllava.manifest import GraphSpec
+from ortllava.bundle import manifest as names
+from ortllava.bundle.manifest import GraphSpec
 
 from .fused_decoder import IR_VERSION
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime
 
-from ortllava.generate import positions_needed
+from ortllava.generation.generate import positions_needed
 
-from .photos import photo
+from ..photos import photo
 
 NEW_TOKENS = 24
 # (width, height, seed, question): a landscape, a portrait and a square image; different tile grids.

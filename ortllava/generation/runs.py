@@ -13,7 +13,8 @@ from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
-from .decoders import KVCache
+from ..decoders import KVCache
+from ..warn import GenerationWarning, warn
 from .beam_search import beam_search
 from .caller_hooks import CallerHooks
 from .detokenizer import StreamingDetokenizer
@@ -21,7 +22,6 @@ from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode
 from .logits_processors import LogitsProcessor
 from .sampling import Sampler
 from .settings import GenerationSettings
-from .warn import GenerationWarning, warn
 
 Prefill = Callable[[], tuple[np.ndarray, KVCache]]  # runs the prompt through the decoder: (logits [B, V], cache)
 KeepCache = Callable[[KVCache, list[int]], None]  # (the cache after the answer, row 0's new tokens)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..bundle.manifest import EMBED_TOKENS_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file
+from ..bundle.sessions import BundleSessions
+from ..preprocess.processor import Processor
 from .features import ProjectedImages, embed, splice_index
-from .manifest import EMBED_TOKENS_FILE, IMAGE_NEWLINE_FILE, Manifest, read_bundle_file
-from .processor import Processor
-from .sessions import BundleSessions
 
 if TYPE_CHECKING:
     import onnxruntime as ort

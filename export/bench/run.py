@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .photos import photo
-from .quantize import Int4Options
+from ..graphs.quantize import Int4Options
+from ..photos import photo
 
 if TYPE_CHECKING:
-    from .plan import ExportPlan
+    from ..plan import ExportPlan
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,9 @@ def build_checkpoint(name: str, layers: int | None = None, device: str = "cpu"):
     import torch
     from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
 
-    from .checkpoint import Checkpoint
-    from .families import check_supported
-    from .tiny import CLIP_PINPOINTS, TinySpec, build_processor, build_tokenizer
+    from ..checkpoint import Checkpoint
+    from ..families import check_supported
+    from ..tiny import CLIP_PINPOINTS, TinySpec, build_processor, build_tokenizer
 
     shape = CONFIGS[name]
     tokenizer = build_tokenizer("mistral")
@@ -163,7 +163,7 @@ def decoder_bytes(bundle: Path) -> int:
 
 
 def kv_bytes(config, positions: int, itemsize: int) -> int:
-    from .wrappers import text_geometry
+    from ..graphs.wrappers import text_geometry
 
     layers, kv_heads, head_dim = text_geometry(config)
     return 2 * layers * kv_heads * head_dim * positions * itemsize
@@ -239,7 +239,7 @@ def bundle_mismatch(path: Path, checkpoint, plan: ExportPlan) -> str | None:
     """How the bundle at `path` differs from the one `plan` would export from `checkpoint` (None: it can be
     reused): its source, layer count and width, precision, decoder kind and activations, 4-bit settings and
     key/value cache."""
-    from ortllava.manifest import read_manifest
+    from ortllava.bundle.manifest import read_manifest
 
     manifest = read_manifest(path, verify=False)
     decoder = manifest.graphs["decoder"]
@@ -296,12 +296,12 @@ def bench(
         )
     import torch
 
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     precisions = [precision] if isinstance(precision, str) else list(precision)
     device = "cuda" if provider == "cuda" else "cpu"
     if device == "cuda":
-        from ortllava.sessions import resolve_providers
+        from ortllava.bundle.sessions import resolve_providers
 
         resolve_providers("cuda")  # an error saying so where onnxruntime has no CUDA provider
         if not torch.cuda.is_available():
@@ -334,8 +334,8 @@ def _run_bench(
 
     import ortllava
 
-    from .cli import export_bundle
-    from .plan import plan_export
+    from ..cli import export_bundle
+    from ..plan import plan_export
 
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     # One precision: the bundle is `bundle`; several: `bundle/<precision>` each.

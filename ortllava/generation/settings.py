@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from ..warn import GenerationWarning, warn
 from .caller_hooks import check_callables
-from .warn import GenerationWarning, warn
 
 DEFAULT_MAX_NEW_TOKENS = 256
 LENGTH_ARGUMENTS = ("max_new_tokens", "max_length")  # the two ways to say how long an answer may be
@@ -76,7 +76,7 @@ class GenerationSettings:
     # Seconds, from the end of preprocessing, after which no new token is begun (transformers' MaxTimeCriteria): the
     # answers end with the token of the step that crossed it, as at max_new_tokens (finish_reason "length").
     max_time: float | None = None
-    # The caller's callables over numpy arrays, as transformers' arguments of these names (see ortllava.caller_hooks):
+    # The caller's callables over numpy arrays, as transformers' arguments of these names (see ortllava.generation.caller_hooks):
     # processors (input_ids, scores) -> scores, after ortllava's own; criteria (input_ids, logits) -> bool or [B] bool.
     logits_processor: tuple[Callable, ...] = ()
     stopping_criteria: tuple[Callable, ...] = ()

@@ -12,11 +12,11 @@ from typing import Any, Sequence
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from ..embedding.features import unpadded_shape
 from . import chat_template as templates
-from .features import unpadded_shape
 from .image import ImageProcessor, ImageProcessorConfig, image_sizes, num_tiles, select_best_resolution
 from .image_source import ImageLike, image_source_kinds, load_image
-from .manifest import (
+from ..bundle.manifest import (
     CHAT_TEMPLATE_FILE,
     PREPROCESSOR_CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,

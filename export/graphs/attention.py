@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import GraphProto, TensorProto, helper
 
-from ortllava import manifest as names
+from ortllava.bundle import manifest as names
 
 if TYPE_CHECKING:
     from .fused_decoder import _Graph

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .decoders import NUMPY_DTYPES, Device, make_decoder, served_positions
+from ..decoders import NUMPY_DTYPES, Device, make_decoder, served_positions
 from .manifest import (
     FEATURE_SPLICE_GRAPH,
     IMAGE_FEATURES,
@@ -29,7 +29,7 @@ from .manifest import (
     Manifest,
     past_key_name,
 )
-from .warn import warn
+from ..warn import warn
 
 
 def is_provider(name: Any) -> bool:

@@ -22,11 +22,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ortllava import manifest as names
-from ortllava import sessions as runtime_sessions
+from ortllava.bundle import manifest as names
+from ortllava.bundle import sessions as runtime_sessions
 
-from .convert import decoder_example, decoder_io_names
-from .wrappers import Decoder, Projector, VisionEncoder, cache_argument, output_cache, text_geometry
+from ..graphs.convert import decoder_example, decoder_io_names
+from ..graphs.wrappers import Decoder, Projector, VisionEncoder, cache_argument, output_cache, text_geometry
 
 ATOL, RTOL = 1e-3, 1e-3
 # fp16 graphs are held to their own bound against the fp32 model: half precision keeps ~3 significant
@@ -196,7 +196,7 @@ def _check_decoder(runs: list[DecoderRun], decoder_path: Path) -> dict[str, floa
 # Fused ("gqa") decoder cases. Prompts: right-padded rows of these lengths, one beyond a 1024-token sliding
 # window; then DECODE_STEPS single-token steps with the mask at the buffer's full width (as the runtime
 # runs them); then, for one row, a 4-token continuation (a chat's next turn). With fp32 activations the two
-# attention forms are both checked (export/attention.py): the short rows' steps run GroupQueryAttention (their
+# attention forms are both checked (export/graphs/attention.py): the short rows' steps run GroupQueryAttention (their
 # buffer is mostly free), the 1100-token row's run the standard-op form (its buffer is mostly filled).
 FUSED_PROMPTS = [[9, 5, 1], [1100]]
 DECODE_STEPS = 3

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from .manifest import Manifest
+from ..bundle.manifest import Manifest
 
 # transformers' named special tokens, in its order (`SPECIAL_TOKENS_ATTRIBUTES`); a model's own (`image_token`) follow.
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")

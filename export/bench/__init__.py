@@ -1,0 +1,1 @@
+"""`ortllava bench`: transformers and ortllava on the same weights and inputs, and the figures' plot."""

@@ -1,0 +1,1 @@
+"""The ONNX graphs: traced (torch.onnx) or written from weights (the fused decoder), fused, quantized."""

@@ -1,0 +1,1 @@
+"""Processor outputs to the decoder's input embeddings: image features packed and spliced into the prompt."""
