@@ -179,6 +179,8 @@ class Pipeline:
         min_length: int | None = None,
         repetition_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
+        encoder_repetition_penalty: float | None = None,
+        encoder_no_repeat_ngram_size: int | None = None,
         bad_words_ids: Sequence[Sequence[int]] | None = None,
         sequence_bias: Sequence[tuple[Sequence[int], float]] | dict[tuple[int, ...], float] | None = None,
         suppress_tokens: Sequence[int] | None = None,
@@ -218,8 +220,11 @@ class Pipeline:
         to 0, replaces it). Sampling's warpers, as transformers': `temperature`,
         `top_k`, `top_p`, `min_p` (drops tokens less probable than `min_p` times the most probable one), `typical_p`,
         `epsilon_cutoff`, `eta_cutoff`. `no_repeat_ngram_size=n` forbids a token that would repeat an n-gram of the prompt
-        (its ids as given) or the answer; `bad_words_ids` (token-id lists) are never completed, and `sequence_bias`
-        (`[[ids, bias], ...]`) adds each bias where its sequence would be completed (the prompt counts for both);
+        (its ids as given) or the answer. transformers' "encoder" arguments act on the prompt, as transformers applies
+        them to a decoder-only model: `encoder_repetition_penalty` > 1 favours the prompt's tokens (< 1 disfavours them),
+        and `encoder_no_repeat_ngram_size=n` forbids repeating an n-gram of the prompt. `bad_words_ids` (token-id lists)
+        are never completed, and `sequence_bias` (`[[ids, bias], ...]`) adds each bias where its sequence would be
+        completed (the prompt counts for both);
         `suppress_tokens` are never picked, `begin_suppress_tokens` not as the first new token, and `forced_eos_token_id`
         ends an answer that reaches `max_new_tokens` (its last token is that one). `stop` strings end a row's
         answer where one appears (the text is cut before it; finish_reason "stop"). `max_time` (seconds, counted once the
@@ -253,6 +258,7 @@ class Pipeline:
             max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids, sequence_bias=sequence_bias,
+            encoder_repetition_penalty=encoder_repetition_penalty, encoder_no_repeat_ngram_size=encoder_no_repeat_ngram_size,
             suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens, forced_eos_token_id=forced_eos_token_id, seed=seed, stop=stop, max_time=max_time,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences, num_beams=num_beams,
             length_penalty=length_penalty, early_stopping=early_stopping, output_logits=output_logits, streamer=streamer,
@@ -310,9 +316,10 @@ class Pipeline:
 
         `system`: an optional system message. `defaults`: generation arguments for every turn (as `generate`'s:
         max_new_tokens or max_length (a turn that gives either replaces both), do_sample, temperature, top_k, top_p, min_p, typical_p,
-        epsilon_cutoff, eta_cutoff, seed, min_new_tokens, min_length, repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias,
-        suppress_tokens, begin_suppress_tokens, forced_eos_token_id, stop, max_time, eos_token_id, pad_token_id, logits_processor,
-        stopping_criteria, prefix_allowed_tokens_fn, streamer (for `send`), generation_config).
+        epsilon_cutoff, eta_cutoff, seed, min_new_tokens, min_length, repetition_penalty, no_repeat_ngram_size, encoder_repetition_penalty,
+        encoder_no_repeat_ngram_size, bad_words_ids, sequence_bias, suppress_tokens, begin_suppress_tokens, forced_eos_token_id, stop,
+        max_time, eos_token_id, pad_token_id, logits_processor, stopping_criteria, prefix_allowed_tokens_fn, streamer (for `send`),
+        generation_config).
         """
         from .chat import ChatSession
 

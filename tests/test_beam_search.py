@@ -107,6 +107,7 @@ OPTIONS = [
     {"forced_eos_token_id": 7}, {"suppress_tokens": [8]}, {"begin_suppress_tokens": [2, 9]},
     {"repetition_penalty": 1.5, "renormalize_logits": True}, {"sequence_bias": [[[3, 4], 5.0], [[5], -2.0]], "renormalize_logits": True},
     {"exponential_decay_length_penalty": (2, 1.6)},
+    {"encoder_repetition_penalty": 1.5}, {"encoder_repetition_penalty": 0.5}, {"encoder_no_repeat_ngram_size": 2, "num_return_sequences": 2},
 ]
 
 

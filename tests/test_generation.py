@@ -257,16 +257,47 @@ def test_beam_sampling_answers_as_transformers_from_the_same_draws(setup, monkey
         assert want != greedy  # (the check can fail: the draws took other continuations than beam search's best)
 
 
-def _repeats_an_ngram(prompt: list[int], answer: list[int], size: int) -> bool:
-    """Whether one of `answer`'s tokens completes an n-gram that `prompt + answer` held before it."""
+def _repeats_an_ngram(prompt: list[int], answer: list[int], size: int, of_prompt_only: bool = False) -> bool:
+    """Whether one of `answer`'s tokens completes an n-gram that `prompt + answer` held before it (`of_prompt_only`:
+    that `prompt` holds)."""
     ids = prompt + answer
     grams = {tuple(ids[i : i + size]) for i in range(len(prompt) - size + 1)}
     for end in range(len(prompt), len(ids)):
         gram = tuple(ids[end - size + 1 : end + 1])
         if gram in grams:
             return True
-        grams.add(gram)
+        if not of_prompt_only:
+            grams.add(gram)
     return False
+
+
+def test_encoder_repetition_penalty_matches_transformers(setup):
+    """transformers applies its "encoder" repetition penalty to a decoder-only model's prompt ids (left padding and
+    image tokens included): > 1 favours the prompt's tokens, < 1 disfavours them. Greedy answers token for token over
+    a padded batch with images, and a penalty changes them (which one does depends on the random model)."""
+    processor, model, pipe = setup
+    batch = CASES["batch of three"]
+    free, changed = hf_generate(processor, model, batch), 0
+    for penalty in (5.0, 0.05):
+        got = [r.token_ids for r in pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, encoder_repetition_penalty=penalty)]
+        assert got == hf_generate(processor, model, batch, encoder_repetition_penalty=penalty), penalty
+        changed += got != free
+    assert changed
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_encoder_no_repeat_ngram_size_matches_transformers(setup, size):
+    """transformers' `encoder_no_repeat_ngram_size`, on a decoder-only model's prompt ids: no n-gram of the prompt
+    (padding and image tokens included) is repeated; the answer may repeat its own. Greedy answers token for token,
+    changed exactly where the unconstrained one repeats a prompt's n-gram."""
+    processor, model, pipe = setup
+    batch = CASES["batch of three"]
+    got = [r.token_ids for r in pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, encoder_no_repeat_ngram_size=size)]
+    assert got == hf_generate(processor, model, batch, encoder_no_repeat_ngram_size=size)
+    prompts = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True)["input_ids"]
+    free = hf_generate(processor, model, batch)
+    for prompt, answer, unconstrained in zip(prompts, got, free):
+        assert (answer != unconstrained) == _repeats_an_ngram(list(prompt), unconstrained, size, of_prompt_only=True)
 
 
 def test_num_return_sequences_rows_as_transformers(setup):

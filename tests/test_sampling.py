@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
-    EpsilonLogitsWarper, EtaLogitsWarper, ForcedEOSTokenLogitsProcessor, LogitsProcessorList, MinLengthLogitsProcessor,
+    EncoderNoRepeatNGramLogitsProcessor, EncoderRepetitionPenaltyLogitsProcessor, EpsilonLogitsWarper, EtaLogitsWarper, ForcedEOSTokenLogitsProcessor, LogitsProcessorList, MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor, MinPLogitsWarper, NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor, SuppressTokensAtBeginLogitsProcessor,
     SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper,
@@ -116,6 +116,54 @@ def test_no_repeat_ngrams_forbid_what_transformers_forbids(size):
     for seed in range(4):
         ids = np.random.default_rng(100 + seed).integers(0, VOCAB + 3, size=(3, PROMPT))
         changed += _same_scores_step_by_step({"no_repeat_ngram_size": size}, NoRepeatNGramLogitsProcessor(size), seed, prompt_ids=ids)
+    assert changed > 0
+
+
+# transformers' "encoder" processors, given a decoder-only model's prompt ids: (settings, the reference for a prompt)
+PROMPT_PROCESSORS = {
+    "encoder repetition penalty": ({"encoder_repetition_penalty": 1.4}, lambda prompt: EncoderRepetitionPenaltyLogitsProcessor(1.4, prompt)),
+    "encoder repetition penalty < 1": ({"encoder_repetition_penalty": 0.6}, lambda prompt: EncoderRepetitionPenaltyLogitsProcessor(0.6, prompt)),
+    **{
+        f"encoder no repeat {n}-grams": ({"encoder_no_repeat_ngram_size": n}, lambda prompt, n=n: EncoderNoRepeatNGramLogitsProcessor(n, prompt))
+        for n in (1, 2, 3)
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_PROCESSORS))
+def test_prompt_processors_change_the_scores_as_transformers(name):
+    """Their rule reads the prompt only: the answer's tokens never join it (an answer may repeat itself)."""
+    settings, reference = PROMPT_PROCESSORS[name]
+    changed = 0
+    for seed in range(3):
+        ids = np.random.default_rng(200 + seed).integers(0, VOCAB, size=(3, PROMPT // 2))
+        changed += _same_scores_step_by_step(settings, LogitsProcessorList([reference(torch.tensor(ids))]), seed, prompt_ids=ids)
+    assert changed > 0
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_PROCESSORS))
+def test_prompt_processors_follow_beams_as_transformers(name):
+    """One prompt's 4 beams, reordered and continued at random: transformers keeps the prompt's rule by row position
+    and reads each row's last ids, which beam search reorders; so must we."""
+    settings, reference = PROMPT_PROCESSORS[name]
+    rng = np.random.default_rng(11)
+    prompt = rng.integers(0, VOCAB, size=(1, 8))
+    history = np.repeat(prompt, 4, axis=0)
+    processors = for_settings(GenerationSettings.resolve(settings, {}), history, np.ones_like(history), EOS, VOCAB)
+    theirs, changed = reference(torch.tensor(prompt)), 0
+    for _ in range(12):
+        logits = rng.standard_normal((4, VOCAB)).astype(np.float32)
+        got = logits.copy()
+        for process in processors:
+            process(got)
+        want = theirs(torch.tensor(history), torch.tensor(logits)).numpy()
+        np.testing.assert_array_equal(got, want)
+        changed += int((want != logits).sum())
+        rows, tokens = rng.integers(0, 4, size=4), rng.integers(0, VOCAB, size=4)
+        for process in processors:
+            process.reorder(rows)
+            process.picked(tokens)
+        history = np.concatenate([history[rows], tokens[:, None]], axis=1)
     assert changed > 0
 
 

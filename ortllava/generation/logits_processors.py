@@ -183,15 +183,43 @@ class RepetitionPenalty:
         self.count = len(self.seen_at)
 
 
+class PromptRepetitionPenalty:
+    """transformers' `encoder_repetition_penalty` (for a decoder-only model, the prompt is the "encoder" input): the
+    logits of the tokens in the row's prompt ids (as given: padding and image tokens included) are multiplied by
+    `penalty` when negative and divided by it otherwise, the inverse of the repetition penalty, so that a penalty > 1
+    favours the prompt's tokens (transformers calls it a hallucination penalty). The new tokens do not count.
+    `prompt_ids`: `[B, T]`."""
+
+    def __init__(self, prompt_ids: np.ndarray, vocab_size: int, penalty: float):
+        self.inverse = 1 / penalty  # (as transformers keeps it, so the float32 results are its own)
+        ids = np.where(prompt_ids < vocab_size, prompt_ids, -1)  # (an id past the logits has no logit to change)
+        flat = np.arange(len(ids))[:, None] * vocab_size + ids
+        self.at = np.unique(flat[ids >= 0])  # [n] flat indices into [B, V]
+
+    def __call__(self, scores: np.ndarray) -> None:
+        flat = scores.reshape(-1)
+        held = flat[self.at]
+        flat[self.at] = np.where(held < 0, held * self.inverse, held / self.inverse)
+
+    def picked(self, tokens: np.ndarray) -> None:
+        pass  # (the prompt's tokens only)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        pass  # (rows reorder within a prompt's beams, which share its ids)
+
+
 class NoRepeatNGrams:
     """transformers' `no_repeat_ngram_size`: a token that would complete an n-gram already in the row (its prompt ids
     as given, padding and image tokens included, as transformers counts them; then its new tokens) is forbidden.
+    With `prompt_only`, transformers' `encoder_no_repeat_ngram_size` (for a decoder-only model, the prompt is the
+    "encoder" input): only the prompt's n-grams are forbidden, so an answer may repeat itself but not the prompt.
 
     Each row keeps a table from every (n-1)-gram it holds to the tokens that followed it, so a step costs a lookup
     and an insert per row, whatever the length."""
 
-    def __init__(self, prompt_ids: np.ndarray, size: int):
+    def __init__(self, prompt_ids: np.ndarray, size: int, prompt_only: bool = False):
         self.size = size
+        self.prompt_only = prompt_only
         self.rows = [list(map(int, row)) for row in prompt_ids]  # each row's ids so far: its last n-1 are the next key
         self.followers: list[dict[tuple[int, ...], set[int]]] = []
         for ids in self.rows:
@@ -212,22 +240,24 @@ class NoRepeatNGrams:
         size = self.size
         for ids, table, token in zip(self.rows, self.followers, tokens.tolist()):
             ids.append(token)
-            if len(ids) >= size:
+            if len(ids) >= size and not self.prompt_only:
                 table.setdefault(tuple(ids[len(ids) - size : -1]), set()).add(token)
 
     def reorder(self, rows: np.ndarray) -> None:
-        # A row continued once takes its history over as it is; only a row continued again needs a copy.
+        # A row continued once takes its history over as it is; only a row continued again needs a copy. A table of
+        # the prompt's alone stays with its row, as transformers keeps it (rows reorder within a prompt's beams).
         taken: set[int] = set()
         ids, followers = [], []
         for row in rows.tolist():
-            if row in taken:
-                ids.append(list(self.rows[row]))
-                followers.append({key: set(tokens) for key, tokens in self.followers[row].items()})
-            else:
-                taken.add(row)
-                ids.append(self.rows[row])
-                followers.append(self.followers[row])
-        self.rows, self.followers = ids, followers
+            again = row in taken
+            taken.add(row)
+            ids.append(list(self.rows[row]) if again else self.rows[row])
+            if not self.prompt_only:
+                table = self.followers[row]
+                followers.append({key: set(tokens) for key, tokens in table.items()} if again else table)
+        self.rows = ids
+        if not self.prompt_only:
+            self.followers = followers
 
 
 class SequenceBias:
@@ -293,8 +323,10 @@ def for_settings(
         raise ValueError(f"forced_eos_token_id {outside[0]} is not in the model's vocabulary of {vocab_size}")
     processors: list[LogitsProcessor | None] = [
         SequenceBias(settings.sequence_bias, prompt_ids, vocab_size) if settings.sequence_bias else None,
+        PromptRepetitionPenalty(prompt_ids, vocab_size, settings.encoder_repetition_penalty) if settings.encoder_repetition_penalty != 1.0 else None,
         RepetitionPenalty(prompt_ids, prompt_mask, vocab_size, settings.repetition_penalty) if settings.repetition_penalty != 1.0 else None,
         NoRepeatNGrams(prompt_ids, settings.no_repeat_ngram_size) if settings.no_repeat_ngram_size > 0 else None,
+        NoRepeatNGrams(prompt_ids, settings.encoder_no_repeat_ngram_size, prompt_only=True) if settings.encoder_no_repeat_ngram_size > 0 else None,
         bad_words(settings.bad_words_ids, eos_token_ids, prompt_ids, vocab_size) if settings.bad_words_ids else None,
         ForbidTokens(eos_token_ids, settings.min_length - prompt_width) if settings.min_length > prompt_width and eos_token_ids else None,
         ForbidTokens(eos_token_ids, settings.min_new_tokens) if settings.min_new_tokens > 0 and eos_token_ids else None,

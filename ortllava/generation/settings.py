@@ -53,6 +53,11 @@ class GenerationSettings:
     eta_cutoff: float = 0.0  # sampling: drop tokens less probable than min(eta, sqrt(eta) * e^-entropy) (0: off)
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # n > 0: no n-gram (the prompt's included) occurs twice
+    # transformers' "encoder" penalties, which it applies to a decoder-only model's prompt ids: > 1 favours the prompt's
+    # tokens (their logits divided by it where positive, multiplied where negative); n > 0: no n-gram of the prompt is
+    # repeated in the answer (see logits_processors.PromptRepetitionPenalty, NoRepeatNGrams)
+    encoder_repetition_penalty: float = 1.0
+    encoder_no_repeat_ngram_size: int = 0
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None  # token sequences never completed (the prompt counts)
     # (token ids, bias) pairs: the bias is added to a sequence's last token where the row ends with the rest of it
     sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None
@@ -206,7 +211,10 @@ class GenerationSettings:
         for name in ("do_sample", "output_logits", "renormalize_logits"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "True or False")
-        least_values = (("max_new_tokens", 1), ("min_new_tokens", 0), ("min_length", 0), ("num_return_sequences", 1), ("no_repeat_ngram_size", 0), ("num_beams", 1))
+        least_values = (
+            ("max_new_tokens", 1), ("min_new_tokens", 0), ("min_length", 0), ("num_return_sequences", 1), ("no_repeat_ngram_size", 0),
+            ("encoder_no_repeat_ngram_size", 0), ("num_beams", 1),
+        )
         for name, least in least_values:
             if name == "max_new_tokens" and self.max_length is not None:
                 continue  # (None: max_length decides it)
@@ -214,8 +222,9 @@ class GenerationSettings:
                 fail(name, f"an integer >= {least}")
         if self.max_length is not None and (not integer(self.max_length) or self.max_length < 2):
             fail("max_length", "an integer >= 2 (the prompt's tokens and the new ones), or None")
-        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            fail("repetition_penalty", "a number > 0")
+        for name in ("repetition_penalty", "encoder_repetition_penalty"):
+            if not number(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(name, "a number > 0")
         if self.do_sample:  # the warpers' settings count only when sampling (transformers ignores them otherwise)
             if not integer(self.top_k) or self.top_k < 0:
                 fail("top_k", "an integer >= 0 (0: off)")
@@ -320,8 +329,6 @@ UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     "force_words_ids": ([],), "constraints": ([],), "forced_bos_token_id": (),
     "guidance_scale": (1,), "top_h": (), "stop_strings": ([],),
     "watermarking_config": (), "token_healing": (False,),
-    # (transformers hands a decoder-only model's prompt ids to these as the "encoder" ids)
-    "encoder_repetition_penalty": (1, 1.0), "encoder_no_repeat_ngram_size": (0,),
 }
 
 
