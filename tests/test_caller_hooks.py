@@ -235,6 +235,22 @@ def test_a_streamer_is_given_what_transformers_gives_it(setup):
         pipe.generate(messages=BATCH[1], streamer=[])
 
 
+def test_a_row_a_stop_string_ends_is_fed_the_pad_id(setup):
+    """A stop string ends its row as transformers' stopping criteria end one: from the next step the row is fed the pad
+    id (what a streamer and the caller's callables see), while the other rows go on as they would have."""
+    processor, model, pipe = setup
+    free = hf_generate(processor, model, BATCH)
+    decode = pipe.processor.tokenizer.decode
+    stop = next(text for k in range(2, 8) if (text := decode(free[0][:k]).strip()) and text not in decode(free[1]) + decode(free[2]))
+    streamer, pad = RecordingStreamer(), 5
+    got = pipe.generate(messages=BATCH, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, stop=[stop], pad_token_id=pad, streamer=streamer)
+    steps = np.stack(streamer.puts[1:])  # [steps, B]
+    ended = len(got[0].token_ids)
+    assert got[0].finish_reason == "stop" and stop not in got[0].text and 0 < ended < NEW_TOKENS
+    assert steps[:ended, 0].tolist() == free[0][:ended] and (steps[ended:, 0] == pad).all() and len(steps) == NEW_TOKENS
+    assert [steps[:, row].tolist() for row in (1, 2)] == free[1:] == [r.token_ids for r in got[1:]]
+
+
 def test_prefix_allowed_tokens_fn_constrains_as_transformers(setup):
     """transformers' `prefix_allowed_tokens_fn(batch_id, ids)`: the same calls (prompt index, each row's ids) and the same
     answers, greedy and beam search; a prompt whose rows can take none of their allowed tokens takes them at score 0."""

@@ -109,6 +109,14 @@ def test_repetition_penalty_leaves_the_padding_out_as_transformers(penalty):
     assert seen["scores"][1, pad] == 2.0  # untouched: row 1 holds the pad id only as padding
 
 
+def test_repetition_penalty_skips_prompt_ids_past_the_logits_as_transformers():
+    """Ids past the logits' width (an embedding table larger than the lm_head) have no logit to penalize; the last
+    token, which the prompts do not hold, must stay untouched."""
+    ids = np.random.default_rng(2).integers(0, VOCAB + 3, size=(3, PROMPT))
+    ids[ids == VOCAB - 1] = VOCAB + 1
+    assert _same_scores_step_by_step({"repetition_penalty": 1.3}, LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3)]), 0, prompt_ids=ids) > 0
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_no_repeat_ngrams_forbid_what_transformers_forbids(size):
     """Some prompt ids lie past the logits' width, as transformers allows."""
@@ -345,6 +353,39 @@ def test_seeded_sampler_draws_each_row_from_its_probabilities():
         frequencies = np.bincount(draws[:, row], minlength=5) / len(draws)
         np.testing.assert_allclose(frequencies[candidates], probs, atol=0.01)
         assert frequencies[np.setdiff1d(np.arange(5), candidates)].sum() == 0  # top-k's cut token is never drawn
+
+
+def test_sequence_biases_sharing_a_last_token_sum_as_transformers_sums_them():
+    """Several sequences ending in token 7 (one, two and three tokens long, given out of length order) that all match:
+    transformers sums their float32 biases first, grouped by prefix length, then adds the sum once; a different order
+    differs in the last bit, enough to flip a near tie. Histories that end with 4, 5 so that they match."""
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        b = rng.standard_normal(5) * 10 ** rng.uniform(-1, 2, size=5)
+        bias = [[[4, 5, 7], b[0]], [[7], b[1]], [[5, 7], b[2]], [[9, 5, 7], b[3]], [[6, 7], b[4]]]
+        ids = rng.integers(0, VOCAB, size=(3, PROMPT))
+        ids[:2, -2:] = [4, 5]
+        reference = LogitsProcessorList([SequenceBiasLogitsProcessor([[ids_, float(x)] for ids_, x in bias])])
+        _same_scores_step_by_step({"sequence_bias": bias}, reference, trial, prompt_ids=ids)
+
+
+def test_forced_tokens_take_all_the_mass_and_rows_with_nothing_to_draw_are_errors():
+    """A token at +inf (a caller's processor forcing it; an exponential decay penalty grown past float32) takes all of
+    softmax's mass, shared among such tokens, where torch's multinomial raises; beam sampling's warpers keep it. A row
+    whose tokens are all forbidden, or whose scores hold NaN, is an error naming the cause."""
+    logits = np.random.default_rng(3).standard_normal((2, VOCAB)).astype(np.float32)
+    logits[0, 5] = logits[1, 2] = logits[1, 7] = np.inf
+    for top_k in (0, 4):
+        sample = make_sampler(do_sample=True, seed=0, top_k=top_k, temperature=0.7)
+        draws = np.stack([sample(logits) for _ in range(200)])
+        assert set(draws[:, 0].tolist()) == {5} and set(draws[:, 1].tolist()) == {2, 7}
+    warped = warped_scores(logits, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 1)
+    assert warped[0, 5] == np.inf and np.isneginf(np.delete(warped[0], 5)).all()
+    sample = make_sampler(do_sample=True, seed=0)
+    with pytest.raises(ValueError, match="every token of a row is forbidden"):
+        sample(np.full((1, VOCAB), -np.inf, np.float32))
+    with pytest.raises(ValueError, match="NaN after the logits processors"):
+        sample(np.where(np.arange(VOCAB) == 4, np.nan, 0.0).astype(np.float32)[None])
 
 
 @pytest.mark.parametrize("settings", [

@@ -121,10 +121,14 @@ class PrefixConstrained:
 
     def __init__(self, hooks: CallerHooks, allowed: Callable[[int, np.ndarray], Any], rows_per_prompt: int):
         self.hooks, self.allowed, self.rows_per_prompt = hooks, allowed, rows_per_prompt
+        self.mask: np.ndarray | None = None  # [B, V]: 0 where the row may go, else -inf (reused step after step)
 
     def __call__(self, scores: np.ndarray) -> None:
         ids = self.hooks.input_ids()
-        mask = np.full_like(scores, -np.inf)  # [B, V]: 0 where the row may go
+        if self.mask is None or self.mask.shape != scores.shape:
+            self.mask = np.empty_like(scores)
+        mask = self.mask
+        mask.fill(-np.inf)
         for row in range(len(scores)):
             tokens = self.allowed(row // self.rows_per_prompt, ids[row])
             if len(tokens) == 0:
@@ -132,9 +136,11 @@ class PrefixConstrained:
                     f"prefix_allowed_tokens_fn returned no token for prompt {row // self.rows_per_prompt}: the constraint cannot be met"
                 )
             mask[row, np.asarray(tokens, dtype=np.int64)] = 0
-        constrained = scores + mask
-        stuck = np.isneginf(constrained.max(axis=-1)).reshape(-1, self.rows_per_prompt).all(axis=-1)  # [prompts]
-        np.copyto(scores, np.where(np.repeat(stuck, self.rows_per_prompt)[:, None], mask, constrained))
+        np.add(scores, mask, out=scores)
+        stuck = np.isneginf(scores.max(axis=-1)).reshape(-1, self.rows_per_prompt).all(axis=-1)  # [prompts]
+        if stuck.any():
+            rows = np.repeat(stuck, self.rows_per_prompt)
+            scores[rows] = mask[rows]
 
     def picked(self, tokens: np.ndarray) -> None:  # (the hooks hold the ids)
         pass

@@ -118,7 +118,9 @@ class Step:
 
     tokens: np.ndarray  # [B] int64
     active: np.ndarray  # [B] bool: the row produced `tokens[row]` in this step
-    finished: np.ndarray  # [B] bool: the row hit an EOS token at or before this step
+    # [B] bool: the row hit an EOS token (or a stopping criterion) at or before this step. The consumer may mark more
+    # rows (in place, before the next step: stop strings): they are fed the pad id from then on, as transformers does.
+    finished: np.ndarray
     logits: np.ndarray  # [B, V] float32: the decoder's buffer, overwritten by the next step
 
 
@@ -139,8 +141,8 @@ def decode_loop(
     row has hit an EOS token or `max_new_tokens`; yields each step.
 
     Rows that finished early are fed `pad_token_id`, as transformers does. `stop_rows(logits)`, called after each
-    step's pad ids are in place, gives the rows the caller's stopping criteria end there (`[B]` bool, or None). The
-    consumer may stop early (close the generator); `metrics` hold the prefill, first-token and decode timings. At the
+    step's pad ids are in place, gives the rows the caller's stopping criteria end there (`[B]` bool, or None); the
+    consumer may end more in `Step.finished`. The consumer may stop early (close the generator); `metrics` hold the prefill, first-token and decode timings. At the
     end the cache goes to `keep_cache` (a chat that continues) or back to the decoder for reuse.
     """
     prefill_start = time.perf_counter()

@@ -155,7 +155,8 @@ class RepetitionPenalty:
         self.seen = np.zeros(batch * vocab_size, dtype=bool)  # row b's token t at b * V + t
         self.row_offsets = np.arange(batch) * vocab_size
         counted = np.arange(prompt_ids.shape[1]) >= (prompt_mask != 0).argmax(axis=1)[:, None]  # (a row of zeros: all counted)
-        self.seen[(self.row_offsets[:, None] + np.clip(prompt_ids, 0, vocab_size - 1))[counted]] = True
+        counted &= (prompt_ids >= 0) & (prompt_ids < vocab_size)  # (an id past the logits has none to penalize, as in transformers)
+        self.seen[(self.row_offsets[:, None] + prompt_ids)[counted]] = True
         self.seen_at = np.flatnonzero(self.seen)
         self.count = len(self.seen_at)
 
@@ -263,7 +264,11 @@ class NoRepeatNGrams:
 class SequenceBias:
     """transformers' `sequence_bias` (and `bad_words_ids`, a bias of -inf): a sequence's bias is added to its last
     token's logit where the row's ids (prompt included) end with the rest of it; a one-token sequence's, always.
-    Biases of sequences that share a last token add up. `biases`: (token ids, bias) pairs."""
+    Biases of sequences that share a last token add up. `biases`: (token ids, bias) pairs.
+
+    The float32 sums are transformers' own: a token's biases are summed first (its one-token bias, then the longer
+    sequences grouped by prefix length, each group in the order given), then added to its logit once. A step looks
+    only at the sequences whose prefix ends with the row's last token."""
 
     def __init__(self, biases: Sequence[tuple[Sequence[int], float]], prompt_ids: np.ndarray, vocab_size: int):
         outside = sorted({t for ids, _ in biases for t in ids if t >= vocab_size})
@@ -272,24 +277,34 @@ class SequenceBias:
         merged = {tuple(int(t) for t in ids): float(bias) for ids, bias in biases}  # (a sequence given twice: the last bias)
         self.single = np.zeros(vocab_size, dtype=np.float32)  # [V]: one-token sequences' biases
         self.has_single = False
-        self.longer: list[tuple[tuple[int, ...], int, float]] = []  # (prefix, last token, bias)
+        by_prefix_length: dict[int, list[tuple[tuple[int, ...], int, np.float32]]] = {}  # (prefix, last token, bias)
         for ids, bias in merged.items():
             if len(ids) == 1:
                 self.single[ids[0]] = bias
                 self.has_single = True
             else:
-                self.longer.append((tuple(ids[:-1]), ids[-1], bias))
-        longest = max((len(prefix) for prefix, _, _ in self.longer), default=0)
+                by_prefix_length.setdefault(len(ids) - 1, []).append((ids[:-1], ids[-1], np.float32(bias)))
+        # The longer sequences in transformers' summing order, keyed by their prefix's last token.
+        self.continuing: dict[int, list[tuple[tuple[int, ...], int, np.float32]]] = {}
+        for group in by_prefix_length.values():
+            for prefix, last, bias in group:
+                self.continuing.setdefault(prefix[-1], []).append((prefix, last, bias))
+        longest = max(by_prefix_length, default=0)
         self.tails = [list(map(int, row[max(0, len(row) - longest) :])) for row in prompt_ids] if longest else []
         self.longest = longest
 
     def __call__(self, scores: np.ndarray) -> None:
+        summed: list[tuple[int, int, np.float32, np.float32]] = []  # (row, token, its logit, its biases' sum)
+        for row, tail in enumerate(self.tails):
+            totals: dict[int, np.float32] = {}
+            for prefix, last, bias in self.continuing.get(tail[-1], ()) if tail else ():
+                if len(prefix) <= len(tail) and tuple(tail[len(tail) - len(prefix) :]) == prefix:
+                    totals[last] = totals.get(last, self.single[last]) + bias
+            summed += [(row, last, scores[row, last], total) for last, total in totals.items()]
         if self.has_single:
             scores += self.single
-        for row, tail in enumerate(self.tails):
-            for prefix, last, bias in self.longer:
-                if len(prefix) <= len(tail) and tuple(tail[len(tail) - len(prefix) :]) == prefix:
-                    scores[row, last] += bias
+        for row, last, logit, total in summed:
+            scores[row, last] = logit + total
 
     def picked(self, tokens: np.ndarray) -> None:
         for tail, token in zip(self.tails, tokens.tolist()):

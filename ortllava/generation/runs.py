@@ -138,7 +138,7 @@ def collect(run: Run) -> list[GenerationResult]:
                 streamer.put(step.tokens.copy())
             tokens = step.tokens.tolist()
             for row, active in enumerate(step.active.tolist()):
-                if not active or stopped[row]:
+                if not active:
                     continue
                 answers[row].append(tokens[row])
                 if logits is not None:
@@ -146,9 +146,9 @@ def collect(run: Run) -> list[GenerationResult]:
                 if detokenizers is not None:
                     detokenizers[row].add(tokens[row])
                     stopped[row] = finders[row](detokenizers[row].text, detokenizers[row].tail()) is not None
-            # (Without stop strings the loop ends itself once every row has hit an EOS token.)
-            if detokenizers is not None and all(stopped[row] or step.finished[row] for row in range(batch)):
-                break
+                    # (a row a stop string ends is fed the pad id from the next step on, as transformers'
+                    # StopStringCriteria leaves it; the loop ends once every row has ended)
+                    step.finished[row] |= stopped[row]
     finally:
         steps.close()
         if streamer is not None:  # (also after an error: a consumer waiting on a TextIteratorStreamer is let go)

@@ -72,9 +72,19 @@ def candidate_probs(
     boundary, min-p keeps them all, and top-p's order among them may differ from torch's sort)."""
     candidates = _top_k(scores, max(top_k, min_keep) if top_k else 0)
     values = scores[candidates].astype(np.float64) / temperature
-    finite = np.isfinite(values)
-    if not finite.all():  # -inf: tokens forbidden (min_new_tokens) are no candidates, even where top-k counts them
-        candidates, values = candidates[finite], values[finite]
+    if not np.isfinite(values).all():
+        if np.isnan(values).any():
+            raise ValueError("a row's scores hold NaN after the logits processors (a caller's logits_processor?): nothing to sample from")
+        # +inf: tokens forced (a caller's processor, an exponential decay penalty grown past float32), which take all
+        # of softmax's mass, shared; -inf: tokens forbidden, no candidates even where top-k counts them.
+        forced = values == np.inf
+        kept = forced if forced.any() else values != -np.inf
+        if not kept.any():
+            raise ValueError(
+                "every token of a row is forbidden (by bad_words_ids, suppress_tokens, no-repeat n-grams, "
+                "prefix_allowed_tokens_fn or a caller's logits_processor): nothing to sample from"
+            )
+        candidates, values = candidates[kept], np.where(forced[kept], 0.0, values[kept])
     probs = np.exp(values - values.max())
     probs /= probs.sum()
     if top_p < 1.0:
@@ -106,7 +116,7 @@ def warped_scores(
     warped = np.full_like(scores, -np.inf)
     divisor = np.float32(temperature)
     for row, out in zip(scores, warped):
-        if not np.isfinite(row.max()):  # every token forbidden (a hypothesis the bans end): it stays at -inf
+        if row.max() == -np.inf:  # every token forbidden (a hypothesis the bans end): it stays at -inf
             continue
         candidates, _ = candidate_probs(row, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_keep)
         out[candidates] = row[candidates] / divisor
