@@ -74,6 +74,14 @@ def _edit_section(section, **values):
         ("embed_tokens.npy", lambda path: np.save(path, np.load(path)[:-1]), r"embed_tokens.npy cannot be read .*its shape is \[(\d+), \d+\]; the manifest's model wants \[(?!\1)"),
         ("preprocessor_config.json", _edit_json(crop_size={"height": 224, "width": 224}), "preprocessor_config.json cuts 224 px tiles, the vision encoder takes 336"),
         ("preprocessor_config.json", _edit_json(image_mean=[0.5]), r"preprocessor_config.json cannot be read .*image_mean must be one number or three .*got \[0.5\]"),
+        # A preprocessor config value transformers refuses at its first call, or that makes wrong pixels: named at load.
+        ("preprocessor_config.json", _edit_json(image_mean=None), r"preprocessor_config.json cannot be read .*image_mean is null, but do_normalize is set"),
+        ("preprocessor_config.json", _edit_json(rescale_factor=None), r"preprocessor_config.json cannot be read .*rescale_factor is null, but do_rescale"),
+        ("preprocessor_config.json", _edit_json(size={"shortest_edge": 0}), r"preprocessor_config.json cannot be read .*size's shortest_edge must be a positive"),
+        ("preprocessor_config.json", _edit_json(size={"height": 336}), r"preprocessor_config.json cannot be read .*size must be .*got \{'height': 336\}"),
+        ("preprocessor_config.json", _edit_json(image_std=[0.5, 0, 0.5]), r"preprocessor_config.json cannot be read .*image_std must not hold 0"),
+        ("preprocessor_config.json", _edit_json(resample="bicubic"), r"preprocessor_config.json cannot be read .*resample must be one of PIL's resampling filters \(0: nearest"),
+        ("preprocessor_config.json", _edit_json(resample=99), r"preprocessor_config.json cannot be read .*resampling filters .*got 99"),
         ("chat_template.jinja", lambda path: path.write_text("{% for x in %}"), "chat_template.jinja cannot be read .*TemplateSyntaxError"),
         ("manifest.json", _edit_manifest(lambda m: {**m, "graphs": {**m["graphs"], "decoder": {**m["graphs"]["decoder"], "kind": "concat"}}}),
          "its inputs are a gqa decoder's, the manifest says concat"),
@@ -132,6 +140,22 @@ def test_a_grid_of_partial_tiles_is_refused(mistral, tmp_path):
     _edit_section("vision", grid_pinpoints=[[336, 500]])(copy / "manifest.json")
     with pytest.raises(BundleError, match=r"the grid resolutions \[\[336, 500\]\] in preprocessor_config.json are not multiples of its 336 px tiles"):
         ortllava.load(copy, provider="cpu", verify=False)
+
+
+def test_a_crop_size_given_as_one_number_is_a_square(mistral, tmp_path):
+    """`"crop_size": 336`, as transformers reads it (`get_size_dict(default_to_square=True)`): 336x336 tiles, the same
+    pixels as with {"height": 336, "width": 336} (not a KeyError at the first image)."""
+    from conftest import random_image
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(mistral.bundle, copy)
+    _edit_json(crop_size=336)(copy / "preprocessor_config.json")
+    edited = ortllava.load(copy, provider="cpu", verify=False).processor
+    assert edited.image_processor.crop_size == {"height": 336, "width": 336}
+    image = random_image(300, 200, seed=5)
+    want = ortllava.load(mistral.bundle, provider="cpu").processor(text="<image>", images=[image])
+    got = edited(text="<image>", images=[image])
+    assert np.array_equal(got["pixel_values"], want["pixel_values"]) and np.array_equal(got["input_ids"], want["input_ids"])
 
 
 def test_not_a_bundle(tmp_path):

@@ -153,6 +153,93 @@ def test_image_sources_a_server_takes_from_untrusted_clients(mistral, pipe, tmp_
     assert outcome and "not a regular file" in str(outcome[0].value)
 
 
+def test_only_ordinary_image_formats_are_decoded(pipe, tmp_path):
+    """A path, URL or base64 string is decoded as PNG, JPEG, WEBP, GIF, BMP or TIFF (as transformers' load_image
+    decodes it); another format PIL reads is refused before its plugin parses more than a header: EPS, which PIL
+    renders by running Ghostscript, is never handed to it."""
+    from unittest import mock
+
+    import PIL.EpsImagePlugin
+    from transformers.image_utils import load_image as hf_load_image
+
+    from ortllava.preprocess.image_source import load_image
+
+    image = random_image(40, 30, seed=21)
+    for extension, options in (("png", {}), ("jpg", {}), ("webp", {"lossless": True}), ("gif", {}), ("bmp", {}), ("tiff", {})):
+        path = tmp_path / f"photo.{extension}"
+        image.save(path, **options)
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        for source in (str(path), f"data:image/{extension};base64,{encoded}"):
+            np.testing.assert_array_equal(np.asarray(load_image(source)), np.asarray(hf_load_image(source)))
+    eps = tmp_path / "drawing.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
+    assert PIL.Image.open(eps).format == "EPS"  # (the case: PIL would read it)
+    sources = (str(eps), "data:image/png;base64," + base64.b64encode(eps.read_bytes()).decode())
+    with mock.patch.object(PIL.EpsImagePlugin, "Ghostscript", side_effect=AssertionError("Ghostscript ran")) as ghostscript:
+        for source in sources:
+            with pytest.raises(ImageLoadError, match=r"cannot decode image .*: not in an image format taken here \(PNG, JPEG, MPO, WEBP, GIF, BMP, TIFF\)"):
+                pipe.processor(text="<image>", images=[source])
+    assert not ghostscript.called
+
+
+def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(pipe, monkeypatch):
+    """A 12000x12000 PNG is a few KB, and 144 M pixels decoded: above PIL's limit (where PIL only warns of a
+    decompression bomb), it is an ImageLoadError naming its size and the limit, raised on its header, before any
+    pixel is decoded. The limit is `image_source.MAX_IMAGE_PIXELS`, which a caller may raise (or set to None)."""
+    import io
+    import warnings
+
+    from PIL import ImageFile
+
+    from ortllava.preprocess import image_source
+
+    def png_uri(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    bomb = png_uri(Image.new("1", (12000, 12000)))
+    assert len(bomb) < 30_000
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("the pixels were decoded"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (PIL's own, before ortllava's error)
+        with pytest.raises(ImageLoadError, match=r"image data:image/png;base64,.* is 12000x12000 pixels \(144000000\), above the limit of 89478485 pixels"):
+            pipe.generate(prompt=PROMPT, images=[bomb])
+        with pytest.raises(ImageLoadError, match=r"is 12000x12000 pixels"):
+            pipe.processor.image_processor(bomb[len("data:image/png;base64,"):])  # (plain base64 too)
+    monkeypatch.undo()
+    small = png_uri(random_image(40, 30, seed=22))
+    monkeypatch.setattr(image_source, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
+    with pytest.raises(ImageLoadError, match=r"is 40x30 pixels \(1200\), above the limit of 1199 pixels"):
+        pipe.processor(text="<image>", images=[small])
+    for limit in (40 * 30, None):  # raised, or lifted
+        monkeypatch.setattr(image_source, "MAX_IMAGE_PIXELS", limit)
+        assert pipe.processor(text="<image>", images=[small])["image_sizes"].tolist() == [[30, 40]]
+
+
+def test_an_array_of_no_image_shape_is_named(pipe):
+    """A number or a row of values given as an image: an ImageLoadError naming its shape (not an IndexError)."""
+    for array, shape in ((np.array(5, np.uint8), r"\(\)"), (np.zeros(5, np.uint8), r"\(5,\)")):
+        with pytest.raises(ImageLoadError, match=f"an image array must have 2 or 3 dimensions, got shape {shape}"):
+            pipe.processor(text="<image>", images=[array])
+        with pytest.raises(ImageLoadError, match=f"got shape {shape}"):
+            pipe.processor.image_processor([array])
+        with pytest.raises(ImageLoadError, match=f"got shape {shape}"):
+            pipe.generate(prompt=PROMPT, images=[array], max_new_tokens=2)
+
+
+def test_an_empty_batch_of_text_is_refused(pipe):
+    """`processor(text=[])`: refused by name, as the tokenizer refuses it (transformers' processor raises an
+    IndexError), before any image is read."""
+    for text, got in (([], "an empty list"), ((), "an empty tuple")):
+        with pytest.raises(TypeError, match=f"text must be a string or a non-empty list of strings, got {got}"):
+            pipe.processor(text=text)
+        with pytest.raises(TypeError, match=f"got {got}"):
+            pipe.processor(text=text, images=["/nonexistent/photo.png"])
+        with pytest.raises(TypeError, match="text must be a string or a non-empty list of strings"):
+            pipe.processor.tokenizer(text)
+
+
 def test_empty_image_list_is_no_images(pipe):
     text = "[INST] Hello there [/INST]"
     want = pipe.generate(prompt=text, max_new_tokens=4).token_ids

@@ -139,3 +139,83 @@ def test_a_template_that_writes_the_bos_gets_no_second_one(tiny_store):
         got = ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, processor_kwargs=processor_kwargs)
         want = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, processor_kwargs=processor_kwargs, return_tensors="np")
         assert np.array_equal(got, want) and int(np.sum(got == ours.tokenizer.bos_token_id)) == 1
+
+
+def test_a_template_that_leaves_a_message_out_is_rendered_as_transformers(mistral):
+    """The parts form is used only where it shows text the strings lost: a template that reads strings and leaves the
+    system message out (with "type" elsewhere in it, here in its tools) renders them as transformers does, not the
+    user's content (or an empty one's) as a list's repr; one that leaves the system out and reads the user's parts shows the user's string
+    as the same content given as parts. The tokenizer's template call renders the same way."""
+    hf = AutoProcessor.from_pretrained(mistral.checkpoint)
+    ours = ortllava.load(mistral.bundle, provider="cpu", verify=False).processor
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    reads_strings = ("{% for m in messages %}{% if m.role != 'system' %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}"
+                     "{% for t in tools or [] %}{{ t.type }}{% endfor %}")
+    want = hf.apply_chat_template(chat, chat_template=reads_strings)
+    assert want == "user: hi\n"
+    assert ours.apply_chat_template(chat, chat_template=reads_strings) == want
+    assert ours.tokenizer.apply_chat_template(chat, chat_template=reads_strings, tokenize=False) == want
+    # An assistant turn without content (a tool call's) stays without: its parts would show no lost text, only a repr.
+    tool_call = [*chat, {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}]
+    want = hf.apply_chat_template(tool_call, chat_template=reads_strings)
+    assert want == "user: hi\nassistant: \n"
+    assert ours.apply_chat_template(tool_call, chat_template=reads_strings) == want
+    assert ours.tokenizer.apply_chat_template(tool_call, chat_template=reads_strings, tokenize=False) == want
+    reads_parts = ("{% for m in messages %}{% if m.role != 'system' %}{{ m.role }}:{% for c in m.content %}{% if c.type == 'text' %}"
+                   "{{ c.text }}{% endif %}{% endfor %}\n{% endif %}{% endfor %}")
+    assert "hi" not in hf.apply_chat_template(chat, chat_template=reads_parts)  # (the case: transformers leaves the text out)
+    as_parts = [chat[0], {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert ours.apply_chat_template(chat, chat_template=reads_parts) == hf.apply_chat_template(as_parts, chat_template=reads_parts) == "user:hi"
+
+
+def test_message_objects_and_keys_set_to_none_as_transformers(mistral):
+    """transformers 5 takes chat messages, and the parts inside them, as dataclasses or pydantic models (the OpenAI SDK's
+    messages: recognised by `model_dump`) and as dicts drops their keys set to None, in its tokenizer's template call as
+    in its processor's; an image part given as a dataclass is an image of the chat."""
+    import dataclasses
+
+    from ortllava.preprocess.inputs import images_in_messages
+
+    hf = AutoProcessor.from_pretrained(mistral.checkpoint)
+    pipe = ortllava.load(mistral.bundle, provider="cpu", verify=False)
+    ours = pipe.processor
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: object
+        name: object = None
+
+    @dataclasses.dataclass
+    class Part:
+        type: str
+        image: object = None
+        text: object = None
+
+    class SDKMessage:  # (a pydantic model, as far as transformers looks)
+        def __init__(self, **fields):
+            self.fields = fields
+
+        def model_dump(self):
+            return dict(self.fields)
+
+    named = "{% for m in messages %}{{ m['role'] }}:{% if m.name is defined %}({{ m.name }}){% endif %}{{ m['content'] }}|{% endfor %}"
+    chat = [{"role": "user", "content": "hi", "name": None}]
+    want = hf.tokenizer.apply_chat_template(chat, chat_template=named, tokenize=False)
+    assert want == "user:hi|" and ours.tokenizer.apply_chat_template(chat, chat_template=named, tokenize=False) == want
+    tokenized = ours.tokenizer.apply_chat_template(chat, chat_template=named)
+    assert tokenized["input_ids"] == hf.tokenizer.apply_chat_template(chat, chat_template=named)["input_ids"]
+    for objects in ([Message("user", "hi")], [SDKMessage(role="user", content="hi", name=None)]):
+        assert ours.tokenizer.apply_chat_template(objects, chat_template=named, tokenize=False) == want
+        assert ours.apply_chat_template(objects, chat_template=named) == hf.apply_chat_template(objects, chat_template=named) == want
+    image = random_image(60, 40, seed=3)
+    with_parts = [Message("user", [Part("image", image=image), Part("text", text="What is this?")])]
+    want = hf.apply_chat_template(with_parts, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
+    got = ours.apply_chat_template(with_parts, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert np.array_equal(got["input_ids"], want["input_ids"]) and np.array_equal(got["pixel_values"], want["pixel_values"])
+    assert images_in_messages(with_parts) == [image]
+    as_dicts = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]
+    answer = pipe.generate(messages=as_dicts, max_new_tokens=3).token_ids
+    assert pipe.generate(messages=with_parts, max_new_tokens=3).token_ids == answer
+    assert [token for chunk in pipe.stream(messages=with_parts, max_new_tokens=3) for token in chunk.token_ids] == answer
+    assert [r.token_ids for r in pipe.generate(messages=[with_parts, with_parts], max_new_tokens=3)] == [answer] * 2

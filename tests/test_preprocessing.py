@@ -93,6 +93,54 @@ def test_config_variants_bit_identical(variant):
     assert np.array_equal(ours(batch)["pixel_values"], hf(batch, return_tensors="np")["pixel_values"])
 
 
+# preprocessor_config.json forms that transformers reads (`get_size_dict`; a flag set to null is false; a null that
+# no step reads is unread), given to both as written, not as transformers' `to_dict` gives them back.
+RAW_CONFIG_FORMS = {
+    "number-crop-size": {"crop_size": 336},  # a square crop: 336x336
+    "number-size": {"size": 336},  # a shortest edge
+    "pair-sizes": {"size": [336, 336], "crop_size": [336, 336]},
+    "null-flags": {"do_resize": None, "do_center_crop": None, "do_rescale": None, "do_normalize": None},
+    "nulls-no-step-reads": {
+        "image_mean": None, "image_std": None, "do_normalize": False, "rescale_factor": None, "do_rescale": False,
+        "crop_size": None, "do_center_crop": False, "resample": None, "do_resize": False,  # (the grid's resize: bilinear)
+    },
+}
+
+
+@pytest.mark.parametrize("form", sorted(RAW_CONFIG_FORMS))
+def test_config_forms_read_as_transformers_reads_them(form):
+    raw = LLAVA_V16 | RAW_CONFIG_FORMS[form]
+    hf, ours = LlavaNextImageProcessorPil.from_dict(raw), ImageProcessor(ImageProcessorConfig.from_dict(raw))
+    images = [random_image(600, 400, seed=13), random_image(90, 300, seed=14)]
+    mine, ref = ours(images), hf(images, return_tensors="np")
+    assert mine["pixel_values"].shape == ref["pixel_values"].shape
+    assert np.array_equal(mine["pixel_values"], ref["pixel_values"]) and not np.isnan(mine["pixel_values"]).any()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [  # each refused by transformers' processor too, at its first call: here by name, when the config is read
+        ({"image_mean": None}, "image_mean is null, but do_normalize is set"),
+        ({"image_std": None}, "image_std is null, but do_normalize is set"),
+        ({"rescale_factor": None}, "rescale_factor is null, but do_rescale is set"),
+        ({"resample": None}, "resample is null, but do_resize is set"),
+        ({"size": None}, r"size is null: give \{'shortest_edge': n\} or \{'height': h, 'width': w\}"),
+        ({"crop_size": None}, "crop_size is null, but do_center_crop is set"),
+        ({"size": {"height": 336}}, r"size must be \{'shortest_edge': n\} or \{'height': h, 'width': w\}: .*got \{'height': 336\}"),
+        ({"size": {"shortest_edge": 0}}, "size's shortest_edge must be a positive whole number of pixels, got 0"),
+        ({"crop_size": {"height": 336}}, r"crop_size must be \{'height': h, 'width': w\} \(or one number\): .*got \{'height': 336\}"),
+        ({"image_grid_pinpoints": None}, r"image_grid_pinpoints must be a non-empty list of \[height, width\] resolutions"),
+        ({"image_mean": [0.5, 0.5]}, r"image_mean must be one number or three \(one per RGB channel\), got \[0.5, 0.5\]"),
+    ],
+)
+def test_configs_transformers_refuses_are_refused_by_name(edit, message):
+    raw = LLAVA_V16 | edit
+    with pytest.raises((ValueError, TypeError)):
+        LlavaNextImageProcessorPil.from_dict(raw)([random_image(60, 40)], return_tensors="np")
+    with pytest.raises(ValueError, match=message):
+        ImageProcessorConfig.from_dict(raw)
+
+
 def test_a_4d_array_or_tensor_is_one_image_per_row():
     from ortllava.preprocess.inputs import flatten_images
 
@@ -164,6 +212,21 @@ def test_processor_call_as_transformers(hf_processor, pipe):
     padded = pipe.processor(text=["[INST] Hi [/INST]"], padding="max_length", max_length=12, padding_side="left")
     reference = hf_processor(text=["[INST] Hi [/INST]"], padding="max_length", max_length=12, padding_side="left", return_tensors="np")
     assert np.array_equal(padded["input_ids"], reference["input_ids"]) and padded["input_ids"].shape == (1, 12)
+    # A prompt longer than max_length is not cut: alone it keeps its length; beside a shorter one, the rows cannot
+    # make one array. transformers then returns an object array of ragged rows, which no model takes; we refuse.
+    texts = ["[INST] Hi [/INST]", "[INST] A longer question, with more words in it [/INST]"]
+    alone = dict(text=texts[1:], padding="max_length", max_length=5, pad_to_multiple_of=4, return_tensors="np")
+    assert np.array_equal(pipe.processor(**alone)["input_ids"], hf_processor(**alone)["input_ids"])
+    both = dict(text=texts, padding="max_length", max_length=12, return_tensors="np")
+    ragged = hf_processor(**both)["input_ids"]
+    assert ragged.dtype == object and len(ragged[0]) == 12 < len(ragged[1])
+    with pytest.raises(ValueError, match=r"padding='max_length' pads the prompts to max_length=12 tokens, but one is \d+ tokens long"):
+        pipe.processor(**both)
+    with pytest.raises(ValueError, match="cannot make one array"):
+        pipe.processor.tokenizer(texts, padding="max_length", max_length=12, return_tensors="np")
+    assert [len(row) for row in pipe.processor.tokenizer(texts, padding="max_length", max_length=12)["input_ids"]] == [
+        max(12, len(row)) for row in hf_processor.tokenizer(texts)["input_ids"]
+    ]  # (as lists they may differ in length: no error, as transformers')
     assert "attention_mask" not in pipe.processor(text=prompt, images=[image], return_attention_mask=False)
     frames = np.stack([np.asarray(CASES["square"]), np.asarray(CASES["square"])])  # [2, H, W, 3]: two images
     two = "[INST] <image> <image> [/INST]"

@@ -180,7 +180,9 @@ def render(
 
     # A template that reads each message's content as a list of parts (the llava-hf ones) refuses OpenAI's string
     # content, or an assistant turn without any (a tool call's), or renders a string's text as nothing: the chat is
-    # then rendered with that content given as parts (where transformers' would fail, or leave the text out).
+    # then rendered with that content given as parts (where transformers' would fail, or leave the text out). Only
+    # where the parts show what the strings lost: a template that leaves a message out whatever its form (one that
+    # skips the system message) renders the strings, as transformers does.
     plain = "type" in template and any(not isinstance(message.get("content"), list) for message in chat)  # (one that reads parts)
     try:
         try:
@@ -188,9 +190,11 @@ def render(
         except jinja2.exceptions.TemplateError:
             if not plain:
                 raise
-            rendered = None
-        if plain and (rendered is None or _leaves_out_text(rendered_with, chat)):
             rendered = rendered_with([_as_parts(message) for message in chat])
+        else:
+            as_parts = _parts_for_lost_text(rendered_with, chat) if plain else None
+            if as_parts is not None:
+                rendered = rendered_with(as_parts)
     except jinja2.exceptions.TemplateError as error:
         strings = [str(m.get("role")) for m in chat if isinstance(m.get("content"), str)]
         hint = (  # (the llava-hf templates read each message's content as a list of parts, as transformers' do)
@@ -201,15 +205,31 @@ def render(
     return rendered if final_text is None else _cut_at_mark(rendered, final_text)
 
 
-def _leaves_out_text(rendered_with: Callable[[list[dict]], str], chat: list[dict]) -> bool:
-    """Whether the template renders a message's string content as nothing (one that iterates parts reads a string as
-    characters, and renders none of them): each such content given as a mark of its own, one mark is missing."""
+def _parts_for_lost_text(rendered_with: Callable[[list[dict]], str], chat: list[dict]) -> list[dict] | None:
+    """`chat` with the string content the template renders as nothing given as parts (and a missing content as an
+    empty text part), where those parts show some of it (a template that iterates parts reads a string as characters,
+    and renders none of them); None where no text is lost, or where the parts do not show it either (the template
+    leaves the message out, whatever its content: it renders the strings). Each string content is given as a mark of
+    its own, so that the same words elsewhere in the prompt are not taken for it; only the lost ones become parts, so
+    that a string the template does show is not rendered as a list's repr."""
     marks = {index: f"ORTLLAVA{index}CONTENT" for index, message in enumerate(chat) if isinstance(message.get("content"), str)}
+    marked = [{**message, "content": marks[index]} if index in marks else message for index, message in enumerate(chat)]
     try:
-        rendered = rendered_with([{**message, "content": marks[index]} if index in marks else message for index, message in enumerate(chat)])
+        rendered = rendered_with(marked)
     except jinja2.exceptions.TemplateError:  # (one that reads the text itself, and refuses a mark: it renders strings)
-        return False
-    return any(mark not in rendered for mark in marks.values())
+        return None
+    lost = {index for index, mark in marks.items() if mark not in rendered}
+    if not lost:
+        return None
+
+    def as_parts(messages: list[dict]) -> list[dict]:  # (the lost ones, and those without content; the rest as given)
+        return [_as_parts(m) if index in lost or m.get("content") is None else m for index, m in enumerate(messages)]
+
+    try:
+        shown = rendered_with(as_parts(marked))
+    except jinja2.exceptions.TemplateError:
+        return None
+    return as_parts(chat) if any(marks[index] in shown for index in lost) else None
 
 
 def _as_parts(message: dict) -> dict:

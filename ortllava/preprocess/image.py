@@ -10,6 +10,7 @@ An image becomes `1 + rows * cols` tiles: `[n_tiles, 3, image_size, image_size]`
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,27 +47,65 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImageProcessorConfig:
-        size = _size_dict(data.get("size", {"shortest_edge": 224}))
-        crop = _size_dict(data.get("crop_size", {"height": 224, "width": 224}))
-        mean = data.get("image_mean", OPENAI_CLIP_MEAN)
-        std = data.get("image_std", OPENAI_CLIP_STD)
-        for name, value in (("image_mean", mean), ("image_std", std)):  # (transformers' normalize refuses other lengths)
-            if isinstance(value, (list, tuple)) and len(value) != 3:
-                raise ValueError(f"{name} must be one number or three (one per RGB channel), got {list(value)}")
+        """The config of a preprocessor config's fields, read as transformers' `LlavaNextImageProcessorPil` reads them: a
+        missing key is its default, `size` and `crop_size` may be numbers or (height, width) pairs (`get_size_dict`: one
+        number is a shortest edge, a crop's a square), and a flag set to null is false. A value that transformers' processor
+        would refuse at its first call, or that would make wrong pixels, is a ValueError naming the key: a null where a step
+        needs the value (`image_mean` with `do_normalize`, `rescale_factor` with `do_rescale`, ...; transformers keeps a
+        null, it does not take the default), a size of keys ortllava does not implement, a size that is no positive
+        number of pixels, an unknown resampling filter."""
+        do_resize, do_center_crop = data.get("do_resize", True), data.get("do_center_crop", True)
+        do_rescale, do_normalize = data.get("do_rescale", True), data.get("do_normalize", True)
+        size = _size_dict("size", data.get("size", {"shortest_edge": 224}), crop=False)
+        crop = data.get("crop_size", {"height": 224, "width": 224})
+        if crop is None and do_center_crop:
+            raise ValueError("crop_size is null, but do_center_crop is set: give {'height': h, 'width': w} (or one number)")
+        crop = _size_dict("crop_size", crop, crop=True) if crop is not None else {}  # (without a crop, tiles are `size`'s)
+        means = []
+        for name, default in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
+            value = data.get(name, default)
+            if value is None and do_normalize:
+                raise ValueError(f"{name} is null, but do_normalize is set: give one number, or three (one per RGB channel)")
+            value = default if value is None or not do_normalize else value  # (unread without do_normalize)
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * 3
+            if len(values) != 3 or not all(_is_number(v) and math.isfinite(v) for v in values):  # (transformers' normalize: 3)
+                shown = values if isinstance(value, (list, tuple)) else value
+                raise ValueError(f"{name} must be one number or three (one per RGB channel), got {shown!r}")
+            if name == "image_std" and 0 in values:
+                raise ValueError(f"image_std must not hold 0 (normalizing divides by it: infinite pixel values), got {values}")
+            means.append(tuple(values))
+        rescale = data.get("rescale_factor", 1 / 255)
+        if rescale is None and do_rescale:
+            raise ValueError("rescale_factor is null, but do_rescale is set: give the factor pixels are scaled by (1/255: to 0-1)")
+        rescale = 1 / 255 if rescale is None or not do_rescale else rescale  # (unread without do_rescale)
+        if not _is_number(rescale) or not math.isfinite(rescale):
+            raise ValueError(f"rescale_factor must be a number, got {rescale!r}")
+        resample = data.get("resample", Image.Resampling.BICUBIC)
+        if resample is None and do_resize:
+            raise ValueError("resample is null, but do_resize is set: give one of PIL's resampling filters (3: bicubic)")
+        resample = Image.Resampling.BILINEAR if resample is None else resample  # (transformers' resize then takes bilinear)
+        if not isinstance(resample, numbers.Integral) or isinstance(resample, bool) or int(resample) not in set(Image.Resampling):
+            filters = ", ".join(f"{int(f)}: {f.name.lower()}" for f in Image.Resampling)
+            raise ValueError(f"resample must be one of PIL's resampling filters ({filters}), got {resample!r}")
+        pinpoints = data.get("image_grid_pinpoints", [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+        if not isinstance(pinpoints, (list, tuple)) or not pinpoints or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_pixels(side) for side in p) for p in pinpoints
+        ):
+            raise ValueError(f"image_grid_pinpoints must be a non-empty list of [height, width] resolutions, got {pinpoints!r}")
         return cls(
-            grid_pinpoints=[list(p) for p in data.get("image_grid_pinpoints", [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])],
+            grid_pinpoints=[[int(side) for side in p] for p in pinpoints],
             size=size,
             crop_size=crop,
-            do_resize=data.get("do_resize", True),
-            do_center_crop=data.get("do_center_crop", True),
-            do_rescale=data.get("do_rescale", True),
-            rescale_factor=data.get("rescale_factor", 1 / 255),
-            do_normalize=data.get("do_normalize", True),
-            image_mean=tuple(mean) if isinstance(mean, (list, tuple)) else (mean,) * 3,
-            image_std=tuple(std) if isinstance(std, (list, tuple)) else (std,) * 3,
+            do_resize=do_resize,
+            do_center_crop=do_center_crop,
+            do_rescale=do_rescale,
+            rescale_factor=rescale,
+            do_normalize=do_normalize,
+            image_mean=means[0],
+            image_std=means[1],
             do_convert_rgb=data.get("do_convert_rgb", True),
             do_pad=data.get("do_pad", True),
-            resample=int(data.get("resample", Image.Resampling.BICUBIC)),
+            resample=int(resample),
         )
 
     @property
@@ -86,12 +125,38 @@ class ImageProcessorConfig:
         return self.size["shortest_edge"]
 
 
-def _size_dict(size: Any) -> dict[str, int]:
-    if isinstance(size, int):
-        return {"shortest_edge": size}
-    if isinstance(size, (list, tuple)):
-        return {"height": size[0], "width": size[1]}
-    return {key: value for key, value in size.items() if value is not None}
+def _size_dict(name: str, size: Any, crop: bool) -> dict[str, int]:
+    """A `size` (`crop=False`) or `crop_size` as transformers' `get_size_dict` reads it: one number is a shortest edge
+    (a crop's: a square), a pair (height, width), a dict's keys set to null are left out. A ValueError naming `name`
+    for a null, for keys other than the ones ortllava implements ({"shortest_edge"} or {"height", "width"}; a crop's:
+    {"height", "width"}), and for a side that is no positive number of pixels."""
+    forms = "{'height': h, 'width': w} (or one number)" if crop else "{'shortest_edge': n} or {'height': h, 'width': w}"
+    if size is None:
+        raise ValueError(f"{name} is null: give {forms}")
+    if _is_number(size):
+        size = {"height": size, "width": size} if crop else {"shortest_edge": size}
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        size = {"height": size[0], "width": size[1]}
+    elif hasattr(size, "items"):  # (a dict; transformers' SizeDict too)
+        size = {key: value for key, value in size.items() if value is not None}
+    else:
+        raise ValueError(f"{name} must be {forms}, got {size!r}")
+    if set(size) not in ([{"height", "width"}] if crop else [{"shortest_edge"}, {"height", "width"}]):
+        raise ValueError(f"{name} must be {forms}: the forms ortllava implements, got {size!r}")
+    for key, value in size.items():
+        if not _is_pixels(value):
+            raise ValueError(f"{name}'s {key} must be a positive whole number of pixels, got {value!r}")
+    return {key: int(value) for key, value in size.items()}
+
+
+def _is_number(value: Any) -> bool:
+    """Whether `value` is a real number, numpy's too (a bool is not, though Python counts it as one)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_pixels(value: Any) -> bool:
+    """Whether `value` is a positive whole number of pixels."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -416,8 +481,11 @@ def image_sizes(images: list[Image.Image | np.ndarray]) -> np.ndarray:
 
 
 def image_hw(image: Image.Image | np.ndarray) -> tuple[int, int]:
-    """(height, width) of a PIL image or an array (channels first or last)."""
+    """(height, width) of a PIL image or an array (channels first or last); an `ImageLoadError` for an array that is
+    no image (a number, a row of values, a batch: of other than 2 or 3 dimensions)."""
     if isinstance(image, Image.Image):
         return image.height, image.width
     array = _channels_last(image)
+    if array.ndim not in (2, 3):
+        raise ImageLoadError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
     return array.shape[0], array.shape[1]

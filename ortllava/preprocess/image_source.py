@@ -1,6 +1,7 @@
 """Image sources: what a caller may give as an image (a PIL image, an array or tensor, a path, a `file://`, http(s)
 or `data:` URL, a base64 string) opened as transformers' `load_image` opens it, with clear errors
-(`ImageLoadError`, naming the source) and a size and time limit on downloads."""
+(`ImageLoadError`, naming the source), a size and time limit on downloads, and for what is decoded here, the ordinary
+image formats only (`IMAGE_FORMATS`) and a limit on pixels (`MAX_IMAGE_PIXELS`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ ImageLike = Union[Image.Image, np.ndarray, str, Path]
 
 URL_TIMEOUT_S = 20.0
 URL_MAX_BYTES = 50 * 1024 * 1024
+# The image formats a path, URL or base64 string may hold: the ordinary raster ones. PIL reads many more, and some run
+# other programs or parse much more (EPS runs Ghostscript; PDF, PSD, ...): not for images from anywhere.
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+# The most pixels (width x height) an image read from a path, URL or base64 string may have, checked on its header
+# before its pixels are decoded (a small PNG can hold 12000x12000 pixels, 144 M, and take gigabytes decoded): PIL's
+# own limit (`PIL.Image.MAX_IMAGE_PIXELS`, 89.5 M), above which PIL only warns of a decompression bomb. A caller may
+# raise it (PIL refuses images above twice its own limit whatever this says: raise that too), or set None: no limit.
+MAX_IMAGE_PIXELS: int | None = 89_478_485
 # The kinds of image source a string may name: "file" (a path, or a file:// URL), "http" (an http(s) URL) and "data"
 # (a data: URI, or base64). A server given images by untrusted clients accepts only "data" (see `Pipeline`'s
 # `image_sources`): a path would let a client read the server's files, a URL make it fetch from the network.
@@ -68,13 +77,36 @@ def load_image(source: ImageLike, timeout: float = URL_TIMEOUT_S, sources: Colle
     name = _shortened(text)
     data = _read_source(text, isinstance(source, str), timeout, sources)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = _open(data)  # (its header only)
+        _check_pixels(image.size, name)
         image = ImageOps.exif_transpose(image)
         return image.convert("RGB")
+    except ImageLoadError:
+        raise
     except UnidentifiedImageError as error:
-        raise ImageLoadError(f"cannot decode image {name}: not in an image format PIL can read") from error
+        formats = ", ".join(IMAGE_FORMATS)
+        raise ImageLoadError(f"cannot decode image {name}: not in an image format taken here ({formats})") from error
+    except Image.DecompressionBombError as error:  # (above twice PIL's own limit: refused while the header is read)
+        raise ImageLoadError(f"cannot decode image {name}: {error} (PIL.Image.MAX_IMAGE_PIXELS sets PIL's limit)") from error
     except Exception as error:  # PIL raises many types for damaged files
         raise ImageLoadError(f"cannot decode image {name}: {error}") from error
+
+
+def _open(data: bytes) -> Image.Image:
+    """`data` opened lazily (its header read, not its pixels) by PIL, as one of `IMAGE_FORMATS` only."""
+    Image.init()  # (registers every plugin once: a format of IMAGE_FORMATS that this PIL lacks is left out, not a KeyError)
+    return Image.open(io.BytesIO(data), formats=[name for name in IMAGE_FORMATS if name in Image.OPEN])
+
+
+def _check_pixels(size: tuple[int, int], name: str) -> None:
+    """An ImageLoadError for an image of `size` (width, height) above `MAX_IMAGE_PIXELS`, before its pixels are decoded."""
+    width, height = size
+    if MAX_IMAGE_PIXELS is not None and width * height > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(
+            f"image {name} is {width}x{height} pixels ({width * height}), above the limit of {MAX_IMAGE_PIXELS} pixels "
+            "(a possible decompression bomb); a caller that trusts its images may raise "
+            "ortllava.preprocess.image_source.MAX_IMAGE_PIXELS"
+        )
 
 
 def _read_source(text: str, may_be_base64: bool, timeout: float, sources: Collection[str] = IMAGE_SOURCES) -> bytes:
@@ -144,7 +176,9 @@ def _decode_base64(text: str) -> bytes | None:
 
 def _looks_like_an_image(data: bytes) -> bool:
     try:
-        Image.open(io.BytesIO(data))  # reads the header only
+        _open(data)  # reads the header only
+        return True
+    except Image.DecompressionBombError:  # (an image, too large: `load_image` says so)
         return True
     except Exception:  # noqa: BLE001 - PIL raises many types
         return False

@@ -9,6 +9,7 @@ Each form becomes the processor's outputs, `input_ids [B, T]` and `attention_mas
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ def prepare_inputs(
     input was a batch (`pixel_values=False`: `image_sizes` without the pixels, see `Processor.__call__`). A chat that
     ends with an assistant message is continued, as transformers' pipeline does (one without content, such as a
     tool call, is not)."""
+    messages = message_dicts(messages)  # (message objects: dataclasses, pydantic models)
     batched = is_batch(prompt, messages)
     if messages is None:
         if images is not None and not isinstance(images, (list, tuple)):
@@ -92,11 +94,12 @@ def is_batch(prompt: Any, messages: Any) -> bool:
         if not isinstance(messages, (list, tuple)) or not messages:
             hint = "; a prompt string goes in Pipeline.generate(prompt=...)" if isinstance(messages, str) else ""
             raise TypeError(f"messages must be a non-empty list of message dicts (a chat) or of chats, got {type(messages).__name__}{hint}")
+        messages = message_dicts(messages)
         batched = is_chat_batch(messages)
         chats = messages if batched else [messages]
         for chat in chats:
             if not isinstance(chat, (list, tuple)) or not chat or not all(isinstance(message, dict) and "role" in message for message in chat):
-                raise TypeError("each chat must be a non-empty list of messages: dicts with a 'role' (and a 'content')")
+                raise TypeError("each chat must be a non-empty list of messages: dicts (or objects) with a 'role' (and a 'content')")
         return batched
     if isinstance(prompt, str):
         return False
@@ -114,17 +117,44 @@ def is_batch(prompt: Any, messages: Any) -> bool:
 CONTENT_TYPES = ("text", "image")
 
 
-def normalize_messages(conversation: Sequence[dict]) -> list[dict]:
-    """A chat as transformers' processors normalize it before rendering: the keys set to None dropped (as OpenAI
-    clients send `content=None`), and OpenAI `{"type": "image_url", "image_url": {"url": ...}}` blocks (or with
+def message_dicts(value: Any) -> Any:
+    """Message objects (dataclasses, pydantic models such as the OpenAI SDK's messages) and the objects inside them
+    (content parts, tool calls) as dicts, in lists and tuples as given, as transformers 5 converts them
+    (`_message_objects_to_dicts`): a pydantic model by its `model_dump()`, recognised by that method (pydantic is not
+    imported). Anything else (strings, numbers, images, arrays) as given."""
+    if isinstance(value, Mapping):
+        return {key: message_dicts(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [message_dicts(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(message_dicts(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # (not `asdict`: it deep-copies the images too)
+        return {field.name: message_dicts(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return message_dicts(value.model_dump())
+    return value
+
+
+def chat_messages(conversation: Sequence[Any]) -> list[dict]:
+    """A chat as transformers 5 takes it before anything else (`_normalize_chat_messages`, its tokenizer's and its
+    processors'): message objects as dicts (`message_dicts`), and the keys set to None dropped (OpenAI clients send
+    `content=None`, `tool_calls=None`: a template handles a missing key, where it may render "None")."""
+    messages = []
+    for message in message_dicts(list(conversation)):
+        if not isinstance(message, dict):
+            raise TypeError(f"chat messages must be dicts (or dataclasses, pydantic models), got {message!r}")
+        messages.append({key: value for key, value in message.items() if value is not None})
+    return messages
+
+
+def normalize_messages(conversation: Sequence[Any]) -> list[dict]:
+    """A chat as transformers' processors normalize it before rendering: message objects as dicts and the keys set to
+    None dropped (`chat_messages`), and OpenAI `{"type": "image_url", "image_url": {"url": ...}}` blocks (or with
     the URL as a string) made `{"type": "image", "url": ...}`; OpenAI's Responses forms too ("input_text",
     "output_text", "input_image"). A part of another type (or of none) is a ValueError: the template would render it
     as nothing, and the answer would be to a message without it."""
     normalized = []
-    for index, message in enumerate(conversation):
-        if not isinstance(message, dict):
-            raise TypeError(f"chat messages must be dicts, got {message!r}")
-        message = {key: value for key, value in message.items() if value is not None}
+    for index, message in enumerate(chat_messages(conversation)):
         if isinstance(message.get("content"), list):
             message["content"] = [_image_block(block) for block in message["content"]]
             for block in message["content"]:  # (a template would render it as nothing: an answer to an empty message)
@@ -165,8 +195,8 @@ def is_chat_batch(messages: Sequence[Any]) -> bool:
 def images_in_messages(messages: list[dict]) -> list[ImageLike]:
     """The images of a Hugging Face chat, in order: content items of type "image" with "image", "path" or "url"."""
     found = []
-    for message in messages:
-        content = message.get("content")
+    for message in message_dicts(list(messages)):  # (message objects, or content parts, as dicts: an image part is found)
+        content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
             continue
         for item in content:

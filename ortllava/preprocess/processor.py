@@ -130,6 +130,10 @@ class Processor:
         (`image_sizes` alone sets the token counts): a chat turn preprocesses only the images its cache does not hold.
         """
         check_return_tensors(return_tensors)
+        if text is not None and not (isinstance(text, str) or isinstance(text, (list, tuple)) and text):
+            # (an empty batch, as the tokenizer refuses it: no rows to pad; before any image is read)
+            got = f"an empty {type(text).__name__}" if isinstance(text, (list, tuple)) else type(text).__name__
+            raise TypeError(f"text must be a string or a non-empty list of strings, got {got}")
         padding, max_length = self.tokenizer.padding_and_length(padding, truncation, max_length, pad_to_multiple_of)
         truncate = truncates(truncation, padding, max_length)
         flat_images = [load_image(image, sources=self.image_sources) for image in flatten_images(images)] if images is not None else []
@@ -137,8 +141,6 @@ class Processor:
             images = None
         if text is None and images is None:
             raise ValueError("give text, images or both")
-        if text is not None and not isinstance(text, (str, list, tuple)):
-            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
         texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
         if texts is not None:
             check_encodable(texts)

@@ -202,11 +202,12 @@ class BundleTokenizer:
         tokenizer_kwargs: dict[str, Any] | None = None, **kwargs: Any,
     ) -> str | list[str] | list[int] | list[list[int]] | np.ndarray | BatchFeature:
         """The chat template (`chat_template`, else the tokenizer's own) rendered and, by default, tokenized,
-        as transformers 5's tokenizer does (`return_dict=True`: `input_ids` and `attention_mask`). `kwargs` are the
+        as transformers 5's tokenizer does (`return_dict=True`: `input_ids` and `attention_mask`; the messages may be
+        dataclasses or pydantic models, and keys set to None are dropped, as there). `kwargs` are the
         template's variables; `tokenizer_kwargs` go to the tokenizer's call. For chats with images:
         `processor.apply_chat_template`."""
         from . import chat_template as templates  # (jinja2: imported when a template is used)
-        from .inputs import is_chat_batch
+        from .inputs import chat_messages, is_chat_batch
 
         template = chat_template or self.chat_template
         if template is None:
@@ -216,7 +217,8 @@ class BundleTokenizer:
                 "or use processor.apply_chat_template (the model's template, which takes images as well)"
             )
         batched = is_chat_batch(conversation)
-        conversations = [list(chat) for chat in (conversation if batched else [conversation])]  # (as given: transformers' tokenizer normalizes nothing)
+        # As transformers' tokenizer takes them: message objects as dicts, keys set to None dropped (no image blocks mapped).
+        conversations = [chat_messages(chat) for chat in (conversation if batched else [conversation])]
         templates.check_options(conversations, add_generation_prompt, continue_final_message, return_assistant_tokens_mask, sanitize_control_tokens)
         variables = {**self.special_tokens_map, **kwargs}
         texts = [templates.render(template, chat, add_generation_prompt, continue_final_message, tools, documents, **variables) for chat in conversations]
@@ -299,8 +301,10 @@ def pad_ids(
     ids: list[list[int]], pad_id: int | None, side: str, padding: bool | str = True, max_length: int | None = None, multiple: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Ragged token ids -> `input_ids` and `attention_mask` `[B, T]` int64: `padding` True or "longest" pads to the
-    longest row, "max_length" to `max_length` (or the longest, if longer), False or "do_not_pad" only checks the rows
-    are as long; on `side` ("left" or "right"), with `pad_id` (0 where the tokenizer has none; the mask leaves it out).
+    longest row, "max_length" to `max_length` (a row longer than it stays so, as in transformers, so that rows of
+    other lengths cannot make one array: an error, where transformers returns an object array of ragged rows, which no
+    model takes), False or "do_not_pad" only checks the rows are as long; on `side` ("left" or "right"), with `pad_id`
+    (0 where the tokenizer has none; the mask leaves it out).
     `multiple` (transformers' `pad_to_multiple_of`): a padded length is rounded up to a multiple of it."""
     if padding not in (True, False, "longest", "max_length", "do_not_pad"):
         raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
@@ -312,8 +316,15 @@ def pad_ids(
     if padding in (False, "do_not_pad") and any(len(row) != longest for row in ids):
         raise ValueError("the prompts tokenize to different lengths: pass padding=True to pad them")
     if padding == "max_length":
-        longest = max(longest, max_length)
-    if multiple and padding not in (False, "do_not_pad"):
+        target = -(-max_length // multiple) * multiple if multiple else max_length
+        if longest > target and any(len(row) != longest for row in ids):
+            raise ValueError(
+                f"padding='max_length' pads the prompts to max_length={max_length} tokens, but one is {longest} tokens long and "
+                "is not cut, so the rows cannot make one array: pass truncation=True to cut them to max_length, or "
+                "padding=True to pad them to the longest"
+            )
+        longest = max(longest, target)
+    elif multiple and padding not in (False, "do_not_pad"):
         longest = -(-longest // multiple) * multiple
     input_ids = np.full((len(ids), longest), pad_id if pad_id is not None else 0, dtype=np.int64)
     mask = np.zeros((len(ids), longest), dtype=np.int64)
