@@ -42,10 +42,24 @@ PrefillPlan = Callable[[dict[str, np.ndarray], int, GenerationMetrics], tuple[Pr
 
 
 @dataclass
+class Decoding:
+    """What picks a request's tokens, built as the request is checked, so that a mistake in its arguments (a banned
+    token past the vocabulary, ...) is raised by the call itself, before a held cache is taken: the sampler behind
+    the processors, those processors (ortllava's, then the caller's hooks), and the rows' prompt ids and attention
+    mask `[rows, T]`, each prompt's row repeated for its answers or beams."""
+
+    sample: Callable[[np.ndarray], np.ndarray]
+    processors: list
+    hooks: CallerHooks | None
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+
+
+@dataclass
 class Request:
     """A generation's inputs and settings, checked (`Pipeline._check_request`): processor outputs (`input_ids [B, T]`,
-    left-padded), whether they were a batch, the settings for their prompt, EOS and pad ids, and the metrics begun
-    (`preprocess_s` counted)."""
+    left-padded), whether they were a batch, the settings for their prompt, EOS and pad ids, the metrics begun
+    (`preprocess_s` counted) and its decoding."""
 
     inputs: Mapping[str, np.ndarray]
     batched: bool
@@ -53,6 +67,7 @@ class Request:
     eos: list[int]
     pad_id: int
     metrics: GenerationMetrics
+    decoding: Decoding
 
 
 class Pipeline:
@@ -371,14 +386,36 @@ class Pipeline:
                 GenerationWarning,
             )
         eos, pad_id = self._special_ids(settings)
+        decoding = self._decoding(settings, inputs["input_ids"], inputs["attention_mask"], eos)
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = prompt_tokens
-        return Request(inputs, batched, settings, eos, pad_id, metrics)
+        return Request(inputs, batched, settings, eos, pad_id, metrics, decoding)
+
+    def _decoding(self, settings: GenerationSettings, input_ids: np.ndarray, attention_mask: np.ndarray, eos: list[int]) -> Decoding:
+        """The sampler, processors and caller's hooks for `settings`, over the rows the cache will have: each prompt's
+        row repeated for its beams (beam search), else its answers (num_return_sequences), transformers' order."""
+        copies = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
+        if copies > 1:  # rows 0..n-1 answer prompt 0
+            input_ids, attention_mask = np.repeat(input_ids, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
+        sampler = make_sampler(
+            settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed, settings.min_p, settings.typical_p,
+            settings.epsilon_cutoff, settings.eta_cutoff,
+        )
+        hooks = constraint = None
+        if settings.logits_processor or settings.stopping_criteria or settings.prefix_allowed_tokens_fn:
+            hooks = CallerHooks(input_ids, settings.max_new_tokens, settings.logits_processor, settings.stopping_criteria)
+        if settings.prefix_allowed_tokens_fn is not None:
+            constraint = PrefixConstrained(hooks, settings.prefix_allowed_tokens_fn, copies)
+        processors = for_settings(settings, input_ids, attention_mask, eos, self.manifest.text.vocab_size, constraint)
+        if hooks is not None:  # (the caller's processors: after ortllava's, as transformers merges them)
+            processors.append(hooks)
+        return Decoding(with_processors(sampler, processors), processors, hooks, input_ids, attention_mask)
 
     def _start(self, plan: PrefillPlan | None, request: Request) -> Run:
         """Everything up to the first decoder call, from a checked request: images and embeddings (through `plan`; by
-        default `_prefix_prefill` for one prompt with `prefix_cache`, else `_fresh_prefill`), sampler. A chat turn's
-        `plan` adds the time it preprocesses images to `metrics.preprocess_s`."""
+        default `_prefix_prefill` for one prompt with `prefix_cache`, else `_fresh_prefill`). A chat turn's `plan`
+        adds the time it preprocesses images to `metrics.preprocess_s`. (Nothing here may refuse the caller's
+        arguments: a plan may have taken a held cache, which an error would lose.)"""
         inputs, settings, metrics = request.inputs, request.settings, request.metrics
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         # The clocks: the timings count the preprocessing and what follows from here, not a wait in between (a stream
@@ -398,26 +435,12 @@ class Pipeline:
         else:  # (a chat turn: one answer, see runs.one_answer)
             prefill, keep_cache = plan(inputs, settings.max_new_tokens, metrics)
         metrics.vision_s = time.perf_counter() - vision_start - (metrics.preprocess_s - preprocessed)
-        if copies > 1:  # each prompt's row n times, as the cache has them: rows 0..n-1 answer prompt 0 (transformers' order)
-            input_ids, attention_mask = np.repeat(input_ids, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
-
-        sampler = make_sampler(
-            settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed, settings.min_p, settings.typical_p,
-            settings.epsilon_cutoff, settings.eta_cutoff,
-        )
-        hooks = constraint = None
-        if settings.logits_processor or settings.stopping_criteria or settings.prefix_allowed_tokens_fn:
-            hooks = CallerHooks(input_ids, settings.max_new_tokens, settings.logits_processor, settings.stopping_criteria)
-        if settings.prefix_allowed_tokens_fn is not None:
-            constraint = PrefixConstrained(hooks, settings.prefix_allowed_tokens_fn, copies)
-        processors = for_settings(settings, input_ids, attention_mask, request.eos, self.manifest.text.vocab_size, constraint)
-        if hooks is not None:  # (the caller's processors: after ortllava's, as transformers merges them)
-            processors.append(hooks)
+        decoding = request.decoding
         return Run(
-            self.sessions.decoder, self.embed_table, self._answer_text, prefill, input_ids.shape[0], with_processors(sampler, processors), settings,
-            request.eos, request.pad_id, metrics, started, request.batched, keep_cache, processors=processors,
-            held_tokens=self._held_tokens, prompt_tokens=attention_mask.sum(axis=1).tolist(), deadline=deadline, hooks=hooks,
-            prompt_ids=input_ids,
+            self.sessions.decoder, self.embed_table, self._answer_text, prefill, len(decoding.prompt_ids), decoding.sample, settings,
+            request.eos, request.pad_id, metrics, started, request.batched, keep_cache, processors=decoding.processors,
+            held_tokens=self._held_tokens, prompt_tokens=decoding.prompt_mask.sum(axis=1).tolist(), deadline=deadline,
+            hooks=decoding.hooks, prompt_ids=decoding.prompt_ids,
         )
 
     def _fresh_prefill(self, inputs: dict[str, np.ndarray], max_new_tokens: int, metrics: GenerationMetrics, copies: int = 1) -> tuple[Prefill, None]:

@@ -278,6 +278,11 @@ def test_failed_turns_keep_the_cache_and_the_history(setup, monkeypatch):
         chat.send(123)
     with pytest.raises(ValueError, match=r"the message's text holds '<image>', the image placeholder: give the images with images="):
         chat.send("What is in <image>?", images=[IMAGES[1]])
+    vocab = pipe.manifest.text.vocab_size  # (refused once the turn's ids are known: before its cache is taken)
+    with pytest.raises(ValueError, match="vocabulary"):
+        chat.send("hi", bad_words_ids=[[vocab + 3]])
+    with pytest.raises(ValueError, match="vocabulary"):
+        chat.stream("hi", suppress_tokens=[1], sequence_bias=[[[vocab], 2.0]])  # (by the call, not at its first chunk)
     assert chat.cached_tokens == cached and chat.messages == history
     # An error during the answer: neither send nor stream adds the turn to the history.
     decoder = type(pipe.sessions.decoder)

@@ -54,6 +54,13 @@ def test_fixed_max_length_serves_every_request_that_fits(mistral, monkeypatch):
     assert caught[0].filename == __file__  # (pointing at the caller's load)
 
 
+def test_max_length_given_for_a_concat_bundle_is_warned_of(tiny_store):
+    """A concat decoder's cache grows as it needs: the buffers' length it cannot use is said to be ignored."""
+    with pytest.warns(UserWarning, match="max_length=300 sizes a gqa decoder's key/value buffers; this bundle's decoder is concat") as caught:
+        ortllava.load(tiny_store.get("mistral-concat").bundle, provider="cpu", verify=False, max_length=300)
+    assert caught[0].filename == __file__
+
+
 def test_fused_decoder_needs_io_binding(mistral):
     with pytest.raises(ValueError, match="IO binding"):
         ortllava.load(mistral.bundle, provider="cpu", io_binding=False)

@@ -128,6 +128,23 @@ def test_a_failed_generation_leaves_the_kept_cache(pipes, monkeypatch):
     assert cached.generate(messages=messages, **GREEDY).metrics.prefilled_tokens == 1
 
 
+def test_a_mistake_in_the_arguments_leaves_the_kept_cache(pipes):
+    """An argument refused only once the inputs are known (a banned token past the vocabulary) is refused before the
+    kept cache is taken, by the call itself (a stream's too, not at its first chunk): the next prompt still reuses it."""
+    cached, _ = pipes
+    messages = user(IMAGE, "What is shown in this image?")
+    cached.generate(messages=messages, **GREEDY)
+    held = cached.prefix.cached_tokens
+    vocab = cached.manifest.text.vocab_size
+    for bad in (dict(bad_words_ids=[[vocab + 5]]), dict(sequence_bias=[[[vocab], 1.0]]), dict(forced_eos_token_id=vocab)):
+        with pytest.raises(ValueError, match="vocabulary"):
+            cached.generate(messages=messages, **GREEDY, **bad)
+        with pytest.raises(ValueError, match="vocabulary"):
+            cached.stream(messages=messages, **GREEDY, **bad)  # (not iterated)
+        assert cached.prefix.cached_tokens == held
+    assert cached.generate(messages=messages, **GREEDY).metrics.prefilled_tokens == 1
+
+
 class FailingRuns:
     """Makes the decoder session's runs from the `fail_at`-th on raise `error` (an interrupt, a failed kernel)."""
 

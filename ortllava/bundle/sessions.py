@@ -352,6 +352,8 @@ class BundleSessions:
         vision_dtype = NUMPY_DTYPES[manifest.graphs["vision_encoder"].dtype]
         self.vision = VisionPath(sessions["vision_encoder"], sessions["projector"], device, vision_dtype)
         self.splice = FeatureSplice(sessions[FEATURE_SPLICE_GRAPH], device) if FEATURE_SPLICE_GRAPH in sessions else None
+        if max_length is not None and manifest.graphs["decoder"].kind != "gqa":
+            warn(f"max_length={max_length} sizes a gqa decoder's key/value buffers; this bundle's decoder is concat (its cache grows as it needs): ignored")
         if self.cuda_graph and not max_length:  # graphs replay fixed shapes: one buffer length for every generation
             max_length = min(CUDA_GRAPH_DEFAULT_LENGTH, served_positions(manifest))
         self.decoder = make_decoder(sessions["decoder"], manifest, device, max_length, self.cuda_graph, sessions.get(KV_REORDER_GRAPH))
