@@ -15,7 +15,7 @@ from ortllava.bundle.manifest import GraphSpec, Manifest, TextSpec, TokenSpec, V
 
 from .checkpoint import Checkpoint
 
-SCRATCH_MARK = ".ortllava-export-partial"  # in the scratch folder while an export writes it (not a bundle file)
+SCRATCH_MARK = m.EXPORT_SCRATCH_MARK  # in the scratch folder while an export writes it (not a bundle file)
 
 
 def write_assets(checkpoint: Checkpoint, out: Path, dtype=np.float32) -> None:

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ortllava.bundle.manifest import FEATURE_SPLICE_GRAPH, KV_REORDER_GRAPH
+from ortllava.bundle.manifest import FEATURE_SPLICE_GRAPH, KV_REORDER_GRAPH, reading_export_scratch
 from ortllava.generation.settings import shown_settings, unsupported_generation_settings
 
 from .checkpoint import Checkpoint, computing_in_fp32, load_checkpoint, model_source
@@ -209,7 +209,8 @@ def _export_into(work: Path, checkpoint: Checkpoint, plan: ExportPlan, progress:
         write_manifest(manifest, work)
     if plan.validate:
         with stage("Measuring accuracy against the fp32 PyTorch model (teacher-forced)"):
-            manifest.accuracy = accuracy_report(accuracy_refs, work)
+            with reading_export_scratch():  # (the runtime refuses a scratch folder to all but its exporter)
+                manifest.accuracy = accuracy_report(accuracy_refs, work)
             write_manifest(manifest, work)
             a = manifest.accuracy
             print(f"      top-1 agreement {a['top1_agreement'] * 100:.1f}% over {a['positions']} positions, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,44 @@ def test_non_finite_logits_fail_the_export_and_leave_nothing(tmp_path, monkeypat
     with pytest.raises(ExportValidationError, match="not finite"):
         export_bundle("tiny", tmp_path / "int4", precision="int4", target="cpu")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_killed_before_it_finished_is_no_bundle(mistral, tmp_path, monkeypatch):
+    """An export measures its accuracy through the runtime, on its scratch folder, whose manifest then already lists
+    every file: a kill there (which nothing can catch) leaves a folder that looks whole. The runtime refuses a folder
+    with the scratch mark, except to the export that writes it; an export still measures and ships its bundle."""
+    from ortllava.bundle.manifest import EXPORT_SCRATCH_MARK, reading_export_scratch
+    from ortllava_export import cli
+    from ortllava_export.checks import accuracy
+
+    scratch = tmp_path / "b.partial"
+    shutil.copytree(mistral.bundle, scratch)
+    (scratch / EXPORT_SCRATCH_MARK).touch()
+    for load in (lambda: ortllava.load(scratch, provider="cpu"), lambda: read_manifest(scratch)):
+        with pytest.raises(ortllava.BundleError, match="is an unfinished export .*: export the bundle again"):
+            load()
+    with reading_export_scratch():
+        assert ortllava.load(scratch, provider="cpu", verify=False).manifest.text.vocab_size > 0
+    measured = []
+    report = accuracy.accuracy_report
+
+    def measuring(references, work):  # (the stage a kill could interrupt: a manifest, and the mark)
+        measured.append((work / "manifest.json").is_file() and (work / EXPORT_SCRATCH_MARK).is_file())
+        return report(references, work)
+
+    monkeypatch.setattr(accuracy, "accuracy_report", measuring)  # (the export imports it when it measures)
+    bundle = cli.export_bundle("tiny", tmp_path / "b2")
+    assert measured == [True] and not (bundle / EXPORT_SCRATCH_MARK).exists() and ortllava.load(bundle, provider="cpu")
+
+
+def test_fp16_weights_past_its_range_are_refused():
+    """A weight beyond ±65504 would become inf in an fp16 graph, which only validation would see."""
+    from ortllava_export.graphs.fused_decoder import _Graph
+
+    graph = _Graph(np.float16)
+    assert graph.weight("fine", np.array([65504.0, -1.5], np.float32)) == "fine"
+    with pytest.raises(ValueError, match=r"the weight too_large holds values beyond fp16's range \(±65504\)"):
+        graph.weight("too_large", np.array([1.0, 7e4], np.float32))
 
 
 def test_validated_int4_export_lets_the_weights_go_first_and_ships_no_float_graph(tmp_path, monkeypatch, capfd):

@@ -83,6 +83,8 @@ class _Graph:
             array = value.detach().to(_TORCH_DTYPES[dtype.name]).contiguous().numpy()
         else:
             array = np.ascontiguousarray(np.asarray(value).astype(dtype, copy=False))
+        if dtype == np.float16 and not np.isfinite(array).all():  # (past ±65504: an unvalidated export would not see it)
+            raise ValueError(f"the weight {name} holds values beyond fp16's range (±65504): export it in fp32, or as int4")
         self.weight_bytes += array.nbytes
         self.initializers.append(self.writer.tensor(name, array))
         return name

@@ -7,6 +7,8 @@ the standard library.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -15,6 +17,21 @@ from typing import Any, Callable, TypeVar
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# In an export's scratch folder (`DIR.partial`) until the export is complete and moved into place: such a folder may
+# hold a manifest whose files all match (the export measures its accuracy through the runtime), but an export killed
+# there never finished, so the runtime refuses it (except for the exporter, `reading_export_scratch`).
+EXPORT_SCRATCH_MARK = ".ortllava-export-partial"
+_READING_EXPORT_SCRATCH = contextvars.ContextVar("reading_export_scratch", default=False)
+
+
+@contextlib.contextmanager
+def reading_export_scratch():
+    """Within it, this thread may load an export's scratch folder (the exporter, measuring the bundle it writes)."""
+    token = _READING_EXPORT_SCRATCH.set(True)
+    try:
+        yield
+    finally:
+        _READING_EXPORT_SCRATCH.reset(token)
 GRAPH_NAMES = ("vision_encoder", "projector", "decoder")  # the graphs every bundle has
 KV_REORDER_GRAPH = "kv_reorder"  # beam search's row gather over the decoder's keys/values (bundles from 2026-11-27 on)
 FEATURE_SPLICE_GRAPH = "feature_splice"  # a prompt's embeddings gathered on the device (gqa bundles from 2026-11-28 on)
@@ -301,6 +318,11 @@ def read_manifest(bundle: str | Path, verify: bool = True, check_files: bool = T
         raise BundleError(f"{bundle} is not a bundle folder (it does not exist or is not a directory){hint}")
     if not path.is_file():
         raise BundleError(f"{bundle} is not an ortllava bundle: {MANIFEST_FILE} is missing")
+    if (bundle / EXPORT_SCRATCH_MARK).exists() and not _READING_EXPORT_SCRATCH.get():
+        raise BundleError(
+            f"{bundle} is an unfinished export (an export's scratch folder, marked {EXPORT_SCRATCH_MARK}: the export "
+            "stopped before it completed): export the bundle again"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # (JSON and UTF-8 decoding errors are ValueErrors)
