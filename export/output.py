@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -149,7 +150,7 @@ def _clear_scratch(work: Path) -> None:
 
 def _move_into_place(work: Path, output: Path) -> None:
     """Puts the finished bundle `work` at `output`; an earlier bundle there is set aside first and restored if the
-    move fails, then deleted."""
+    move fails, then deleted (`_delete_earlier`)."""
     earlier = None
     if output.exists():
         earlier = output.with_name(output.name + ".earlier")
@@ -162,7 +163,22 @@ def _move_into_place(work: Path, output: Path) -> None:
             earlier.rename(output)
         raise
     if earlier is not None:
-        shutil.rmtree(earlier)
+        _delete_earlier(earlier)
+
+
+def _delete_earlier(earlier: Path) -> None:
+    """Deletes the earlier bundle set aside at `earlier`, its manifest last, so that one left half-deleted still
+    holds a bundle's manifest (the next export then clears it, as it clears any `DIR.earlier` that holds a bundle).
+    The new bundle is already in place: a file that cannot be deleted is said, not a failed export."""
+    try:
+        for entry in sorted(earlier.iterdir(), key=lambda entry: entry.name == MANIFEST_FILE):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        earlier.rmdir()
+    except OSError as error:
+        print(f"warning: the bundle is in place, but the one it replaced, set aside in {earlier}, could not be deleted: {error}", file=sys.stderr)
 
 
 def _bundle_entries(folder: Path) -> set[str] | None:

@@ -46,6 +46,30 @@ def test_output_folder_is_replaced_only_when_it_holds_a_bundle(tmp_path, monkeyp
     assert (bundle / "manifest.json").is_file()
 
 
+def test_an_earlier_bundle_that_cannot_all_be_deleted_leaves_the_new_one_in_place(tmp_path, monkeypatch, capfd):
+    """Once the new bundle is in place, the earlier one is deleted manifest last: a file that will not go is a warning,
+    not a failed export, and what is left still holds its manifest, so the next export clears it."""
+    from pathlib import Path
+
+    from ortllava_export.cli import export_bundle
+
+    bundle = export_bundle("tiny", tmp_path / "b", validate=False)
+    unlink = Path.unlink
+
+    def stubborn(path, *args, **kwargs):
+        if path.parent.name == "b.earlier" and path.name == "tokenizer.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", stubborn)
+        assert export_bundle("tiny", bundle, validate=False) == bundle
+    assert "the bundle is in place, but the one it replaced, set aside in" in capfd.readouterr().err
+    assert read_manifest(bundle) and (tmp_path / "b.earlier" / "manifest.json").is_file()
+    assert export_bundle("tiny", bundle, validate=False) == bundle
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def test_failed_export_removes_the_folders_it_created_and_keeps_an_earlier_bundle(tmp_path, monkeypatch):
     import hashlib
 
