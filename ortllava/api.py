@@ -17,12 +17,11 @@ from .bundle.sessions import BundleSessions
 from .decoders import ContextLengthError, KVCache
 from .embedding.features import ProjectedImages
 from .embedding.prompt_embedder import PromptEmbedder
-from .generation.caller_hooks import CallerCriterion, CallerHooks, CallerProcessor, PrefixConstrained
+from .generation.caller_hooks import CallerCriterion, CallerProcessor
+from .generation.decoding import Decoding, decoding_for
 from .generation.detokenizer import held_token_ids
 from .generation.generate import GenerationMetrics, GenerationResult, positions_needed
-from .generation.logits_processors import for_settings, with_processors
 from .generation.runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
-from .generation.sampling import make_sampler
 from .generation.settings import GenerationSettings, shown_settings, unsupported_generation_settings
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
 from .preprocess.image_source import IMAGE_SOURCES, ImageLike
@@ -39,20 +38,6 @@ Messages = list[dict[str, Any]]
 # (None: it goes back to the decoder). `Pipeline._fresh_prefill` embeds the whole prompt; a chat embeds only
 # what its cache does not hold yet.
 PrefillPlan = Callable[[dict[str, np.ndarray], int, GenerationMetrics], tuple[Prefill, KeepCache | None]]
-
-
-@dataclass
-class Decoding:
-    """What picks a request's tokens, built as the request is checked, so that a mistake in its arguments (a banned
-    token past the vocabulary, ...) is raised by the call itself, before a held cache is taken: the sampler behind
-    the processors, those processors (ortllava's, then the caller's hooks), and the rows' prompt ids and attention
-    mask `[rows, T]`, each prompt's row repeated for its answers or beams."""
-
-    sample: Callable[[np.ndarray], np.ndarray]
-    processors: list
-    hooks: CallerHooks | None
-    prompt_ids: np.ndarray
-    prompt_mask: np.ndarray
 
 
 @dataclass
@@ -386,30 +371,10 @@ class Pipeline:
                 GenerationWarning,
             )
         eos, pad_id = self._special_ids(settings)
-        decoding = self._decoding(settings, inputs["input_ids"], inputs["attention_mask"], eos)
+        decoding = decoding_for(settings, inputs["input_ids"], inputs["attention_mask"], eos, self.manifest.text.vocab_size)
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = prompt_tokens
         return Request(inputs, batched, settings, eos, pad_id, metrics, decoding)
-
-    def _decoding(self, settings: GenerationSettings, input_ids: np.ndarray, attention_mask: np.ndarray, eos: list[int]) -> Decoding:
-        """The sampler, processors and caller's hooks for `settings`, over the rows the cache will have: each prompt's
-        row repeated for its beams (beam search), else its answers (num_return_sequences), transformers' order."""
-        copies = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
-        if copies > 1:  # rows 0..n-1 answer prompt 0
-            input_ids, attention_mask = np.repeat(input_ids, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
-        sampler = make_sampler(
-            settings.do_sample, settings.temperature, settings.top_k, settings.top_p, settings.seed, settings.min_p, settings.typical_p,
-            settings.epsilon_cutoff, settings.eta_cutoff,
-        )
-        hooks = constraint = None
-        if settings.logits_processor or settings.stopping_criteria or settings.prefix_allowed_tokens_fn:
-            hooks = CallerHooks(input_ids, settings.max_new_tokens, settings.logits_processor, settings.stopping_criteria)
-        if settings.prefix_allowed_tokens_fn is not None:
-            constraint = PrefixConstrained(hooks, settings.prefix_allowed_tokens_fn, copies)
-        processors = for_settings(settings, input_ids, attention_mask, eos, self.manifest.text.vocab_size, constraint)
-        if hooks is not None:  # (the caller's processors: after ortllava's, as transformers merges them)
-            processors.append(hooks)
-        return Decoding(with_processors(sampler, processors), processors, hooks, input_ids, attention_mask)
 
     def _start(self, plan: PrefillPlan | None, request: Request) -> Run:
         """Everything up to the first decoder call, from a checked request: images and embeddings (through `plan`; by
@@ -425,8 +390,7 @@ class Pipeline:
         started = begun - metrics.preprocess_s
         deadline = begun + settings.max_time if settings.max_time is not None else math.inf
 
-        # Rows per prompt: its beams (beam search), else its answers (num_return_sequences), each from one prefill.
-        copies = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
+        copies = settings.rows_per_prompt
         vision_start, preprocessed = time.perf_counter(), metrics.preprocess_s
         if plan is None and self.prefix is not None and copies == 1 and input_ids.shape[0] == 1 and attention_mask.all():
             prefill, keep_cache = self._prefix_prefill(inputs, settings.max_new_tokens, metrics)

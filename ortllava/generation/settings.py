@@ -276,6 +276,12 @@ class GenerationSettings:
 
 
     @property
+    def rows_per_prompt(self) -> int:
+        """The cache's rows for each prompt: its beams (beam search), else its answers (num_return_sequences), all
+        from one prefill; rows 0..n-1 answer prompt 0, as transformers orders them."""
+        return self.num_beams if self.num_beams > 1 else self.num_return_sequences
+
+    @property
     def not_for_beams(self) -> str | None:
         """What these settings ask for that beam search does not give ("stop strings", "output_logits", "streamer"), or None."""
         if self.num_beams > 1:
