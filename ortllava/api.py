@@ -19,6 +19,7 @@ from .embedding.features import ProjectedImages
 from .embedding.prompt_embedder import PromptEmbedder
 from .generation.caller_hooks import CallerCriterion, CallerProcessor
 from .generation.decoding import Decoding, decoding_for
+from .generation.guidance import GuidanceModel
 from .generation.detokenizer import held_token_ids
 from .generation.generate import GenerationMetrics, GenerationResult, positions_needed
 from .generation.runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
@@ -371,7 +372,8 @@ class Pipeline:
                 GenerationWarning,
             )
         eos, pad_id = self._special_ids(settings)
-        decoding = decoding_for(settings, inputs["input_ids"], inputs["attention_mask"], eos, self.manifest.text.vocab_size)
+        guidance = GuidanceModel(self.sessions.decoder, self.embed_table) if settings.guidance_scale != 1 else None
+        decoding = decoding_for(settings, inputs["input_ids"], inputs["attention_mask"], eos, self.manifest.text.vocab_size, guidance)
         metrics.preprocess_s = time.perf_counter() - started
         metrics.prompt_tokens = prompt_tokens
         return Request(inputs, batched, settings, eos, pad_id, metrics, decoding)

@@ -224,17 +224,17 @@ def test_generation_config_settings_not_implemented_are_warned_of(mistral, tmp_p
     shutil.copytree(mistral.bundle, copy)
     config = copy / "generation_config.json"
     settings = json.loads(config.read_text())
-    config.write_text(json.dumps({**settings, "guidance_scale": 1.5, "num_beams": 1, "min_p": 0.1, "no_repeat_ngram_size": 2, "max_length": 4096,
+    config.write_text(json.dumps({**settings, "top_h": 0.4, "guidance_scale": 1.5, "num_beams": 1, "min_p": 0.1, "no_repeat_ngram_size": 2, "max_length": 4096,
                                   "encoder_repetition_penalty": 1.2, "encoder_no_repeat_ngram_size": 3, "typical_p": 0.5, "penalty_alpha": 0.6,
                                   "bad_words_ids": [[5, 6]], "sequence_bias": [[[7], -1.0]], "suppress_tokens": []}))
-    with pytest.warns(UserWarning, match=r"sets guidance_scale=1.5, penalty_alpha=0.6, which ortllava does not implement") as caught:
+    with pytest.warns(UserWarning, match=r"sets top_h=0.4, penalty_alpha=0.6, which ortllava does not implement") as caught:
         pipe = ortllava.load(copy, provider="cpu", verify=False)
     message = str(caught[0].message)
     assert len(caught) == 1 and "num_beams" not in message  # values that do nothing are not named
-    implemented = ("min_p", " no_repeat_ngram_size", "encoder_repetition_penalty", "encoder_no_repeat_ngram_size", "typical_p", "bad_words_ids", "sequence_bias", "suppress_tokens")
+    implemented = ("guidance_scale", "min_p", " no_repeat_ngram_size", "encoder_repetition_penalty", "encoder_no_repeat_ngram_size", "typical_p", "bad_words_ids", "sequence_bias", "suppress_tokens")
     for name in implemented:
         assert name not in message  # applied, as transformers does
     settings = pipe.settings()
-    assert (settings.min_p, settings.no_repeat_ngram_size, settings.typical_p) == (0.1, 2, 0.5)
+    assert (settings.guidance_scale, settings.min_p, settings.no_repeat_ngram_size, settings.typical_p) == (1.5, 0.1, 2, 0.5)
     assert (settings.encoder_repetition_penalty, settings.encoder_no_repeat_ngram_size) == (1.2, 3)
     assert (settings.bad_words_ids, settings.sequence_bias, settings.suppress_tokens) == (((5, 6),), (((7,), -1.0),), None)

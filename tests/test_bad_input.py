@@ -269,6 +269,9 @@ def test_text_that_is_not_unicode_is_named(pipe, mistral):
         ({"repetition_penalty": float("inf")}, "repetition_penalty must be a number > 0, got inf"),
         ({"do_sample": True, "seed": -1}, r"seed must be an integer >= 0, or None"),
         ({"eos_token_id": [2, 10**6], "min_new_tokens": 2}, "eos_token_id 1000000 is not in the model's vocabulary"),
+        ({"guidance_scale": 2.0, "negative_prompt_ids": [[1], [2], [3]]}, "negative_prompt_ids holds 3 negative prompts for 1 prompts"),
+        ({"guidance_scale": 2.0, "negative_prompt_ids": [[1, 10**6]]}, "negative_prompt_ids: token id 1000000 is not in the model's vocabulary"),
+        ({"guidance_scale": 2.0, "negative_prompt_ids": [[7] * 10**6]}, r"1000002 positions asked for; this decoder serves at most"),
     ],
 )
 def test_bad_generation_arguments_are_named(pipe, argument, message):

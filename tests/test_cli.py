@@ -70,6 +70,20 @@ def test_cli_takes_generate_arguments_as_flags(mistral, pipe):
             assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_cli_guides_away_from_a_negative_prompt(mistral, pipe):
+    """`--guidance-scale G --negative-prompt TEXT` is the API's guidance_scale with the text's ids (tokenized as
+    written) as negative_prompt_ids; a negative prompt without guidance is refused by name."""
+    cli = [sys.executable, "-m", "ortllava.cli", "generate", str(mistral.bundle), "--prompt", "Tell a story", "--provider", "cpu", "--max-new-tokens", "8"]
+    out = subprocess.run([*cli, "--guidance-scale", "3", "--negative-prompt", "A sad ending"], capture_output=True, text=True, check=True)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell a story"}]}]
+    negative = pipe.processor.tokenizer("A sad ending")["input_ids"]
+    want = pipe.generate(messages=messages, max_new_tokens=8, guidance_scale=3.0, negative_prompt_ids=[negative])
+    assert out.stdout == want.text + "\n" and want.text != pipe.generate(messages=messages, max_new_tokens=8).text
+    for extra in (["--negative-prompt", "x"], ["--guidance-scale", "1", "--negative-prompt", "x"]):
+        refused = subprocess.run([*cli, *extra], capture_output=True, text=True)
+        assert refused.returncode == 1 and "--negative-prompt applies only with --guidance-scale (other than 1)" in refused.stderr
+
+
 def test_cli_gives_several_sampled_answers(mistral, pipe):
     """`--num-return-sequences N` prints the API's N answers under numbered lines; without sampling, or with
     --stream, it is refused by name."""

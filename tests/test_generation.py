@@ -300,6 +300,56 @@ def test_encoder_no_repeat_ngram_size_matches_transformers(setup, size):
         assert (answer != unconstrained) == _repeats_an_ngram(list(prompt), unconstrained, size, of_prompt_only=True)
 
 
+def test_guidance_matches_transformers(setup):
+    """Classifier-free guidance as transformers gives it to a decoder-only model: greedy answers token for token over a
+    padded batch with images, the unconditional pass reading each row's last prompt token, then one negative prompt
+    per prompt (text ids, an image token among them); under beam search (transformers never reorders its guidance
+    cache); and on rows repeated for num_return_sequences (top_k=1: deterministic sampling). Guidance changes an answer."""
+    processor, model, pipe = setup
+    batch = CASES["batch of three"]
+    inputs = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+    width = inputs["input_ids"].shape[1]
+    negative = np.random.default_rng(5).integers(3, 100, size=(3, 5))
+    negative[1, 2] = pipe.manifest.tokens.image_token_id  # (embedded as a token: the guidance pass encodes no image)
+    free = hf_generate(processor, model, batch)
+    changed = 0
+    for options in (
+        {"guidance_scale": 6.0},
+        {"guidance_scale": 2.0, "negative_prompt_ids": negative},
+        {"guidance_scale": 0.5, "num_beams": 2},  # (transformers fails on negative prompts under beams: 3 rows for 6)
+        {"guidance_scale": 2.0, "do_sample": True, "top_k": 1, "num_return_sequences": 2},
+    ):
+        theirs = {**options, "negative_prompt_ids": torch.tensor(negative)} if "negative_prompt_ids" in options else options
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **{"do_sample": False, **theirs})
+        want = [row.tolist() for row in out[:, width:]]
+        got = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **options)
+        got = [r.token_ids for answers in got for r in (answers if isinstance(answers, list) else [answers])]
+        assert got == want, options
+        if "num_beams" not in options:  # (beam search's answers differ from greedy ones anyway)
+            changed += (got[::2] if "num_return_sequences" in options else got) != free
+    assert changed
+
+
+def test_negative_prompts_of_other_lengths_are_each_their_own(setup):
+    """Negative prompts of different lengths, one per prompt (a list of lists: no padding), give each prompt the answer
+    transformers gives it alone with its negative prompt; one negative prompt serves every prompt of a batch."""
+    processor, model, pipe = setup
+    batch = [CASES["one image"][0], CASES["text only"][0]]
+    negatives = [[5, 17, 33], [9, 40, 2, 61, 7, 12]]
+    got = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, guidance_scale=2.5, negative_prompt_ids=negatives)
+    for conversation, negative, result in zip(batch, negatives, got):
+        want = hf_generate(processor, model, [conversation], guidance_scale=2.5, negative_prompt_ids=torch.tensor([negative]))
+        assert result.token_ids == want[0]
+    shared = pipe.generate(messages=batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, guidance_scale=2.5, negative_prompt_ids=negatives[1])
+    assert [r.token_ids for r in shared][1] == got[1].token_ids
+    # A stream and a chat turn guide as generate does.
+    options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, guidance_scale=2.5, negative_prompt_ids=[negatives[0]])
+    chunks = list(pipe.stream(messages=batch[0], **options))
+    assert [t for chunk in chunks for t in chunk.token_ids] == got[0].token_ids
+    assert pipe.chat(**options).send(batch[1][0]["content"][0]["text"]).token_ids == pipe.generate(messages=batch[1], **options).token_ids
+
+
 def test_num_return_sequences_rows_as_transformers(setup):
     """Each prompt's n answers, in transformers' row order (prompt 0's n rows first), with the repetition penalty
     on each copy's own prompt. top_k=1 makes the sampling deterministic, so tokens compare exactly."""

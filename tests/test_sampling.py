@@ -209,10 +209,38 @@ def test_processors_leave_the_raw_logits_alone_and_cost_nothing_when_off():
     ({"num_beams": 2, "output_logits": True}, "output_logits: not implemented for beam search"),
     ({"length_penalty": "long"}, "length_penalty must be a number"),
     ({"early_stopping": "sometimes"}, 'early_stopping must be True, False or "never"'),
+    ({"guidance_scale": "strong"}, r"guidance_scale must be a number \(1: no guidance\)"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a number"),
+    ({"guidance_scale": 2, "negative_prompt_ids": [[1, -2]]}, "negative_prompt_ids must be token ids, a list of them for each prompt"),
+    ({"guidance_scale": 2, "negative_prompt_ids": []}, "negative_prompt_ids must be token ids"),
+    ({"guidance_scale": 2, "negative_prompt_ids": [[1, 2], []]}, r"negative_prompt_ids must be token ids, .*\(each non-empty\)"),
+    ({"guidance_scale": 2, "negative_prompt_ids": "a text"}, "negative_prompt_ids must be token ids"),
+    ({"guidance_scale": 2, "negative_prompt_ids": [[1, 2]], "negative_prompt_attention_mask": [[1]]}, "negative_prompt_attention_mask must have negative_prompt_ids' shape"),
+    ({"guidance_scale": 2, "negative_prompt_ids": [[1, 2]], "negative_prompt_attention_mask": [[0, 1]]},
+     "negative_prompt_attention_mask pads a negative prompt: .* give negative_prompt_ids as a list of id lists, one per prompt"),
+    ({"guidance_scale": 2, "negative_prompt_attention_mask": [[1, 1]]}, "negative_prompt_attention_mask was given without negative_prompt_ids"),
 ])
 def test_a_bad_generation_argument_is_an_error_naming_it(bad, message):
     with pytest.raises(ValueError, match=message):
         GenerationSettings.resolve(bad, {})
+
+
+def test_negative_prompts_take_transformers_forms():
+    """negative_prompt_ids as transformers takes them (a tensor or array [B, T], with an unpadded mask), as one list of
+    ids, or as a list per prompt of any lengths; given without guidance, they are warned of, as doing nothing."""
+    import torch
+
+    for given in ([5, 6], [[5, 6]], np.array([5, 6]), np.array([[5, 6]]), torch.tensor([[5, 6]]), [np.array([5, 6])]):
+        assert GenerationSettings.resolve({"guidance_scale": 2, "negative_prompt_ids": given}, {}).negative_prompt_ids == ((5, 6),)
+    ragged = GenerationSettings.resolve({"guidance_scale": 2, "negative_prompt_ids": [[1], (2, 3)]}, {})
+    assert ragged.negative_prompt_ids == ((1,), (2, 3))
+    masked = GenerationSettings.resolve({"guidance_scale": 2, "negative_prompt_ids": torch.tensor([[4, 5]]), "negative_prompt_attention_mask": torch.ones(1, 2, dtype=torch.long)}, {})
+    assert masked.negative_prompt_ids == ((4, 5),) and masked.negative_prompt_attention_mask is None
+    with pytest.warns(UserWarning, match=r"negative_prompt_ids does nothing without guidance_scale"):
+        GenerationSettings.resolve({"negative_prompt_ids": [5, 6]}, {})
+    # A generation config's guidance_scale applies (transformers' field); negative prompts are the caller's only.
+    assert GenerationSettings.resolve({}, {"guidance_scale": 1.5, "negative_prompt_ids": [[1]]}).guidance_scale == 1.5
+    assert GenerationSettings.resolve({}, {"guidance_scale": 1.5, "negative_prompt_ids": [[1]]}).negative_prompt_ids is None
 
 
 def test_processor_arguments_take_transformers_forms_and_empty_ones_do_nothing():

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..decoders import KVCache
 from .generate import Decoder, EmbedFn, GenerationMetrics, non_finite_hint
-from .logits_processors import LogitsProcessor
+from .logits_processors import LogitsProcessor, log_softmax
 from .sampling import draw_without_replacement, warped_scores
 from .settings import GenerationSettings
 
@@ -52,14 +52,6 @@ class BeamAnswers:
     tokens: list[list[list[int]]]  # [prompt][answer]: the new token ids (an EOS that ended one included)
     scores: list[list[float]]  # [prompt][answer]: log-probability / length ** length_penalty
     stopped: list[list[bool]]  # [prompt][answer]: the caller's stopping criteria ended it
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """`[R, V]` float32 logits -> float32 log-probabilities (the exponentials summed in float64, then rounded)."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    total = np.log(np.exp(shifted).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
-    shifted -= total
-    return shifted
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:

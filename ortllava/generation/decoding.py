@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .caller_hooks import CallerHooks, PrefixConstrained
+from .guidance import ClassifierFreeGuidance, GuidanceModel, negative_rows
 from .logits_processors import LogitsProcessor, for_settings, with_processors
 from .sampling import Sampler, make_sampler
 from .settings import GenerationSettings
@@ -28,8 +29,10 @@ class Decoding:
 
 def decoding_for(
     settings: GenerationSettings, input_ids: np.ndarray, attention_mask: np.ndarray, eos: list[int], vocab_size: int,
+    guidance_model: GuidanceModel | None = None,
 ) -> Decoding:
-    """The decoding `settings` ask for, over the prompts `input_ids`, `attention_mask` `[B, T]`."""
+    """The decoding `settings` ask for, over the prompts `input_ids`, `attention_mask` `[B, T]`. `guidance_model`: what
+    classifier-free guidance runs, where `settings.guidance_scale` turns it on (a ValueError where it is not given)."""
     copies = settings.rows_per_prompt
     if copies > 1:
         input_ids, attention_mask = np.repeat(input_ids, copies, axis=0), np.repeat(attention_mask, copies, axis=0)
@@ -42,7 +45,14 @@ def decoding_for(
         hooks = CallerHooks(input_ids, settings.max_new_tokens, settings.logits_processor, settings.stopping_criteria)
     if settings.prefix_allowed_tokens_fn is not None:
         constraint = PrefixConstrained(hooks, settings.prefix_allowed_tokens_fn, copies)
-    processors = for_settings(settings, input_ids, attention_mask, eos, vocab_size, constraint)
+    guidance = None
+    if settings.guidance_scale != 1:
+        if guidance_model is None:
+            raise ValueError("guidance_scale needs the decoder for its unconditional pass: not available here")
+        rows = negative_rows(settings.negative_prompt_ids, input_ids, copies, vocab_size)
+        guidance = ClassifierFreeGuidance(settings.guidance_scale, guidance_model, rows, settings.max_new_tokens)
+        guidance.check()
+    processors = for_settings(settings, input_ids, attention_mask, eos, vocab_size, constraint, guidance)
     if hooks is not None:  # (the caller's processors: after ortllava's, as transformers merges them)
         processors.append(hooks)
     return Decoding(with_processors(sampler, processors), processors, hooks, input_ids, attention_mask)

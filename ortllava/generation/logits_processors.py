@@ -3,7 +3,8 @@
 Each processor changes a working copy of the last position's logits `[B, V]` in place (`__call__`), then hears the
 tokens picked from it (`picked`), which the stateful ones (the repetition penalty, n-grams, sequences) add to each
 row's history. Beam search, whose rows continue other rows, first has them take the rows' histories over
-(`reorder`). `with_processors` puts them in front of a sampler: one copy of the decoder's logits a step, into a
+(`reorder`); one that holds more than its state (the guidance pass's cache) lets it go at the end (`close`, where
+it has one: `close_processors`). `with_processors` puts them in front of a sampler: one copy of the decoder's logits a step, into a
 buffer it reuses, and none where no processor is on (the decoder's own buffer stays raw, for `output_logits`).
 
 Rows are the batch's (a prompt's copies under `num_return_sequences` included); `prompt_ids [B, T]` are each row's
@@ -60,6 +61,23 @@ def with_processors(sampler: Sampler, processors: Iterable[LogitsProcessor | Non
         return tokens
 
     return sample
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """`[R, V]` float32 logits -> float32 log-probabilities (the exponentials summed in float64, then rounded; torch's
+    order of operations: x - max - log(sum))."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    total = np.log(np.exp(shifted).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    shifted -= total
+    return shifted
+
+
+def close_processors(processors: Iterable[LogitsProcessor]) -> None:
+    """Lets go of what processors hold past a generation (the guidance pass's cache); the others hold nothing."""
+    for process in processors:
+        close = getattr(process, "close", None)
+        if close is not None:
+            close()
 
 
 class ForbidTokens:
@@ -325,11 +343,12 @@ def bad_words(bad_words_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[in
 
 def for_settings(
     settings: GenerationSettings, prompt_ids: np.ndarray, prompt_mask: np.ndarray, eos_token_ids: Sequence[int], vocab_size: int,
-    prefix_constraint: LogitsProcessor | None = None,
+    prefix_constraint: LogitsProcessor | None = None, guidance: LogitsProcessor | None = None,
 ) -> list[LogitsProcessor]:
     """The processors `settings` turn on, in transformers' order. `prompt_ids`, `prompt_mask`: `[B, T]`, one row per
     answer; `settings.max_new_tokens` is the run's (after `for_prompt`). `prefix_constraint`: the caller's
-    `prefix_allowed_tokens_fn` as a processor (`caller_hooks.PrefixConstrained`), put where transformers puts it."""
+    `prefix_allowed_tokens_fn` as a processor (`caller_hooks.PrefixConstrained`); `guidance`: classifier-free
+    guidance (`guidance.ClassifierFreeGuidance`); each put where transformers puts it."""
     prompt_width = prompt_ids.shape[1]
     forced_eos = settings.forced_eos_token_id
     forced_eos = [forced_eos] if isinstance(forced_eos, (int, np.integer)) else list(forced_eos or ())
@@ -337,6 +356,7 @@ def for_settings(
     if outside:
         raise ValueError(f"forced_eos_token_id {outside[0]} is not in the model's vocabulary of {vocab_size}")
     processors: list[LogitsProcessor | None] = [
+        guidance,
         SequenceBias(settings.sequence_bias, prompt_ids, vocab_size) if settings.sequence_bias else None,
         PromptRepetitionPenalty(prompt_ids, vocab_size, settings.encoder_repetition_penalty) if settings.encoder_repetition_penalty != 1.0 else None,
         RepetitionPenalty(prompt_ids, prompt_mask, vocab_size, settings.repetition_penalty) if settings.repetition_penalty != 1.0 else None,

@@ -19,7 +19,7 @@ from .beam_search import beam_search
 from .caller_hooks import CallerHooks
 from .detokenizer import StreamingDetokenizer
 from .generate import Decoder, GenerationMetrics, GenerationResult, Step, decode_loop
-from .logits_processors import LogitsProcessor
+from .logits_processors import LogitsProcessor, close_processors
 from .sampling import Sampler
 from .settings import GenerationSettings
 
@@ -116,7 +116,8 @@ class Run:
                 if time.perf_counter() > deadline:  # (as transformers' MaxTimeCriteria: this step's token is the last)
                     break
         finally:
-            steps.close()
+            steps.close()  # (the answer's cache first: released, it becomes the decoder's spare)
+            close_processors(self.processors)
 
 
 def collect(run: Run) -> list[GenerationResult]:
@@ -175,10 +176,13 @@ def collect_beams(run: Run) -> list[GenerationResult]:
     prompt's best `num_return_sequences` answers, best first, one `GenerationResult` each."""
     settings = run.settings
     stop_candidates = run.hooks.stop_candidates if run.hooks is not None and run.hooks.criteria else None
-    answers = beam_search(
-        run.decoder, run.prefill, run.embed_step, run.processors, run.batch // settings.num_beams, settings, run.eos, run.pad_id, run.metrics, run.started,
-        run.deadline, stop_candidates,
-    )
+    try:
+        answers = beam_search(
+            run.decoder, run.prefill, run.embed_step, run.processors, run.batch // settings.num_beams, settings, run.eos, run.pad_id, run.metrics,
+            run.started, run.deadline, stop_candidates,
+        )
+    finally:
+        close_processors(run.processors)
     run.metrics.total_s = time.perf_counter() - run.started
     return [
         GenerationResult(

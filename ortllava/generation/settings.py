@@ -66,6 +66,13 @@ class GenerationSettings:
     forced_eos_token_id: int | tuple[int, ...] | None = None  # the token(s) an answer that reaches max_new_tokens ends with
     # (start, factor): past `start` new tokens, the EOS logits grow by a factor a token (see logits_processors.DecayLengthPenalty)
     exponential_decay_length_penalty: tuple[int, float] | None = None
+    # Classifier-free guidance (see ortllava.generation.guidance): each step's scores become g * (log p(token | prompt) -
+    # u) + u, u = log p(token | the negative prompt), from a second pass of the decoder; 1: off (transformers' None).
+    guidance_scale: float = 1.0
+    # That pass's prompts: token ids (text only) for every prompt, or a list per prompt, of any lengths (transformers'
+    # [B, T] too, with negative_prompt_attention_mask, unpadded); None: each row's last prompt token, as transformers.
+    negative_prompt_ids: tuple[tuple[int, ...], ...] | None = None
+    negative_prompt_attention_mask: Any = None  # (taken as transformers', and checked: negative prompts come unpadded)
     num_return_sequences: int = 1  # answers per prompt: sampled each on its own, or the best beams (at most num_beams)
     num_beams: int = 1  # > 1: beam search (beam sampling with do_sample), keeping this many running hypotheses per prompt
     length_penalty: float = 1.0  # beam search: a finished hypothesis scores its log-probability / length ** this
@@ -166,6 +173,8 @@ class GenerationSettings:
             values["bad_words_ids"] = _token_sequences("bad_words_ids", values["bad_words_ids"])
         if values.get("sequence_bias") is not None:
             values["sequence_bias"] = _sequence_biases(values["sequence_bias"])
+        if values.get("negative_prompt_ids") is not None or values.get("negative_prompt_attention_mask") is not None:
+            values["negative_prompt_ids"] = _negative_prompts(values.get("negative_prompt_ids"), values.pop("negative_prompt_attention_mask", None))
         for name in ("suppress_tokens", "begin_suppress_tokens"):  # (an empty list suppresses nothing)
             if values.get(name) == ():
                 values[name] = None
@@ -184,6 +193,8 @@ class GenerationSettings:
         settings._check()
         defaults = cls()
         idle = [f"{name}={given[name]!r}" for name in SAMPLING_ARGUMENTS if given.get(name) is not None and given[name] != getattr(defaults, name)]
+        if settings.negative_prompt_ids is not None and settings.guidance_scale == 1:
+            warn("negative_prompt_ids does nothing without guidance_scale (1: no guidance): pass guidance_scale > 1 to guide away from it", GenerationWarning)
         if idle and not settings.do_sample:  # (as transformers warns of the caller's, not of a generation config's)
             warn(
                 f"do_sample is not True, so {', '.join(idle)} {'do' if len(idle) > 1 else 'does'} nothing (sampling only): pass do_sample=True to sample",
@@ -225,6 +236,8 @@ class GenerationSettings:
         for name in ("repetition_penalty", "encoder_repetition_penalty"):
             if not number(getattr(self, name)) or getattr(self, name) <= 0:
                 fail(name, "a number > 0")
+        if not number(self.guidance_scale):
+            fail("guidance_scale", "a number (1: no guidance)")
         if self.do_sample:  # the warpers' settings count only when sampling (transformers ignores them otherwise)
             if not integer(self.top_k) or self.top_k < 0:
                 fail("top_k", "an integer >= 0 (0: off)")
@@ -326,6 +339,7 @@ _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
 # only with return_dict_in_generate), so only a caller asks for them; and the caller's callables.
 _NOT_IN_GENERATION_CONFIG = {
     "seed", "stop", "num_return_sequences", "output_logits", "logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn",
+    "negative_prompt_ids", "negative_prompt_attention_mask",
 }
 
 # generation_config.json keys with which transformers' `generate` gives other tokens or outputs, and which ortllava
@@ -333,7 +347,7 @@ _NOT_IN_GENERATION_CONFIG = {
 UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
     "force_words_ids": ([],), "constraints": ([],), "forced_bos_token_id": (),
-    "guidance_scale": (1,), "top_h": (), "stop_strings": ([],),
+    "top_h": (), "stop_strings": ([],),
     "watermarking_config": (), "token_healing": (False,),
 }
 
@@ -346,7 +360,7 @@ _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "use_cache": (True,), "output_scores": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
     "return_dict_in_generate": (False,),
     "remove_invalid_values": (False,),
-    "assistant_model": (), "negative_prompt_ids": (), "diversity_penalty": (0,),
+    "assistant_model": (), "diversity_penalty": (0,),
     # (transformers reads these only to start a prompt where none is given; ortllava is always given one)
     "bos_token_id": (ANY_VALUE,), "decoder_start_token_id": (ANY_VALUE,),
     # GenerationConfig fields that choose how transformers runs, not what it answers (its cache, compilation,
@@ -445,6 +459,44 @@ def _sequence_biases(value: Any) -> tuple[tuple[tuple[int, ...], float], ...] | 
             f"(or -inf: never), got {_shown(value)}"
         )
     return tuple((tuple(int(t) for t in ids), float(bias)) for ids, bias in pairs)
+
+
+def _negative_prompts(ids: Any, mask: Any) -> tuple[tuple[int, ...], ...]:
+    """`negative_prompt_ids` (a list of ids, a list of such lists, or an array or tensor `[T]` or `[B, T]`) as one tuple
+    of ids per negative prompt. `mask` (transformers' `negative_prompt_attention_mask`, of the ids' shape) must hold only
+    ones: a ValueError says why where it pads, and names what else is wrong."""
+    if ids is None:
+        raise ValueError("negative_prompt_attention_mask was given without negative_prompt_ids")
+    rows = _id_rows(ids)
+    if rows is None or not all(rows):
+        raise ValueError(
+            f"negative_prompt_ids must be token ids, a list of them for each prompt (each non-empty), or an array [B, T] of them; got {_shown(ids)}"
+        )
+    if mask is not None:
+        mask_rows = _id_rows(mask)
+        if mask_rows is None or [len(row) for row in mask_rows] != [len(row) for row in rows]:
+            raise ValueError(f"negative_prompt_attention_mask must have negative_prompt_ids' shape, got {_shown(mask)}")
+        if any(value != 1 for row in mask_rows for value in row):
+            raise ValueError(
+                "negative_prompt_attention_mask pads a negative prompt: transformers' guidance pass gives its tokens other positions "
+                "than the same prompt's alone (it passes no position ids), so ortllava takes negative prompts unpadded: give "
+                "negative_prompt_ids as a list of id lists, one per prompt, of any lengths"
+            )
+    return rows
+
+
+def _id_rows(value: Any) -> tuple[tuple[int, ...], ...] | None:
+    """Token ids `[T]` or rows of them `[B, T]` (lists, arrays, tensors; rows may differ in length) as rows of ints,
+    or None where `value` is no such thing."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # (numpy arrays and torch tensors)
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    rows = value if all(isinstance(row, (list, tuple)) or hasattr(row, "tolist") for row in value) else [value]
+    rows = [row.tolist() if hasattr(row, "tolist") and not isinstance(row, (list, tuple)) else row for row in rows]
+    if not all(isinstance(row, (list, tuple)) and all(_token_id(t) for t in row) for row in rows):
+        return None
+    return tuple(tuple(int(t) for t in row) for row in rows)
 
 
 def _token_id(value: Any) -> bool:
