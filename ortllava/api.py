@@ -19,9 +19,9 @@ from .embedding.features import ProjectedImages
 from .embedding.prompt_embedder import PromptEmbedder
 from .generation.caller_hooks import CallerCriterion, CallerProcessor
 from .generation.decoding import Decoding, decoding_for
-from .generation.guidance import GuidanceModel
 from .generation.detokenizer import held_token_ids
 from .generation.generate import GenerationMetrics, GenerationResult, positions_needed
+from .generation.guidance import GuidanceModel
 from .generation.runs import KeepCache, Prefill, Run, StreamChunk, collect, collect_beams, one_answer, stream_chunks
 from .generation.settings import GenerationSettings, shown_settings, unsupported_generation_settings
 from .prefix import PrefixSlot, pixel_digest, plan_from_held
@@ -228,7 +228,8 @@ class Pipeline:
         completed (the prompt counts for both);
         `suppress_tokens` are never picked, `begin_suppress_tokens` not as the first new token, and `forced_eos_token_id`
         ends an answer that reaches `max_new_tokens` (its last token is that one). `stop` strings end a row's
-        answer where one appears (the text is cut before it; finish_reason "stop"). `max_time` (seconds, counted once the
+        answer where one appears (the text is cut before it; finish_reason "stop"); transformers' `stop_strings` (with
+        its `tokenizer`, taken and left) end it with the token that completes one, which the text keeps. `max_time` (seconds, counted once the
         inputs are preprocessed, as transformers' generate counts them) ends the answers with the token of the step
         that crosses it (finish_reason "length", as at max_new_tokens). `eos_token_id` (one id or
         several) replaces the bundle's EOS ids; `pad_token_id` is fed to batch rows that have ended.

@@ -102,7 +102,8 @@ class ChatSession:
         with self._turn():
             message = self._user_message(text, images)
             chunks = self._stream_turn(message, *self._request(message, generate_kwargs, streamed=True))
-        self._open, self._open_thread = weakref.ref(chunks), threading.get_ident()
+            # (published before the turn is let go: another thread's send or stream from then on finds it open)
+            self._open, self._open_thread = weakref.ref(chunks), threading.get_ident()
         return chunks
 
     def reset(self) -> None:

@@ -13,7 +13,11 @@ Inputs, as transformers takes them:
   assistant message is continued (`continue_final_message`, as transformers).
 - `images=` one image or a list (PIL image, path, http(s) URL, array) with `text=` a prompt string holding one
   `<image>` per image, or a list of prompts (one batch, one result per prompt).
-- `text=` a prompt string (or a list of them) alone, for text-only generation.
+- `text=` a prompt string (or a list of them: one input each; a tuple: one batch) alone, for text-only generation;
+  strings given first, without `text=`, are prompts too, as transformers reads them.
+- An iterator of any of these (a generator; also as `text=`): an iterator of their results (an empty one: `[]`).
+- Other keyword arguments of a call for a chat are its template's variables (`tools`, `documents`, `enable_thinking`,
+  ...), as transformers passes them; `batch_size` groups chats (and the prompts of a list) into batches.
 
 Outputs: `[{"input_text": ..., "generated_text": ...}]`. `return_full_text=False` gives the new text only;
 the default (True) gives the prompt string + the new text, or for a chat the messages plus the new assistant
@@ -22,7 +26,8 @@ ids) instead of text. The new text is found as transformers finds it: decode(pro
 decoded prompt removed from its start.
 
 Generation: `max_new_tokens`, `generate_kwargs={...}` (`Pipeline.generate`'s arguments: do_sample, temperature, top_k,
-top_p, ..., max_new_tokens, max_length, num_return_sequences: that many records per input),
+top_p, ..., max_new_tokens, max_length, num_return_sequences: that many records per input; transformers' `stop_strings`
+with its `tokenizer`, as `stop_sequence`),
 `stop_sequence` (generation ends once the string appears; it stays in the text, as with transformers' stop strings;
 transformers matches them on token strings and can miss one next to a partial UTF-8 character, ortllava matches the
 decoded text). Combined as transformers combines them: generation settings given directly at construction
@@ -119,17 +124,21 @@ class ImageTextToTextPipeline:
         for given in (images, text):  # (a dict's keys would otherwise be read as prompts)
             if isinstance(given, dict) and "role" in given:
                 raise TypeError("one message dict is not a chat: a chat is a list of messages (give [message])")
+        if images is None and isinstance(text, Iterator):  # (the same as given first)
+            images, text = text, None
         if text is not None and not isinstance(text, (str, list, tuple)):
             raise TypeError(f"text must be a prompt string, a list of them, or a chat (a list of message dicts), got {type(text).__name__}")
         if text is None and isinstance(images, Iterator):  # an iterator of inputs (a generator): results as they come
             self._split(kwargs)  # (the call's arguments checked now, as transformers checks them)
-            first = next(images, None)
-            if first is None:
-                return iter(())
+            first = next(images, _NOTHING)
+            if first is _NOTHING:
+                return []  # (as transformers)
             inputs = itertools.chain([first], images)
             if isinstance(first, dict) and "role" in first:  # an iterator of messages is one chat, as transformers reads it
                 return self(list(inputs), **kwargs)
-            return (self(item, **kwargs) for item in inputs)
+            return (self._one_input(item, kwargs) for item in inputs)
+        if text is None and _is_text(images):  # (as transformers: strings alone are prompts, even a path's)
+            images, text = None, images
         given = self._split(kwargs)
         # A call's generate_kwargs (or max_new_tokens, stop_sequence: transformers builds them into one) replace the
         # construction's whole, as transformers fuses a call's parameters with the construction's.
@@ -150,13 +159,26 @@ class ImageTextToTextPipeline:
             return self._chats(images, options)
         if images is not None and text is None:
             if isinstance(images, dict):  # {"images": ..., "text": ...}, as transformers
-                return self._prompts(images.get("images"), images.get("text"), options)
+                if set(images) != {"images", "text"}:
+                    raise ValueError(f"an input dict takes the keys 'images' and 'text' (as transformers' pipeline), got {sorted(images)}")
+                return self._prompts(images["images"], images["text"], options)
             raise ValueError("You must provide text for this pipeline.")
-        if images is None:  # text only: a string is one input, a list is one input per string
-            if isinstance(text, str):
+        if images is None:  # text only: a string or a tuple is one input, a list is one input per string (as transformers)
+            if isinstance(text, (str, tuple)):
                 return self._prompts(None, text, options)
-            return [self._prompts(None, prompt, options) for prompt in text]
+            items = [item for prompt in text for item in self._prompt_items(None, prompt, options)]
+            results = self._run(items, options)  # (in groups of batch_size, as transformers batches the list's inputs)
+            return [self._records([item], [answers], options) for item, answers in zip(items, results)]
         return self._prompts(images, text, options)
+
+    def _one_input(self, item: Any, kwargs: dict[str, Any]) -> list:
+        """One item of an iterator of inputs, read as transformers' `preprocess` reads it: a dict of images and
+        text, a prompt string, a list (or tuple) of them as one batch, or a chat."""
+        if isinstance(item, dict) and "role" not in item:
+            return self(item, **kwargs)
+        if _is_text(item):
+            return self(text=tuple(item) if isinstance(item, list) else item, **kwargs)
+        return self(text=item, **kwargs)
 
     def _split(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Call or construction arguments -> {"generate": {...} (generate_kwargs, stop_sequence, max_new_tokens),
@@ -178,6 +200,10 @@ class ImageTextToTextPipeline:
         stop = kwargs.pop("stop_sequence", None)
         if stop is not None:
             generate["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        if "stop_strings" in generate:  # (transformers' generate form, with the tokenizer it matches them with)
+            strings = generate.pop("stop_strings")
+            generate.pop("tokenizer", None)
+            generate["stop"] = [strings] if isinstance(strings, str) else list(strings)
         unknown = set(generate) - set(_GENERATION_INPUTS) - {"stop"}
         if unknown:
             raise TypeError(f"unsupported generation argument(s): {', '.join(sorted(unknown))}; supported: {', '.join(GENERATION_KEYS)}, generation_config, stop_sequence")
@@ -193,7 +219,10 @@ class ImageTextToTextPipeline:
         if return_tensors is not None and return_type is None:
             return_type = "tensors"  # as transformers: any return_tensors value asks for the ids
         if return_type is not None:
-            post["return_type"] = getattr(return_type, "name", return_type).lower()
+            name = getattr(return_type, "name", return_type)
+            if not isinstance(name, str) or name.lower() not in ("full_text", "new_text", "tensors"):
+                raise ValueError(f"return_type must be one of transformers' ReturnType (FULL_TEXT, NEW_TEXT, TENSORS) or its name, got {return_type!r}")
+            post["return_type"] = name.lower()
         for key in ("clean_up_tokenization_spaces", "skip_special_tokens"):
             if kwargs.get(key) is not None:
                 post[key] = kwargs.pop(key)
@@ -206,10 +235,12 @@ class ImageTextToTextPipeline:
             kwargs.pop(key, None)
         if kwargs.pop("processor_kwargs", None):
             raise TypeError("processor_kwargs are not supported: a bundle's processor settings are fixed at export")
-        if "batch_size" in kwargs:
+        if kwargs.get("batch_size") is not None:
             pre["batch_size"] = kwargs.pop("batch_size")
-        if kwargs:
-            raise TypeError(f"unsupported argument(s): {', '.join(sorted(kwargs))}")
+        kwargs.pop("batch_size", None)
+        kwargs.pop("num_workers", None)  # (a DataLoader's workers: inputs here are run in this process)
+        if kwargs:  # transformers hands the rest to the chat template (its variables: tools, documents, ...)
+            pre["template"] = kwargs
         return {"generate": generate, "generate_given": generate_given, "direct": direct, "post": post, "pre": pre}
 
     # ----------------------------------------------------------------------------------------------
@@ -227,7 +258,9 @@ class ImageTextToTextPipeline:
             cont = options["pre"].get("continue_final_message")
             if cont is None:
                 cont = messages[-1]["role"] == "assistant"
-            rendered = self.processor.apply_chat_template(messages, add_generation_prompt=not cont, continue_final_message=cont)
+            rendered = self.processor.apply_chat_template(
+                messages, add_generation_prompt=not cont, continue_final_message=cont, **options["pre"].get("template", {})
+            )
             sources = images_in_messages(messages)
             loaded = [_load_image(source, timeout, self.processor.image_sources) for source in sources]
             bos = self.processor.tokenizer.bos_token
@@ -242,8 +275,17 @@ class ImageTextToTextPipeline:
 
     def _prompts(self, images: Any, text: Any, options: dict) -> list:
         """One input of prompt string(s) (+ images): one batch, one record per prompt, as transformers."""
+        items = self._prompt_items(images, text, options)
+        results = self._run(items, options, batch=True)
+        return self._records(items, results, options)
+
+    def _prompt_items(self, images: Any, text: Any, options: dict) -> list[_Item]:
+        """Prompt string(s) and their images (loaded) as items, each prompt with as many images as it holds image
+        tokens, in order."""
         if text is None:
             raise ValueError("You must provide text for this pipeline.")
+        if "template" in options["pre"]:  # (transformers hands them to the processor, whose settings a bundle fixes)
+            raise TypeError(f"unsupported argument(s) for prompt strings: {', '.join(sorted(options['pre']['template']))} (chat template variables apply to chats)")
         timeout = options["pre"].get("timeout")
         texts = [text] if isinstance(text, str) else list(text)
         flat = flatten_images(images) if images is not None else []
@@ -258,8 +300,7 @@ class ImageTextToTextPipeline:
         for prompt, count in zip(texts, counts):
             items.append(_Item(prompt, prompt, loaded[start : start + count], True, False))
             start += count
-        results = self._run(items, options, batch=True)
-        return self._records(items, results, options)
+        return items
 
     # ----------------------------------------------------------------------------------------------
     # Generation and outputs
@@ -364,6 +405,14 @@ class _Item:
     images: list  # its loaded images, in order
     add_special: bool  # whether the tokenizer adds its special tokens (not where the template wrote a BOS)
     continue_final: bool  # a chat ending in an assistant message: continued, not answered
+
+
+_NOTHING = object()  # (an iterator's end: None may be an item)
+
+
+def _is_text(arg: Any) -> bool:
+    """A prompt string, or a non-empty list or tuple of them."""
+    return isinstance(arg, str) or isinstance(arg, (list, tuple)) and len(arg) > 0 and all(isinstance(item, str) for item in arg)
 
 
 def _is_chat(arg: Any) -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -213,6 +214,33 @@ def test_a_session_answers_one_thread_at_a_time(setup, monkeypatch):
         chunks = list(opened[0])  # (read on, here: the turn ends as if alone)
         assert chunks and chunks[-1].finish_reason is not None
     assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 4 and chat.send("Last.").text
+    # Another thread's send while stream() is still setting up its turn is refused too (the stream is published
+    # before the turn is let go): the send runs where stream() makes the stream's reference.
+    import ortllava.chat as chat_module
+
+    refused, tried, make_ref = [], [], chat_module.weakref.ref
+
+    def ref_meanwhile(target, *args):  # (weakref.ref itself, for everything else in the process meanwhile)
+        if inspect.isgenerator(target) and not tried:
+            tried.append(target)
+            other = threading.Thread(target=lambda: refused.append(_raises(RuntimeError, lambda: chat.send("Me too."))))
+            other.start()
+            other.join(timeout=60)
+        return make_ref(target, *args)
+
+    monkeypatch.setattr(chat_module.weakref, "ref", ref_meanwhile)
+    stream = chat.stream("And then?")
+    monkeypatch.undo()
+    assert refused == [True] and list(stream)[-1].finish_reason is not None
+    assert [m["content"][-1]["text"] for m in chat.messages if m["role"] == "user"][-1] == "And then?"
+
+
+def _raises(error: type[BaseException], call) -> bool:
+    try:
+        call()
+    except error:
+        return True
+    return False
 
 
 def test_stop_strings_and_arguments(setup):
@@ -302,6 +330,17 @@ def test_failed_turns_keep_the_cache_and_the_history(setup, monkeypatch):
         list(chat.stream("Tell me more."))
     assert chat.messages == history
     monkeypatch.undo()
+
+    class FailingStreamer:  # (its first put fails: after the plan took the kept cache, which must come back)
+        def put(self, ids):
+            raise RuntimeError("streamer down")
+
+        def end(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="streamer down"):
+        chat.send("Tell me more.", streamer=FailingStreamer())
+    assert chat.messages == history and chat.cached_tokens > 0
     follow = chat.send("Tell me more.")
     assert follow.token_ids == pipe.generate(messages=chat.messages[:-1], **GREEDY).token_ids
     assert follow.metrics.prefilled_tokens < follow.metrics.prompt_tokens  # the first turn's cache was kept

@@ -17,6 +17,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 import transformers
 from PIL import Image
 
@@ -176,6 +177,29 @@ def test_other_call_forms(pipes):
         same(hf(*args, max_new_tokens=4, **kwargs), ours(*args, max_new_tokens=4, **kwargs))
 
 
+def test_more_call_forms_as_transformers(pipes):
+    """Strings given first are prompts, as transformers reads them (even one naming a file); a tuple of prompts is one
+    batch; a generator given as text, or of prompt strings, lists of them and dicts, yields each result; an empty one
+    gives []; chat template variables are taken; batch_size=None and num_workers change nothing."""
+    hf, ours = pipes
+    prompts = ["[INST] Hello [/INST]", "[INST] How many apples? [/INST]"]
+    for args, kwargs in [
+        (("[INST] Hello there [/INST]",), {}), ((prompts,), {}), ((), dict(text=tuple(prompts))),
+        ((), dict(text=chat("Hi"), enable_thinking=False, batch_size=None, num_workers=0)),
+    ]:
+        same(hf(*args, max_new_tokens=4, **kwargs), ours(*args, max_new_tokens=4, **kwargs))
+    items = [prompts[0], prompts, {"images": IMAGE, "text": "[INST] <image>\nWhat? [/INST]"}]
+    same(list(hf((i for i in items), max_new_tokens=4)), list(ours((i for i in items), max_new_tokens=4)))
+    same(list(hf(text=(p for p in prompts), max_new_tokens=4)), list(ours(text=(p for p in prompts), max_new_tokens=4)))
+    assert ours(i for i in []) == [] == hf(i for i in [])
+    with pytest.raises(ValueError, match=r"an input dict takes the keys 'images' and 'text' .*got \['image', 'text'\]"):
+        ours({"image": IMAGE, "text": "[INST] <image>\nWhat? [/INST]"})  # (the image would be left out)
+    with pytest.raises(ValueError, match=r"return_type must be one of transformers' ReturnType"):
+        ours(text=chat("Hi"), return_type=1)
+    with pytest.raises(TypeError, match=r"unsupported argument\(s\) for prompt strings: enable_thinking"):
+        ours(text=prompts[0], enable_thinking=False)
+
+
 def test_special_tokens_kept_show_a_batch_rows_padding(pipes):
     """With skip_special_tokens=False, an answer that ended before the batch's longest shows the pad tokens its row
     of transformers' output holds (the tokenizer's pad)."""
@@ -189,6 +213,15 @@ def test_special_tokens_kept_show_a_batch_rows_padding(pipes):
     got = ours(images=[IMAGE], text=prompts, **kwargs)
     same(want, got)
     assert got[0]["generated_text"].endswith(ours.processor.decode([ours.processor.tokenizer.pad_token_id]))
+    # A list of text prompts, each its own input, runs in batches of batch_size (padded alike).
+    texts = ["[INST] Describe a photo. [/INST]", "[INST] Count to ten. [/INST]"]
+    free = ours(text=tuple(texts), return_tensors=True, generate_kwargs={"max_new_tokens": 8, "min_new_tokens": 8})
+    rows = [record["generated_token_ids"][-8:].tolist() for record in free]
+    eos = next(token for token in rows[0][1:5] if token not in rows[1])
+    kwargs = dict(return_full_text=False, skip_special_tokens=False, batch_size=2, generate_kwargs={"max_new_tokens": 8, "eos_token_id": int(eos)})
+    got = ours(text=texts, **kwargs)
+    same(hf(text=texts, **kwargs), got)
+    assert got[0][0]["generated_text"].endswith(ours.processor.decode([ours.processor.tokenizer.pad_token_id]))
 
 
 def test_return_tensors_and_generate_kwargs(pipes, mistral):
@@ -300,6 +333,32 @@ def test_stop_sequence_ends_the_answer_and_stays_in_it(pipes):
     same(want, got)
     text = got[0]["generated_text"]
     assert stop in text and free.startswith(text) and len(text) < len(free)
+    # transformers' generate form of stop strings, with the tokenizer it matches them with
+    strings = {"max_new_tokens": 20, "stop_strings": [stop], "tokenizer": hf.tokenizer}
+    same(want, ours(text=messages, return_full_text=False, generate_kwargs=strings))
+
+
+def test_stop_strings_end_the_answer_as_transformers_generate(pipes):
+    """`Pipeline.generate(stop_strings=..., tokenizer=...)`, as transformers' generate: the answer ends with the token
+    that completes the string, which stays in it (tokens identical); a stream gives the same text; `stop` cuts it."""
+    hf, ours = pipes
+    pipe = ours.model
+    messages = chat(pil(IMAGE), "What is shown in this image?")
+    free = pipe.generate(messages=messages, max_new_tokens=20)
+    stop = re.search(r"[a-z]{3}", free.text[4:]).group(0)
+    inputs = hf.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.model.generate(**inputs, do_sample=False, max_new_tokens=20, stop_strings=[stop], tokenizer=hf.processor.tokenizer)
+    want = out[0, inputs["input_ids"].shape[1] :].tolist()
+    got = pipe.generate(messages=messages, max_new_tokens=20, stop_strings=stop, tokenizer=hf.processor.tokenizer)
+    assert got.token_ids == want and len(want) < len(free.token_ids) and got.finish_reason == "stop"
+    assert stop in got.text and got.text == pipe.processor.decode(want, skip_special_tokens=True)
+    chunks = list(pipe.stream(messages=messages, max_new_tokens=20, stop_strings=[stop]))
+    assert "".join(c.text for c in chunks) == got.text and chunks[-1].finish_reason == "stop"
+    assert [t for c in chunks for t in c.token_ids] == want
+    assert pipe.generate(messages=messages, max_new_tokens=20, stop=stop).text == got.text[: got.text.index(stop)]
+    with pytest.raises(ValueError, match=r"stop strings: not implemented for beam search"):
+        pipe.generate(messages=messages, num_beams=2, stop_strings=[stop])
 
 
 def test_bad_calls_are_refused(pipes, mistral):

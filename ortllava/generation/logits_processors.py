@@ -4,8 +4,9 @@ Each processor changes a working copy of the last position's logits `[B, V]` in 
 tokens picked from it (`picked`), which the stateful ones (the repetition penalty, n-grams, sequences) add to each
 row's history. Beam search, whose rows continue other rows, first has them take the rows' histories over
 (`reorder`); one that holds more than its state (the guidance pass's cache) lets it go at the end (`close`, where
-it has one: `close_processors`). `with_processors` puts them in front of a sampler: one copy of the decoder's logits a step, into a
-buffer it reuses, and none where no processor is on (the decoder's own buffer stays raw, for `output_logits`).
+it has one: `close_processors`). `with_processors` puts them in front of a sampler: one copy of the decoder's logits
+a step, into a buffer it reuses, and none where no processor is on (the decoder's own buffer stays raw, for
+`output_logits`).
 
 Rows are the batch's (a prompt's copies under `num_return_sequences` included); `prompt_ids [B, T]` are each row's
 ids as transformers' `input_ids` hold them: left padding and image tokens included.

@@ -122,21 +122,24 @@ class Run:
 
 def collect(run: Run) -> list[GenerationResult]:
     """Runs a prepared generation to the end: one `GenerationResult` per row."""
-    stop = run.settings.stop
+    stop, kept = run.settings.stop, run.settings.stop_strings  # (cut before; kept in the answer, transformers' stop_strings)
     batch = run.batch
     answers: list[list[int]] = [[] for _ in range(batch)]
     logits: list[list[np.ndarray]] | None = [[] for _ in range(batch)] if run.settings.output_logits else None
     stopped = [False] * batch
-    detokenizers = [StreamingDetokenizer(run.answer_text, run.held_tokens) for _ in range(batch)] if stop else None
-    finders = [StopFinder(stop) for _ in range(batch)] if stop else None
+    detokenizers = [StreamingDetokenizer(run.answer_text, run.held_tokens) for _ in range(batch)] if stop or kept else None
+    finders = [(StopFinder(stop), StopFinder(kept)) for _ in range(batch)]
     streamer = run.settings.streamer
-    if streamer is not None:  # (transformers' first put: the prompts, before the prefill)
-        streamer.put(run.prompt_ids)
+    prompts_put = False
     steps = run.loop()
     try:
         for step in steps:
-            if streamer is not None:  # every row's token, the pad id for rows that have ended (a copy: it may be kept)
-                streamer.put(step.tokens.copy())
+            if streamer is not None:
+                if not prompts_put:  # transformers' first put, the prompts: before the first token's, as there, but
+                    # after the prefill, so that a streamer that fails leaves a kept cache (a chat's) to the loop's end
+                    streamer.put(run.prompt_ids)
+                    prompts_put = True
+                streamer.put(step.tokens.copy())  # every row's token, the pad id for rows that have ended (a copy: it may be kept)
             tokens = step.tokens.tolist()
             for row, active in enumerate(step.active.tolist()):
                 if not active:
@@ -146,7 +149,8 @@ def collect(run: Run) -> list[GenerationResult]:
                     logits[row].append(step.logits[row].copy())  # (the buffer is the next step's)
                 if detokenizers is not None:
                     detokenizers[row].add(tokens[row])
-                    stopped[row] = finders[row](detokenizers[row].text, detokenizers[row].tail()) is not None
+                    text, tail = detokenizers[row].text, detokenizers[row].tail()
+                    stopped[row] = any(find(text, tail) is not None for find in finders[row] if find.stop)
                     # (a row a stop string ends is fed the pad id from the next step on, as transformers'
                     # StopStringCriteria leaves it; the loop ends once every row has ended)
                     step.finished[row] |= stopped[row]
@@ -160,7 +164,7 @@ def collect(run: Run) -> list[GenerationResult]:
         text = run.answer_text(answer)
         cut = _find_stop(text, stop) if stop else None
         by_criterion = run.hooks is not None and bool(run.hooks.stopped[row])
-        reason = "stop" if cut is not None or by_criterion or (answer and answer[-1] in run.eos) else "length"
+        reason = "stop" if cut is not None or stopped[row] or by_criterion or (answer and answer[-1] in run.eos) else "length"
         kept = None
         if logits is not None:
             kept, logits[row] = np.stack(logits[row]), []  # (each row's copies go as its array is made)
@@ -200,9 +204,9 @@ def _row_prompt(run: Run, row: int) -> int:
 def stream_chunks(run: Run) -> Iterator[StreamChunk]:
     """Runs a prepared one-row generation, yielding stable text pieces; the last chunk has the finish reason
     and the metrics. The decode loop is closed (its cache released or kept) before that last chunk."""
-    stop = run.settings.stop
+    stop, kept = run.settings.stop, run.settings.stop_strings
     detokenizer = StreamingDetokenizer(run.answer_text, run.held_tokens)
-    find_stop = StopFinder(stop)
+    find_stop, find_kept = StopFinder(stop), StopFinder(kept)
     released = 0  # characters of detokenizer.text already yielded
     pending: list[int] = []  # tokens since the last chunk
     reason = "length"
@@ -217,17 +221,22 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
                 detokenizer.finalize()
                 reason = "stop"
             text = detokenizer.text
-            tail = detokenizer.tail() if stop else ""  # (what follows `text` up to the last whole character: it may still change)
+            tail = detokenizer.tail() if stop or kept else ""  # (what follows `text` up to the last whole character: it may still change)
             cut = find_stop(text, tail)
+            kept_hit = cut is None and bool(kept) and find_kept(text, tail) is not None
             if cut is not None:
                 reason, end, text = "stop", cut, text + tail
+            elif kept_hit:  # the answer ends with this token, whose text it keeps (transformers' stop_strings)
+                detokenizer.finalize()
+                reason, text = "stop", detokenizer.text
+                end = len(text)
             else:  # hold back a tail that could still grow into a stop string
                 end = len(text) - (_stop_prefix_overlap(text, stop) if stop and not step.finished[0] else 0)
             if end > released:
                 chunk, pending = StreamChunk(text[released:end], token, token_ids=pending), []
                 yield chunk
                 released = end
-            if cut is not None or step.finished[0]:
+            if cut is not None or kept_hit or step.finished[0]:
                 ended = True
                 break
     finally:

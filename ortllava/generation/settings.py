@@ -85,6 +85,9 @@ class GenerationSettings:
     pad_token_id: int | None = None  # fed to batch rows that have ended; None: the first EOS id (as transformers)
     seed: int | None = None  # the sampler's random seed
     stop: tuple[str, ...] = ()  # strings that end an answer where one appears (the text is cut before it)
+    # transformers' stop strings: the answer ends with the token that completes one, and keeps it (with `tokenizer`,
+    # which transformers needs to match them and ortllava takes and leaves: it matches the decoded text)
+    stop_strings: tuple[str, ...] = ()
     # Seconds, from the end of preprocessing, after which no new token is begun (transformers' MaxTimeCriteria): the
     # answers end with the token of the step that crossed it, as at max_new_tokens (finish_reason "length").
     max_time: float | None = None
@@ -185,9 +188,10 @@ class GenerationSettings:
         streamer = values.get("streamer")
         if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
             raise TypeError(f"streamer must have put(token_ids) and end() methods, as transformers' TextStreamer has; got {type(streamer).__name__}")
-        if "stop" in values:  # one string, or several
-            stop = values["stop"]
-            values["stop"] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
+        for name in ("stop", "stop_strings"):  # one string, or several
+            if name in values:
+                stop = values[name]
+                values[name] = (stop,) if isinstance(stop, str) or not isinstance(stop, Iterable) else tuple(stop)
         values["beams_are_callers"] = given.get("num_beams") not in (None, 1)  # (1: no beams, whoever said so)
         settings = replace(cls(), **values)
         settings._check()
@@ -279,8 +283,9 @@ class GenerationSettings:
                 fail(name, "a list of token ids")
         if self.pad_token_id is not None and not (integer(self.pad_token_id) and self.pad_token_id >= 0):
             fail("pad_token_id", "a token id or None")
-        if not all(isinstance(text, str) and text for text in self.stop):
-            fail("stop", "a non-empty string", " or a list of them")
+        for name in ("stop", "stop_strings"):
+            if not all(isinstance(text, str) and text for text in getattr(self, name)):
+                fail(name, "a non-empty string", " or a list of them")
         decay = self.exponential_decay_length_penalty
         if decay is not None and not (isinstance(decay, tuple) and len(decay) == 2 and integer(decay[0]) and decay[0] >= 0 and number(decay[1])):
             fail("exponential_decay_length_penalty", "a pair (start: an integer >= 0, factor: a number)", ", or None")
@@ -298,7 +303,7 @@ class GenerationSettings:
     def not_for_beams(self) -> str | None:
         """What these settings ask for that beam search does not give ("stop strings", "output_logits", "streamer"), or None."""
         if self.num_beams > 1:
-            asked = [("stop strings", self.stop), ("output_logits", self.output_logits), ("streamer", self.streamer is not None)]
+            asked = [("stop strings", self.stop or self.stop_strings), ("output_logits", self.output_logits), ("streamer", self.streamer is not None)]
             return next((name for name, given in asked if given), None)
         return None
 
@@ -324,7 +329,6 @@ class GenerationSettings:
 SAMPLING_ARGUMENTS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # (what they shape)
 GENERATION_ARGUMENTS = tuple(f.name for f in fields(GenerationSettings) if f.name not in ("length_is_default", "beams_are_callers"))
 _HINTS = {  # transformers' names that ortllava takes otherwise, or not at all
-    "stop_strings": "give stop",
     "num_beam_groups": "diverse beam search is not implemented",
     "output_scores": "output_logits=True gives each result the raw logits of each new token",
     "return_dict_in_generate": "results are objects already; output_logits=True adds the logits",
@@ -347,7 +351,7 @@ _NOT_IN_GENERATION_CONFIG = {
 UNSUPPORTED_GENERATION_KEYS: dict[str, tuple[Any, ...]] = {
     "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0,), "dola_layers": (),
     "force_words_ids": ([],), "constraints": ([],), "forced_bos_token_id": (),
-    "top_h": (), "stop_strings": ([],),
+    "top_h": (),
     "watermarking_config": (), "token_healing": (False,),
 }
 
@@ -361,6 +365,7 @@ _CALL_ONLY_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "return_dict_in_generate": (False,),
     "remove_invalid_values": (False,),
     "assistant_model": (), "diversity_penalty": (0,),
+    "tokenizer": (ANY_VALUE,),  # (transformers matches stop_strings with it; ortllava has the bundle's)
     # (transformers reads these only to start a prompt where none is given; ortllava is always given one)
     "bos_token_id": (ANY_VALUE,), "decoder_start_token_id": (ANY_VALUE,),
     # GenerationConfig fields that choose how transformers runs, not what it answers (its cache, compilation,
