@@ -22,7 +22,8 @@ Inputs, as transformers takes them:
 Outputs: `[{"input_text": ..., "generated_text": ...}]`. `return_full_text=False` gives the new text only;
 the default (True) gives the prompt string + the new text, or for a chat the messages plus the new assistant
 message. `return_tensors=True` gives `generated_token_ids` (the prompt's ids, images expanded, then the new
-ids) instead of text. The new text is found as transformers finds it: decode(prompt + new ids) with the
+ids) instead of text: each record's own ids, where transformers' are its row of the batch's array, with the batch's
+padding. The new text is found as transformers finds it: decode(prompt + new ids) with the
 decoded prompt removed from its start.
 
 Generation: `max_new_tokens`, `generate_kwargs={...}` (`Pipeline.generate`'s arguments: do_sample, temperature, top_k,
