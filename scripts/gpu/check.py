@@ -127,18 +127,19 @@ def parity(device: str, work: Path, families: list[str]) -> dict:
                 for case, chats in CHATS.items():
                     inputs = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
                     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-                    # Greedy, then beam search (each step reorders the cache's rows on the device: `reorder_rows`).
-                    for search, options in (("", {}), (" beams", {"num_beams": 3, "num_return_sequences": 2})):
+                    # Greedy, then beam search (each step reorders the cache's rows on the device: `reorder_rows`), then
+                    # classifier-free guidance (a second cache of the decoder, on the device too).
+                    for search, options in (("", {}), (" beams", {"num_beams": 3, "num_return_sequences": 2}), (" guidance", {"guidance_scale": 2.0})):
                         with torch.no_grad():
                             out = model.generate(
                                 **inputs, do_sample=False, max_new_tokens=16, min_new_tokens=16, output_scores=True, return_dict_in_generate=True, **options,
                             )
                         want = [row.tolist() for row in out.sequences[:, inputs["input_ids"].shape[1] :].cpu()]
                         answers = pipe.generate(messages=chats, max_new_tokens=16, min_new_tokens=16, **options)
-                        got = [r.token_ids for r in ([r for group in answers for r in group] if options else answers)]  # (a list per chat)
+                        got = [r.token_ids for r in ([r for group in answers for r in group] if "num_beams" in options else answers)]  # (a list per chat)
                         agreement = float(np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(got, want)]))
                         results[f"{name}: {case}{search}"] = {"identical": got == want, "agreement": agreement}
-                        if not options and got != want:  # a near-tie in transformers' own scores, or a kernel's fault?
+                        if "num_beams" not in options and got != want:  # a near-tie in transformers' own scores, or a kernel's fault?
                             results[f"{name}: {case}{search}"]["divergence"] = divergence(got, want, out.scores)
                         print(f"parity {name} {case}{search}: {results[f'{name}: {case}{search}']}", flush=True)
                 if family == "mistral":
@@ -218,6 +219,12 @@ def device_paths(pipe, bundle: Path) -> dict:
         results["CUDA graphs on at load"] = graphs.sessions.cuda_graph
         results["captured steps that failed"] = graphs.sessions.decoder.graph_failures
         results["warnings under CUDA graphs"] = sorted({str(w.message)[:300] for w in caught})
+        # Guidance under graphs, twice: its one-row cache is a second one beside the answer's (a third graph id), kept
+        # and reused by the second call (no fourth).
+        guided = dict(guidance_scale=2.0, **options)
+        want = pipe.generate(messages=chat, **guided).token_ids
+        results["guidance under CUDA graphs as without, twice"] = [graphs.generate(messages=chat, **guided).token_ids for _ in range(2)] == [want] * 2
+        results["graph ids after guidance (3)"] = getattr(graphs.sessions.decoder, "_graph_ids", None)
         return under_graphs == [r.token_ids for r in pipe.generate(messages=chat, **beams)]
 
     check("beam search under CUDA graphs as without", beams_under_graphs)
