@@ -123,7 +123,7 @@ def _generation_options(args: argparse.Namespace, pipe) -> dict:
     given = {name: getattr(args, name) for name in (flag[2:].replace("-", "_") for flag, _, _ in GENERATION_FLAGS)}
     given = {name: value for name, value in given.items() if value is not None}
     if "negative_prompt" in given:  # (the one flag that is no argument of generate's: its text, tokenized)
-        if given.get("guidance_scale", 1) == 1:
+        if given.get("guidance_scale", pipe.settings().guidance_scale) == 1:  # (the bundle's generation config may set it)
             raise ValueError("--negative-prompt applies only with --guidance-scale (other than 1)")
         given["negative_prompt_ids"] = [pipe.processor.tokenizer(given.pop("negative_prompt"))["input_ids"]]
     try:

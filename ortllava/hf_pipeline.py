@@ -144,6 +144,7 @@ class ImageTextToTextPipeline:
         # A call's generate_kwargs (or max_new_tokens, stop_sequence: transformers builds them into one) replace the
         # construction's whole, as transformers fuses a call's parameters with the construction's.
         options = {part: {**self._defaults[part], **given[part]} for part in ("post", "pre")}
+        options["call_template"] = given["pre"].get("template")  # (a construction's apply to chats only)
         call_generate = given["generate"] if given["generate_given"] else self._defaults["generate"]
         call = {**call_generate, **given["direct"]}
         # (a call's generation_config replaces the construction's generation settings, as transformers')
@@ -160,13 +161,15 @@ class ImageTextToTextPipeline:
             return self._chats(images, options)
         if images is not None and text is None:
             if isinstance(images, dict):  # {"images": ..., "text": ...}, as transformers
-                if set(images) != {"images", "text"}:
+                if not {"images", "text"} <= set(images):  # (other keys, a dataset row's, are left alone, as transformers)
                     raise ValueError(f"an input dict takes the keys 'images' and 'text' (as transformers' pipeline), got {sorted(images)}")
                 return self._prompts(images["images"], images["text"], options)
             raise ValueError("You must provide text for this pipeline.")
         if images is None:  # text only: a string or a tuple is one input, a list is one input per string (as transformers)
             if isinstance(text, (str, tuple)):
                 return self._prompts(None, text, options)
+            if any(isinstance(prompt, tuple) for prompt in text):  # (a tuple among them is one batch, as transformers)
+                return [self._prompts(None, prompt, options) for prompt in text]
             items = [item for prompt in text for item in self._prompt_items(None, prompt, options)]
             results = self._run(items, options)  # (in groups of batch_size, as transformers batches the list's inputs)
             return [self._records([item], [answers], options) for item, answers in zip(items, results)]
@@ -198,13 +201,13 @@ class ImageTextToTextPipeline:
         if "max_length" in kwargs:  # (a call's max_length goes to transformers' processor; at construction it is taken first)
             raise TypeError("a call's max_length goes in generate_kwargs={'max_length': ...} (or give max_new_tokens)")
         direct = {key: kwargs.pop(key) for key in _GENERATION_INPUTS if key in kwargs}
+        generate.pop("tokenizer", None)  # (transformers' generate matches stop_strings with it; ortllava has the bundle's)
+        if generate.get("stop_strings") is None:
+            generate.pop("stop_strings", None)
         stop = kwargs.pop("stop_sequence", None)
-        if stop is not None:
+        if stop is not None:  # (as transformers: it replaces the generate_kwargs' stop_strings)
+            generate.pop("stop_strings", None)
             generate["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        if "stop_strings" in generate:  # (transformers' generate form, with the tokenizer it matches them with)
-            strings = generate.pop("stop_strings")
-            generate.pop("tokenizer", None)
-            generate["stop"] = [strings] if isinstance(strings, str) else list(strings)
         unknown = set(generate) - set(_GENERATION_INPUTS) - {"stop"}
         if unknown:
             raise TypeError(f"unsupported generation argument(s): {', '.join(sorted(unknown))}; supported: {', '.join(GENERATION_KEYS)}, generation_config, stop_sequence")
@@ -240,6 +243,10 @@ class ImageTextToTextPipeline:
             pre["batch_size"] = kwargs.pop("batch_size")
         kwargs.pop("batch_size", None)
         kwargs.pop("num_workers", None)  # (a DataLoader's workers: inputs here are run in this process)
+        refused = sorted(set(kwargs) & _RENDERING_OPTIONS)
+        if refused:
+            raise TypeError(f"unsupported argument(s): {', '.join(refused)} (the pipeline renders a chat's template as text itself)")
+        kwargs.pop("padding", None)  # (a batch is padded anyway)
         if kwargs:  # transformers hands the rest to the chat template (its variables: tools, documents, ...)
             pre["template"] = kwargs
         return {"generate": generate, "generate_given": generate_given, "direct": direct, "post": post, "pre": pre}
@@ -259,9 +266,8 @@ class ImageTextToTextPipeline:
             cont = options["pre"].get("continue_final_message")
             if cont is None:
                 cont = messages[-1]["role"] == "assistant"
-            rendered = self.processor.apply_chat_template(
-                messages, add_generation_prompt=not cont, continue_final_message=cont, **options["pre"].get("template", {})
-            )
+            template = {"add_generation_prompt": not cont, **options["pre"].get("template", {})}  # (the caller's wins, as in transformers)
+            rendered = self.processor.apply_chat_template(messages, continue_final_message=cont, **template)
             sources = images_in_messages(messages)
             loaded = [_load_image(source, timeout, self.processor.image_sources) for source in sources]
             bos = self.processor.tokenizer.bos_token
@@ -285,8 +291,8 @@ class ImageTextToTextPipeline:
         tokens, in order."""
         if text is None:
             raise ValueError("You must provide text for this pipeline.")
-        if "template" in options["pre"]:  # (transformers hands them to the processor, whose settings a bundle fixes)
-            raise TypeError(f"unsupported argument(s) for prompt strings: {', '.join(sorted(options['pre']['template']))} (chat template variables apply to chats)")
+        if options.get("call_template"):  # (transformers hands them to the processor, whose settings a bundle fixes)
+            raise TypeError(f"unsupported argument(s) for prompt strings: {', '.join(sorted(options['call_template']))} (chat template variables apply to chats)")
         timeout = options["pre"].get("timeout")
         texts = [text] if isinstance(text, str) else list(text)
         flat = flatten_images(images) if images is not None else []
@@ -411,9 +417,15 @@ class _Item:
 _NOTHING = object()  # (an iterator's end: None may be an item)
 
 
+# A chat template call's own options, which the pipeline sets (transformers' passes them on and fails later)
+_RENDERING_OPTIONS = {"tokenize", "return_dict", "return_assistant_tokens_mask", "truncation", "pixel_values"}
+
+
 def _is_text(arg: Any) -> bool:
-    """A prompt string, or a non-empty list or tuple of them."""
-    return isinstance(arg, str) or isinstance(arg, (list, tuple)) and len(arg) > 0 and all(isinstance(item, str) for item in arg)
+    """A prompt string, or a non-empty list or tuple of them (a list may hold tuples: each one batch)."""
+    return isinstance(arg, str) or isinstance(arg, (list, tuple)) and len(arg) > 0 and all(
+        isinstance(item, str) or isinstance(arg, list) and isinstance(item, tuple) and _is_text(item) for item in arg
+    )
 
 
 def _is_chat(arg: Any) -> bool:

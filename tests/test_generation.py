@@ -350,6 +350,34 @@ def test_negative_prompts_of_other_lengths_are_each_their_own(setup):
     assert pipe.chat(**options).send(batch[1][0]["content"][0]["text"]).token_ids == pipe.generate(messages=batch[1], **options).token_ids
 
 
+def test_stop_strings_are_matched_across_the_prompts_end_as_transformers(setup):
+    """transformers' stop_strings read the whole sequence: a string that begins in the prompt and ends in the first new
+    token (with its leading space, which a SentencePiece decode of the answer alone drops) ends the answer there. The
+    first token is forced (prefix_allowed_tokens_fn) to a word with a leading space; tokens as transformers', in
+    generate and in a stream."""
+    processor, model, pipe = setup
+    tokenizer = processor.tokenizer
+    word = next(
+        index for index, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size))))
+        if token[:1] in ("\u2581", "\u0120") and token[1:].isalpha() and len(token) > 2
+    )
+    prompt = "Tell me a story about a cat."  # (as written: the prompt ends in text, not in a chat template's special token)
+    inputs = processor(text=prompt, return_tensors="pt")
+    width = inputs["input_ids"].shape[1]
+    stop = [". " + tokenizer.decode([word]).strip()[:1]]  # (e.g. ". w": the prompt's last character, a space, the word's first)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, do_sample=False, max_new_tokens=6, stop_strings=stop, tokenizer=tokenizer,
+            prefix_allowed_tokens_fn=lambda batch, ids: [word] if len(ids) == width else list(range(len(tokenizer))),
+        )
+    want = out[0, width:].tolist()
+    first_word = lambda prompt, ids: [word] if len(ids) == width else list(range(pipe.manifest.text.vocab_size))  # noqa: E731
+    options = dict(max_new_tokens=6, stop_strings=stop, prefix_allowed_tokens_fn=first_word)
+    assert want == [word], (stop, want)
+    assert pipe.generate(prompt=prompt, **options).token_ids == want
+    assert [t for chunk in pipe.stream(prompt=prompt, **options) for t in chunk.token_ids] == want
+
+
 def test_num_return_sequences_rows_as_transformers(setup):
     """Each prompt's n answers, in transformers' row order (prompt 0's n rows first), with the repetition penalty
     on each copy's own prompt. top_k=1 makes the sampling deterministic, so tokens compare exactly."""

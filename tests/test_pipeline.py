@@ -198,6 +198,19 @@ def test_more_call_forms_as_transformers(pipes):
         ours(text=chat("Hi"), return_type=1)
     with pytest.raises(TypeError, match=r"unsupported argument\(s\) for prompt strings: enable_thinking"):
         ours(text=prompts[0], enable_thinking=False)
+    with pytest.raises(TypeError, match=r"unsupported argument\(s\): tokenize \(the pipeline renders a chat's template as text itself\)"):
+        ours(text=chat("Hi"), tokenize=True)
+    # A call's add_generation_prompt is the template's, as in transformers; a dict's other keys are left alone; a tuple
+    # within a list of prompts is one batch.
+    for args, kwargs in [
+        ((), dict(text=chat("Hi"), add_generation_prompt=False)),
+        (({"images": IMAGE, "text": "[INST] <image>\nWhat? [/INST]", "label": 3},), {}),
+        ((), dict(text=[prompts[0], tuple(prompts)])),
+    ]:
+        same(hf(*args, max_new_tokens=4, **kwargs), ours(*args, max_new_tokens=4, **kwargs))
+    # Template variables given at construction apply to chats, and leave prompt strings alone.
+    built = ortllava.pipeline("image-text-to-text", model=ours.model, enable_thinking=False)
+    same(hf(text=prompts[0], max_new_tokens=4), built(text=prompts[0], max_new_tokens=4))
 
 
 def test_special_tokens_kept_show_a_batch_rows_padding(pipes):
@@ -333,9 +346,13 @@ def test_stop_sequence_ends_the_answer_and_stays_in_it(pipes):
     same(want, got)
     text = got[0]["generated_text"]
     assert stop in text and free.startswith(text) and len(text) < len(free)
-    # transformers' generate form of stop strings, with the tokenizer it matches them with
+    # transformers' generate form of stop strings, with the tokenizer it matches them with; a stop_sequence replaces them
     strings = {"max_new_tokens": 20, "stop_strings": [stop], "tokenizer": hf.tokenizer}
     same(want, ours(text=messages, return_full_text=False, generate_kwargs=strings))
+    other = {**strings, "stop_strings": [free[1:4]]}
+    same(want, ours(text=messages, return_full_text=False, generate_kwargs=other, stop_sequence=stop))
+    unset = {"max_new_tokens": 20, "stop_strings": None, "tokenizer": hf.tokenizer}  # (as transformers takes them)
+    same(ours(text=messages, return_full_text=False, max_new_tokens=20), ours(text=messages, return_full_text=False, generate_kwargs=unset))
 
 
 def test_stop_strings_end_the_answer_as_transformers_generate(pipes):

@@ -230,12 +230,14 @@ def test_negative_prompts_take_transformers_forms():
     ids, or as a list per prompt of any lengths; given without guidance, they are warned of, as doing nothing."""
     import torch
 
-    for given in ([5, 6], [[5, 6]], np.array([5, 6]), np.array([[5, 6]]), torch.tensor([[5, 6]]), [np.array([5, 6])]):
+    for given in ([5, 6], [[5, 6]], np.array([5, 6]), np.array([[5, 6]]), torch.tensor([[5, 6]]), [np.array([5, 6])], list(np.array([5, 6]))):
         assert GenerationSettings.resolve({"guidance_scale": 2, "negative_prompt_ids": given}, {}).negative_prompt_ids == ((5, 6),)
     ragged = GenerationSettings.resolve({"guidance_scale": 2, "negative_prompt_ids": [[1], (2, 3)]}, {})
     assert ragged.negative_prompt_ids == ((1,), (2, 3))
     masked = GenerationSettings.resolve({"guidance_scale": 2, "negative_prompt_ids": torch.tensor([[4, 5]]), "negative_prompt_attention_mask": torch.ones(1, 2, dtype=torch.long)}, {})
     assert masked.negative_prompt_ids == ((4, 5),) and masked.negative_prompt_attention_mask is None
+    for mask in (torch.ones(1, 2, dtype=torch.bool), [[1.0, 1.0]]):  # (masks as tokenizers and callers make them)
+        assert GenerationSettings.resolve({"guidance_scale": 2, "negative_prompt_ids": [[4, 5]], "negative_prompt_attention_mask": mask}, {}).negative_prompt_ids == ((4, 5),)
     with pytest.warns(UserWarning, match=r"negative_prompt_ids does nothing without guidance_scale"):
         GenerationSettings.resolve({"negative_prompt_ids": [5, 6]}, {})
     # A generation config's guidance_scale applies (transformers' field); negative prompts are the caller's only.

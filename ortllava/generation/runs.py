@@ -127,8 +127,9 @@ def collect(run: Run) -> list[GenerationResult]:
     answers: list[list[int]] = [[] for _ in range(batch)]
     logits: list[list[np.ndarray]] | None = [[] for _ in range(batch)] if run.settings.output_logits else None
     stopped = [False] * batch
-    detokenizers = [StreamingDetokenizer(run.answer_text, run.held_tokens) for _ in range(batch)] if stop or kept else None
-    finders = [(StopFinder(stop), StopFinder(kept)) for _ in range(batch)]
+    detokenizers = [StreamingDetokenizer(run.answer_text, run.held_tokens) for _ in range(batch)] if stop else None
+    finders = [StopFinder(stop) for _ in range(batch)]
+    matchers = [StopStringMatcher(run, row) for row in range(batch)] if kept else None
     streamer = run.settings.streamer
     prompts_put = False
     steps = run.loop()
@@ -149,11 +150,12 @@ def collect(run: Run) -> list[GenerationResult]:
                     logits[row].append(step.logits[row].copy())  # (the buffer is the next step's)
                 if detokenizers is not None:
                     detokenizers[row].add(tokens[row])
-                    text, tail = detokenizers[row].text, detokenizers[row].tail()
-                    stopped[row] = any(find(text, tail) is not None for find in finders[row] if find.stop)
-                    # (a row a stop string ends is fed the pad id from the next step on, as transformers'
-                    # StopStringCriteria leaves it; the loop ends once every row has ended)
-                    step.finished[row] |= stopped[row]
+                    stopped[row] = finders[row](detokenizers[row].text, detokenizers[row].tail()) is not None
+                if matchers is not None:
+                    stopped[row] = matchers[row](tokens[row]) or stopped[row]
+                # (a row a stop string ends is fed the pad id from the next step on, as transformers'
+                # StopStringCriteria leaves it; the loop ends once every row has ended)
+                step.finished[row] |= stopped[row]
     finally:
         steps.close()
         if streamer is not None:  # (also after an error: a consumer waiting on a TextIteratorStreamer is let go)
@@ -206,7 +208,7 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
     and the metrics. The decode loop is closed (its cache released or kept) before that last chunk."""
     stop, kept = run.settings.stop, run.settings.stop_strings
     detokenizer = StreamingDetokenizer(run.answer_text, run.held_tokens)
-    find_stop, find_kept = StopFinder(stop), StopFinder(kept)
+    find_stop, match_kept = StopFinder(stop), StopStringMatcher(run, 0) if kept else None
     released = 0  # characters of detokenizer.text already yielded
     pending: list[int] = []  # tokens since the last chunk
     reason = "length"
@@ -221,9 +223,9 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
                 detokenizer.finalize()
                 reason = "stop"
             text = detokenizer.text
-            tail = detokenizer.tail() if stop or kept else ""  # (what follows `text` up to the last whole character: it may still change)
+            tail = detokenizer.tail() if stop else ""  # (what follows `text` up to the last whole character: it may still change)
             cut = find_stop(text, tail)
-            kept_hit = cut is None and bool(kept) and find_kept(text, tail) is not None
+            kept_hit = match_kept is not None and match_kept(token) and cut is None
             if cut is not None:
                 reason, end, text = "stop", cut, text + tail
             elif kept_hit:  # the answer ends with this token, whose text it keeps (transformers' stop_strings)
@@ -257,11 +259,13 @@ def stream_chunks(run: Run) -> Iterator[StreamChunk]:
 class StopFinder:
     """Where the first stop string begins in `text + tail`, where `text` only grows (a detokenizer's released text)
     and `tail` may change from call to call (its `tail()`): each call searches only where a match not seen before
-    can lie, so a token's search does not grow with the answer."""
+    can lie, so a token's search does not grow with the answer. `min_end`: only a match that ends past this many
+    characters counts (the text before them is context, not the answer)."""
 
-    def __init__(self, stop: Sequence[str] | None):
+    def __init__(self, stop: Sequence[str] | None, min_end: int = 0):
         self.stop = [s for s in stop or () if s]
         self.longest = max(map(len, self.stop), default=0)
+        self.min_end = min_end
         self._searched = 0  # characters of `text` searched: a new match ends past them
 
     def __call__(self, text: str, tail: str = "") -> int | None:
@@ -269,8 +273,32 @@ class StopFinder:
         self._searched = len(text)
         window = text[start:] + tail if tail else text
         offset = start if tail else 0
-        hits = [index for index in (window.find(s, start - offset) for s in self.stop) if index >= 0]
+        hits = [index for index in (self._first(window, s, start - offset, offset) for s in self.stop) if index >= 0]
         return offset + min(hits) if hits else None
+
+    def _first(self, window: str, stop: str, begin: int, offset: int) -> int:
+        """The first match of `stop` in `window` from `begin` that ends past `min_end` (in the whole text), or -1."""
+        index = window.find(stop, max(begin, self.min_end - len(stop) + 1 - offset))
+        return index
+
+
+class StopStringMatcher:
+    """transformers' `stop_strings` for one row: whether the answer's newest token completes one. Matched in the text of
+    the row's last prompt tokens and its answer decoded together, as transformers' StopStringCriteria reads the whole
+    sequence: a string may begin in the prompt, and the answer's first token keeps the leading space that a decode of
+    the answer alone drops (SentencePiece's); a match counts where it ends in the answer."""
+
+    def __init__(self, run: Run, row: int):
+        strings = run.settings.stop_strings
+        context = [int(t) for t in run.prompt_ids[row][-min(max(map(len, strings)), _row_prompt(run, row)) :]] if run.prompt_ids is not None else []
+        self.detokenizer = StreamingDetokenizer(run.answer_text, run.held_tokens)
+        for token in context:
+            self.detokenizer.add(token)
+        self.find = StopFinder(strings, min_end=len(run.answer_text(context)))
+
+    def __call__(self, token: int) -> bool:
+        self.detokenizer.add(token)
+        return self.find(self.detokenizer.text, self.detokenizer.tail()) is not None
 
 
 def _find_stop(text: str, stop: Sequence[str] | None) -> int | None:

@@ -478,7 +478,7 @@ def _negative_prompts(ids: Any, mask: Any) -> tuple[tuple[int, ...], ...]:
             f"negative_prompt_ids must be token ids, a list of them for each prompt (each non-empty), or an array [B, T] of them; got {_shown(ids)}"
         )
     if mask is not None:
-        mask_rows = _id_rows(mask)
+        mask_rows = _id_rows(mask, _mask_value)
         if mask_rows is None or [len(row) for row in mask_rows] != [len(row) for row in rows]:
             raise ValueError(f"negative_prompt_attention_mask must have negative_prompt_ids' shape, got {_shown(mask)}")
         if any(value != 1 for row in mask_rows for value in row):
@@ -490,18 +490,28 @@ def _negative_prompts(ids: Any, mask: Any) -> tuple[tuple[int, ...], ...]:
     return rows
 
 
-def _id_rows(value: Any) -> tuple[tuple[int, ...], ...] | None:
-    """Token ids `[T]` or rows of them `[B, T]` (lists, arrays, tensors; rows may differ in length) as rows of ints,
-    or None where `value` is no such thing."""
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # (numpy arrays and torch tensors)
+def _id_rows(value: Any, valid: Callable[[Any], bool] | None = None) -> tuple[tuple[int, ...], ...] | None:
+    """Token ids `[T]` or rows of them `[B, T]` (lists, arrays, tensors, numpy integers; rows may differ in length) as
+    rows of ints, or None where `value` is no such thing (`valid`: what each value must be; token ids by default)."""
+    valid = valid or _token_id
+
+    def is_array(item: Any) -> bool:  # (numpy arrays and torch tensors of one dimension or more, not numpy scalars)
+        return hasattr(item, "tolist") and getattr(item, "ndim", 0) >= 1
+
+    if is_array(value):
         value = value.tolist()
     if not isinstance(value, (list, tuple)) or not value:
         return None
-    rows = value if all(isinstance(row, (list, tuple)) or hasattr(row, "tolist") for row in value) else [value]
-    rows = [row.tolist() if hasattr(row, "tolist") and not isinstance(row, (list, tuple)) else row for row in rows]
-    if not all(isinstance(row, (list, tuple)) and all(_token_id(t) for t in row) for row in rows):
+    rows = value if all(isinstance(row, (list, tuple)) or is_array(row) for row in value) else [value]
+    rows = [row.tolist() if is_array(row) else row for row in rows]
+    if not all(isinstance(row, (list, tuple)) and all(valid(t) for t in row) for row in rows):
         return None
     return tuple(tuple(int(t) for t in row) for row in rows)
+
+
+def _mask_value(value: Any) -> bool:
+    """An attention mask's entry: 0 or 1, as an integer, a bool or a float."""
+    return isinstance(value, (int, float, bool, np.integer, np.floating, np.bool_)) and value in (0, 1)
 
 
 def _token_id(value: Any) -> bool:
