@@ -123,6 +123,10 @@ class DecoderBase:
         self.reorder.run_with_iobinding(binding)
         return targets if targets is not None else binding.get_outputs()
 
+    def discard(self, cache: KVCache) -> None:
+        """Takes back a cache not to be reused as the next generation's (a second cache beside the answer's, such as
+        guidance's); most decoders let it go (see `FusedDecoder`'s)."""
+
     def release_from_finalizer(self, cache: KVCache) -> None:
         """Takes back a cache whose holder was garbage collected (see `FusedDecoder`'s); most decoders let it go."""
 

@@ -82,6 +82,12 @@ class FusedDecoder(DecoderBase):
         with self._lock:
             self._keep(cache)
 
+    def discard(self, cache: KVCache) -> None:
+        """A cache not to become the spare: dropped, except under CUDA graphs, where every cache is kept with its
+        captured step for reuse (`release`)."""
+        if self.cuda_graph:
+            self.release(cache)
+
     def release_from_finalizer(self, cache: KVCache) -> None:
         """`release` for a finalizer (a chat collected with its cache): under CUDA graphs the cache joins the kept
         ones at the next `_new_cache`. It takes no lock, since a collection may run while this thread holds it."""

@@ -119,9 +119,7 @@ class ClassifierFreeGuidance:
         pass  # (transformers' guidance cache keeps its rows: see the module's docstring)
 
     def close(self) -> None:
-        """Lets the unconditional cache go. Under CUDA graphs a cache's captured step is kept with it, so the decoder
-        takes it back for reuse; otherwise it is dropped rather than made the decoder's spare, which is the answer's
-        own, larger cache."""
+        """Lets the unconditional cache go (`discard`: not as the decoder's spare, which is the answer's own, larger cache)."""
         cache, self.cache = self.cache, None
-        if cache is not None and getattr(self.decoder, "cuda_graph", False):
-            self.decoder.release(cache)
+        if cache is not None:
+            self.decoder.discard(cache)

@@ -273,13 +273,9 @@ class StopFinder:
         self._searched = len(text)
         window = text[start:] + tail if tail else text
         offset = start if tail else 0
-        hits = [index for index in (self._first(window, s, start - offset, offset) for s in self.stop) if index >= 0]
+        # (a match of s that begins at min_end - len(s) + 1 or later ends past min_end)
+        hits = [index for index in (window.find(s, max(start, self.min_end - len(s) + 1) - offset) for s in self.stop) if index >= 0]
         return offset + min(hits) if hits else None
-
-    def _first(self, window: str, stop: str, begin: int, offset: int) -> int:
-        """The first match of `stop` in `window` from `begin` that ends past `min_end` (in the whole text), or -1."""
-        index = window.find(stop, max(begin, self.min_end - len(stop) + 1 - offset))
-        return index
 
 
 class StopStringMatcher:
